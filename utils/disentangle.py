@@ -1,0 +1,168 @@
+"""Stage 3: split one channel's filter into two concept filters and a residue, exactly.
+
+For an input channel k of the layer: k is a source of concept 1 if rho*v1[k] > v2[k], else a source
+of concept 2 if rho*v2[k] > v1[k], else neither. D1 = W[c] without concept-2 sources, D2 = W[c]
+without concept-1 sources, R = W[c] without either; D1 + D2 - R = W[c], so the network is unchanged.
+"""
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .models import replace_module
+
+RHOS = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5,
+        0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0]
+EPS = 1e-5
+
+
+def split_sources(v1, v2, rho):
+    """Input channels assigned to each concept. v1, v2: (C_in,) ARVs -> (src1, src2) bool (C_in,)."""
+    src1 = rho * v1 > v2
+    src2 = ~src1 & (rho * v2 > v1)
+    return src1, src2
+
+
+def split_filter(weight_c, v1, v2, rho):
+    """[D1, D2, R] for one rho. weight_c: (C_in, kh, kw); v1, v2: (C_in,) -> (3, C_in, kh, kw)."""
+    src1, src2 = split_sources(v1, v2, rho)
+    keep1 = (~src2).to(weight_c.dtype)[:, None, None]
+    keep2 = (~src1).to(weight_c.dtype)[:, None, None]
+    return torch.stack([weight_c * keep1, weight_c * keep2, weight_c * keep1 * keep2])
+
+
+def split_filters(weight_c, v1, v2, rhos=RHOS):
+    """split_filter for every rho: (len(rhos), 3, C_in, kh, kw)."""
+    return torch.stack([split_filter(weight_c, v1, v2, r) for r in rhos])
+
+
+def checkpoint_state_dict(filters, bias_c=None):
+    """Published checkpoint: disentangled.weight (3, C_in, kh, kw) = [D1, D2, R],
+    disentangled.bias (3,) = b[c] three times when the layer has a bias, merged.weight (1, 3, 1, 1) = [1, 1, -1]."""
+    sd = {"disentangled.weight": filters.detach().clone().cpu()}
+    if bias_c is not None:
+        sd["disentangled.bias"] = bias_c.detach().reshape(1).repeat(3).clone().cpu()
+    sd["merged.weight"] = torch.tensor([1.0, 1.0, -1.0], dtype=filters.dtype).view(1, 3, 1, 1)
+    return sd
+
+
+def checkpoint_name(tag, channel, classes1, classes2, rho):
+    """Published file name; ``rho`` a float from RHOS, or 'best'."""
+    f = "_best" if rho == "best" else str(rho)
+    return f"{tag}_channel{channel}_classes1{classes1}_classes2{classes2}_f{f}_unnormalized.pth"
+
+
+def disentangled_conv(conv, channel, state_dict):
+    """``Sequential(L', M)`` replacing ``conv``: L' has C_out + 2 output channels (row ``channel`` = D1,
+    row C_out = D2, row C_out + 1 = R), M is a bias-free 1x1 conv C_out + 2 -> C_out adding D2 - R
+    back into ``channel``. Same function as ``conv``."""
+    c_out = conv.out_channels
+    D = state_dict["disentangled.weight"].to(conv.weight)
+    new = nn.Conv2d(conv.in_channels, c_out + 2, conv.kernel_size, conv.stride, conv.padding,
+                    conv.dilation, bias=conv.bias is not None).to(conv.weight.device)
+    merge = nn.Conv2d(c_out + 2, c_out, 1, bias=False).to(conv.weight.device)
+    with torch.no_grad():
+        w = torch.cat([conv.weight, D[1:3]])
+        w[channel] = D[0]
+        new.weight.copy_(w)
+        if conv.bias is not None:
+            b3 = state_dict["disentangled.bias"].to(conv.bias)
+            b = torch.cat([conv.bias, b3[1:3]])
+            b[channel] = b3[0]
+            new.bias.copy_(b)
+        m = torch.zeros(c_out, c_out + 2, 1, 1, dtype=conv.weight.dtype, device=conv.weight.device)
+        m[torch.arange(c_out), torch.arange(c_out)] = 1
+        mw = state_dict["merged.weight"].flatten().to(m)
+        m[channel, channel] = mw[0]
+        m[channel, c_out] = mw[1]
+        m[channel, c_out + 1] = mw[2]
+        merge.weight.copy_(m)
+    seq = nn.Sequential(new, merge)
+    for prm in seq.parameters():
+        prm.requires_grad_(False)
+    return seq
+
+
+def disentangled_model(model, layer_path, channel, state_dict):
+    """A copy of ``model`` whose layer ``layer_path`` is replaced by ``disentangled_conv``."""
+    new = copy.deepcopy(model)
+    conv = new.get_submodule(layer_path)
+    replace_module(new, layer_path, disentangled_conv(conv, channel, state_dict))
+    return new
+
+
+def filter_maps(x, conv, filters, bias=None):
+    """Maps of extra filters on the layer's input, with the layer's geometry.
+
+    x: (N, C_in, H, W); filters: (F, C_in, kh, kw); bias: (F,) or None -> (N, F, H', W').
+    """
+    return F.conv2d(x, filters.to(x), None if bias is None else bias.to(x),
+                    conv.stride, conv.padding, conv.dilation)
+
+
+def positive_mass(maps):
+    """pos(X) = sum_{h,w} max(X, 0): (N, F, H, W) -> (N, F)."""
+    return maps.clamp_min(0).sum(dim=(2, 3))
+
+
+def separation_terms(pos, concept):
+    """Per-image ratios of the best-rho score.
+
+    pos: (N, R, 3) positive masses of [D1, D2, R] for R values of rho; concept: (N,) in {1, 2}.
+    Returns (N, R): pos(D1)/(pos(D2)+1e-5) for concept-1 images, pos(D2)/(pos(D1)+1e-5) for concept 2.
+    """
+    q1 = pos[..., 0] / (pos[..., 1] + EPS)
+    q2 = pos[..., 1] / (pos[..., 0] + EPS)
+    return torch.where((concept == 1)[:, None], q1, q2)
+
+
+def rho_scores(sum_q1, n1, sum_q2, n2):
+    """score(rho) = mean q1 + mean q2 from running sums: (R,) tensors and image counts -> (R,)."""
+    return sum_q1 / max(n1, 1) + sum_q2 / max(n2, 1)
+
+
+def best_rho_index(scores):
+    """Index of the first maximal score (float64 comparison)."""
+    s = torch.as_tensor(scores, dtype=torch.float64)
+    return int(torch.nonzero(s == s.max()).flatten()[0])
+
+
+def concept_of_labels(labels, classes1, classes2):
+    """(N,) labels -> (N,) concept ids: 1 for classes1, 2 for classes2, 0 otherwise."""
+    c = torch.zeros_like(labels)
+    c[torch.isin(labels, torch.as_tensor(classes1, device=labels.device))] = 1
+    c[torch.isin(labels, torch.as_tensor(classes2, device=labels.device))] = 2
+    return c
+
+
+def score_all_rhos(model, conv, all_filters, bias_c, loader, classes1, classes2, device, progress=None):
+    """Best-rho scores of every rho from one pass over the concepts' images.
+
+    all_filters: (R, 3, C_in, kh, kw) = split_filters(...); bias_c: scalar tensor or None.
+    All 3R filters run as one convolution on the layer's input. Returns (R,) float64 scores.
+    """
+    from .attribution import layer_input
+    nr = all_filters.shape[0]
+    flat = all_filters.reshape((nr * 3,) + tuple(all_filters.shape[2:])).to(device)
+    bias = None if bias_c is None else bias_c.reshape(1).repeat(nr * 3).to(device)
+    sums = {1: torch.zeros(nr, dtype=torch.float64), 2: torch.zeros(nr, dtype=torch.float64)}
+    counts = {1: 0, 2: 0}
+    for images, labels in (progress(loader) if progress else loader):
+        x = layer_input(model, conv, images.to(device, non_blocking=True)).float()
+        pos = positive_mass(filter_maps(x, conv, flat, bias)).reshape(len(images), nr, 3)
+        concept = concept_of_labels(labels.to(device), classes1, classes2)
+        terms = separation_terms(pos, concept).double().cpu()
+        for k in (1, 2):
+            sel = (concept == k).cpu()
+            sums[k] += terms[sel].sum(dim=0)
+            counts[k] += int(sel.sum())
+    return rho_scores(sums[1], counts[1], sums[2], counts[2])
+
+
+def max_logit_difference(model, disentangled, images):
+    """max |z' - z| and max |z| of the two networks' logits on ``images`` (float32)."""
+    with torch.no_grad():
+        z = model(images).float()
+        z2 = disentangled(images).float()
+    return float((z2 - z).abs().max()), float(z.abs().max())

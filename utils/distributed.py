@@ -1,0 +1,33 @@
+"""torchrun support: rank and world size from the environment, process group, barrier."""
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def world():
+    """(rank, world_size, local_rank) from torchrun's environment variables; (0, 1, 0) otherwise."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init(device):
+    """Start the process group when launched by torchrun with several processes (nccl on CUDA, else gloo)."""
+    rank, size, _ = world()
+    if size > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+        if backend == "nccl":
+            dist.init_process_group(backend, device_id=torch.device(device))
+        else:
+            dist.init_process_group(backend)
+    return rank, size
+
+
+def barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def close():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,195 @@
+"""Model and layer loading: torchvision names or user factories, weights by name or file, layer paths."""
+import hashlib
+import importlib
+import os
+import re
+
+import torch
+import torch.nn as nn
+import torchvision
+
+from .cli import UserError
+
+
+def model_tag(model_spec):
+    """File-name-safe name of a model spec: ``resnet50`` stays, ``pkg.mod:make`` becomes ``pkg_mod_make``."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", model_spec).strip("_")
+
+
+def _state_dict_num_classes(state):
+    """Output size of the last 2-D weight (the classifier) in a state dict, or None."""
+    mats = [v for k, v in state.items() if k.endswith("weight") and getattr(v, "ndim", 0) == 2]
+    return int(mats[-1].shape[0]) if mats else None
+
+
+def _build_architecture(model_spec, num_classes=None):
+    if ":" in model_spec:
+        module_name, _, attr = model_spec.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise UserError(f"--model {model_spec}: cannot import module '{module_name}' ({e})")
+        factory = getattr(module, attr, None)
+        if factory is None:
+            raise UserError(f"--model {model_spec}: module '{module_name}' has no '{attr}'")
+        model = factory()
+        if not isinstance(model, nn.Module):
+            raise UserError(f"--model {model_spec}: the factory returned {type(model).__name__}, not an nn.Module")
+        return model
+    names = torchvision.models.list_models(module=torchvision.models)
+    if model_spec not in names:
+        raise UserError(f"--model {model_spec}: not a torchvision classification model; use one of "
+                        f"{', '.join(sorted(names)[:8])}, ... or package.module:factory")
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if model_spec in ("googlenet", "inception_v3"):
+        kwargs["aux_logits"] = False
+        kwargs["init_weights"] = False
+    return torchvision.models.get_model(model_spec, weights=None, **kwargs)
+
+
+def _looks_like_file(weights):
+    return os.path.sep in weights or weights.endswith((".pth", ".pt", ".bin")) or os.path.isfile(weights)
+
+
+def _torchvision_weights(model_spec, weights):
+    """Resolve a weights name for a torchvision model to a WeightsEnum member, or None."""
+    enum = torchvision.models.get_model_weights(model_spec)
+    if weights is None:
+        weights = "IMAGENET1K_V1" if "IMAGENET1K_V1" in enum.__members__ else "DEFAULT"
+    name = weights.split(".")[-1]
+    try:
+        return enum[name] if name != "DEFAULT" else enum.DEFAULT
+    except KeyError:
+        raise UserError(f"--weights {weights}: no such weights for {model_spec}; choose from "
+                        f"{', '.join(enum.__members__)}, or pass the path of a state-dict file")
+
+
+def _load_state_dict_file(model_spec, path):
+    if not os.path.isfile(path):
+        raise UserError(f"--weights {path}: file not found; pass an existing state-dict file "
+                        f"or a torchvision weights name")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"--weights {path}: cannot read it as a state dict ({type(e).__name__}: {e})")
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UserError(f"--weights {path}: holds a {type(state).__name__}, not a state dict")
+    k = _state_dict_num_classes(state) if ":" not in model_spec else None
+    model = _build_architecture(model_spec, num_classes=k if k not in (None, 1000) else None)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    unexpected = [key for key in unexpected if not key.startswith(("aux1.", "aux2.", "AuxLogits."))]
+    mismatched = [key for key, v in state.items() if key in model.state_dict()
+                  and tuple(model.state_dict()[key].shape) != tuple(getattr(v, "shape", ()))]
+    if missing or unexpected or mismatched:
+        raise UserError(f"--weights {path}: does not fit --model {model_spec} (missing keys {missing[:3]}, "
+                        f"unexpected keys {unexpected[:3]}, shape mismatches {mismatched[:3]})")
+    return model
+
+
+def load_model(model_spec, weights=None):
+    """Build the model in eval mode with frozen parameters.
+
+    ``weights``: None (torchvision: IMAGENET1K_V1 where it exists, else DEFAULT; a factory: its own),
+    'none' (as built), a torchvision weights name, or the path of a state-dict file (a torchvision
+    architecture takes its number of classes from the file).
+    Returns ``(model, weights_id)`` where ``weights_id`` names what was loaded.
+    """
+    factory = ":" in model_spec
+    if weights is not None and weights.lower() == "none":
+        model, weights_id = _build_architecture(model_spec), "none"
+    elif weights is not None and _looks_like_file(weights):
+        model, weights_id = _load_state_dict_file(model_spec, weights), os.path.abspath(weights)
+    elif factory:
+        if weights is not None:
+            raise UserError(f"--weights {weights}: with --model {model_spec} pass a state-dict file path or 'none'")
+        model, weights_id = _build_architecture(model_spec), "factory"
+    else:
+        _build_architecture(model_spec)  # validates the name with a clear message
+        member = _torchvision_weights(model_spec, weights)
+        cache = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(member.url))
+        try:
+            model = torchvision.models.get_model(model_spec, weights=member)
+        except Exception as e:
+            raise UserError(f"cannot load torchvision weights {model_spec} {member.name} "
+                            f"({type(e).__name__}): without internet, copy {os.path.basename(member.url)} "
+                            f"to {cache}, or pass --weights /path/to/state_dict.pth")
+        weights_id = f"{type(member).__name__}.{member.name}"
+    model.eval()
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    return model, weights_id
+
+
+def weights_sha256(model):
+    """SHA-256 over the model's state dict (names, shapes and bytes): identifies the exact weights."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def conv_layers(model):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+def resolve_layer(model, layer_path):
+    """Return ``(path, conv)`` for a module path or ``last_conv``; refuse non-Conv2d and grouped convs."""
+    if layer_path == "last_conv":
+        convs = conv_layers(model)
+        if not convs:
+            raise UserError("--layer_of_interest last_conv: the model has no Conv2d")
+        layer_path = convs[-1][0]
+    try:
+        module = model.get_submodule(layer_path)
+    except AttributeError:
+        convs = [n for n, _ in conv_layers(model)]
+        hint = f" (last convs: {', '.join(convs[-3:])})" if convs else ""
+        raise UserError(f"--layer_of_interest {layer_path}: no such module in the model{hint}")
+    if not isinstance(module, nn.Conv2d):
+        raise UserError(f"--layer_of_interest {layer_path}: is a {type(module).__name__}, not a Conv2d")
+    if module.groups != 1:
+        raise UserError(f"--layer_of_interest {layer_path}: grouped convolutions (groups={module.groups}) "
+                        f"are not supported; choose a conv with groups=1")
+    if module.padding_mode != "zeros":
+        raise UserError(f"--layer_of_interest {layer_path}: padding_mode '{module.padding_mode}' is not "
+                        f"supported (only zero padding)")
+    if isinstance(module.padding, str):
+        raise UserError(f"--layer_of_interest {layer_path}: string padding '{module.padding}' is not supported")
+    return layer_path, module
+
+
+def layer_geometry(conv):
+    """JSON-friendly description of a Conv2d: shapes, stride, padding, dilation, bias."""
+    return {
+        "weight_shape": list(conv.weight.shape),
+        "stride": list(conv.stride),
+        "padding": list(conv.padding),
+        "dilation": list(conv.dilation),
+        "bias": conv.bias is not None,
+    }
+
+
+def check_nr_channels(conv, nr_channels, layer_path):
+    if nr_channels is not None and nr_channels != conv.out_channels:
+        raise UserError(f"--nr_channels_in_layer_of_interest {nr_channels} disagrees with layer "
+                        f"{layer_path}, which has {conv.out_channels} output channels")
+
+
+def replace_module(model, path, new):
+    """Replace the submodule at dotted ``path`` by ``new`` (in place)."""
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, name, new)
+
+
+def prepare(model, device, channels_last=False):
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model

@@ -1,0 +1,117 @@
+"""Stage 2: class histograms, used classes, closed-form activation relevance vectors, cosines.
+
+Everything reads the stage-1 arrays in chunks of rows, so a 1.28 M x 2048 store needs a few
+hundred MB of RAM, and no model pass is made: the ARV of channel c for class y is
+R_y^c[k] = sum_{i,j} W[c,k,i,j] * Pbar_y[k,i,j], with Pbar_y the class mean of the patch sums.
+"""
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .attribution import important_channels
+
+DEFAULT_CHUNK_ROWS = 65536
+
+
+def _chunks(n, chunk_rows):
+    return [(i, min(i + chunk_rows, n)) for i in range(0, n, chunk_rows)]
+
+
+def class_histogram(attributions, targets, num_classes, tau, chunk_rows=DEFAULT_CHUNK_ROWS, progress=False):
+    """H[y, c] = number of images of class y for which channel c is important.
+
+    attributions: (N, C) array-like (memory-mapped float16 is fine); targets: (N,) ints.
+    Returns (num_classes, C) int64 tensor.
+    """
+    n, c = attributions.shape
+    hist = torch.zeros(num_classes, c, dtype=torch.int64)
+    for lo, hi in tqdm(_chunks(n, chunk_rows), desc="histograms", disable=not progress, unit="chunk"):
+        A = torch.from_numpy(np.asarray(attributions[lo:hi], dtype=np.float32))
+        y = torch.from_numpy(np.asarray(targets[lo:hi], dtype=np.int64))
+        hist.index_add_(0, y, important_channels(A, tau).to(torch.int64))
+    return hist
+
+
+def class_counts(targets, num_classes):
+    """N_y: (num_classes,) int64 tensor of images per class."""
+    return torch.bincount(torch.from_numpy(np.asarray(targets, dtype=np.int64)), minlength=num_classes)
+
+
+def used_classes(hist, counts, p):
+    """Boolean (K, C): channel c uses class y if H[y, c] >= p * N_y (classes without images never count)."""
+    counts = counts.to(torch.float64)[:, None]
+    return (hist.to(torch.float64) >= p * counts) & (counts > 0)
+
+
+def class_mean_patch_sums(patch_sums, targets, num_classes, chunk_rows=DEFAULT_CHUNK_ROWS, progress=False):
+    """Pbar[y] = mean of P_n over the images of class y, accumulated in float64.
+
+    patch_sums: (N, C_in, kh, kw) array-like; targets: (N,). Returns (K, C_in, kh, kw) float64 tensor
+    (zeros for classes without images).
+    """
+    n = patch_sums.shape[0]
+    shape = tuple(patch_sums.shape[1:])
+    total = torch.zeros((num_classes,) + shape, dtype=torch.float64)
+    for lo, hi in tqdm(_chunks(n, chunk_rows), desc="class means", disable=not progress, unit="chunk"):
+        P = torch.from_numpy(np.asarray(patch_sums[lo:hi], dtype=np.float64))
+        y = torch.from_numpy(np.asarray(targets[lo:hi], dtype=np.int64))
+        total.index_add_(0, y, P)
+    counts = class_counts(targets, num_classes).to(torch.float64).clamp_min(1)
+    return total / counts.view((-1,) + (1,) * len(shape))
+
+
+def rows_mean_patch_sums(patch_sums, rows, chunk_rows=DEFAULT_CHUNK_ROWS):
+    """Mean of P_n over the given rows (e.g. all training images of a concept's classes), float64.
+
+    patch_sums: (N, C_in, kh, kw) array-like; rows: sorted list of row indices. Returns (C_in, kh, kw).
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    total = torch.zeros(tuple(patch_sums.shape[1:]), dtype=torch.float64)
+    for lo in range(0, len(rows), chunk_rows):
+        part = np.asarray(patch_sums[rows[lo:lo + chunk_rows]], dtype=np.float64)
+        total += torch.from_numpy(part).sum(dim=0)
+    return total / max(len(rows), 1)
+
+
+def arv(weight_c, mean_patch_sums):
+    """Activation relevance vectors of one channel in closed form.
+
+    weight_c: (C_in, kh, kw) filter of channel c; mean_patch_sums: (..., C_in, kh, kw).
+    Returns (..., C_in) float64: r[k] = sum_{i,j} W[c,k,i,j] * P[k,i,j].
+    """
+    return (mean_patch_sums.to(torch.float64) * weight_c.to(torch.float64)).sum(dim=(-2, -1))
+
+
+def cosine_matrix(vectors):
+    """Pairwise cosine similarity of the rows of ``vectors`` (m, d) -> (m, m); NaN where a norm is 0."""
+    v = vectors.to(torch.float64)
+    norms = v.norm(dim=1)
+    cos = (v @ v.T) / (norms[:, None] * norms[None, :])
+    return torch.where((norms[:, None] > 0) & (norms[None, :] > 0), cos, torch.full_like(cos, float("nan")))
+
+
+def candidate_pairs(weight, class_means, used, low, high, progress=False):
+    """All gamma-polysemantic candidates (c, y1, y2): y1 < y2 both used by c, low <= cos < high.
+
+    weight: (C_out, C_in, kh, kw); class_means: (K, C_in, kh, kw); used: (K, C_out) bool.
+    Returns a list of dicts {'channel', 'class1', 'class2', 'cosine_similarity'} sorted by cosine,
+    highest first (ties by channel, class1, class2). Pairs with a zero ARV have no cosine and are left out.
+    """
+    out = []
+    for c in tqdm(range(weight.shape[0]), desc="cosines", disable=not progress, unit="ch"):
+        ys = torch.nonzero(used[:, c]).flatten()
+        if len(ys) < 2:
+            continue
+        cos = cosine_matrix(arv(weight[c], class_means[ys]))
+        i, j = torch.triu_indices(len(ys), len(ys), offset=1)
+        vals = cos[i, j]
+        keep = (vals >= low) & (vals < high)
+        for a, b, v in zip(ys[i[keep]].tolist(), ys[j[keep]].tolist(), vals[keep].tolist()):
+            out.append({"channel": c, "class1": a, "class2": b, "cosine_similarity": v})
+    out.sort(key=lambda d: (-d["cosine_similarity"], d["channel"], d["class1"], d["class2"]))
+    return out
+
+
+def polysemantic_channels(used):
+    """Channels that use at least two classes: the only ones that can give candidates. (K, C) -> list."""
+    return torch.nonzero(used.sum(dim=0) >= 2).flatten().tolist()

@@ -1,0 +1,172 @@
+"""The store written by stage 1: plain memory-mappable ``.npy`` arrays plus ``manifest.json``.
+
+Layout of ``STORE/{model}_channel_importances/`` (one row per training image, ImageFolder order):
+  attributions.npy  (N, C_out) float16   A_n, activation x gradient per channel
+  targets.npy       (N,) int64           label
+  predictions.npy   (N,) int64           argmax of the logits
+  patch_sums.npy    (N, C_in, kh, kw) float32   P_n, patch sums of the layer's input
+  manifest.json     what made it, and whether every row is complete
+  progress/         while incomplete: one empty marker file per finished chunk of rows
+
+The manifest is the commit point: later stages refuse a store whose manifest is missing,
+incomplete, or made by another model, weights, layer or dataset.
+"""
+import datetime
+import os
+import platform
+import shutil
+
+import numpy as np
+
+from . import fileio
+from .cli import UserError
+
+ARRAYS = ("attributions", "targets", "predictions", "patch_sums")
+# Keys that must agree for a later stage to read a store.
+MATCH_KEYS = ("model", "weights_sha256", "layer", "layer_geometry", "classes", "images_per_class", "transform")
+# Keys that must also agree to reuse or resume a store (they change the numbers written).
+COMPLETE_KEYS = MATCH_KEYS + ("autocast", "decode")
+RESUME_KEYS = COMPLETE_KEYS + ("num_images", "chunk_size")
+
+
+def store_folder(store_dir, tag):
+    return os.path.join(store_dir, f"{tag}_channel_importances")
+
+
+def versions():
+    import torch
+    import torchvision
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "numpy": np.__version__}
+
+
+def now():
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def fingerprint(model_spec, weights_id, weights_sha, layer_path, geometry, summary, transform):
+    """What identifies the numbers in a store (see MATCH_KEYS)."""
+    return {"model": model_spec, "weights": weights_id, "weights_sha256": weights_sha,
+            "layer": layer_path, "layer_geometry": geometry, "classes": summary["classes"],
+            "images_per_class": summary["images_per_class"], "transform": transform}
+
+
+def describe_mismatch(found, expected, keys):
+    """One line naming the keys that differ between a stored manifest and the current flags."""
+    diffs = []
+    for k in keys:
+        a, b = found.get(k), expected.get(k)
+        if a != b:
+            if k in ("classes", "images_per_class"):
+                diffs.append(f"{k} (dataset differs: {len(a or [])} vs {len(b or [])} classes, "
+                             f"{sum(found.get('images_per_class') or [])} vs "
+                             f"{sum(expected.get('images_per_class') or [])} images)")
+            elif k == "weights_sha256":
+                diffs.append(f"weights (stored {found.get('weights')}, now {expected.get('weights')})")
+            else:
+                diffs.append(f"{k} (stored {a}, now {b})")
+    return "; ".join(diffs)
+
+
+class Store:
+    """Access to one store folder. ``Store.open`` for reading, ``Store.create_or_resume`` for stage 1."""
+
+    def __init__(self, folder, manifest):
+        self.folder, self.manifest = folder, manifest
+
+    def path(self, name):
+        return os.path.join(self.folder, name + ".npy")
+
+    @property
+    def progress_dir(self):
+        return os.path.join(self.folder, "progress")
+
+    # ---------------------------------------------------------------- reading
+    @classmethod
+    def open(cls, folder, expected=None):
+        """Open a complete store read-only, checking it against ``expected`` (a fingerprint)."""
+        mpath = os.path.join(folder, "manifest.json")
+        if not os.path.isfile(mpath):
+            raise UserError(f"no store at {folder} (manifest.json missing): run get_importances_for_classes.py "
+                            f"with the same --store_dir, --model, --weights and --layer_of_interest first")
+        manifest = fileio.read_json(mpath)
+        if expected is not None:
+            diff = describe_mismatch(manifest, expected, MATCH_KEYS)
+            if diff:
+                raise UserError(f"the store at {folder} was made with other settings: {diff}; "
+                                f"pass the flags it was made with or another --store_dir")
+        if not manifest.get("complete"):
+            done = len(os.listdir(os.path.join(folder, "progress"))) if os.path.isdir(
+                os.path.join(folder, "progress")) else 0
+            raise UserError(f"the store at {folder} is incomplete ({done} of {manifest.get('num_chunks')} "
+                            f"chunks done): rerun get_importances_for_classes.py with the same flags to finish it")
+        for name in ARRAYS:
+            if not os.path.isfile(os.path.join(folder, name + ".npy")):
+                raise UserError(f"the store at {folder} lacks {name}.npy: rerun stage 1 into a new --store_dir")
+        return cls(folder, manifest)
+
+    def array(self, name):
+        """Memory-mapped read-only array (numpy.load(..., mmap_mode='r'))."""
+        return np.load(self.path(name), mmap_mode="r")
+
+    # ---------------------------------------------------------------- writing (stage 1)
+    @staticmethod
+    def peek(folder):
+        """The manifest of ``folder`` if there is one, else None."""
+        mpath = os.path.join(folder, "manifest.json")
+        return fileio.read_json(mpath) if os.path.isfile(mpath) else None
+
+    @classmethod
+    def create_or_resume(cls, folder, info, shapes, is_main=True):
+        """Return ``(store, status)``, status one of 'new', 'resume', 'complete'.
+
+        ``info``: fingerprint plus num_images, chunk_size, autocast, decode, batch_size.
+        ``shapes``: {name: (shape, dtype)} of the arrays. Only the main process creates files.
+        """
+        mpath = os.path.join(folder, "manifest.json")
+        if os.path.isfile(mpath):
+            manifest = fileio.read_json(mpath)
+            diff = describe_mismatch(manifest, info, COMPLETE_KEYS if manifest.get("complete") else RESUME_KEYS)
+            if diff:
+                raise UserError(f"{folder} already holds a store made with other settings: {diff}; "
+                                f"pass another --store_dir (nothing was changed)")
+            store = cls(folder, manifest)
+            return store, ("complete" if manifest.get("complete") else "resume")
+        store = cls(folder, None)
+        if is_main:
+            os.makedirs(folder, exist_ok=True)
+            if os.path.isdir(store.progress_dir):
+                shutil.rmtree(store.progress_dir)
+            for name, (shape, dtype) in shapes.items():
+                np.lib.format.open_memmap(store.path(name), mode="w+", dtype=dtype, shape=shape).flush()
+            os.makedirs(store.progress_dir, exist_ok=True)
+            store.manifest = dict(info, complete=False, created=now(), versions=versions(),
+                                  arrays={k: {"shape": list(s), "dtype": np.dtype(d).name}
+                                          for k, (s, d) in shapes.items()})
+            fileio.write_json(mpath, store.manifest)
+        return store, "new"
+
+    def reload_manifest(self):
+        self.manifest = fileio.read_json(os.path.join(self.folder, "manifest.json"))
+
+    def writable(self, name):
+        return np.load(self.path(name), mmap_mode="r+")
+
+    def chunk_done(self, i):
+        return os.path.exists(os.path.join(self.progress_dir, f"chunk_{i:07d}"))
+
+    def mark_chunk_done(self, i):
+        with open(os.path.join(self.progress_dir, f"chunk_{i:07d}"), "w"):
+            pass
+
+    def finish(self, num_chunks):
+        """Mark the store complete once every chunk is done (main process only)."""
+        missing = [i for i in range(num_chunks) if not self.chunk_done(i)]
+        if missing:
+            raise UserError(f"{len(missing)} chunks of {self.folder} are not done (first: {missing[0]}); "
+                            f"rerun the same command to finish them")
+        manifest = dict(self.manifest, complete=True, rows_complete=self.manifest["num_images"],
+                        finished=now())
+        fileio.write_json(os.path.join(self.folder, "manifest.json"), manifest)
+        self.manifest = manifest
+        shutil.rmtree(self.progress_dir, ignore_errors=True)
