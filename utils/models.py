@@ -3,6 +3,7 @@ import hashlib
 import importlib
 import os
 import re
+import sys
 
 import torch
 import torch.nn as nn
@@ -25,6 +26,8 @@ def _state_dict_num_classes(state):
 def _build_architecture(model_spec, num_classes=None):
     if ":" in model_spec:
         module_name, _, attr = model_spec.partition(":")
+        if os.getcwd() not in sys.path:  # a user's own module in the working directory
+            sys.path.append(os.getcwd())
         try:
             module = importlib.import_module(module_name)
         except ImportError as e:

@@ -1,0 +1,77 @@
+"""Small models for the tests, reachable from the command line as --model tests.tiny_models:NAME."""
+import torch
+import torch.nn as nn
+
+
+class TinyResNet(nn.Module):
+    """A ResNet-style net: conv stem, one residual block (conv-bn-relu-conv-bn + skip), pooling, linear."""
+
+    def __init__(self, num_classes=4, width=12):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 5, stride=4, padding=2, bias=False), nn.BatchNorm2d(width),
+                                  nn.ReLU(), nn.MaxPool2d(2))
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(2 * width)
+        self.conv3 = nn.Conv2d(2 * width, 16, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(self.bn1(self.conv1(x)) + x)
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = torch.relu(self.bn3(self.conv3(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class TinyVGG(nn.Module):
+    """VGG-style: convs with bias and ReLU, max pooling, a two-layer classifier."""
+
+    def __init__(self, num_classes=4):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 12, 3, stride=2, padding=1, dilation=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(12, 10, 3, stride=2, padding=2, dilation=2), nn.ReLU())
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(10 * 7 * 7, 16), nn.ReLU(), nn.Linear(16, num_classes))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+class GroupedNet(nn.Module):
+    def __init__(self, num_classes=4):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, groups=3)
+        self.fc = nn.Linear(6, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean(dim=(2, 3)))
+
+
+def _randomize_bn(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model
+
+
+def tiny_resnet():
+    torch.manual_seed(0)
+    return _randomize_bn(TinyResNet(), 1).eval()
+
+
+def tiny_vgg():
+    torch.manual_seed(0)
+    return TinyVGG().eval()
+
+
+def grouped_net():
+    torch.manual_seed(0)
+    return GroupedNet().eval()
