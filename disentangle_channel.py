@@ -1,4 +1,4 @@
-"""Stage 3: split one channel into a channel per concept, for every rho, and pick the best rho.
+r"""Stage 3: split one channel into a channel per concept, for every rho, and pick the best rho.
 
 Example (the paper's headline channel: digital clock vs. cauliflower):
   python disentangle_channel.py --data_dir /data/imagenet --store_dir /data/store --model resnet50 \

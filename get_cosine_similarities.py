@@ -1,4 +1,4 @@
-"""Stage 2: gamma-polysemantic candidates (channel, class1, class2) from the store, without any model pass.
+r"""Stage 2: gamma-polysemantic candidates (channel, class1, class2) from the store, without any model pass.
 
 Example (the paper's values):
   python get_cosine_similarities.py --data_dir /data/imagenet --store_dir /data/store --model resnet50 \

@@ -1,4 +1,4 @@
-"""Stage 1: channel attributions and patch sums of every training image, into the store.
+r"""Stage 1: channel attributions and patch sums of every training image, into the store.
 
 Example (the paper):
   python get_importances_for_classes.py --data_dir /data/imagenet --store_dir /data/store --model resnet50

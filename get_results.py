@@ -1,4 +1,4 @@
-"""Stage 4: how well a disentangled channel separates its two concepts, on the val images.
+r"""Stage 4: how well a disentangled channel separates its two concepts, on the val images.
 
 Example (the paper's quantitative table uses tau = 0.03):
   python get_results.py --data_dir /data/imagenet --model_dir /data/store --model resnet50 \
