@@ -88,9 +88,10 @@ def main():
     filters, bias = evaluation.checkpoint_filters(sd)
 
     ds = ctx.dataset
+    for flag, classes in (("--classes_for_concept1", s1), ("--classes_for_concept2", s2)):
+        if not data.indices_of_classes(ds, classes):
+            raise cli.UserError(f"{flag}: no val images of classes {classes} under {args.data_dir}/val")
     indices = data.indices_of_classes(ds, s1 + s2)
-    if not indices:
-        raise cli.UserError(f"--data_dir {args.data_dir}: no val images of classes {s1 + s2}")
     workers = cli.default_workers(args.num_workers)
     r = evaluation.evaluate(ctx.model, ctx.conv, c, filters, bias, ds, indices, args.batch_size, ctx.device, workers)
     concept = np.where(np.isin(r["label"], s1), 1, 2)
