@@ -4,6 +4,7 @@ The rows are cut into fixed chunks; each finished chunk is flushed to disk and m
 interrupted run resumes at the first unfinished chunk and ends with the same arrays as an
 uninterrupted one. Under torchrun, rank r takes chunks r, r + world, r + 2*world, ...
 """
+import collections
 import math
 import time
 
@@ -72,7 +73,7 @@ def run_stage1(model, conv, ds, folder, info, batch_size, device, num_workers, c
         for b in data.batches_of(rows, batch_size):
             batches.append(b)
             chunk_of_batch.append(i)
-    remaining = {i: chunk_of_batch.count(i) for i in todo}
+    remaining = collections.Counter(chunk_of_batch)
 
     arrays = {name: store.writable(name) for name in shapes}
     model = model.to(device)
