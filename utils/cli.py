@@ -86,6 +86,10 @@ def run(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # the file system said no: not a directory, permission denied, disk full, ...
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted: files written so far are complete; rerun the same command to resume",
               file=sys.stderr)
