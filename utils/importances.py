@@ -52,6 +52,8 @@ def run_stage1(model, conv, ds, folder, info, batch_size, device, num_workers, c
     shapes = {"attributions": ((n, c_out), np.float16), "targets": ((n,), np.int64),
               "predictions": ((n,), np.int64), "patch_sums": ((n, c_in, kh, kw), np.float32)}
     store, status = Store.create_or_resume(folder, info, shapes, is_main=(rank == 0))
+    # counted before the barrier, while no process has started writing: all ranks' finished chunks
+    done_before = sum(store.chunk_done(i) for i in range(num_chunks)) if status == "resume" else 0
     distributed.barrier()
     if status == "complete":
         if rank == 0:
@@ -61,7 +63,6 @@ def run_stage1(model, conv, ds, folder, info, batch_size, device, num_workers, c
         store.reload_manifest()
 
     todo = [i for i in range(rank, num_chunks, size) if not store.chunk_done(i)]
-    done_before = len([i for i in range(rank, num_chunks, size)]) - len(todo)
     if rank == 0:
         verb = "resuming" if status == "resume" else "writing"
         log(f"{verb} {folder}: {n} images in {num_chunks} chunks of {chunk_size}"
@@ -75,7 +76,7 @@ def run_stage1(model, conv, ds, folder, info, batch_size, device, num_workers, c
             chunk_of_batch.append(i)
     remaining = collections.Counter(chunk_of_batch)
 
-    arrays = {name: store.writable(name) for name in shapes}
+    writer = store.row_writer(list(shapes))
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -94,24 +95,23 @@ def run_stage1(model, conv, ds, folder, info, batch_size, device, num_workers, c
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         A, pred, P = stage1_batch(model, conv, images, labels, autocast_dtype)
-        lo, hi = batches[b][0], batches[b][-1] + 1
-        arrays["attributions"][lo:hi] = A.numpy()
-        arrays["targets"][lo:hi] = labels.cpu().numpy()
-        arrays["predictions"][lo:hi] = pred.numpy()
-        arrays["patch_sums"][lo:hi] = P.numpy()
+        lo = batches[b][0]
+        writer.write("attributions", lo, A.numpy())
+        writer.write("targets", lo, labels.cpu().numpy())
+        writer.write("predictions", lo, pred.numpy())
+        writer.write("patch_sums", lo, P.numpy())
         remaining[chunk] -= 1
         if remaining[chunk] == 0:
-            for arr in arrays.values():
-                arr.flush()
+            writer.sync()
             store.mark_chunk_done(chunk)
         bar.update(len(batches[b]))
     bar.close()
-    del arrays
-    distributed.barrier()
+    writer.close()
+    images_all = distributed.sum_over_ranks(images_todo, device)
     if rank == 0:
         store.finish(num_chunks)
         secs = time.time() - start
-        if images_todo:
-            log(f"done: {images_todo} images in {secs:.1f} s ({images_todo / max(secs, 1e-9):.1f} images/s)")
+        if images_all:
+            log(f"done: {images_all} images in {secs:.1f} s ({images_all / max(secs, 1e-9):.1f} images/s)")
     distributed.barrier()
     return store

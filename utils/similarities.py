@@ -4,17 +4,36 @@ Everything reads the stage-1 arrays in chunks of rows, so a 1.28 M x 2048 store 
 hundred MB of RAM, and no model pass is made: the ARV of channel c for class y is
 R_y^c[k] = sum_{i,j} W[c,k,i,j] * Pbar_y[k,i,j], with Pbar_y the class mean of the patch sums.
 """
+import mmap
+
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from .attribution import important_channels
 
-DEFAULT_CHUNK_ROWS = 65536
+DEFAULT_CHUNK_ROWS = 16384  # about 0.7 GB of working memory for 2048 channels (measured: benchmarks/stage2_memory.py)
 
 
 def _chunks(n, chunk_rows):
     return [(i, min(i + chunk_rows, n)) for i in range(0, n, chunk_rows)]
+
+
+def read_rows(array, lo, hi):
+    """Rows lo .. hi-1 of ``array`` as an in-memory numpy array.
+
+    A memory map of a whole C-ordered ``.npy`` file, as ``numpy.load(..., mmap_mode='r')`` returns it,
+    is read with a plain file read instead of through the mapping: the pages read then stay in the
+    page cache only and are not mapped into this process, whose resident memory is the chunk being
+    worked on rather than all of the file read so far. Anything else is sliced.
+    """
+    if (isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap) and array.flags.c_contiguous
+            and getattr(array, "filename", None)):
+        row = int(np.prod(array.shape[1:], dtype=np.int64))
+        out = np.fromfile(array.filename, dtype=array.dtype, count=(hi - lo) * row,
+                          offset=array.offset + lo * row * array.dtype.itemsize)
+        return out.reshape((hi - lo,) + tuple(array.shape[1:]))
+    return np.asarray(array[lo:hi])
 
 
 def class_histogram(attributions, targets, num_classes, tau, chunk_rows=DEFAULT_CHUNK_ROWS, progress=False):
@@ -26,15 +45,15 @@ def class_histogram(attributions, targets, num_classes, tau, chunk_rows=DEFAULT_
     n, c = attributions.shape
     hist = torch.zeros(num_classes, c, dtype=torch.int64)
     for lo, hi in tqdm(_chunks(n, chunk_rows), desc="histograms", disable=not progress, unit="chunk"):
-        A = torch.from_numpy(np.asarray(attributions[lo:hi], dtype=np.float32))
-        y = torch.from_numpy(np.asarray(targets[lo:hi], dtype=np.int64))
+        A = torch.from_numpy(read_rows(attributions, lo, hi).astype(np.float32))
+        y = torch.from_numpy(read_rows(targets, lo, hi).astype(np.int64))
         hist.index_add_(0, y, important_channels(A, tau).to(torch.int64))
     return hist
 
 
 def class_counts(targets, num_classes):
     """N_y: (num_classes,) int64 tensor of images per class."""
-    return torch.bincount(torch.from_numpy(np.asarray(targets, dtype=np.int64)), minlength=num_classes)
+    return torch.bincount(torch.from_numpy(np.array(targets, dtype=np.int64)), minlength=num_classes)
 
 
 def used_classes(hist, counts, p):
@@ -53,8 +72,8 @@ def class_mean_patch_sums(patch_sums, targets, num_classes, chunk_rows=DEFAULT_C
     shape = tuple(patch_sums.shape[1:])
     total = torch.zeros((num_classes,) + shape, dtype=torch.float64)
     for lo, hi in tqdm(_chunks(n, chunk_rows), desc="class means", disable=not progress, unit="chunk"):
-        P = torch.from_numpy(np.asarray(patch_sums[lo:hi], dtype=np.float64))
-        y = torch.from_numpy(np.asarray(targets[lo:hi], dtype=np.int64))
+        P = torch.from_numpy(read_rows(patch_sums, lo, hi).astype(np.float64))
+        y = torch.from_numpy(read_rows(targets, lo, hi).astype(np.int64))
         total.index_add_(0, y, P)
     counts = class_counts(targets, num_classes).to(torch.float64).clamp_min(1)
     return total / counts.view((-1,) + (1,) * len(shape))

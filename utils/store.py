@@ -152,6 +152,10 @@ class Store:
     def writable(self, name):
         return np.load(self.path(name), mmap_mode="r+")
 
+    def row_writer(self, names):
+        """A RowWriter on the arrays ``names`` (stage 1 writes its rows through it)."""
+        return RowWriter({name: self.path(name) for name in names})
+
     def chunk_done(self, i):
         return os.path.exists(os.path.join(self.progress_dir, f"chunk_{i:07d}"))
 
@@ -170,3 +174,61 @@ class Store:
         fileio.write_json(os.path.join(self.folder, "manifest.json"), manifest)
         self.manifest = manifest
         shutil.rmtree(self.progress_dir, ignore_errors=True)
+
+
+class RowWriter:
+    """Writes whole rows into existing ``.npy`` files with positional writes (``os.pwrite``), no memory map.
+
+    Only the bytes of the rows written are touched. Processes on several machines that write their own
+    rows of one store on a shared file system (torchrun over several nodes) therefore cannot overwrite
+    each other: a memory-mapped page is written back whole, rows of another process that share the page
+    included. ``sync()`` makes everything written so far durable (before a chunk is marked done).
+    """
+
+    def __init__(self, paths):
+        self.fds, self.layout = {}, {}
+        try:
+            for name, path in paths.items():
+                with open(path, "rb") as f:
+                    version = np.lib.format.read_magic(f)
+                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)
+                    shape, fortran, dtype = read_header(f)
+                    offset = f.tell()
+                if fortran:
+                    raise ValueError(f"{path}: Fortran-ordered arrays are not supported")
+                row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+                self.layout[name] = (offset, row_bytes, tuple(shape), dtype)
+                self.fds[name] = os.open(path, os.O_WRONLY)
+        except BaseException:
+            self.close()
+            raise
+
+    def write(self, name, lo, rows):
+        """Write ``rows`` (shape (m,) + row shape) as rows lo .. lo + m - 1 of array ``name``."""
+        offset, row_bytes, shape, dtype = self.layout[name]
+        a = np.ascontiguousarray(rows, dtype=dtype)
+        if a.shape[1:] != shape[1:] or lo < 0 or lo + len(a) > shape[0]:
+            raise ValueError(f"{name}: cannot write rows {lo}..{lo + len(a) - 1} of shape {a.shape[1:]} "
+                             f"into an array of shape {shape}")
+        buf = memoryview(a.reshape(-1).view(np.uint8))
+        pos = offset + lo * row_bytes
+        while len(buf):
+            n = os.pwrite(self.fds[name], buf, pos)
+            buf, pos = buf[n:], pos + n
+
+    def sync(self):
+        for fd in self.fds.values():
+            os.fsync(fd)
+
+    def close(self):
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False

@@ -1,0 +1,155 @@
+"""The GPU path of stage 1: batched JPEG decoding (--gpu_decode) and its CPU fallback, channels_last and
+bfloat16 autocast. The decoding test on CUDA is skipped without a GPU; the decoder's logic is also checked
+on the CPU (torchvision decodes there with libjpeg), and the fallback of the script is tested."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import make_image_folder, run_script
+from utils import data, gpu_decode
+
+TINY = "tests.tiny_models:tiny_resnet"
+FOLDER = "tests_tiny_models_tiny_resnet_channel_importances"
+ARRAYS = ("attributions", "targets", "predictions", "patch_sums")
+LEVEL = 1 / 255 / min(data.STD)  # one grey level in normalized units
+
+
+def smooth_image_folder(root, per_class=3, num_classes=2, seed=0):
+    """JPEGs of smooth colour gradients of several sizes and one PNG (not a JPEG: decoded on the CPU)."""
+    rng = np.random.default_rng(seed)
+    sizes = [(300, 400), (257, 256), (512, 341), (224, 224)]
+    k = 0
+    for c in range(num_classes):
+        d = os.path.join(root, "train", f"class{c}")
+        os.makedirs(d, exist_ok=True)
+        for i in range(per_class):
+            h, w = sizes[k % len(sizes)]
+            yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+            phase = rng.random(3) * 6
+            img = 0.5 + 0.4 * np.sin(3 * xx[..., None] + 2 * yy[..., None] + phase)
+            arr = (img * 255).astype(np.uint8)
+            name = os.path.join(d, f"img{i:02d}")
+            if k == 1:
+                Image.fromarray(arr).save(name + ".png")
+            elif k == 2:
+                Image.fromarray(arr[..., 0]).save(name + ".jpg", quality=90)  # greyscale JPEG
+            else:
+                Image.fromarray(arr).save(name + ".jpg", quality=90)
+            k += 1
+    return root
+
+
+@pytest.fixture(scope="module")
+def smooth_ds(tmp_path_factory):
+    root = smooth_image_folder(str(tmp_path_factory.mktemp("smooth")))
+    return data.image_folder(root, "train")
+
+
+def decode_all(ds, device):
+    decoder = gpu_decode.GpuDecoder(device, ds.transform)
+    raw = gpu_decode.RawImageFolder(ds)
+    loader = data.make_loader(raw, data.batches_of(list(range(len(ds))), 4), 0, device)
+    xs, ys = [], []
+    for batch in loader:
+        x, y = decoder(batch)
+        xs.append(x.cpu())
+        ys.append(y.cpu())
+    return torch.cat(xs), torch.cat(ys), decoder
+
+
+def cpu_path(ds):
+    return torch.stack([ds[i][0] for i in range(len(ds))]), torch.tensor(ds.targets)
+
+
+def test_raw_dataset_keeps_order_and_labels(smooth_ds):
+    raw = gpu_decode.RawImageFolder(smooth_ds)
+    assert len(raw) == len(smooth_ds) and raw.targets == smooth_ds.targets and raw.classes == smooth_ds.classes
+    b, y = raw[0]
+    with open(smooth_ds.samples[0][0], "rb") as f:
+        assert b == f.read() and y == smooth_ds.targets[0]
+
+
+def test_decoder_logic_on_cpu_matches_cpu_path(smooth_ds):
+    """Same decoder code with device='cpu' (libjpeg): within a grey level of PIL's path; the PNG is exact."""
+    x, y, decoder = decode_all(smooth_ds, "cpu")
+    ref, ref_y = cpu_path(smooth_ds)
+    assert x.shape == ref.shape == (len(smooth_ds), 3, 224, 224) and x.dtype == torch.float32
+    assert torch.equal(y, ref_y)
+    assert decoder.cpu_fallbacks == 1
+    png = [i for i, (p, _) in enumerate(smooth_ds.samples) if p.endswith(".png")]
+    assert torch.equal(x[png], ref[png])
+    diff = (x - ref).abs()
+    assert float(diff.max()) <= 1.01 * LEVEL, float(diff.max()) / LEVEL
+    assert float(diff.mean()) < 0.3 * LEVEL
+
+
+def test_setup_without_cuda_falls_back(smooth_ds):
+    lines = []
+    decoder, ds = gpu_decode.setup(smooth_ds, torch.device("cpu"), log=lines.append)
+    assert decoder is None and ds is smooth_ds
+    assert lines == [gpu_decode.FALLBACK_MESSAGE]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvJPEG decoding on the GPU)")
+def test_gpu_decoding_close_to_cpu_path(smooth_ds):
+    lines = []
+    decoder, raw = gpu_decode.setup(smooth_ds, torch.device("cuda"), log=lines.append)
+    assert decoder is not None and lines == [] and isinstance(raw, gpu_decode.RawImageFolder)
+    x, y, decoder = decode_all(smooth_ds, "cuda")
+    ref, ref_y = cpu_path(smooth_ds)
+    assert torch.equal(y, ref_y) and decoder.cpu_fallbacks == 1
+    diff = (x - ref).abs()
+    # nvJPEG's IDCT and chroma upsampling and the GPU resize differ from libjpeg + PIL by a few grey levels
+    assert float(diff.mean()) < 1.5 * LEVEL, float(diff.mean()) / LEVEL
+    assert float(torch.quantile(diff.flatten()[::7], 0.99)) < 6 * LEVEL
+    assert float(diff.max()) < 40 * LEVEL
+
+
+# ------------------------------------------------------------------ the script's flags on the CPU
+
+@pytest.fixture(scope="module")
+def noise_root(tmp_path_factory):
+    return make_image_folder(str(tmp_path_factory.mktemp("noise")), train_per_class=5, val_per_class=1)
+
+
+def stage1(root, store_dir, *flags):
+    proc = run_script("get_importances_for_classes.py", "--data_dir", root, "--store_dir", store_dir,
+                      "--model", TINY, "--batch_size", "4", "--num_workers", "0", "--device", "cpu", *flags)
+    folder = os.path.join(store_dir, FOLDER)
+    arrays = {name: np.load(os.path.join(folder, name + ".npy")) for name in ARRAYS}
+    with open(os.path.join(folder, "manifest.json")) as f:
+        return proc, arrays, json.load(f)
+
+
+@pytest.fixture(scope="module")
+def plain(noise_root, tmp_path_factory):
+    return stage1(noise_root, str(tmp_path_factory.mktemp("plain")))
+
+
+def test_gpu_decode_flag_without_cuda_gives_the_cpu_store(noise_root, plain, tmp_path):
+    proc, arrays, manifest = stage1(noise_root, str(tmp_path), "--gpu_decode")
+    assert proc.stdout.count(gpu_decode.FALLBACK_MESSAGE) == 1
+    assert manifest["decode"] == "cpu" and plain[2]["decode"] == "cpu"
+    for name in ARRAYS:
+        assert arrays[name].tobytes() == plain[1][name].tobytes(), name
+
+
+def test_channels_last_and_bf16_run_on_cpu(noise_root, plain, tmp_path):
+    _, ref, ref_manifest = plain
+    _, cl, cl_manifest = stage1(noise_root, str(tmp_path / "cl"), "--channels_last")
+    assert cl_manifest["autocast"] is None
+    np.testing.assert_array_equal(cl["targets"], ref["targets"])
+    np.testing.assert_allclose(cl["patch_sums"], ref["patch_sums"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(cl["attributions"].astype(np.float32), ref["attributions"].astype(np.float32),
+                               rtol=1e-2, atol=1e-3)
+    _, bf, bf_manifest = stage1(noise_root, str(tmp_path / "bf"), "--autocast_bf16", "--channels_last")
+    assert bf_manifest["autocast"] == "bfloat16"
+    np.testing.assert_array_equal(bf["targets"], ref["targets"])
+    a, b = ref["attributions"].astype(np.float32), bf["attributions"].astype(np.float32)
+    # bfloat16 keeps 8 bits of mantissa: attributions move by about a percent of their scale
+    assert np.abs(a - b).max() <= 0.05 * np.abs(a).max()
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.99
