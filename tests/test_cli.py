@@ -623,7 +623,18 @@ def bad(tiny, tmp_path_factory):
         wfile=wfile, vgg_store=vgg_store, empty=empty, no_images=no_images, missing=os.path.join(root, "missing"),
         fresh=os.path.join(root, "fresh_store"),  # must never be created by a refused run
         data_count=make_image_folder(os.path.join(root, "data_count"), train_per_class=5, val_per_class=2),
-        data_classes=make_image_folder(os.path.join(root, "data_classes"), train_per_class=8, num_classes=3, seed=3))
+        data_classes=make_image_folder(os.path.join(root, "data_classes"), train_per_class=8, num_classes=3, seed=3),
+        data_renamed=_renamed_copy(tiny.data, os.path.join(root, "data_renamed")),
+        data_moved=shutil.copytree(tiny.data, os.path.join(root, "data_moved")))
+
+
+def _renamed_copy(src, dst):
+    """The same classes and image counts as ``src``, one training image under another file name."""
+    shutil.copytree(src, dst)
+    folder = os.path.join(dst, "train", "class0")
+    first = sorted(os.listdir(folder))[0]
+    os.rename(os.path.join(folder, first), os.path.join(folder, "renamed_" + first))
+    return dst
 
 
 def _mismatch_args(tiny, bad, variant):
@@ -634,6 +645,7 @@ def _mismatch_args(tiny, bad, variant):
         "layer": (tiny.store, ["--model", TINY, "--layer_of_interest", "conv2"], tiny.data, "layer"),
         "image_count": (tiny.store, ["--model", TINY], bad.data_count, "dataset"),
         "class_folders": (tiny.store, ["--model", TINY], bad.data_classes, "dataset"),
+        "file_names": (tiny.store, ["--model", TINY], bad.data_renamed, "dataset files"),
     }[variant]
 
 
@@ -644,7 +656,7 @@ def _snapshot(tiny, bad):
 STAGE_OF = {1: STAGE1, 2: STAGE2, 3: STAGE3}
 
 
-@pytest.mark.parametrize("variant", ["model", "weights", "layer", "image_count", "class_folders"])
+@pytest.mark.parametrize("variant", ["model", "weights", "layer", "image_count", "class_folders", "file_names"])
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_store_made_with_other_settings_is_refused(tiny, bad, stage, variant):
     store, flags, data, word = _mismatch_args(tiny, bad, variant)
@@ -656,6 +668,17 @@ def test_store_made_with_other_settings_is_refused(tiny, bad, stage, variant):
     if variant == "image_count":
         assert "24" in msg and "20" in msg  # the image counts it compared
     assert _snapshot(tiny, bad) == before
+
+
+def test_moved_dataset_is_accepted(tiny, bad):
+    """The store fingerprints image paths relative to the root: the same files elsewhere still match."""
+    proc = run_inproc(STAGE2, "--data_dir", bad.data_moved, "--store_dir", tiny.store, "--model", TINY,
+                      "--batch_size", 4, *RUNTIME, "--proportion_attribution_required", TAU2, "--p", P2,
+                      "--cos_sim_low", LOW, "--cos_sim_high", HIGH, "--out_dir", os.path.join(bad.data_moved, "o"))
+    assert proc.returncode == 0, proc.stderr
+    txt = os.path.join(bad.data_moved, "o", "results_get_cosine_similarities", os.path.basename(tiny.txt))
+    with open(txt) as a, open(tiny.txt) as b:
+        assert a.read() == b.read()
 
 
 def test_checkpoint_of_other_weights_is_refused(tiny, bad):

@@ -1,4 +1,5 @@
 """ImageFolder data with the evaluation transform of the paper, and the loaders over it."""
+import hashlib
 import os
 from collections import Counter
 
@@ -40,9 +41,13 @@ def image_folder(data_dir, split, transform=None, loader=None):
 
 
 def dataset_summary(ds):
-    """Class folder names and images per class, in class-index order (what a store was made from)."""
+    """What a store was made from: the root, class folder names and images per class (class-index order),
+    and the sha256 of the image paths relative to the root (so a moved dataset still matches)."""
     counts = Counter(ds.targets)
-    return {"classes": list(ds.classes), "images_per_class": [counts.get(i, 0) for i in range(len(ds.classes))]}
+    names = "\n".join(os.path.relpath(path, ds.root) for path, _ in ds.samples)
+    return {"data_dir": os.path.abspath(os.path.dirname(ds.root)), "classes": list(ds.classes),
+            "images_per_class": [counts.get(i, 0) for i in range(len(ds.classes))],
+            "files_sha256": hashlib.sha256(names.encode()).hexdigest()}
 
 
 def check_classes(ds, classes, flag):

@@ -23,7 +23,8 @@ from .cli import UserError
 
 ARRAYS = ("attributions", "targets", "predictions", "patch_sums")
 # Keys that must agree for a later stage to read a store.
-MATCH_KEYS = ("model", "weights_sha256", "layer", "layer_geometry", "classes", "images_per_class", "transform")
+MATCH_KEYS = ("model", "weights_sha256", "layer", "layer_geometry", "classes", "images_per_class", "files_sha256",
+              "transform")
 # Keys that must also agree to reuse or resume a store (they change the numbers written).
 COMPLETE_KEYS = MATCH_KEYS + ("autocast", "decode")
 RESUME_KEYS = COMPLETE_KEYS + ("num_images", "chunk_size")
@@ -47,8 +48,9 @@ def now():
 def fingerprint(model_spec, weights_id, weights_sha, layer_path, geometry, summary, transform):
     """What identifies the numbers in a store (see MATCH_KEYS)."""
     return {"model": model_spec, "weights": weights_id, "weights_sha256": weights_sha,
-            "layer": layer_path, "layer_geometry": geometry, "classes": summary["classes"],
-            "images_per_class": summary["images_per_class"], "transform": transform}
+            "layer": layer_path, "layer_geometry": geometry, "data_dir": summary["data_dir"],
+            "classes": summary["classes"], "images_per_class": summary["images_per_class"],
+            "files_sha256": summary["files_sha256"], "transform": transform}
 
 
 def describe_mismatch(found, expected, keys):
@@ -61,6 +63,9 @@ def describe_mismatch(found, expected, keys):
                 diffs.append(f"{k} (dataset differs: {len(a or [])} vs {len(b or [])} classes, "
                              f"{sum(found.get('images_per_class') or [])} vs "
                              f"{sum(expected.get('images_per_class') or [])} images)")
+            elif k == "files_sha256":
+                diffs.append(f"dataset files (same classes and counts, other image file names: stored "
+                             f"{found.get('data_dir')}, now {expected.get('data_dir')})")
             elif k == "weights_sha256":
                 diffs.append(f"weights (stored {found.get('weights')}, now {expected.get('weights')})")
             else:
