@@ -28,8 +28,10 @@ class LayerTap:
     def _hook(self, module, inputs, output):
         self.x = inputs[0].detach()
         if self.leaf:
-            output = output.detach().float().requires_grad_(True)
-        self.a = output
+            self.a = output.detach().float().requires_grad_(True)
+            output = self.a.clone()  # a non-leaf copy: an in-place op after the layer (ReLU(inplace=True)) is fine
+        else:
+            self.a = output
         if self.stop:
             raise _StopForward
         return output

@@ -1,0 +1,227 @@
+"""The no-ImageNet demo: generate shapes, train a small CNN, then find and split a polysemantic channel.
+
+Steps (all on the CPU):
+  1. draw the textured-shapes data set (demo/shapes_data.py) into OUT/data/{train,val}
+  2. train the demo CNN (demo/model.py, demo/train.py) into OUT/model.pth
+  3. run the four stage scripts through their command lines, exactly as a user would:
+       get_importances_for_classes.py  (stage 1, on train)
+       get_cosine_similarities.py      (stage 2, with the demo's thresholds)
+       disentangle_channel.py          (stage 3, on the strongest candidate: the lowest cosine)
+       get_results.py                  (stage 4, on val: --get_qualitative --get_quantitative --get_top_images)
+  4. print a short report and write OUT/report.json
+
+Usage: python -m demo.run_demo [--out demo_out] [--train_per_class 100] [--epochs 20] ...
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = "demo.model:shapes_cnn"
+# what the demo writes into OUT (removed at the start of a run, so each run starts clean)
+MADE_HERE = ("data", "store", "plots", "results_disentanglement", "results_quantitative",
+             "results_get_cosine_similarities", "logs", "model.pth", "model_training.json", "report.json")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="demo_out", help="output folder (default ./demo_out)")
+    p.add_argument("--train_per_class", type=int, default=100, help="training images per class (default 100)")
+    p.add_argument("--val_per_class", type=int, default=30, help="val images per class (default 30)")
+    p.add_argument("--epochs", type=int, default=12, help="training epochs (default 12)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data and the training (default 0)")
+    p.add_argument("--batch_size", type=int, default=64, help="--batch_size of the stage scripts (default 64)")
+    p.add_argument("--num_workers", type=int, default=None, help="--num_workers of the stage scripts")
+    p.add_argument("--proportion_attribution_required", type=float, default=0.1,
+                   help="stage 2 tau: a channel is important for an image if it has this share of the "
+                        "positive attribution (default 0.1: the layer has only a few channels)")
+    p.add_argument("--p", type=float, default=0.75,
+                   help="stage 2: a channel uses a class if it is important for this share of its images (default 0.75)")
+    p.add_argument("--cos_sim_low", type=float, default=0.0, help="stage 2 lowest cosine kept (default 0)")
+    p.add_argument("--cos_sim_high", type=float, default=0.8, help="stage 2 cosine bound (default 0.8)")
+    p.add_argument("--quantitative_tau", type=float, default=0.03,
+                   help="stage 4 --proportion_attribution_required (default 0.03, the paper's)")
+    p.add_argument("--top_k", type=int, default=8, help="images per row of the contact sheet (default 8)")
+    return p.parse_args(argv)
+
+
+def clean(out):
+    for name in MADE_HERE:
+        path = os.path.join(out, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+
+class Runner:
+    """Runs the stage scripts as subprocesses, logging each one's output to OUT/logs/."""
+
+    def __init__(self, out):
+        self.out = out
+        self.logs = os.path.join(out, "logs")
+        os.makedirs(self.logs, exist_ok=True)
+        self.env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self.commands, self.seconds = {}, {}
+
+    def run(self, key, script, args):
+        cmd = [sys.executable, os.path.join(ROOT, script)] + [str(a) for a in args]
+        shown = " ".join(["python", script] + [str(a) for a in args])
+        self.commands[key] = shown
+        print(f"\n$ {shown}", flush=True)
+        start = time.time()
+        proc = subprocess.run(cmd, cwd=ROOT, env=self.env, capture_output=True, text=True)
+        self.seconds[key] = round(time.time() - start, 1)
+        log = os.path.join(self.logs, f"{key}.log")
+        with open(log, "w") as f:
+            f.write(f"$ {shown}\n{proc.stdout}\n--- stderr ---\n{proc.stderr}")
+        if proc.returncode != 0:
+            print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n", file=sys.stderr)
+            raise SystemExit(f"{script} failed with exit status {proc.returncode} (log: {log})")
+        return proc.stdout
+
+
+def _short(text, n=8):
+    """The last n lines of a script's output that are not progress bars or the long candidate list."""
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("[{")]
+    return "\n".join("  " + ln for ln in lines[-n:])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    start = time.time()
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    clean(out)
+    sys.path.insert(0, ROOT)
+    from demo import shapes_data, train
+
+    data_dir, store_dir = os.path.join(out, "data"), os.path.join(out, "store")
+    weights = os.path.join(out, "model.pth")
+    print(f"[1/6] drawing the data set into {data_dir}", flush=True)
+    t = time.time()
+    names = shapes_data.generate(data_dir, args.train_per_class, args.val_per_class, args.seed)
+    seconds = {"data": round(time.time() - t, 1)}
+    print(f"  {len(names)} classes x ({args.train_per_class} train + {args.val_per_class} val) images: "
+          f"{', '.join(names)}")
+
+    print(f"[2/6] training the demo CNN ({args.epochs} epochs)", flush=True)
+    t = time.time()
+    training = train.train(data_dir, weights, epochs=args.epochs, seed=args.seed, log=lambda s: print("  " + s, flush=True))
+    seconds["train"] = round(time.time() - t, 1)
+
+    r = Runner(out)
+    common = ["--data_dir", data_dir, "--model", MODEL, "--weights", weights, "--batch_size", args.batch_size]
+    if args.num_workers is not None:
+        common += ["--num_workers", args.num_workers]
+    print("[3/6] stage 1: attributions and patch sums of every training image", flush=True)
+    print(_short(r.run("stage1", "get_importances_for_classes.py", common + ["--store_dir", store_dir]), 2))
+
+    tau, pp, low, high = (float(args.proportion_attribution_required), float(args.p),
+                          float(args.cos_sim_low), float(args.cos_sim_high))
+    print("[4/6] stage 2: gamma-polysemantic candidates", flush=True)
+    print(_short(r.run("stage2", "get_cosine_similarities.py", common + [
+        "--store_dir", store_dir, "--proportion_attribution_required", tau, "--p", pp,
+        "--cos_sim_low", low, "--cos_sim_high", high, "--out_dir", out]), 2))
+    tag = MODEL.replace(".", "_").replace(":", "_")
+    cand_path = os.path.join(store_dir, "results_get_cosine_similarities",
+                             f"{tag}_required{tau}_p{pp}_cossim{low}to{high}_candidates.json")
+    with open(cand_path) as f:
+        cands = json.load(f)["candidates"]
+    if not cands:
+        raise SystemExit(f"stage 2 found no candidate (tau={tau}, p={pp}, {low} <= cosine < {high}): "
+                         f"train longer or loosen the thresholds")
+    # the strongest candidate: the lowest cosine between the two classes' relevance vectors
+    ranked = sorted(cands, key=lambda d: (d["cosine_similarity"], d["channel"], d["class1"], d["class2"]))
+    best = ranked[0]
+    c, y1, y2 = best["channel"], best["class1"], best["class2"]
+    head = [dict(d, class1_name=names[d["class1"]], class2_name=names[d["class2"]],
+                 cosine_similarity=round(d["cosine_similarity"], 4)) for d in ranked[:10]]
+    print(f"  strongest candidate: channel {c}, {names[y1]} (class {y1}) vs {names[y2]} (class {y2}), "
+          f"cosine {best['cosine_similarity']:.4f}")
+
+    print("[5/6] stage 3: disentangling it", flush=True)
+    pair = ["--classes_for_concept1", y1, "--classes_for_concept2", y2]
+    print(_short(r.run("stage3", "disentangle_channel.py", common + [
+        "--store_dir", store_dir, "--channel_disentangle", c] + pair), 4))
+
+    print("[6/6] stage 4: evaluation on the val images", flush=True)
+    print(_short(r.run("stage4", "get_results.py", common + [
+        "--model_dir", store_dir, "--channel_of_interest", c] + pair + [
+        "--get_qualitative", "--get_quantitative", "--get_top_images", "--top_k", args.top_k,
+        "--proportion_attribution_required", args.quantitative_tau, "--out_dir", out]), 6))
+
+    run_name = f"{tag}_channel{c}_classes1{[y1]}_classes2{[y2]}_f_best_unnormalized"
+    with open(os.path.join(out, "results_disentanglement", run_name + "_summary.json")) as f:
+        summary = json.load(f)
+    info_path = os.path.join(store_dir, "models_disentangled", run_name[:-len("_f_best_unnormalized")] + "_info.json")
+    with open(info_path) as f:
+        info = json.load(f)
+    seconds.update(r.seconds)
+    report = {
+        "channel": c, "class1": names[y1], "class2": names[y2], "class1_index": y1, "class2_index": y2,
+        "layer": summary["layer"], "cosine_similarity": best["cosine_similarity"],
+        "best_rho": info["best_rho"],
+        "sep_concept1": summary["sep_concept1"], "sep_concept2": summary["sep_concept2"],
+        "mean_pos_concept1": summary["mean_pos_concept1"], "mean_pos_concept2": summary["mean_pos_concept2"],
+        "quantitative_concept1": summary.get("quantitative_concept1"),
+        "quantitative_concept2": summary.get("quantitative_concept2"),
+        "max_logit_diff": info["max_logit_diff"], "logits_unchanged": info["exact"],
+        "val_images_concept1": summary["val_images_concept1"], "val_images_concept2": summary["val_images_concept2"],
+        "num_candidates": len(cands), "candidates_head": head, "candidates_json": cand_path,
+        "stage2_thresholds": {"proportion_attribution_required": tau, "p": pp, "cos_sim_low": low, "cos_sim_high": high},
+        "training": {k: training[k] for k in ("epochs", "seed", "train_images", "val_images",
+                                             "train_accuracy", "val_accuracy")},
+        "plots": {"density_concept1": os.path.join(out, "plots", "density_concept1.png"),
+                  "density_concept2": os.path.join(out, "plots", "density_concept2.png"),
+                  "top_images": os.path.join(out, "plots", "top_images.png"),
+                  "rho_scores": info_path[:-len("_info.json")] + "_scores.png"},
+        "top_images": summary.get("top_images"),
+        "summary_json": os.path.join(out, "results_disentanglement", run_name + "_summary.json"),
+        "info_json": info_path, "commands": r.commands, "stage_seconds": seconds,
+        "seconds": round(time.time() - start, 1),
+    }
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    print_report(report, out)
+    return report
+
+
+def print_report(rep, out):
+    q1, q2 = rep["quantitative_concept1"] or {}, rep["quantitative_concept2"] or {}
+    m1, m2 = rep["mean_pos_concept1"], rep["mean_pos_concept2"]
+    lines = [
+        "",
+        "=" * 78,
+        f"Demo report ({rep['seconds']:.0f} s in all; val accuracy of the trained CNN "
+        f"{rep['training']['val_accuracy']:.1%})",
+        f"stage 2 found {rep['num_candidates']} candidates; the five with the lowest cosine:",
+        *[f"  channel {d['channel']}: {d['class1_name']} vs {d['class2_name']} (cosine {d['cosine_similarity']:.3f})"
+          for d in rep["candidates_head"][:5]],
+        f"chosen: channel {rep['channel']} of {rep['layer']}, concept 1 = {rep['class1']}, "
+        f"concept 2 = {rep['class2']}; best rho = {rep['best_rho']}",
+        f"val images of concept 1 ({rep['val_images_concept1']}): mean pos(D1) = {m1['D1']:.3g}, "
+        f"mean pos(D2) = {m1['D2']:.3g}  ->  sep_concept1 = {rep['sep_concept1']:.3g}",
+        f"val images of concept 2 ({rep['val_images_concept2']}): mean pos(D2) = {m2['D2']:.3g}, "
+        f"mean pos(D1) = {m2['D1']:.3g}  ->  sep_concept2 = {rep['sep_concept2']:.3g}",
+        f"quantitative (column means D1/orig, D2/orig, R/orig): concept 1 "
+        f"{q1.get('D1/orig', float('nan')):.3f} {q1.get('D2/orig', float('nan')):.3f} {q1.get('R/orig', float('nan')):.3f} "
+        f"({q1.get('images', 0)} images), concept 2 "
+        f"{q2.get('D1/orig', float('nan')):.3f} {q2.get('D2/orig', float('nan')):.3f} {q2.get('R/orig', float('nan')):.3f} "
+        f"({q2.get('images', 0)} images)",
+        f"max |logit difference| original vs disentangled: {rep['max_logit_diff']:.3g} "
+        f"({'same function' if rep['logits_unchanged'] else 'NOT the same function'})",
+        "plots: " + ", ".join(os.path.relpath(p, os.getcwd()) if p.startswith(os.getcwd()) else p
+                              for p in rep["plots"].values()),
+        f"report: {os.path.join(out, 'report.json')}",
+        "=" * 78,
+    ]
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

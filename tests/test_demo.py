@@ -1,0 +1,148 @@
+"""The no-ImageNet demo at reduced size: a polysemantic channel that training made, found and split.
+
+The demo (demo/run_demo.py) draws the shapes data set, trains the small CNN, and runs the four stage
+scripts through their command lines. Here it runs with fewer images and epochs; the claims checked
+are the demo's: on held-out val images the two disentangled channels separate the two concepts at
+least twofold each way, the disentangled network computes the same logits, and the contact sheet
+shows the true top-k images (recomputed here without the project's evaluation code).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision import transforms
+
+from tests.conftest import ROOT, run_script
+
+SMALL = ["--train_per_class", "60", "--val_per_class", "15", "--epochs", "10", "--seed", "0"]
+MODEL = "demo.model:shapes_cnn"
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("demo_out"))
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "demo.run_demo", "--out", out, *SMALL], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, f"demo failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    with open(os.path.join(out, "report.json")) as f:
+        report = json.load(f)
+    return out, report, proc.stdout
+
+
+def test_demo_really_disentangles(demo_run):
+    out, rep, stdout = demo_run
+    for key in ("channel", "class1", "class2", "best_rho", "quantitative_concept1", "quantitative_concept2",
+                "sep_concept1", "sep_concept2", "max_logit_diff", "plots", "seconds", "candidates_head"):
+        assert key in rep, key
+    # the chosen candidate is the one with the lowest cosine in stage 2's list
+    with open(rep["candidates_json"]) as f:
+        cands = json.load(f)["candidates"]
+    lowest = min(cands, key=lambda d: d["cosine_similarity"])
+    assert (lowest["channel"], lowest["class1"], lowest["class2"]) == (
+        rep["channel"], rep["class1_index"], rep["class2_index"])
+    assert rep["candidates_head"][0]["channel"] == rep["channel"]
+    assert rep["class1"] != rep["class2"]
+    # separation on held-out val images, both ways
+    assert rep["sep_concept1"] >= 2.0, rep
+    assert rep["sep_concept2"] >= 2.0, rep
+    m1, m2 = rep["mean_pos_concept1"], rep["mean_pos_concept2"]
+    assert m1["D1"] >= 2 * m1["D2"] and m2["D2"] >= 2 * m2["D1"]
+    # the same function (absolute 1e-4; the logits are of order 1, so this is at least as strict as relative)
+    assert rep["logits_unchanged"] is True
+    assert rep["max_logit_diff"] <= 1e-4
+    for path in rep["plots"].values():
+        assert os.path.isfile(path), path
+    for k in (1, 2):
+        q = rep[f"quantitative_concept{k}"]
+        assert q["images"] > 0 and np.isfinite([q["D1/orig"], q["D2/orig"], q["R/orig"]]).all()
+    assert "Demo report" in stdout
+
+
+def _direct_top_k(out, rep, classes, k):
+    """Top-k val images by pos(original channel), pos(D1), pos(D2), computed here from the checkpoint."""
+    from demo.model import shapes_cnn
+    model = shapes_cnn()
+    model.load_state_dict(torch.load(os.path.join(out, "model.pth"), weights_only=True))
+    model.eval()
+    with open(rep["info_json"]) as f:
+        info = json.load(f)
+    ckpt = os.path.join(os.path.dirname(rep["info_json"]), info["best_checkpoint"])
+    D = torch.load(ckpt, weights_only=True)["disentangled.weight"]  # (3, C_in, 1, 1) = [D1, D2, R]
+    tf = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
+                             transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    val = os.path.join(out, "data", "val")
+    paths = [os.path.join(val, c, f) for c in classes for f in sorted(os.listdir(os.path.join(val, c)))]
+    c = rep["channel"]
+    with torch.no_grad():
+        x = torch.stack([tf(Image.open(p).convert("RGB")) for p in paths])
+        feats = model.features(model.downsample(x))  # input of the layer of interest
+        orig = model.conv_out(feats)[:, c]
+        maps = F.conv2d(feats, D)
+    scores = {"Original": orig.clamp_min(0).sum(dim=(1, 2)),
+              "Disentangled 1": maps[:, 0].clamp_min(0).sum(dim=(1, 2)),
+              "Disentangled 2": maps[:, 1].clamp_min(0).sum(dim=(1, 2))}
+    return paths, scores
+
+
+def _check_top(chosen, paths, scores, k):
+    s = scores.numpy().astype(np.float64)
+    order = np.argsort(-s, kind="stable")
+    assert len(chosen) == min(k, len(paths))
+    by_path = dict(zip(paths, s))
+    chosen_scores = np.array([by_path[os.path.realpath(p)] for p in chosen])
+    # the chosen images are the k best, in decreasing order (ties broken either way)
+    np.testing.assert_allclose(chosen_scores, s[order[:k]], rtol=1e-4, atol=1e-4)
+    assert all(chosen_scores[i] >= chosen_scores[i + 1] - 1e-4 for i in range(len(chosen_scores) - 1))
+    if k < len(s) and s[order[k - 1]] - s[order[k]] > 1e-3 * max(1.0, abs(s[order[k - 1]])):
+        assert set(os.path.realpath(p) for p in chosen) == set(paths[i] for i in order[:k])
+
+
+def test_contact_sheet_is_the_true_top_k(demo_run):
+    out, rep, _ = demo_run
+    with open(rep["summary_json"]) as f:
+        top = json.load(f)["top_images"]
+    paths, scores = _direct_top_k(out, rep, [rep["class1"], rep["class2"]], 8)
+    paths = [os.path.realpath(p) for p in paths]
+    for row in ("Original", "Disentangled 1", "Disentangled 2"):
+        _check_top(top[row], paths, scores[row], 8)
+    assert top["Disentangled 1"] != top["Disentangled 2"]
+
+
+def test_contact_sheet_whole_val_split(demo_run, tmp_path):
+    """--top_images_all_val scans every val class; the picks are still the true top-k."""
+    out, rep, _ = demo_run
+    run_script("get_results.py", "--data_dir", os.path.join(out, "data"), "--model", MODEL,
+               "--weights", os.path.join(out, "model.pth"), "--model_dir", os.path.join(out, "store"),
+               "--channel_of_interest", rep["channel"], "--classes_for_concept1", rep["class1_index"],
+               "--classes_for_concept2", rep["class2_index"], "--get_top_images", "--top_k", 5,
+               "--top_images_all_val", "--out_dir", str(tmp_path), "--num_workers", 0)
+    summary = [f for f in os.listdir(tmp_path / "results_disentanglement") if f.endswith("_summary.json")]
+    with open(tmp_path / "results_disentanglement" / summary[0]) as f:
+        top = json.load(f)["top_images"]
+    assert os.path.isfile(tmp_path / "plots" / "top_images.png")
+    classes = sorted(os.listdir(os.path.join(out, "data", "val")))
+    paths, scores = _direct_top_k(out, rep, classes, 5)
+    paths = [os.path.realpath(p) for p in paths]
+    for row in ("Original", "Disentangled 1", "Disentangled 2"):
+        _check_top(top[row], paths, scores[row], 5)
+
+
+def test_shapes_data_is_deterministic(tmp_path):
+    from demo import shapes_data
+    a = shapes_data.draw("red", "striped", seed=(0, 0, 0, 0, 3))
+    b = shapes_data.draw("red", "striped", seed=(0, 0, 0, 0, 3))
+    assert np.array_equal(a, b) and a.shape == (shapes_data.SIZE, shapes_data.SIZE, 3)
+    names = shapes_data.generate(str(tmp_path / "d"), train_per_class=2, val_per_class=1, seed=5)
+    assert names == sorted(os.listdir(tmp_path / "d" / "train")) == sorted(os.listdir(tmp_path / "d" / "val"))
+    first = {p: open(os.path.join(tmp_path / "d", p), "rb").read()
+             for p in [os.path.join(s, c, f) for s in ("train", "val") for c in names
+                       for f in os.listdir(tmp_path / "d" / s / c)]}
+    shapes_data.generate(str(tmp_path / "e"), train_per_class=2, val_per_class=1, seed=5)
+    assert all(open(os.path.join(tmp_path / "e", p), "rb").read() == v for p, v in first.items())
