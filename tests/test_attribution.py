@@ -272,3 +272,28 @@ def test_relative_and_positive_attribution_against_loop():
     assert float(attribution.channel_attribution(a1, g1)[0, 0]) == pytest.approx(-2.0)
     # no positive attribution at all: rel is 0, not NaN
     assert float(attribution.relative_attribution(-a1.abs(), g1.abs(), 0)[0]) == 0.0
+
+
+def test_layer_followed_by_inplace_relu():
+    """torchvision's VGGs put ReLU(inplace=True) right after each conv: stage 1 must give the same numbers
+    as for the same network with an out-of-place ReLU (it used to fail on the in-place op on the leaf)."""
+    import copy
+
+    import torch.nn as nn
+
+    from utils.importances import stage1_batch
+
+    torch.manual_seed(0)
+    inplace = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(6, 5, 3, stride=2),
+                            nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3)).eval()
+    plain = copy.deepcopy(inplace)
+    for m in plain.modules():
+        if isinstance(m, nn.ReLU):
+            m.inplace = False
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 1])
+    for layer in ("0", "2"):
+        got = stage1_batch(inplace, inplace.get_submodule(layer), x, y)
+        want = stage1_batch(plain, plain.get_submodule(layer), x, y)
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+        assert got[0].float().abs().sum() > 0
