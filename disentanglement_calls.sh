@@ -12,14 +12,12 @@ if [ $# -ge 1 ] && [[ "$1" != --* ]]; then STORE_DIR=$1; shift; fi
 PYTHON=${PYTHON:-python}
 MODEL=${MODEL:-resnet50}
 
-TRIPLES="522,62,687 1404,385,834 895,631,946 242,515,619 522,61,687 1660,530,938 242,515,846 242,619,808
-895,467,946 242,808,846 1349,27,889 1832,852,984 1773,791,958 1349,27,486 1698,57,515 1698,57,808
-1698,58,515 1698,58,808 1698,53,515 1698,53,808"
+TRIPLES=${TRIPLES:-$here/paper_triples.txt}  # "channel class1 class2" per line; # starts a comment
+[ -f "$TRIPLES" ] || { echo "no triples file $TRIPLES" >&2; exit 2; }
 
-for t in $TRIPLES; do
-  IFS=, read -r channel class1 class2 <<<"$t"
+grep -v '^\s*\(#\|$\)' "$TRIPLES" | while read -r channel class1 class2; do
   echo "=== channel $channel: class $class1 vs class $class2"
   "$PYTHON" "$here/disentangle_channel.py" --data_dir "$DATA_DIR" --store_dir "$STORE_DIR" --model "$MODEL" \
     --batch_size 64 --nr_channels_in_layer_of_interest 2048 --channel_disentangle "$channel" \
-    --classes_for_concept1 "$class1" --classes_for_concept2 "$class2" "$@"
+    --classes_for_concept1 "$class1" --classes_for_concept2 "$class2" "$@" </dev/null
 done

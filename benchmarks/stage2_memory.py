@@ -29,18 +29,8 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-
-def status_kb(*keys):
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            k, _, v = line.partition(":")
-            if k in keys:
-                out[k] = int(v.split()[0])
-    return out
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import ROOT, status_kb  # noqa: E402
 
 
 class Sampler(threading.Thread):
