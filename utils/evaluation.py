@@ -41,11 +41,12 @@ def batch_numbers(model, conv, channel, filters, bias, images, labels):
 def evaluate(model, conv, channel, filters, bias, ds, indices, batch_size, device, num_workers, desc="stage 4"):
     """``batch_numbers`` over the images ``indices`` of ``ds``; returns numpy arrays plus index, label."""
     model = model.to(device)
+    filters = filters.to(device)
+    bias = None if bias is None else bias.to(device)
     parts = []
     loader = data.make_loader(ds, data.batches_of(indices, batch_size), num_workers, device)
     for images, labels in tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True):
-        parts.append(batch_numbers(model, conv, channel, filters.to(device),
-                                   None if bias is None else bias.to(device),
+        parts.append(batch_numbers(model, conv, channel, filters, bias,
                                    images.to(device, non_blocking=True), labels.to(device, non_blocking=True)))
     out = {k: torch.cat([p[k] for p in parts]).numpy() for k in parts[0]}
     out["index"] = np.asarray(indices)

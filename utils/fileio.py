@@ -3,7 +3,6 @@
 A crash or Ctrl-C mid-write never leaves a half-written file under the final name, and a
 file written by an earlier run stays intact until the new one is complete.
 """
-import hashlib
 import json
 import os
 import tempfile
@@ -62,11 +61,3 @@ def save_figure(path, fig, **kwargs):
     ext = os.path.splitext(path)[1].lstrip(".") or "png"
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=ext, **kwargs)
-
-
-def sha256_file(path, chunk=1 << 20):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -189,10 +189,3 @@ def replace_module(model, path, new):
     parent_path, _, name = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, name, new)
-
-
-def prepare(model, device, channels_last=False):
-    model = model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model

@@ -154,9 +154,6 @@ class Store:
     def reload_manifest(self):
         self.manifest = fileio.read_json(os.path.join(self.folder, "manifest.json"))
 
-    def writable(self, name):
-        return np.load(self.path(name), mmap_mode="r+")
-
     def row_writer(self, names):
         """A RowWriter on the arrays ``names`` (stage 1 writes its rows through it)."""
         return RowWriter({name: self.path(name) for name in names})
