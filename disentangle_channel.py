@@ -31,7 +31,8 @@ def main():
     context.check_channel(ctx, c, "--channel_disentangle")
     context.check_concepts(ctx.dataset, s1, s2)
     st = store.Store.open(store.store_folder(args.store_dir, ctx.tag), ctx.fingerprint)
-    targets = np.asarray(st.array("targets"))
+    targets = st.labels()  # -1 for the rows of unreadable images, which are left out of everything
+    unreadable = st.unreadable_rows()
     w_c = ctx.conv.weight[c].detach()
     bias_c = None if ctx.conv.bias is None else ctx.conv.bias[c].detach()
     v = []
@@ -40,9 +41,11 @@ def main():
         v.append(similarities.arv(w_c, similarities.rows_mean_patch_sums(st.array("patch_sums"), rows)).float())
     all_filters = disentangle.split_filters(w_c, v[0], v[1])
 
-    indices = data.indices_of_classes(ctx.dataset, s1 + s2)
+    indices = np.flatnonzero(np.isin(targets, s1 + s2)).tolist()  # store rows are ImageFolder indices
+    hint = (": the store read it, so the file changed since stage 1; restore it, or rerun stage 1 with "
+            "--skip_unreadable into a new --store_dir")
     loader = data.make_loader(ctx.dataset, data.batches_of(indices, args.batch_size),
-                              cli.default_workers(args.num_workers), ctx.device)
+                              cli.default_workers(args.num_workers), ctx.device, hint=hint)
     model = ctx.model.to(ctx.device)
     scores = disentangle.score_all_rhos(model, ctx.conv, all_filters, bias_c, loader, s1, s2, ctx.device,
                                         progress=lambda it: tqdm(it, desc="scoring 20 rho", unit="batch"))
@@ -74,6 +77,8 @@ def main():
                          f"{ctx.tag} channel {c}: {s1} vs {s2}")
 
     names = st.manifest["classes"]
+    if len(unreadable):
+        print(f"{len(unreadable)} unreadable training images recorded by stage 1 are left out of every count")
     print(f"channel {c} of {ctx.layer_path}: concept 1 = {[names[y] for y in s1]} ({n1} train images), "
           f"concept 2 = {[names[y] for y in s2]} ({n2} train images)")
     print("rho    " + " ".join(f"{r:>5}" for r in RHOS))

@@ -30,7 +30,10 @@ def main():
 
     ctx = context.setup(args, split="train")
     st = store.Store.open(store.store_folder(args.store_dir, ctx.tag), ctx.fingerprint)
-    A, targets, P = st.array("attributions"), st.array("targets"), st.array("patch_sums")
+    A, targets, P = st.array("attributions"), st.labels(), st.array("patch_sums")
+    unreadable = st.unreadable_rows()
+    if len(unreadable):
+        print(f"{len(unreadable)} unreadable training images recorded by stage 1 are left out of every count")
     k = len(st.manifest["classes"])
     hist = similarities.class_histogram(A, targets, k, tau, args.chunk_rows, progress=True)
     counts = similarities.class_counts(targets, k)

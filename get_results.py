@@ -65,6 +65,9 @@ def main():
     p.add_argument("--top_k", type=int, default=8, help="images per row of the contact sheet (default 8)")
     p.add_argument("--top_images_all_val", action="store_true",
                    help="scan the whole val split for the top images (default: the two concepts' classes)")
+    p.add_argument("--skip_unreadable", action="store_true",
+                   help="leave val images whose files cannot be decoded out of every number (default: stop "
+                        "with a message naming the file)")
     p.add_argument("--out_dir", default=".",
                    help="folder for plots/, results_disentanglement/, results_quantitative/ (default: working directory)")
     args = p.parse_args()
@@ -93,8 +96,18 @@ def main():
             raise cli.UserError(f"{flag}: no val images of classes {classes} under {args.data_dir}/val")
     indices = data.indices_of_classes(ds, s1 + s2)
     workers = cli.default_workers(args.num_workers)
-    r = evaluation.evaluate(ctx.model, ctx.conv, c, filters, bias, ds, indices, args.batch_size, ctx.device, workers)
+    unreadable = "skip" if args.skip_unreadable else "error"
+    hint = ": replace or remove the file, or pass --skip_unreadable to leave it out"
+    r = evaluation.evaluate(ctx.model, ctx.conv, c, filters, bias, ds, indices, args.batch_size, ctx.device, workers,
+                            unreadable=unreadable, hint=hint)
+    if r["skipped"]:
+        print(f"skipped {len(r['skipped'])} unreadable val images: "
+              + ", ".join(data.relative_name(ds, i) for i in r["skipped"][:5])
+              + (", ..." if len(r["skipped"]) > 5 else ""))
     concept = np.where(np.isin(r["label"], s1), 1, 2)
+    for k in (1, 2):
+        if not (concept == k).any():
+            raise cli.UserError(f"concept {k}: none of its val images could be read")
     names = ds.classes
     label_of = {1: ", ".join(names[y] for y in s1), 2: ", ".join(names[y] for y in s2)}
     run_name = name[:-len(".pth")]
@@ -102,7 +115,8 @@ def main():
     summary = {"model": ctx.model_spec, "layer": ctx.layer_path, "channel": c, "classes1": s1, "classes2": s2,
                "class_names1": [names[y] for y in s1], "class_names2": [names[y] for y in s2],
                "checkpoint": path, "rho": info["best_rho"] if (info and rho == "best") else rho,
-               "max_logit_diff": info.get("max_logit_diff") if info else None}
+               "max_logit_diff": info.get("max_logit_diff") if info else None,
+               "unreadable_val_images": [data.relative_name(ds, i) for i in r["skipped"]]}
     for k in (1, 2):
         sel = concept == k
         mp = r["maps_pos"][sel]
@@ -149,11 +163,11 @@ def main():
 
     if args.get_top_images:
         if args.top_images_all_val:
-            scan = list(range(len(ds)))
-            orig_pos, maps_pos = evaluation.scan_activations(ctx.model, ctx.conv, c, filters, bias, ds, scan,
-                                                             args.batch_size, ctx.device, workers)
+            scan, orig_pos, maps_pos = evaluation.scan_activations(
+                ctx.model, ctx.conv, c, filters, bias, ds, list(range(len(ds))), args.batch_size, ctx.device,
+                workers, unreadable=unreadable, hint=hint)
         else:
-            scan, orig_pos, maps_pos = indices, r["orig_pos"], r["maps_pos"]
+            scan, orig_pos, maps_pos = list(r["index"]), r["orig_pos"], r["maps_pos"]
         rows, top = [], {}
         for label, score in (("Original", orig_pos), ("Disentangled 1", maps_pos[:, 0]),
                              ("Disentangled 2", maps_pos[:, 1])):

@@ -5,6 +5,7 @@ from collections import Counter
 
 import torch
 from torch.utils.data import DataLoader
+from PIL import Image
 from torchvision import datasets, transforms
 
 from .cli import UserError
@@ -24,15 +25,62 @@ def eval_transform():
     ])
 
 
+UNREADABLE = -1  # the label an item carries when its image file cannot be read
+
+
+class TolerantImageFolder(datasets.ImageFolder):
+    """``ImageFolder`` whose items never raise for an unreadable file (truncated, not an image, ...).
+
+    Item i is ``(image, label)`` as usual, or ``(placeholder, UNREADABLE)`` when the file cannot be
+    decoded: a DataLoader worker never dies on a bad file, and the main process decides what to do
+    (``CheckedLoader``). The placeholder is the transform of a blank image (same shape as the others).
+    """
+
+    _placeholder = None
+
+    def __getitem__(self, index):
+        path, target = self.samples[index]
+        try:
+            sample = self.loader(path)
+            if self.transform is not None:
+                sample = self.transform(sample)
+        except Exception:  # noqa: BLE001 -- any failure to decode means: unreadable
+            return self.placeholder(), UNREADABLE
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return sample, target
+
+    def placeholder(self):
+        if self._placeholder is None:
+            blank = Image.new("RGB", (256, 256))
+            self._placeholder = self.transform(blank) if self.transform is not None else blank
+        return self._placeholder
+
+
+def unreadable_reason(path):
+    """Why ``path`` cannot be read as an RGB image (one line), or None if it can."""
+    try:
+        with Image.open(path) as im:
+            im.convert("RGB")
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+    return None
+
+
+def relative_name(ds, index):
+    """Path of item ``index`` relative to the --data_dir (e.g. 'train/n01440764/x.JPEG')."""
+    return os.path.relpath(ds.samples[index][0], os.path.dirname(ds.root))
+
+
 def image_folder(data_dir, split, transform=None, loader=None):
-    """``torchvision.datasets.ImageFolder`` over ``data_dir/split`` with a clear error if it is missing or empty."""
+    """``TolerantImageFolder`` over ``data_dir/split`` with a clear error if it is missing or empty."""
     root = os.path.join(data_dir, split)
     if not os.path.isdir(root):
         raise UserError(f"--data_dir {data_dir}: folder '{root}' not found; pass the ImageFolder root "
                         f"that holds {split}/<class>/<image files>")
     kwargs = {} if loader is None else {"loader": loader}
     try:
-        ds = datasets.ImageFolder(root, transform=transform or eval_transform(), **kwargs)
+        ds = TolerantImageFolder(root, transform=transform or eval_transform(), **kwargs)
     except (FileNotFoundError, RuntimeError) as e:
         raise UserError(f"--data_dir {data_dir}: no images under '{root}' ({str(e).splitlines()[0][:200]})")
     if len(ds) == 0:
@@ -67,10 +115,51 @@ def batches_of(indices, batch_size):
     return [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
 
 
-def make_loader(ds, batches, num_workers, device):
-    """DataLoader over explicit lists of indices: pinned memory on CUDA, persistent prefetching workers."""
-    pin = torch.device(device).type == "cuda"
-    kwargs = {}
-    if num_workers > 0:
-        kwargs = {"persistent_workers": True, "prefetch_factor": 4}
-    return DataLoader(ds, batch_sampler=batches, num_workers=num_workers, pin_memory=pin, **kwargs)
+def make_loader(ds, batches, num_workers, device, unreadable="error", hint=""):
+    """Batches ``(images, labels)`` of ``ds`` over explicit lists of indices (a ``CheckedLoader``).
+
+    Pinned memory on CUDA, persistent prefetching workers. ``unreadable``: what to do with an image
+    file that cannot be decoded (only a ``TolerantImageFolder`` reports them):
+      'error': stop with a one-line UserError naming the file (relative to --data_dir), plus ``hint``;
+      'skip':  leave it out of its batch and list its index in ``loader.skipped``;
+      'keep':  yield it as the placeholder with label UNREADABLE (the caller handles it).
+    """
+    return CheckedLoader(ds, batches, num_workers, device, unreadable, hint)
+
+
+class CheckedLoader:
+    """DataLoader over explicit batches of indices that handles unreadable images (see make_loader)."""
+
+    def __init__(self, ds, batches, num_workers, device, unreadable="error", hint=""):
+        if unreadable not in ("error", "skip", "keep"):
+            raise ValueError(f"unreadable={unreadable!r}")
+        self.ds, self.batches, self.mode, self.hint = ds, batches, unreadable, hint
+        self.skipped = []
+        pin = torch.device(device).type == "cuda"
+        kwargs = {"persistent_workers": True, "prefetch_factor": 4} if num_workers > 0 else {}
+        self.loader = DataLoader(ds, batch_sampler=batches, num_workers=num_workers, pin_memory=pin, **kwargs)
+
+    def __len__(self):
+        return len(self.batches)
+
+    def error(self, index):
+        """The UserError for the unreadable item ``index``."""
+        path = self.ds.samples[index][0]
+        why = unreadable_reason(path) or "could not be decoded"
+        return UserError(f"cannot read image {relative_name(self.ds, index)} ({why}){self.hint}")
+
+    def __iter__(self):
+        for b, (images, labels) in enumerate(self.loader):
+            if self.mode == "keep" or not torch.is_tensor(labels):
+                yield images, labels
+                continue
+            bad = labels == UNREADABLE
+            if bool(bad.any()):
+                where = [self.batches[b][i] for i in torch.nonzero(bad).flatten().tolist()]
+                if self.mode == "error":
+                    raise self.error(where[0])
+                self.skipped.extend(where)
+                images, labels = images[~bad], labels[~bad]
+                if len(labels) == 0:
+                    continue
+            yield images, labels

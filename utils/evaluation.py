@@ -12,6 +12,7 @@ from scipy.stats import gaussian_kde
 from tqdm import tqdm
 
 from . import attribution, data, fileio
+from .cli import UserError
 from .disentangle import filter_maps, positive_mass
 
 MAP_NAMES = ("D1", "D2", "R")
@@ -38,26 +39,38 @@ def batch_numbers(model, conv, channel, filters, bias, images, labels):
             "maps_pos": positive_mass(d).cpu()}
 
 
-def evaluate(model, conv, channel, filters, bias, ds, indices, batch_size, device, num_workers, desc="stage 4"):
-    """``batch_numbers`` over the images ``indices`` of ``ds``; returns numpy arrays plus index, label."""
+def evaluate(model, conv, channel, filters, bias, ds, indices, batch_size, device, num_workers, desc="stage 4",
+             unreadable="error", hint=""):
+    """``batch_numbers`` over the images ``indices`` of ``ds``; returns numpy arrays plus index, label.
+
+    ``unreadable``: 'error' or 'skip' (see data.make_loader); skipped images are left out of every array
+    and listed in ``out['skipped']`` (dataset indices).
+    """
     model = model.to(device)
     filters = filters.to(device)
     bias = None if bias is None else bias.to(device)
     parts = []
-    loader = data.make_loader(ds, data.batches_of(indices, batch_size), num_workers, device)
+    loader = data.make_loader(ds, data.batches_of(indices, batch_size), num_workers, device, unreadable, hint)
     for images, labels in tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True):
         parts.append(batch_numbers(model, conv, channel, filters, bias,
                                    images.to(device, non_blocking=True), labels.to(device, non_blocking=True)))
+    if not parts:
+        raise UserError(f"none of the {len(indices)} images could be read")
     out = {k: torch.cat([p[k] for p in parts]).numpy() for k in parts[0]}
-    out["index"] = np.asarray(indices)
-    out["label"] = np.asarray([ds.targets[i] for i in indices])
+    skipped = set(loader.skipped)
+    kept = [i for i in indices if i not in skipped]
+    out["index"] = np.asarray(kept)
+    out["label"] = np.asarray([ds.targets[i] for i in kept])
+    out["skipped"] = sorted(skipped)
     return out
 
 
-def scan_activations(model, conv, channel, filters, bias, ds, indices, batch_size, device, num_workers):
+def scan_activations(model, conv, channel, filters, bias, ds, indices, batch_size, device, num_workers,
+                     unreadable="error", hint=""):
     """Positive masses of the original channel and of D1, D2, R, from a forward pass up to the layer only.
 
-    Returns orig_pos (N,) and maps_pos (N, 3) numpy arrays (for the top-image contact sheet).
+    Returns the scanned indices (M,) (``indices`` less the unreadable ones when ``unreadable='skip'``),
+    orig_pos (M,) and maps_pos (M, 3) numpy arrays (for the top-image contact sheet).
     """
     model = model.to(device)
     w = torch.cat([conv.weight[channel:channel + 1].detach(), filters.to(conv.weight)])
@@ -65,12 +78,13 @@ def scan_activations(model, conv, channel, filters, bias, ds, indices, batch_siz
     if conv.bias is not None:
         b = torch.cat([conv.bias[channel:channel + 1].detach(), bias.to(conv.bias)])
     pos = []
-    loader = data.make_loader(ds, data.batches_of(indices, batch_size), num_workers, device)
+    loader = data.make_loader(ds, data.batches_of(indices, batch_size), num_workers, device, unreadable, hint)
     for images, _ in tqdm(loader, desc="top images", unit="batch", dynamic_ncols=True):
         x = attribution.layer_input(model, conv, images.to(device, non_blocking=True))
         pos.append(positive_mass(filter_maps(x.float(), conv, w, b)).cpu())
     pos = torch.cat(pos).numpy()
-    return pos[:, 0], pos[:, 1:]
+    skipped = set(loader.skipped)
+    return [i for i in indices if i not in skipped], pos[:, 0], pos[:, 1:]
 
 
 def top_k(scores, k):

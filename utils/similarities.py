@@ -39,21 +39,23 @@ def read_rows(array, lo, hi):
 def class_histogram(attributions, targets, num_classes, tau, chunk_rows=DEFAULT_CHUNK_ROWS, progress=False):
     """H[y, c] = number of images of class y for which channel c is important.
 
-    attributions: (N, C) array-like (memory-mapped float16 is fine); targets: (N,) ints.
-    Returns (num_classes, C) int64 tensor.
+    attributions: (N, C) array-like (memory-mapped float16 is fine); targets: (N,) ints, rows with a
+    negative target (unreadable images, see Store.labels) are left out. Returns (num_classes, C) int64 tensor.
     """
     n, c = attributions.shape
     hist = torch.zeros(num_classes, c, dtype=torch.int64)
     for lo, hi in tqdm(_chunks(n, chunk_rows), desc="histograms", disable=not progress, unit="chunk"):
         A = torch.from_numpy(read_rows(attributions, lo, hi).astype(np.float32))
         y = torch.from_numpy(read_rows(targets, lo, hi).astype(np.int64))
-        hist.index_add_(0, y, important_channels(A, tau).to(torch.int64))
+        ok = y >= 0
+        hist.index_add_(0, y[ok], important_channels(A[ok], tau).to(torch.int64))
     return hist
 
 
 def class_counts(targets, num_classes):
-    """N_y: (num_classes,) int64 tensor of images per class."""
-    return torch.bincount(torch.from_numpy(np.array(targets, dtype=np.int64)), minlength=num_classes)
+    """N_y: (num_classes,) int64 tensor of images per class (negative targets are not counted)."""
+    y = np.array(targets, dtype=np.int64)
+    return torch.bincount(torch.from_numpy(y[y >= 0]), minlength=num_classes)
 
 
 def used_classes(hist, counts, p):
@@ -65,8 +67,8 @@ def used_classes(hist, counts, p):
 def class_mean_patch_sums(patch_sums, targets, num_classes, chunk_rows=DEFAULT_CHUNK_ROWS, progress=False):
     """Pbar[y] = mean of P_n over the images of class y, accumulated in float64.
 
-    patch_sums: (N, C_in, kh, kw) array-like; targets: (N,). Returns (K, C_in, kh, kw) float64 tensor
-    (zeros for classes without images).
+    patch_sums: (N, C_in, kh, kw) array-like; targets: (N,) (negative: row left out).
+    Returns (K, C_in, kh, kw) float64 tensor (zeros for classes without images).
     """
     n = patch_sums.shape[0]
     shape = tuple(patch_sums.shape[1:])
@@ -74,7 +76,8 @@ def class_mean_patch_sums(patch_sums, targets, num_classes, chunk_rows=DEFAULT_C
     for lo, hi in tqdm(_chunks(n, chunk_rows), desc="class means", disable=not progress, unit="chunk"):
         P = torch.from_numpy(read_rows(patch_sums, lo, hi).astype(np.float64))
         y = torch.from_numpy(read_rows(targets, lo, hi).astype(np.int64))
-        total.index_add_(0, y, P)
+        ok = y >= 0
+        total.index_add_(0, y[ok], P[ok])
     counts = class_counts(targets, num_classes).to(torch.float64).clamp_min(1)
     return total / counts.view((-1,) + (1,) * len(shape))
 

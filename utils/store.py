@@ -22,6 +22,7 @@ from . import fileio
 from .cli import UserError
 
 ARRAYS = ("attributions", "targets", "predictions", "patch_sums")
+UNREADABLE_PREDICTION = -1  # the prediction stored for an image that could not be read (its row is all zeros)
 # Keys that must agree for a later stage to read a store.
 MATCH_KEYS = ("model", "weights_sha256", "layer", "layer_geometry", "classes", "images_per_class", "files_sha256",
               "transform")
@@ -113,6 +114,16 @@ class Store:
     def array(self, name):
         """Memory-mapped read-only array (numpy.load(..., mmap_mode='r'))."""
         return np.load(self.path(name), mmap_mode="r")
+
+    def unreadable_rows(self):
+        """(M,) int64 rows of images stage 1 could not read (``--skip_unreadable``): prediction -1."""
+        return np.flatnonzero(np.asarray(self.array("predictions")) == UNREADABLE_PREDICTION)
+
+    def labels(self):
+        """(N,) int64 labels of the rows, -1 for the rows of unreadable images (left out of every count)."""
+        y = np.array(self.array("targets"), dtype=np.int64)
+        y[self.unreadable_rows()] = -1
+        return y
 
     # ---------------------------------------------------------------- writing (stage 1)
     @staticmethod
