@@ -21,11 +21,21 @@ def main():
     p.add_argument("--channels_last", action="store_true", help="channels_last memory format (GPU)")
     p.add_argument("--gpu_decode", action="store_true",
                    help="decode JPEGs on the GPU with torchvision.io.decode_jpeg (falls back to CPU without CUDA)")
-    p.add_argument("--cpu_threads", type=int, default=1,
-                   help="intra-op threads of each process when the model runs on the CPU (default 1). CPU "
-                        "convolutions round differently with 1 thread than with several, so a store is "
-                        "byte-identical between one process, torchrun (which sets 1 thread per process) and "
-                        "resumed runs only with the same value; ignored on CUDA")
+    p.add_argument("--cpu_threads", type=int, default=None,
+                   help="intra-op threads of each process when the model runs on the CPU (default: torch's "
+                        "own count, 1 per process under torchrun; a resumed store keeps the count it "
+                        "recorded). CPU convolutions round differently with 1 thread than with several: a "
+                        "store is byte-identical across launchers and resumes only with the same count; "
+                        "ignored on CUDA")
+    p.add_argument("--tf32", action="store_true",
+                   help="let CUDA run float32 convolutions and matrix products in TF32 (faster on GPUs "
+                        "since Ampere; changes attributions slightly). Default: full float32")
+    p.add_argument("--allow_mixed_numerics", action="store_true",
+                   help="resume a store under other numerics than it was started with (device, GPU model, "
+                        "CPU thread count, TF32); the change is recorded in the manifest")
+    p.add_argument("--skip_unreadable", action="store_true",
+                   help="record images whose files cannot be decoded as invalid rows (prediction -1, file "
+                        "names in the manifest) instead of stopping; later stages leave them out")
     args = p.parse_args()
 
     rank, world, local_rank = distributed.world()
@@ -36,12 +46,23 @@ def main():
     chunk = args.chunk_size
     if chunk is not None and chunk < 1:
         raise cli.UserError("--chunk_size must be at least 1")
+    folder = store.store_folder(args.store_dir, ctx.tag)
     cpu_threads = None
     if ctx.device.type == "cpu":
-        if args.cpu_threads < 1:
-            raise cli.UserError("--cpu_threads must be at least 1")
         cpu_threads = args.cpu_threads
-        torch.set_num_threads(cpu_threads)
+        if cpu_threads is not None and cpu_threads < 1:
+            raise cli.UserError("--cpu_threads must be at least 1")
+        recorded = ((store.Store.peek(folder) or {}).get("numerics") or {}).get("cpu_threads")
+        if cpu_threads is None and recorded:
+            cpu_threads = recorded
+            if rank == 0:
+                print(f"using the store's recorded --cpu_threads {recorded} (so its rows stay byte-identical)")
+        if cpu_threads is not None:
+            torch.set_num_threads(cpu_threads)
+    else:  # full float32 unless --tf32 (cuDNN's own default would be TF32 for convolutions)
+        precision = "tf32" if args.tf32 else "ieee"
+        torch.backends.cudnn.conv.fp32_precision = precision
+        torch.backends.cuda.matmul.fp32_precision = precision
     decoder = None
     decode = "cpu"
     if args.gpu_decode:
@@ -50,12 +71,12 @@ def main():
         if decoder is not None:
             ctx.dataset, decode = ds, "gpu"
     info = dict(ctx.fingerprint, autocast="bfloat16" if args.autocast_bf16 else None, decode=decode,
-                cpu_threads=cpu_threads)
-    folder = store.store_folder(args.store_dir, ctx.tag)
+                numerics=importances.numerics(ctx.device, cpu_threads))
     importances.run_stage1(ctx.model, ctx.conv, ctx.dataset, folder, info, args.batch_size, ctx.device,
                            cli.default_workers(args.num_workers), chunk,
                            autocast_dtype=torch.bfloat16 if args.autocast_bf16 else None,
-                           channels_last=args.channels_last, gpu_decoder=decoder)
+                           channels_last=args.channels_last, gpu_decoder=decoder,
+                           skip_unreadable=args.skip_unreadable, allow_mixed_numerics=args.allow_mixed_numerics)
     distributed.close()
 
 

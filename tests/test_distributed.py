@@ -33,7 +33,7 @@ def data_root(tmp_path_factory):
 
 def command(launcher, data_root, store_dir):
     args = ["--data_dir", data_root, "--store_dir", store_dir, "--model", SLOW_MODEL, "--batch_size", "4",
-            "--chunk_size", "4", "--num_workers", "0", "--device", "cpu"]
+            "--chunk_size", "4", "--num_workers", "0", "--device", "cpu", "--cpu_threads", "1"]
     if launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT, *args]
     return [sys.executable, SCRIPT, *args]
@@ -52,6 +52,11 @@ def run(launcher, data_root, store_dir):
     return proc
 
 
+def chunks_done(progress):
+    """Finished chunks in a store's progress/ folder (temporary files of a chunk being written excluded)."""
+    return [f for f in os.listdir(progress) if f.startswith("chunk_")] if os.path.isdir(progress) else []
+
+
 def run_interrupted(launcher, data_root, store_dir, after_chunks=2):
     """Start a run and press Ctrl-C (SIGINT to the whole process group) once ``after_chunks`` chunks are done."""
     progress = os.path.join(store_dir, FOLDER, "progress")
@@ -60,7 +65,7 @@ def run_interrupted(launcher, data_root, store_dir, after_chunks=2):
     deadline = time.time() + 240
     try:
         while time.time() < deadline and proc.poll() is None:
-            if os.path.isdir(progress) and len(os.listdir(progress)) >= after_chunks:
+            if len(chunks_done(progress)) >= after_chunks:
                 os.killpg(proc.pid, signal.SIGINT)
                 break
             time.sleep(0.02)
@@ -70,7 +75,7 @@ def run_interrupted(launcher, data_root, store_dir, after_chunks=2):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     manifest = json.load(open(os.path.join(store_dir, FOLDER, "manifest.json")))
-    done = len(os.listdir(progress)) if os.path.isdir(progress) else NUM_CHUNKS
+    done = len(chunks_done(progress)) if os.path.isdir(progress) else NUM_CHUNKS
     assert not manifest["complete"] and 0 < done < NUM_CHUNKS, f"the run was not interrupted half-way:\n{out}"
     return done
 

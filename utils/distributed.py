@@ -41,3 +41,31 @@ def sum_over_ranks(value, device):
     t = torch.tensor([value], dtype=torch.int64, device=dev)
     dist.all_reduce(t)
     return int(t.item())
+
+
+def _active():
+    return dist.is_available() and dist.is_initialized()
+
+
+def from_rank0(obj):
+    """Rank 0's ``obj`` on every process (any picklable object); ``obj`` itself without a process group."""
+    if not _active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(obj):
+    """List of every rank's ``obj``, in rank order, on every process; ``[obj]`` without a process group."""
+    if not _active():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def first_error(message):
+    """Agree on failure: every process passes its error message or None; returns the first (by rank)
+    message of any process, or None when all are fine. A collective: every rank must call it."""
+    return next((m for m in gather(message) if m), None)

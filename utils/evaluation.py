@@ -132,28 +132,32 @@ def update_quantitative(folder, tau, run_key, rows_by_concept, meta):
     ``folder/quantitative_concept{1,2}_required{tau}.txt`` hold every run's rows (a rerun replaces its
     own rows instead of appending duplicates); ``folder/runs_required{tau}.json`` is the record they are
     written from; ``folder/means_required{tau}.txt`` the column means per run and over all runs.
-    Returns the overall means {concept: (3,) array or None} and row counts.
+    Returns the overall means {concept: (3,) array or None} and row counts. Runs that finish at the same
+    time take turns (a lock next to the record), so none of their rows is lost.
     """
-    reg_path = os.path.join(folder, f"runs_required{tau}.json")
-    runs = fileio.read_json(reg_path) if os.path.isfile(reg_path) else {}
-    runs[run_key] = dict(meta, concept1=np.asarray(rows_by_concept[1]).tolist(),
-                         concept2=np.asarray(rows_by_concept[2]).tolist())
-    fileio.write_json(reg_path, runs, indent=None)
-    lines = ["run,concept,images,mean_D1/orig,mean_D2/orig,mean_R/orig"]
-    overall = {}
-    for concept in (1, 2):
-        allrows = [r for run in runs.values() for r in run[f"concept{concept}"]]
-        fileio.write_text(os.path.join(folder, f"quantitative_concept{concept}_required{tau}.txt"),
-                          format_rows(allrows))
-        for key, run in runs.items():
-            rows = np.asarray(run[f"concept{concept}"], dtype=np.float64).reshape(-1, 3)
-            m = rows.mean(axis=0) if len(rows) else [float("nan")] * 3
-            lines.append(f"{key},{concept},{len(rows)},{m[0]:.6g},{m[1]:.6g},{m[2]:.6g}")
-        arr = np.asarray(allrows, dtype=np.float64).reshape(-1, 3)
-        overall[concept] = (arr.mean(axis=0) if len(arr) else None, len(arr))
-    for concept in (1, 2):
-        m, n = overall[concept]
-        m = m if m is not None else [float("nan")] * 3
-        lines.append(f"ALL,{concept},{n},{m[0]:.6g},{m[1]:.6g},{m[2]:.6g}")
-    fileio.write_text(os.path.join(folder, f"means_required{tau}.txt"), "\n".join(lines) + "\n")
+    os.makedirs(folder, exist_ok=True)
+    # several stage-4 processes may finish at once: the read-modify-write of the record is serialized
+    with fileio.FileLock(os.path.join(folder, f".runs_required{tau}.lock"), wait=True):
+        reg_path = os.path.join(folder, f"runs_required{tau}.json")
+        runs = fileio.read_json(reg_path) if os.path.isfile(reg_path) else {}
+        runs[run_key] = dict(meta, concept1=np.asarray(rows_by_concept[1]).tolist(),
+                             concept2=np.asarray(rows_by_concept[2]).tolist())
+        fileio.write_json(reg_path, runs, indent=None)
+        lines = ["run,concept,images,mean_D1/orig,mean_D2/orig,mean_R/orig"]
+        overall = {}
+        for concept in (1, 2):
+            allrows = [r for run in runs.values() for r in run[f"concept{concept}"]]
+            fileio.write_text(os.path.join(folder, f"quantitative_concept{concept}_required{tau}.txt"),
+                              format_rows(allrows))
+            for key, run in runs.items():
+                rows = np.asarray(run[f"concept{concept}"], dtype=np.float64).reshape(-1, 3)
+                m = rows.mean(axis=0) if len(rows) else [float("nan")] * 3
+                lines.append(f"{key},{concept},{len(rows)},{m[0]:.6g},{m[1]:.6g},{m[2]:.6g}")
+            arr = np.asarray(allrows, dtype=np.float64).reshape(-1, 3)
+            overall[concept] = (arr.mean(axis=0) if len(arr) else None, len(arr))
+        for concept in (1, 2):
+            m, n = overall[concept]
+            m = m if m is not None else [float("nan")] * 3
+            lines.append(f"ALL,{concept},{n},{m[0]:.6g},{m[1]:.6g},{m[2]:.6g}")
+        fileio.write_text(os.path.join(folder, f"means_required{tau}.txt"), "\n".join(lines) + "\n")
     return overall

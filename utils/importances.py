@@ -1,10 +1,17 @@
 """Stage 1: one pass over the training images, writing attributions, labels, predictions and patch sums.
 
-The rows are cut into fixed chunks; each finished chunk is flushed to disk and marked, so an
-interrupted run resumes at the first unfinished chunk and ends with the same arrays as an
-uninterrupted one. Under torchrun, rank r takes chunks r, r + world, r + 2*world, ...
+The rows are cut into fixed chunks. The process that computes a chunk saves it whole as one file
+(``progress/chunk_{i}.npz``, written under a temporary name and renamed: the chunk's commit point);
+at the end the main process merges the chunk files into the store's arrays. An interrupted run
+resumes at the unfinished chunks and ends with the same arrays as an uninterrupted one. Under
+torchrun the unfinished chunks are dealt round-robin to the ranks; no two processes ever write the
+same file, so nothing depends on how a shared file system flushes partial pages.
+
+Per batch: images go to the device, one forward pass with the head-only backward gives A, the
+predictions and P (see attribution.py); on CUDA the three results are copied back into pinned
+host memory asynchronously and written only after the copy's event has completed, while the next
+batch already computes.
 """
-import collections
 import math
 import time
 
@@ -13,19 +20,20 @@ import torch
 from tqdm import tqdm
 
 from . import attribution, data, distributed
-from .store import Store
+from .cli import UserError
+from .store import COMPLETE_KEYS, RESUME_KEYS, UNREADABLE_PREDICTION, Store, describe_mismatch
 
 
 def stage1_batch(model, conv, images, labels, autocast_dtype=None):
-    """Attributions, predictions and patch sums of one batch.
+    """Attributions, predictions and patch sums of one batch, on the images' device.
 
     images: (B, 3, H, W) on the model's device; labels: (B,) long.
-    Returns A (B, C_out) float16, predictions (B,) long, P (B, C_in, kh, kw) float32, all on CPU.
+    Returns A (B, C_out) float16, predictions (B,) long, P (B, C_in, kh, kw) float32.
     """
     x, a, g, logits = attribution.logits_and_layer_grad(model, conv, images, labels, autocast_dtype)
     A = attribution.channel_attribution(a, g)
     P = attribution.conv_patch_sums(x, conv)
-    return A.half().cpu(), logits.argmax(dim=1).cpu(), P.cpu()
+    return A.half(), logits.argmax(dim=1), P
 
 
 def default_chunk_size(batch_size, target=2048):
@@ -33,13 +41,102 @@ def default_chunk_size(batch_size, target=2048):
     return batch_size * max(1, target // batch_size)
 
 
+def numerics(device, cpu_threads=None):
+    """What changes stage 1's floating-point results besides the model and the data (for the manifest).
+
+    CPU: the number of intra-op threads (oneDNN rounds differently with one thread than with several).
+    CUDA: the GPU model and the float32 precision of convolutions and matrix products (TF32 or IEEE).
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return {"device": "cuda", "gpu": torch.cuda.get_device_name(dev),
+                "conv_fp32": torch.backends.cudnn.conv.fp32_precision,
+                "matmul_fp32": torch.backends.cuda.matmul.fp32_precision}
+    return {"device": dev.type, "cpu_threads": int(cpu_threads or torch.get_num_threads())}
+
+
+class _HostCopy:
+    """The results of one batch on their way to host memory (asynchronously on CUDA)."""
+
+    def __init__(self, tensors, pinned):
+        if tensors[0].device.type == "cuda":
+            self.host = [p[:len(t)] for p, t in zip(pinned, tensors)]
+            for h, t in zip(self.host, tensors):
+                h.copy_(t, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host, self.event = tensors, None
+
+    def numpy(self):
+        if self.event is not None:
+            self.event.synchronize()
+        return [h.numpy() for h in self.host]
+
+
+def _pinned_buffers(batch_size, conv, device):
+    """Page-locked host buffers for one batch's A, predictions and P (CUDA only), reused batch after batch."""
+    if torch.device(device).type != "cuda":
+        return None
+    c_out, c_in, kh, kw = conv.weight.shape
+    return [torch.empty((batch_size, c_out), dtype=torch.float16).pin_memory(),
+            torch.empty((batch_size,), dtype=torch.int64).pin_memory(),
+            torch.empty((batch_size, c_in, kh, kw), dtype=torch.float32).pin_memory()]
+
+
+class _ChunkBuffer:
+    """Rows of the chunks this process computes, saved as one file per chunk once complete."""
+
+    def __init__(self, store, chunk_size, n, shapes):
+        self.store, self.chunk_size, self.n, self.shapes = store, chunk_size, n, shapes
+        self.open = {}
+        self.saved = []
+
+    def add(self, rows, values):
+        """``rows``: list of consecutive row indices of one chunk; ``values``: {name: (len(rows), ...)}."""
+        i = rows[0] // self.chunk_size
+        lo = i * self.chunk_size
+        m = min(lo + self.chunk_size, self.n) - lo
+        if i not in self.open:
+            self.open[i] = ({name: np.zeros((m,) + shape[1:], dtype) for name, (shape, dtype) in self.shapes.items()},
+                            0)
+        arrays, filled = self.open[i]
+        for name, v in values.items():
+            arrays[name][rows[0] - lo:rows[-1] - lo + 1] = v
+        filled += len(rows)
+        if filled == m:
+            self.store.save_chunk(i, lo, arrays)
+            self.saved.append(i)
+            del self.open[i]
+        else:
+            self.open[i] = (arrays, filled)
+
+
+def _batch_rows(ok, results, rows, targets):
+    """The store rows of one batch: results of the readable images, zeros and prediction -1 elsewhere."""
+    A, pred, P = results
+    if ok.all():
+        return {"attributions": A, "targets": targets, "predictions": pred, "patch_sums": P}
+    full_A = np.zeros((len(rows),) + A.shape[1:], A.dtype)
+    full_P = np.zeros((len(rows),) + P.shape[1:], P.dtype)
+    full_pred = np.full(len(rows), UNREADABLE_PREDICTION, dtype=np.int64)
+    full_A[ok], full_P[ok], full_pred[ok] = A, P, pred
+    return {"attributions": full_A, "targets": targets, "predictions": full_pred, "patch_sums": full_P}
+
+
 def run_stage1(model, conv, ds, folder, info, batch_size, device, num_workers, chunk_size,
-               autocast_dtype=None, channels_last=False, gpu_decoder=None, log=print):
+               autocast_dtype=None, channels_last=False, gpu_decoder=None, skip_unreadable=False,
+               allow_mixed_numerics=False, log=print):
     """Fill (or finish) the store at ``folder``. Returns the Store.
 
-    ``info``: the store fingerprint (see store.fingerprint) plus autocast/decode settings.
+    ``info``: the store fingerprint (see store.fingerprint) plus autocast/decode settings and ``numerics``.
     ``chunk_size``: rows per resumable chunk; None keeps an existing store's, else default_chunk_size.
-    ``gpu_decoder``: optional callable turning a loader batch into (images, labels) on the device.
+    ``gpu_decoder``: optional callable turning a loader batch into (images, labels) on the device
+    (labels UNREADABLE where a file could not be decoded).
+    ``skip_unreadable``: store an unreadable image as a row of zeros with prediction -1 (its file name goes
+    into the manifest) instead of stopping with a one-line error that names it.
+    Several processes (torchrun): every rank calls this; rank 0 alone takes the store's lock, creates or
+    checks the store and merges the chunks; the ranks agree on each step through the process group.
     """
     rank, size = distributed.world()[:2]
     n = len(ds)
@@ -51,67 +148,137 @@ def run_stage1(model, conv, ds, folder, info, batch_size, device, num_workers, c
     c_out, c_in, kh, kw = conv.weight.shape
     shapes = {"attributions": ((n, c_out), np.float16), "targets": ((n,), np.int64),
               "predictions": ((n,), np.int64), "patch_sums": ((n, c_in, kh, kw), np.float32)}
-    store, status = Store.create_or_resume(folder, info, shapes, is_main=(rank == 0))
-    # counted before the barrier, while no process has started writing: all ranks' finished chunks
-    done_before = sum(store.chunk_done(i) for i in range(num_chunks)) if status == "resume" else 0
-    distributed.barrier()
+
+    # rank 0 takes the lock and creates or checks the store; every rank learns the outcome
+    lock = store = status = None
+    error = None
+    if rank == 0:
+        try:
+            if not (Store.peek(folder) or {}).get("complete"):  # a complete store is only read: no lock
+                lock = Store.lock(folder)
+            store, status = Store.create_or_resume(folder, info, shapes, allow_mixed_numerics)
+        except UserError as e:
+            error = str(e)
+    error, status = distributed.from_rank0((error, status))
+    if error:
+        if lock:
+            lock.release()
+        raise UserError(error if rank == 0 else f"rank 0 stopped: {error}")
+    if rank != 0:
+        store = Store(folder, None)
+    store.reload_manifest()
+    # every rank checks that it sees the same images, model and layer as the manifest rank 0 wrote
+    mine = None
+    diff = describe_mismatch(store.manifest, info, COMPLETE_KEYS if status == "complete" else RESUME_KEYS)
+    if diff:
+        mine = f"rank {rank} differs from the store's manifest: {diff}"
+    elif (store.manifest.get("numerics") != info.get("numerics") and not allow_mixed_numerics
+          and status != "complete"):
+        mine = (f"rank {rank} would use other numerics than the store records "
+                f"({store.manifest.get('numerics')} vs {info.get('numerics')}); pass --allow_mixed_numerics "
+                f"to allow it")
+    error = distributed.first_error(mine)
+    if error:
+        if lock:
+            lock.release()
+        raise UserError(f"{error} (nothing was written)")
     if status == "complete":
         if rank == 0:
             log(f"store {folder} is already complete ({n} images): nothing to do")
+        distributed.barrier()
         return store
-    if rank != 0:
-        store.reload_manifest()
 
-    todo = [i for i in range(rank, num_chunks, size) if not store.chunk_done(i)]
+    # the unfinished chunks as rank 0 sees them, dealt round-robin
+    done_before = distributed.from_rank0(sorted(store.done_chunks()) if rank == 0 else None)
+    todo_all = [i for i in range(num_chunks) if i not in set(done_before)]
+    todo = todo_all[rank::size]
     if rank == 0:
         verb = "resuming" if status == "resume" else "writing"
         log(f"{verb} {folder}: {n} images in {num_chunks} chunks of {chunk_size}"
-            + (f", {done_before} chunks already done" if done_before else "")
+            + (f", {len(done_before)} chunks already done" if done_before else "")
             + (f", {size} processes" if size > 1 else ""))
-    batches, chunk_of_batch = [], []
+    batches = []
     for i in todo:
-        rows = list(range(i * chunk_size, min((i + 1) * chunk_size, n)))
-        for b in data.batches_of(rows, batch_size):
-            batches.append(b)
-            chunk_of_batch.append(i)
-    remaining = collections.Counter(chunk_of_batch)
+        batches += data.batches_of(list(range(i * chunk_size, min((i + 1) * chunk_size, n))), batch_size)
 
-    writer = store.row_writer(list(shapes))
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if torch.device(device).type == "cuda":
+        torch.backends.cudnn.benchmark = True  # one input size throughout
+    hint = (": replace or remove the file, or pass --skip_unreadable to record it as unreadable and go on "
+            "(finished chunks are kept: rerun to resume)")
     images_todo = sum(len(b) for b in batches)
-    loader = data.make_loader(ds, batches, num_workers, device) if batches else []
+    # unreadable images come through as label UNREADABLE: the loop decides, after saving what is finished
+    loader = data.make_loader(ds, batches, num_workers, device, "keep", hint) if batches else []
+    chunks = _ChunkBuffer(store, chunk_size, n, shapes)
+    pinned = _pinned_buffers(batch_size, conv, device)
     bar = tqdm(total=images_todo, unit="img", unit_scale=True, smoothing=0.05, disable=(rank != 0 and size > 1),
                desc="stage 1" + (f" rank {rank}" if size > 1 else ""), dynamic_ncols=True)
     start = time.time()
-    for b, (batch, chunk) in enumerate(zip(loader, chunk_of_batch)):
-        if gpu_decoder is not None:
-            images, labels = gpu_decoder(batch)
-        else:
-            images, labels = batch
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        A, pred, P = stage1_batch(model, conv, images, labels, autocast_dtype)
-        lo = batches[b][0]
-        writer.write("attributions", lo, A.numpy())
-        writer.write("targets", lo, labels.cpu().numpy())
-        writer.write("predictions", lo, pred.numpy())
-        writer.write("patch_sums", lo, P.numpy())
-        remaining[chunk] -= 1
-        if remaining[chunk] == 0:
-            writer.sync()
-            store.mark_chunk_done(chunk)
-        bar.update(len(batches[b]))
-    bar.close()
-    writer.close()
-    images_all = distributed.sum_over_ranks(images_todo, device)
+    pending = None  # (rows, ok, targets, _HostCopy) of the previous batch, written once its copy is done
+
+    def write(p):
+        rows, ok, targets, copy = p
+        chunks.add(rows, _batch_rows(ok, copy.numpy(), rows, targets))
+        bar.update(len(rows))
+
+    try:
+        for rows, batch in zip(batches, loader):
+            if gpu_decoder is not None:
+                images, labels = gpu_decoder(batch)
+                ok = (labels != data.UNREADABLE).cpu().numpy()
+            else:
+                images, labels = batch
+                ok = (labels != data.UNREADABLE).numpy()  # read on the host: no device sync
+                images = images.to(device, non_blocking=True)
+                labels = labels.to(device, non_blocking=True)
+            targets = np.asarray([ds.targets[r] for r in rows], dtype=np.int64)
+            if not ok.all():
+                if not skip_unreadable:
+                    if pending is not None:
+                        write(pending)  # keep every finished chunk
+                    raise loader.error(rows[int(np.flatnonzero(~ok)[0])])
+                keep = torch.from_numpy(ok).to(images.device)
+                images, labels = images[keep], labels[keep]
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            if len(labels):
+                results = stage1_batch(model, conv, images, labels, autocast_dtype)
+            else:  # every image of the batch unreadable
+                results = (torch.zeros((0, c_out), dtype=torch.float16), torch.zeros(0, dtype=torch.int64),
+                           torch.zeros((0, c_in, kh, kw)))
+            copy = _HostCopy(results, pinned)
+            if pending is not None:
+                write(pending)
+            pending = (rows, ok, targets, copy)
+        if pending is not None:
+            write(pending)
+    finally:
+        bar.close()  # the bar's line ends before any error message
+    if chunks.open:
+        raise RuntimeError(f"chunks {sorted(chunks.open)} were left incomplete")
+
+    # the ranks agree on the finished chunks through the process group (files are only the fallback)
+    finished = set(done_before).union(*distributed.gather(chunks.saved))
+    images_all = sum(distributed.gather(images_todo))
     if rank == 0:
-        store.finish(num_chunks)
+        missing = [i for i in range(num_chunks) if i not in finished and i not in store.done_chunks()]
+        if missing:
+            lock.release()
+            raise UserError(f"{len(missing)} chunks of {folder} are not done (first: {missing[0]}); "
+                            f"rerun the same command to finish them")
+        store.merge_chunks(progress=lambda it: tqdm(it, desc="merging chunks", unit="chunk", dynamic_ncols=True,
+                                                    disable=len(it) < 8))
+        bad_rows = np.flatnonzero(np.asarray(store.array("predictions")) == UNREADABLE_PREDICTION)
+        store.finish(num_chunks, [data.relative_name(ds, int(r)) for r in bad_rows])
         secs = time.time() - start
         if images_all:
             log(f"done: {images_all} images in {secs:.1f} s ({images_all / max(secs, 1e-9):.1f} images/s)")
+        if len(bad_rows):
+            log(f"{len(bad_rows)} unreadable images recorded as invalid rows (prediction -1; file names in "
+                f"the manifest's 'unreadable'): " + ", ".join(store.manifest["unreadable"][:5])
+                + (", ..." if len(bad_rows) > 5 else ""))
+        lock.release()
     distributed.barrier()
     return store

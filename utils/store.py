@@ -6,7 +6,9 @@ Layout of ``STORE/{model}_channel_importances/`` (one row per training image, Im
   predictions.npy   (N,) int64           argmax of the logits
   patch_sums.npy    (N, C_in, kh, kw) float32   P_n, patch sums of the layer's input
   manifest.json     what made it, and whether every row is complete
-  progress/         while incomplete: one empty marker file per finished chunk of rows
+  progress/         while incomplete: chunk_{i}.npz per finished chunk of rows not yet merged into the
+                    arrays, an empty chunk_{i} per merged one
+  .lock             the stage-1 writer's lock (pid and host of the run holding it)
 
 The manifest is the commit point: later stages refuse a store whose manifest is missing,
 incomplete, or made by another model, weights, layer or dataset.
@@ -28,6 +30,7 @@ MATCH_KEYS = ("model", "weights_sha256", "layer", "layer_geometry", "classes", "
               "transform")
 # Keys that must also agree to reuse or resume a store (they change the numbers written).
 COMPLETE_KEYS = MATCH_KEYS + ("autocast", "decode")
+LOCK_NAME = ".lock"
 RESUME_KEYS = COMPLETE_KEYS + ("num_images", "chunk_size")
 
 
@@ -102,8 +105,7 @@ class Store:
                 raise UserError(f"the store at {folder} was made with other settings: {diff}; "
                                 f"pass the flags it was made with or another --store_dir")
         if not manifest.get("complete"):
-            done = len(os.listdir(os.path.join(folder, "progress"))) if os.path.isdir(
-                os.path.join(folder, "progress")) else 0
+            done = len(cls(folder, manifest).done_chunks())
             raise UserError(f"the store at {folder} is incomplete ({done} of {manifest.get('num_chunks')} "
                             f"chunks done): rerun get_importances_for_classes.py with the same flags to finish it")
         for name in ARRAYS:
@@ -132,12 +134,29 @@ class Store:
         mpath = os.path.join(folder, "manifest.json")
         return fileio.read_json(mpath) if os.path.isfile(mpath) else None
 
-    @classmethod
-    def create_or_resume(cls, folder, info, shapes, is_main=True):
-        """Return ``(store, status)``, status one of 'new', 'resume', 'complete'.
+    @staticmethod
+    def lock(folder):
+        """Take the writer's lock of ``folder`` (created if missing) for this process; returns the held lock.
 
-        ``info``: fingerprint plus num_images, chunk_size, autocast, decode, batch_size.
-        ``shapes``: {name: (shape, dtype)} of the arrays. Only the main process creates files.
+        A second stage-1 run on the same store gets a one-line UserError naming the holder (pid, host)
+        and changes nothing. The lock is a POSIX record lock: it goes away with its process, also one
+        killed with SIGKILL, and the next run takes it over.
+        """
+        os.makedirs(folder, exist_ok=True)
+        try:
+            return fileio.FileLock(os.path.join(folder, LOCK_NAME))
+        except fileio.LockHeld as e:
+            raise UserError(f"another run ({e.holder}) is writing the store {folder}: wait for it to finish "
+                            f"or stop it (nothing was changed)")
+
+    @classmethod
+    def create_or_resume(cls, folder, info, shapes, allow_mixed_numerics=False):
+        """Return ``(store, status)``, status one of 'new', 'resume', 'complete' (main process only).
+
+        ``info``: fingerprint plus num_images, chunk_size, autocast, decode, batch_size and ``numerics``
+        (device, threads, TF32: what changes the floating-point results). ``shapes``: {name: (shape, dtype)}.
+        A store whose fingerprint differs is refused; one whose numerics differ is refused unless
+        ``allow_mixed_numerics``, which records the new numerics in the manifest's ``numerics_history``.
         """
         mpath = os.path.join(folder, "manifest.json")
         if os.path.isfile(mpath):
@@ -147,55 +166,102 @@ class Store:
                 raise UserError(f"{folder} already holds a store made with other settings: {diff}; "
                                 f"pass another --store_dir (nothing was changed)")
             store = cls(folder, manifest)
-            return store, ("complete" if manifest.get("complete") else "resume")
+            if manifest.get("complete"):
+                return store, "complete"
+            old, new = manifest.get("numerics"), info.get("numerics")
+            if old is not None and old != new:
+                if not allow_mixed_numerics:
+                    raise UserError(f"{folder} was written with {describe_numerics(old)}, this run would use "
+                                    f"{describe_numerics(new)}: rerun with the recorded settings, or pass "
+                                    f"--allow_mixed_numerics to continue anyway (recorded in the manifest)")
+                history = manifest.get("numerics_history") or [dict(old, since=manifest.get("created"))]
+                store.manifest = dict(manifest, numerics=new,
+                                      numerics_history=history + [dict(new, since=now())])
+                fileio.write_json(mpath, store.manifest)
+            store.clean_progress()
+            return store, "resume"
         store = cls(folder, None)
-        if is_main:
-            os.makedirs(folder, exist_ok=True)
-            if os.path.isdir(store.progress_dir):
-                shutil.rmtree(store.progress_dir)
-            for name, (shape, dtype) in shapes.items():
-                np.lib.format.open_memmap(store.path(name), mode="w+", dtype=dtype, shape=shape).flush()
-            os.makedirs(store.progress_dir, exist_ok=True)
-            store.manifest = dict(info, complete=False, created=now(), versions=versions(),
-                                  arrays={k: {"shape": list(s), "dtype": np.dtype(d).name}
-                                          for k, (s, d) in shapes.items()})
-            fileio.write_json(mpath, store.manifest)
+        os.makedirs(folder, exist_ok=True)
+        if os.path.isdir(store.progress_dir):
+            shutil.rmtree(store.progress_dir)
+        for name, (shape, dtype) in shapes.items():
+            np.lib.format.open_memmap(store.path(name), mode="w+", dtype=dtype, shape=shape).flush()
+        os.makedirs(store.progress_dir, exist_ok=True)
+        store.manifest = dict(info, complete=False, created=now(), versions=versions(),
+                              arrays={k: {"shape": list(s), "dtype": np.dtype(d).name} for k, (s, d) in shapes.items()})
+        fileio.write_json(mpath, store.manifest)
         return store, "new"
 
     def reload_manifest(self):
         self.manifest = fileio.read_json(os.path.join(self.folder, "manifest.json"))
 
-    def row_writer(self, names):
-        """A RowWriter on the arrays ``names`` (stage 1 writes its rows through it)."""
-        return RowWriter({name: self.path(name) for name in names})
+    # A finished chunk of rows is first saved as progress/chunk_{i}.npz by the process that computed it
+    # (each file has exactly one writer, so processes on several machines never share a file page); the
+    # main process merges them into the arrays at the end, leaving an empty progress/chunk_{i} behind.
+    def _chunk_file(self, i, merged=False):
+        return os.path.join(self.progress_dir, f"chunk_{i:07d}" + ("" if merged else ".npz"))
 
-    def chunk_done(self, i):
-        return os.path.exists(os.path.join(self.progress_dir, f"chunk_{i:07d}"))
+    def done_chunks(self):
+        """Set of chunk indices whose rows are saved (pending merge) or already merged into the arrays."""
+        if not os.path.isdir(self.progress_dir):
+            return set()
+        return {int(f[6:13]) for f in os.listdir(self.progress_dir) if f.startswith("chunk_")}
 
-    def mark_chunk_done(self, i):
-        with open(os.path.join(self.progress_dir, f"chunk_{i:07d}"), "w"):
-            pass
+    def clean_progress(self):
+        """Remove temporary files that a killed run left in progress/ (main process, under the lock)."""
+        if os.path.isdir(self.progress_dir):
+            for f in os.listdir(self.progress_dir):
+                if f.startswith(".tmp_"):
+                    os.remove(os.path.join(self.progress_dir, f))
 
-    def finish(self, num_chunks):
-        """Mark the store complete once every chunk is done (main process only)."""
-        missing = [i for i in range(num_chunks) if not self.chunk_done(i)]
+    def save_chunk(self, i, lo, rows):
+        """Save chunk ``i`` (rows ``lo`` ...) durably: ``rows`` = {array name: (m, ...) numpy array}."""
+        fileio.save_npz(self._chunk_file(i), dict(rows, lo=np.asarray(lo, dtype=np.int64)))
+
+    def merge_chunks(self, progress=None):
+        """Write every saved chunk into the arrays (main process). Idempotent: a crash mid-way is resumed."""
+        pending = sorted(i for i in self.done_chunks() if os.path.exists(self._chunk_file(i)))
+        if not pending:
+            return
+        with RowWriter({name: self.path(name) for name in ARRAYS}) as writer:
+            for i in (progress(pending) if progress else pending):
+                with np.load(self._chunk_file(i)) as z:
+                    lo = int(z["lo"])
+                    for name in ARRAYS:
+                        writer.write(name, lo, z[name])
+                writer.sync()
+                with open(self._chunk_file(i, merged=True), "w"):
+                    pass
+                os.remove(self._chunk_file(i))
+
+    def finish(self, num_chunks, unreadable_names=()):
+        """Mark the store complete once every chunk is merged (main process only)."""
+        missing = [i for i in range(num_chunks) if not os.path.exists(self._chunk_file(i, merged=True))]
         if missing:
             raise UserError(f"{len(missing)} chunks of {self.folder} are not done (first: {missing[0]}); "
                             f"rerun the same command to finish them")
         manifest = dict(self.manifest, complete=True, rows_complete=self.manifest["num_images"],
-                        finished=now())
+                        unreadable=list(unreadable_names), finished=now())
         fileio.write_json(os.path.join(self.folder, "manifest.json"), manifest)
         self.manifest = manifest
         shutil.rmtree(self.progress_dir, ignore_errors=True)
 
 
+def describe_numerics(n):
+    """One phrase for a ``numerics`` record: what changes a store's floating-point results."""
+    if not n:
+        return "unrecorded numerics"
+    if n.get("device") == "cuda":
+        return (f"CUDA on {n.get('gpu')} (conv float32 precision {n.get('conv_fp32')}, matmul "
+                f"{n.get('matmul_fp32')})")
+    return f"CPU with {n.get('cpu_threads')} threads (--cpu_threads {n.get('cpu_threads')})"
+
+
 class RowWriter:
     """Writes whole rows into existing ``.npy`` files with positional writes (``os.pwrite``), no memory map.
 
-    Only the bytes of the rows written are touched. Processes on several machines that write their own
-    rows of one store on a shared file system (torchrun over several nodes) therefore cannot overwrite
-    each other: a memory-mapped page is written back whole, rows of another process that share the page
-    included. ``sync()`` makes everything written so far durable (before a chunk is marked done).
+    Only the bytes of the rows written are touched, and nothing of the file is mapped into the process.
+    ``sync()`` makes everything written so far durable (before a chunk is marked merged).
     """
 
     def __init__(self, paths):
