@@ -28,9 +28,8 @@ def main():
                         "resumed runs only with the same value; ignored on CUDA")
     args = p.parse_args()
 
-    rank, world, local_rank = distributed.world()
-    if world > 1 and args.device is None and torch.cuda.is_available():
-        args.gpu = local_rank
+    rank = distributed.world()[0]
+    # the device (under torchrun: the card of LOCAL_RANK) is chosen and made current in context.setup
     ctx = context.setup(args, split="train")
     distributed.init(ctx.device)
     chunk = args.chunk_size
