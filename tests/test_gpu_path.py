@@ -109,6 +109,22 @@ def test_gpu_decoding_close_to_cpu_path(smooth_ds):
     assert float(diff.max()) < 40 * LEVEL
 
 
+def test_normalize_uint8_is_to_tensor_and_normalize():
+    from torchvision import transforms
+    reference = transforms.Compose([transforms.ToTensor(), transforms.Normalize(data.MEAN, data.STD)])
+    rng = np.random.default_rng(2)
+    pils = [Image.fromarray(rng.integers(0, 256, size=(33, 47, 3), dtype=np.uint8)) for _ in range(5)]
+    pils.append(Image.fromarray(np.arange(256, dtype=np.uint8).repeat(3).reshape(16, 16, 3)))  # every level
+    ref = torch.stack([reference(p) for p in pils[:5]])
+    u8 = torch.stack([torch.from_numpy(np.array(p)).permute(2, 0, 1) for p in pils[:5]])
+    out = data.normalize_uint8(u8, data.MEAN, data.STD)
+    assert out.dtype == torch.float32 and torch.equal(out, ref)
+    assert torch.equal(data.normalize_uint8(u8), ref)  # ImageNet mean and std by default
+    assert torch.equal(data.normalize_uint8(u8, torch.tensor(data.MEAN), torch.tensor(data.STD)), ref)
+    last = torch.from_numpy(np.array(pils[5])).permute(2, 0, 1)
+    assert torch.equal(data.normalize_uint8(last), reference(pils[5]))  # a single (3, H, W) image
+
+
 # ------------------------------------------------------------------ the script's flags on the CPU
 
 @pytest.fixture(scope="module")

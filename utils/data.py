@@ -74,3 +74,17 @@ def make_loader(ds, batches, num_workers, device):
     if num_workers > 0:
         kwargs = {"persistent_workers": True, "prefetch_factor": 4}
     return DataLoader(ds, batch_sampler=batches, num_workers=num_workers, pin_memory=pin, **kwargs)
+
+
+def normalize_uint8(images, mean=MEAN, std=STD):
+    """uint8 images (B, 3, H, W) or (3, H, W) -> float32, normalized exactly as ToTensor() + Normalize(mean, std).
+
+    The same operations in the same order as torchvision (``x.float().div(255)``, then ``sub(mean).div(std)``
+    with float32 mean and std), so the result is bit-identical to the PIL path on the same pixels; this lets
+    workers send uint8 (a quarter of the bytes) and the normalization run on the device.
+    ``mean``, ``std``: sequences or tensors of 3 values (tensors already on the device avoid a copy).
+    """
+    x = images.to(torch.float32).div(255)
+    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).reshape(-1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=x.device).reshape(-1, 1, 1)
+    return x.sub_(m).div_(s)
