@@ -8,7 +8,7 @@ import argparse
 
 import torch
 
-from utils import cli, context, distributed, importances, store
+from utils import cli, context, data, distributed, importances, store
 
 
 def main():
@@ -38,9 +38,8 @@ def main():
                         "names in the manifest) instead of stopping; later stages leave them out")
     args = p.parse_args()
 
-    rank, world, local_rank = distributed.world()
-    if world > 1 and args.device is None and torch.cuda.is_available():
-        args.gpu = local_rank
+    rank = distributed.world()[0]
+    # the device (under torchrun: the card of LOCAL_RANK) is chosen and made current in context.setup
     ctx = context.setup(args, split="train")
     distributed.init(ctx.device)
     chunk = args.chunk_size
@@ -70,13 +69,16 @@ def main():
         decoder, ds = gpu_decode.setup(ctx.dataset, ctx.device, log=print if rank == 0 else (lambda *a: None))
         if decoder is not None:
             ctx.dataset, decode = ds, "gpu"
+    if decoder is None:  # workers send uint8 images, normalized on the device (bit-identical inputs)
+        ctx.dataset.transform = data.eval_transform_uint8()
     info = dict(ctx.fingerprint, autocast="bfloat16" if args.autocast_bf16 else None, decode=decode,
                 numerics=importances.numerics(ctx.device, cpu_threads))
     importances.run_stage1(ctx.model, ctx.conv, ctx.dataset, folder, info, args.batch_size, ctx.device,
                            cli.default_workers(args.num_workers), chunk,
                            autocast_dtype=torch.bfloat16 if args.autocast_bf16 else None,
                            channels_last=args.channels_last, gpu_decoder=decoder,
-                           skip_unreadable=args.skip_unreadable, allow_mixed_numerics=args.allow_mixed_numerics)
+                           skip_unreadable=args.skip_unreadable, allow_mixed_numerics=args.allow_mixed_numerics,
+                           uint8_images=decoder is None)
     distributed.close()
 
 

@@ -224,3 +224,36 @@ def test_concurrent_quantitative_updates_keep_every_run(tmp_path):
     assert sorted(runs) == [f"run{k}" for k in range(8)]
     rows1 = np.loadtxt(os.path.join(folder, "quantitative_concept1_required0.03.txt"), delimiter=",")
     assert len(rows1) == sum(k + 1 for k in range(8))
+
+
+def test_pipeline_store_equals_a_plain_loop(data_root, tmp_path):
+    """The stage-1 pipeline (uint8 images from the workers normalized on the device, deferred host copies,
+    one file per chunk merged at the end) writes exactly the rows of a plain loop over float batches."""
+    import torch
+
+    from tests.tiny_models import tiny_resnet
+    from utils import data, importances
+    store = str(tmp_path)
+    tiny = "tests.tiny_models:tiny_resnet"
+    cmd = [sys.executable, SCRIPT, "--data_dir", data_root, "--store_dir", store, "--model", tiny, "--batch_size",
+           "4", "--chunk_size", "8", "--num_workers", "2", "--device", "cpu", "--cpu_threads", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    got = {n: np.load(os.path.join(folder_of(store, tiny), n + ".npy")) for n in ARRAYS}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = tiny_resnet()
+        ds = data.image_folder(data_root, "train")  # the float transform: ToTensor + Normalize in the worker
+        rows = {n: [] for n in ARRAYS}
+        for idx in data.batches_of(list(range(len(ds))), 4):
+            images = torch.stack([ds[i][0] for i in idx])
+            labels = torch.tensor([ds.targets[i] for i in idx])
+            A, pred, P = importances.stage1_batch(model, model.conv3, images, labels)
+            for n, v in zip(ARRAYS, (A, labels, pred, P)):
+                rows[n].append(v.numpy())
+    finally:
+        torch.set_num_threads(threads)
+    for n in ARRAYS:
+        want = np.concatenate(rows[n])
+        assert got[n].dtype == want.dtype and got[n].tobytes() == want.tobytes(), n

@@ -126,13 +126,15 @@ def _batch_rows(ok, results, rows, targets):
 
 def run_stage1(model, conv, ds, folder, info, batch_size, device, num_workers, chunk_size,
                autocast_dtype=None, channels_last=False, gpu_decoder=None, skip_unreadable=False,
-               allow_mixed_numerics=False, log=print):
+               allow_mixed_numerics=False, uint8_images=False, log=print):
     """Fill (or finish) the store at ``folder``. Returns the Store.
 
     ``info``: the store fingerprint (see store.fingerprint) plus autocast/decode settings and ``numerics``.
     ``chunk_size``: rows per resumable chunk; None keeps an existing store's, else default_chunk_size.
     ``gpu_decoder``: optional callable turning a loader batch into (images, labels) on the device
     (labels UNREADABLE where a file could not be decoded).
+    ``uint8_images``: the dataset yields uint8 images (``data.eval_transform_uint8``), normalized on the
+    device with ``data.normalize_uint8`` (bit-identical to the float transform, a quarter of the bytes).
     ``skip_unreadable``: store an unreadable image as a row of zeros with prediction -1 (its file name goes
     into the manifest) instead of stopping with a one-line error that names it.
     Several processes (torchrun): every rank calls this; rank 0 alone takes the store's lock, creates or
@@ -213,6 +215,7 @@ def run_stage1(model, conv, ds, folder, info, batch_size, device, num_workers, c
     loader = data.make_loader(ds, batches, num_workers, device, "keep", hint) if batches else []
     chunks = _ChunkBuffer(store, chunk_size, n, shapes)
     pinned = _pinned_buffers(batch_size, conv, device)
+    mean_std = [torch.tensor(v, dtype=torch.float32, device=device) for v in (data.MEAN, data.STD)]
     bar = tqdm(total=images_todo, unit="img", unit_scale=True, smoothing=0.05, disable=(rank != 0 and size > 1),
                desc="stage 1" + (f" rank {rank}" if size > 1 else ""), dynamic_ncols=True)
     start = time.time()
@@ -233,6 +236,8 @@ def run_stage1(model, conv, ds, folder, info, batch_size, device, num_workers, c
                 ok = (labels != data.UNREADABLE).numpy()  # read on the host: no device sync
                 images = images.to(device, non_blocking=True)
                 labels = labels.to(device, non_blocking=True)
+                if uint8_images:
+                    images = data.normalize_uint8(images, *mean_std)
             targets = np.asarray([ds.targets[r] for r in rows], dtype=np.int64)
             if not ok.all():
                 if not skip_unreadable:
