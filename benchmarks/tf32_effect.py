@@ -23,11 +23,12 @@ import common  # noqa: E402
 
 
 def round_tf32(x):
-    """float32 tensor rounded to TF32 (10 explicit mantissa bits), round to nearest, ties to even."""
+    """float32 tensor rounded to TF32 (10 explicit mantissa bits), round to nearest, ties to even.
+    The gradient passes through unchanged (stage 1 back-propagates from the logits to the layer)."""
     import torch
-    i = x.float().contiguous().view(torch.int32)
+    i = x.detach().float().contiguous().view(torch.int32)
     i = (i + 0x0FFF + ((i >> 13) & 1)) & ~0x1FFF
-    return i.view(torch.float32)
+    return x + (i.view(torch.float32) - x).detach()
 
 
 def emulate_tf32(model, matmul=False):
