@@ -27,7 +27,7 @@ class FileLock:
 
     A POSIX record lock (``fcntl.lockf``): it is released when the process ends however it ends (also on
     SIGKILL), it is not inherited by forked children (DataLoader workers), and it works on NFS. The file
-    holds the holder's pid and host, for the message another process gets (``LockHeld``).
+    of a non-waiting lock holds the holder's pid and host, for the message another process gets (``LockHeld``).
     ``wait=True`` blocks until the lock is free instead of raising. Use as a context manager or ``release()``.
     """
 
@@ -43,9 +43,10 @@ class FileLock:
             os.close(self.fd)
             self.fd = None
             raise LockHeld(holder)
-        note = f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, note.encode(), 0)
+        if not wait:  # a lock that others are refused: say who holds it (a waiting lock's file stays empty)
+            note = f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, note.encode(), 0)
 
     def release(self):
         if self.fd is not None:

@@ -75,13 +75,14 @@ class _HostCopy:
 
 
 def _pinned_buffers(batch_size, conv, device):
-    """Page-locked host buffers for one batch's A, predictions and P (CUDA only), reused batch after batch."""
+    """Two sets of page-locked host buffers for a batch's A, predictions and P (CUDA only), used by
+    alternate batches: batch b + 1's copy never overwrites batch b's results before they are written."""
     if torch.device(device).type != "cuda":
-        return None
+        return [None, None]
     c_out, c_in, kh, kw = conv.weight.shape
-    return [torch.empty((batch_size, c_out), dtype=torch.float16).pin_memory(),
-            torch.empty((batch_size,), dtype=torch.int64).pin_memory(),
-            torch.empty((batch_size, c_in, kh, kw), dtype=torch.float32).pin_memory()]
+    return [[torch.empty((batch_size, c_out), dtype=torch.float16).pin_memory(),
+             torch.empty((batch_size,), dtype=torch.int64).pin_memory(),
+             torch.empty((batch_size, c_in, kh, kw), dtype=torch.float32).pin_memory()] for _ in range(2)]
 
 
 class _ChunkBuffer:
@@ -227,7 +228,7 @@ def run_stage1(model, conv, ds, folder, info, batch_size, device, num_workers, c
         bar.update(len(rows))
 
     try:
-        for rows, batch in zip(batches, loader):
+        for b, (rows, batch) in enumerate(zip(batches, loader)):
             if gpu_decoder is not None:
                 images, labels = gpu_decoder(batch)
                 ok = (labels != data.UNREADABLE).cpu().numpy()
@@ -253,7 +254,7 @@ def run_stage1(model, conv, ds, folder, info, batch_size, device, num_workers, c
             else:  # every image of the batch unreadable
                 results = (torch.zeros((0, c_out), dtype=torch.float16), torch.zeros(0, dtype=torch.int64),
                            torch.zeros((0, c_in, kh, kw)))
-            copy = _HostCopy(results, pinned)
+            copy = _HostCopy(results, pinned[b % 2])
             if pending is not None:
                 write(pending)
             pending = (rows, ok, targets, copy)
