@@ -50,8 +50,9 @@ def main():
                    help="file of 'channel classes1 classes2' lines (as paper_triples.txt; several classes as "
                         "1,2): split every triple in one process, instead of the three flags above")
     p.add_argument("--exactness_images", type=int, default=4,
-                   help="images on which the full original and disentangled networks' logits are compared "
-                        "(default 4); the split maps are compared with the layer's output on every image scored")
+                   help="the first N training images, on which the full original and disentangled networks' "
+                        "logits are compared (default 4); the split maps are compared with the layer's output on "
+                        "every image scored")
     args = p.parse_args()
     triples = triples_from_args(args.triples, args.channel_disentangle, args.classes_for_concept1,
                                      args.classes_for_concept2, "--channel_disentangle", cli.parse_classes)
@@ -89,15 +90,16 @@ def main():
     found = disentangle.score_splits(model, ctx.conv, splits, loader, ctx.device,
                                      progress=lambda it: tqdm(it, desc=desc, unit="batch"))
 
-    # the full networks on a handful of images per triple (the original's logits shared between triples)
-    runs, original = [], {}
-    for t, (r1, r2), split, res in zip(triples, rows, splits, found):
+    # the full networks on a handful of images: the first training images, whatever the triples, so the
+    # original's logits are computed once and each triple's equal those of a run of it alone
+    check = np.flatnonzero(targets >= 0)[:args.exactness_images].tolist()
+    images = next(iter(data.make_loader(ctx.dataset, [check], 0, ctx.device, hint=HINT)))[0].to(ctx.device)
+    original = disentangle.logits(model, images)
+    runs = []
+    for t, split, res in zip(triples, splits, found):
         best = disentangle.best_rho_index(res.scores)
         best_sd = disentangle.checkpoint_state_dict(split.filters[best], split.bias_c)
-        check = disentangle.check_indices(r1.tolist(), r2.tolist(), args.exactness_images)
-        images = next(iter(data.make_loader(ctx.dataset, [check], 0, ctx.device, hint=HINT)))[0].to(ctx.device)
-        diff, zmax, original[tuple(check)] = disentangle.network_check(
-            model, ctx.layer_path, t.channel, best_sd, images, original.get(tuple(check)))
+        diff, zmax, _ = disentangle.network_check(model, ctx.layer_path, t.channel, best_sd, images, original)
         runs.append(dict(best=best, best_sd=best_sd, logit_diff=diff, logit_max=zmax, logit_images=len(check),
                          maps_ok=disentangle.within_tolerance(res.max_map_diff, res.max_abs_map),
                          logits_ok=disentangle.within_tolerance(diff, zmax)))
@@ -157,7 +159,7 @@ def report(ctx, names, t, counts, res, run, v, header=False):
     print(f"exactness on the {res.images1 + res.images2} images scored: max |D1 + D2 - R - channel {c}'s map| "
           f"= {res.max_map_diff:.3g} over all 20 rho (max |map| {res.max_abs_map:.3g}, tolerance "
           f"{TOL} relative): {'OK' if run['maps_ok'] else 'FAILED'}")
-    print(f"exactness check on {run['logit_images']} images: max |logit difference| = {run['logit_diff']:.3g} "
+    print(f"exactness check on the first {run['logit_images']} training images: max |logit difference| = {run['logit_diff']:.3g} "
           f"(max |logit| {run['logit_max']:.3g}, tolerance {TOL} relative): "
           f"{'OK, same function' if run['logits_ok'] else 'FAILED'}")
 

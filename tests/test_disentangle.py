@@ -415,8 +415,3 @@ def test_network_check_swaps_the_layer_in_place_and_restores_it():
         assert model.conv3 is conv and torch.equal(disentangle.logits(model, images), z0)  # put back
     assert ref_diff > 1e-4  # the bad merge is seen
 
-
-def test_check_indices_alternate_concepts():
-    assert disentangle.check_indices([1, 2, 3, 4], [10, 11], 4) == [1, 10, 2, 11]
-    assert disentangle.check_indices([1, 2, 3, 4], [10], 4) == [1, 10, 2, 3]
-    assert disentangle.check_indices([1], [10, 11, 12], 8) == [1, 10, 11, 12]

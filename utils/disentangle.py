@@ -11,7 +11,6 @@ compared on a handful of images. Both must agree to TOLERANCE relative (of max(1
 """
 import contextlib
 import copy
-import itertools
 from dataclasses import dataclass
 
 import torch
@@ -247,12 +246,6 @@ def score_all_rhos(model, conv, all_filters, bias_c, loader, classes1, classes2,
     """
     return score_splits(model, conv, [Split(None, all_filters, bias_c, classes1, classes2)], loader, device,
                         progress)[0].scores
-
-
-def check_indices(indices1, indices2, k):
-    """The images of the full-network check: the first k, alternating concept 1 and concept 2. Lists -> list."""
-    both = itertools.chain.from_iterable(itertools.zip_longest(indices1, indices2))
-    return [i for i in both if i is not None][:k]
 
 
 def logits(model, images):
