@@ -37,6 +37,42 @@ def concept_rows(targets, t):
     return rows
 
 
+def split_every_triple(ctx, patch_sums, triples, rows):
+    """The concepts' ARVs v1, v2 (closed form from the store's patch sums, one read per distinct concept) and
+    the split filters of every rho, per triple. Returns (list of disentangle.Split, list of [v1, v2])."""
+    means, arvs, splits = {}, [], []
+    for t, (r1, r2) in zip(triples, rows):
+        w_c = ctx.conv.weight[t.channel].detach()
+        v = []
+        for classes, r in ((t.classes1, r1), (t.classes2, r2)):
+            if frozenset(classes) not in means:
+                means[frozenset(classes)] = similarities.rows_mean_patch_sums(patch_sums, r)
+            v.append(similarities.arv(w_c, means[frozenset(classes)]).float())
+        arvs.append(v)
+        bias_c = None if ctx.conv.bias is None else ctx.conv.bias[t.channel].detach()
+        splits.append(disentangle.Split(t.channel, disentangle.split_filters(w_c, v[0], v[1]), bias_c,
+                                        t.classes1, t.classes2))
+    return splits, arvs
+
+
+def check_networks(ctx, model, targets, triples, splits, found, n_images):
+    """Best rho of each triple, and the full original and disentangled networks' logits on the first
+    ``n_images`` training images: the same images whatever the triples, so the original's logits are
+    computed once and each triple's numbers equal those of a run of it alone. Returns one dict per triple."""
+    check = np.flatnonzero(targets >= 0)[:n_images].tolist()
+    images = next(iter(data.make_loader(ctx.dataset, [check], 0, ctx.device, hint=HINT)))[0].to(ctx.device)
+    original = disentangle.logits(model, images)
+    runs = []
+    for t, split, res in zip(triples, splits, found):
+        best = disentangle.best_rho_index(res.scores)
+        best_sd = disentangle.checkpoint_state_dict(split.filters[best], split.bias_c)
+        diff, zmax, _ = disentangle.network_check(model, ctx.layer_path, t.channel, best_sd, images, original)
+        runs.append(dict(best=best, best_sd=best_sd, logit_diff=diff, logit_max=zmax, logit_images=len(check),
+                         maps_ok=disentangle.within_tolerance(res.max_map_diff, res.max_abs_map),
+                         logits_ok=disentangle.within_tolerance(diff, zmax)))
+    return runs
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.Formatter)
     cli.add_model_args(p)
@@ -55,7 +91,7 @@ def main():
                         "every image scored")
     args = p.parse_args()
     triples = triples_from_args(args.triples, args.channel_disentangle, args.classes_for_concept1,
-                                     args.classes_for_concept2, "--channel_disentangle", cli.parse_classes)
+                                args.classes_for_concept2, "--channel_disentangle", cli.parse_classes)
     if args.exactness_images < 1:
         raise cli.UserError("--exactness_images must be at least 1")
 
@@ -66,19 +102,7 @@ def main():
     unreadable = st.unreadable_rows()
     rows = [concept_rows(targets, t) for t in triples]  # every triple checked before any work
 
-    patch_sums, means, arvs, splits = st.array("patch_sums"), {}, [], []
-    for t, (r1, r2) in zip(triples, rows):
-        w_c = ctx.conv.weight[t.channel].detach()
-        v = []
-        for classes, r in ((t.classes1, r1), (t.classes2, r2)):
-            key = frozenset(classes)
-            if key not in means:  # one read of the store per distinct concept
-                means[key] = similarities.rows_mean_patch_sums(patch_sums, r)
-            v.append(similarities.arv(w_c, means[key]).float())
-        arvs.append(v)
-        bias_c = None if ctx.conv.bias is None else ctx.conv.bias[t.channel].detach()
-        splits.append(disentangle.Split(t.channel, disentangle.split_filters(w_c, v[0], v[1]), bias_c,
-                                        t.classes1, t.classes2))
+    splits, arvs = split_every_triple(ctx, st.array("patch_sums"), triples, rows)
 
     # one pass over every concept image of every triple, each image once, in batches of one class
     indices = np.flatnonzero(np.isin(targets, union_classes(triples)))  # store rows are ImageFolder indices
@@ -90,19 +114,7 @@ def main():
     found = disentangle.score_splits(model, ctx.conv, splits, loader, ctx.device,
                                      progress=lambda it: tqdm(it, desc=desc, unit="batch"))
 
-    # the full networks on a handful of images: the first training images, whatever the triples, so the
-    # original's logits are computed once and each triple's equal those of a run of it alone
-    check = np.flatnonzero(targets >= 0)[:args.exactness_images].tolist()
-    images = next(iter(data.make_loader(ctx.dataset, [check], 0, ctx.device, hint=HINT)))[0].to(ctx.device)
-    original = disentangle.logits(model, images)
-    runs = []
-    for t, split, res in zip(triples, splits, found):
-        best = disentangle.best_rho_index(res.scores)
-        best_sd = disentangle.checkpoint_state_dict(split.filters[best], split.bias_c)
-        diff, zmax, _ = disentangle.network_check(model, ctx.layer_path, t.channel, best_sd, images, original)
-        runs.append(dict(best=best, best_sd=best_sd, logit_diff=diff, logit_max=zmax, logit_images=len(check),
-                         maps_ok=disentangle.within_tolerance(res.max_map_diff, res.max_abs_map),
-                         logits_ok=disentangle.within_tolerance(diff, zmax)))
+    runs = check_networks(ctx, model, targets, triples, splits, found, args.exactness_images)
 
     names = st.manifest["classes"]
     if len(unreadable):
