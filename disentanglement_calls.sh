@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# Stage 3 for the paper's 20 (channel, class1, class2) triples of ResNet-50 (IMAGENET1K_V1), layer4.2.conv3.
+# Stage 3 for the (channel, class1, class2) triples of TRIPLES (default: the paper's 20 of ResNet-50
+# IMAGENET1K_V1, layer4.2.conv3), all in one process: disentangle_channel.py --triples.
 # Usage: bash disentanglement_calls.sh [DATA_DIR [STORE_DIR]] [extra flags for disentangle_channel.py]
 #   or:  DATA_DIR=/data/imagenet STORE_DIR=/data/store bash disentanglement_calls.sh
-# Needs stage 1 (get_importances_for_classes.py) run into STORE_DIR first. Stops at the first failure.
+# Your own model: TRIPLES=mine.txt bash disentanglement_calls.sh DATA STORE --model pkg.mod:factory --weights W
+# The paper's --nr_channels_in_layer_of_interest 2048 --layer_of_interest layer4.2.conv3 are passed only for
+# --model resnet50 (the default) without a --layer_of_interest of your own.
+# PER_TRIPLE=1: one process per triple (the published loop), stopping at the first failure.
+# Needs stage 1 (get_importances_for_classes.py) run into STORE_DIR first.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 if [ $# -ge 1 ] && [[ "$1" != --* ]]; then DATA_DIR=$1; shift; fi
@@ -12,12 +17,33 @@ if [ $# -ge 1 ] && [[ "$1" != --* ]]; then STORE_DIR=$1; shift; fi
 PYTHON=${PYTHON:-python}
 MODEL=${MODEL:-resnet50}
 
-TRIPLES=${TRIPLES:-$here/paper_triples.txt}  # "channel class1 class2" per line; # starts a comment
+TRIPLES=${TRIPLES:-$here/paper_triples.txt}  # "channel class1 class2" per line (several classes: 1,2); # comments
 [ -f "$TRIPLES" ] || { echo "no triples file $TRIPLES" >&2; exit 2; }
-
-grep -v '^\s*\(#\|$\)' "$TRIPLES" | while read -r channel class1 class2; do
-  echo "=== channel $channel: class $class1 vs class $class2"
-  "$PYTHON" "$here/disentangle_channel.py" --data_dir "$DATA_DIR" --store_dir "$STORE_DIR" --model "$MODEL" \
-    --batch_size 64 --nr_channels_in_layer_of_interest 2048 --channel_disentangle "$channel" \
-    --classes_for_concept1 "$class1" --classes_for_concept2 "$class2" "$@" </dev/null
+# the model is the last --model among the extra flags, else $MODEL; the paper's layer flags only for resnet50
+own_layer=0; prev=""
+for a in "$@"; do
+  [ "$prev" = --model ] && MODEL=$a
+  case "$a" in
+    --model=*) MODEL=${a#--model=} ;;
+    --layer_of_interest|--layer_of_interest=*) own_layer=1 ;;
+  esac
+  prev=$a
 done
+paper=()
+if [ "$MODEL" = resnet50 ] && [ $own_layer = 0 ]; then
+  paper=(--nr_channels_in_layer_of_interest 2048 --layer_of_interest layer4.2.conv3)
+fi
+
+if [ "${PER_TRIPLE:-0}" = 1 ]; then
+  sed -e 's/#.*//' "$TRIPLES" | while read -r channel class1 class2 _; do
+    [ -n "$channel" ] || continue
+    echo "=== channel $channel: class $class1 vs class $class2"
+    "$PYTHON" "$here/disentangle_channel.py" --data_dir "$DATA_DIR" --store_dir "$STORE_DIR" --model "$MODEL" \
+      --batch_size 64 ${paper[@]+"${paper[@]}"} --channel_disentangle "$channel" \
+      --classes_for_concept1 "$class1" --classes_for_concept2 "$class2" "$@" </dev/null
+  done
+else
+  echo "=== every triple of $TRIPLES in one process"
+  "$PYTHON" "$here/disentangle_channel.py" --data_dir "$DATA_DIR" --store_dir "$STORE_DIR" --model "$MODEL" \
+    --batch_size 64 ${paper[@]+"${paper[@]}"} --triples "$TRIPLES" "$@" </dev/null
+fi

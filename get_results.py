@@ -4,6 +4,12 @@ Example (the paper's quantitative table uses tau = 0.03):
   python get_results.py --data_dir /data/imagenet --model_dir /data/store --model resnet50 \
       --nr_channels_in_layer_of_interest 2048 --layer_of_interest layer4.2.conv3 --channel_of_interest 1660 \
       --classes_for_concept1 530 --classes_for_concept2 938 --get_qualitative --get_quantitative
+
+All the paper's triples in one process (one model load, one pass over the union of their val images;
+the files are those of one run per triple in file order, byte for byte):
+  python get_results.py --data_dir /data/imagenet --model_dir /data/store --model resnet50 \
+      --nr_channels_in_layer_of_interest 2048 --layer_of_interest layer4.2.conv3 --triples paper_triples.txt \
+      --get_quantitative --proportion_attribution_required 0.03
 """
 import argparse
 import os
@@ -13,6 +19,7 @@ import torch
 
 from utils import cli, context, data, evaluation, fileio, plots, store
 from utils.disentangle import checkpoint_name
+from utils.triples import check_triples, triples_from_args, union_classes
 
 
 def find_checkpoint(model_dir, name):
@@ -47,14 +54,32 @@ def check_checkpoint(ctx, sd, channel, path, val_summary):
     return None
 
 
+def load_checkpoint(ctx, args, t, rho, val_summary):
+    """Find, read and check triple ``t``'s checkpoint. Returns (path, name, state dict, info or None)."""
+    name = checkpoint_name(ctx.tag, t.channel, t.classes1, t.classes2, rho)
+    path = find_checkpoint(args.model_dir, name)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise cli.UserError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})")
+    return path, name, sd, check_checkpoint(ctx, sd, t.channel, path, val_summary)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.Formatter)
     cli.add_model_args(p, store=False)
     p.add_argument("--model_dir", required=True,
                    help="the --store_dir of stage 3 (holding models_disentangled/)")
-    p.add_argument("--channel_of_interest", type=int, required=True, help="the disentangled channel")
-    p.add_argument("--classes_for_concept1", nargs="+", required=True, help="class indices of concept 1")
-    p.add_argument("--classes_for_concept2", nargs="+", required=True, help="class indices of concept 2")
+    p.add_argument("--channel_of_interest", type=int, default=None,
+                   help="the disentangled channel (required unless --triples)")
+    p.add_argument("--classes_for_concept1", nargs="+", default=None,
+                   help="class indices of concept 1 (required unless --triples)")
+    p.add_argument("--classes_for_concept2", nargs="+", default=None,
+                   help="class indices of concept 2 (required unless --triples)")
+    p.add_argument("--triples", default=None,
+                   help="file of 'channel classes1 classes2' lines (as paper_triples.txt; several classes as "
+                        "1,2): evaluate every triple in one process, writing what one run per triple in file "
+                        "order writes, instead of the three flags above")
     p.add_argument("--f", type=float, default=None, help="rho of the checkpoint to evaluate (default: best)")
     p.add_argument("--get_qualitative", action="store_true", help="density plots and their data files")
     p.add_argument("--get_quantitative", action="store_true", help="D1/orig, D2/orig, R/orig per image")
@@ -71,43 +96,64 @@ def main():
     p.add_argument("--out_dir", default=".",
                    help="folder for plots/, results_disentanglement/, results_quantitative/ (default: working directory)")
     args = p.parse_args()
-    s1 = cli.parse_classes(args.classes_for_concept1, "--classes_for_concept1")
-    s2 = cli.parse_classes(args.classes_for_concept2, "--classes_for_concept2")
-    c, tau = args.channel_of_interest, args.proportion_attribution_required
+    triples = triples_from_args(args.triples, args.channel_of_interest, args.classes_for_concept1,
+                                args.classes_for_concept2, "--channel_of_interest", cli.parse_classes)
     if args.top_k < 1:
         raise cli.UserError("--top_k must be at least 1")
 
     ctx = context.setup(args, split="val")
-    context.check_channel(ctx, c, "--channel_of_interest")
-    context.check_concepts(ctx.dataset, s1, s2)
-    rho = "best" if args.f is None else args.f
-    name = checkpoint_name(ctx.tag, c, s1, s2, rho)
-    path = find_checkpoint(args.model_dir, name)
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise cli.UserError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})")
-    info = check_checkpoint(ctx, sd, c, path, data.dataset_summary(ctx.dataset))
-    filters, bias = evaluation.checkpoint_filters(sd)
-
+    check_triples(ctx, triples, "--channel_of_interest")
     ds = ctx.dataset
-    for flag, classes in (("--classes_for_concept1", s1), ("--classes_for_concept2", s2)):
-        if not data.indices_of_classes(ds, classes):
-            raise cli.UserError(f"{flag}: no val images of classes {classes} under {args.data_dir}/val")
-    indices = data.indices_of_classes(ds, s1 + s2)
+    rho = "best" if args.f is None else args.f
+    summary_of_val = data.dataset_summary(ds)
+    checkpoints = [load_checkpoint(ctx, args, t, rho, summary_of_val) for t in triples]
+    for t in triples:
+        for k, classes in ((1, t.classes1), (2, t.classes2)):
+            if not data.indices_of_classes(ds, classes):
+                where = f"{t.where}: concept {k}" if t.where else f"--classes_for_concept{k}"
+                raise cli.UserError(f"{where}: no val images of classes {classes} under {args.data_dir}/val")
+
+    # one forward and head-only backward over the val images of every triple's classes, each image once
+    indices = data.indices_of_classes(ds, union_classes(triples))
     workers = cli.default_workers(args.num_workers)
     unreadable = "skip" if args.skip_unreadable else "error"
     hint = ": replace or remove the file, or pass --skip_unreadable to leave it out"
-    r = evaluation.evaluate(ctx.model, ctx.conv, c, filters, bias, ds, indices, args.batch_size, ctx.device, workers,
-                            unreadable=unreadable, hint=hint)
+    filters = [evaluation.checkpoint_filters(sd) for _, _, sd, _ in checkpoints]
+    results = evaluation.evaluate_many(ctx.model, ctx.conv, [(t.channel, f, b, t.classes) for t, (f, b) in
+                                                             zip(triples, filters)],
+                                       ds, indices, args.batch_size, ctx.device, workers,
+                                       unreadable=unreadable, hint=hint)
+    scans = [None] * len(triples)
+    if args.get_top_images and args.top_images_all_val:
+        scanned, pos = evaluation.scan_many(ctx.model, ctx.conv, [(t.channel, f, b) for t, (f, b) in
+                                                                  zip(triples, filters)],
+                                            ds, list(range(len(ds))), args.batch_size, ctx.device, workers,
+                                            unreadable=unreadable, hint=hint)
+        scans = [(scanned, o, m) for o, m in pos]
+    for t, r in zip(triples, results):  # every triple checked before anything is written
+        concept = np.where(np.isin(r["label"], t.classes1), 1, 2)
+        for k in (1, 2):
+            if not (concept == k).any():
+                raise cli.UserError(f"{t.where + ': ' if t.where else ''}concept {k}: none of its val images "
+                                    f"could be read")
+    for t, (path, name, _, info), r, scan in zip(triples, checkpoints, results, scans):
+        if args.triples is not None:
+            print(f"=== {t.where}: channel {t.channel}, classes {t.classes1} vs {t.classes2}")
+        write_results(args, ctx, t, rho, path, name, info, r, scan)
+
+
+def write_results(args, ctx, t, rho, path, name, info, r, whole_val):
+    """Print and write one triple's results: what one run of this script for ``t`` alone writes.
+
+    r: its numbers from ``evaluation.evaluate_many``; whole_val: its (indices, orig_pos, maps_pos) from the
+    whole-val scan for the top images, or None.
+    """
+    ds, c, s1, s2, tau = ctx.dataset, t.channel, t.classes1, t.classes2, args.proportion_attribution_required
     if r["skipped"]:
         print(f"skipped {len(r['skipped'])} unreadable val images: "
               + ", ".join(data.relative_name(ds, i) for i in r["skipped"][:5])
               + (", ..." if len(r["skipped"]) > 5 else ""))
     concept = np.where(np.isin(r["label"], s1), 1, 2)
-    for k in (1, 2):
-        if not (concept == k).any():
-            raise cli.UserError(f"concept {k}: none of its val images could be read")
     names = ds.classes
     label_of = {1: ", ".join(names[y] for y in s1), 2: ", ".join(names[y] for y in s2)}
     run_name = name[:-len(".pth")]
@@ -162,12 +208,7 @@ def main():
         print(f"wrote {folder}/quantitative_concept{{1,2}}_required{tau}.txt and means_required{tau}.txt")
 
     if args.get_top_images:
-        if args.top_images_all_val:
-            scan, orig_pos, maps_pos = evaluation.scan_activations(
-                ctx.model, ctx.conv, c, filters, bias, ds, list(range(len(ds))), args.batch_size, ctx.device,
-                workers, unreadable=unreadable, hint=hint)
-        else:
-            scan, orig_pos, maps_pos = list(r["index"]), r["orig_pos"], r["maps_pos"]
+        scan, orig_pos, maps_pos = whole_val or (list(r["index"]), r["orig_pos"], r["maps_pos"])
         rows, top = [], {}
         for label, score in (("Original", orig_pos), ("Disentangled 1", maps_pos[:, 0]),
                              ("Disentangled 2", maps_pos[:, 1])):

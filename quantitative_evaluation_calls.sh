@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# Stage 4 (tau = 0.03) for the paper's 20 (channel, class1, class2) triples of ResNet-50, layer4.2.conv3.
+# Stage 4 (tau = 0.03) for the (channel, class1, class2) triples of TRIPLES (default: the paper's 20 of
+# ResNet-50, layer4.2.conv3), all in one process: get_results.py --triples.
 # Usage: bash quantitative_evaluation_calls.sh [DATA_DIR [MODEL_DIR]] [extra flags for get_results.py]
 #   or:  DATA_DIR=/data/imagenet MODEL_DIR=/data/store bash quantitative_evaluation_calls.sh
 # MODEL_DIR is the STORE_DIR of disentanglement_calls.sh (defaults to $STORE_DIR). Results go under
 # OUT_DIR (default: the working directory): results_quantitative/means_required0.03.txt holds the
-# column means per triple and over all 20. Stops at the first failure; a rerun replaces rows, never duplicates.
+# column means per triple and over all of them. A rerun replaces rows, never duplicates.
+# Your own model: TRIPLES=mine.txt bash quantitative_evaluation_calls.sh DATA STORE --model pkg.mod:factory --weights W
+# The paper's --nr_channels_in_layer_of_interest 2048 --layer_of_interest layer4.2.conv3 are passed only for
+# --model resnet50 (the default) without a --layer_of_interest of your own.
+# PER_TRIPLE=1: one process per triple (the published loop), stopping at the first failure.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 if [ $# -ge 1 ] && [[ "$1" != --* ]]; then DATA_DIR=$1; shift; fi
@@ -16,14 +21,36 @@ PYTHON=${PYTHON:-python}
 MODEL=${MODEL:-resnet50}
 OUT_DIR=${OUT_DIR:-.}
 
-TRIPLES=${TRIPLES:-$here/paper_triples.txt}  # "channel class1 class2" per line; # starts a comment
+TRIPLES=${TRIPLES:-$here/paper_triples.txt}  # "channel class1 class2" per line (several classes: 1,2); # comments
 [ -f "$TRIPLES" ] || { echo "no triples file $TRIPLES" >&2; exit 2; }
-
-grep -v '^\s*\(#\|$\)' "$TRIPLES" | while read -r channel class1 class2; do
-  echo "=== channel $channel: class $class1 vs class $class2"
-  "$PYTHON" "$here/get_results.py" --data_dir "$DATA_DIR" --model_dir "$MODEL_DIR" --model "$MODEL" \
-    --batch_size 64 --nr_channels_in_layer_of_interest 2048 --layer_of_interest layer4.2.conv3 \
-    --channel_of_interest "$channel" --classes_for_concept1 "$class1" --classes_for_concept2 "$class2" \
-    --get_quantitative --proportion_attribution_required 0.03 --out_dir "$OUT_DIR" "$@"
+# the model is the last --model among the extra flags, else $MODEL; the paper's layer flags only for resnet50
+own_layer=0; prev=""
+for a in "$@"; do
+  [ "$prev" = --model ] && MODEL=$a
+  case "$a" in
+    --model=*) MODEL=${a#--model=} ;;
+    --layer_of_interest|--layer_of_interest=*) own_layer=1 ;;
+  esac
+  prev=$a
 done
+paper=()
+if [ "$MODEL" = resnet50 ] && [ $own_layer = 0 ]; then
+  paper=(--nr_channels_in_layer_of_interest 2048 --layer_of_interest layer4.2.conv3)
+fi
+
+if [ "${PER_TRIPLE:-0}" = 1 ]; then
+  sed -e 's/#.*//' "$TRIPLES" | while read -r channel class1 class2 _; do
+    [ -n "$channel" ] || continue
+    echo "=== channel $channel: class $class1 vs class $class2"
+    "$PYTHON" "$here/get_results.py" --data_dir "$DATA_DIR" --model_dir "$MODEL_DIR" --model "$MODEL" \
+      --batch_size 64 ${paper[@]+"${paper[@]}"} \
+      --channel_of_interest "$channel" --classes_for_concept1 "$class1" --classes_for_concept2 "$class2" \
+      --get_quantitative --proportion_attribution_required 0.03 --out_dir "$OUT_DIR" "$@" </dev/null
+  done
+else
+  echo "=== every triple of $TRIPLES in one process"
+  "$PYTHON" "$here/get_results.py" --data_dir "$DATA_DIR" --model_dir "$MODEL_DIR" --model "$MODEL" \
+    --batch_size 64 ${paper[@]+"${paper[@]}"} --triples "$TRIPLES" \
+    --get_quantitative --proportion_attribution_required 0.03 --out_dir "$OUT_DIR" "$@" </dev/null
+fi
 echo "column means per triple and over all: $OUT_DIR/results_quantitative/means_required0.03.txt"

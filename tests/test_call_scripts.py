@@ -2,6 +2,9 @@
 import os
 import re
 import subprocess
+import sys
+
+import pytest
 
 from tests.conftest import ROOT
 
@@ -31,48 +34,128 @@ def run(script, args, env):
                           capture_output=True, text=True)
 
 
-def test_disentanglement_calls_runs_the_20_triples(tmp_path):
+def paper_flags_absent(call):
+    return "--nr_channels_in_layer_of_interest" not in call and "--layer_of_interest" not in call
+
+
+def test_disentanglement_calls_run_every_triple_in_one_process(tmp_path):
     py, log = fake_python(tmp_path)
     proc = run("disentanglement_calls.sh", ["/d", "/s", "--device", "cpu"], {"PYTHON": py})
     assert proc.returncode == 0, proc.stderr
-    calls = log.read_text().splitlines()
-    got = [(int(flag(c, "channel_disentangle")), int(flag(c, "classes_for_concept1")),
-            int(flag(c, "classes_for_concept2"))) for c in calls]
-    assert got == PAPER_TRIPLES
-    for c in calls:
-        assert c.split()[0].endswith("disentangle_channel.py")
-        assert flag(c, "data_dir") == "/d" and flag(c, "store_dir") == "/s" and flag(c, "model") == "resnet50"
-        assert flag(c, "nr_channels_in_layer_of_interest") == "2048" and c.endswith("--device cpu")
+    (call,) = log.read_text().splitlines()
+    assert call.split()[0].endswith("disentangle_channel.py")
+    assert flag(call, "triples") == os.path.join(ROOT, "paper_triples.txt")
+    assert flag(call, "data_dir") == "/d" and flag(call, "store_dir") == "/s" and flag(call, "model") == "resnet50"
+    assert flag(call, "nr_channels_in_layer_of_interest") == "2048" and flag(call, "layer_of_interest") == "layer4.2.conv3"
+    assert "--channel_disentangle" not in call and call.endswith("--device cpu")
 
 
-def test_quantitative_calls_use_tau_003_and_environment(tmp_path):
+def test_quantitative_calls_run_every_triple_in_one_process(tmp_path):
     py, log = fake_python(tmp_path)
     proc = run("quantitative_evaluation_calls.sh", [], {"PYTHON": py, "DATA_DIR": "/d", "STORE_DIR": "/s",
                                                          "OUT_DIR": "/o"})
     assert proc.returncode == 0, proc.stderr
+    (call,) = log.read_text().splitlines()
+    assert call.split()[0].endswith("get_results.py") and flag(call, "triples").endswith("paper_triples.txt")
+    assert flag(call, "proportion_attribution_required") == "0.03" and "--get_quantitative" in call
+    assert flag(call, "model_dir") == "/s" and flag(call, "out_dir") == "/o"
+    assert flag(call, "layer_of_interest") == "layer4.2.conv3" and flag(call, "nr_channels_in_layer_of_interest") == "2048"
+    assert "means_required0.03.txt" in proc.stdout
+
+
+def test_per_triple_loop_runs_the_20_triples(tmp_path):
+    for script, channel_flag in (("disentanglement_calls.sh", "channel_disentangle"),
+                                 ("quantitative_evaluation_calls.sh", "channel_of_interest")):
+        py, log = fake_python(tmp_path)
+        proc = run(script, ["/d", "/s", "--device", "cpu"], {"PYTHON": py, "PER_TRIPLE": "1", "OUT_DIR": "/o"})
+        assert proc.returncode == 0, proc.stderr
+        calls = log.read_text().splitlines()
+        got = [(int(flag(c, channel_flag)), int(flag(c, "classes_for_concept1")),
+                int(flag(c, "classes_for_concept2"))) for c in calls]
+        assert got == PAPER_TRIPLES
+        for c in calls:
+            assert flag(c, "data_dir") == "/d" and flag(c, "model") == "resnet50" and "--triples" not in c
+            assert flag(c, "nr_channels_in_layer_of_interest") == "2048" and c.endswith("--device cpu")
+            assert flag(c, "layer_of_interest") == "layer4.2.conv3"
+        if channel_flag == "channel_of_interest":
+            assert all(flag(c, "proportion_attribution_required") == "0.03" and flag(c, "model_dir") == "/s"
+                       and flag(c, "out_dir") == "/o" for c in calls)
+
+
+def test_per_triple_loop_reads_comments_and_several_classes(tmp_path):
+    triples = tmp_path / "mine.txt"
+    triples.write_text("# mine\n3 0,2 1   # two classes in concept 1\n\n  5 1 3\n")
+    py, log = fake_python(tmp_path)
+    proc = run("disentanglement_calls.sh", ["/d", "/s"], {"PYTHON": py, "PER_TRIPLE": "1", "TRIPLES": str(triples)})
+    assert proc.returncode == 0, proc.stderr
     calls = log.read_text().splitlines()
-    got = [(int(flag(c, "channel_of_interest")), int(flag(c, "classes_for_concept1")),
-            int(flag(c, "classes_for_concept2"))) for c in calls]
-    assert got == PAPER_TRIPLES
-    for c in calls:
-        assert flag(c, "proportion_attribution_required") == "0.03" and "--get_quantitative" in c
-        assert flag(c, "model_dir") == "/s" and flag(c, "out_dir") == "/o"
-        assert flag(c, "layer_of_interest") == "layer4.2.conv3"
+    assert [(flag(c, "channel_disentangle"), flag(c, "classes_for_concept1"), flag(c, "classes_for_concept2"))
+            for c in calls] == [("3", "0,2", "1"), ("5", "1", "3")]
+    assert all(c.endswith("--classes_for_concept2 " + c2) for c, c2 in zip(calls, ("1", "3")))
+
+
+@pytest.mark.parametrize("per_triple", ["0", "1"])
+@pytest.mark.parametrize("model_args", [["--model", "pkg.mod:make", "--weights", "w.pth"], ["--model=resnet18"],
+                                        ["--layer_of_interest", "layer3.5.conv3"]])
+def test_paper_layer_flags_only_for_the_papers_model(tmp_path, per_triple, model_args):
+    """A user's model (or the paper's model with another layer) gets none of the paper's layer flags."""
+    triples = tmp_path / "mine.txt"
+    triples.write_text("3 0 1\n")
+    for script in ("disentanglement_calls.sh", "quantitative_evaluation_calls.sh"):
+        py, log = fake_python(tmp_path)
+        proc = run(script, ["/d", "/s", *model_args], {"PYTHON": py, "PER_TRIPLE": per_triple,
+                                                       "TRIPLES": str(triples), "OUT_DIR": "/o"})
+        assert proc.returncode == 0, proc.stderr
+        (call,) = log.read_text().splitlines()
+        assert call.endswith(" ".join(model_args))
+        if "--layer_of_interest" in model_args:
+            assert "--nr_channels_in_layer_of_interest" not in call and call.count("--layer_of_interest") == 1
+        else:
+            assert paper_flags_absent(call)
+            assert flag(call, "model") == (model_args[1] if len(model_args) > 1 else "resnet18")
 
 
 def test_call_scripts_stop_at_first_failure(tmp_path):
     for script in ("disentanglement_calls.sh", "quantitative_evaluation_calls.sh"):
         py, log = fake_python(tmp_path, fail_on_call=3)
-        proc = run(script, ["/d", "/s"], {"PYTHON": py})
+        proc = run(script, ["/d", "/s"], {"PYTHON": py, "PER_TRIPLE": "1"})
         assert proc.returncode == 3
         assert len(log.read_text().splitlines()) == 3
         assert proc.stdout.count("===") == 3
+        py, log = fake_python(tmp_path, fail_on_call=1)
+        proc = run(script, ["/d", "/s"], {"PYTHON": py})
+        assert proc.returncode == 3 and len(log.read_text().splitlines()) == 1
+        assert "column means" not in proc.stdout
 
 
-def test_call_scripts_need_the_folders(tmp_path):
+def test_call_scripts_need_the_folders_and_the_triples_file(tmp_path):
     py, log = fake_python(tmp_path)
     env = {"PYTHON": py, "DATA_DIR": "", "STORE_DIR": "", "MODEL_DIR": ""}
     for script in ("disentanglement_calls.sh", "quantitative_evaluation_calls.sh"):
         proc = run(script, [], env)
         assert proc.returncode != 0 and "DATA_DIR" in proc.stderr
+        proc = run(script, ["/d", "/s"], {"PYTHON": py, "TRIPLES": str(tmp_path / "none.txt")})
+        assert proc.returncode == 2 and "no triples file" in proc.stderr
         assert log.read_text() == ""
+
+
+def test_call_scripts_on_a_generated_model(image_root, tmp_path):
+    """As a new user with their own model: TRIPLES=mine.txt bash disentanglement_calls.sh DATA STORE --model
+    pkg.mod:factory, then the quantitative script; the real stage scripts run (one process each)."""
+    from tests.test_cli import run_inproc
+    store, out = str(tmp_path / "store"), str(tmp_path / "out")
+    model = ["--model", "tests.tiny_models:tiny_resnet", "--batch_size", "4", "--num_workers", "0", "--device", "cpu"]
+    s1 = run_inproc("get_importances_for_classes.py", "--data_dir", image_root, "--store_dir", store, *model)
+    assert s1.returncode == 0, s1.stderr
+    triples = tmp_path / "mine.txt"
+    triples.write_text("1 0 1\n5 2 3\n7 0,2 1\n")
+    env = {"PYTHON": sys.executable, "TRIPLES": str(triples), "OUT_DIR": out,
+           "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    s3 = run("disentanglement_calls.sh", [image_root, store, *model], env)
+    assert s3.returncode == 0, s3.stdout + s3.stderr
+    assert s3.stdout.count("OK, same function") == 3
+    assert len(os.listdir(os.path.join(store, "models_disentangled"))) == 3 * 23
+    s4 = run("quantitative_evaluation_calls.sh", [image_root, store, *model], env)
+    assert s4.returncode == 0, s4.stdout + s4.stderr
+    means = open(os.path.join(out, "results_quantitative", "means_required0.03.txt")).read().splitlines()
+    assert len(means) == 1 + 2 * 3 + 2 and means[-1].startswith("ALL,2,")

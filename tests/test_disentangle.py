@@ -323,3 +323,95 @@ def test_separation_terms_and_scores_by_hand():
     torch.testing.assert_close(sc, torch.tensor([4.0 / 2 + 3.0 / 3, 2.0 / 2 + 9.0 / 3]))
     labels = torch.tensor([5, 0, 7, 2, 1])
     assert disentangle.concept_of_labels(labels, [0, 7], [2]).tolist() == [0, 1, 1, 2, 0]
+
+
+# ---------------------------------------------------------------------------- exactness checks of stage 3
+
+def _hooked_x_a(model, conv, images):
+    """x and a of the layer from a plain hook on the whole forward pass (not stopped)."""
+    keep = {}
+    h = conv.register_forward_hook(lambda m, i, o: keep.update(x=i[0].detach(), a=o.detach()))
+    with torch.no_grad():
+        model(images)
+    h.remove()
+    return keep["x"], keep["a"]
+
+
+@pytest.mark.parametrize("case", ["tiny_resnet_conv2", "tiny_vgg_features.6_bias"])
+def test_score_splits_exactness_values_against_brute_force(case):
+    """max |D1 + D2 - R - a[c]| and max |a[c]| of each split, over its concepts' images and every rho, against
+    a float64 loop over images, rhos and single filters; one split deliberately inexact (D1 scaled by 1.5).
+    Several splits in one pass give each split's scores bit for bit as alone."""
+    make, path, c, shape = CASES[case]
+    model = make()
+    conv = model.get_submodule(path)
+    torch.manual_seed(8)
+    images = torch.randn((9,) + shape[1:])
+    labels = torch.tensor([0, 1, 2, 1, 0, 3, 2, 1, 3])
+    c2 = (c + 1) % conv.out_channels
+    concepts = {c: ([0, 2], [1]), c2: ([3], [1])}
+    splits = []
+    for ch, (k1, k2) in concepts.items():
+        v1, v2 = _concept_arvs(model, conv, images, labels, k1, k2, ch)
+        f = disentangle.split_filters(conv.weight[ch].detach(), v1, v2)
+        if ch == c2:
+            f = f.clone()
+            f[:, 0] *= 1.5  # no longer D1 + D2 - R = W[c2]
+        splits.append(disentangle.Split(ch, f, None if conv.bias is None else conv.bias[ch].detach(), k1, k2))
+    loader = [(images[:4], labels[:4]), (images[4:], labels[4:])]  # uneven, mixed batches
+
+    got = disentangle.score_splits(model, conv, splits, loader, "cpu")
+
+    x, a = _hooked_x_a(model, conv, images)
+    for s, res in zip(splits, got):
+        inside = [n for n in range(9) if int(labels[n]) in s.classes1 + s.classes2]
+        assert (res.images1, res.images2) == (sum(int(labels[n]) in s.classes1 for n in inside),
+                                              sum(int(labels[n]) in s.classes2 for n in inside))
+        diff, amax = 0.0, 0.0
+        for n in inside:
+            a_c = a[n, s.channel].double()
+            amax = max(amax, float(a_c.abs().max()))
+            for r in range(len(RHOS)):
+                m = [F_conv(x[n:n + 1], conv, s.filters[r, j], s.bias_c) for j in range(3)]
+                diff = max(diff, float((m[0] + m[1] - m[2] - a_c).abs().max()))
+        assert res.max_abs_map == pytest.approx(amax, rel=1e-6)
+        if s.channel == c2:
+            assert diff > 1e-2 * amax
+            assert res.max_map_diff == pytest.approx(diff, rel=1e-4)
+            assert not disentangle.within_tolerance(res.max_map_diff, res.max_abs_map)
+        else:
+            assert diff <= 1e-5 * max(1.0, amax) and res.max_map_diff <= 1e-5 * max(1.0, amax)
+            assert disentangle.within_tolerance(res.max_map_diff, res.max_abs_map)
+    alone = disentangle.score_splits(model, conv, splits[:1], loader, "cpu")[0]
+    assert torch.equal(alone.scores, got[0].scores) and alone.max_map_diff == got[0].max_map_diff
+    assert torch.equal(disentangle.score_all_rhos(model, conv, splits[0].filters, splits[0].bias_c, loader,
+                                                  *concepts[c], "cpu"), got[0].scores)
+
+
+def F_conv(x, conv, w, b):
+    """One filter on x in float64 with the layer's geometry: (1, C_in, H, W) -> (H', W')."""
+    out = torch.nn.functional.conv2d(x.double(), w[None].double(), None if b is None else b.reshape(1).double(),
+                                     conv.stride, conv.padding, conv.dilation)
+    return out[0, 0]
+
+
+def test_network_check_swaps_the_layer_in_place_and_restores_it():
+    model = _frozen(tiny_resnet())
+    conv = model.conv3
+    torch.manual_seed(9)
+    images = torch.randn(4, 3, 64, 64)
+    w = conv.weight[5].detach()
+    sd = disentangle.checkpoint_state_dict(disentangle.split_filter(w, torch.randn(24), torch.randn(24), 0.5))
+    bad = dict(sd, **{"merged.weight": torch.tensor([1.0, 1.0, 1.0]).view(1, 3, 1, 1)})  # adds R instead of -R
+    z0 = disentangle.logits(model, images)
+    for state, exact in ((sd, True), (bad, False)):
+        diff, zmax, z = disentangle.network_check(model, "conv3", 5, state, images)
+        ref_diff, ref_max = disentangle.max_logit_difference(
+            model, disentangle.disentangled_model(model, "conv3", 5, state), images)
+        assert diff == pytest.approx(ref_diff, rel=1e-6, abs=1e-7) and zmax == ref_max
+        assert torch.equal(z, z0)
+        assert disentangle.within_tolerance(diff, zmax) == exact
+        assert disentangle.network_check(model, "conv3", 5, state, images, original_logits=z)[0] == diff
+        assert model.conv3 is conv and torch.equal(disentangle.logits(model, images), z0)  # put back
+    assert ref_diff > 1e-4  # the bad merge is seen
+

@@ -109,7 +109,8 @@ def test_evaluate_equals_full_networks(case, image_root, tmp_path):
     assert 0 < got["rel"].max() <= 1 and got["rel"].min() >= 0
 
     # the contact-sheet scan (forward to L only) gives the same positive masses
-    orig_pos, maps_pos = evaluation.scan_activations(model, conv, channel, f, b, ds, indices, 5, "cpu", 0)
+    scanned, orig_pos, maps_pos = evaluation.scan_activations(model, conv, channel, f, b, ds, indices, 5, "cpu", 0)
+    assert scanned == indices
     np.testing.assert_allclose(orig_pos, ref["orig_pos"], rtol=1e-4, atol=1e-5 * max(1e-6, ref["orig_pos"].max()))
     np.testing.assert_allclose(maps_pos, ref["maps_pos"], rtol=1e-4, atol=1e-5 * max(1e-6, ref["maps_pos"].max()))
 
@@ -267,3 +268,29 @@ def test_top_k_against_sort():
         assert got.tolist() == expect_order[:k]
     assert evaluation.top_k([1.0, 3.0, 3.0, 2.0], 2).tolist() == [1, 2]
     assert evaluation.top_k([-1.0, -1.0], 1).tolist() == [0]
+
+
+def test_evaluate_many_gives_each_run_bit_for_bit_what_evaluate_gives(image_root):
+    """One pass for three (channel, checkpoint, classes) runs over the union of their classes' val images:
+    each run's arrays equal ``evaluate`` of that run alone, bit for bit (batches of one class each)."""
+    model = _frozen(tiny_resnet())
+    conv = model.conv3
+    ds = data.image_folder(image_root, "val")
+    torch.manual_seed(10)
+    runs = []
+    for channel, classes in ((1, [0, 1]), (5, [2, 3]), (7, [0, 2, 1])):
+        v1, v2 = torch.randn(conv.in_channels), torch.randn(conv.in_channels)
+        runs.append((channel, disentangle.split_filter(conv.weight[channel].detach(), v1, v2, 0.5), None, classes))
+    union = data.indices_of_classes(ds, [0, 1, 2, 3])
+    many = evaluation.evaluate_many(model, conv, runs, ds, union, 3, "cpu", 0, desc="test")
+    for (channel, f, b, classes), got in zip(runs, many):
+        alone = evaluation.evaluate(model, conv, channel, f, b, ds, data.indices_of_classes(ds, classes), 3, "cpu", 0,
+                                    desc="test")
+        assert sorted(got) == sorted(alone)
+        for key in got:
+            assert np.array_equal(got[key], alone[key]), key
+        assert got["index"].tolist() == data.indices_of_classes(ds, classes)
+    scanned, pos = evaluation.scan_many(model, conv, [r[:3] for r in runs], ds, union, 5, "cpu", 0)
+    for (channel, f, b, _), (orig_pos, maps_pos) in zip(runs, pos):
+        s1, o1, m1 = evaluation.scan_activations(model, conv, channel, f, b, ds, union, 5, "cpu", 0)
+        assert s1 == scanned == union and np.array_equal(o1, orig_pos) and np.array_equal(m1, maps_pos)

@@ -75,3 +75,11 @@ def tiny_vgg():
 def grouped_net():
     torch.manual_seed(0)
     return GroupedNet().eval()
+
+
+def tiny_resnet_hooked():
+    """tiny_resnet whose conv3 output is shifted by a forward hook: its layer is not the conv alone, so a
+    split of conv3's filter cannot reproduce it (stage 3's exactness checks must fail)."""
+    model = tiny_resnet()
+    model.conv3.register_forward_hook(lambda module, inputs, output: output + 0.5)
+    return model

@@ -47,6 +47,12 @@ class LayerTap:
 
 def layer_input(model, layer, images):
     """Run ``model`` up to ``layer`` only. Returns its input x: (N, C_in, H_in, W_in)."""
+    return layer_input_output(model, layer, images)[0]
+
+
+def layer_input_output(model, layer, images):
+    """Run ``model`` up to ``layer`` only (no gradients). Returns its input x (N, C_in, H_in, W_in) and
+    its output a (N, C_out, H', W'), as the layer computed it."""
     with torch.no_grad(), LayerTap(layer, stop=True) as tap:
         try:
             model(images)
@@ -54,7 +60,7 @@ def layer_input(model, layer, images):
             pass
     if tap.x is None:
         raise RuntimeError("the layer of interest was not reached in the forward pass")
-    return tap.x
+    return tap.x, tap.a.detach()
 
 
 def logits_and_layer_grad(model, layer, images, labels, autocast_dtype=None):
@@ -88,7 +94,11 @@ def positive_attribution(a, g):
 
 def relative_attribution(a, g, channel):
     """rel[n] = pos(a*g)[n, channel] / sum_c pos(a*g)[n, c].  a, g: (N, C, H, W) -> (N,)."""
-    pos = positive_attribution(a, g)
+    return relative_of_positive(positive_attribution(a, g), channel)
+
+
+def relative_of_positive(pos, channel):
+    """``relative_attribution`` from pos = positive_attribution(a, g) (N, C), shared by many channels -> (N,)."""
     return pos[:, channel] / pos.sum(dim=1).clamp_min(torch.finfo(pos.dtype).tiny)
 
 

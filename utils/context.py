@@ -45,10 +45,10 @@ def check_channel(ctx, channel, flag):
                             f"{ctx.conv.out_channels} channels (0..{ctx.conv.out_channels - 1})")
 
 
-def check_concepts(ds, classes1, classes2):
-    data.check_classes(ds, classes1, "--classes_for_concept1")
-    data.check_classes(ds, classes2, "--classes_for_concept2")
+def check_concepts(ds, classes1, classes2, names=("--classes_for_concept1", "--classes_for_concept2")):
+    """Refuse classes that do not exist and a class in both concepts; ``names`` name the concepts in errors."""
+    data.check_classes(ds, classes1, names[0])
+    data.check_classes(ds, classes2, names[1])
     both = sorted(set(classes1) & set(classes2))
     if both:
-        raise cli.UserError(f"class {both[0]} is in both concepts: --classes_for_concept1 and "
-                            f"--classes_for_concept2 must be disjoint")
+        raise cli.UserError(f"class {both[0]} is in both concepts: {names[0]} and {names[1]} must be disjoint")

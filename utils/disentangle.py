@@ -3,15 +3,24 @@
 For an input channel k of the layer: k is a source of concept 1 if rho*v1[k] > v2[k], else a source
 of concept 2 if rho*v2[k] > v1[k], else neither. D1 = W[c] without concept-2 sources, D2 = W[c]
 without concept-1 sources, R = W[c] without either; D1 + D2 - R = W[c], so the network is unchanged.
+
+Exactness is checked twice, almost for free: the scoring pass computes D1, D2, R of every rho on the
+layer's input anyway, so D1 + D2 - R is compared with the layer's own output a[:, c] on every image it
+sees (max over images, positions and rho); and the full original and disentangled networks' logits are
+compared on a handful of images. Both must agree to TOLERANCE relative (of max(1, max |value|)).
 """
+import contextlib
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attribution import layer_input_output
 from .models import replace_module
 
+TOLERANCE = 1e-4  # relative, of max(1, largest |value|): the split's maps and the logits must agree to it
 RHOS = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5,
         0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0]
 EPS = 1e-5
@@ -92,6 +101,18 @@ def disentangled_model(model, layer_path, channel, state_dict):
     return new
 
 
+@contextlib.contextmanager
+def disentangled_layer(model, layer_path, channel, state_dict):
+    """``model`` itself with its layer ``layer_path`` replaced by ``disentangled_conv`` inside the block;
+    the original layer is put back on exit. No copy of the model (``disentangled_model`` copies it)."""
+    conv = model.get_submodule(layer_path)
+    replace_module(model, layer_path, disentangled_conv(conv, channel, state_dict))
+    try:
+        yield model
+    finally:
+        replace_module(model, layer_path, conv)
+
+
 def filter_maps(x, conv, filters, bias=None):
     """Maps of extra filters on the layer's input, with the layer's geometry.
 
@@ -136,33 +157,121 @@ def concept_of_labels(labels, classes1, classes2):
     return c
 
 
+@dataclass
+class Split:
+    """One channel's split filters for every rho and its two concepts: what the scoring pass evaluates.
+
+    filters: (R, 3, C_in, kh, kw) = split_filters(...); bias_c: scalar tensor or None; channel: the
+    layer's channel they split (None: no comparison with the layer's output).
+    """
+    channel: object
+    filters: torch.Tensor
+    bias_c: object
+    classes1: list
+    classes2: list
+
+
+@dataclass
+class SplitScores:
+    """What the scoring pass finds for one Split."""
+    scores: torch.Tensor  # (R,) float64 best-rho scores
+    images1: int          # concept-1 images scored
+    images2: int          # concept-2 images scored
+    max_map_diff: float   # max |D1 + D2 - R - a[c]| over those images, their positions and every rho
+    max_abs_map: float    # max |a[c]| over the same images (the scale of the relative tolerance)
+
+
+def merged_map_difference(maps, a_c):
+    """max |D1 + D2 - R - a_c| per image, over rho and positions.
+
+    maps: (N, R, 3, H, W) maps of [D1, D2, R] for R values of rho; a_c: (N, H, W) the channel's own map.
+    Returns (N,).
+    """
+    merged = maps[:, :, 0] + maps[:, :, 1] - maps[:, :, 2]
+    return (merged - a_c[:, None]).abs().amax(dim=(1, 2, 3))
+
+
+def score_splits(model, conv, splits, loader, device, progress=None):
+    """Best-rho scores of every rho of every Split from one pass over ``loader``, and the exactness of
+    the split on every image scored.
+
+    Each batch runs the model up to the layer only; the hook gives its input x and output a. For each
+    Split with images in the batch, its 3R filters run as one convolution on x, and D1 + D2 - R of every
+    rho is compared with a[:, c]. Images of neither concept of a Split do not count for it; a batch no
+    Split needs is not run. Returns a list of SplitScores (one per Split). Sums stay on the device
+    (no synchronisation per batch).
+    """
+    banks = []
+    for s in splits:
+        nr = s.filters.shape[0]
+        flat = s.filters.reshape((nr * 3,) + tuple(s.filters.shape[2:])).to(device)
+        bias = None if s.bias_c is None else s.bias_c.reshape(1).repeat(nr * 3).to(device)
+        banks.append((flat, bias, nr))
+    acc = [{"sum1": torch.zeros(nr, dtype=torch.float64, device=device),
+            "sum2": torch.zeros(nr, dtype=torch.float64, device=device), "n1": 0, "n2": 0,
+            "diff": torch.zeros((), device=device), "amax": torch.zeros((), device=device)}
+           for (_, _, nr) in banks]
+    for images, labels in (progress(loader) if progress else loader):
+        concepts = [concept_of_labels(labels, s.classes1, s.classes2) for s in splits]  # on the CPU
+        needed = [bool((k > 0).any()) for k in concepts]
+        if not any(needed):
+            continue
+        x, a = layer_input_output(model, conv, images.to(device, non_blocking=True))
+        x, n = x.float(), len(images)
+        for s, (flat, bias, nr), concept, need, ac in zip(splits, banks, concepts, needed, acc):
+            if not need:
+                continue
+            maps = filter_maps(x, conv, flat, bias)
+            pos = positive_mass(maps).reshape(n, nr, 3)
+            cd = concept.to(device, non_blocking=True)
+            terms = separation_terms(pos, cd).double()
+            for k in (1, 2):
+                ac[f"sum{k}"] += torch.where((cd == k)[:, None], terms, 0).sum(dim=0)
+                ac[f"n{k}"] += int((concept == k).sum())
+            if s.channel is not None:
+                a_c = a[:, s.channel].float()
+                inside = cd > 0
+                d = merged_map_difference(maps.reshape((n, nr, 3) + tuple(maps.shape[2:])), a_c)
+                ac["diff"] = torch.maximum(ac["diff"], torch.where(inside, d, 0).amax())
+                ac["amax"] = torch.maximum(ac["amax"], torch.where(inside, a_c.abs().amax(dim=(1, 2)), 0).amax())
+    return [SplitScores(rho_scores(ac["sum1"].cpu(), ac["n1"], ac["sum2"].cpu(), ac["n2"]), ac["n1"], ac["n2"],
+                        float(ac["diff"]), float(ac["amax"])) for ac in acc]
+
+
 def score_all_rhos(model, conv, all_filters, bias_c, loader, classes1, classes2, device, progress=None):
-    """Best-rho scores of every rho from one pass over the concepts' images.
+    """Best-rho scores of every rho from one pass over the concepts' images (``score_splits`` of one Split).
 
     all_filters: (R, 3, C_in, kh, kw) = split_filters(...); bias_c: scalar tensor or None.
     All 3R filters run as one convolution on the layer's input. Returns (R,) float64 scores.
     """
-    from .attribution import layer_input
-    nr = all_filters.shape[0]
-    flat = all_filters.reshape((nr * 3,) + tuple(all_filters.shape[2:])).to(device)
-    bias = None if bias_c is None else bias_c.reshape(1).repeat(nr * 3).to(device)
-    sums = {1: torch.zeros(nr, dtype=torch.float64), 2: torch.zeros(nr, dtype=torch.float64)}
-    counts = {1: 0, 2: 0}
-    for images, labels in (progress(loader) if progress else loader):
-        x = layer_input(model, conv, images.to(device, non_blocking=True)).float()
-        pos = positive_mass(filter_maps(x, conv, flat, bias)).reshape(len(images), nr, 3)
-        concept = concept_of_labels(labels.to(device), classes1, classes2)
-        terms = separation_terms(pos, concept).double().cpu()
-        for k in (1, 2):
-            sel = (concept == k).cpu()
-            sums[k] += terms[sel].sum(dim=0)
-            counts[k] += int(sel.sum())
-    return rho_scores(sums[1], counts[1], sums[2], counts[2])
+    return score_splits(model, conv, [Split(None, all_filters, bias_c, classes1, classes2)], loader, device,
+                        progress)[0].scores
+
+
+def logits(model, images):
+    """(N, K) float32 logits, no gradients."""
+    with torch.no_grad():
+        return model(images).float()
+
+
+def network_check(model, layer_path, channel, state_dict, images, original_logits=None):
+    """max |z' - z| and max |z| of the disentangled and original networks' logits on ``images``, plus z.
+
+    The disentangled network is ``model`` with the layer swapped in place (``disentangled_layer``);
+    ``original_logits``: z if already computed on the same images. Returns (diff, zmax, z).
+    """
+    z = logits(model, images) if original_logits is None else original_logits
+    with disentangled_layer(model, layer_path, channel, state_dict) as dm:
+        z2 = logits(dm, images)
+    return float((z2 - z).abs().max()), float(z.abs().max()), z
+
+
+def within_tolerance(diff, scale):
+    """diff <= TOLERANCE * max(1, scale)."""
+    return diff <= TOLERANCE * max(1.0, scale)
 
 
 def max_logit_difference(model, disentangled, images):
     """max |z' - z| and max |z| of the two networks' logits on ``images`` (float32)."""
-    with torch.no_grad():
-        z = model(images).float()
-        z2 = disentangled(images).float()
+    z, z2 = logits(model, images), logits(disentangled, images)
     return float((z2 - z).abs().max()), float(z.abs().max())

@@ -2,7 +2,8 @@
 
 One forward pass per batch gives the layer's input x and output a, the head-only backward gives the
 gradient for the relative attribution, and the disentangled maps D1, D2, R are the three checkpoint
-filters applied to x: the full original and disentangled networks never run.
+filters applied to x: the full original and disentangled networks never run. The gradient is that of each
+image's own label logit, whatever the channel, so one pass serves any number of (channel, checkpoint) runs.
 """
 import os
 
@@ -14,6 +15,7 @@ from tqdm import tqdm
 from . import attribution, data, fileio
 from .cli import UserError
 from .disentangle import filter_maps, positive_mass
+from .triples import class_batches
 
 MAP_NAMES = ("D1", "D2", "R")
 
@@ -23,46 +25,117 @@ def checkpoint_filters(state_dict):
     return state_dict["disentangled.weight"], state_dict.get("disentangled.bias")
 
 
-def batch_numbers(model, conv, channel, filters, bias, images, labels):
-    """Stage-4 numbers for one batch. images: (B, 3, H, W), labels: (B,).
+def forward_numbers(model, conv, images, labels):
+    """One forward pass and the head-only backward of the labels' logits: what every channel's numbers need.
 
-    Returns a dict of CPU tensors: rel (B,) relative attribution of ``channel`` to the label;
+    images: (B, 3, H, W), labels: (B,). Returns the layer's input x (B, C_in, H_in, W_in) float32, its
+    output a (B, C_out, H', W') and pos (B, C_out) = sum_{h,w} max(a * g, 0), g = d z_{y_n} / d a_n.
+    """
+    x, a, g, _ = attribution.logits_and_layer_grad(model, conv, images, labels)
+    return x.float(), a, attribution.positive_attribution(a, g)
+
+
+def channel_numbers(x, a, pos, conv, channel, filters, bias):
+    """Stage-4 numbers of one channel and its checkpoint filters from ``forward_numbers``' x, a, pos.
+
+    Returns a dict of tensors on x's device: rel (B,) relative attribution of ``channel`` to the label;
     orig (B,) signed spatial sum of the channel's map; maps (B, 3) signed sums of D1, D2, R;
     orig_pos (B,) and maps_pos (B, 3) their positive masses pos(X) = sum max(X, 0).
     """
-    x, a, g, _ = attribution.logits_and_layer_grad(model, conv, images, labels)
-    d = filter_maps(x.float(), conv, filters, bias)
-    return {"rel": attribution.relative_attribution(a, g, channel).cpu(),
-            "orig": a[:, channel].sum(dim=(1, 2)).cpu(),
-            "maps": d.sum(dim=(2, 3)).cpu(),
-            "orig_pos": a[:, channel].clamp_min(0).sum(dim=(1, 2)).cpu(),
-            "maps_pos": positive_mass(d).cpu()}
+    d = filter_maps(x, conv, filters, bias)
+    return {"rel": attribution.relative_of_positive(pos, channel),
+            "orig": a[:, channel].sum(dim=(1, 2)),
+            "maps": d.sum(dim=(2, 3)),
+            "orig_pos": a[:, channel].clamp_min(0).sum(dim=(1, 2)),
+            "maps_pos": positive_mass(d)}
+
+
+def batch_numbers(model, conv, channel, filters, bias, images, labels):
+    """``channel_numbers`` of one batch (images: (B, 3, H, W), labels: (B,)) as CPU tensors."""
+    out = channel_numbers(*forward_numbers(model, conv, images, labels), conv, channel, filters, bias)
+    return {k: v.cpu() for k, v in out.items()}
+
+
+def _on(device, channel, filters, bias):
+    return channel, filters.to(device), None if bias is None else bias.to(device)
+
+
+def evaluate_many(model, conv, runs, ds, indices, batch_size, device, num_workers, desc="stage 4",
+                  unreadable="error", hint=""):
+    """``evaluate`` of several checkpoints from one pass over the images ``indices`` of ``ds``.
+
+    runs: list of (channel, filters (3, C_in, kh, kw), bias (3,) or None, classes); run r uses the images
+    of its classes only. Every batch holds one class (``triples.class_batches``), so an image's numbers do
+    not depend on the other runs: each run's arrays are bit-identical to ``evaluate`` of it alone.
+    One forward pass and head-only backward per batch serve every run. Returns one dict per run (see
+    ``evaluate``).
+    """
+    model = model.to(device)
+    prepared = [_on(device, c, f, b) for c, f, b, _ in runs]
+    classes = [torch.as_tensor(sorted(set(cl)), dtype=torch.int64) for *_, cl in runs]
+    parts = [[] for _ in runs]
+    batches = class_batches(indices, [ds.targets[i] for i in indices], batch_size)
+    loader = data.make_loader(ds, batches, num_workers, device, unreadable, hint)
+    for images, labels in tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True):
+        wanted = [torch.isin(labels, cl) for cl in classes]  # on the CPU
+        if not any(bool(w.any()) for w in wanted):
+            continue
+        x, a, pos = forward_numbers(model, conv, images.to(device, non_blocking=True),
+                                    labels.to(device, non_blocking=True))
+        for (c, f, b), w, part in zip(prepared, wanted, parts):
+            if bool(w.all()):
+                part.append(channel_numbers(x, a, pos, conv, c, f, b))
+            elif bool(w.any()):
+                sel = w.to(device)
+                part.append(channel_numbers(x[sel], a[sel], pos[sel], conv, c, f, b))
+    skipped = set(loader.skipped)
+    outs = []
+    for (*_, cl), part in zip(runs, parts):
+        mine = [i for i in indices if ds.targets[i] in set(cl)]
+        if not part:
+            raise UserError(f"none of the {len(mine)} images could be read")
+        out = {k: torch.cat([p[k] for p in part]).cpu().numpy() for k in part[0]}
+        kept = [i for i in mine if i not in skipped]
+        out["index"] = np.asarray(kept)
+        out["label"] = np.asarray([ds.targets[i] for i in kept])
+        out["skipped"] = sorted(skipped & set(mine))
+        outs.append(out)
+    return outs
 
 
 def evaluate(model, conv, channel, filters, bias, ds, indices, batch_size, device, num_workers, desc="stage 4",
              unreadable="error", hint=""):
-    """``batch_numbers`` over the images ``indices`` of ``ds``; returns numpy arrays plus index, label.
+    """Stage-4 numbers (see ``channel_numbers``) over the images ``indices`` of ``ds`` as numpy arrays, plus
+    index and label of each.
 
     ``unreadable``: 'error' or 'skip' (see data.make_loader); skipped images are left out of every array
     and listed in ``out['skipped']`` (dataset indices).
     """
+    classes = {ds.targets[i] for i in indices}
+    return evaluate_many(model, conv, [(channel, filters, bias, classes)], ds, indices, batch_size, device,
+                         num_workers, desc, unreadable, hint)[0]
+
+
+def scan_many(model, conv, runs, ds, indices, batch_size, device, num_workers, unreadable="error", hint=""):
+    """``scan_activations`` of several (channel, filters, bias) from one forward pass up to the layer per batch.
+
+    Returns the scanned indices (M,) and one (orig_pos (M,), maps_pos (M, 3)) pair of numpy arrays per run.
+    """
     model = model.to(device)
-    filters = filters.to(device)
-    bias = None if bias is None else bias.to(device)
-    parts = []
+    banks = []
+    for c, filters, bias in runs:
+        w = torch.cat([conv.weight[c:c + 1].detach(), filters.to(conv.weight)])
+        b = None if conv.bias is None else torch.cat([conv.bias[c:c + 1].detach(), bias.to(conv.bias)])
+        banks.append((w, b))
+    pos = [[] for _ in runs]
     loader = data.make_loader(ds, data.batches_of(indices, batch_size), num_workers, device, unreadable, hint)
-    for images, labels in tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True):
-        parts.append(batch_numbers(model, conv, channel, filters, bias,
-                                   images.to(device, non_blocking=True), labels.to(device, non_blocking=True)))
-    if not parts:
-        raise UserError(f"none of the {len(indices)} images could be read")
-    out = {k: torch.cat([p[k] for p in parts]).numpy() for k in parts[0]}
+    for images, _ in tqdm(loader, desc="top images", unit="batch", dynamic_ncols=True):
+        x = attribution.layer_input(model, conv, images.to(device, non_blocking=True)).float()
+        for (w, b), p in zip(banks, pos):
+            p.append(positive_mass(filter_maps(x, conv, w, b)))
     skipped = set(loader.skipped)
-    kept = [i for i in indices if i not in skipped]
-    out["index"] = np.asarray(kept)
-    out["label"] = np.asarray([ds.targets[i] for i in kept])
-    out["skipped"] = sorted(skipped)
-    return out
+    pos = [torch.cat(p).cpu().numpy() for p in pos]
+    return [i for i in indices if i not in skipped], [(p[:, 0], p[:, 1:]) for p in pos]
 
 
 def scan_activations(model, conv, channel, filters, bias, ds, indices, batch_size, device, num_workers,
@@ -72,19 +145,9 @@ def scan_activations(model, conv, channel, filters, bias, ds, indices, batch_siz
     Returns the scanned indices (M,) (``indices`` less the unreadable ones when ``unreadable='skip'``),
     orig_pos (M,) and maps_pos (M, 3) numpy arrays (for the top-image contact sheet).
     """
-    model = model.to(device)
-    w = torch.cat([conv.weight[channel:channel + 1].detach(), filters.to(conv.weight)])
-    b = None
-    if conv.bias is not None:
-        b = torch.cat([conv.bias[channel:channel + 1].detach(), bias.to(conv.bias)])
-    pos = []
-    loader = data.make_loader(ds, data.batches_of(indices, batch_size), num_workers, device, unreadable, hint)
-    for images, _ in tqdm(loader, desc="top images", unit="batch", dynamic_ncols=True):
-        x = attribution.layer_input(model, conv, images.to(device, non_blocking=True))
-        pos.append(positive_mass(filter_maps(x.float(), conv, w, b)).cpu())
-    pos = torch.cat(pos).numpy()
-    skipped = set(loader.skipped)
-    return [i for i in indices if i not in skipped], pos[:, 0], pos[:, 1:]
+    scanned, ((orig_pos, maps_pos),) = scan_many(model, conv, [(channel, filters, bias)], ds, indices, batch_size,
+                                                 device, num_workers, unreadable, hint)
+    return scanned, orig_pos, maps_pos
 
 
 def top_k(scores, k):

@@ -1,0 +1,142 @@
+"""Several (channel, concept 1, concept 2) triples in one process: the triples file, and batches that
+never mix classes.
+
+Triples file (``paper_triples.txt``): one triple per line, ``channel classes1 classes2``; a concept of
+several classes is written with commas and no spaces (``522 61,62 687``); ``#`` starts a comment; blank
+lines are skipped. Stages 3 and 4 take it as ``--triples FILE`` instead of the per-triple flags.
+
+Why batches never mix classes: a network's output for an image can differ in the last bits with the
+batch it is computed in (CPU convolution kernels choose their blocking by batch size; measured on
+torchvision's ResNet-18: logits differ by 2e-6 between a batch of 8 and two of 3 and 5). When every batch
+holds the images of one class only, cut into pieces of ``batch_size`` the same way whatever else is
+processed, each image is computed in the same batch whether one triple runs or twenty, and a run of all
+triples writes byte-identical files to one run per triple.
+"""
+import os
+from dataclasses import dataclass
+
+from .cli import UserError
+
+
+@dataclass
+class Triple:
+    """One channel to split and its two concepts (lists of class indices, as in the checkpoint names)."""
+    channel: int
+    classes1: list
+    classes2: list
+    where: str = ""  # "FILE line N" for a triple read from a file, "" for one from the command line
+
+    @property
+    def classes(self):
+        """Classes of both concepts: concept 1's, then concept 2's."""
+        return self.classes1 + self.classes2
+
+
+def _int(text, what, where):
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"{where}: {what} '{text}' is not an integer")
+
+
+def _classes(field, what, where):
+    parts = field.split(",")
+    if any(p == "" for p in parts):
+        raise UserError(f"{where}: {what} '{field}': write several classes as 1,2,3 (no spaces, no empty items)")
+    out = [_int(p, f"{what} class", where) for p in parts]
+    if len(set(out)) != len(out):
+        raise UserError(f"{where}: {what} lists a class twice: {field}")
+    return out
+
+
+def parse_triples(text, source):
+    """Triples of a triples file's ``text`` (see the module docstring); ``source`` names the file in errors.
+
+    Returns a list of Triple in file order. Refuses malformed lines and repeated triples (one line each).
+    """
+    triples, seen = [], {}
+    for n, line in enumerate(text.splitlines(), start=1):
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        where = f"{source} line {n}"
+        if len(fields) != 3:
+            raise UserError(f"{where}: expected 'channel class1 class2' (several classes as 1,2), "
+                            f"found {len(fields)} fields: {line.strip()!r}")
+        t = Triple(_int(fields[0], "channel", where), _classes(fields[1], "concept 1", where),
+                   _classes(fields[2], "concept 2", where), where)
+        key = (t.channel, tuple(t.classes1), tuple(t.classes2))
+        if key in seen:
+            raise UserError(f"{where}: repeats the triple of line {seen[key]}")
+        seen[key] = n
+        triples.append(t)
+    if not triples:
+        raise UserError(f"--triples {source}: no triple in the file (lines 'channel class1 class2')")
+    return triples
+
+
+def read_triples(path):
+    """``parse_triples`` of the file at ``path``, with a one-line error if it cannot be read."""
+    if not os.path.isfile(path):
+        raise UserError(f"--triples {path}: file not found (one 'channel class1 class2' per line)")
+    try:
+        with open(path) as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--triples {path}: cannot read it ({type(e).__name__}: {e})")
+    return parse_triples(text, path)
+
+
+def triples_from_args(path, channel, classes1, classes2, channel_flag, parse_classes):
+    """The triples to run: those of the file ``path`` (--triples), or the one given by the per-triple flags.
+
+    ``classes1``/``classes2``: the raw flag values (lists of strings) or None; ``parse_classes(values, flag)``
+    turns them into class lists. Exactly one of the two ways must be used.
+    """
+    flags = (channel_flag, "--classes_for_concept1", "--classes_for_concept2")
+    given = [f for f, v in zip(flags, (channel, classes1, classes2)) if v is not None]
+    if path is not None:
+        if given:
+            raise UserError(f"--triples replaces {', '.join(flags)}: give either the file or the flags "
+                            f"(got {' and '.join(given)} too)")
+        return read_triples(path)
+    if len(given) < 3:
+        missing = [f for f in flags if f not in given]
+        raise UserError(f"give {', '.join(missing)} (the channel and both concepts), or --triples FILE")
+    return [Triple(channel, parse_classes(classes1, flags[1]), parse_classes(classes2, flags[2]))]
+
+
+def check_triples(ctx, triples, channel_flag):
+    """Refuse any triple whose channel or classes do not exist in the layer and data (one line, naming
+    the flag or the file line)."""
+    from . import context
+    for t in triples:
+        if t.where:
+            try:
+                context.check_channel(ctx, t.channel, "channel")
+                context.check_concepts(ctx.dataset, t.classes1, t.classes2, ("concept 1", "concept 2"))
+            except UserError as e:
+                raise UserError(f"{t.where}: {e}")
+        else:
+            context.check_channel(ctx, t.channel, channel_flag)
+            context.check_concepts(ctx.dataset, t.classes1, t.classes2)
+
+
+def class_batches(indices, labels, batch_size):
+    """Batches of ``indices`` that never mix labels: each run of equal labels cut every ``batch_size``.
+
+    indices: (N,) ints in order (ImageFolder order keeps each class together); labels: (N,) their labels.
+    Returns a list of lists of indices.
+    """
+    batches, prev = [], None
+    for i, y in zip(indices, labels):
+        if y != prev or len(batches[-1]) == batch_size:
+            batches.append([])
+        batches[-1].append(int(i))
+        prev = y
+    return batches
+
+
+def union_classes(triples):
+    """Sorted classes used by any of ``triples``."""
+    return sorted({y for t in triples for y in t.classes})
