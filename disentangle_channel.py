@@ -22,6 +22,9 @@ def main():
     p.add_argument("--channel_disentangle", type=int, required=True, help="channel of the layer to split")
     p.add_argument("--classes_for_concept1", nargs="+", required=True, help="class indices of concept 1")
     p.add_argument("--classes_for_concept2", nargs="+", required=True, help="class indices of concept 2")
+    p.add_argument("--export_model", action="store_true",
+                   help="also write the whole disentangled network's state dict (…_f_best_model.pth) and how to "
+                        "rebuild it (…_f_best_model.json); utils.disentangle.load_disentangled_model builds it")
     args = p.parse_args()
     s1 = cli.parse_classes(args.classes_for_concept1, "--classes_for_concept1")
     s2 = cli.parse_classes(args.classes_for_concept2, "--classes_for_concept2")
@@ -88,6 +91,9 @@ def main():
     print(f"exactness check on {len(images)} images: max |logit difference| = {diff:.3g} "
           f"(max |logit| {zmax:.3g}, tolerance 1e-4 relative): {'OK, same function' if ok else 'FAILED'}")
     print(f"wrote 20 checkpoints and {os.path.basename(best_path)} to {folder}")
+    if args.export_model and ok:
+        print("exported the disentangled network: " + " and ".join(disentangle.export_model(
+            base, dmodel, ctx.model_spec, ctx.weights_id, ctx.layer_path, ctx.conv, c, best_path)))
     if not ok:
         raise cli.UserError("the disentangled network does not reproduce the original logits")
 

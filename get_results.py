@@ -11,7 +11,7 @@ import os
 import numpy as np
 import torch
 
-from utils import cli, context, data, evaluation, fileio, plots, store
+from utils import cli, context, data, evaluation, featurevis, fileio, plots, store
 from utils.disentangle import checkpoint_name
 
 
@@ -70,6 +70,7 @@ def main():
                         "with a message naming the file)")
     p.add_argument("--out_dir", default=".",
                    help="folder for plots/, results_disentanglement/, results_quantitative/ (default: working directory)")
+    featurevis.add_args(p)  # --get_feature_vis and its --fv_* flags
     args = p.parse_args()
     s1 = cli.parse_classes(args.classes_for_concept1, "--classes_for_concept1")
     s2 = cli.parse_classes(args.classes_for_concept2, "--classes_for_concept2")
@@ -180,6 +181,9 @@ def main():
                                 title=f"{ctx.tag} {ctx.layer_path} channel {c}: top {args.top_k} of {scope} by pos(map)")
         summary["top_images"] = {k: [ds.samples[i][0] for i in v] for k, v in top.items()}
         print(f"wrote {out}/plots/top_images.png")
+
+    if args.get_feature_vis:
+        summary["feature_vis"] = featurevis.run_for_checkpoint(ctx, args, sd, c, s1, s2, run_name, out)["figure"]
 
     fileio.write_json(os.path.join(out, "results_disentanglement", f"{run_name}_summary.json"), summary)
 
