@@ -18,7 +18,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from tests.conftest import ROOT, run_script, tree_bytes
-from tests.test_cli import refuse
+from tests.test_cli import refuse, run_inproc
 from utils import featurevis as fv
 from utils.disentangle import checkpoint_name, load_disentangled_model
 
@@ -252,7 +252,8 @@ def test_stage4_rerun_reuses_the_spectrum_and_draws_the_same_images(fv_run, imag
     before = np.load(os.path.join(res, f"{run}_feature_vis_images.npy"))
     spectra = sorted(os.listdir(os.path.join(store, "feature_vis_spectra")))
     out2 = out + "_again"
-    run_script("get_results.py", *_stage4_args(image_root, store, out2, *FV_SMALL))
+    proc = run_inproc("get_results.py", *_stage4_args(image_root, store, out2, *FV_SMALL))
+    assert proc.returncode == 0, proc.stderr
     with open(os.path.join(out2, "results_disentanglement", f"{run}_feature_vis.json")) as f:
         rec = json.load(f)
     assert rec["spectrum_reused"] is True
@@ -297,8 +298,10 @@ def test_stage3_export_model_rebuilds_the_disentangled_network(image_root, tmp_p
     store = str(tmp_path / "store")
     common = ["--data_dir", image_root, "--model", MODEL, "--store_dir", store, *RUNTIME]
     run_script("get_importances_for_classes.py", *common)
-    run_script("disentangle_channel.py", *common, "--channel_disentangle", 0, "--classes_for_concept1", 0,
-               "--classes_for_concept2", 1, "--export_model")
+    proc = run_inproc("disentangle_channel.py", *common, "--channel_disentangle", 0, "--classes_for_concept1", 0,
+                      "--classes_for_concept2", 1, "--export_model")
+    assert proc.returncode == 0, proc.stderr
+    assert "exported the disentangled network" in proc.stdout
     base = os.path.join(store, "models_disentangled", f"{TAG}_channel0_classes1[0]_classes2[1]")
     with open(base + "_f_best_model.json") as f:
         recipe = json.load(f)

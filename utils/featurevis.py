@@ -38,7 +38,7 @@ from .evaluation import top_k
 
 INPUT_SIZE = 224           # the evaluation transform's crop: what the model is fed
 RESIZE = 256               # ... after resizing the shorter side to this
-CROP_SCALE = (0.35, 0.8)   # crop sides, as fractions of S (uniform)
+CROP_SCALE = (0.6, 1.0)    # crop sides, as fractions of S (uniform); the evaluation view is 0.875 S
 CENTER_STD = 0.15          # crop centres: 0.5 + N(0, CENTER_STD^2), as fractions of S, kept inside
 NOISE = 0.05               # std of the Gaussian and width of the uniform noise, in normalized input units
 TOP_IMAGES = 12            # val crops around each visualization (the ring of a 4 x 4 grid)
@@ -271,7 +271,7 @@ def activation_matrix(model, conv, weights, bias, images, input_size=INPUT_SIZE)
 
 # ----------------------------------------------------------------------------- optimization
 def visualize(model, conv, weights, bias, magnitude, q, size, steps, crops, seed, lr=1.0, batch_size=None,
-              device="cpu", input_size=INPUT_SIZE, progress=True):
+              device="cpu", input_size=INPUT_SIZE, progress=True, scale=CROP_SCALE):
     """MACO for every target at once. weights (T, C_in, kh, kw), bias (T,) or None; magnitude (3, S, n), q (3, 3).
 
     Image t is optimized for target t; at most ``batch_size`` crops (default: all T * crops) go through
@@ -295,7 +295,7 @@ def visualize(model, conv, weights, bias, magnitude, q, size, steps, crops, seed
         opt.zero_grad()
         img = maco_image(m, phase, qu)
         leaf = img.detach().requires_grad_(True)
-        boxes = crop_boxes(t_count, crops, size, gen)
+        boxes = crop_boxes(t_count, crops, size, gen, scale)
         own_sum = torch.zeros(t_count, dtype=torch.float64)
         for lo in range(0, total, chunk):
             bx = boxes[lo:lo + chunk]
