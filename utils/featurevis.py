@@ -423,14 +423,15 @@ CONCEPT_COLOURS = {1: (31, 119, 180), 2: (255, 127, 14)}   # frames of the val c
 TITLES = {"original": "Original"}
 
 
-def _at_least(flag, low, kind):
+def _at_least(flag, low, kind, say=None):
+    """An argparse ``type`` that raises UserError (one line, exit status 2) for a value below ``low``."""
     def parse(text):
         try:
             v = kind(text)
         except ValueError:
             raise UserError(f"{flag} {text}: not a number")
         if not v >= low:
-            raise UserError(f"{flag} {text}: must be at least {low}")
+            raise UserError(f"{flag} {text}: must be {say or f'at least {low}'}")
         return v
     return parse
 
@@ -450,7 +451,7 @@ def add_args(parser):
                    help="random crops of each image per step (default 32)")
     g.add_argument("--fv_seed", type=_at_least("--fv_seed", 0, int), default=DEFAULTS["fv_seed"],
                    help="seed of the phases, crops and noise (default 0): same seed, same images")
-    g.add_argument("--fv_lr", type=_at_least("--fv_lr", 1e-12, float), default=DEFAULTS["fv_lr"],
+    g.add_argument("--fv_lr", type=_at_least("--fv_lr", 1e-12, float, "positive"), default=DEFAULTS["fv_lr"],
                    help="NAdam learning rate on the phase (default 1.0)")
     g.add_argument("--fv_spectrum_images", type=_at_least("--fv_spectrum_images", 1, int),
                    default=DEFAULTS["fv_spectrum_images"],
