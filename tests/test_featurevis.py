@@ -263,12 +263,16 @@ def test_stage4_rerun_reuses_the_spectrum_and_draws_the_same_images(fv_run, imag
 
 def test_spectrum_of_another_data_set_is_not_reused(tmp_path, image_root):
     from tests.conftest import make_image_folder
-    other = make_image_folder(str(tmp_path / "other"), train_per_class=3, val_per_class=1, seed=5)
+    # the same class folders and file names as image_root, other pixels
+    other = make_image_folder(str(tmp_path / "other"), seed=5)
     folder = str(tmp_path / "spectra")
-    _, p1, r1 = fv.load_or_make_spectrum(folder, image_root, 16, 4, 4, 0)
-    _, p2, r2 = fv.load_or_make_spectrum(folder, other, 16, 4, 4, 0)
-    _, p3, r3 = fv.load_or_make_spectrum(folder, image_root, 16, 4, 4, 0)
+    s1, p1, r1 = fv.load_or_make_spectrum(folder, image_root, 16, 4, 4, 0)
+    s2, p2, r2 = fv.load_or_make_spectrum(folder, other, 16, 4, 4, 0)
+    s3, p3, r3 = fv.load_or_make_spectrum(folder, image_root, 16, 4, 4, 0)
     assert p1 != p2 and p1 == p3 and (r1, r2, r3) == (False, False, True)
+    assert torch.equal(s1["magnitude"], s3["magnitude"]) and not torch.equal(s1["magnitude"], s2["magnitude"])
+    _, p4, r4 = fv.load_or_make_spectrum(folder, image_root, 16, 5, 4, 0)  # another number of images
+    assert p4 not in (p1, p2) and not r4
 
 
 @pytest.mark.parametrize("flag,value", [("--fv_size", 0), ("--fv_steps", 0), ("--fv_steps", -3), ("--fv_crops", 0)])

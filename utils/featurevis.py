@@ -376,11 +376,23 @@ def scan_val(model, conv, weights, bias, ds, indices, batch_size, device, num_wo
 
 
 # ----------------------------------------------------------------------------- the spectrum, stored
-def spectrum_key(summary, size, n_images):
-    """What a spectrum was made from (the training split's class folders, image counts and file list,
-    the size, the number of images): a dict, and the 16 hex digits of its sha256 that name the file."""
+def files_sha256(paths):
+    """sha256 over the bytes of the files ``paths``, in order (what the images hold, not only their names)."""
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def spectrum_key(summary, size, n_images, content_sha256):
+    """What a spectrum was made from (the training split's class folders, image counts and file list, the
+    bytes of the images used, the size, the number of images): a dict, and the 16 hex digits of its sha256
+    that name the file."""
     meta = {"classes": summary["classes"], "images_per_class": summary["images_per_class"],
-            "files_sha256": summary["files_sha256"], "size": int(size), "images": int(n_images),
+            "files_sha256": summary["files_sha256"], "content_sha256": content_sha256,
+            "size": int(size), "images": int(n_images),
             "transform": f"Resize({size}) CenterCrop({size}) ToTensor", "version": 1}
     return meta, hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -392,18 +404,18 @@ def spectrum_images(ds, n):
 
 def load_or_make_spectrum(folder, data_dir, size, n_images, batch_size, num_workers):
     """The colour matrix and spectrum of the training images at size S, computed once and kept in
-    ``folder`` as ``spectrum_S{S}_{key}.npz`` with what made it (a different data set, size or number of
-    images gets its own file, and a file whose record differs is never used). Returns (dict, path, reused)."""
+    ``folder`` as ``spectrum_S{S}_{key}.npz`` with what made it (a different data set, even one with the same
+    file names, another size or number of images gets its own file; a file whose record differs is never used). Returns (dict, path, reused)."""
     from torchvision import transforms
     tf = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor()])
     ds = data.image_folder(data_dir, "train", transform=tf)
-    meta, key = spectrum_key(data.dataset_summary(ds), size, n_images)
+    idx = spectrum_images(ds, n_images)
+    meta, key = spectrum_key(data.dataset_summary(ds), size, n_images, files_sha256(ds.samples[i][0] for i in idx))
     path = os.path.join(folder, f"spectrum_S{size}_{key}.npz")
     if os.path.isfile(path):
         with np.load(path) as z:
             if json.loads(str(z["meta"])) == meta:
                 return {k: torch.from_numpy(z[k]) for k in ("magnitude", "q", "mean", "cov")}, path, True
-    idx = spectrum_images(ds, n_images)
     batches = data.batches_of(idx, max(1, batch_size))
 
     def iterate():
