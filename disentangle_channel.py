@@ -89,6 +89,9 @@ def main():
                    help="the first N training images, on which the full original and disentangled networks' "
                         "logits are compared (default 4); the split maps are compared with the layer's output on "
                         "every image scored")
+    p.add_argument("--export_model", action="store_true",
+                   help="also write the whole disentangled network's state dict (…_f_best_model.pth) and how to "
+                        "rebuild it (…_f_best_model.json); utils.disentangle.load_disentangled_model builds it")
     args = p.parse_args()
     triples = triples_from_args(args.triples, args.channel_disentangle, args.classes_for_concept1,
                                 args.classes_for_concept2, "--channel_disentangle", cli.parse_classes)
@@ -124,6 +127,8 @@ def main():
     for t, (r1, r2), split, res, run, v in zip(triples, rows, splits, found, runs, arvs):
         if not failed:
             write_triple(ctx, folder, t, (len(r1), len(r2)), split, res, run, v)
+            if args.export_model:
+                export(ctx, model, folder, t, run)
         report(ctx, names, t, (len(r1), len(r2)), res, run, v, header=args.triples is not None)
         if not failed:
             print(f"wrote 20 checkpoints and {checkpoint_name(ctx.tag, t.channel, t.classes1, t.classes2, 'best')} "
@@ -154,6 +159,15 @@ def write_triple(ctx, folder, t, counts, split, res, run, v):
         map_check_images=res.images1 + res.images2))
     plots.rho_score_plot(base + "_scores.png", RHOS, res.scores.tolist(), RHOS[best],
                          f"{ctx.tag} channel {c}: {s1} vs {s2}")
+
+
+def export(ctx, model, folder, t, run):
+    """``--export_model``: the whole disentangled network of triple ``t``'s best split, as a state dict."""
+    best_path = os.path.join(folder, checkpoint_name(ctx.tag, t.channel, t.classes1, t.classes2, "best"))
+    dmodel = disentangle.disentangled_model(model, ctx.layer_path, t.channel, run["best_sd"])
+    paths = disentangle.export_model(best_path[:-len("_f_best_unnormalized.pth")], dmodel, ctx.model_spec,
+                                     ctx.weights_id, ctx.layer_path, ctx.conv, t.channel, best_path)
+    print("exported the disentangled network: " + " and ".join(paths))
 
 
 def report(ctx, names, t, counts, res, run, v, header=False):

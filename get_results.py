@@ -17,7 +17,7 @@ import os
 import numpy as np
 import torch
 
-from utils import cli, context, data, evaluation, fileio, plots, store
+from utils import cli, context, data, evaluation, featurevis, fileio, plots, store
 from utils.disentangle import checkpoint_name
 from utils.triples import check_triples, triples_from_args, union_classes
 
@@ -95,6 +95,7 @@ def main():
                         "with a message naming the file)")
     p.add_argument("--out_dir", default=".",
                    help="folder for plots/, results_disentanglement/, results_quantitative/ (default: working directory)")
+    featurevis.add_args(p)  # --get_feature_vis and its --fv_* flags
     args = p.parse_args()
     triples = triples_from_args(args.triples, args.channel_of_interest, args.classes_for_concept1,
                                 args.classes_for_concept2, "--channel_of_interest", cli.parse_classes)
@@ -136,13 +137,13 @@ def main():
             if not (concept == k).any():
                 raise cli.UserError(f"{t.where + ': ' if t.where else ''}concept {k}: none of its val images "
                                     f"could be read")
-    for t, (path, name, _, info), r, scan in zip(triples, checkpoints, results, scans):
+    for t, (path, name, sd, info), r, scan in zip(triples, checkpoints, results, scans):
         if args.triples is not None:
             print(f"=== {t.where}: channel {t.channel}, classes {t.classes1} vs {t.classes2}")
-        write_results(args, ctx, t, rho, path, name, info, r, scan)
+        write_results(args, ctx, t, rho, path, name, sd, info, r, scan)
 
 
-def write_results(args, ctx, t, rho, path, name, info, r, whole_val):
+def write_results(args, ctx, t, rho, path, name, sd, info, r, whole_val):
     """Print and write one triple's results: what one run of this script for ``t`` alone writes.
 
     r: its numbers from ``evaluation.evaluate_many``; whole_val: its (indices, orig_pos, maps_pos) from the
@@ -221,6 +222,9 @@ def write_results(args, ctx, t, rho, path, name, info, r, whole_val):
                                 title=f"{ctx.tag} {ctx.layer_path} channel {c}: top {args.top_k} of {scope} by pos(map)")
         summary["top_images"] = {k: [ds.samples[i][0] for i in v] for k, v in top.items()}
         print(f"wrote {out}/plots/top_images.png")
+
+    if args.get_feature_vis:
+        summary["feature_vis"] = featurevis.run_for_checkpoint(ctx, args, sd, c, s1, s2, run_name, out)["figure"]
 
     fileio.write_json(os.path.join(out, "results_disentanglement", f"{run_name}_summary.json"), summary)
 

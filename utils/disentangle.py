@@ -11,6 +11,7 @@ compared on a handful of images. Both must agree to TOLERANCE relative (of max(1
 """
 import contextlib
 import copy
+import os
 from dataclasses import dataclass
 
 import torch
@@ -275,3 +276,59 @@ def max_logit_difference(model, disentangled, images):
     """max |z' - z| and max |z| of the two networks' logits on ``images`` (float32)."""
     z, z2 = logits(model, images), logits(disentangled, images)
     return float((z2 - z).abs().max()), float(z.abs().max())
+
+
+def load_disentangled_model(model, weights=None, layer="last_conv", channel=None, checkpoint=None):
+    """The disentangled network as a plain ``nn.Module`` (eval mode, frozen), for other tools (captum, a
+    feature visualization of your own): the model flags of the stage scripts plus a published checkpoint.
+
+    ``model``, ``weights``, ``layer``: as ``--model``, ``--weights``, ``--layer_of_interest``;
+    ``channel``: the split channel c; ``checkpoint``: a ``…_unnormalized.pth`` path or its state dict.
+    The layer becomes ``Sequential(L', M)``: ``net.get_submodule(layer)[0]`` outputs C_out + 2 maps (row c = D1,
+    row C_out = D2, row C_out + 1 = R); the Sequential's output, and the logits, equal the original's.
+    ``disentangle_channel.py --export_model`` writes this network's state dict (``…_f_best_model.pth``),
+    which ``load_state_dict`` accepts on the returned module.
+    """
+    from . import models
+    from .cli import UserError
+    base, _ = models.load_model(model, weights)
+    path, conv = models.resolve_layer(base, layer)
+    if channel is None or not 0 <= channel < conv.out_channels:
+        raise UserError(f"channel {channel}: layer {path} has channels 0..{conv.out_channels - 1}")
+    sd = torch.load(checkpoint, map_location="cpu", weights_only=True) if isinstance(checkpoint, (str, bytes)) \
+        or hasattr(checkpoint, "__fspath__") else checkpoint
+    d = sd.get("disentangled.weight") if isinstance(sd, dict) else None
+    if d is None or tuple(d.shape) != (3,) + tuple(conv.weight.shape[1:]):
+        raise UserError(f"{checkpoint if not isinstance(checkpoint, dict) else 'the checkpoint'}: "
+                        f"disentangled.weight has shape {None if d is None else tuple(d.shape)}, expected "
+                        f"{(3,) + tuple(conv.weight.shape[1:])} for layer {path}")
+    return disentangled_model(base, path, channel, sd).eval()
+
+
+def exported_state_dict(dmodel):
+    """The disentangled network's state dict as plain, contiguous CPU tensors (nothing shared, no views)."""
+    return {k: v.detach().cpu().clone().contiguous() for k, v in dmodel.state_dict().items()}
+
+
+def export_model(base, dmodel, model_spec, weights_id, layer_path, conv, channel, checkpoint_path):
+    """Write ``{base}_f_best_model.pth`` (``exported_state_dict``) and ``{base}_f_best_model.json`` saying how
+    to rebuild the network. Returns the two paths."""
+    from . import fileio
+    c_out = conv.out_channels
+    geometry = (f"kernel_size={tuple(conv.kernel_size)}, stride={tuple(conv.stride)}, padding={tuple(conv.padding)}, "
+                f"dilation={tuple(conv.dilation)}, bias={conv.bias is not None}")
+    weights = None if weights_id == "factory" else weights_id
+    pth, js = base + "_f_best_model.pth", base + "_f_best_model.json"
+    fileio.save_torch(pth, exported_state_dict(dmodel))
+    fileio.write_json(js, {
+        "model": model_spec, "weights": weights, "layer": layer_path, "channel": channel,
+        "checkpoint": os.path.basename(checkpoint_path), "state_dict": os.path.basename(pth),
+        "layer_replaced_by": [f"Conv2d({conv.in_channels}, {c_out + 2}, {geometry})",
+                              f"Conv2d({c_out + 2}, {c_out}, kernel_size=(1, 1), bias=False)"],
+        "rows_of_first_conv": {"D1": channel, "D2": c_out, "R": c_out + 1},
+        "rebuild": (f"from utils.disentangle import load_disentangled_model; "
+                    f"net = load_disentangled_model({model_spec!r}, {weights!r}, {layer_path!r}, {channel}, "
+                    f"{os.path.basename(checkpoint_path)!r}); net.load_state_dict(torch.load({os.path.basename(pth)!r}))"),
+        "without_this_code": (f"replace {layer_path} by torch.nn.Sequential of the two convs above, then "
+                              f"load_state_dict(torch.load({os.path.basename(pth)!r}))")})
+    return pth, js

@@ -1,4 +1,5 @@
-"""Figures: density plots of stage 4, the top-image contact sheet, the best-rho score curve."""
+"""Figures: density plots of stage 4, the top-image contact sheet, the best-rho score curve, the feature
+visualizations (Figure-1 panels and the raw images)."""
 import matplotlib
 
 matplotlib.use("Agg")
@@ -72,3 +73,48 @@ def _wrap(text, width):
             cur = (cur + " " + w).strip()
     lines.append(cur)
     return [line[:width] for line in lines]
+
+
+def _tile(array, size):
+    """(H, W, 3) float array in [0, 1] -> a PIL image of size x size."""
+    import numpy as np
+    a = (np.clip(np.asarray(array, dtype=np.float64), 0, 1) * 255).round().astype("uint8")
+    return Image.fromarray(a).resize((size, size), Image.BILINEAR)
+
+
+def feature_vis_figure(path, panels, title=None, cell=96, frame=4, gap=16, title_h=22):
+    """Figure-1 layout: per panel a 4 x 4 grid of cells, the visualization in the central 2 x 2 and up to
+    12 val crops in the ring around it, each framed in its colour.
+    panels: list of (panel title, visualization (H, W, 3) in [0, 1], [(crop (h, w, 3) in [0, 1], (r, g, b)), ...])."""
+    ring = [(0, 0), (0, 1), (0, 2), (0, 3), (1, 3), (2, 3), (3, 3), (3, 2), (3, 1), (3, 0), (2, 0), (1, 0)]
+    side = 4 * cell
+    top = 24 if title else 0
+    sheet = Image.new("RGB", (len(panels) * side + (len(panels) - 1) * gap, top + title_h + side), "white")
+    draw = ImageDraw.Draw(sheet)
+    if title:
+        draw.text((6, 6), title, fill="black")
+    for p, (name, vis, crops) in enumerate(panels):
+        x0, y0 = p * (side + gap), top + title_h
+        draw.text((x0 + side // 2 - 3 * len(name), top + 4), name, fill="black")
+        sheet.paste(_tile(vis, 2 * cell - 2 * frame), (x0 + cell + frame, y0 + cell + frame))
+        for (r, c), (crop, colour) in zip(ring, crops):
+            cx, cy = x0 + c * cell, y0 + r * cell
+            draw.rectangle([cx + 1, cy + 1, cx + cell - 2, cy + cell - 2], fill=tuple(colour))
+            sheet.paste(_tile(crop, cell - 2 * frame - 2), (cx + frame + 1, cy + frame + 1))
+    with fileio.atomic_path(path) as tmp:
+        sheet.save(tmp, format="PNG")
+
+
+def image_row(path, images, titles, title=None, size=256, gap=8, title_h=20):
+    """Images side by side with a title above each. images: list of (H, W, 3) arrays in [0, 1]."""
+    top = 24 if title else 0
+    sheet = Image.new("RGB", (len(images) * (size + gap) - gap, top + title_h + size), "white")
+    draw = ImageDraw.Draw(sheet)
+    if title:
+        draw.text((6, 6), title, fill="black")
+    for i, (im, name) in enumerate(zip(images, titles)):
+        x0 = i * (size + gap)
+        draw.text((x0 + 4, top + 4), name, fill="black")
+        sheet.paste(_tile(im, size), (x0, top + title_h))
+    with fileio.atomic_path(path) as tmp:
+        sheet.save(tmp, format="PNG")
