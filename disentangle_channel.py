@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils import cli, context, data, disentangle, fileio, plots, similarities, store
+from utils import cli, context, data, disentangle, fileio, similarities, store
 from utils.disentangle import RHOS, checkpoint_name
 
 
@@ -70,6 +70,7 @@ def main():
         exact=ok, train_images_concept1=n1, train_images_concept2=n2,
         sources_concept1=int(src1.sum()), sources_concept2=int(src2.sum()), arv_concept1=v[0].tolist(),
         arv_concept2=v[1].tolist()))
+    from utils import plots  # matplotlib: not needed for --help or a failed check
     plots.rho_score_plot(base + "_scores.png", RHOS, scores.tolist(), RHOS[best],
                          f"{ctx.tag} channel {c}: {s1} vs {s2}")
 

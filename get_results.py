@@ -11,7 +11,7 @@ import os
 import numpy as np
 import torch
 
-from utils import cli, context, data, evaluation, fileio, plots, store
+from utils import cli, context, data, evaluation, fileio, store
 from utils.disentangle import checkpoint_name
 
 
@@ -118,6 +118,7 @@ def main():
               f"mean pos(D{k}) / mean pos(D{3 - k}) = {summary[f'sep_concept{k}']:.3g}")
 
     if args.get_qualitative:
+        from utils import plots  # matplotlib: only for a run that draws
         for k in (1, 2):
             sel = concept == k
             curves = [(label, evaluation.kde_curve(vals)) for label, vals in
@@ -148,6 +149,7 @@ def main():
         print(f"wrote {folder}/quantitative_concept{{1,2}}_required{tau}.txt and means_required{tau}.txt")
 
     if args.get_top_images:
+        from utils import plots
         if args.top_images_all_val:
             scan = list(range(len(ds)))
             orig_pos, maps_pos = evaluation.scan_activations(ctx.model, ctx.conv, c, filters, bias, ds, scan,
