@@ -155,7 +155,8 @@ def published_stage2(model, conv, workdir, num_classes, tau, p, low, high, batch
         f"{d['channel']},{d['class1']},{d['class2']},{d['cosine_similarity']}\n" for d in below)
     with open(os.path.join(out, f"bench_resnet50_required{tau}_p{p}_cossim{low}to{high}.txt"), "w") as f:
         f.write(lines)
-    return pairs, [dict(d, cosine_similarity=float(d["cosine_similarity"])) for d in below], len(final)
+    as_float = lambda ds: [dict(d, cosine_similarity=float(d["cosine_similarity"])) for d in ds]  # noqa: E731
+    return pairs, as_float(below), as_float(final)
 
 
 def published(workdir, timer):
@@ -164,10 +165,11 @@ def published(workdir, timer):
     for _ in timer.runs():
         shutil.rmtree(published_dir(workdir), ignore_errors=True)  # its caches would skip the work
         with timer:
-            pairs, cands, all_pairs = published_stage2(
+            pairs, cands, before_window = published_stage2(
                 model, conv, workdir, common.CLASSES, common.TAU, common.P_USE, common.COS_LOW, common.COS_HIGH,
                 common.BATCH_SIZE, common.workers_published(common.PUBLISHED_WORKERS))
-    return {"arv_pairs": pairs, "candidates": cands, "class_pairs": all_pairs}
+    return {"arv_pairs": pairs, "candidates": cands, "class_pairs": len(before_window),
+            "before_window": before_window}
 
 
 def naive_arv(model, conv, images, channel):
@@ -241,17 +243,52 @@ def check(o, other):
             "max_cos_diff": max((abs(a[k] - b[k]) for k in both if not math.isnan(b[k])), default=0.0)}
 
 
+def check_published_arvs(workdir, ours_candidates):
+    """The published ARVs (float16, from its pickle) against ours (closed form from the store), and the
+    cosines of its ARVs taken in float64 against ours: what its list would be without the float16 cosine."""
+    import pickle
+    model, conv = common.build_model()
+    with open(published_arv_pickle(workdir), "rb") as fp:
+        arvs = pickle.load(fp)
+    rel, norms = [], []
+    for c, per_class in arvs.items():
+        for y, v in per_class.items():
+            ours = common.concept_arvs(workdir, conv, c, [y], [y])[0].double()
+            theirs = v[0].double()
+            rel.append(float((theirs - ours).abs().max() / ours.abs().max()))
+            norms.append(float(ours.norm()))
+    ours_cos = {(d["channel"], d["class1"], d["class2"]): d["cosine_similarity"] for d in ours_candidates}
+    diffs = []
+    for (c, y1, y2), cos in ours_cos.items():
+        if c in arvs and y1 in arvs[c] and y2 in arvs[c]:
+            a, b = arvs[c][y1][0].double(), arvs[c][y2][0].double()
+            diffs.append(abs(float(a @ b / (a.norm() * b.norm())) - cos))
+    return {"arv_max_rel_diff": max(rel, default=0.0), "arv_norm_max": max(norms, default=0.0),
+            "arv_norms_over_256": int(sum(n > 256 for n in norms)), "arvs": len(rel),
+            "max_cos_diff_float64": max(diffs, default=0.0), "cos_compared": len(diffs)}
+
+
 def run(workdir):
+    import math
     common.ensure_stage1(workdir)
     row = common.compare("2", __file__, workdir, "{ours[used_pairs]} used (channel, class) pairs, "
                          "{ours[arv_pairs]} of them in channels used by 2+ classes (published: one fwd+bwd pass "
                          "over the class's images for each of these)", check)
     row["used_pairs"], row["arv_pairs"] = row["ours"]["used_pairs"], row["ours"]["arv_pairs"]
     pc = row["published_check"]
+    before = row["published"]["before_window"]
+    pc["published_pairs_before_window"] = len(before)
+    pc["published_nan_before_window"] = sum(1 for d in before if not math.isfinite(d["cosine_similarity"]))
+    pc.update(check_published_arvs(workdir, row["ours"]["candidates"]))
     print(f"       tau={common.TAU}, p={common.P_USE}: ARV pairs ours {row['arv_pairs']}, published "
           f"{row['published']['arv_pairs']}; candidates ours {pc['candidates_ours']}, published "
-          f"{pc['candidates_other']} ({row['published']['class_pairs']} before its cosine window), in both "
-          f"{pc['candidates_common']}, max |cos difference| {pc['max_cos_diff']:.2g} (published: float16)")
+          f"{pc['candidates_other']} ({len(before)} before its cosine window, {pc['published_nan_before_window']} "
+          f"of them NaN/inf), in both {pc['candidates_common']}, max |cos difference| {pc['max_cos_diff']:.2g} "
+          f"(published: float16)")
+    print(f"       published ARVs vs ours: max relative difference {pc['arv_max_rel_diff']:.2g} over {pc['arvs']} "
+          f"ARVs (float16 rounding); {pc['arv_norms_over_256']} have a norm above 256 (max {pc['arv_norm_max']:.0f}), "
+          f"where the float16 cosine overflows; cosines of its ARVs in float64 vs ours: max difference "
+          f"{pc['max_cos_diff_float64']:.2g} over {pc['cos_compared']} pairs")
     if "naive_check" in row:
         nc = row["naive_check"]
         print(f"       naive: {row['naive']['used_pairs']} ARV passes, candidates {nc['candidates_other']}, in both "

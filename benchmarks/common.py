@@ -14,11 +14,13 @@ Three implementations of each stage:
 
 Every implementation runs in a fresh child process (``python bench_stageN.py --child IMPL WORKDIR``)
 with the same torch thread count (``--threads``, default os.cpu_count()): its wall time covers the
-stage's work only (not the imports and the construction of the base model, which both sides share),
-and its peak memory is the child's VmHWM from /proc/self/status: the high-water mark of its whole
-resident set, i.e. including about 0.4 GB for the Python interpreter, torch and the model (reported
-apart as ``base``), and any file pages mapped into the process (DataLoader worker processes are not
-counted). The workload's settings live in WORKDIR/config.json, written by the parent.
+stage's work only (not the imports and the construction of the base model, which both sides share);
+its CPU time (user + system of its threads, not of DataLoader worker processes) is reported beside it,
+which a loaded machine disturbs less than the wall time; its peak memory is the child's VmHWM from
+/proc/self/status: the high-water mark of its whole resident set, i.e. including about 0.4 GB for the
+Python interpreter, torch and the model (reported apart as ``base``), and any file pages mapped into
+the process (worker processes are not counted). The workload's settings live in WORKDIR/config.json,
+written by the parent.
 """
 import contextlib
 import json
@@ -221,7 +223,8 @@ def child_run(fn, workdir):
     timer = Timer()
     result = fn(workdir, timer) or {}
     st = status_kb("VmHWM", "VmRSS")
-    print(json.dumps(dict(result, seconds=timer.seconds, all_seconds=timer.times, peak_mb=st["VmHWM"] / 1024,
+    print(json.dumps(dict(result, seconds=timer.seconds, all_seconds=timer.times, cpu_seconds=timer.cpu_seconds,
+                          peak_mb=st["VmHWM"] / 1024,
                           base_mb=timer.base_kb / 1024, threads=torch.get_num_threads())), flush=True)
 
 
@@ -236,7 +239,7 @@ class Timer:
     """
 
     def __init__(self):
-        self.times, self.base_kb = [], None
+        self.times, self.cpu_times, self.base_kb = [], [], None
 
     def runs(self, n=None):
         return range(REPEAT if n is None else n)
@@ -245,14 +248,20 @@ class Timer:
     def seconds(self):
         return min(self.times)
 
+    @property
+    def cpu_seconds(self):
+        """CPU time (user + system, all threads of this process) of the fastest run."""
+        return self.cpu_times[self.times.index(min(self.times))]
+
     def __enter__(self):
         if self.base_kb is None:
             self.base_kb = status_kb("VmRSS")["VmRSS"]
-        self.t = time.perf_counter()
+        self.t, self.cpu = time.perf_counter(), time.process_time()
         return self
 
     def __exit__(self, *exc):
         self.times.append(time.perf_counter() - self.t)
+        self.cpu_times.append(time.process_time() - self.cpu)
         return False
 
 
@@ -288,6 +297,7 @@ def compare(stage, script, workdir, what, check=None):
            "ratio": pub["seconds"] / max(ours["seconds"], 1e-9),
            "ours_peak_mb": ours["peak_mb"], "published_peak_mb": pub["peak_mb"],
            "ours_base_mb": ours["base_mb"], "published_base_mb": pub["base_mb"],
+           "ours_cpu_s": ours["cpu_seconds"], "published_cpu_s": pub["cpu_seconds"],
            "ours": ours, "published": pub}
     if naive is not None:
         row.update({"naive_s": naive["seconds"], "naive_ratio": naive["seconds"] / max(ours["seconds"], 1e-9),
@@ -313,6 +323,8 @@ def print_row(row):
           f"{row['ours_peak_mb']:>8.0f} ({row['ours_base_mb']:.0f}) {row['published_peak_mb']:>8.0f} "
           f"({row['published_base_mb']:.0f})  {naive}", flush=True)
     print(f"       {row['what']}", flush=True)
+    print(f"       CPU seconds of the measured part (this process's threads; loader workers not counted): ours "
+          f"{row['ours_cpu_s']:.2f}, published {row['published_cpu_s']:.2f}", flush=True)
 
 
 @contextlib.contextmanager
@@ -408,10 +420,9 @@ def concept_arvs(workdir, conv, c, s1, s2):
 def published_class_counts(split_dir):
     """Images per class folder, by listing each folder (as the published scripts count them)."""
     counts = []
-    for _, dirs, _ in os.walk(split_dir):
+    for _, dirs, _ in os.walk(split_dir):  # walks the class folders too, as published (they have no sub-folders)
         for d in sorted(dirs):
             counts.append(len(os.listdir(os.path.join(split_dir, d))))
-        break
     return counts
 
 

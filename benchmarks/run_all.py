@@ -48,28 +48,30 @@ def main():
     start = time.perf_counter()
     print(f"workload: {common.WORKLOAD}; torch {torch.__version__}, {os.cpu_count()} CPUs, "
           f"{platform.processor() or platform.machine()}, load average {os.getloadavg()[0]:.1f}")
+    cpu0 = os.times()
     rows = {}
     with common.workdir_from(args.workdir) as workdir:
         common.print_header()
         for name, mod in (("1", bench_stage1), ("2", bench_stage2), ("3", bench_stage3), ("4", bench_stage4)):
             rows[name] = mod.run(workdir)
     total = time.perf_counter() - start
-    e2e = {k: sum(r[k] for r in rows.values()) for k in ("ours_s", "published_s")}
+    e2e = {k: sum(r[k] for r in rows.values()) for k in ("ours_s", "published_s", "ours_cpu_s", "published_cpu_s")}
     e2e["ratio"] = e2e["published_s"] / max(e2e["ours_s"], 1e-9)
     naive = all("naive_s" in r for r in rows.values())
     s1 = rows["1"]
     print()
-    print("| stage | ours s | published s | published / ours | goal | ours peak MB | published peak MB |"
-          + (" naive s | naive / ours |" if naive else ""))
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if naive else ""))
+    print("| stage | ours s | published s | published / ours | goal | ours CPU s | published CPU s | "
+          "ours peak MB | published peak MB |" + (" naive s | naive / ours |" if naive else ""))
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if naive else ""))
     for name, r in rows.items():
         print(f"| {name} | {r['ours_s']:.2f} | {r['published_s']:.2f} | {r['ratio']:.1f}x | {GOALS[name]:g}x "
-              f"{'met' if r['ratio'] >= GOALS[name] else 'NOT met'} | {r['ours_peak_mb']:.0f} | "
-              f"{r['published_peak_mb']:.0f} |"
+              f"{'met' if r['ratio'] >= GOALS[name] else 'NOT met'} | {r['ours_cpu_s']:.2f} | "
+              f"{r['published_cpu_s']:.2f} | {r['ours_peak_mb']:.0f} | {r['published_peak_mb']:.0f} |"
               + (f" {r['naive_s']:.2f} | {r['naive_ratio']:.1f}x |" if naive else ""))
     goal = GOALS["end to end"]
     print(f"| end to end | {e2e['ours_s']:.2f} | {e2e['published_s']:.2f} | {e2e['ratio']:.1f}x | {goal:g}x "
-          f"{'met' if e2e['ratio'] >= goal else 'NOT met'} | | |" + (" | |" if naive else ""))
+          f"{'met' if e2e['ratio'] >= goal else 'NOT met'} | {e2e['ours_cpu_s']:.2f} | {e2e['published_cpu_s']:.2f} "
+          f"| | |" + (" | |" if naive else ""))
     print("(goals: the issue's, for the 600-train / 100-val case at 224 px)")
     print(f"\nstore bytes per image: ours {s1['store_bytes_per_image_ours']:.0f} (memory-mappable .npy arrays), "
           f"published {s1['store_bytes_per_image_published']:.0f} ({s1['store_files_per_image_published']:.0f} "
@@ -79,12 +81,19 @@ def main():
     print(f"  stage 1: max relative attribution difference {pc[0]['max_rel_diff']:.2g}, same labels "
           f"{pc[0]['same_targets']}, same predictions {pc[0]['same_predictions']}, importance decisions flipped "
           f"{pc[0]['importance_flips']}")
-    print(f"  stage 2: candidates ours {pc[1]['candidates_ours']}, published {pc[1]['candidates_other']}, in both "
-          f"{pc[1]['candidates_common']}, max |cos difference| {pc[1]['max_cos_diff']:.2g}")
+    print(f"  stage 2: candidates ours {pc[1]['candidates_ours']}, published {pc[1]['candidates_other']} "
+          f"({pc[1]['published_pairs_before_window']} before its cosine window, "
+          f"{pc[1]['published_nan_before_window']} of them NaN/inf from its float16 cosine), in both "
+          f"{pc[1]['candidates_common']}, max |cos difference| {pc[1]['max_cos_diff']:.2g}; its float16 ARVs vs "
+          f"ours: max relative difference {pc[1]['arv_max_rel_diff']:.2g} ({pc[1]['arv_norms_over_256']} of "
+          f"{pc[1]['arvs']} with norm > 256); their cosines in float64 vs ours: max difference "
+          f"{pc[1]['max_cos_diff_float64']:.2g}")
     print(f"  stage 3: best rho ours {rows['3']['ours']['best_rho']}, published {rows['3']['published']['best_rho']}, "
           f"max relative score difference {pc[2]['max_rel_score_diff']:.2g}")
     print(f"  stage 4: max relative difference {pc[3]['max_rel_diff']:.2g}")
-    print(f"total {total:.0f} s")
+    cpu1 = os.times()
+    print(f"total {total:.0f} s (CPU time of all processes {cpu1.children_user + cpu1.children_system - cpu0.children_user - cpu0.children_system:.0f} s; "
+          f"load average now {os.getloadavg()[0]:.1f})")
     if args.json:
         out = {"workload": common.WORKLOAD, "config": common.CONFIG, "torch": torch.__version__,
                "cpus": os.cpu_count(), "total_s": total, "end_to_end": e2e, "goals": GOALS,
