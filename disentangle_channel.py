@@ -16,7 +16,7 @@ import os
 import numpy as np
 from tqdm import tqdm
 
-from utils import cli, context, data, disentangle, fileio, plots, similarities, store
+from utils import cli, context, data, disentangle, fileio, similarities, store
 from utils.disentangle import RHOS, checkpoint_name
 from utils.triples import check_triples, class_batches, triples_from_args, union_classes
 
@@ -157,6 +157,7 @@ def write_triple(ctx, folder, t, counts, split, res, run, v):
         max_abs_logit=run["logit_max"], logit_check_images=run["logit_images"],
         max_map_diff=res.max_map_diff, max_abs_map=res.max_abs_map,
         map_check_images=res.images1 + res.images2))
+    from utils import plots  # matplotlib: not needed for --help or a failed check
     plots.rho_score_plot(base + "_scores.png", RHOS, res.scores.tolist(), RHOS[best],
                          f"{ctx.tag} channel {c}: {s1} vs {s2}")
 

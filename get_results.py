@@ -17,7 +17,7 @@ import os
 import numpy as np
 import torch
 
-from utils import cli, context, data, evaluation, featurevis, fileio, plots, store
+from utils import cli, context, data, evaluation, featurevis, fileio, store
 from utils.disentangle import checkpoint_name
 from utils.triples import check_triples, triples_from_args, union_classes
 
@@ -179,6 +179,7 @@ def write_results(args, ctx, t, rho, path, name, sd, info, r, whole_val):
               f"mean pos(D{k}) / mean pos(D{3 - k}) = {summary[f'sep_concept{k}']:.3g}")
 
     if args.get_qualitative:
+        from utils import plots  # matplotlib: only for a run that draws
         for k in (1, 2):
             sel = concept == k
             curves = [(label, evaluation.kde_curve(vals)) for label, vals in
@@ -209,6 +210,7 @@ def write_results(args, ctx, t, rho, path, name, sd, info, r, whole_val):
         print(f"wrote {folder}/quantitative_concept{{1,2}}_required{tau}.txt and means_required{tau}.txt")
 
     if args.get_top_images:
+        from utils import plots  # matplotlib: only for a run that draws
         scan, orig_pos, maps_pos = whole_val or (list(r["index"]), r["orig_pos"], r["maps_pos"])
         rows, top = [], {}
         for label, score in (("Original", orig_pos), ("Disentangled 1", maps_pos[:, 0]),

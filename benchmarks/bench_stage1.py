@@ -1,7 +1,13 @@
 """Stage 1 benchmark: our pass (head-only backward, store of memory-mappable arrays) against the published
-way (back-propagation to the image, three .pt files per image holding slices of the batch tensors).
+script's algorithm: the parameters left in their default requires_grad state, the image requiring grad,
+the whole graph recorded and ``autograd.grad`` of the label logits back to the image (the layer's output
+gradient caught by a module backward hook), and three ``torch.save`` per image of per-image views of the
+batch tensors (each file stores its whole batch's storage), with the published resume check per batch
+and its 8 DataLoader workers.
 
-  python benchmarks/bench_stage1.py [--workdir DIR]
+naive (extra row): back-propagation to the image with frozen parameters, three .pt files per image.
+
+  python benchmarks/bench_stage1.py [--workdir DIR] [workload flags, see --help]
 """
 import os
 import shutil
@@ -22,6 +28,20 @@ def naive_folder(workdir):
     return os.path.join(workdir, "store_naive")
 
 
+def published_folder(workdir):
+    """The published store folder: STORE/{model}_channel_importances/ with img{n}_*.pt files."""
+    return os.path.join(workdir, "store_published", STORE_TAG + "_channel_importances")
+
+
+def published_file(folder, n, what):
+    """what: channel_importance_layer_wrt_class, target or prediction (the published file names)."""
+    return os.path.join(folder, f"img{n}_{what}.pt")
+
+
+def published_done(workdir):
+    return published_file(published_folder(workdir), common.CLASSES * common.TRAIN_PER_CLASS - 1, "prediction")
+
+
 def ours(workdir, timer, keep=True):
     import torch
 
@@ -35,8 +55,8 @@ def ours(workdir, timer, keep=True):
     for _ in timer.runs():
         shutil.rmtree(folder, ignore_errors=True)
         with timer:
-            importances.run_stage1(model, conv, ds, folder, info, common.BATCH_SIZE, torch.device("cpu"), 0, None,
-                                   log=lambda *a: None)
+            importances.run_stage1(model, conv, ds, folder, info, common.BATCH_SIZE, torch.device("cpu"),
+                                   common.workers_ours(), None, log=lambda *a: None)
     size, files = common.folder_bytes(folder)
     return {"images": len(ds), "store_bytes": size, "store_files": files}
 
@@ -72,6 +92,49 @@ def naive_stage1(model, conv, ds, out, batch_size):
     return n
 
 
+def published_stage1(model, conv, train_dir, out, batch_size, workers):
+    """The published stage 1 on the CPU (algorithm of its get_importances_for_classes.py)."""
+    import torch
+    from torchvision import datasets
+    ds = datasets.ImageFolder(train_dir, common.transform())
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                         pin_memory=False)  # pin_memory=True on its GPU; a no-op on the CPU
+    os.makedirs(out, exist_ok=True)
+    kept, handles = common.published_hooks(conv, want_input=True, want_output=True, want_grad=True)
+    for it, (images, targets) in enumerate(loader):
+        images.requires_grad = True
+        outputs = model(images)
+        first = it * batch_size
+        # its resume check: skip the batch when every image's prediction file exists
+        if all(os.path.isfile(published_file(out, first + b, "prediction")) for b in range(len(images))):
+            continue
+        target_outputs = torch.gather(outputs, 1, targets.unsqueeze(-1))
+        torch.autograd.grad(torch.unbind(target_outputs), images)
+        A = (kept["a"] * kept["g"]).sum(dim=(2, 3)).to(torch.float16)
+        for b in range(len(images)):
+            if os.path.isfile(published_file(out, first + b, "prediction")):
+                continue
+            torch.save(A[b].detach(), published_file(out, first + b, "channel_importance_layer_wrt_class"))
+            torch.save(targets[b].detach(), published_file(out, first + b, "target"))
+            torch.save(outputs[b].argmax().detach(), published_file(out, first + b, "prediction"))
+    for h in handles:
+        h.remove()
+    return len(ds)
+
+
+def published(workdir, timer):
+    model, conv = common.build_model(requires_grad=True)
+    out = published_folder(workdir)
+    train_dir = os.path.join(common.data_root(workdir), "train")
+    for _ in timer.runs():
+        shutil.rmtree(out, ignore_errors=True)
+        with timer:
+            n = published_stage1(model, conv, train_dir, out, common.BATCH_SIZE,
+                                 common.workers_published(common.PUBLISHED_WORKERS))
+    size, files = common.folder_bytes(out)
+    return {"images": n, "store_bytes": size, "store_files": files}
+
+
 def naive(workdir, timer):
     model, conv = common.build_model()
     ds = common.dataset(workdir, "train")
@@ -84,8 +147,36 @@ def naive(workdir, timer):
     return {"images": n, "store_bytes": size, "store_files": files}
 
 
-def check_same(workdir):
-    """Largest difference between the two implementations' attributions (float16 rounding expected)."""
+def load_published(workdir):
+    """(attributions, targets, predictions) of the published store, float32 / int64 numpy."""
+    import numpy as np
+    import torch
+    folder = published_folder(workdir)
+    n = common.CLASSES * common.TRAIN_PER_CLASS
+    A = np.stack([torch.load(published_file(folder, i, "channel_importance_layer_wrt_class")).float().numpy()
+                  for i in range(n)])
+    t = np.array([int(torch.load(published_file(folder, i, "target"))) for i in range(n)])
+    p = np.array([int(torch.load(published_file(folder, i, "prediction"))) for i in range(n)])
+    return A, t, p
+
+
+def check_published(workdir):
+    """Our store against the published files: attributions (float16 in both), labels, predictions, and
+    the importance decisions at the benchmark's tau."""
+    import numpy as np
+    st = common.open_store(workdir)
+    A = np.asarray(st["attributions"]).astype(np.float32)
+    preds = np.load(os.path.join(ours_folder(workdir), "predictions.npy"))
+    B, t, p = load_published(workdir)
+    imp = lambda X: X >= common.TAU * np.clip(X, 0, None).sum(axis=1, keepdims=True)  # noqa: E731
+    return {"max_rel_diff": float(np.abs(A - B).max() / max(np.abs(A).max(), 1e-30)),
+            "same_targets": bool((np.asarray(st["targets"]) == t).all()),
+            "same_predictions": bool((preds == p).all()),
+            "importance_flips": int((imp(A) != imp(B)).sum())}
+
+
+def check_naive(workdir):
+    """Largest difference between ours and the naive attributions (float16 rounding expected)."""
     import numpy as np
     import torch
     A = np.load(os.path.join(ours_folder(workdir), "attributions.npy")).astype(np.float32)
@@ -95,20 +186,28 @@ def check_same(workdir):
 
 
 def run(workdir):
-    def extra(o, n):
-        return {"store_bytes_per_image_ours": o["store_bytes"] / o["images"],
-                "store_bytes_per_image_naive": n["store_bytes"] / n["images"],
-                "store_files_per_image_naive": n["store_files"] / n["images"],
-                "max_rel_diff": check_same(workdir)}
+    def per_image(r):
+        return {"bytes_per_image": r["store_bytes"] / r["images"], "files_per_image": r["store_files"] / r["images"]}
     row = common.compare("1", __file__, workdir,
-                         "attributions + patch sums of the train images (naive: backward to the image, "
-                         "3 .pt files per image)", extra)
-    print(f"       store bytes/image: ours {row['store_bytes_per_image_ours']:.0f}, naive "
-          f"{row['store_bytes_per_image_naive']:.0f} ({row['store_files_per_image_naive']:.0f} files/image, "
-          f"batch {common.BATCH_SIZE}); max |A_ours - A_naive| / max|A| = {row['max_rel_diff']:.2g}")
+                         "attributions (+ our patch sums) of the {ours[images]} train images (published: backward "
+                         "to the image, 3 .pt files per image)")
+    row["store_bytes_per_image_ours"] = per_image(row["ours"])["bytes_per_image"]
+    row["store_bytes_per_image_published"] = per_image(row["published"])["bytes_per_image"]
+    row["store_files_per_image_published"] = per_image(row["published"])["files_per_image"]
+    row["published_check"] = check_published(workdir)
+    pc = row["published_check"]
+    print(f"       store bytes/image: ours {row['store_bytes_per_image_ours']:.0f}, published "
+          f"{row['store_bytes_per_image_published']:.0f} ({row['store_files_per_image_published']:.0f} files/image, "
+          f"batch {common.BATCH_SIZE})")
+    print(f"       check vs published: max |A_ours - A_published| / max|A| = {pc['max_rel_diff']:.2g}, same labels: "
+          f"{pc['same_targets']}, same predictions: {pc['same_predictions']}, importance decisions flipped at "
+          f"tau={common.TAU}: {pc['importance_flips']}")
+    if "naive" in row:
+        row["naive_check"] = {"max_rel_diff": check_naive(workdir)}
+        print(f"       check vs naive: max |A_ours - A_naive| / max|A| = {row['naive_check']['max_rel_diff']:.2g}")
     return row
 
 
 if __name__ == "__main__":
-    if not common.child_main({"ours": ours, "naive": naive}):
+    if not common.child_main({"ours": ours, "published": published, "naive": naive}):
         common.standalone(run, __doc__)

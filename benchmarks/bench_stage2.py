@@ -1,11 +1,18 @@
 """Stage 2 benchmark: histograms, used classes and the cosines of the class ARVs of every channel.
 
-ours:  chunked reads of the store's arrays; ARVs in closed form from the class means of the patch sums.
-naive: the published way: reload the stage-1 .pt files one by one, then one forward and backward pass
-       over the class's images per used (channel, class) pair to get the ARVs (gradient x input at the
-       layer's input, cast to float16 per image as published), then the cosines.
+ours:      chunked reads of the store's arrays; ARVs in closed form from the class means of the patch sums.
+published: the published script's algorithm: three torch.load per image of the published stage-1 files
+           (each loading its whole batch's storage), the class histograms counted channel by channel in
+           Python, then for every channel used by at least two classes and each of its used classes: a
+           fresh ImageFolder subset and an 8-worker DataLoader over the class's train images, a forward
+           pass of the whole network (image requiring grad, parameters in their default state, so the
+           whole graph is recorded) and a backward through a copy of the layer to its input; per-image
+           ARVs cast to float16, averaged in float16, cosines in float16 with numpy; the pickles and the
+           table it writes.
+naive:     (extra row) reload the naive stage-1 .pt files, one forward and backward pass per used
+           (channel, class) pair.
 
-  python benchmarks/bench_stage2.py [--workdir DIR]
+  python benchmarks/bench_stage2.py [--workdir DIR] [workload flags, see --help]
 """
 import os
 import sys
@@ -25,7 +32,144 @@ def ours(workdir, timer):
             used = similarities.used_classes(hist, similarities.class_counts(st["targets"], common.CLASSES), common.P_USE)
             means = similarities.class_mean_patch_sums(st["patch_sums"], st["targets"], common.CLASSES)
             cands = similarities.candidate_pairs(w, means, used, common.COS_LOW, common.COS_HIGH)
-    return {"used_pairs": int(used.sum()), "candidates": cands}
+    multi = used.sum(dim=0) >= 2
+    return {"used_pairs": int(used.sum()), "arv_pairs": int(used[:, multi].sum()), "candidates": cands}
+
+
+def published_dir(workdir):
+    return os.path.join(workdir, "store_published", "results_get_cosine_similarities")
+
+
+def published_arv_pickle(workdir):
+    return os.path.join(published_dir(workdir),
+                        "bench_resnet50_importance_vectors_for_all_channels_and_corresponding_important_classes_unnormalized.pkl")
+
+
+class PublishedImportances:
+    """The published stage 2's dataset over the stage-1 files: three torch.load per image."""
+
+    def __init__(self, folder, n):
+        self.folder, self.n = folder, n
+
+    def __len__(self):
+        return self.n  # the published code returns ImageNet's 1281167 here
+
+    def __getitem__(self, i):
+        import bench_stage1
+        import torch
+        f = lambda what: bench_stage1.published_file(self.folder, i, what)  # noqa: E731
+        return {"target": torch.load(f("target")), "prediction": torch.load(f("prediction")),
+                "channel_importance_layer_wrt_class": torch.load(f("channel_importance_layer_wrt_class")),
+                "channel_importance_before_layer_wrt_each_channel": 0}
+
+
+def published_class_arv(model, layer_copy, kept, train_dir, c, y, batch_size, workers):
+    """The published ARV of channel c for class y: (1, C_in) float16, the float16 mean of float16 per-image
+    ARVs. ``kept``: the published forward hooks on the layer (its input as ``x``); ``layer_copy``: the
+    layer of a deep copy of the model."""
+    import torch
+    loader = torch.utils.data.DataLoader(common.published_subset(train_dir, [y]), batch_size=batch_size,
+                                         shuffle=False, num_workers=workers)
+    per_image = []
+    for images, targets in loader:
+        images.requires_grad = True
+        model(images)
+        x = kept["x"].clone()
+        x.requires_grad = True
+        a = layer_copy(x).sum(dim=(2, 3))
+        target_outputs = torch.gather(a, 1, torch.full_like(targets, c).unsqueeze(-1))
+        (grad,) = torch.autograd.grad(torch.unbind(target_outputs), x)
+        per_image.append((grad * x).sum(dim=(2, 3)).to(torch.float16).detach())
+    return torch.cat(per_image, dim=0).mean(dim=0, keepdim=True)
+
+
+def published_stage2(model, conv, workdir, num_classes, tau, p, low, high, batch_size, workers):
+    """The published stage 2 on the CPU (algorithm of its get_cosine_similarities.py; its 1000 classes
+    and ImageNet's image count patched to the workload's). Returns (pairs whose ARVs it computed, list)."""
+    import copy
+    import pickle
+
+    import bench_stage1
+    import numpy as np
+    import torch
+    out = published_dir(workdir)
+    os.makedirs(out, exist_ok=True)
+    train_dir = os.path.join(common.data_root(workdir), "train")
+    n_images = common.CLASSES * common.TRAIN_PER_CLASS
+    c_out = conv.out_channels
+
+    hist = [[0] * c_out for _ in range(num_classes)]
+    loader = torch.utils.data.DataLoader(PublishedImportances(bench_stage1.published_folder(workdir), n_images),
+                                         batch_size=1024 * 16, shuffle=False, num_workers=0)
+    for sample in loader:
+        targets = sample["target"]
+        A = sample["channel_importance_layer_wrt_class"]
+        assert A.shape[1] == c_out
+        required = torch.clamp(A, min=0.0).sum(dim=1) * tau
+        important = (A >= required.unsqueeze(-1)).int()
+        for y in torch.unique(targets):
+            counts = important[targets == y, :].sum(dim=0)
+            for c in range(c_out):
+                hist[y][c] += counts[c].item()
+    with open(os.path.join(out, f"bench_resnet50_required{tau}_class_histograms.pkl"), "wb") as fp:
+        pickle.dump(hist, fp)
+    channel_hist = [[hist[y][c] for y in range(num_classes)] for c in range(c_out)]
+    per_class = common.published_class_counts(train_dir)
+    classes_for_channel = [[y for y in range(num_classes) if channel_hist[c][y] >= p * per_class[y]]
+                           for c in range(c_out)]
+
+    model_copy = copy.deepcopy(model).eval()
+    layer_copy = model_copy.get_submodule(common.LAYER)
+    kept, handles = common.published_hooks(conv, want_input=True, want_output=True, want_grad=True)
+    arvs, pairs = {}, 0
+    for c in range(c_out):
+        ys = classes_for_channel[c]
+        if len(ys) < 2:
+            continue
+        arvs[c] = {}
+        for y in ys:
+            arvs[c][y] = published_class_arv(model, layer_copy, kept, train_dir, c, y, batch_size, workers)
+            pairs += 1
+    for h in handles:
+        h.remove()
+    with open(published_arv_pickle(workdir), "wb") as fp:
+        pickle.dump(arvs, fp)
+
+    def cos(a, b):
+        a, b = a.numpy(), b.numpy()
+        return np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b))
+
+    final = []
+    with np.errstate(all="ignore"):
+        for c in range(c_out):
+            ys = classes_for_channel[c]
+            if len(ys) < 2:
+                continue
+            for i in range(len(ys) - 1):
+                for j in range(i + 1, len(ys)):
+                    final.append({"channel": c, "class1": ys[i], "class2": ys[j],
+                                  "cosine_similarity": cos(arvs[c][ys[i]][0], arvs[c][ys[j]][0])})
+    final = sorted(final, key=lambda d: d["cosine_similarity"], reverse=True)
+    below = [d for d in final if low <= d["cosine_similarity"] < high]
+    lines = "Channel,Class1,Class2,CosineSimilarity\n" + "".join(
+        f"{d['channel']},{d['class1']},{d['class2']},{d['cosine_similarity']}\n" for d in below)
+    with open(os.path.join(out, f"bench_resnet50_required{tau}_p{p}_cossim{low}to{high}.txt"), "w") as f:
+        f.write(lines)
+    as_float = lambda ds: [dict(d, cosine_similarity=float(d["cosine_similarity"])) for d in ds]  # noqa: E731
+    return pairs, as_float(below), as_float(final)
+
+
+def published(workdir, timer):
+    import shutil
+    model, conv = common.build_model(requires_grad=True)
+    for _ in timer.runs():
+        shutil.rmtree(published_dir(workdir), ignore_errors=True)  # its caches would skip the work
+        with timer:
+            pairs, cands, before_window = published_stage2(
+                model, conv, workdir, common.CLASSES, common.TAU, common.P_USE, common.COS_LOW, common.COS_HIGH,
+                common.BATCH_SIZE, common.workers_published(common.PUBLISHED_WORKERS))
+    return {"arv_pairs": pairs, "candidates": cands, "class_pairs": len(before_window),
+            "before_window": before_window}
 
 
 def naive_arv(model, conv, images, channel):
@@ -87,25 +231,71 @@ def naive(workdir, timer):
     return {"used_pairs": len(used), "candidates": cands}
 
 
-def run(workdir):
-    common.ensure_stage1(workdir)
+def check(o, other):
+    """Candidates (channel, class1, class2) of ours and another implementation, and their cosines."""
+    import math
+    key = lambda d: (d["channel"], d["class1"], d["class2"])  # noqa: E731
+    a = {key(d): d["cosine_similarity"] for d in o["candidates"]}
+    b = {key(d): d["cosine_similarity"] for d in other["candidates"]}
+    both = set(a) & set(b)
+    return {"candidates_ours": len(a), "candidates_other": len(b), "candidates_common": len(both),
+            "nan_other": sum(1 for v in b.values() if math.isnan(v)),
+            "max_cos_diff": max((abs(a[k] - b[k]) for k in both if not math.isnan(b[k])), default=0.0)}
 
-    def extra(o, n):
-        key = lambda d: (d["channel"], d["class1"], d["class2"])  # noqa: E731
-        a = {key(d): d["cosine_similarity"] for d in o["candidates"]}
-        b = {key(d): d["cosine_similarity"] for d in n["candidates"]}
-        both = set(a) & set(b)
-        return {"used_pairs": o["used_pairs"], "candidates_ours": len(a), "candidates_naive": len(b),
-                "candidates_common": len(both),
-                "max_cos_diff": max((abs(a[k] - b[k]) for k in both), default=0.0)}
-    row = common.compare("2", __file__, workdir, "{used_pairs} used (channel, class) pairs, cosines of class "
-                         "ARVs (naive: reload .pt files, one fwd+bwd pass per pair)", extra)
-    print(f"       {row['used_pairs']} used (channel, class) pairs at tau={common.TAU}, p={common.P_USE}; "
-          f"candidates ours {row['candidates_ours']}, naive {row['candidates_naive']}, in both "
-          f"{row['candidates_common']}, max |cos difference| {row['max_cos_diff']:.2g} (naive: float16 ARVs)")
+
+def check_published_arvs(workdir, ours_candidates):
+    """The published ARVs (float16, from its pickle) against ours (closed form from the store), and the
+    cosines of its ARVs taken in float64 against ours: what its list would be without the float16 cosine."""
+    import pickle
+    model, conv = common.build_model()
+    with open(published_arv_pickle(workdir), "rb") as fp:
+        arvs = pickle.load(fp)
+    rel, norms = [], []
+    for c, per_class in arvs.items():
+        for y, v in per_class.items():
+            ours = common.concept_arvs(workdir, conv, c, [y], [y])[0].double()
+            theirs = v[0].double()
+            rel.append(float((theirs - ours).abs().max() / ours.abs().max()))
+            norms.append(float(ours.norm()))
+    ours_cos = {(d["channel"], d["class1"], d["class2"]): d["cosine_similarity"] for d in ours_candidates}
+    diffs = []
+    for (c, y1, y2), cos in ours_cos.items():
+        if c in arvs and y1 in arvs[c] and y2 in arvs[c]:
+            a, b = arvs[c][y1][0].double(), arvs[c][y2][0].double()
+            diffs.append(abs(float(a @ b / (a.norm() * b.norm())) - cos))
+    return {"arv_max_rel_diff": max(rel, default=0.0), "arv_norm_max": max(norms, default=0.0),
+            "arv_norms_over_256": int(sum(n > 256 for n in norms)), "arvs": len(rel),
+            "max_cos_diff_float64": max(diffs, default=0.0), "cos_compared": len(diffs)}
+
+
+def run(workdir):
+    import math
+    common.ensure_stage1(workdir)
+    row = common.compare("2", __file__, workdir, "{ours[used_pairs]} used (channel, class) pairs, "
+                         "{ours[arv_pairs]} of them in channels used by 2+ classes (published: one fwd+bwd pass "
+                         "over the class's images for each of these)", check)
+    row["used_pairs"], row["arv_pairs"] = row["ours"]["used_pairs"], row["ours"]["arv_pairs"]
+    pc = row["published_check"]
+    before = row["published"]["before_window"]
+    pc["published_pairs_before_window"] = len(before)
+    pc["published_nan_before_window"] = sum(1 for d in before if not math.isfinite(d["cosine_similarity"]))
+    pc.update(check_published_arvs(workdir, row["ours"]["candidates"]))
+    print(f"       tau={common.TAU}, p={common.P_USE}: ARV pairs ours {row['arv_pairs']}, published "
+          f"{row['published']['arv_pairs']}; candidates ours {pc['candidates_ours']}, published "
+          f"{pc['candidates_other']} ({len(before)} before its cosine window, {pc['published_nan_before_window']} "
+          f"of them NaN/inf), in both {pc['candidates_common']}, max |cos difference| {pc['max_cos_diff']:.2g} "
+          f"(published: float16)")
+    print(f"       published ARVs vs ours: max relative difference {pc['arv_max_rel_diff']:.2g} over {pc['arvs']} "
+          f"ARVs (float16 rounding); {pc['arv_norms_over_256']} have a norm above 256 (max {pc['arv_norm_max']:.0f}), "
+          f"where the float16 cosine overflows; cosines of its ARVs in float64 vs ours: max difference "
+          f"{pc['max_cos_diff_float64']:.2g} over {pc['cos_compared']} pairs")
+    if "naive_check" in row:
+        nc = row["naive_check"]
+        print(f"       naive: {row['naive']['used_pairs']} ARV passes, candidates {nc['candidates_other']}, in both "
+              f"{nc['candidates_common']}, max |cos difference| {nc['max_cos_diff']:.2g}")
     return row
 
 
 if __name__ == "__main__":
-    if not common.child_main({"ours": ours, "naive": naive}):
+    if not common.child_main({"ours": ours, "published": published, "naive": naive}):
         common.standalone(run, __doc__)

@@ -1,14 +1,23 @@
-"""Run the four stage benchmarks (ours against the naive way of doing the same work) and print one table.
+"""Run the four stage benchmarks (ours against the published algorithm, plus the older naive baselines)
+and print one table with the end-to-end ratio.
 
-  python benchmarks/run_all.py [--json FILE] [--workdir DIR]
+  python benchmarks/run_all.py [--json FILE] [--workdir DIR] [workload flags]
 
-Each implementation runs in a fresh child process on the same generated workload (see common.py):
-seconds = wall time of the stage's work (imports and model construction excluded, on both sides; the
-faster of two runs in the same process, one run for the naive stages 2 and 3 which make dozens of passes);
-peak MB = the child's VmHWM (peak resident set, /proc/self/status), which includes the interpreter,
-torch and the model: the resident set just before the measured part is shown in parentheses.
---json writes per stage ours_s, naive_s, ratio (naive/ours), ours_peak_mb, naive_peak_mb, and the
-store's bytes per image of both (store_bytes_per_image_ours, store_bytes_per_image_naive).
+The issue's 600-train / 100-val case at the paper's resolution (many minutes on 2 CPU cores):
+
+  nice python benchmarks/run_all.py --classes 6 --train_per_class 100 --val_per_class 17 \\
+      --resize 256 --crop 224 --repeat 1 --no_naive --json bench_600.json
+
+Each implementation runs in a fresh child process on the same generated workload (see common.py) with
+the same torch thread count (--threads, default os.cpu_count()): seconds = wall time of the stage's
+work (imports and base-model construction excluded, on all sides; the fastest of --repeat runs in the
+same process, one run for the naive stages 2 and 3, which make dozens of passes); peak MB = the child's
+VmHWM (peak resident set, /proc/self/status), which includes the interpreter, torch and the model: the
+resident set just before the measured part is shown in parentheses. End to end = the sum of the four
+stages' seconds. Each published baseline's numbers are checked against ours (attributions, labels and
+predictions; the candidate list and cosines; the rho scores and best rho; the stage-4 numbers).
+--json writes per stage ours_s, published_s, ratio (published/ours), the peaks, the naive columns,
+the checks, and the stores' bytes per image.
 """
 import argparse
 import json
@@ -24,41 +33,73 @@ import bench_stage3  # noqa: E402
 import bench_stage4  # noqa: E402
 import common  # noqa: E402
 
-KEYS = ("ours_s", "naive_s", "ratio", "ours_peak_mb", "naive_peak_mb", "ours_base_mb", "naive_base_mb", "what")
+# the issue's goals against the published algorithm on the 600-image case (published / ours)
+GOALS = {"1": 1.6, "2": 50.0, "3": 2.0, "4": 1.5, "end to end": 4.0}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", default=None, help="write the results to this file")
     p.add_argument("--workdir", default=None, help="keep the workload here (default: a temporary folder)")
+    common.add_workload_args(p)
     args = p.parse_args()
+    common.configure_from_args(args)
     import torch
     start = time.perf_counter()
-    print(f"workload: {common.WORKLOAD}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}")
+    print(f"workload: {common.WORKLOAD}; torch {torch.__version__}, {os.cpu_count()} CPUs, "
+          f"{platform.processor() or platform.machine()}, load average {os.getloadavg()[0]:.1f}")
+    cpu0 = os.times()
     rows = {}
     with common.workdir_from(args.workdir) as workdir:
         common.print_header()
         for name, mod in (("1", bench_stage1), ("2", bench_stage2), ("3", bench_stage3), ("4", bench_stage4)):
             rows[name] = mod.run(workdir)
     total = time.perf_counter() - start
+    e2e = {k: sum(r[k] for r in rows.values()) for k in ("ours_s", "published_s", "ours_cpu_s", "published_cpu_s")}
+    e2e["ratio"] = e2e["published_s"] / max(e2e["ours_s"], 1e-9)
+    naive = all("naive_s" in r for r in rows.values())
     s1 = rows["1"]
     print()
-    print("| stage | what | ours s | naive s | naive/ours | ours peak MB | naive peak MB |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| stage | ours s | published s | published / ours | goal | ours CPU s | published CPU s | "
+          "ours peak MB | published peak MB |" + (" naive s | naive / ours |" if naive else ""))
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if naive else ""))
     for name, r in rows.items():
-        print(f"| {name} | {r['what']} | {r['ours_s']:.2f} | {r['naive_s']:.2f} | {r['ratio']:.1f}x | "
-              f"{r['ours_peak_mb']:.0f} | {r['naive_peak_mb']:.0f} |")
+        print(f"| {name} | {r['ours_s']:.2f} | {r['published_s']:.2f} | {r['ratio']:.1f}x | {GOALS[name]:g}x "
+              f"{'met' if r['ratio'] >= GOALS[name] else 'NOT met'} | {r['ours_cpu_s']:.2f} | "
+              f"{r['published_cpu_s']:.2f} | {r['ours_peak_mb']:.0f} | {r['published_peak_mb']:.0f} |"
+              + (f" {r['naive_s']:.2f} | {r['naive_ratio']:.1f}x |" if naive else ""))
+    goal = GOALS["end to end"]
+    print(f"| end to end | {e2e['ours_s']:.2f} | {e2e['published_s']:.2f} | {e2e['ratio']:.1f}x | {goal:g}x "
+          f"{'met' if e2e['ratio'] >= goal else 'NOT met'} | {e2e['ours_cpu_s']:.2f} | {e2e['published_cpu_s']:.2f} "
+          f"| | |" + (" | |" if naive else ""))
+    print("(goals: the issue's, for the 600-train / 100-val case at 224 px)")
     print(f"\nstore bytes per image: ours {s1['store_bytes_per_image_ours']:.0f} (memory-mappable .npy arrays), "
-          f"naive {s1['store_bytes_per_image_naive']:.0f} ({s1['store_files_per_image_naive']:.0f} .pt files per "
-          f"image at batch {common.BATCH_SIZE})")
-    print(f"total {total:.0f} s")
+          f"published {s1['store_bytes_per_image_published']:.0f} ({s1['store_files_per_image_published']:.0f} "
+          f".pt files per image at batch {common.BATCH_SIZE})")
+    print("checks against the published algorithm:")
+    pc = [rows[k]["published_check"] for k in "1234"]
+    print(f"  stage 1: max relative attribution difference {pc[0]['max_rel_diff']:.2g}, same labels "
+          f"{pc[0]['same_targets']}, same predictions {pc[0]['same_predictions']}, importance decisions flipped "
+          f"{pc[0]['importance_flips']}")
+    print(f"  stage 2: candidates ours {pc[1]['candidates_ours']}, published {pc[1]['candidates_other']} "
+          f"({pc[1]['published_pairs_before_window']} before its cosine window, "
+          f"{pc[1]['published_nan_before_window']} of them NaN/inf from its float16 cosine), in both "
+          f"{pc[1]['candidates_common']}, max |cos difference| {pc[1]['max_cos_diff']:.2g}; its float16 ARVs vs "
+          f"ours: max relative difference {pc[1]['arv_max_rel_diff']:.2g} ({pc[1]['arv_norms_over_256']} of "
+          f"{pc[1]['arvs']} with norm > 256); their cosines in float64 vs ours: max difference "
+          f"{pc[1]['max_cos_diff_float64']:.2g}")
+    print(f"  stage 3: best rho ours {rows['3']['ours']['best_rho']}, published {rows['3']['published']['best_rho']}, "
+          f"max relative score difference {pc[2]['max_rel_score_diff']:.2g}")
+    print(f"  stage 4: max relative difference {pc[3]['max_rel_diff']:.2g}")
+    cpu1 = os.times()
+    print(f"total {total:.0f} s (CPU time of all processes {cpu1.children_user + cpu1.children_system - cpu0.children_user - cpu0.children_system:.0f} s; "
+          f"load average now {os.getloadavg()[0]:.1f})")
     if args.json:
-        out = {"workload": common.WORKLOAD, "torch": torch.__version__, "threads": torch.get_num_threads(),
-               "cpus": os.cpu_count(), "total_s": total,
+        out = {"workload": common.WORKLOAD, "config": common.CONFIG, "torch": torch.__version__,
+               "cpus": os.cpu_count(), "total_s": total, "end_to_end": e2e, "goals": GOALS,
                "store_bytes_per_image_ours": s1["store_bytes_per_image_ours"],
-               "store_bytes_per_image_naive": s1["store_bytes_per_image_naive"],
-               "stages": {name: {k: v for k, v in r.items() if k not in ("ours", "naive", "stage")}
+               "store_bytes_per_image_published": s1["store_bytes_per_image_published"],
+               "stages": {name: {k: v for k, v in r.items() if k not in ("ours", "published", "naive", "stage")}
                           for name, r in rows.items()}}
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -9,7 +9,6 @@ import os
 
 import numpy as np
 import torch
-from scipy.stats import gaussian_kde
 from tqdm import tqdm
 
 from . import attribution, data, fileio
@@ -162,6 +161,7 @@ def kde_curve(values, gridsize=200, cut=3.0):
 
     values: (N,) -> (xs, ys), or None when the density is undefined (fewer than 2 distinct values).
     """
+    from scipy.stats import gaussian_kde  # here: only the density curves need scipy
     v = np.asarray(values, dtype=np.float64)
     if len(v) < 2 or np.ptp(v) == 0:
         return None
