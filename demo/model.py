@@ -37,10 +37,13 @@ class ShapesCNN(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(narrow, num_classes)
 
+    def head(self, features):
+        """Logits from the layer's input (the output of ``features``)."""
+        return self.fc(self.pool(self.relu(self.conv_out(features))).flatten(1))
+
     def forward_downsampled(self, x):
         """The net after its parameter-free 4 x 4 average pool (training caches the pooled images)."""
-        x = self.relu(self.conv_out(self.features(x)))
-        return self.fc(self.pool(x).flatten(1))
+        return self.head(self.features(x))
 
     def forward(self, x):
         return self.forward_downsampled(self.downsample(x))

@@ -34,6 +34,12 @@ def parse_args(argv=None):
     p.add_argument("--val_per_class", type=int, default=30, help="val images per class (default 30)")
     p.add_argument("--epochs", type=int, default=12, help="training epochs (default 12)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and the training (default 0)")
+    p.add_argument("--aux_weight", type=float, default=None,
+                   help="weight of the training-only classifier on the layer's input (default: demo/train.py's "
+                        "AUX_WEIGHT; 0: none)")
+    p.add_argument("--train_threads", type=int, default=None,
+                   help="torch threads while training (default: demo/train.py's THREADS, 2); another count "
+                        "rounds differently, as another CPU does")
     p.add_argument("--batch_size", type=int, default=64, help="--batch_size of the stage scripts (default 64)")
     p.add_argument("--num_workers", type=int, default=None, help="--num_workers of the stage scripts")
     p.add_argument("--proportion_attribution_required", type=float, default=0.1,
@@ -111,7 +117,9 @@ def main(argv=None):
 
     print(f"[2/6] training the demo CNN ({args.epochs} epochs)", flush=True)
     t = time.time()
-    training = train.train(data_dir, weights, epochs=args.epochs, seed=args.seed, log=lambda s: print("  " + s, flush=True))
+    options = {k: v for k, v in (("aux_weight", args.aux_weight), ("threads", args.train_threads)) if v is not None}
+    training = train.train(data_dir, weights, epochs=args.epochs, seed=args.seed, log=lambda s: print("  " + s, flush=True),
+                           **options)
     seconds["train"] = round(time.time() - t, 1)
 
     r = Runner(out)
@@ -174,7 +182,7 @@ def main(argv=None):
         "val_images_concept1": summary["val_images_concept1"], "val_images_concept2": summary["val_images_concept2"],
         "num_candidates": len(cands), "candidates_head": head, "candidates_json": cand_path,
         "stage2_thresholds": {"proportion_attribution_required": tau, "p": pp, "cos_sim_low": low, "cos_sim_high": high},
-        "training": {k: training[k] for k in ("epochs", "seed", "train_images", "val_images",
+        "training": {k: training[k] for k in ("epochs", "seed", "aux_weight", "threads", "train_images", "val_images",
                                              "train_accuracy", "val_accuracy")},
         "plots": {"density_concept1": os.path.join(out, "plots", "density_concept1.png"),
                   "density_concept2": os.path.join(out, "plots", "density_concept2.png"),
