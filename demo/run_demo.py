@@ -38,8 +38,8 @@ def parse_args(argv=None):
                    help="weight of the training-only classifier on the layer's input (default: demo/train.py's "
                         "AUX_WEIGHT; 0: none)")
     p.add_argument("--train_threads", type=int, default=None,
-                   help="torch threads while training (default: demo/train.py's THREADS, 2); another count "
-                        "rounds differently, as another CPU does")
+                   help="torch threads while training (default: demo/train.py's THREADS, 2, or 1 on a one-core "
+                        "machine); another count rounds differently, as another CPU does")
     p.add_argument("--batch_size", type=int, default=64, help="--batch_size of the stage scripts (default 64)")
     p.add_argument("--num_workers", type=int, default=None, help="--num_workers of the stage scripts")
     p.add_argument("--proportion_attribution_required", type=float, default=0.1,

@@ -62,20 +62,20 @@ def accuracy(model, x, y, batch_size=256):
 
 
 AUX_WEIGHT = 2.0
-# a fixed thread count: the thread count changes how sums are split, hence the rounding and the weights
+# a fixed thread count (not one per core): the count changes how sums are split, hence the rounding and the
+# weights, so machines with different numbers of cores train alike (1 thread where torch has only 1 core)
 THREADS = 2
 
 
 def train(data_dir, out, epochs=12, seed=0, batch_size=64, lr=4e-3, weight_decay=1e-4, aux_weight=AUX_WEIGHT,
-          threads=THREADS, log=print):
+          threads=None, log=print):
     """Train ShapesCNN on ``data_dir/train``, save its state dict to ``out``; returns a summary dict.
 
     ``aux_weight``: weight of the auxiliary classifier on the layer's input (0: none; see the module doc).
-    ``threads``: torch's intra-op threads while training (None: leave torch's setting alone).
+    ``threads``: torch's intra-op threads while training (None: THREADS, or fewer if torch has fewer).
     """
     previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(min(THREADS, previous) if threads is None else threads)
     try:
         return _train(data_dir, out, epochs, seed, batch_size, lr, weight_decay, aux_weight, log)
     finally:
@@ -139,7 +139,8 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--aux_weight", type=float, default=AUX_WEIGHT,
                    help=f"weight of the auxiliary classifier on the layer's input (default {AUX_WEIGHT}; 0: none)")
-    p.add_argument("--threads", type=int, default=THREADS, help=f"torch threads while training (default {THREADS})")
+    p.add_argument("--threads", type=int, default=None,
+                   help=f"torch threads while training (default {THREADS}, or 1 on a one-core machine)")
     a = p.parse_args()
     train(a.data_dir, a.out, a.epochs, a.seed, aux_weight=a.aux_weight, threads=a.threads)
 
