@@ -189,3 +189,39 @@ def replace_module(model, path, new):
     parent_path, _, name = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, name, new)
+
+
+def batchnorm_after(model, conv, example):
+    """The ``nn.BatchNorm2d`` that takes ``conv``'s output as its input, or None.
+
+    Found by running ``model`` once on ``example`` (a small (N, 3, H, W) batch) with hooks: the BatchNorm
+    whose input tensor *is* the conv's output tensor (identity, not equality, and unchanged since: an in-place op between them, e.g. ``relu_``, bumps its
+    version counter), as in ResNet's conv3 -> bn3. Otherwise no BatchNorm follows the layer directly.
+    """
+    seen, found = {}, []
+
+    def on_conv(module, inputs, output):
+        seen["out"], seen["version"] = output, output._version
+
+    def on_bn(module, inputs):  # the same tensor, and not changed in place since the conv wrote it
+        if "out" in seen and inputs[0] is seen["out"] and inputs[0]._version == seen["version"]:
+            found.append(module)
+
+    hooks = [conv.register_forward_hook(on_conv)]
+    hooks += [m.register_forward_pre_hook(on_bn) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return found[0] if found else None
+
+
+def batchnorm_affine(bn):
+    """Per-channel scale and shift of an eval-mode BatchNorm, BN(a) = scale * a + shift: two (C,) float64 tensors."""
+    var = bn.running_var.double()
+    weight = bn.weight.double() if bn.weight is not None else torch.ones_like(var)
+    bias = bn.bias.double() if bn.bias is not None else torch.zeros_like(var)
+    scale = weight / torch.sqrt(var + bn.eps)
+    return scale, bias - scale * bn.running_mean.double()
