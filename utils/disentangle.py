@@ -414,8 +414,8 @@ def score_splits(model, conv, splits, loader, device, progress=None):
                 ac["sums"][j - 1] += torch.where((cd == j)[:, None], terms, 0).sum(dim=0)
                 ac["counts"][j - 1] += int((concept == j).sum())
             inside = cd > 0
-            ac["pos"].append(pos[inside])
-            ac["concept"].append(cd[inside])
+            ac["pos"].append(pos)  # images of no concept are dropped at the end (no synchronisation here)
+            ac["concept"].append(cd)
             if s.channel is not None:
                 a_c = a[:, s.channel].float()
                 d = merged_map_difference(maps.reshape((n, nr, nf) + tuple(maps.shape[2:])), a_c)
@@ -425,6 +425,7 @@ def score_splits(model, conv, splits, loader, device, progress=None):
     for (_, _, nr, nf), ac in zip(banks, acc):
         pos = torch.cat(ac["pos"]).cpu() if ac["pos"] else torch.zeros((0, nr, nf))
         concept = torch.cat(ac["concept"]).cpu() if ac["concept"] else torch.zeros(0, dtype=torch.int64)
+        pos, concept = pos[concept > 0], concept[concept > 0]
         out.append(SplitScores(rho_scores_k([t.cpu() for t in ac["sums"]], ac["counts"]), list(ac["counts"]),
                                float(ac["diff"]), float(ac["amax"]), pos, concept.to(torch.int64)))
     return out
