@@ -345,10 +345,10 @@ def write_results(args, ctx, t, rho, path, name, sd, info, r, whole_val, concept
         print(f"wrote {out}/plots/top_images.png")
 
     if args.get_feature_vis:
-        images = (list(r["index"]), concept) if by_clusters else None
+        val_images = (list(r["index"]), concept) if by_clusters else None
         concept_lists = [[] for _ in range(k)] if by_clusters else t.concepts
         summary["feature_vis"] = featurevis.run_for_checkpoint(ctx, args, sd, c, concept_lists, run_name, out,
-                                                               images=images)["figure"]
+                                                               val_images=val_images)["figure"]
 
     fileio.write_json(os.path.join(out, "results_disentanglement", f"{run_name}_summary.json"), summary)
 

@@ -499,7 +499,8 @@ def test_three_concepts_by_classes_and_by_a_concepts_file(case, tmp_path):
     s4 = ok("get_results.py", "--data_dir", case.data, "--model_dir", store_dir, *MODEL, "--layer_of_interest", "conv3",
             "--channel_of_interest", 5, "--classes_for_concept1", 0, "--classes_for_concept2", 1,
             "--classes_for_concept3", 2, 3, "--get_qualitative", "--get_quantitative", "--get_top_images",
-            "--proportion_attribution_required", 0.0, "--out_dir", out)
+            "--proportion_attribution_required", 0.0, "--out_dir", out, "--get_feature_vis", "--fv_size", 24,
+            "--fv_steps", 2, "--fv_crops", 2, "--fv_spectrum_images", 8)
     summary = json.load(open(out / "results_disentanglement" /
                              f"{TAG}_channel5_classes1[0]_classes2[1]_classes3[2, 3]_f_best_unnormalized_summary.json"))
     assert [summary[f"val_images_concept{j}"] for j in (1, 2, 3)] == [4, 4, 8]
@@ -511,6 +512,12 @@ def test_three_concepts_by_classes_and_by_a_concepts_file(case, tmp_path):
     assert dens.count("\\begin{filecontents*}") == 4 and "disentangled3_c3.dat" in dens
     assert list(summary["top_images"]) == ["Original", "Disentangled 1", "Disentangled 2", "Disentangled 3"]
     assert not os.path.exists(out / "results_quantitative" / "quantitative_concept1_required0.0.txt")
+    fv = json.load(open(out / "results_disentanglement" /
+                        f"{TAG}_channel5_classes1[0]_classes2[1]_classes3[2, 3]_f_best_unnormalized_feature_vis.json"))
+    assert fv["targets"] == ["original", "D1", "D2", "D3"] and fv["classes3"] == [2, 3]
+    assert fv["titles"] == ["Original", "Disentangled 1", "Disentangled 2", "Disentangled 3"]
+    assert np.load(out / "results_disentanglement" / fv["images"]).shape == (4, 3, 24, 24)
+    assert {t["concept"] for t in fv["top_images"]["D3"]} <= {1, 2, 3} and "Disentangled 3" in s4.stdout
 
     # the same concepts as clusters: same ARVs, same filters, same scores
     y = np.load(os.path.join(store.store_folder(store_dir, TAG), "targets.npy"))
@@ -527,12 +534,17 @@ def test_three_concepts_by_classes_and_by_a_concepts_file(case, tmp_path):
     # stage 4 by clusters: val images by the nearest centroid among the top val images
     s4c = ok("get_results.py", "--data_dir", case.data, "--model_dir", store_dir, *MODEL, "--layer_of_interest",
              "conv3", "--channel_of_interest", 5, "--concepts_file", cfile, "--get_quantitative",
-             "--proportion_attribution_required", 0.0, "--out_dir", tmp_path / "outc")
+             "--proportion_attribution_required", 0.0, "--out_dir", tmp_path / "outc", "--get_feature_vis",
+             "--fv_size", 24, "--fv_steps", 2, "--fv_crops", 2, "--fv_spectrum_images", 8)
     csum = json.load(open(tmp_path / "outc" / "results_disentanglement" /
                           f"{TAG}_channel5_top24_clusters0-1-2_f_best_unnormalized_summary.json"))
     assert csum["clusters"] == [0, 1, 2] and csum["val_top_n"] == 16
     assert sum(csum[f"val_images_concept{j}"] for j in (1, 2, 3)) == 16
     assert "top 16 of 16 val images" in s4c.stdout
+    cfv = json.load(open(tmp_path / "outc" / "results_disentanglement" /
+                         f"{TAG}_channel5_top24_clusters0-1-2_f_best_unnormalized_feature_vis.json"))
+    assert [cfv[f"val_images_concept{j}"] for j in (1, 2, 3)] == [csum[f"val_images_concept{j}"] for j in (1, 2, 3)]
+    assert cfv["targets"] == ["original", "D1", "D2", "D3"] and cfv["val_images"] == 16
 
 
 def test_val_concepts_of_clusters_by_hand():

@@ -486,12 +486,12 @@ def _val_crop(path, box, cell):
         return np.asarray(im.crop(box).resize((cell, cell)), dtype=np.float64) / 255
 
 
-def run_for_checkpoint(ctx, args, state_dict, channel, concepts, run_name, out_dir, images=None):
+def run_for_checkpoint(ctx, args, state_dict, channel, concepts, run_name, out_dir, val_images=None):
     """Stage 4's --get_feature_vis: visualize the original channel and every disentangled map of the
     checkpoint (T = k + 1 targets: original, D1 .. Dk), rank the concepts' val images by each target, and write
     the figure, the raw images, the transparency maps and ``results_disentanglement/{run}_feature_vis.json``.
 
-    concepts: the k class lists of the concepts (val images of concept j: those of its classes); images:
+    concepts: the k class lists of the concepts (val images of concept j: those of its classes); val_images:
     instead, (dataset indices, concept ids 1..k) of the val images to rank (concepts given as clusters).
     Returns the record."""
     from . import plots
@@ -511,15 +511,15 @@ def run_for_checkpoint(ctx, args, state_dict, channel, concepts, run_name, out_d
 
     ds = ctx.dataset
     unreadable = "skip" if getattr(args, "skip_unreadable", False) else "error"
-    if images is None:
+    if val_images is None:
         wanted = data.indices_of_classes(ds, [y for c in concepts for y in c])
     else:
-        of_index = {int(i): int(j) for i, j in zip(*images)}
+        of_index = {int(i): int(j) for i, j in zip(*val_images)}
         wanted = sorted(of_index)
     kept, vals, poss, map_size = scan_val(model, conv, weights, bias, ds, wanted, args.batch_size, device, workers,
                                           unreadable)
     rf, _ = receptive_field(model, conv, INPUT_SIZE, device)
-    if images is None:
+    if val_images is None:
         labels = np.asarray([ds.targets[i] for i in kept])
         concept = np.zeros(len(kept), dtype=np.int64)
         for j in range(len(concepts), 0, -1):
@@ -550,7 +550,7 @@ def run_for_checkpoint(ctx, args, state_dict, channel, concepts, run_name, out_d
         with open(fig, "rb") as src, open(tmp, "wb") as dst:
             dst.write(src.read())
     record = {"model": ctx.model_spec, "layer": ctx.layer_path, "channel": channel,
-              **({f"classes{j}": c for j, c in enumerate(concepts, start=1)} if images is None else
+              **({f"classes{j}": c for j, c in enumerate(concepts, start=1)} if val_images is None else
                  {f"val_images_concept{j}": int((concept == j).sum()) for j in range(1, len(names))}),
               "targets": names, "titles": [title_of(n) for n in names],
               "activation": act.tolist(), "val_max": [float(v) for v in vals.max(axis=0)],
