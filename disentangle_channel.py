@@ -9,6 +9,13 @@ All the paper's triples in one process (one model load, one pass over the union 
 the files are byte-identical to one run per triple):
   python disentangle_channel.py --data_dir /data/imagenet --store_dir /data/store --model resnet50 \
       --nr_channels_in_layer_of_interest 2048 --triples paper_triples.txt
+
+Three (up to six) concepts, or the clusters of a concepts file (get_cosine_similarities.py --label_free);
+--rho_score robust picks the best rho by the bounded score (both choices are always printed):
+  python disentangle_channel.py ... --channel_disentangle 1660 --classes_for_concept1 530 \
+      --classes_for_concept2 938 --classes_for_concept3 409,892
+  python disentangle_channel.py ... --channel_disentangle 1660 \
+      --concepts_file /data/store/results_get_cosine_similarities/resnet50_concepts_top100.json --clusters 0 2
 """
 import argparse
 import os
@@ -19,7 +26,7 @@ from tqdm import tqdm
 
 from utils import cli, clusters, context, data, disentangle, fileio, similarities, store
 from utils.disentangle import RHOS
-from utils.triples import check_triples, class_batches, triples_from_args, union_classes
+from utils.triples import check_triples, class_batches, triples_from_args
 
 HINT = (": the store read it, so the file changed since stage 1; restore it, or rerun stage 1 with "
         "--skip_unreadable into a new --store_dir")
@@ -104,7 +111,7 @@ def check_networks(ctx, model, targets, triples, splits, found, choices, n_image
     return runs
 
 
-def concepts_from_args(args, p):
+def concepts_from_args(args):
     """The jobs of the command line: Triples (classes; --triples or the per-triple flags plus
     --classes_for_concept3..6) or one ClusterConcepts (--concepts_file), checked later against the store."""
     more = [getattr(args, f"classes_for_concept{j}") for j in MORE_CONCEPTS]
@@ -172,7 +179,7 @@ def main():
                    help="also write the whole disentangled network's state dict (…_f_best_model.pth) and how to "
                         "rebuild it (…_f_best_model.json); utils.disentangle.load_disentangled_model builds it")
     args = p.parse_args()
-    triples = concepts_from_args(args, p)
+    triples = concepts_from_args(args)
     if args.exactness_images < 1:
         raise cli.UserError("--exactness_images must be at least 1")
 

@@ -1,4 +1,4 @@
-r"""Stage 4: how well a disentangled channel separates its two concepts, on the val images.
+r"""Stage 4: how well a disentangled channel separates its concepts (two, or k), on the val images.
 
 Example (the paper's quantitative table uses tau = 0.03):
   python get_results.py --data_dir /data/imagenet --model_dir /data/store --model resnet50 \
@@ -10,6 +10,12 @@ the files are those of one run per triple in file order, byte for byte):
   python get_results.py --data_dir /data/imagenet --model_dir /data/store --model resnet50 \
       --nr_channels_in_layer_of_interest 2048 --layer_of_interest layer4.2.conv3 --triples paper_triples.txt \
       --get_quantitative --proportion_attribution_required 0.03
+
+A k-way checkpoint (k is read from it): the same concepts as given to stage 3, e.g.
+  python get_results.py ... --channel_of_interest 1660 --classes_for_concept1 530 --classes_for_concept2 938 \
+      --classes_for_concept3 409 892 --get_qualitative --get_quantitative
+  python get_results.py ... --channel_of_interest 1660 --concepts_file \
+      /data/store/results_get_cosine_similarities/resnet50_concepts_top100.json --clusters 0 2 --get_quantitative
 """
 import argparse
 import os

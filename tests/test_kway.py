@@ -545,6 +545,21 @@ def test_three_concepts_by_classes_and_by_a_concepts_file(case, tmp_path):
                          f"{TAG}_channel5_top24_clusters0-1-2_f_best_unnormalized_feature_vis.json"))
     assert [cfv[f"val_images_concept{j}"] for j in (1, 2, 3)] == [csum[f"val_images_concept{j}"] for j in (1, 2, 3)]
     assert cfv["targets"] == ["original", "D1", "D2", "D3"] and cfv["val_images"] == 16
+    # stage 4 refuses another concepts file (same clusters, other bytes), another channel, another model's file
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(dict(json.load(open(cfile)), k="auto")))
+    wrong = tmp_path / "wrong_weights.json"
+    concepts_file(wrong, store_dir, 5, groups, {"weights_sha256": "0" * 64})
+    common = ["--data_dir", case.data, "--model_dir", store_dir, *MODEL, "--layer_of_interest", "conv3",
+              "--get_quantitative", "--out_dir", tmp_path / "refused"]
+    before = tree_bytes(store_dir)
+    for extra, words in (([5, "--concepts_file", other], "another concepts file"),
+                         ([6, "--concepts_file", cfile], "channel 6 is not in the file"),
+                         ([5, "--concepts_file", wrong], "another store or model")):
+        proc = run_inproc("get_results.py", *common, "--channel_of_interest", *extra)
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert proc.returncode == 2 and len(lines) == 1 and words in lines[0], proc.stderr
+    assert tree_bytes(store_dir) == before and not os.path.exists(tmp_path / "refused")
 
 
 def test_val_concepts_of_clusters_by_hand():
