@@ -102,6 +102,60 @@ def test_demo_feature_visualizations_show_each_concept(demo_run):
     assert "feature visualizations" in stdout
 
 
+def third_concept(cands, channel, y1, y2):
+    """The class the channel uses (in a candidate pair) whose larger cosine with y1 and y2 is smallest; both
+    pairs must be candidates (below the cosine bound). None if there is no such class."""
+    cos = {frozenset((d["class1"], d["class2"])): d["cosine_similarity"] for d in cands if d["channel"] == channel}
+    used = set().union(*cos) - {y1, y2} if cos else set()
+    ok = [(max(cos[frozenset((y, y1))], cos[frozenset((y, y2))]), y) for y in sorted(used)
+          if frozenset((y, y1)) in cos and frozenset((y, y2)) in cos]
+    return min(ok)[1] if ok else None
+
+
+def test_demo_three_concept_split_separates_each_concept(demo_run, tmp_path):
+    """Issue 11: a 3-concept split of the chosen channel by classes (the third: the used class least like the
+    two chosen) gives each concept's own map at least 1.5 times the largest other map on its val images
+    (mean pos), with the logits unchanged; mean pos recomputed here from the checkpoint."""
+    out, rep, _ = demo_run
+    with open(rep["candidates_json"]) as f:
+        cands = json.load(f)["candidates"]
+    c, y1, y2 = rep["channel"], rep["class1_index"], rep["class2_index"]
+    y3 = third_concept(cands, c, y1, y2)
+    assert y3 is not None, "the chosen channel uses no third class"
+    flags = ["--data_dir", os.path.join(out, "data"), "--model", MODEL, "--weights", os.path.join(out, "model.pth"),
+             "--num_workers", 0, "--classes_for_concept1", y1, "--classes_for_concept2", y2,
+             "--classes_for_concept3", y3]
+    run_script("disentangle_channel.py", *flags, "--store_dir", os.path.join(out, "store"), "--channel_disentangle", c)
+    name = f"demo_model_shapes_cnn_channel{c}_classes1[{y1}]_classes2[{y2}]_classes3[{y3}]"
+    folder = os.path.join(out, "store", "models_disentangled")
+    with open(os.path.join(folder, name + "_info.json")) as f:
+        info = json.load(f)
+    assert info["exact"] is True and info["max_logit_diff"] <= 1e-4
+    D = torch.load(os.path.join(folder, name + "_f_best_unnormalized.pth"), weights_only=True)["disentangled.weight"]
+    assert D.shape[0] == 4  # D1, D2, D3, R
+    from demo.model import shapes_cnn
+    model = shapes_cnn()
+    model.load_state_dict(torch.load(os.path.join(out, "model.pth"), weights_only=True))
+    model.eval()
+    tf = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
+                             transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    names = sorted(os.listdir(os.path.join(out, "data", "val")))
+    for j, y in enumerate((y1, y2, y3)):
+        folder_y = os.path.join(out, "data", "val", names[y])
+        x = torch.stack([tf(Image.open(os.path.join(folder_y, f)).convert("RGB")) for f in sorted(os.listdir(folder_y))])
+        with torch.no_grad():
+            pos = F.conv2d(model.features(model.downsample(x)), D[:3], model.conv_out.bias[c].repeat(3))
+            mean_pos = pos.clamp_min(0).sum(dim=(2, 3)).mean(dim=0)  # (3,) over the class's val images
+        others = torch.cat([mean_pos[:j], mean_pos[j + 1:]])
+        assert mean_pos[j] >= 1.5 * others.max(), (names[y], mean_pos.tolist())
+    # stage 4 reads k = 3 from the checkpoint and agrees
+    run_script("get_results.py", *flags, "--model_dir", os.path.join(out, "store"), "--channel_of_interest", c,
+               "--get_qualitative", "--out_dir", str(tmp_path))
+    with open(tmp_path / "results_disentanglement" / (name + "_f_best_unnormalized_summary.json")) as f:
+        summary = json.load(f)
+    assert all(summary[f"sep_concept{j}"] >= 1.5 for j in (1, 2, 3)), summary
+
+
 def _layer_positions(out):
     """H' x W' of the demo's layer on a 224 x 224 input."""
     from demo.model import shapes_cnn
