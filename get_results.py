@@ -17,7 +17,7 @@ import os
 import numpy as np
 import torch
 
-from utils import cli, context, data, evaluation, featurevis, fileio, store
+from utils import cli, context, data, evaluation, featurevis, fileio, sae_view, store
 from utils.disentangle import checkpoint_name
 from utils.triples import check_triples, triples_from_args, union_classes
 
@@ -96,6 +96,7 @@ def main():
     p.add_argument("--out_dir", default=".",
                    help="folder for plots/, results_disentanglement/, results_quantitative/ (default: working directory)")
     featurevis.add_args(p)  # --get_feature_vis and its --fv_* flags
+    sae_view.add_args(p)  # --get_sae_view and its --sae_* flags
     args = p.parse_args()
     triples = triples_from_args(args.triples, args.channel_of_interest, args.classes_for_concept1,
                                 args.classes_for_concept2, "--channel_of_interest", cli.parse_classes)
@@ -104,6 +105,7 @@ def main():
 
     ctx = context.setup(args, split="val")
     check_triples(ctx, triples, "--channel_of_interest")
+    sae_view.check_args(args, ctx.conv)
     ds = ctx.dataset
     rho = "best" if args.f is None else args.f
     summary_of_val = data.dataset_summary(ds)
@@ -227,6 +229,9 @@ def write_results(args, ctx, t, rho, path, name, sd, info, r, whole_val):
 
     if args.get_feature_vis:
         summary["feature_vis"] = featurevis.run_for_checkpoint(ctx, args, sd, c, s1, s2, run_name, out)["figure"]
+
+    if args.get_sae_view:
+        summary["sae_view"] = sae_view.run_for_channel(ctx, args, c, s1 + s2, run_name, out)["figure"]
 
     fileio.write_json(os.path.join(out, "results_disentanglement", f"{run_name}_summary.json"), summary)
 
