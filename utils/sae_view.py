@@ -76,7 +76,8 @@ def check_args(args, conv):
 
 
 def settings_of(args):
-    return {k: getattr(args, k) for k in DEFAULTS}
+    """The --sae_* settings and the image batch size (the sampling draws batch by batch)."""
+    return dict({k: getattr(args, k) for k in DEFAULTS}, batch_size=args.batch_size)
 
 
 def record_of(ctx, train_ds, settings):
