@@ -167,8 +167,8 @@ def run_seed(args, seed):
         candidates = json.load(f)["candidates"]
     ns = SimpleNamespace(device=args.device, gpu=None, model=MODEL, weights=weights, layer_of_interest="last_conv",
                          nr_channels_in_layer_of_interest=None, batch_size=64, data_dir=data_dir, model_dir=store,
-                         num_workers=0, **{k: getattr(args, k) for k in sae_view.DEFAULTS})
-    ns.sae_seed = seed
+                         num_workers=0, sae_seed=seed,
+                         **{k: getattr(args, k) for k in sae_view.DEFAULTS if k != "sae_seed"})
     ctx = context.setup(ns, split="val")
     for p in ctx.model.parameters():
         p.requires_grad_(False)

@@ -254,8 +254,8 @@ def run_for_channel(ctx, args, channel, classes, run_name, out_dir):
         rows.append((f"f{ft['feature']}: {ft['share']:.0%}", [(p, c) for p, c in zip(imgs, ft["top_image_classes"])]))
     scope = "all val images" if args.top_images_all_val else "val images of the concepts"
     fig = os.path.join(out_dir, "plots", f"sae_view_{run_name}.png")
-    plots.contact_sheet(fig, rows, title=f"{ctx.tag} {ctx.layer_path} channel {channel}: SAE features by share of "
-                                         f"pos(channel) on its top {len(top_images)} {scope}; each row its top images")
+    plots.contact_sheet(fig, rows, title=f"{ctx.tag} {ctx.layer_path} channel {channel}: SAE features by share of pos(channel) "
+                                         f"on its top {len(top_images)} images ({scope}); each row its top images")
     record = {"model": ctx.model_spec, "layer": ctx.layer_path, "channel": channel, "sae": path, "sae_reused": reused,
               "settings": settings_of(args), "training": info, "dictionary": m, "k": args.sae_k,
               "scope": scope, "val_images": int(len(kept)), "channel_top_images": [data.relative_name(ds, i) for i in top_images],
