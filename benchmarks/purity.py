@@ -142,13 +142,12 @@ def kway_units(env, c):
 
 def pure_units(env, c):
     """Virtual neurons: pos(a[c]) on the val images whose ARV is nearest to cluster j's centroid, else 0."""
-    from utils import concepts as C
     from utils.similarities import arv
     _, ch = concepts_file(env, c)
     conv = env.ctx.conv
     r = arv(conv.weight[c].detach(), attribution.conv_patch_sums(env.x, conv))
-    member = C.nearest_centroid(r, torch.tensor([cl["centroid"] for cl in ch["clusters"]])).numpy()
-    return {f"cluster {j}": np.where(member == j, env.pos_channel[c], 0.0) for j in range(len(ch["clusters"]))}
+    pos = purity.virtual_neurons(env.pos_channel[c], r, [cl["centroid"] for cl in ch["clusters"]])
+    return {f"cluster {j}": p for j, p in enumerate(pos)}
 
 
 def unit_kinds(n_features):

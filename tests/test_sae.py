@@ -124,6 +124,14 @@ def test_purity_and_share_on_a_hand_built_case():
     assert purity.share_of_channel([1, 2], [3, 3]) == 0.5
 
 
+def test_virtual_neurons_split_the_channel_by_nearest_centroid():
+    arvs = np.array([[2.0, 0, 0], [0, 3, 1], [1, 0, 0.1], [0, 1, 0]])
+    centroids = np.array([[1.0, 0, 0], [0, 0.75, 0.25]])
+    v = purity.virtual_neurons([4.0, 3, 2, 1], arvs, centroids)
+    assert v.tolist() == [[4, 0, 2, 0], [0, 3, 0, 1]]
+    assert v.sum(axis=0).tolist() == [4, 3, 2, 1]  # together: the channel
+
+
 # ----------------------------------------------------------------------------- stage 4's --get_sae_view
 @pytest.fixture(scope="module")
 def sae_run(image_root, tmp_path_factory):
@@ -165,10 +173,12 @@ def test_stage4_sae_view_reuses_the_sae_with_the_same_settings_only(sae_run, ima
     assert proc.returncode == 0, proc.stderr
     _, again = _view(out + "_again")
     assert again["sae_reused"] is True and again["sae"] == first["sae"] and again["features"] == first["features"]
-    proc = run_inproc("get_results.py", *_stage4_args(image_root, store, out + "_seed1", *SAE_SMALL, "--sae_seed", 1))
+    proc = run_inproc("get_results.py", *_stage4_args(image_root, store, out + "_seed1", *SAE_SMALL, "--sae_seed", 1,
+                                                      "--sae_train_images", 8))
     assert proc.returncode == 0, proc.stderr
     _, other = _view(out + "_seed1")
     assert other["sae_reused"] is False and other["sae"] != first["sae"]
+    assert other["training"]["train_images"] == 8 and other["training"]["vectors"] == 8 * 3
 
 
 @pytest.mark.parametrize("extra,words", [(["--sae_k", 17], ("--sae_k", "16")),
@@ -179,3 +189,17 @@ def test_bad_sae_flags_are_refused_and_nothing_is_damaged(sae_run, image_root, e
     before, saes = tree_bytes(out), sorted(os.listdir(os.path.join(store, "sae")))
     refuse("get_results.py", *_stage4_args(image_root, store, out, *SAE_SMALL, *extra), words=words)
     assert tree_bytes(out) == before and sorted(os.listdir(os.path.join(store, "sae"))) == saes
+
+
+def test_an_sae_of_another_data_set_or_setting_is_never_reused(image_root, tmp_path):
+    from types import SimpleNamespace
+    from tests.conftest import make_image_folder
+    from utils import data, sae_view
+    other = make_image_folder(str(tmp_path / "other"), seed=5)  # the same class folders and file names, other pixels
+    ctx = SimpleNamespace(model_spec="m", weights_sha256="w", layer_path="conv_out", conv=nn.Conv2d(2, 2, 1))
+    settings = dict(sae_view.DEFAULTS, batch_size=64)
+    key = lambda root, st: sae_view.record_of(ctx, data.image_folder(root, "train"), st)[1]
+    assert key(image_root, settings) == key(image_root, dict(settings))
+    assert key(other, settings) != key(image_root, settings)
+    assert key(image_root, dict(settings, sae_k=4)) != key(image_root, settings)
+    assert key(image_root, dict(settings, batch_size=32)) != key(image_root, settings)

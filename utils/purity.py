@@ -39,6 +39,17 @@ def share_of_channel(pos_unit, pos_channel):
     return float(np.sum(np.asarray(pos_unit, dtype=np.float64)) / total) if total > 0 else float("nan")
 
 
+def virtual_neurons(pos_channel, arvs, centroids):
+    """PURE-style virtual neurons of a channel: neuron j keeps the channel's mass on the images whose
+    L1-normalised ARV is nearest to centroid j (utils.concepts.nearest_centroid), 0 on the others.
+    pos_channel (N,), arvs (N, C_in), centroids (k, C_in) -> (k, N) float64."""
+    import torch
+    from .concepts import nearest_centroid
+    member = nearest_centroid(torch.as_tensor(arvs), torch.as_tensor(centroids)).numpy()
+    pos = np.asarray(pos_channel, dtype=np.float64)
+    return np.stack([np.where(member == j, pos, 0.0) for j in range(len(centroids))])
+
+
 def colour_texture(class_names):
     """Group ids of colour and texture per class from names '<colour>_<texture>': two (K,) int arrays."""
     parts = [name.split("_", 1) for name in class_names]
