@@ -119,7 +119,10 @@ def load_or_train(ctx, args, device):
     path = os.path.join(args.model_dir, "sae", f"sae_{key}.pt")
     m = args.sae_expansion * ctx.conv.in_channels
     if os.path.isfile(path):
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 -- unreadable: train anew and replace it
+            saved = {"meta": "null"}
         if json.loads(saved["meta"]) == meta:
             sae = S.TopKSAE(ctx.conv.in_channels, m, args.sae_k)
             sae.load_state_dict(saved["state_dict"])
