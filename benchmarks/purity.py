@@ -127,8 +127,9 @@ def kway_units(env, c):
         if "--concepts_file" not in f.read():
             raise NotAvailable("disentangle_channel.py has no --concepts_file in this checkout (issue 11)")
     path, _ = concepts_file(env, c)
-    found = lambda: sorted(set(glob.glob(os.path.join(env.store, "models_disentangled", f"{TAG}_channel{c}_*best*.pth")))
-                           - set(glob.glob(os.path.join(env.store, "models_disentangled", f"{TAG}_channel{c}_classes1*"))))
+    # utils.disentangle.cluster_checkpoint_name: {tag}_channel{c}_top{N}_clusters0-1-2_f_best_unnormalized.pth
+    found = lambda: sorted(glob.glob(os.path.join(env.store, "models_disentangled",
+                                                  f"{TAG}_channel{c}_top*_clusters*_f_best_unnormalized.pth")))
     if not found():
         script("disentangle_channel.py", env.common + ["--store_dir", env.store, "--channel_disentangle", c,
                                                        "--concepts_file", path])
