@@ -223,13 +223,15 @@ def contributions_on(model, conv, sae, channel, ds, indices, batch_size, device)
 
 def run_for_channel(ctx, args, channel, classes, run_name, out_dir):
     """Stage 4's --get_sae_view for one channel: the SAE (trained or reused), the features that drive the
-    channel on its top val images, the figure and ``results_disentanglement/{run}_sae_view.json``."""
+    channel on its top val images (among those of ``classes``; None or --top_images_all_val: all val images),
+    the figure and ``results_disentanglement/{run}_sae_view.json``."""
     from . import plots
     start = time.time()
     device, model, conv, ds = ctx.device, ctx.model.to(ctx.device), ctx.conv, ctx.dataset
     sae, info, path, reused = load_or_train(ctx, args, device)
     print(f"SAE view: {'reusing' if reused else 'trained'} the SAE {path}")
-    indices = list(range(len(ds))) if args.top_images_all_val else data.indices_of_classes(ds, classes)
+    whole = args.top_images_all_val or classes is None
+    indices = list(range(len(ds))) if whole else data.indices_of_classes(ds, classes)
     workers = default_workers(args.num_workers)
     unreadable = "skip" if args.skip_unreadable else "error"
     sc = scan(model, conv, sae, channel, ds, indices, args.batch_size, device, workers, unreadable, args.top_k)
@@ -255,7 +257,7 @@ def run_for_channel(ctx, args, channel, classes, run_name, out_dir):
     for ft in features:
         imgs = [os.path.join(os.path.dirname(ds.root), p) for p in ft["top_images"]]
         rows.append((f"f{ft['feature']}: {ft['share']:.0%}", [(p, c) for p, c in zip(imgs, ft["top_image_classes"])]))
-    scope = "all val images" if args.top_images_all_val else "val images of the concepts"
+    scope = "all val images" if whole else "val images of the concepts"
     fig = os.path.join(out_dir, "plots", f"sae_view_{run_name}.png")
     plots.contact_sheet(fig, rows, title=f"{ctx.tag} {ctx.layer_path} channel {channel}: SAE features by share of pos(channel) "
                                          f"on its top {len(top_images)} images ({scope}); each row its top images")
