@@ -6,6 +6,7 @@ when OUT/seed{s}/report.json exists), then for every channel that stage 2 lists 
   original   the channel itself;
   paper      D1 and D2 of stage 3 (disentangle_channel.py, run through its command line) for the channel's
              lowest-cosine class pair;
+  k classes  D_1..D_k of stage 3 with one concept per class that stage 2 lists for the channel;
   SAE top-N  the N features with the largest mean pos(contribution to the channel) on its 32 top val images
              (utils/sae.py; the SAE of get_results.py --get_sae_view with the same settings, trained once per
              seed and kept in the store), each unit being the feature's contribution map conv(f_j, K_j);
@@ -97,6 +98,22 @@ def paper_units(env, c):
     return {f"D1 ({names[y1]})": pos[:, 0].numpy(), f"D2 ({names[y2]})": pos[:, 1].numpy()}
 
 
+def kway_classes_units(env, c):
+    """D_1..D_k of stage 3 with one concept per class that stage 2 lists for the channel (k = 2..4 here;
+    disentangle_channel.py --classes_for_concept3.. of main's k-way stage 3)."""
+    from utils.disentangle import checkpoint_name_k
+    classes = sorted({y for d in env.candidates if d["channel"] == c for y in (d["class1"], d["class2"])})
+    concepts = [[y] for y in classes]
+    path = os.path.join(env.store, "models_disentangled", checkpoint_name_k(TAG, c, concepts, "best"))
+    if not os.path.isfile(path):
+        flags = [a for j, y in enumerate(classes, start=1) for a in (f"--classes_for_concept{j}", y)]
+        script("disentangle_channel.py", env.common + ["--store_dir", env.store, "--channel_disentangle", c] + flags)
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    d, b = sd["disentangled.weight"][:-1], sd.get("disentangled.bias")
+    pos = positive_mass(filter_maps(env.x, env.ctx.conv, d, None if b is None else b[:-1])).numpy()
+    return {f"D{j + 1} ({env.names[y]})": pos[:, j] for j, y in enumerate(classes)}
+
+
 def sae_units(env, c, n_features):
     """The n features with the largest mean pos(contribution) on the channel's top val images."""
     conv = env.ctx.conv
@@ -153,6 +170,7 @@ def pure_units(env, c):
 
 def unit_kinds(n_features):
     return [("original", original_units), ("paper split (D1, D2)", paper_units),
+            ("k-way split by stage 2's classes", kway_classes_units),
             (f"SAE top-{n_features} features", lambda env, c: sae_units(env, c, n_features)),
             ("SAE top-8 features", lambda env, c: sae_units(env, c, 8)),
             ("k-way split (label-free concepts)", kway_units), ("PURE virtual neurons", pure_units)]
