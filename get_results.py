@@ -23,7 +23,7 @@ import os
 import numpy as np
 import torch
 
-from utils import cli, clusters, context, data, disentangle, evaluation, featurevis, fileio, store
+from utils import cli, clusters, context, data, disentangle, evaluation, featurevis, fileio, sae_view, store
 from utils.triples import check_triples, triples_from_args, union_classes
 
 
@@ -176,6 +176,7 @@ def main():
     p.add_argument("--out_dir", default=".",
                    help="folder for plots/, results_disentanglement/, results_quantitative/ (default: working directory)")
     featurevis.add_args(p)  # --get_feature_vis and its --fv_* flags
+    sae_view.add_args(p)  # --get_sae_view and its --sae_* flags
     args = p.parse_args()
     triples = jobs_from_args(args)
     if args.top_k < 1:
@@ -190,6 +191,7 @@ def main():
                                                args.clusters, keys=clusters.MODEL_KEYS)]
     else:
         check_triples(ctx, triples, "--channel_of_interest")
+    sae_view.check_args(args, ctx.conv)
     ds = ctx.dataset
     rho = "best" if args.f is None else args.f
     summary_of_val = data.dataset_summary(ds)
@@ -355,6 +357,10 @@ def write_results(args, ctx, t, rho, path, name, sd, info, r, whole_val, concept
         concept_lists = [[] for _ in range(k)] if by_clusters else t.concepts
         summary["feature_vis"] = featurevis.run_for_checkpoint(ctx, args, sd, c, concept_lists, run_name, out,
                                                                val_images=val_images)["figure"]
+
+    if args.get_sae_view:
+        scope = None if by_clusters else [y for cl in t.concepts for y in cl]  # clusters: every val image
+        summary["sae_view"] = sae_view.run_for_channel(ctx, args, c, scope, run_name, out)["figure"]
 
     fileio.write_json(os.path.join(out, "results_disentanglement", f"{run_name}_summary.json"), summary)
 

@@ -1,0 +1,293 @@
+"""Which way of splitting a polysemantic channel gives purer units? Scored on the demo, where every image's
+true concepts are known (its class is a colour x texture pair).
+
+For each seed (data, training and SAE): the demo's data, model and stages 1-4 (demo/run_demo.py; reused
+when OUT/seed{s}/report.json exists), then for every channel that stage 2 lists as polysemantic:
+  original   the channel itself;
+  paper      D1 and D2 of stage 3 (disentangle_channel.py, run through its command line) for the channel's
+             lowest-cosine class pair;
+  k classes  D_1..D_k of stage 3 with one concept per class that stage 2 lists for the channel;
+  SAE top-N  the N features with the largest mean pos(contribution to the channel) on its 32 top val images
+             (utils/sae.py; the SAE of get_results.py --get_sae_view with the same settings, trained once per
+             seed and kept in the store), each unit being the feature's contribution map conv(f_j, K_j);
+  k-way      D_1..D_k of the split by label-free concepts (get_cosine_similarities.py --label_free,
+             disentangle_channel.py --concepts_file: issue 11);
+  PURE       virtual neurons: the channel's map on the val images whose ARV is nearest to cluster j's
+             centroid (utils.concepts.nearest_centroid), zero elsewhere.
+Every unit is scored on all val images by utils/purity.py: activation-weighted purity over classes,
+colours and textures, top-N purity (N = val images per class) and its share of the channel's positive mass.
+Unit kinds whose code is not there yet print "not available".
+
+  python benchmarks/purity.py [--out bench_out/purity] [--seeds 0 1 2] [--json FILE]
+"""
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from utils import attribution, context, data, purity, sae as S, sae_view  # noqa: E402
+from utils.cli import UserError  # noqa: E402
+from utils.disentangle import checkpoint_name, filter_maps, positive_mass  # noqa: E402
+from utils.evaluation import top_k  # noqa: E402
+
+MODEL = "demo.model:shapes_cnn"
+TAG = "demo_model_shapes_cnn"
+METRICS = ("purity", "purity_colour", "purity_texture", "top_n_purity", "share")
+
+
+class NotAvailable(Exception):
+    """A unit kind whose code is not in this checkout (the message says what is missing)."""
+
+
+def script(name, args):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, name)] + [str(a) for a in args], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return proc.stdout
+
+
+def demo_run(folder, seed):
+    """The demo's data, model and stages (trained by demo/run_demo.py if absent). Returns its report."""
+    path = os.path.join(folder, "report.json")
+    if not os.path.isfile(path):
+        from demo import run_demo
+        run_demo.main(["--out", folder, "--seed", str(seed)])
+    with open(path) as f:
+        return json.load(f)
+
+
+def val_inputs(ctx, batch_size):
+    """The layer's input on every val image: x (N, C_in, H, W), labels (N,)."""
+    ds = ctx.dataset
+    xs, ys = [], []
+    loader = data.make_loader(ds, data.batches_of(list(range(len(ds))), batch_size), 0, ctx.device)
+    for images, labels in loader:
+        xs.append(attribution.layer_input(ctx.model, ctx.conv, images.to(ctx.device)).float())
+        ys.append(labels)
+    return torch.cat(xs), torch.cat(ys).numpy()
+
+
+# ----------------------------------------------------------------------------- unit kinds
+def original_units(env, c):
+    return {"channel": env.pos_channel[c]}
+
+
+def paper_units(env, c):
+    """D1, D2 of stage 3 for the channel's lowest-cosine class pair (run if its checkpoint is missing)."""
+    pair = min((d for d in env.candidates if d["channel"] == c), key=lambda d: d["cosine_similarity"])
+    y1, y2 = pair["class1"], pair["class2"]
+    path = os.path.join(env.store, "models_disentangled", checkpoint_name(TAG, c, [y1], [y2], "best"))
+    if not os.path.isfile(path):
+        script("disentangle_channel.py", env.common + ["--store_dir", env.store, "--channel_disentangle", c,
+                                                       "--classes_for_concept1", y1, "--classes_for_concept2", y2])
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    pos = positive_mass(filter_maps(env.x, env.ctx.conv, sd["disentangled.weight"][:2],
+                                    None if sd.get("disentangled.bias") is None else sd["disentangled.bias"][:2]))
+    names = env.names
+    return {f"D1 ({names[y1]})": pos[:, 0].numpy(), f"D2 ({names[y2]})": pos[:, 1].numpy()}
+
+
+def kway_classes_units(env, c):
+    """D_1..D_k of stage 3 with one concept per class that stage 2 lists for the channel (k = 2..4 here;
+    disentangle_channel.py --classes_for_concept3.. of main's k-way stage 3)."""
+    from utils.disentangle import checkpoint_name_k
+    classes = sorted({y for d in env.candidates if d["channel"] == c for y in (d["class1"], d["class2"])})
+    concepts = [[y] for y in classes]
+    path = os.path.join(env.store, "models_disentangled", checkpoint_name_k(TAG, c, concepts, "best"))
+    if not os.path.isfile(path):
+        flags = [a for j, y in enumerate(classes, start=1) for a in (f"--classes_for_concept{j}", y)]
+        script("disentangle_channel.py", env.common + ["--store_dir", env.store, "--channel_disentangle", c] + flags)
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    d, b = sd["disentangled.weight"][:-1], sd.get("disentangled.bias")
+    pos = positive_mass(filter_maps(env.x, env.ctx.conv, d, None if b is None else b[:-1])).numpy()
+    return {f"D{j + 1} ({env.names[y]})": pos[:, j] for j, y in enumerate(classes)}
+
+
+def sae_units(env, c, n_features):
+    """The n features with the largest mean pos(contribution) on the channel's top val images."""
+    conv = env.ctx.conv
+    with torch.no_grad():
+        f = S.feature_maps(env.sae, env.x)
+        pos = positive_mass(S.channel_contributions(f, conv, conv.weight[c].detach(), env.sae.W_dec)).numpy()
+    top = top_k(env.pos_channel[c], sae_view.TOP_OF_CHANNEL)
+    mean = pos[top].mean(axis=0)
+    return {f"f{j}": pos[:, j] for j in top_k(mean, n_features) if mean[j] > 0}
+
+
+def concepts_file(env, c):
+    """The label-free concepts of channel c (issue 11's get_cosine_similarities.py --label_free)."""
+    with open(os.path.join(ROOT, "get_cosine_similarities.py")) as f:
+        if "--label_free" not in f.read():
+            raise NotAvailable("get_cosine_similarities.py has no --label_free in this checkout (issue 11)")
+    path = os.path.join(env.store, "results_get_cosine_similarities", f"{TAG}_concepts_top100.json")
+    concepts = json.load(open(path)) if os.path.isfile(path) else {"channels": {}}
+    if str(c) not in concepts["channels"]:
+        script("get_cosine_similarities.py", env.common + ["--store_dir", env.store, "--label_free", "--channels", c])
+        concepts = json.load(open(path))
+    return path, concepts["channels"][str(c)]
+
+
+def kway_units(env, c):
+    """D_1..D_k of disentangle_channel.py --concepts_file for channel c (issue 11)."""
+    with open(os.path.join(ROOT, "disentangle_channel.py")) as f:
+        if "--concepts_file" not in f.read():
+            raise NotAvailable("disentangle_channel.py has no --concepts_file in this checkout (issue 11)")
+    path, _ = concepts_file(env, c)
+    # utils.disentangle.cluster_checkpoint_name: {tag}_channel{c}_top{N}_clusters0-1-2_f_best_unnormalized.pth
+    found = lambda: sorted(glob.glob(os.path.join(env.store, "models_disentangled",
+                                                  f"{TAG}_channel{c}_top*_clusters*_f_best_unnormalized.pth")))
+    if not found():
+        script("disentangle_channel.py", env.common + ["--store_dir", env.store, "--channel_disentangle", c,
+                                                       "--concepts_file", path])
+    if not found():
+        raise NotAvailable(f"no k-way checkpoint of channel {c} found after disentangle_channel.py --concepts_file")
+    sd = torch.load(found()[0], map_location="cpu", weights_only=True)
+    d, b = sd["disentangled.weight"][:-1], sd.get("disentangled.bias")
+    pos = positive_mass(filter_maps(env.x, env.ctx.conv, d, None if b is None else b[:-1])).numpy()
+    return {f"D{j + 1}": pos[:, j] for j in range(len(d))}
+
+
+def pure_units(env, c):
+    """Virtual neurons: pos(a[c]) on the val images whose ARV is nearest to cluster j's centroid, else 0."""
+    from utils.similarities import arv
+    _, ch = concepts_file(env, c)
+    conv = env.ctx.conv
+    r = arv(conv.weight[c].detach(), attribution.conv_patch_sums(env.x, conv))
+    pos = purity.virtual_neurons(env.pos_channel[c], r, [cl["centroid"] for cl in ch["clusters"]])
+    return {f"cluster {j}": p for j, p in enumerate(pos)}
+
+
+def unit_kinds(n_features):
+    return [("original", original_units), ("paper split (D1, D2)", paper_units),
+            ("k-way split by stage 2's classes", kway_classes_units),
+            (f"SAE top-{n_features} features", lambda env, c: sae_units(env, c, n_features)),
+            ("SAE top-8 features", lambda env, c: sae_units(env, c, 8)),
+            ("k-way split (label-free concepts)", kway_units), ("PURE virtual neurons", pure_units)]
+
+
+# ----------------------------------------------------------------------------- one seed
+def run_seed(args, seed):
+    folder = os.path.join(args.out, f"seed{seed}")
+    report = demo_run(folder, seed)
+    store, data_dir, weights = os.path.join(folder, "store"), os.path.join(folder, "data"), os.path.join(folder, "model.pth")
+    with open(report["candidates_json"]) as f:
+        candidates = json.load(f)["candidates"]
+    ns = SimpleNamespace(device=args.device, gpu=None, model=MODEL, weights=weights, layer_of_interest="last_conv",
+                         nr_channels_in_layer_of_interest=None, batch_size=64, data_dir=data_dir, model_dir=store,
+                         num_workers=0, sae_seed=seed,
+                         **{k: getattr(args, k) for k in sae_view.DEFAULTS if k != "sae_seed"})
+    ctx = context.setup(ns, split="val")
+    for p in ctx.model.parameters():
+        p.requires_grad_(False)
+    sae, info, sae_path, reused = sae_view.load_or_train(ctx, ns, ctx.device)
+    x, labels = val_inputs(ctx, 64)
+    conv = ctx.conv
+    with torch.no_grad():
+        pos_channel = positive_mass(conv(x)).cpu().numpy().T  # (C_out, N)
+        fvu = S.fraction_of_variance_unexplained(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]),
+                                                 S.reconstruction(sae, S.feature_maps(sae, x)).permute(0, 2, 3, 1)
+                                                 .reshape(-1, x.shape[1]))
+    names = ctx.dataset.classes
+    n = int(np.bincount(labels).max())
+    env = SimpleNamespace(ctx=ctx, x=x.cpu(), labels=labels, names=names, pos_channel=pos_channel, sae=sae.cpu(),
+                          store=store, candidates=candidates,
+                          common=["--data_dir", data_dir, "--model", MODEL, "--weights", weights, "--num_workers", 0])
+    channels = sorted({d["channel"] for d in candidates})
+    out = {"seed": seed, "channels": channels, "sae": sae_path, "sae_reused": reused, "sae_fvu_val": fvu,
+           "sae_dead_train": info["dead_train"], "val_per_class": n, "kinds": {}}
+    for kind, fn in unit_kinds(args.sae_features):
+        rows, why = [], None
+        for c in channels:
+            try:
+                units = fn(env, c)
+            except NotAvailable as e:
+                why = str(e)
+                break
+            for name, pos in units.items():
+                rows.append(dict(purity.score_unit(pos, labels, names, n, pos_channel[c]), channel=c, unit=name))
+        out["kinds"][kind] = {"units": rows, "not_available": why}
+    return out
+
+
+def summarize(per_seed):
+    """Per unit kind: the mean of each metric over its units, per seed, then mean and sd over seeds."""
+    table = {}
+    for kind in per_seed[0]["kinds"]:
+        seeds = [s["kinds"][kind] for s in per_seed]
+        why = next((s["not_available"] for s in seeds if s["not_available"]), None)
+        if why:
+            table[kind] = {"not_available": why}
+            continue
+        row = {"count": [len(s["units"]) for s in seeds]}
+        for m in METRICS:
+            vals = [float(np.nanmean([u[m] for u in s["units"]])) if s["units"] else float("nan") for s in seeds]
+            row[m] = {"per_seed": vals, "mean": float(np.mean(vals)), "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0}
+        table[kind] = row
+    return table
+
+
+def print_table(table, seeds):
+    head = (f"{'unit kind':36} {'purity':>13} {'colour':>13} {'texture':>13} {'top-N':>13} {'share':>13}  units")
+    print(f"\nmean over units, then mean ± sd over seeds {seeds}")
+    print(head)
+    print("-" * len(head))
+    for kind, row in table.items():
+        if "not_available" in row:
+            print(f"{kind:36} not available: {row['not_available']}")
+            continue
+        cells = " ".join(f"{row[m]['mean']:6.3f} ± {row[m]['sd']:.3f}" for m in METRICS)
+        print(f"{kind:36} {cells}  {'/'.join(map(str, row['count']))}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.path.join(ROOT, "bench_out", "purity"), help="folder of the demo runs")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--sae_features", type=int, default=2, help="SAE features per channel scored as units (default 2)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", default=None, help="write the table and every unit's numbers here")
+    for k, v in sae_view.DEFAULTS.items():
+        if k != "sae_seed":
+            p.add_argument("--" + k, type=type(v), default=v)
+    args = p.parse_args(argv)
+    start = time.time()
+    per_seed = []
+    for s in args.seeds:
+        print(f"=== seed {s}", flush=True)
+        per_seed.append(run_seed(args, s))
+        r = per_seed[-1]
+        print(f"channels {r['channels']}; SAE FVU on val {r['sae_fvu_val']:.3f}, dead {r['sae_dead_train']}"
+              f"{' (reused)' if r['sae_reused'] else ''}")
+        for kind, k in r["kinds"].items():
+            for u in k["units"]:
+                print(f"  {kind:36} ch {u['channel']} {u['unit']:28} purity {u['purity']:.3f} ({u['class']}) "
+                      f"colour {u['purity_colour']:.3f} texture {u['purity_texture']:.3f} top-N {u['top_n_purity']:.3f} "
+                      f"share {u['share']:.3f}")
+    table = summarize(per_seed)
+    print_table(table, args.seeds)
+    print(f"({time.time() - start:.0f} s)")
+    if args.json:
+        from utils import fileio
+        settings = {k: getattr(args, k) for k in sae_view.DEFAULTS if k != "sae_seed"}
+        fileio.write_json(args.json, {"seeds": args.seeds, "sae_settings": dict(settings, sae_seed="= seed"),
+                                      "sae_features": args.sae_features, "table": table, "per_seed": per_seed})
+    return table
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
