@@ -62,7 +62,7 @@ def demo_run(folder, seed):
     path = os.path.join(folder, "report.json")
     if not os.path.isfile(path):
         from demo import run_demo
-        run_demo.main(["--out", folder, "--seed", str(seed)])
+        run_demo.main(["--out", folder, "--seed", str(seed), "--no_feature_vis"])
     with open(path) as f:
         return json.load(f)
 
