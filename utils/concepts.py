@@ -28,6 +28,7 @@ How it runs (``discover``): one chunked pass over the patch sums scores every wa
 re-ranked exactly in float64 from their own rows, their ARVs computed, and k-means run on one thread
 (scikit-learn on 100 points is dominated by per-call overhead, which threads only add to).
 """
+import contextlib
 import math
 import mmap
 import os
@@ -152,6 +153,20 @@ def exact_top_rows(patch_sums_rows, rows, weight_c, n, sign=1, bias_c=None, posi
 
 # ---------------------------------------------------------------------------- clustering
 
+@contextlib.contextmanager
+def one_thread():
+    """torch and the BLAS/OpenMP pools (scikit-learn's) on one thread for a block of tiny operations: on
+    100 x 512 arrays threads only add waiting, much more so on a busy machine. Results do not change."""
+    from threadpoolctl import threadpool_limits
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def kmeans(points, k, seed=SEED):
     """scikit-learn k-means (n_init = N_INIT, random_state = seed). points: (m, d) -> (m,) int64 labels."""
     from sklearn.cluster import KMeans
@@ -190,8 +205,7 @@ def cluster(arvs, k=None, ks=AUTO_KS, seed=SEED):
     """
     X = l1_normalize(arvs).numpy()
     tried = [k] if k is not None else [kk for kk in ks if kk < len(X)]
-    from threadpoolctl import threadpool_limits
-    with threadpool_limits(1):  # tiny problems: threads only cost (and the clusters do not depend on them)
+    with one_thread():
         fits = {kk: kmeans(X, kk, seed) for kk in tried}
         sil = {kk: silhouette(X, lab) for kk, lab in fits.items()}
     defined = [kk for kk in tried if not math.isnan(sil[kk])]
@@ -272,13 +286,14 @@ def discover(patch_sums, labels, weight, channels, class_names, top_n=100, k=Non
     pool = min(POOL_FACTOR * top_n, int(valid.sum()))
     cand = candidate_rows(patch_sums, W, pool, sg, b, positions, valid, chunk_rows, progress)
     out = {}
-    for i, c in enumerate(tqdm(channels, desc="clusters", disable=not progress, unit="ch")):
-        rows = cand[i][cand[i] >= 0].numpy()
-        P = gather_rows(patch_sums, rows)
-        order, s = exact_top_rows(P, rows, W[i], top_n, int(sg[i]), None if b is None else b[i], positions)
-        top = rows[order.numpy()]
-        arvs = arv(W[i], torch.from_numpy(P[order.numpy()]))
-        out[int(c)] = channel_record(c, top, s, arvs, labels[top], class_names, k, ks, int(sg[i]), seed)
+    with one_thread():
+        for i, c in enumerate(tqdm(channels, desc="clusters", disable=not progress, unit="ch")):
+            rows = cand[i][cand[i] >= 0].numpy()
+            P = gather_rows(patch_sums, rows)
+            order, s = exact_top_rows(P, rows, W[i], top_n, int(sg[i]), None if b is None else b[i], positions)
+            top = rows[order.numpy()]
+            arvs = arv(W[i], torch.from_numpy(P[order.numpy()]))
+            out[int(c)] = channel_record(c, top, s, arvs, labels[top], class_names, k, ks, int(sg[i]), seed)
     return out
 
 
