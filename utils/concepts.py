@@ -106,12 +106,14 @@ def candidate_rows(patch_sums, weight, pool, signs=None, bias=None, positions=1,
     best = torch.full((W.shape[0], pool), -math.inf)
     rows = torch.full((W.shape[0], pool), -1, dtype=torch.int64)
     for lo, hi in tqdm(_chunks(n, chunk_rows), desc="summed activations", disable=not progress, unit="chunk"):
-        P = torch.from_numpy(np.ascontiguousarray(read_rows(patch_sums, lo, hi), dtype=np.float32)).flatten(1)
+        P = torch.from_numpy(np.array(read_rows(patch_sums, lo, hi), dtype=np.float32)).flatten(1)
         scores = torch.addmm(shift[:, None], Ws, P.T)  # (C, m)
-        if valid is not None:
+        if valid is not None and not np.all(valid[lo:hi]):
             scores[:, ~torch.from_numpy(np.asarray(valid[lo:hi], dtype=bool))] = -math.inf
-        best, idx = torch.cat([best, scores], dim=1).topk(pool, dim=1)
-        rows = torch.where(idx < pool, rows.gather(1, idx.clamp_max(pool - 1)), idx - pool + lo)
+        top, at = scores.topk(min(pool, hi - lo), dim=1)  # the chunk's own best, then merged with the running ones
+        best, idx = torch.cat([best, top], dim=1).topk(pool, dim=1)
+        new = at.gather(1, (idx - pool).clamp_min(0)) + lo
+        rows = torch.where(idx < pool, rows.gather(1, idx.clamp_max(pool - 1)), new)
     return torch.where(torch.isfinite(best), rows, torch.full_like(rows, -1))
 
 
