@@ -32,6 +32,7 @@ import contextlib
 import math
 import mmap
 import os
+import time
 import warnings
 
 import numpy as np
@@ -270,13 +271,14 @@ def channel_record(channel, rows, s, arvs, classes, class_names, k=None, ks=AUTO
 
 
 def discover(patch_sums, labels, weight, channels, class_names, top_n=100, k=None, ks=AUTO_KS, signs=None,
-             bias=None, positions=1, chunk_rows=DEFAULT_CHUNK_ROWS, seed=SEED, progress=False):
+             bias=None, positions=1, chunk_rows=DEFAULT_CHUNK_ROWS, seed=SEED, progress=False, timings=None):
     """Label-free concepts of many channels from the store: one chunked pass, then per channel its top-N
     rows (exact float64 ranking), their per-image ARVs and the clustering.
 
     patch_sums: (N, C_in, kh, kw) array-like; labels: (N,) ints, negative = row left out (Store.labels);
     weight: (C_out, C_in, kh, kw) the layer's weight; channels: list of channel indices; signs: (C_out,)
     +1/-1 or None; bias: (C_out,) or None; positions: H' * W'. Returns {channel: channel_record(...)}.
+    ``timings``: a dict to receive the wall and CPU seconds of the pass and of the per-channel part.
     """
     labels = np.asarray(labels)
     valid = labels >= 0
@@ -286,7 +288,9 @@ def discover(patch_sums, labels, weight, channels, class_names, top_n=100, k=Non
     sg = torch.ones(len(channels)) if signs is None else torch.as_tensor(signs)[channels].to(torch.float32)
     b = None if bias is None else torch.as_tensor(bias)[channels]
     pool = min(POOL_FACTOR * top_n, int(valid.sum()))
+    clock = [time.perf_counter(), time.process_time()]
     cand = candidate_rows(patch_sums, W, pool, sg, b, positions, valid, chunk_rows, progress)
+    clock += [time.perf_counter(), time.process_time()]
     out = {}
     with one_thread():
         for i, c in enumerate(tqdm(channels, desc="clusters", disable=not progress, unit="ch")):
@@ -296,6 +300,10 @@ def discover(patch_sums, labels, weight, channels, class_names, top_n=100, k=Non
             top = rows[order.numpy()]
             arvs = arv(W[i], torch.from_numpy(P[order.numpy()]))
             out[int(c)] = channel_record(c, top, s, arvs, labels[top], class_names, k, ks, int(sg[i]), seed)
+    if timings is not None:
+        clock += [time.perf_counter(), time.process_time()]
+        timings.update(pass_s=clock[2] - clock[0], pass_cpu_s=clock[3] - clock[1],
+                       per_channel_s=clock[4] - clock[2], per_channel_cpu_s=clock[5] - clock[3])
     return out
 
 
