@@ -120,6 +120,8 @@ def label_free(args):
     st = store.Store.open(store.store_folder(args.store_dir, ctx.tag), ctx.fingerprint)
     labels = st.labels()
     usable = int((labels >= 0).sum())
+    if usable < len(labels):
+        print(f"{len(labels) - usable} unreadable training images recorded by stage 1 are never chosen")
     need = 3 if k is None else k + 1  # the silhouette needs more images than clusters
     if not need <= args.top_n <= usable:
         raise cli.UserError(f"--top_n {args.top_n}: give {need} to {usable} (the store has {usable} usable "
