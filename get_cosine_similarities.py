@@ -3,13 +3,20 @@ r"""Stage 2: gamma-polysemantic candidates (channel, class1, class2) from the st
 Example (the paper's values):
   python get_cosine_similarities.py --data_dir /data/imagenet --store_dir /data/store --model resnet50 \
       --proportion_attribution_required 0.03 --p 0.75 --cos_sim_low 0 --cos_sim_high 0.5
+
+With --label_free it finds each channel's concepts without class labels instead (utils/concepts.py):
+its top --top_n training images by summed activation, k-means on their L1-normalised per-image ARVs,
+k by silhouette over 2..5 (or --k); writes STORE/results_get_cosine_similarities/{model}_concepts_top{N}.json:
+  python get_cosine_similarities.py --data_dir /data/imagenet --store_dir /data/store --model resnet50 \
+      --label_free --channels 1660 522 --top_n 100
 """
 import argparse
 import os
 
 import numpy as np
+import torch
 
-from utils import cli, context, fileio, similarities, store
+from utils import cli, concepts, context, fileio, similarities, store
 
 
 def main():
@@ -25,7 +32,17 @@ def main():
                    help="folder for results_get_cosine_similarities/ (default: working directory, as published)")
     p.add_argument("--chunk_rows", type=int, default=similarities.DEFAULT_CHUNK_ROWS,
                    help="store rows read at a time (memory use)")
+    g = p.add_argument_group("label-free concepts (instead of the candidate list)")
+    g.add_argument("--label_free", action="store_true",
+                   help="cluster each channel's top images by their per-image ARVs instead (no class labels used)")
+    g.add_argument("--channels", nargs="+", default=None,
+                   help="channels to study (space- or comma-separated; default: every channel of the layer)")
+    g.add_argument("--top_n", type=int, default=100, help="top training images per channel (default 100)")
+    g.add_argument("--k", default="auto",
+                   help="concepts per channel: a number >= 2, or auto (by the silhouette over 2..5; default)")
     args = p.parse_args()
+    if args.label_free:
+        return label_free(args)
     tau, pp, low, high = args.proportion_attribution_required, args.p, args.cos_sim_low, args.cos_sim_high
 
     ctx = context.setup(args, split="train")
@@ -62,6 +79,89 @@ def main():
                            histogram_class_by_channel=hist.tolist()), indent=None)
     fileio.save_npy(os.path.join(res, f"{ctx.tag}_required{tau}_histograms.npy"), hist.numpy().astype(np.int32))
     print(f"wrote {out_txt} and {res}/{name}_candidates.json")
+
+
+def parse_k(value):
+    """--k: None for auto, else an int >= 2."""
+    if str(value).lower() == "auto":
+        return None
+    try:
+        k = int(value)
+    except ValueError:
+        raise cli.UserError(f"--k {value}: give a number of concepts (2 or more) or auto")
+    if k < 2:
+        raise cli.UserError(f"--k {k}: a channel is split into at least 2 concepts; give 2 or more, or auto")
+    return k
+
+
+def parse_channels(values, ctx):
+    """--channels: sorted distinct channel indices, each checked against the layer (None: all channels)."""
+    if values is None:
+        return list(range(ctx.conv.out_channels))
+    out = set()
+    for v in values:
+        for part in str(v).replace(",", " ").split():
+            try:
+                c = int(part)
+            except ValueError:
+                raise cli.UserError(f"--channels: '{part}' is not a channel index")
+            context.check_channel(ctx, c, "--channels")
+            out.add(c)
+    if not out:
+        raise cli.UserError("--channels: give at least one channel index")
+    return sorted(out)
+
+
+def label_free(args):
+    """--label_free: concepts of each channel without class labels (utils/concepts.py), from the store only."""
+    k = parse_k(args.k)
+    ctx = context.setup(args, split="train")
+    channels = parse_channels(args.channels, ctx)
+    st = store.Store.open(store.store_folder(args.store_dir, ctx.tag), ctx.fingerprint)
+    labels = st.labels()
+    usable = int((labels >= 0).sum())
+    if usable < len(labels):
+        print(f"{len(labels) - usable} unreadable training images recorded by stage 1 are never chosen")
+    need = 3 if k is None else k + 1  # the silhouette needs more images than clusters
+    if not need <= args.top_n <= usable:
+        raise cli.UserError(f"--top_n {args.top_n}: give {need} to {usable} (the store has {usable} usable "
+                            f"training images; {'--k auto' if k is None else f'--k {k}'} needs at least {need})")
+    names = st.manifest["classes"]
+    example = torch.zeros(1, 3, 224, 224)  # the transform's crop size; one forward finds the BatchNorm and H' x W'
+    signs, positions, bn = concepts.layer_signs_and_positions(ctx.model, ctx.conv, example)
+    bias = None if ctx.conv.bias is None else ctx.conv.bias.detach()
+    recs = concepts.discover(st.array("patch_sums"), labels, ctx.conv.weight.detach(), channels, names,
+                             args.top_n, k, signs=signs, bias=bias, positions=positions,
+                             chunk_rows=args.chunk_rows, progress=True)
+    negative = [c for c in channels if recs[c]["sign"] < 0]
+    note = (f"{len(negative)} of the {len(channels)} channels have sign -1: the BatchNorm {bn} after the layer has "
+            f"a negative scale for them, so their top images are those with the most negative summed activation"
+            if negative else "top images = largest summed activation (no BatchNorm with a negative scale follows "
+                             "the layer for these channels)")
+    for c in channels:
+        print("\n".join(concepts.describe_channel(recs[c])))
+    print(note)
+
+    path = os.path.join(args.store_dir, "results_get_cosine_similarities", f"{ctx.tag}_concepts_top{args.top_n}.json")
+    doc = {"fingerprint": ctx.fingerprint, "top_n": args.top_n, "k": "auto" if k is None else k,
+           "model": ctx.model_spec, "layer": ctx.layer_path, "seed": concepts.SEED, "n_init": concepts.N_INIT,
+           "ks": list(concepts.AUTO_KS) if k is None else [k], "batchnorm": bn, "sign_note": note, "channels": {}}
+    kept = 0
+    if os.path.isfile(path):  # an earlier run with the same store and settings: keep its other channels
+        try:
+            old = fileio.read_json(path)
+        except ValueError:
+            old = {}
+        same = all(old.get(key) == doc[key] for key in ("top_n", "k", "seed", "n_init", "layer")) and \
+            isinstance(old.get("fingerprint"), dict) and \
+            not store.describe_mismatch(old["fingerprint"], ctx.fingerprint, store.MATCH_KEYS)
+        if same:
+            doc["channels"] = {key: v for key, v in old.get("channels", {}).items() if int(key) not in recs}
+            kept = len(doc["channels"])
+    doc["channels"].update({str(c): recs[c] for c in channels})
+    doc["channels"] = dict(sorted(doc["channels"].items(), key=lambda kv: int(kv[0])))
+    fileio.write_json(path, doc, indent=1 if len(doc["channels"]) <= 64 else None)
+    print(f"wrote {path} ({len(channels)} channels" + (f", and {kept} kept from an earlier run" if kept else "") + ")")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Steps (all on the CPU):
        disentangle_channel.py          (stage 3, on the strongest candidate: the lowest cosine)
        get_results.py                  (stage 4, on val: --get_qualitative --get_quantitative --get_top_images)
        and, on the same checkpoint, --get_feature_vis (MACO, at the demo's small settings below)
+       get_cosine_similarities.py --label_free  (the chosen channel's concepts found without class labels)
   4. print a short report and write OUT/report.json
 
 Usage: python -m demo.run_demo [--out demo_out] [--train_per_class 100] [--epochs 20] ...
@@ -97,6 +98,32 @@ class Runner:
         return proc.stdout
 
 
+def label_free(r, common, store_dir, tag, channel, top_n=100):
+    """Label-free concepts of ``channel`` through stage 2's command line (--label_free); the report's entry:
+    k, silhouette, each cluster's size and class counts, and the cluster purity (the fraction of the top-N
+    training images that belong to their cluster's most common class)."""
+    print(_short(r.run("stage2_label_free", "get_cosine_similarities.py", common + [
+        "--store_dir", store_dir, "--label_free", "--channels", channel, "--top_n", top_n]), 8))
+    path = os.path.join(store_dir, "results_get_cosine_similarities", f"{tag}_concepts_top{top_n}.json")
+    with open(path) as f:
+        rec = json.load(f)["channels"][str(channel)]
+    return {"channel": channel, "top_n": len(rec["top_rows"]), "k": rec["k"], "silhouette": rec["silhouette"],
+            "sign": rec["sign"], "purity": rec["purity"], "concepts_json": path,
+            "clusters": [{"size": cl["size"], "classes": cl["classes"], "purity": cl["purity"]} for cl in rec["clusters"]]}
+
+
+def label_free_lines(rep):
+    """The printed report's line on the label-free concepts (none if the report has no such entry)."""
+    lf = rep.get("label_free")
+    if not lf:
+        return []
+    sil = "undefined" if lf["silhouette"] is None else f"{lf['silhouette']:.2f}"
+    clusters = "; ".join(f"{cl['size']}: " + ", ".join(f"{name} {n}" for name, n in list(cl["classes"].items())[:3])
+                         for cl in lf["clusters"])
+    return [f"without labels: the top {lf['top_n']} training images of channel {lf['channel']} form k = {lf['k']} "
+            f"clusters (silhouette {sil}), purity {lf['purity']:.2f} [{clusters}]"]
+
+
 def _short(text, n=8):
     """The last n lines of a script's output that are not progress bars or the long candidate list."""
     lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("[{")]
@@ -179,6 +206,8 @@ def main(argv=None):
     info_path = os.path.join(store_dir, "models_disentangled", run_name[:-len("_f_best_unnormalized")] + "_info.json")
     with open(info_path) as f:
         info = json.load(f)
+    print("[+] the same channel's concepts without class labels (stage 2 --label_free)", flush=True)
+    free = label_free(r, common, store_dir, tag, c)
     seconds.update(r.seconds)
     fv_record = None
     if not args.no_feature_vis:
@@ -211,6 +240,7 @@ def main(argv=None):
         "val_max": None if fv_record is None else fv_record["val_max"],
         "feature_vis_settings": None if fv_record is None else {
             k: fv_record[k] for k in ("size", "steps", "crops", "seed", "seconds")},
+        "label_free": free,
         "summary_json": os.path.join(out, "results_disentanglement", run_name + "_summary.json"),
         "info_json": info_path, "commands": r.commands, "stage_seconds": seconds,
         "seconds": round(time.time() - start, 1),
@@ -246,6 +276,7 @@ def print_report(rep, out):
         f"max |logit difference| original vs disentangled: {rep['max_logit_diff']:.3g} "
         f"({'same function' if rep['logits_unchanged'] else 'NOT the same function'})",
         *feature_vis_lines(rep),
+        *label_free_lines(rep),
         "plots: " + ", ".join(os.path.relpath(p, os.getcwd()) if p.startswith(os.getcwd()) else p
                               for p in rep["plots"].values()),
         f"report: {os.path.join(out, 'report.json')}",

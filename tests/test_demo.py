@@ -245,3 +245,15 @@ def test_shapes_data_is_deterministic(tmp_path):
                        for f in os.listdir(tmp_path / "d" / s / c)]}
     shapes_data.generate(str(tmp_path / "e"), train_per_class=2, val_per_class=1, seed=5)
     assert all(open(os.path.join(tmp_path / "e", p), "rb").read() == v for p, v in first.items())
+
+
+def test_demo_reports_label_free_concepts(demo_run):
+    """The demo also runs stage 2 --label_free on the chosen channel and reports the clusters and their purity."""
+    out, rep, stdout = demo_run
+    lf = rep["label_free"]
+    assert lf["channel"] == rep["channel"] and 2 <= lf["k"] <= 5 and len(lf["clusters"]) == lf["k"]
+    assert sum(cl["size"] for cl in lf["clusters"]) == lf["top_n"] == 100
+    assert all(sum(cl["classes"].values()) == cl["size"] for cl in lf["clusters"])
+    hits = sum(max(cl["classes"].values()) for cl in lf["clusters"])
+    assert abs(lf["purity"] - hits / lf["top_n"]) < 1e-12
+    assert os.path.isfile(lf["concepts_json"]) and "without labels:" in stdout
