@@ -18,6 +18,12 @@ stages' seconds. Each published baseline's numbers are checked against ours (att
 predictions; the candidate list and cosines; the rho scores and best rho; the stage-4 numbers).
 --json writes per stage ours_s, published_s, ratio (published/ours), the peaks, the naive columns,
 the checks, and the stores' bytes per image.
+
+Row fv (not part of end to end; --no_fv skips it): feature visualization (stage 4's --get_feature_vis) of
+the original channel and D1, D2 of a checkpoint on the same architecture and layer at S = 224, --fv_steps
+steps of --fv_crops crops: ours (the three targets in one batch, the forward pass stopped at the layer)
+against three separate full-network runs of the same optimization, as a generic feature-visualization
+library does it (benchmarks/bench_featurevis.py); its "published" column is that separate baseline.
 """
 import argparse
 import json
@@ -31,6 +37,7 @@ import bench_stage1  # noqa: E402
 import bench_stage2  # noqa: E402
 import bench_stage3  # noqa: E402
 import bench_stage4  # noqa: E402
+import bench_featurevis  # noqa: E402
 import common  # noqa: E402
 
 # the issue's goals against the published algorithm on the 600-image case (published / ours)
@@ -41,6 +48,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", default=None, help="write the results to this file")
     p.add_argument("--workdir", default=None, help="keep the workload here (default: a temporary folder)")
+    p.add_argument("--fv_steps", type=int, default=3, help="steps of the feature-visualization row (default 3)")
+    p.add_argument("--fv_crops", type=int, default=4, help="crops per image per step of that row (default 4)")
+    p.add_argument("--no_fv", action="store_true", help="skip the feature-visualization row")
     common.add_workload_args(p)
     args = p.parse_args()
     common.configure_from_args(args)
@@ -73,6 +83,12 @@ def main():
           f"{'met' if e2e['ratio'] >= goal else 'NOT met'} | {e2e['ours_cpu_s']:.2f} | {e2e['published_cpu_s']:.2f} "
           f"| | |" + (" | |" if naive else ""))
     print("(goals: the issue's, for the 600-train / 100-val case at 224 px)")
+    fv = None if args.no_fv else feature_vis_row(args.fv_steps, args.fv_crops)
+    if fv is not None:
+        print(f"| fv | {fv['ours_s']:.2f} | {fv['separate_s']:.2f} (separate runs) | {fv['ratio']:.1f}x | | | | | |")
+        print(f"(fv: {fv['model']} {fv['layer']}, S = {fv['size']}, {fv['steps']} steps x {fv['crops']} crops of 3 "
+              f"targets: ours {fv['ours_s_per_step']:.3f} s/step, {fv['ours_s_per_vis']:.2f} s/visualization; "
+              f"3 separate full-network runs {fv['separate_s_per_step']:.3f} s/step)")
     print(f"\nstore bytes per image: ours {s1['store_bytes_per_image_ours']:.0f} (memory-mappable .npy arrays), "
           f"published {s1['store_bytes_per_image_published']:.0f} ({s1['store_files_per_image_published']:.0f} "
           f".pt files per image at batch {common.BATCH_SIZE})")
@@ -101,9 +117,17 @@ def main():
                "store_bytes_per_image_published": s1["store_bytes_per_image_published"],
                "stages": {name: {k: v for k, v in r.items() if k not in ("ours", "published", "naive", "stage")}
                           for name, r in rows.items()}}
+        if fv is not None:
+            out["stages"]["fv"] = fv
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
         print(f"wrote {args.json}")
+
+
+def feature_vis_row(steps, crops):
+    """bench_featurevis on the workload's architecture (ResNet-50, random weights) and layer, S = 224."""
+    (name, model, layer), = [w for w in bench_featurevis.workloads(["resnet50"]) if w[2] == common.LAYER]
+    return bench_featurevis.bench(name, model, layer, 224, steps, crops)
 
 
 if __name__ == "__main__":

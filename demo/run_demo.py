@@ -8,6 +8,7 @@ Steps (all on the CPU):
        get_cosine_similarities.py      (stage 2, with the demo's thresholds)
        disentangle_channel.py          (stage 3, on the strongest candidate: the lowest cosine)
        get_results.py                  (stage 4, on val: --get_qualitative --get_quantitative --get_top_images)
+       and, on the same checkpoint, --get_feature_vis (MACO, at the demo's small settings below)
   4. print a short report and write OUT/report.json
 
 Usage: python -m demo.run_demo [--out demo_out] [--arch cnn|resnet] [--train_per_class 100] [--epochs 20] ...
@@ -58,6 +59,11 @@ def parse_args(argv=None):
     p.add_argument("--quantitative_tau", type=float, default=0.03,
                    help="stage 4 --proportion_attribution_required (default 0.03, the paper's)")
     p.add_argument("--top_k", type=int, default=8, help="images per row of the contact sheet (default 8)")
+    p.add_argument("--fv_size", type=int, default=128, help="stage 4 --fv_size (default 128: the demo's time budget)")
+    p.add_argument("--fv_steps", type=int, default=64, help="stage 4 --fv_steps (default 64)")
+    p.add_argument("--fv_crops", type=int, default=6, help="stage 4 --fv_crops (default 6)")
+    p.add_argument("--fv_spectrum_images", type=int, default=128, help="stage 4 --fv_spectrum_images (default 128)")
+    p.add_argument("--no_feature_vis", action="store_true", help="skip the feature visualizations")
     return p.parse_args(argv)
 
 
@@ -164,11 +170,15 @@ def main(argv=None):
     print(_short(r.run("stage3", "disentangle_channel.py", common + [
         "--store_dir", store_dir, "--channel_disentangle", c] + pair), 4))
 
-    print("[6/6] stage 4: evaluation on the val images", flush=True)
+    print("[6/6] stage 4: evaluation on the val images" + ("" if args.no_feature_vis else
+                                                            ", and the feature visualizations"), flush=True)
+    fv = [] if args.no_feature_vis else [
+        "--get_feature_vis", "--fv_size", args.fv_size, "--fv_steps", args.fv_steps, "--fv_crops", args.fv_crops,
+        "--fv_spectrum_images", args.fv_spectrum_images]
     print(_short(r.run("stage4", "get_results.py", common + [
         "--model_dir", store_dir, "--channel_of_interest", c] + pair + [
         "--get_qualitative", "--get_quantitative", "--get_top_images", "--top_k", args.top_k,
-        "--proportion_attribution_required", args.quantitative_tau, "--out_dir", out]), 6))
+        "--proportion_attribution_required", args.quantitative_tau, "--out_dir", out] + fv), 6))
 
     run_name = f"{tag}_channel{c}_classes1{[y1]}_classes2{[y2]}_f_best_unnormalized"
     with open(os.path.join(out, "results_disentanglement", run_name + "_summary.json")) as f:
@@ -177,6 +187,10 @@ def main(argv=None):
     with open(info_path) as f:
         info = json.load(f)
     seconds.update(r.seconds)
+    fv_record = None
+    if not args.no_feature_vis:
+        with open(os.path.join(out, "results_disentanglement", run_name + "_feature_vis.json")) as f:
+            fv_record = json.load(f)
     report = {
         "arch": args.arch, "channel": c, "class1": names[y1], "class2": names[y2], "class1_index": y1, "class2_index": y2,
         "layer": summary["layer"], "cosine_similarity": best["cosine_similarity"],
@@ -196,6 +210,14 @@ def main(argv=None):
                   "top_images": os.path.join(out, "plots", "top_images.png"),
                   "rho_scores": info_path[:-len("_info.json")] + "_scores.png"},
         "top_images": summary.get("top_images"),
+        "feature_vis_png": None if fv_record is None else fv_record["figure"],
+        "feature_vis_json": None if fv_record is None else os.path.join(
+            out, "results_disentanglement", run_name + "_feature_vis.json"),
+        "feature_vis_targets": None if fv_record is None else fv_record["targets"],
+        "activation": None if fv_record is None else fv_record["activation"],
+        "val_max": None if fv_record is None else fv_record["val_max"],
+        "feature_vis_settings": None if fv_record is None else {
+            k: fv_record[k] for k in ("size", "steps", "crops", "seed", "seconds")},
         "summary_json": os.path.join(out, "results_disentanglement", run_name + "_summary.json"),
         "info_json": info_path, "commands": r.commands, "stage_seconds": seconds,
         "seconds": round(time.time() - start, 1),
@@ -230,12 +252,25 @@ def print_report(rep, out):
         f"({q2.get('images', 0)} images)",
         f"max |logit difference| original vs disentangled: {rep['max_logit_diff']:.3g} "
         f"({'same function' if rep['logits_unchanged'] else 'NOT the same function'})",
+        *feature_vis_lines(rep),
         "plots: " + ", ".join(os.path.relpath(p, os.getcwd()) if p.startswith(os.getcwd()) else p
                               for p in rep["plots"].values()),
         f"report: {os.path.join(out, 'report.json')}",
         "=" * 78,
     ]
     print("\n".join(lines))
+
+
+def feature_vis_lines(rep):
+    """The activation matrix of the feature visualizations (row: visualization, column: target), or nothing."""
+    if rep.get("activation") is None:
+        return []
+    names = rep["feature_vis_targets"]
+    lines = ["feature visualizations (rows: the image optimized for ..., columns: mean activation of ...):",
+             "  " + " " * 14 + "".join(f"{n:>10}" for n in names)]
+    lines += ["  " + f"{n:<14}" + "".join(f"{v:10.3g}" for v in row) for n, row in zip(names, rep["activation"])]
+    lines.append("  " + f"{'val max':<14}" + "".join(f"{v:10.3g}" for v in rep["val_max"]))
+    return lines
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ scripts through their command lines. Here it runs with fewer images, for seeds 0
 checked are the demo's: on held-out val images the two disentangled channels separate the two concepts
 at least threefold each way (for every seed: the split must not hang on one lucky training run), the
 disentangled network computes the same logits, and the contact sheet shows the true top-k images
-(recomputed here without the project's evaluation code).
+(recomputed here without the project's evaluation code). Seed 0 also draws the feature visualizations
+(the demo's default settings): each disentangled channel's image drives its own map at least twice as
+much as the other's, and the original channel's image beats every val image of the two concepts.
 """
 import json
 import os
@@ -36,7 +38,8 @@ def demo_runs(tmp_path_factory):
         if seed not in done:
             out = str(tmp_path_factory.mktemp(f"demo_out_seed{seed}"))
             env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-            proc = subprocess.run([sys.executable, "-m", "demo.run_demo", "--out", out, *SMALL, "--seed", str(seed)],
+            fv = [] if seed == 0 else ["--no_feature_vis"]  # the feature visualizations once: they take a while
+            proc = subprocess.run([sys.executable, "-m", "demo.run_demo", "--out", out, *SMALL, "--seed", str(seed), *fv],
                                   cwd=ROOT, env=env, capture_output=True, text=True)
             assert proc.returncode == 0, f"demo failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
             with open(os.path.join(out, "report.json")) as f:
@@ -79,6 +82,32 @@ def test_demo_really_disentangles(demo_runs, seed):
         q = rep[f"quantitative_concept{k}"]
         assert q["images"] > 0 and np.isfinite([q["D1/orig"], q["D2/orig"], q["R/orig"]]).all()
     assert "Demo report" in stdout
+
+
+def test_demo_feature_visualizations_show_each_concept(demo_run):
+    out, rep, stdout = demo_run
+    assert rep["feature_vis_targets"] == ["original", "D1", "D2"]
+    assert os.path.isfile(rep["feature_vis_png"]) and rep["feature_vis_png"].endswith(".png")
+    with open(rep["feature_vis_json"]) as f:
+        record = json.load(f)
+    assert record["activation"] == rep["activation"] and record["val_max"] == rep["val_max"]
+    act = np.array(rep["activation"])  # rows: the image optimized for original, D1, D2; columns: those targets
+    assert act[1, 1] >= 2 * act[1, 2], act
+    assert act[2, 2] >= 2 * act[2, 1], act
+    assert act[0, 0] >= rep["val_max"][0], (act, rep["val_max"])
+    # val_max is the largest value over the val images that stage 4 evaluated: recompute it for the original
+    paths, scores = _direct_top_k(out, rep, [rep["class1"], rep["class2"]], 1)
+    hw = _layer_positions(out)
+    assert abs(rep["val_max"][0] - float(scores["Original"].max()) / hw) <= 1e-4 * max(1.0, rep["val_max"][0])
+    assert "feature visualizations" in stdout
+
+
+def _layer_positions(out):
+    """H' x W' of the demo's layer on a 224 x 224 input."""
+    from demo.model import shapes_cnn
+    model = shapes_cnn()
+    with torch.no_grad():
+        return int(model.conv_out(model.features(model.downsample(torch.zeros(1, 3, 224, 224)))).shape[-2:].numel())
 
 
 def _direct_top_k(out, rep, classes, k):

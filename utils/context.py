@@ -47,8 +47,18 @@ def check_channel(ctx, channel, flag):
 
 def check_concepts(ds, classes1, classes2, names=("--classes_for_concept1", "--classes_for_concept2")):
     """Refuse classes that do not exist and a class in both concepts; ``names`` name the concepts in errors."""
-    data.check_classes(ds, classes1, names[0])
-    data.check_classes(ds, classes2, names[1])
-    both = sorted(set(classes1) & set(classes2))
-    if both:
-        raise cli.UserError(f"class {both[0]} is in both concepts: {names[0]} and {names[1]} must be disjoint")
+    check_concepts_k(ds, [classes1, classes2], names)
+
+
+def check_concepts_k(ds, concepts, names):
+    """``check_concepts`` for k >= 2 class lists: every class exists, no class in two concepts."""
+    if len(concepts) < 2:
+        raise cli.UserError(f"a split needs at least two concepts (got {len(concepts)})")
+    for classes, name in zip(concepts, names):
+        data.check_classes(ds, classes, name)
+    for i in range(len(concepts)):
+        for j in range(i + 1, len(concepts)):
+            both = sorted(set(concepts[i]) & set(concepts[j]))
+            if both:
+                raise cli.UserError(f"class {both[0]} is in both concepts: {names[i]} and {names[j]} must be "
+                                    f"disjoint")

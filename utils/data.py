@@ -133,6 +133,19 @@ def make_loader(ds, batches, num_workers, device, unreadable="error", hint=""):
     return CheckedLoader(ds, batches, num_workers, device, unreadable, hint)
 
 
+def with_indices(loader, batches):
+    """(images, labels, indices (B,) int64) of a loader over ``batches`` that yields every batch whole, in order
+    (a loader whose unreadable images stop it, ``unreadable='error'``). Has a length, for progress bars."""
+    class _Indexed:
+        def __len__(self):
+            return len(batches)
+
+        def __iter__(self):
+            for b, (images, labels) in zip(batches, loader):
+                yield images, labels, torch.as_tensor(b, dtype=torch.int64)
+    return _Indexed()
+
+
 class CheckedLoader:
     """DataLoader over explicit batches of indices that handles unreadable images (see make_loader)."""
 

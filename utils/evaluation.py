@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import attribution, data, fileio
+from . import attribution, data, fileio, similarities
 from .cli import UserError
 from .disentangle import filter_maps, positive_mass
 from .triples import class_batches
@@ -19,8 +19,13 @@ from .triples import class_batches
 MAP_NAMES = ("D1", "D2", "R")
 
 
+def map_names(k):
+    """Names of the maps of a k-way checkpoint: ('D1', ..., 'Dk', 'R')."""
+    return tuple(f"D{j}" for j in range(1, k + 1)) + ("R",)
+
+
 def checkpoint_filters(state_dict):
-    """(filters (3, C_in, kh, kw), bias (3,) or None) from a published checkpoint."""
+    """(filters (k+1, C_in, kh, kw), bias (k+1,) or None) from a checkpoint [D1, ..., Dk, R]."""
     return state_dict["disentangled.weight"], state_dict.get("disentangled.bias")
 
 
@@ -38,8 +43,8 @@ def channel_numbers(x, a, pos, conv, channel, filters, bias):
     """Stage-4 numbers of one channel and its checkpoint filters from ``forward_numbers``' x, a, pos.
 
     Returns a dict of tensors on x's device: rel (B,) relative attribution of ``channel`` to the label;
-    orig (B,) signed spatial sum of the channel's map; maps (B, 3) signed sums of D1, D2, R;
-    orig_pos (B,) and maps_pos (B, 3) their positive masses pos(X) = sum max(X, 0).
+    orig (B,) signed spatial sum of the channel's map; maps (B, k+1) signed sums of D1, ..., Dk, R;
+    orig_pos (B,) and maps_pos (B, k+1) their positive masses pos(X) = sum max(X, 0).
     """
     d = filter_maps(x, conv, filters, bias)
     return {"rel": attribution.relative_of_positive(pos, channel),
@@ -118,7 +123,7 @@ def evaluate(model, conv, channel, filters, bias, ds, indices, batch_size, devic
 def scan_many(model, conv, runs, ds, indices, batch_size, device, num_workers, unreadable="error", hint=""):
     """``scan_activations`` of several (channel, filters, bias) from one forward pass up to the layer per batch.
 
-    Returns the scanned indices (M,) and one (orig_pos (M,), maps_pos (M, 3)) pair of numpy arrays per run.
+    Returns the scanned indices (M,) and one (orig_pos (M,), maps_pos (M, k+1)) pair of numpy arrays per run.
     """
     model = model.to(device)
     banks = []
@@ -142,11 +147,38 @@ def scan_activations(model, conv, channel, filters, bias, ds, indices, batch_siz
     """Positive masses of the original channel and of D1, D2, R, from a forward pass up to the layer only.
 
     Returns the scanned indices (M,) (``indices`` less the unreadable ones when ``unreadable='skip'``),
-    orig_pos (M,) and maps_pos (M, 3) numpy arrays (for the top-image contact sheet).
+    orig_pos (M,) and maps_pos (M, k+1) numpy arrays (for the top-image contact sheet).
     """
     scanned, ((orig_pos, maps_pos),) = scan_many(model, conv, [(channel, filters, bias)], ds, indices, batch_size,
                                                  device, num_workers, unreadable, hint)
     return scanned, orig_pos, maps_pos
+
+
+def channel_arvs(x, a, conv, channel):
+    """Summed activation s (B,) = sum_{h,w} a[:, channel] and per-image ARV r (B, C_in) of ``channel``, float64,
+    from the layer's input x (B, C_in, H, W) and output a (B, C_out, H', W') of one forward pass:
+    r[n, i] = sum_{kh,kw} W[c, i] P_n[i] with P_n the patch sums of x (``attribution.conv_patch_sums``)."""
+    P = attribution.conv_patch_sums(x, conv)
+    return a[:, channel].double().sum(dim=(1, 2)), similarities.arv(conv.weight[channel].detach(), P)
+
+
+def scan_arvs(model, conv, channel, ds, indices, batch_size, device, num_workers, unreadable="error", hint=""):
+    """``channel_arvs`` of the images ``indices`` of ``ds`` from a forward pass up to the layer only.
+
+    Returns the scanned indices (M,) (less the unreadable ones when ``unreadable='skip'``), summed (M,) and
+    arvs (M, C_in) float64 numpy arrays (to pick the val images of concepts given as clusters)."""
+    model = model.to(device)
+    sums, arvs = [], []
+    loader = data.make_loader(ds, data.batches_of(indices, batch_size), num_workers, device, unreadable, hint)
+    for images, _ in tqdm(loader, desc="val ARVs", unit="batch", dynamic_ncols=True):
+        x, a = attribution.layer_input_output(model, conv, images.to(device, non_blocking=True))
+        s, r = channel_arvs(x.float(), a.float(), conv, channel)
+        sums.append(s.cpu())
+        arvs.append(r.cpu())
+    skipped = set(loader.skipped)
+    if not sums:
+        raise UserError(f"none of the {len(indices)} val images could be read")
+    return ([i for i in indices if i not in skipped], torch.cat(sums).numpy(), torch.cat(arvs).numpy())
 
 
 def top_k(scores, k):
@@ -180,13 +212,19 @@ def filecontents_block(name, xs, ys):
 
 
 def quantitative_rows(maps, orig, rel, tau):
-    """Rows D1/orig, D2/orig, R/orig for the images with rel >= tau. maps (N, 3), orig (N,), rel (N,) -> (M, 3)."""
+    """Rows D1/orig, ..., Dk/orig, R/orig for the images with rel >= tau.
+    maps (N, k+1), orig (N,), rel (N,) -> (M, k+1) (k = 2: D1/orig, D2/orig, R/orig)."""
     keep = np.asarray(rel) >= tau
     return np.asarray(maps, dtype=np.float64)[keep] / np.asarray(orig, dtype=np.float64)[keep][:, None]
 
 
 def format_rows(rows):
-    return "".join(f"{a},{b},{c}\n" for a, b, c in rows)
+    return "".join(",".join(f"{v}" for v in row) + "\n" for row in rows)
+
+
+def quantitative_prefix(k):
+    """File-name infix of the quantitative files of k-way runs: '' for k = 2 (the published files), 'k3_', ..."""
+    return "" if k == 2 else f"k{k}_"
 
 
 def update_quantitative(folder, tau, run_key, rows_by_concept, meta):
@@ -195,32 +233,40 @@ def update_quantitative(folder, tau, run_key, rows_by_concept, meta):
     ``folder/quantitative_concept{1,2}_required{tau}.txt`` hold every run's rows (a rerun replaces its
     own rows instead of appending duplicates); ``folder/runs_required{tau}.json`` is the record they are
     written from; ``folder/means_required{tau}.txt`` the column means per run and over all runs.
-    Returns the overall means {concept: (3,) array or None} and row counts. Runs that finish at the same
+    Returns the overall means {concept: (k+1,) array or None} and row counts. Runs that finish at the same
     time take turns (a lock next to the record), so none of their rows is lost.
+    rows_by_concept: {1: (M1, k+1), ..., k: (Mk, k+1)}. Runs of k > 2 concepts have k + 1 columns
+    (D1/orig .. Dk/orig, R/orig) and their own files, named with ``quantitative_prefix(k)``
+    (``quantitative_k3_concept3_required{tau}.txt``, ``runs_k3_...``, ``means_k3_...``).
     """
+    k = len(rows_by_concept)
+    pre, width = quantitative_prefix(k), k + 1
     os.makedirs(folder, exist_ok=True)
     # several stage-4 processes may finish at once: the read-modify-write of the record is serialized
-    with fileio.FileLock(os.path.join(folder, f".runs_required{tau}.lock"), wait=True):
-        reg_path = os.path.join(folder, f"runs_required{tau}.json")
+    with fileio.FileLock(os.path.join(folder, f".runs_{pre}required{tau}.lock"), wait=True):
+        reg_path = os.path.join(folder, f"runs_{pre}required{tau}.json")
         runs = fileio.read_json(reg_path) if os.path.isfile(reg_path) else {}
-        runs[run_key] = dict(meta, concept1=np.asarray(rows_by_concept[1]).tolist(),
-                             concept2=np.asarray(rows_by_concept[2]).tolist())
+        runs[run_key] = dict(meta, **{f"concept{j}": np.asarray(rows_by_concept[j]).tolist()
+                                      for j in range(1, k + 1)})
         fileio.write_json(reg_path, runs, indent=None)
-        lines = ["run,concept,images,mean_D1/orig,mean_D2/orig,mean_R/orig"]
+        lines = ["run,concept,images," + ",".join(f"mean_D{j}/orig" for j in range(1, k + 1)) + ",mean_R/orig"]
         overall = {}
-        for concept in (1, 2):
+
+        def fmt(m):
+            return ",".join(f"{v:.6g}" for v in m)
+        for concept in range(1, k + 1):
             allrows = [r for run in runs.values() for r in run[f"concept{concept}"]]
-            fileio.write_text(os.path.join(folder, f"quantitative_concept{concept}_required{tau}.txt"),
+            fileio.write_text(os.path.join(folder, f"quantitative_{pre}concept{concept}_required{tau}.txt"),
                               format_rows(allrows))
             for key, run in runs.items():
-                rows = np.asarray(run[f"concept{concept}"], dtype=np.float64).reshape(-1, 3)
-                m = rows.mean(axis=0) if len(rows) else [float("nan")] * 3
-                lines.append(f"{key},{concept},{len(rows)},{m[0]:.6g},{m[1]:.6g},{m[2]:.6g}")
-            arr = np.asarray(allrows, dtype=np.float64).reshape(-1, 3)
+                rows = np.asarray(run[f"concept{concept}"], dtype=np.float64).reshape(-1, width)
+                m = rows.mean(axis=0) if len(rows) else [float("nan")] * width
+                lines.append(f"{key},{concept},{len(rows)},{fmt(m)}")
+            arr = np.asarray(allrows, dtype=np.float64).reshape(-1, width)
             overall[concept] = (arr.mean(axis=0) if len(arr) else None, len(arr))
-        for concept in (1, 2):
+        for concept in range(1, k + 1):
             m, n = overall[concept]
-            m = m if m is not None else [float("nan")] * 3
-            lines.append(f"ALL,{concept},{n},{m[0]:.6g},{m[1]:.6g},{m[2]:.6g}")
-        fileio.write_text(os.path.join(folder, f"means_required{tau}.txt"), "\n".join(lines) + "\n")
+            m = m if m is not None else [float("nan")] * width
+            lines.append(f"ALL,{concept},{n},{fmt(m)}")
+        fileio.write_text(os.path.join(folder, f"means_{pre}required{tau}.txt"), "\n".join(lines) + "\n")
     return overall

@@ -431,7 +431,8 @@ def load_or_make_spectrum(folder, data_dir, size, n_images, batch_size, num_work
 
 # ----------------------------------------------------------------------------- stage 4's --get_feature_vis
 DEFAULTS = {"fv_size": 512, "fv_steps": 256, "fv_crops": 32, "fv_seed": 0, "fv_lr": 1.0, "fv_spectrum_images": 256}
-CONCEPT_COLOURS = {1: (31, 119, 180), 2: (255, 127, 14)}   # frames of the val crops (matplotlib's C0, C1)
+CONCEPT_COLOURS = {1: (31, 119, 180), 2: (255, 127, 14), 3: (44, 160, 44), 4: (214, 39, 40), 5: (148, 103, 189),
+                   6: (140, 86, 75)}   # frames of the val crops of concepts 1..6 (matplotlib's C0 .. C5)
 TITLES = {"original": "Original"}
 
 
@@ -485,10 +486,14 @@ def _val_crop(path, box, cell):
         return np.asarray(im.crop(box).resize((cell, cell)), dtype=np.float64) / 255
 
 
-def run_for_checkpoint(ctx, args, state_dict, channel, classes1, classes2, run_name, out_dir):
+def run_for_checkpoint(ctx, args, state_dict, channel, concepts, run_name, out_dir, val_images=None):
     """Stage 4's --get_feature_vis: visualize the original channel and every disentangled map of the
-    checkpoint, rank the concepts' val images by each target, and write the figure, the raw images,
-    the transparency maps and ``results_disentanglement/{run}_feature_vis.json``. Returns the record."""
+    checkpoint (T = k + 1 targets: original, D1 .. Dk), rank the concepts' val images by each target, and write
+    the figure, the raw images, the transparency maps and ``results_disentanglement/{run}_feature_vis.json``.
+
+    concepts: the k class lists of the concepts (val images of concept j: those of its classes); val_images:
+    instead, (dataset indices, concept ids 1..k) of the val images to rank (concepts given as clusters).
+    Returns the record."""
     from . import plots
     start = time.time()
     device, model, conv = ctx.device, ctx.model.to(ctx.device), ctx.conv
@@ -506,10 +511,21 @@ def run_for_checkpoint(ctx, args, state_dict, channel, classes1, classes2, run_n
 
     ds = ctx.dataset
     unreadable = "skip" if getattr(args, "skip_unreadable", False) else "error"
-    kept, vals, poss, map_size = scan_val(model, conv, weights, bias, ds, data.indices_of_classes(ds, classes1 + classes2),
-                                          args.batch_size, device, workers, unreadable)
+    if val_images is None:
+        wanted = data.indices_of_classes(ds, [y for c in concepts for y in c])
+    else:
+        of_index = {int(i): int(j) for i, j in zip(*val_images)}
+        wanted = sorted(of_index)
+    kept, vals, poss, map_size = scan_val(model, conv, weights, bias, ds, wanted, args.batch_size, device, workers,
+                                          unreadable)
     rf, _ = receptive_field(model, conv, INPUT_SIZE, device)
-    concept = np.where(np.isin([ds.targets[i] for i in kept], classes1), 1, 2)
+    if val_images is None:
+        labels = np.asarray([ds.targets[i] for i in kept])
+        concept = np.zeros(len(kept), dtype=np.int64)
+        for j in range(len(concepts), 0, -1):
+            concept[np.isin(labels, concepts[j - 1])] = j
+    else:
+        concept = np.asarray([of_index[int(i)] for i in kept], dtype=np.int64)
     cell = 96
     panels, top, images, transp = [], {}, vis["images"].numpy(), vis["transparency"].numpy()
     for t, name in enumerate(names):
@@ -533,8 +549,10 @@ def run_for_checkpoint(ctx, args, state_dict, channel, classes1, classes2, run_n
     with fileio.atomic_path(os.path.join(plot_dir, "feature_vis.png")) as tmp:
         with open(fig, "rb") as src, open(tmp, "wb") as dst:
             dst.write(src.read())
-    record = {"model": ctx.model_spec, "layer": ctx.layer_path, "channel": channel, "classes1": classes1,
-              "classes2": classes2, "targets": names, "titles": [title_of(n) for n in names],
+    record = {"model": ctx.model_spec, "layer": ctx.layer_path, "channel": channel,
+              **({f"classes{j}": c for j, c in enumerate(concepts, start=1)} if val_images is None else
+                 {f"val_images_concept{j}": int((concept == j).sum()) for j in range(1, len(names))}),
+              "targets": names, "titles": [title_of(n) for n in names],
               "activation": act.tolist(), "val_max": [float(v) for v in vals.max(axis=0)],
               "val_images": int(len(kept)), "size": args.fv_size, "steps": args.fv_steps, "crops": args.fv_crops,
               "seed": args.fv_seed, "lr": args.fv_lr, "batch_size": args.batch_size, "device": str(device),

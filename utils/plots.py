@@ -12,6 +12,11 @@ from . import fileio  # noqa: E402
 CURVE_LABELS = ("Original", "Disentangled 1", "Disentangled 2")
 
 
+def curve_labels(k):
+    """Legend of a density plot of a k-way split: "Original", "Disentangled 1", ..., "Disentangled k"."""
+    return ("Original",) + tuple(f"Disentangled {j}" for j in range(1, k + 1))
+
+
 def density_plot(path, curves, title):
     """curves: list of (label, (xs, ys) or None) drawn as lines; saved as PNG."""
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -27,12 +32,12 @@ def density_plot(path, curves, title):
     plt.close(fig)
 
 
-def rho_score_plot(path, rhos, scores, best, title):
+def rho_score_plot(path, rhos, scores, best, title, ylabel="score = mean q1 + mean q2"):
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot(rhos, scores, marker="o")
     ax.axvline(best, color="gray", linestyle="--", label=f"best rho = {best}")
     ax.set_xlabel("rho (f)")
-    ax.set_ylabel("score = mean q1 + mean q2")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.legend()
     fig.tight_layout()

@@ -13,7 +13,7 @@ processed, each image is computed in the same batch whether one triple runs or t
 triples writes byte-identical files to one run per triple.
 """
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .cli import UserError
 
@@ -25,11 +25,17 @@ class Triple:
     classes1: list
     classes2: list
     where: str = ""  # "FILE line N" for a triple read from a file, "" for one from the command line
+    more: list = field(default_factory=list)  # class lists of concepts 3..k (--classes_for_concept3 ...)
+
+    @property
+    def concepts(self):
+        """The k class lists: concept 1's, concept 2's, then those of ``more``."""
+        return [self.classes1, self.classes2, *self.more]
 
     @property
     def classes(self):
-        """Classes of both concepts: concept 1's, then concept 2's."""
-        return self.classes1 + self.classes2
+        """Classes of every concept: concept 1's, then concept 2's, ..."""
+        return [y for c in self.concepts for y in c]
 
 
 def _int(text, what, where):
@@ -114,12 +120,14 @@ def check_triples(ctx, triples, channel_flag):
         if t.where:
             try:
                 context.check_channel(ctx, t.channel, "channel")
-                context.check_concepts(ctx.dataset, t.classes1, t.classes2, ("concept 1", "concept 2"))
+                context.check_concepts_k(ctx.dataset, t.concepts,
+                                         [f"concept {j}" for j in range(1, len(t.concepts) + 1)])
             except UserError as e:
                 raise UserError(f"{t.where}: {e}")
         else:
             context.check_channel(ctx, t.channel, channel_flag)
-            context.check_concepts(ctx.dataset, t.classes1, t.classes2)
+            context.check_concepts_k(ctx.dataset, t.concepts,
+                                     [f"--classes_for_concept{j}" for j in range(1, len(t.concepts) + 1)])
 
 
 def class_batches(indices, labels, batch_size):
