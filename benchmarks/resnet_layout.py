@@ -4,8 +4,9 @@ rules of stage 2, every best-rho score that stage 3 offers, for several seeds (i
 Per seed: the whole demo once (``python -m demo.run_demo --arch resnet``: data, training, the four stages
 with the published rules), then on its store and model, for each ``--importance_sign`` (published,
 positive_activation): stage 2, the candidate with the lowest cosine, and for each ``--rho_score``: stage 3
-on it and stage 4 on the val images. A score that this checkout's disentangle_channel.py does not offer
-yet (no ``--rho_score`` flag: only 'published', which is its behaviour) is reported as skipped.
+on it (one run scores every rho both ways; its info JSON records both choices) and, for each
+``--rho_scores`` choice, stage 4 on the val images with that rho's checkpoint (``--f``). A score that
+this checkout's disentangle_channel.py does not offer is reported as skipped.
 
 Stage 2's report under positive_activation is the measurement of how often the published rule counts a
 (channel, class) only through images on which the layer's summed activation (before its BatchNorm) is
@@ -18,7 +19,6 @@ Writes OUT/resnet_layout.json and prints one table row per (seed, importance rul
 depend on the CPU (see the README's demo section).
 """
 import argparse
-import functools
 import json
 import os
 import subprocess
@@ -31,14 +31,6 @@ from demo.run_demo import MODELS, Runner  # noqa: E402
 
 SIGNS = ("published", "positive_activation")
 SUFFIX = {"published": "", "positive_activation": "_positive_activation"}  # get_cosine_similarities.SIGN_SUFFIX
-
-
-@functools.lru_cache(maxsize=None)
-def offers_rho_score():
-    """Whether this checkout's stage 3 has --rho_score (issue 13, point 2)."""
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "disentangle_channel.py"), "--help"], cwd=ROOT,
-                          capture_output=True, text=True)
-    return "--rho_score" in proc.stdout
 
 
 def read_json(path):
@@ -63,7 +55,7 @@ def one_seed(out, seed, args, rho_scores):
     """The demo for ``seed`` into ``out``, then every (importance rule, rho score); returns a list of rows."""
     demo = [sys.executable, "-m", "demo.run_demo", "--out", out, "--arch", "resnet", "--seed", str(seed),
             "--train_per_class", str(args.train_per_class), "--val_per_class", str(args.val_per_class),
-            "--epochs", str(args.epochs)] + ([] if args.aux_weight is None else ["--aux_weight", str(args.aux_weight)])
+            "--epochs", str(args.epochs), "--no_feature_vis"] + ([] if args.aux_weight is None else ["--aux_weight", str(args.aux_weight)])
     rep = reusable_report(out, seed, args) if args.reuse_demo else None
     if rep is None:
         print("$ " + " ".join(demo[1:]), flush=True)
@@ -98,28 +90,35 @@ def one_seed(out, seed, args, rho_scores):
         best = cands[0]
         c, y1, y2 = best["channel"], best["class1"], best["class2"]
         pair = ["--classes_for_concept1", y1, "--classes_for_concept2", y2]
+        # stage 3 once: it scores every rho by both scores; the info JSON records both choices
+        r.run(f"variant_stage3_{sign}", "disentangle_channel.py", common + [
+            "--store_dir", store_dir, "--channel_disentangle", c] + pair)
+        run_name = f"{tag}_channel{c}_classes1{[y1]}_classes2{[y2]}"
+        info = read_json(os.path.join(store_dir, "models_disentangled", run_name + "_info.json"))
         for score in rho_scores:
             row = dict(base, channel=c, class1=names[y1], class2=names[y2],
                        cosine_similarity=round(best["cosine_similarity"], 4), rho_score=score)
-            if score != "published" and not offers_rho_score():
+            if score != "published" and f"best_rho_{score}" not in info:
                 rows.append(dict(row, skipped="disentangle_channel.py has no --rho_score in this checkout"))
                 continue
+            rho = info.get(f"best_rho_{score}", info["best_rho"])
             key = f"{sign}_{score}"
-            extra = [] if score == "published" and not offers_rho_score() else ["--rho_score", score]
-            r.run(f"variant_stage3_{key}", "disentangle_channel.py", common + [
-                "--store_dir", store_dir, "--channel_disentangle", c] + pair + extra)
+            # stage 4 on that rho's checkpoint (the published choice is also ..._f_best)
             r.run(f"variant_stage4_{key}", "get_results.py", common + [
                 "--model_dir", store_dir, "--channel_of_interest", c] + pair + [
-                "--get_quantitative", "--proportion_attribution_required", 0.03,
+                "--f", rho, "--get_quantitative", "--proportion_attribution_required", 0.03,
                 "--out_dir", os.path.join(out, "variants", key)])
-            run_name = f"{tag}_channel{c}_classes1{[y1]}_classes2{[y2]}"
-            info = read_json(os.path.join(store_dir, "models_disentangled", run_name + "_info.json"))
             summary = read_json(os.path.join(out, "variants", key, "results_disentanglement",
-                                             run_name + "_f_best_unnormalized_summary.json"))
+                                             f"{run_name}_f{rho}_unnormalized_summary.json"))
             q1, q2 = summary.get("quantitative_concept1") or {}, summary.get("quantitative_concept2") or {}
-            rows.append(dict(row, best_rho=info["best_rho"], best_score=max(info["scores"]),
-                             info={k: v for k, v in info.items() if "rho" in k or "degenerate" in k},
+            dead = info.get(f"dead_share_{score}")
+            rows.append(dict(row, best_rho=rho, published_score=info["scores"][info["rhos"].index(rho)],
+                             robust_score=(info["robust_scores"][info["rhos"].index(rho)]
+                                           if "robust_scores" in info else None),
+                             dead_share=dead, published_choice_degenerate=info.get("published_choice_degenerate"),
                              sep_concept1=summary["sep_concept1"], sep_concept2=summary["sep_concept2"],
+                             mean_pos_concept1=summary["mean_pos_concept1"],
+                             mean_pos_concept2=summary["mean_pos_concept2"],
                              quantitative_concept1=q1, quantitative_concept2=q2,
                              max_logit_diff=info["max_logit_diff"], logits_unchanged=info["exact"]))
     return rows
@@ -127,7 +126,7 @@ def one_seed(out, seed, args, rho_scores):
 
 def table(rows):
     head = ("| seed | stage 2 rule | candidates | lowest cosine: channel, classes (cosine) | rho score | best rho "
-            "| sep 1 | sep 2 | D1/orig, D2/orig (concept 1) | D1/orig, D2/orig (concept 2) | max logit diff |")
+            "| own map dead (c1/c2) | sep 1 | sep 2 | D1/orig, D2/orig (concept 1) | D1/orig, D2/orig (concept 2) | max logit diff |")
     lines = [head, "| " + " | ".join(["---"] * (head.count("|") - 1)) + " |"]
     for w in rows:
         if "channel" not in w:
@@ -136,12 +135,13 @@ def table(rows):
         pick = f"{w['channel']}: {w['class1']} vs {w['class2']} ({w['cosine_similarity']:.3f})"
         if "skipped" in w:
             lines.append(f"| {w['seed']} | {w['importance_sign']} | {w['num_candidates']} | {pick} | "
-                         f"{w['rho_score']} | {w['skipped']} | | | | | |")
+                         f"{w['rho_score']} | {w['skipped']} | | | | | | |")
             continue
         q1, q2 = w["quantitative_concept1"], w["quantitative_concept2"]
+        dead = "/".join(f"{100 * d:.0f}%" for d in w["dead_share"]) if w.get("dead_share") else "?"
         lines.append(
             f"| {w['seed']} | {w['importance_sign']} | {w['num_candidates']} | {pick} | {w['rho_score']} | "
-            f"{w['best_rho']} | {w['sep_concept1']:.3g} | {w['sep_concept2']:.3g} | "
+            f"{w['best_rho']} | {dead} | {w['sep_concept1']:.3g} | {w['sep_concept2']:.3g} | "
             f"{q1.get('D1/orig', float('nan')):.2f}, {q1.get('D2/orig', float('nan')):.2f} | "
             f"{q2.get('D1/orig', float('nan')):.2f}, {q2.get('D2/orig', float('nan')):.2f} | "
             f"{w['max_logit_diff']:.2g} |")
