@@ -126,7 +126,7 @@ def one_seed(out, seed, args, rho_scores):
 
 def table(rows):
     head = ("| seed | stage 2 rule | candidates | lowest cosine: channel, classes (cosine) | rho score | best rho "
-            "| own map dead (c1/c2) | sep 1 | sep 2 | D1/orig, D2/orig (concept 1) | D1/orig, D2/orig (concept 2) | max logit diff |")
+            "| own map dead (c1/c2) | mean pos(original) c1/c2 | sep 1 | sep 2 | D1/orig, D2/orig (concept 1) | D1/orig, D2/orig (concept 2) | max logit diff |")
     lines = [head, "| " + " | ".join(["---"] * (head.count("|") - 1)) + " |"]
     for w in rows:
         if "channel" not in w:
@@ -135,13 +135,14 @@ def table(rows):
         pick = f"{w['channel']}: {w['class1']} vs {w['class2']} ({w['cosine_similarity']:.3f})"
         if "skipped" in w:
             lines.append(f"| {w['seed']} | {w['importance_sign']} | {w['num_candidates']} | {pick} | "
-                         f"{w['rho_score']} | {w['skipped']} | | | | | | |")
+                         f"{w['rho_score']} | {w['skipped']} | | | | | | | |")
             continue
         q1, q2 = w["quantitative_concept1"], w["quantitative_concept2"]
         dead = "/".join(f"{100 * d:.0f}%" for d in w["dead_share"]) if w.get("dead_share") else "?"
+        orig = f"{w['mean_pos_concept1']['original']:.3g} / {w['mean_pos_concept2']['original']:.3g}"
         lines.append(
             f"| {w['seed']} | {w['importance_sign']} | {w['num_candidates']} | {pick} | {w['rho_score']} | "
-            f"{w['best_rho']} | {dead} | {w['sep_concept1']:.3g} | {w['sep_concept2']:.3g} | "
+            f"{w['best_rho']} | {dead} | {orig} | {w['sep_concept1']:.3g} | {w['sep_concept2']:.3g} | "
             f"{q1.get('D1/orig', float('nan')):.2f}, {q1.get('D2/orig', float('nan')):.2f} | "
             f"{q2.get('D1/orig', float('nan')):.2f}, {q2.get('D2/orig', float('nan')):.2f} | "
             f"{w['max_logit_diff']:.2g} |")
@@ -167,8 +168,10 @@ def main():
         with open(os.path.join(args.out, "resnet_layout.json"), "w") as f:
             json.dump({"settings": vars(args), "rows": rows}, f, indent=1)
     print(table(rows))
+    reported = set()
     for w in rows:
-        if w.get("sign_report") and w["importance_sign"] == "positive_activation":
+        if w.get("sign_report") and w["importance_sign"] == "positive_activation" and w["seed"] not in reported:
+            reported.add(w["seed"])
             s = w["sign_report"]
             print(f"seed {w['seed']}: {s['important_with_negative_layer_activation']} of "
                   f"{s['important_image_channel_pairs']} important (image, channel) pairs have a negative summed "
