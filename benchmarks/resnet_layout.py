@@ -126,7 +126,8 @@ def one_seed(out, seed, args, rho_scores):
 
 def table(rows):
     head = ("| seed | stage 2 rule | candidates | lowest cosine: channel, classes (cosine) | rho score | best rho "
-            "| own map dead (c1/c2) | mean pos(original) c1/c2 | sep 1 | sep 2 | D1/orig, D2/orig (concept 1) | D1/orig, D2/orig (concept 2) | max logit diff |")
+            "| own map dead (c1/c2) | mean pos(original) c1/c2 | sep 1 | sep 2 | D1/orig, D2/orig (images): concept 1 "
+            "| concept 2 | max logit diff |")
     lines = [head, "| " + " | ".join(["---"] * (head.count("|") - 1)) + " |"]
     for w in rows:
         if "channel" not in w:
@@ -143,8 +144,8 @@ def table(rows):
         lines.append(
             f"| {w['seed']} | {w['importance_sign']} | {w['num_candidates']} | {pick} | {w['rho_score']} | "
             f"{w['best_rho']} | {dead} | {orig} | {w['sep_concept1']:.3g} | {w['sep_concept2']:.3g} | "
-            f"{q1.get('D1/orig', float('nan')):.2f}, {q1.get('D2/orig', float('nan')):.2f} | "
-            f"{q2.get('D1/orig', float('nan')):.2f}, {q2.get('D2/orig', float('nan')):.2f} | "
+            f"{q1.get('D1/orig', float('nan')):.2f}, {q1.get('D2/orig', float('nan')):.2f} ({q1.get('images', 0)}) | "
+            f"{q2.get('D1/orig', float('nan')):.2f}, {q2.get('D2/orig', float('nan')):.2f} ({q2.get('images', 0)}) | "
             f"{w['max_logit_diff']:.2g} |")
     return "\n".join(lines)
 
