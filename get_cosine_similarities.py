@@ -105,7 +105,9 @@ def positive_activation_histogram(ctx, A, targets, P, k, tau, pp, counts, chunk_
     used = {key: similarities.used_classes(v, counts, pp) for key, v in h.items()}
     # pairs the published rule uses only thanks to images on which the layer's summed activation is negative
     without_negative = similarities.used_classes(h["published"] - h["negative_layer_activation"], counts, pp)
-    pairs = lambda m: [[int(c), int(y)] for y, c in torch.nonzero(m).tolist()]  # noqa: E731  [channel, class]
+
+    def pairs(mask):  # (K, C) bool -> [[channel, class], ...]
+        return [[int(c), int(y)] for y, c in torch.nonzero(mask).tolist()]
     report = {
         "batchnorm": None if bn is None else next(n for n, m in ctx.model.named_modules() if m is bn),
         "output_positions": positions,
