@@ -9,6 +9,12 @@ its top --top_n training images by summed activation, k-means on their L1-normal
 k by silhouette over 2..5 (or --k); writes STORE/results_get_cosine_similarities/{model}_concepts_top{N}.json:
   python get_cosine_similarities.py --data_dir /data/imagenet --store_dir /data/store --model resnet50 \
       --label_free --channels 1660 522 --top_n 100
+
+--importance_sign positive_activation counts an image for a channel only where the channel's summed
+activation after the BatchNorm that follows the layer (ResNet: bn3 after conv3) is positive, computed
+from the store's patch sums and the BatchNorm's parameters (no pass over the images), and prints how
+many (channel, class) pairs the published rule counts only through images on which the layer's own
+summed activation is negative. Its files carry the suffix _positive_activation.
 """
 import argparse
 import os
@@ -16,7 +22,9 @@ import os
 import numpy as np
 import torch
 
-from utils import cli, concepts, context, fileio, similarities, store
+from utils import attribution, cli, concepts, context, fileio, models, similarities, store
+
+SIGN_SUFFIX = {"published": "", "positive_activation": "_positive_activation"}  # in the names of the files written
 
 
 def main():
@@ -30,6 +38,10 @@ def main():
     p.add_argument("--cos_sim_high", type=float, default=1.0, help="cosine upper bound (exclusive, default 1)")
     p.add_argument("--out_dir", default=".",
                    help="folder for results_get_cosine_similarities/ (default: working directory, as published)")
+    p.add_argument("--importance_sign", choices=tuple(SIGN_SUFFIX), default="published",
+                   help="published (default): the rule above; positive_activation: an image counts for channel c "
+                        "only where c's summed activation after the BatchNorm that follows the layer is positive "
+                        "(the layer's own summed activation if no BatchNorm follows it; a note says so)")
     p.add_argument("--chunk_rows", type=int, default=similarities.DEFAULT_CHUNK_ROWS,
                    help="store rows read at a time (memory use)")
     g = p.add_argument_group("label-free concepts (instead of the candidate list)")
@@ -52,8 +64,12 @@ def main():
     if len(unreadable):
         print(f"{len(unreadable)} unreadable training images recorded by stage 1 are left out of every count")
     k = len(st.manifest["classes"])
-    hist = similarities.class_histogram(A, targets, k, tau, args.chunk_rows, progress=True)
     counts = similarities.class_counts(targets, k)
+    sign_report = {}
+    if args.importance_sign == "published":
+        hist = similarities.class_histogram(A, targets, k, tau, args.chunk_rows, progress=True)
+    else:
+        hist, sign_report = positive_activation_histogram(ctx, A, targets, P, k, tau, pp, counts, args.chunk_rows)
     used = similarities.used_classes(hist, counts, pp)
     means = similarities.class_mean_patch_sums(P, targets, k, args.chunk_rows, progress=True)
     cands = similarities.candidate_pairs(ctx.conv.weight.detach(), means, used, low, high, progress=True)
@@ -64,7 +80,8 @@ def main():
           f"{len(similarities.polysemantic_channels(used))} channels use two or more classes "
           f"(tau={tau}, p={pp})")
 
-    name = f"{ctx.tag}_required{tau}_p{pp}_cossim{low}to{high}"
+    suffix = SIGN_SUFFIX[args.importance_sign]
+    name = f"{ctx.tag}_required{tau}_p{pp}_cossim{low}to{high}{suffix}"
     table = "Channel,Class1,Class2,CosineSimilarity\n" + "".join(
         f"{d['channel']},{d['class1']},{d['class2']},{d['cosine_similarity']:.4f}\n" for d in cands)
     out_txt = os.path.join(args.out_dir, "results_get_cosine_similarities", name + ".txt")
@@ -72,12 +89,15 @@ def main():
     res = os.path.join(args.store_dir, "results_get_cosine_similarities")
     settings = {"proportion_attribution_required": tau, "p": pp, "cos_sim_low": low, "cos_sim_high": high,
                 "model": ctx.model_spec, "layer": ctx.layer_path, "weights": ctx.weights_id}
+    if sign_report:  # published: the same files as before the flag existed
+        settings.update(importance_sign=args.importance_sign, sign_report=sign_report)
     fileio.write_json(os.path.join(res, name + "_candidates.json"),
                       dict(settings, classes=st.manifest["classes"], candidates=cands))
-    fileio.write_json(os.path.join(res, f"{ctx.tag}_required{tau}_histograms.json"),
+    fileio.write_json(os.path.join(res, f"{ctx.tag}_required{tau}_histograms{suffix}.json"),
                       dict(settings, images_per_class=counts.tolist(),
                            histogram_class_by_channel=hist.tolist()), indent=None)
-    fileio.save_npy(os.path.join(res, f"{ctx.tag}_required{tau}_histograms.npy"), hist.numpy().astype(np.int32))
+    fileio.save_npy(os.path.join(res, f"{ctx.tag}_required{tau}_histograms{suffix}.npy"),
+                    hist.numpy().astype(np.int32))
     print(f"wrote {out_txt} and {res}/{name}_candidates.json")
 
 
@@ -162,6 +182,56 @@ def label_free(args):
     doc["channels"] = dict(sorted(doc["channels"].items(), key=lambda kv: int(kv[0])))
     fileio.write_json(path, doc, indent=1 if len(doc["channels"]) <= 64 else None)
     print(f"wrote {path} ({len(channels)} channels" + (f", and {kept} kept from an earlier run" if kept else "") + ")")
+
+
+def positive_activation_histogram(ctx, A, targets, P, k, tau, pp, counts, chunk_rows):
+    """H[y, c] under --importance_sign positive_activation, and what it changes against the published rule.
+
+    The BatchNorm after the layer and the layer's output size come from one forward pass of a blank image
+    (the store's transform makes every image 224 x 224). Returns (hist, report dict); prints the report.
+    """
+    example = torch.zeros(1, 3, 224, 224)
+    bn = models.batchnorm_after(ctx.model, ctx.conv, example)
+    out = attribution.layer_input_output(ctx.model, ctx.conv, example)[1]
+    positions = int(out.shape[2] * out.shape[3])
+    if bn is None:
+        print(f"note: no BatchNorm takes {ctx.layer_path}'s output: --importance_sign positive_activation uses "
+              f"the layer's own summed activation")
+    affine = None if bn is None else models.batchnorm_affine(bn)
+    # sign_histograms holds about four times class_histogram's memory per row: a quarter of the rows at a time
+    h = similarities.sign_histograms(A, targets, P, k, tau, ctx.conv.weight, ctx.conv.bias, positions, affine,
+                                     max(1, chunk_rows // 4), progress=True)
+    used = {key: similarities.used_classes(v, counts, pp) for key, v in h.items()}
+    # pairs the published rule uses only thanks to images on which the layer's summed activation is negative
+    without_negative = similarities.used_classes(h["published"] - h["negative_layer_activation"], counts, pp)
+
+    def pairs(mask):  # (K, C) bool -> [[channel, class], ...]
+        return [[int(c), int(y)] for y, c in torch.nonzero(mask).tolist()]
+    report = {
+        "batchnorm": None if bn is None else next(n for n, m in ctx.model.named_modules() if m is bn),
+        "output_positions": positions,
+        "important_image_channel_pairs": int(h["published"].sum()),
+        "important_with_negative_layer_activation": int(h["negative_layer_activation"].sum()),
+        "important_with_positive_activation": int(h["positive_activation"].sum()),
+        "used_pairs_published": int(used["published"].sum()),
+        "used_pairs_positive_activation": int(used["positive_activation"].sum()),
+        "used_only_through_negative_layer_activation": pairs(used["published"] & ~without_negative),
+        "dropped_by_positive_activation": pairs(used["published"] & ~used["positive_activation"]),
+        "added_by_positive_activation": pairs(used["positive_activation"] & ~used["published"]),
+    }
+    where = f"after {report['batchnorm']}" if bn is not None else f"of {ctx.layer_path}"
+    print(f"importance_sign positive_activation: an image counts for channel c only where c's summed activation "
+          f"{where} is positive")
+    print(f"  important (image, channel) pairs: {report['important_image_channel_pairs']}, of which "
+          f"{report['important_with_negative_layer_activation']} with a negative summed activation of "
+          f"{ctx.layer_path} (before any BatchNorm) and {report['important_with_positive_activation']} with a "
+          f"positive one {where}")
+    print(f"  used (channel, class) pairs: published rule {report['used_pairs_published']}, positive_activation "
+          f"{report['used_pairs_positive_activation']}; the published rule uses "
+          f"{len(report['used_only_through_negative_layer_activation'])} only through images with a negative "
+          f"summed activation of {ctx.layer_path}: {report['used_only_through_negative_layer_activation']} "
+          f"([channel, class]); dropped: {report['dropped_by_positive_activation']}")
+    return h["positive_activation"], report
 
 
 if __name__ == "__main__":

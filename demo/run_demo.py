@@ -12,7 +12,9 @@ Steps (all on the CPU):
        get_cosine_similarities.py --label_free  (the chosen channel's concepts found without class labels)
   4. print a short report and write OUT/report.json
 
-Usage: python -m demo.run_demo [--out demo_out] [--train_per_class 100] [--epochs 20] ...
+Usage: python -m demo.run_demo [--out demo_out] [--arch cnn|resnet] [--train_per_class 100] [--epochs 20] ...
+(--arch resnet: the layer is the last 1x1 conv of a bottleneck block, followed by a BatchNorm and the
+residual add, the paper's layout; see demo/model.py)
 """
 import argparse
 import json
@@ -24,6 +26,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "demo.model:shapes_cnn"
+MODELS = {"cnn": MODEL, "resnet": "demo.model:shapes_resnet"}  # --arch (the layer: each net's last conv)
 # what the demo writes into OUT (removed at the start of a run, so each run starts clean)
 MADE_HERE = ("data", "store", "plots", "results_disentanglement", "results_quantitative",
              "results_get_cosine_similarities", "logs", "model.pth", "model_training.json", "report.json")
@@ -32,6 +35,9 @@ MADE_HERE = ("data", "store", "plots", "results_disentanglement", "results_quant
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo_out", help="output folder (default ./demo_out)")
+    p.add_argument("--arch", choices=sorted(MODELS), default="cnn",
+                   help="demo net: cnn (default; conv -> ReLU after the layer) or resnet (conv -> BatchNorm -> "
+                        "residual add -> ReLU after it, as in ResNet-50)")
     p.add_argument("--train_per_class", type=int, default=100, help="training images per class (default 100)")
     p.add_argument("--val_per_class", type=int, default=30, help="val images per class (default 30)")
     p.add_argument("--epochs", type=int, default=12, help="training epochs (default 12)")
@@ -152,11 +158,12 @@ def main(argv=None):
     t = time.time()
     options = {k: v for k, v in (("aux_weight", args.aux_weight), ("threads", args.train_threads)) if v is not None}
     training = train.train(data_dir, weights, epochs=args.epochs, seed=args.seed, log=lambda s: print("  " + s, flush=True),
-                           **options)
+                           arch=args.arch, **options)
     seconds["train"] = round(time.time() - t, 1)
 
     r = Runner(out)
-    common = ["--data_dir", data_dir, "--model", MODEL, "--weights", weights, "--batch_size", args.batch_size]
+    model = MODELS[args.arch]
+    common = ["--data_dir", data_dir, "--model", model, "--weights", weights, "--batch_size", args.batch_size]
     if args.num_workers is not None:
         common += ["--num_workers", args.num_workers]
     print("[3/6] stage 1: attributions and patch sums of every training image", flush=True)
@@ -168,7 +175,7 @@ def main(argv=None):
     print(_short(r.run("stage2", "get_cosine_similarities.py", common + [
         "--store_dir", store_dir, "--proportion_attribution_required", tau, "--p", pp,
         "--cos_sim_low", low, "--cos_sim_high", high, "--out_dir", out]), 2))
-    tag = MODEL.replace(".", "_").replace(":", "_")
+    tag = model.replace(".", "_").replace(":", "_")
     cand_path = os.path.join(store_dir, "results_get_cosine_similarities",
                              f"{tag}_required{tau}_p{pp}_cossim{low}to{high}_candidates.json")
     with open(cand_path) as f:
@@ -214,7 +221,7 @@ def main(argv=None):
         with open(os.path.join(out, "results_disentanglement", run_name + "_feature_vis.json")) as f:
             fv_record = json.load(f)
     report = {
-        "channel": c, "class1": names[y1], "class2": names[y2], "class1_index": y1, "class2_index": y2,
+        "arch": args.arch, "channel": c, "class1": names[y1], "class2": names[y2], "class1_index": y1, "class2_index": y2,
         "layer": summary["layer"], "cosine_similarity": best["cosine_similarity"],
         "best_rho": info["best_rho"],
         "sep_concept1": summary["sep_concept1"], "sep_concept2": summary["sep_concept2"],

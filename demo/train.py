@@ -1,4 +1,4 @@
-"""Train the demo CNN on the generated shapes, deterministically on the CPU.
+"""Train a demo CNN (``--arch cnn``, the default, or ``resnet``) on the generated shapes, deterministically on the CPU.
 
 The training images are read once through the paper's evaluation transform (the same images the
 stage scripts will see), passed through the net's parameter-free 4 x 4 average pool, and kept in
@@ -10,15 +10,15 @@ training amplifies the differences: the weights, and which channel the demo pick
 
 Training adds an auxiliary linear classifier on the spatially averaged input of the layer of
 interest (``--aux_weight`` times its cross-entropy joins the loss; the classifier is dropped
-afterwards, the saved net is the plain ShapesCNN). It makes the 64 inputs of the layer
+afterwards, the saved net is the plain ShapesCNN or ShapesResNet). It makes the 64 inputs of the layer
 class-specific, as the features of a large ImageNet model are, instead of part-like (a detector of
 uniform colour also fires inside wide stripes). The 4 channels of the layer still have to serve
 9 classes, so training still makes them polysemantic; but the two classes of such a channel now
 reach it through different inputs, which is what the split needs. Without it (``--aux_weight 0``)
 the weaker separation of the demo's split fell to about 2.3 for some seeds and thread counts.
 
-Command line: python -m demo.train --data_dir DATA --out model.pth [--epochs N] [--seed S] [--aux_weight W]
-              [--threads N]
+Command line: python -m demo.train --data_dir DATA --out model.pth [--arch cnn|resnet] [--epochs N] [--seed S]
+              [--aux_weight W] [--threads N]
 """
 import argparse
 import json
@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from demo.model import ShapesCNN, NUM_CLASSES
+from demo.model import ARCHS, NUM_CLASSES
 from utils import data as udata
 
 
@@ -68,8 +68,9 @@ THREADS = 2
 
 
 def train(data_dir, out, epochs=12, seed=0, batch_size=64, lr=4e-3, weight_decay=1e-4, aux_weight=AUX_WEIGHT,
-          threads=None, log=print):
-    """Train ShapesCNN on ``data_dir/train``, save its state dict to ``out``; returns a summary dict.
+          threads=None, log=print, arch="cnn"):
+    """Train the demo net ``arch`` (demo.model.ARCHS) on ``data_dir/train``, save its state dict to ``out``;
+    returns a summary dict.
 
     ``aux_weight``: weight of the auxiliary classifier on the layer's input (0: none; see the module doc).
     ``threads``: torch's intra-op threads while training (None: THREADS, or fewer if torch has fewer).
@@ -77,18 +78,20 @@ def train(data_dir, out, epochs=12, seed=0, batch_size=64, lr=4e-3, weight_decay
     previous = torch.get_num_threads()
     torch.set_num_threads(min(THREADS, previous) if threads is None else threads)
     try:
-        return _train(data_dir, out, epochs, seed, batch_size, lr, weight_decay, aux_weight, log)
+        return _train(data_dir, out, epochs, seed, batch_size, lr, weight_decay, aux_weight, log, arch)
     finally:
         torch.set_num_threads(previous)
 
 
-def _train(data_dir, out, epochs, seed, batch_size, lr, weight_decay, aux_weight, log):
+def _train(data_dir, out, epochs, seed, batch_size, lr, weight_decay, aux_weight, log, arch="cnn"):
+    if arch not in ARCHS:
+        raise SystemExit(f"--arch {arch}: expected one of {', '.join(ARCHS)}")
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True)
     start = time.time()
-    model = ShapesCNN()
+    model = ARCHS[arch]()
     # training only: a linear classifier on the spatially averaged input of the layer of interest
-    aux = nn.Linear(model.conv_out.in_channels, NUM_CLASSES)
+    aux = nn.Linear(model.layer_of_interest.in_channels, NUM_CLASSES)
     x, y, classes = load_split(data_dir, "train", model)
     xv, yv, _ = load_split(data_dir, "val", model)
     if len(classes) != NUM_CLASSES:
@@ -106,8 +109,8 @@ def _train(data_dir, out, epochs, seed, batch_size, lr, weight_decay, aux_weight
         total = 0.0
         for i in range(0, len(x), batch_size):
             idx = order[i:i + batch_size]
-            feats = model.features(augment(x[idx], gen))
-            loss = loss_fn(model.head(feats), y[idx])
+            logits, feats = model.logits_and_layer_input(augment(x[idx], gen))
+            loss = loss_fn(logits, y[idx])
             if aux_weight:
                 loss = loss + aux_weight * loss_fn(aux(feats.mean((2, 3))), y[idx])
             opt.zero_grad()
@@ -118,7 +121,7 @@ def _train(data_dir, out, epochs, seed, batch_size, lr, weight_decay, aux_weight
         if epoch == epochs - 1 or epoch % 5 == 4:
             log(f"epoch {epoch + 1}/{epochs}: loss {total / len(x):.3f}, val accuracy {accuracy(model, xv, yv):.3f}")
     model.eval()
-    summary = {"epochs": epochs, "seed": seed, "aux_weight": aux_weight, "threads": torch.get_num_threads(),
+    summary = {"arch": arch, "epochs": epochs, "seed": seed, "aux_weight": aux_weight, "threads": torch.get_num_threads(),
                "train_images": len(x), "val_images": len(xv),
                "train_accuracy": accuracy(model, x, y), "val_accuracy": accuracy(model, xv, yv),
                "seconds": round(time.time() - start, 1), "classes": classes}
@@ -135,6 +138,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", required=True)
     p.add_argument("--out", required=True, help="state-dict file to write")
+    p.add_argument("--arch", choices=sorted(ARCHS), default="cnn", help="demo net (default cnn)")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--aux_weight", type=float, default=AUX_WEIGHT,
@@ -142,7 +146,7 @@ def main():
     p.add_argument("--threads", type=int, default=None,
                    help=f"torch threads while training (default {THREADS}, or 1 on a one-core machine)")
     a = p.parse_args()
-    train(a.data_dir, a.out, a.epochs, a.seed, aux_weight=a.aux_weight, threads=a.threads)
+    train(a.data_dir, a.out, a.epochs, a.seed, aux_weight=a.aux_weight, threads=a.threads, arch=a.arch)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,14 @@
 Everything reads the stage-1 arrays in chunks of rows, so a 1.28 M x 2048 store needs a few
 hundred MB of RAM, and no model pass is made: the ARV of channel c for class y is
 R_y^c[k] = sum_{i,j} W[c,k,i,j] * Pbar_y[k,i,j], with Pbar_y the class mean of the patch sums.
+
+The same patch sums give each image's summed activation of every channel, S_n[c] = sum_{h,w} a_n[c,h,w]
+= sum_{k,i,j} W[c,k,i,j] P_n[k,i,j] + b[c] H'W' (H' x W' the layer's output size), and, because an
+eval-mode BatchNorm is one affine map per channel applied at every position, the summed activation
+after a BatchNorm that follows the layer: sum_{h,w} BN(a_n)[c,h,w] = scale[c] S_n[c] + shift[c] H'W'.
+``--importance_sign positive_activation`` counts image n for channel c only where that sum is positive
+(``sign_histograms``): in the ResNet layout a positive attribution also comes from a channel that is
+*less* active than usual (negative activation x negative gradient), and the published rule counts it.
 """
 import mmap
 
@@ -50,6 +58,54 @@ def class_histogram(attributions, targets, num_classes, tau, chunk_rows=DEFAULT_
         ok = y >= 0
         hist.index_add_(0, y[ok], important_channels(A[ok], tau).to(torch.int64))
     return hist
+
+
+def summed_activation(patch_sums, weight, bias=None, positions=1):
+    """S[n, c] = sum_{h,w} a_n[c,h,w] = sum_{k,i,j} W[c,k,i,j] P_n[k,i,j] + b[c] * H'W', from the patch sums.
+
+    patch_sums: (N, C_in, kh, kw); weight: (C_out, C_in, kh, kw); bias: (C_out,) or None;
+    positions: H' * W', the number of output positions of the layer. Returns (N, C_out) float64.
+    """
+    s = torch.as_tensor(patch_sums).to(torch.float64).flatten(1) @ weight.detach().to(torch.float64).flatten(1).T
+    if bias is not None:
+        s = s + bias.detach().to(torch.float64) * positions
+    return s
+
+
+def affine_summed(s, scale, shift, positions):
+    """sum_{h,w} BN(a)[n,c] = scale[c] * S[n,c] + shift[c] * H'W' for BN(a) = scale * a + shift at each position.
+
+    s: (N, C) summed activations (``summed_activation``); scale, shift: (C,) (``models.batchnorm_affine``).
+    Returns (N, C) float64.
+    """
+    return s.to(torch.float64) * scale.detach().to(torch.float64) + shift.detach().to(torch.float64) * positions
+
+
+def sign_histograms(attributions, targets, patch_sums, num_classes, tau, weight, bias=None, positions=1,
+                    affine=None, chunk_rows=DEFAULT_CHUNK_ROWS, progress=False):
+    """Class histograms of the published importance rule and of the sign-aware one, from one read of the store.
+
+    attributions: (N, C) and patch_sums: (N, C_in, kh, kw) array-likes (memory maps are fine); targets: (N,)
+    (negative: row left out); weight, bias, positions: the layer (``summed_activation``); affine: (scale, shift)
+    of the BatchNorm that follows the layer, or None (then the layer's own summed activation decides).
+    Returns a dict of (num_classes, C) int64 tensors, H[y, c] = images of class y for which c is important
+    ('published', the same as ``class_histogram``) and moreover
+      'positive_activation': the summed activation after the BatchNorm (or the layer's, without one) is > 0;
+      'negative_layer_activation': the layer's own summed activation S (before any BatchNorm) is < 0.
+    """
+    n, c = attributions.shape
+    names = ("published", "positive_activation", "negative_layer_activation")
+    hists = {k: torch.zeros(num_classes, c, dtype=torch.int64) for k in names}
+    for lo, hi in tqdm(_chunks(n, chunk_rows), desc="histograms", disable=not progress, unit="chunk"):
+        A = torch.from_numpy(read_rows(attributions, lo, hi).astype(np.float32))
+        y = torch.from_numpy(read_rows(targets, lo, hi).astype(np.int64))
+        ok = y >= 0
+        s = summed_activation(torch.from_numpy(read_rows(patch_sums, lo, hi)[ok.numpy()]), weight, bias, positions)
+        after = s if affine is None else affine_summed(s, affine[0], affine[1], positions)
+        imp = important_channels(A[ok], tau)
+        for k, mask in zip(names, (imp, imp & (after > 0), imp & (s < 0))):
+            hists[k].index_add_(0, y[ok], mask.to(torch.int64))
+    return hists
 
 
 def class_counts(targets, num_classes):
