@@ -175,6 +175,9 @@ def main():
                    help="the first N training images, on which the full original and disentangled networks' "
                         "logits are compared (default 4); the split maps are compared with the layer's output on "
                         "every image scored")
+    p.add_argument("--no_channels_last", action="store_true",
+                   help="score in the default (contiguous) memory layout instead of channels-last: the scores' "
+                        "last digits as before channels-last became the default (it is about 1.7x faster on CPU)")
     p.add_argument("--export_model", action="store_true",
                    help="also write the whole disentangled network's state dict (…_f_best_model.pth) and how to "
                         "rebuild it (…_f_best_model.json); utils.disentangle.load_disentangled_model builds it")
@@ -204,9 +207,12 @@ def main():
     workers = cli.default_workers(args.num_workers)
     loader = data.with_indices(data.make_loader(ctx.dataset, batches, workers, ctx.device, hint=HINT), batches)
     model = ctx.model.to(ctx.device)
+    if not args.no_channels_last:  # after the split filters are taken from the weights: they stay contiguous
+        model = model.to(memory_format=torch.channels_last)
     desc = "scoring 20 rho" + (f" of {len(triples)} triples" if len(triples) > 1 else "")
     found = disentangle.score_splits(model, ctx.conv, splits, loader, ctx.device,
-                                     progress=lambda it: tqdm(it, desc=desc, unit="batch"))
+                                     progress=lambda it: tqdm(it, desc=desc, unit="batch"),
+                                     channels_last=not args.no_channels_last)
     choices = [choose(res, args.rho_score) for res in found]
 
     runs = check_networks(ctx, model, targets, triples, splits, found, choices, args.exactness_images)

@@ -441,12 +441,14 @@ def _run_old(tree, *calls):
 
 def test_k2_files_are_byte_identical_to_the_code_before_kway(case, tmp_path):
     """Stage 3 and stage 4 with two concepts: every file of the code before k-way, byte for byte (the info file
-    gains keys after the published ones, which keep their values and order)."""
+    gains keys after the published ones, which keep their values and order), with --no_channels_last."""
     old = _old_tree(tmp_path / "old")
     store_b = str(tmp_path / "store_b")
     shutil.copytree(store.store_folder(case.store, TAG), store.store_folder(store_b, TAG))
     flags = ["--channel_disentangle", 7, "--classes_for_concept1", 0, 2, "--classes_for_concept2", 1]
-    new3 = ok("disentangle_channel.py", "--data_dir", case.data, "--store_dir", store_b, *MODEL, *flags)
+    # --no_channels_last: the old code scored in the contiguous layout (channels-last rounds differently)
+    new3 = ok("disentangle_channel.py", "--data_dir", case.data, "--store_dir", store_b, *MODEL, *flags,
+              "--no_channels_last")
     store_old = str(tmp_path / "store_old")
     shutil.copytree(store.store_folder(case.store, TAG), store.store_folder(store_old, TAG))
     s4 = ["--data_dir", case.data, "--model_dir", store_b, *MODEL, "--layer_of_interest", "conv3",

@@ -371,7 +371,7 @@ def merged_map_difference(maps, a_c):
     return (merged - a_c[:, None]).abs().amax(dim=(1, 2, 3))
 
 
-def score_splits(model, conv, splits, loader, device, progress=None):
+def score_splits(model, conv, splits, loader, device, progress=None, channels_last=False):
     """Best-rho scores of every rho of every Split from one pass over ``loader``, and the exactness of
     the split on every image scored.
 
@@ -382,7 +382,8 @@ def score_splits(model, conv, splits, loader, device, progress=None):
     Splits whose concepts are rows). Returns a list of SplitScores (one per Split): the published scores from
     running sums per concept, and the per-image positive masses (M, R, k+1) with their concept ids, from
     which any other score is a pure function (``robust_scores``). Sums stay on the device (no
-    synchronisation per batch).
+    synchronisation per batch). ``channels_last``: the images go in as channels-last tensors (the caller
+    converts the model): the same numbers to float32 rounding, a faster forward on CPUs and recent GPUs.
     """
     banks = []
     for s in splits:
@@ -401,7 +402,10 @@ def score_splits(model, conv, splits, loader, device, progress=None):
         needed = [bool((k > 0).any()) for k in concepts]
         if not any(needed):
             continue
-        x, a = layer_input_output(model, conv, images.to(device, non_blocking=True))
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        x, a = layer_input_output(model, conv, images)
         x, n = x.float(), len(images)
         for s, (flat, bias, nr, nf), concept, need, ac in zip(splits, banks, concepts, needed, acc):
             if not need:
