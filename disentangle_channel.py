@@ -26,14 +26,14 @@ from tqdm import tqdm
 
 from utils import cli, clusters, context, data, disentangle, fileio, similarities, store
 from utils.disentangle import RHOS
-from utils.triples import check_triples, class_batches, triples_from_args
+from utils.triples import (MORE_CONCEPTS, check_no_classes_with_file, check_triples, class_batches, class_jobs,
+                           more_concepts_given)
 
 HINT = (": the store read it, so the file changed since stage 1; restore it, or rerun stage 1 with "
         "--skip_unreadable into a new --store_dir")
 TOL = f"{disentangle.TOLERANCE:.0e}".replace("e-0", "e-")  # 1e-4
 
 
-MORE_CONCEPTS = range(3, 7)  # --classes_for_concept3 .. --classes_for_concept6
 
 
 def concept_rows(targets, t):
@@ -114,32 +114,16 @@ def check_networks(ctx, model, targets, triples, splits, found, choices, n_image
 def concepts_from_args(args):
     """The jobs of the command line: Triples (classes; --triples or the per-triple flags plus
     --classes_for_concept3..6) or one ClusterConcepts (--concepts_file), checked later against the store."""
-    more = [getattr(args, f"classes_for_concept{j}") for j in MORE_CONCEPTS]
-    given_more = [j for j, m in zip(MORE_CONCEPTS, more) if m is not None]
+    more, given_more = more_concepts_given(args)
     if args.concepts_file is not None:
-        clash = [f for f, v in (("--triples", args.triples), ("--classes_for_concept1", args.classes_for_concept1),
-                                ("--classes_for_concept2", args.classes_for_concept2)) if v is not None]
-        clash += [f"--classes_for_concept{j}" for j in given_more]
-        if clash:
-            raise cli.UserError(f"--concepts_file gives the concepts: drop {', '.join(clash)}")
+        check_no_classes_with_file(args, given_more)
         if args.channel_disentangle is None:
             raise cli.UserError("--concepts_file needs --channel_disentangle (the channel whose clusters to use)")
         return None
     if args.clusters is not None:
         raise cli.UserError("--clusters selects clusters of --concepts_file: give the file too")
-    if given_more and args.triples is not None:
-        raise cli.UserError(f"--triples splits into two concepts per line: --classes_for_concept{given_more[0]} "
-                            f"needs the per-triple flags")
-    triples = triples_from_args(args.triples, args.channel_disentangle, args.classes_for_concept1,
-                                args.classes_for_concept2, "--channel_disentangle", cli.parse_classes)
-    if given_more:
-        if given_more != list(MORE_CONCEPTS[:len(given_more)]):
-            missing = next(j for j in MORE_CONCEPTS if j not in given_more)
-            raise cli.UserError(f"--classes_for_concept{given_more[-1]} without --classes_for_concept{missing}: "
-                                f"number the concepts 1, 2, 3, ... without gaps")
-        triples[0].more = [cli.parse_classes(m, f"--classes_for_concept{j}")
-                           for j, m in zip(MORE_CONCEPTS, more) if m is not None]
-    return triples
+    return class_jobs(args, args.channel_disentangle, "--channel_disentangle", more, given_more, "splits",
+                      cli.parse_classes)
 
 
 def main():

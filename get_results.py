@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from utils import cli, clusters, context, data, disentangle, evaluation, featurevis, fileio, sae_view, store
-from utils.triples import check_triples, triples_from_args, union_classes
+from utils.triples import (MORE_CONCEPTS, check_no_classes_with_file, check_triples, class_jobs,
+                           more_concepts_given, union_classes)
 
 
-MORE_CONCEPTS = range(3, 7)  # --classes_for_concept3 .. --classes_for_concept6, as in stage 3
 
 
 def find_checkpoint(model_dir, name):
@@ -94,33 +94,17 @@ def load_checkpoint(ctx, args, t, rho, val_summary):
 def jobs_from_args(args):
     """Triples (classes; --triples, or the per-triple flags with --classes_for_concept3..6), or None when
     --concepts_file gives the concepts (read once the model is known)."""
-    more = [getattr(args, f"classes_for_concept{j}") for j in MORE_CONCEPTS]
-    given_more = [j for j, m in zip(MORE_CONCEPTS, more) if m is not None]
+    more, given_more = more_concepts_given(args)
     if args.concepts_file is not None:
-        clash = [f for f, v in (("--triples", args.triples), ("--classes_for_concept1", args.classes_for_concept1),
-                                ("--classes_for_concept2", args.classes_for_concept2)) if v is not None]
-        clash += [f"--classes_for_concept{j}" for j in given_more]
-        if clash:
-            raise cli.UserError(f"--concepts_file gives the concepts: drop {', '.join(clash)}")
+        check_no_classes_with_file(args, given_more)
         if args.channel_of_interest is None:
             raise cli.UserError("--concepts_file needs --channel_of_interest (the channel whose clusters were used)")
         return None
     if args.clusters is not None or args.val_top_n is not None:
         raise cli.UserError(f"{'--clusters' if args.clusters is not None else '--val_top_n'} goes with "
                             f"--concepts_file: give the file too")
-    if given_more and args.triples is not None:
-        raise cli.UserError(f"--triples evaluates two concepts per line: --classes_for_concept{given_more[0]} "
-                            f"needs the per-triple flags")
-    triples = triples_from_args(args.triples, args.channel_of_interest, args.classes_for_concept1,
-                                args.classes_for_concept2, "--channel_of_interest", cli.parse_classes)
-    if given_more:
-        if given_more != list(MORE_CONCEPTS[:len(given_more)]):
-            missing = next(j for j in MORE_CONCEPTS if j not in given_more)
-            raise cli.UserError(f"--classes_for_concept{given_more[-1]} without --classes_for_concept{missing}: "
-                                f"number the concepts 1, 2, 3, ... without gaps")
-        triples[0].more = [cli.parse_classes(m, f"--classes_for_concept{j}")
-                           for j, m in zip(MORE_CONCEPTS, more) if m is not None]
-    return triples
+    return class_jobs(args, args.channel_of_interest, "--channel_of_interest", more, given_more, "evaluates",
+                      cli.parse_classes)
 
 
 def class_concepts(labels, concepts):
