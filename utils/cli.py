@@ -124,6 +124,19 @@ def select_device(device=None, gpu=None, local_rank=None, world_size=None):
     return dev
 
 
+def at_least(flag, low, kind, say=None):
+    """An argparse ``type`` that raises UserError (one line, exit status 2) for a value below ``low``."""
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise UserError(f"{flag} {text}: not a number")
+        if not v >= low:
+            raise UserError(f"{flag} {text}: must be {say or f'at least {low}'}")
+        return v
+    return parse
+
+
 def default_workers(num_workers):
     """``--num_workers``, or by default the machine's cores shared among the processes of this node
     (torchrun's LOCAL_WORLD_SIZE), at most 8 and at least 1 per process."""

@@ -32,7 +32,7 @@ from torchvision.ops import roi_align
 from tqdm import tqdm
 
 from . import data, fileio
-from .cli import UserError, default_workers
+from .cli import UserError, at_least, default_workers
 from .disentangle import filter_maps
 from .evaluation import top_k
 
@@ -436,19 +436,6 @@ CONCEPT_COLOURS = {1: (31, 119, 180), 2: (255, 127, 14), 3: (44, 160, 44), 4: (2
 TITLES = {"original": "Original"}
 
 
-def _at_least(flag, low, kind, say=None):
-    """An argparse ``type`` that raises UserError (one line, exit status 2) for a value below ``low``."""
-    def parse(text):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise UserError(f"{flag} {text}: not a number")
-        if not v >= low:
-            raise UserError(f"{flag} {text}: must be {say or f'at least {low}'}")
-        return v
-    return parse
-
-
 def add_args(parser):
     """Stage 4's feature-visualization flags (bad values raise UserError: one line, exit status 2)."""
     g = parser.add_argument_group("feature visualization (--get_feature_vis)")
@@ -456,17 +443,17 @@ def add_args(parser):
                    help="MACO feature visualizations of the original channel and of each disentangled map, "
                         "with their top val images: plots/feature_vis_{run}.png and results_disentanglement/"
                         "{run}_feature_vis.json")
-    g.add_argument("--fv_size", type=_at_least("--fv_size", 1, int), default=DEFAULTS["fv_size"],
+    g.add_argument("--fv_size", type=at_least("--fv_size", 1, int), default=DEFAULTS["fv_size"],
                    help="side S of the optimized image in pixels (default 512)")
-    g.add_argument("--fv_steps", type=_at_least("--fv_steps", 1, int), default=DEFAULTS["fv_steps"],
+    g.add_argument("--fv_steps", type=at_least("--fv_steps", 1, int), default=DEFAULTS["fv_steps"],
                    help="optimization steps (default 256)")
-    g.add_argument("--fv_crops", type=_at_least("--fv_crops", 1, int), default=DEFAULTS["fv_crops"],
+    g.add_argument("--fv_crops", type=at_least("--fv_crops", 1, int), default=DEFAULTS["fv_crops"],
                    help="random crops of each image per step (default 32)")
-    g.add_argument("--fv_seed", type=_at_least("--fv_seed", 0, int), default=DEFAULTS["fv_seed"],
+    g.add_argument("--fv_seed", type=at_least("--fv_seed", 0, int), default=DEFAULTS["fv_seed"],
                    help="seed of the phases, crops and noise (default 0): same seed, same images")
-    g.add_argument("--fv_lr", type=_at_least("--fv_lr", 1e-12, float, "positive"), default=DEFAULTS["fv_lr"],
+    g.add_argument("--fv_lr", type=at_least("--fv_lr", 1e-12, float, "positive"), default=DEFAULTS["fv_lr"],
                    help="NAdam learning rate on the phase (default 1.0)")
-    g.add_argument("--fv_spectrum_images", type=_at_least("--fv_spectrum_images", 1, int),
+    g.add_argument("--fv_spectrum_images", type=at_least("--fv_spectrum_images", 1, int),
                    default=DEFAULTS["fv_spectrum_images"],
                    help="training images that estimate the magnitude spectrum and colour matrix (default 256; "
                         "computed once per data set and size, kept in MODEL_DIR/feature_vis_spectra/)")

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from . import attribution, data, fileio, sae as S
-from .cli import UserError, default_workers
+from .cli import UserError, at_least, default_workers
 from .disentangle import filter_maps, positive_mass
 from .evaluation import top_k
 
@@ -32,18 +32,6 @@ TOP_OF_CHANNEL = 32     # the channel's top val images on which contributions ar
 LISTED = 8              # features listed in the view
 CONTENT_IMAGES = 64     # training images whose bytes enter the SAE's record
 VERSION = 1
-
-
-def _at_least(flag, low, kind):
-    def parse(text):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise UserError(f"{flag} {text}: not a number")
-        if not v >= low:
-            raise UserError(f"{flag} {text}: must be {'positive' if low == 1e-12 else f'at least {low}'}")
-        return v
-    return parse
 
 
 def add_args(parser):
@@ -61,7 +49,8 @@ def add_args(parser):
             ("sae_lr", float, 1e-12, "Adam learning rate"),
             ("sae_batch_size", int, 1, "vectors per step"),
             ("sae_train_images", int, 0, "training images to sample from, spread over the classes (0: all)")):
-        g.add_argument("--" + name, type=_at_least("--" + name, low, kind), default=DEFAULTS[name],
+        say = "positive" if low == 1e-12 else None
+        g.add_argument("--" + name, type=at_least("--" + name, low, kind, say), default=DEFAULTS[name],
                        help=f"{text} (default {DEFAULTS[name]})")
     return parser
 
