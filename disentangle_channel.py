@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from utils import cli, clusters, context, data, disentangle, fileio, similarities, store
 from utils.disentangle import RHOS
-from utils.triples import (MORE_CONCEPTS, check_no_classes_with_file, check_triples, class_batches, class_jobs,
+from utils.triples import (MORE_CONCEPTS, check_no_classes_with_file, check_triples, class_jobs,
                            more_concepts_given)
 
 HINT = (": the store read it, so the file changed since stage 1; restore it, or rerun stage 1 with "
@@ -187,16 +187,13 @@ def main():
 
     # one pass over every concept image of every job, each image once, in batches of one class
     indices = np.unique(np.concatenate([r for rs in rows for r in rs]))  # store rows are ImageFolder indices
-    batches = class_batches(indices, targets[indices], args.batch_size)
-    workers = cli.default_workers(args.num_workers)
-    loader = data.with_indices(data.make_loader(ctx.dataset, batches, workers, ctx.device, hint=HINT), batches)
     model = ctx.model.to(ctx.device)
-    if not args.no_channels_last:  # after the split filters are taken from the weights: they stay contiguous
-        model = model.to(memory_format=torch.channels_last)
     desc = "scoring 20 rho" + (f" of {len(triples)} triples" if len(triples) > 1 else "")
-    found = disentangle.score_splits(model, ctx.conv, splits, loader, ctx.device,
-                                     progress=lambda it: tqdm(it, desc=desc, unit="batch"),
-                                     channels_last=not args.no_channels_last)
+    # channels-last after the split filters are taken from the weights: they stay contiguous
+    found = disentangle.score_images(model, ctx.conv, splits, ctx.dataset, indices, targets[indices],
+                                     args.batch_size, ctx.device, cli.default_workers(args.num_workers),
+                                     channels_last=not args.no_channels_last,
+                                     progress=lambda it: tqdm(it, desc=desc, unit="batch"), hint=HINT)
     choices = [choose(res, args.rho_score) for res in found]
 
     runs = check_networks(ctx, model, targets, triples, splits, found, choices, args.exactness_images)

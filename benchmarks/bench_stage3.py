@@ -1,7 +1,9 @@
 """Stage 3 benchmark: split one channel for all 20 rho, write the checkpoints, pick the best rho.
 
-ours:      the 20 splits, one pass over the concepts' train images up to the layer's input with all 60
-           filters (D1, D2, R of the 20 rho) as one convolution, the 21 checkpoints.
+ours:      what disentangle_channel.py runs: the 20 splits, one pass over the concepts' train images (in
+           batches of one class, channels-last) up to the layer's input with all 60 filters (D1, D2, R of
+           the 20 rho) as one convolution, which also checks D1 + D2 - R against the layer's output on
+           every image; both full networks' logits on 4 images; the 21 checkpoints.
 published: the published script's algorithm: per rho, its ARV pickle loaded, the source sets found input
            channel by input channel, a deep copy of the whole network with the layer replaced by the
            split layer and the merging 1x1 conv (identity built element by element), the exactness check
@@ -22,6 +24,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 
+EXACTNESS_IMAGES = 4  # disentangle_channel.py --exactness_images
+
+
 def setup(workdir):
     from utils import data
     model, conv = common.build_model()
@@ -39,15 +44,24 @@ def ours(workdir, timer):
 
     from utils import data, disentangle, fileio
     model, conv, c, s1, s2, v1, v2, ds, indices = setup(workdir)
+    labels = [ds.targets[i] for i in indices]
     folder = os.path.join(workdir, "store_ours", "models_disentangled")
     for _ in timer.runs():
         shutil.rmtree(folder, ignore_errors=True)
         with timer:
             v1, v2 = common.concept_arvs(workdir, conv, c, s1, s2)  # closed form, from the store
             filters = disentangle.split_filters(conv.weight[c].detach(), v1, v2)
-            loader = data.make_loader(ds, data.batches_of(indices, common.BATCH_SIZE), common.workers_ours(), "cpu")
-            scores = disentangle.score_all_rhos(model, conv, filters, None, loader, s1, s2, torch.device("cpu"))
+            split = disentangle.Split(c, filters, None, s1, s2)
+            found, = disentangle.score_images(model, conv, [split], ds, indices, labels, common.BATCH_SIZE,
+                                              torch.device("cpu"), common.workers_ours())
+            scores = found.scores
             best = disentangle.best_rho_index(scores)
+            # the script's full-network check: both networks' logits on the first EXACTNESS_IMAGES images
+            check = next(iter(data.make_loader(ds, [indices[:EXACTNESS_IMAGES]], 0, "cpu")))[0]
+            diff, zmax, _ = disentangle.network_check(model, common.LAYER, c,
+                                                      disentangle.checkpoint_state_dict(filters[best]), check)
+            assert disentangle.within_tolerance(found.max_map_diff, found.max_abs_map)
+            assert disentangle.within_tolerance(diff, zmax)
             for r, rho in enumerate(disentangle.RHOS + ["best"]):
                 fileio.save_torch(os.path.join(folder, disentangle.checkpoint_name("bench_resnet50", c, s1, s2, rho)),
                                   disentangle.checkpoint_state_dict(filters[best if rho == "best" else r]))

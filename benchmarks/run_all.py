@@ -19,6 +19,11 @@ predictions; the candidate list and cosines; the rho scores and best rho; the st
 --json writes per stage ours_s, published_s, ratio (published/ours), the peaks, the naive columns,
 the checks, and the stores' bytes per image.
 
+Rows triples (not part of end to end; --no_triples skips them): benchmarks/bench_triples.py, the paper's 20
+triples through the call scripts (stages 3 and 4) in one process (--triples) against one process per triple
+(PER_TRIPLE=1), on their own workload (24 classes x --triples_train / --triples_val generated JPEGs, ResNet-50
+with random weights); the two sides' files are compared byte for byte.
+
 Row fv (not part of end to end; --no_fv skips it): feature visualization (stage 4's --get_feature_vis) of
 the original channel and D1, D2 of a checkpoint on the same architecture and layer at S = 224, --fv_steps
 steps of --fv_crops crops: ours (the three targets in one batch, the forward pass stopped at the layer)
@@ -38,10 +43,12 @@ import bench_stage2  # noqa: E402
 import bench_stage3  # noqa: E402
 import bench_stage4  # noqa: E402
 import bench_featurevis  # noqa: E402
+import bench_triples  # noqa: E402
 import common  # noqa: E402
 
 # the issue's goals against the published algorithm on the 600-image case (published / ours)
 GOALS = {"1": 1.6, "2": 50.0, "3": 2.0, "4": 1.5, "end to end": 4.0}
+GOAL_TRIPLES = 3.0  # the 20 triples in one process against one process per triple
 
 
 def main():
@@ -51,6 +58,11 @@ def main():
     p.add_argument("--fv_steps", type=int, default=3, help="steps of the feature-visualization row (default 3)")
     p.add_argument("--fv_crops", type=int, default=4, help="crops per image per step of that row (default 4)")
     p.add_argument("--no_fv", action="store_true", help="skip the feature-visualization row")
+    p.add_argument("--no_triples", action="store_true", help="skip the rows of the paper's 20 triples")
+    p.add_argument("--triples_train", type=int, default=8,
+                   help="train images per class of the triples rows' 24 classes (default 8)")
+    p.add_argument("--triples_val", type=int, default=4,
+                   help="val images per class of the triples rows' 24 classes (default 4)")
     common.add_workload_args(p)
     args = p.parse_args()
     common.configure_from_args(args)
@@ -64,6 +76,11 @@ def main():
         common.print_header()
         for name, mod in (("1", bench_stage1), ("2", bench_stage2), ("3", bench_stage3), ("4", bench_stage4)):
             rows[name] = mod.run(workdir)
+        triples = None
+        if not args.no_triples:
+            print("\ntriples: the paper's 20 triples through the call scripts, in one process (--triples) and "
+                  "one process per triple (PER_TRIPLE=1)", flush=True)
+            triples = bench_triples.run(os.path.join(workdir, "triples"), args.triples_train, args.triples_val)
     total = time.perf_counter() - start
     e2e = {k: sum(r[k] for r in rows.values()) for k in ("ours_s", "published_s", "ours_cpu_s", "published_cpu_s")}
     e2e["ratio"] = e2e["published_s"] / max(e2e["ours_s"], 1e-9)
@@ -82,6 +99,15 @@ def main():
     print(f"| end to end | {e2e['ours_s']:.2f} | {e2e['published_s']:.2f} | {e2e['ratio']:.1f}x | {goal:g}x "
           f"{'met' if e2e['ratio'] >= goal else 'NOT met'} | {e2e['ours_cpu_s']:.2f} | {e2e['published_cpu_s']:.2f} "
           f"| | |" + (" | |" if naive else ""))
+    if triples is not None:
+        for t in triples + [triples_total(triples)]:
+            print(f"| triples, {t['what']} | {t['batched_s']:.2f} | {t['per_triple_s']:.2f} (one process per triple) "
+                  f"| {t['ratio']:.1f}x | {GOAL_TRIPLES:g}x {'met' if t['ratio'] >= GOAL_TRIPLES else 'NOT met'} "
+                  f"| | | | |" + (" | |" if naive else ""))
+        print(f"(triples: {triples[0]['triples']} triples, 24 classes x {args.triples_train} train / "
+              f"{args.triples_val} val generated JPEGs, ResNet-50 random weights; the output folders of the two "
+              f"sides are " + ("byte-identical" if not any(t["files_differing"] for t in triples) else "NOT identical")
+              + ")")
     print("(goals: the issue's, for the 600-train / 100-val case at 224 px)")
     fv = None if args.no_fv else feature_vis_row(args.fv_steps, args.fv_crops)
     if fv is not None:
@@ -119,9 +145,19 @@ def main():
                           for name, r in rows.items()}}
         if fv is not None:
             out["stages"]["fv"] = fv
+        if triples is not None:
+            out["triples"] = triples + [triples_total(triples)]
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
         print(f"wrote {args.json}")
+
+
+def triples_total(rows):
+    """Stages 3 and 4 of bench_triples' rows together."""
+    b, p = sum(r["batched_s"] for r in rows), sum(r["per_triple_s"] for r in rows)
+    return {"what": "stages 3 + 4", "triples": rows[0]["triples"], "batched_s": b, "per_triple_s": p,
+            "ratio": p / b, "files": sum(r["files"] for r in rows),
+            "files_differing": [f for r in rows for f in r["files_differing"]]}
 
 
 def feature_vis_row(steps, crops):

@@ -297,6 +297,39 @@ def test_single_pass_scores_equal_per_rho_full_networks(case):
     assert best == near[0]
 
 
+def test_score_images_channels_last_equal_per_rho_full_networks(image_root):
+    """Stage 3's pass over a generated ImageFolder (class batches of 4, channels-last model and images) against
+    the per-rho full disentangled networks on the same images in the default layout; scoring the concepts'
+    images alone or among another class's images gives the same bytes (batches never mix classes)."""
+    import copy
+
+    from utils import data
+    make, path, c, _ = CASES["tiny_resnet_conv2"]
+    model = make()
+    conv = model.get_submodule(path)
+    ds = data.image_folder(image_root, "train")
+    indices = list(range(len(ds)))
+    labels = torch.tensor(ds.targets)
+    images = torch.stack([ds[i][0] for i in indices])
+    classes1, classes2 = [0, 2], [1]  # class 3 is in neither concept
+    v1, v2 = _concept_arvs(model, conv, images, labels, classes1, classes2, c)
+    all_f = disentangle.split_filters(conv.weight[c].detach(), v1, v2)
+    split = disentangle.Split(c, all_f, None, classes1, classes2)
+    ref = _reference_scores(model, path, c, all_f, None, images, labels, classes1, classes2)
+
+    flat = copy.deepcopy(model)
+    plain, = disentangle.score_images(flat, flat.get_submodule(path), [split], ds, indices, ds.targets, 4, "cpu", 0,
+                                      channels_last=False)
+    got, = disentangle.score_images(model, conv, [split], ds, indices, ds.targets, 4, "cpu", 0)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    torch.testing.assert_close(got.scores, torch.tensor(ref, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.scores, plain.scores, rtol=1e-5, atol=1e-6)
+    assert got.images == [12, 6] and disentangle.within_tolerance(got.max_map_diff, got.max_abs_map)
+    mine = [i for i in indices if ds.targets[i] in classes1 + classes2]
+    alone, = disentangle.score_images(model, conv, [split], ds, mine, [ds.targets[i] for i in mine], 4, "cpu", 0)
+    assert torch.equal(alone.scores, got.scores) and torch.equal(alone.pos, got.pos)
+
+
 def test_best_rho_index_first_maximum():
     assert disentangle.best_rho_index([1.0, 3.0, 3.0, 2.0]) == 1
     s = [0.5] * 20

@@ -28,8 +28,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import data
 from .attribution import layer_input_output
 from .models import replace_module
+from .triples import class_batches
 
 TOLERANCE = 1e-4  # relative, of max(1, largest |value|): the split's maps and the logits must agree to it
 RHOS = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5,
@@ -444,6 +446,26 @@ def score_all_rhos(model, conv, all_filters, bias_c, loader, classes1, classes2,
     """
     return score_splits(model, conv, [Split(None, all_filters, bias_c, classes1, classes2, *more)], loader, device,
                         progress)[0].scores
+
+
+def score_images(model, conv, splits, ds, indices, labels, batch_size, device, num_workers, channels_last=True,
+                 progress=None, hint=""):
+    """``score_splits`` of ``splits`` over the images ``indices`` of ``ds``: stage 3's one scoring pass.
+
+    indices: (N,) dataset indices in order, labels: (N,) their labels. Batches hold one class each
+    (``triples.class_batches``), so an image's numbers do not depend on which other images are scored:
+    several triples' pass gives each triple the bytes of its pass alone. ``channels_last``: the model is
+    converted in place (take the split filters from its weights before) and the images go in channels-last:
+    the same numbers to float32 rounding, a faster forward on CPUs and recent GPUs (on this project's 2-core
+    CPU a ResNet-50 forward takes 0.069 s per image instead of 0.121 s). ``hint``: added to the one-line
+    error of an unreadable image. Returns the list of SplitScores of ``score_splits``.
+    """
+    batches = class_batches(indices, labels, batch_size)
+    loader = data.with_indices(data.make_loader(ds, batches, num_workers, device, hint=hint), batches)
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return score_splits(model, conv, splits, loader, device, progress, channels_last)
 
 
 def logits(model, images):

@@ -4,7 +4,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
 from . import fileio  # noqa: E402
@@ -87,6 +87,15 @@ def _tile(array, size):
     return Image.fromarray(a).resize((size, size), Image.BILINEAR)
 
 
+def _font(size=13):
+    """Pillow's built-in scalable font at ``size`` px (its bitmap font, whose spaces are one pixel wide, where
+    Pillow has no FreeType)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (ImportError, OSError, TypeError):
+        return ImageFont.load_default()
+
+
 def feature_vis_figure(path, panels, title=None, cell=96, frame=4, gap=16, title_h=22):
     """Figure-1 layout: per panel a 4 x 4 grid of cells, the visualization in the central 2 x 2 and up to
     12 val crops in the ring around it, each framed in its colour.
@@ -96,11 +105,12 @@ def feature_vis_figure(path, panels, title=None, cell=96, frame=4, gap=16, title
     top = 24 if title else 0
     sheet = Image.new("RGB", (len(panels) * side + (len(panels) - 1) * gap, top + title_h + side), "white")
     draw = ImageDraw.Draw(sheet)
+    font = _font()
     if title:
-        draw.text((6, 6), title, fill="black")
+        draw.text((6, 5), title, fill="black", font=font)
     for p, (name, vis, crops) in enumerate(panels):
         x0, y0 = p * (side + gap), top + title_h
-        draw.text((x0 + side // 2 - 3 * len(name), top + 4), name, fill="black")
+        draw.text((x0 + (side - draw.textlength(name, font=font)) // 2, top + 4), name, fill="black", font=font)
         sheet.paste(_tile(vis, 2 * cell - 2 * frame), (x0 + cell + frame, y0 + cell + frame))
         for (r, c), (crop, colour) in zip(ring, crops):
             cx, cy = x0 + c * cell, y0 + r * cell
@@ -115,11 +125,12 @@ def image_row(path, images, titles, title=None, size=256, gap=8, title_h=20):
     top = 24 if title else 0
     sheet = Image.new("RGB", (len(images) * (size + gap) - gap, top + title_h + size), "white")
     draw = ImageDraw.Draw(sheet)
+    font = _font()
     if title:
-        draw.text((6, 6), title, fill="black")
+        draw.text((6, 5), title, fill="black", font=font)
     for i, (im, name) in enumerate(zip(images, titles)):
         x0 = i * (size + gap)
-        draw.text((x0 + 4, top + 4), name, fill="black")
+        draw.text((x0 + 4, top + 4), name, fill="black", font=font)
         sheet.paste(_tile(im, size), (x0, top + title_h))
     with fileio.atomic_path(path) as tmp:
         sheet.save(tmp, format="PNG")
