@@ -136,8 +136,9 @@ def run(workdir, train, val):
                                log=os.path.join(workdir, f"stage{stage}_{side}.log"))
         sub = "models_disentangled" if stage == 3 else "out"
         files, differ = same_files(os.path.join(stores["batched"], sub), os.path.join(stores["per_triple"], sub))
-        row = {"stage": stage, "what": f"stage {stage}", "triples": n_triples, "batched_s": secs["batched"], "per_triple_s": secs["per_triple"],
-               "ratio": secs["per_triple"] / secs["batched"], "files": files, "files_differing": differ}
+        row = {"stage": stage, "what": f"stage {stage}", "triples": n_triples, "batched_s": secs["batched"],
+               "per_triple_s": secs["per_triple"], "ratio": secs["per_triple"] / secs["batched"], "files": files,
+               "files_differing": differ}
         rows.append(row)
         print(f"stage {stage}: {n_triples} triples in one process {row['batched_s']:7.1f} s, one process per triple "
               f"{row['per_triple_s']:7.1f} s: {row['ratio']:.1f}x; {files} files, "
