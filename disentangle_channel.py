@@ -34,8 +34,6 @@ HINT = (": the store read it, so the file changed since stage 1; restore it, or 
 TOL = f"{disentangle.TOLERANCE:.0e}".replace("e-0", "e-")  # 1e-4
 
 
-
-
 def concept_rows(targets, t):
     """Store rows (= ImageFolder indices) of the readable training images of each concept of ``t`` (a Triple,
     or ClusterConcepts whose rows come from the concepts file)."""
@@ -187,12 +185,11 @@ def main():
 
     # one pass over every concept image of every job, each image once, in batches of one class
     indices = np.unique(np.concatenate([r for rs in rows for r in rs]))  # store rows are ImageFolder indices
-    model = ctx.model.to(ctx.device)
+    model = ctx.model
     desc = "scoring 20 rho" + (f" of {len(triples)} triples" if len(triples) > 1 else "")
-    # channels-last after the split filters are taken from the weights: they stay contiguous
-    found = disentangle.score_images(model, ctx.conv, splits, ctx.dataset, indices, targets[indices],
-                                     args.batch_size, ctx.device, cli.default_workers(args.num_workers),
-                                     channels_last=not args.no_channels_last,
+    # on the device and channels-last after the split filters are taken from the weights: they stay contiguous
+    found = disentangle.score_images(model, ctx.conv, splits, ctx.dataset, indices, args.batch_size, ctx.device,
+                                     cli.default_workers(args.num_workers), channels_last=not args.no_channels_last,
                                      progress=lambda it: tqdm(it, desc=desc, unit="batch"), hint=HINT)
     choices = [choose(res, args.rho_score) for res in found]
 

@@ -28,8 +28,6 @@ from utils.triples import (MORE_CONCEPTS, check_no_classes_with_file, check_trip
                            more_concepts_given, union_classes)
 
 
-
-
 def find_checkpoint(model_dir, name):
     for folder in (os.path.join(model_dir, "models_disentangled"), model_dir):
         path = os.path.join(folder, name)

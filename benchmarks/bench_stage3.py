@@ -44,7 +44,6 @@ def ours(workdir, timer):
 
     from utils import data, disentangle, fileio
     model, conv, c, s1, s2, v1, v2, ds, indices = setup(workdir)
-    labels = [ds.targets[i] for i in indices]
     folder = os.path.join(workdir, "store_ours", "models_disentangled")
     for _ in timer.runs():
         shutil.rmtree(folder, ignore_errors=True)
@@ -52,7 +51,7 @@ def ours(workdir, timer):
             v1, v2 = common.concept_arvs(workdir, conv, c, s1, s2)  # closed form, from the store
             filters = disentangle.split_filters(conv.weight[c].detach(), v1, v2)
             split = disentangle.Split(c, filters, None, s1, s2)
-            found, = disentangle.score_images(model, conv, [split], ds, indices, labels, common.BATCH_SIZE,
+            found, = disentangle.score_images(model, conv, [split], ds, indices, common.BATCH_SIZE,
                                               torch.device("cpu"), common.workers_ours())
             scores = found.scores
             best = disentangle.best_rho_index(scores)

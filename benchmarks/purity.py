@@ -22,7 +22,6 @@ Unit kinds whose code is not there yet print "not available".
 """
 import argparse
 import glob
-import json
 import os
 import subprocess
 import sys
@@ -34,18 +33,14 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from utils import attribution, context, data, purity, sae as S, sae_view  # noqa: E402
+from utils import attribution, context, data, fileio, purity, sae as S, sae_view  # noqa: E402
 from utils.cli import UserError  # noqa: E402
 from utils.disentangle import checkpoint_name, filter_maps, positive_mass  # noqa: E402
-from utils.evaluation import top_k  # noqa: E402
+from utils.evaluation import checkpoint_filters, top_k  # noqa: E402
 
 MODEL = "demo.model:shapes_cnn"
 TAG = "demo_model_shapes_cnn"
 METRICS = ("purity", "purity_colour", "purity_texture", "top_n_purity", "share")
-
-
-class NotAvailable(Exception):
-    """A unit kind whose code is not in this checkout (the message says what is missing)."""
 
 
 def script(name, args):
@@ -63,8 +58,7 @@ def demo_run(folder, seed):
     if not os.path.isfile(path):
         from demo import run_demo
         run_demo.main(["--out", folder, "--seed", str(seed), "--no_feature_vis"])
-    with open(path) as f:
-        return json.load(f)
+    return fileio.read_json(path)
 
 
 def val_inputs(ctx, batch_size):
@@ -79,6 +73,12 @@ def val_inputs(ctx, batch_size):
 
 
 # ----------------------------------------------------------------------------- unit kinds
+def concept_maps_pos(env, path):
+    """pos(D_1) .. pos(D_k) on every val image of the checkpoint ``path`` (the residue R left out): (N, k)."""
+    filters, bias = checkpoint_filters(torch.load(path, map_location="cpu", weights_only=True))
+    return positive_mass(filter_maps(env.x, env.ctx.conv, filters[:-1], None if bias is None else bias[:-1])).numpy()
+
+
 def original_units(env, c):
     return {"channel": env.pos_channel[c]}
 
@@ -91,11 +91,9 @@ def paper_units(env, c):
     if not os.path.isfile(path):
         script("disentangle_channel.py", env.common + ["--store_dir", env.store, "--channel_disentangle", c,
                                                        "--classes_for_concept1", y1, "--classes_for_concept2", y2])
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    pos = positive_mass(filter_maps(env.x, env.ctx.conv, sd["disentangled.weight"][:2],
-                                    None if sd.get("disentangled.bias") is None else sd["disentangled.bias"][:2]))
+    pos = concept_maps_pos(env, path)
     names = env.names
-    return {f"D1 ({names[y1]})": pos[:, 0].numpy(), f"D2 ({names[y2]})": pos[:, 1].numpy()}
+    return {f"D1 ({names[y1]})": pos[:, 0], f"D2 ({names[y2]})": pos[:, 1]}
 
 
 def kway_classes_units(env, c):
@@ -108,9 +106,7 @@ def kway_classes_units(env, c):
     if not os.path.isfile(path):
         flags = [a for j, y in enumerate(classes, start=1) for a in (f"--classes_for_concept{j}", y)]
         script("disentangle_channel.py", env.common + ["--store_dir", env.store, "--channel_disentangle", c] + flags)
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    d, b = sd["disentangled.weight"][:-1], sd.get("disentangled.bias")
-    pos = positive_mass(filter_maps(env.x, env.ctx.conv, d, None if b is None else b[:-1])).numpy()
+    pos = concept_maps_pos(env, path)
     return {f"D{j + 1} ({env.names[y]})": pos[:, j] for j, y in enumerate(classes)}
 
 
@@ -118,31 +114,24 @@ def sae_units(env, c, n_features):
     """The n features with the largest mean pos(contribution) on the channel's top val images."""
     conv = env.ctx.conv
     with torch.no_grad():
-        f = S.feature_maps(env.sae, env.x)
-        pos = positive_mass(S.channel_contributions(f, conv, conv.weight[c].detach(), env.sae.W_dec)).numpy()
+        pos = positive_mass(S.channel_contributions(env.f, conv, conv.weight[c].detach(), env.sae.W_dec)).numpy()
     top = top_k(env.pos_channel[c], sae_view.TOP_OF_CHANNEL)
     mean = pos[top].mean(axis=0)
     return {f"f{j}": pos[:, j] for j in top_k(mean, n_features) if mean[j] > 0}
 
 
 def concepts_file(env, c):
-    """The label-free concepts of channel c (issue 11's get_cosine_similarities.py --label_free)."""
-    with open(os.path.join(ROOT, "get_cosine_similarities.py")) as f:
-        if "--label_free" not in f.read():
-            raise NotAvailable("get_cosine_similarities.py has no --label_free in this checkout (issue 11)")
+    """The label-free concepts of channel c (get_cosine_similarities.py --label_free)."""
     path = os.path.join(env.store, "results_get_cosine_similarities", f"{TAG}_concepts_top100.json")
-    concepts = json.load(open(path)) if os.path.isfile(path) else {"channels": {}}
+    concepts = fileio.read_json(path) if os.path.isfile(path) else {"channels": {}}
     if str(c) not in concepts["channels"]:
         script("get_cosine_similarities.py", env.common + ["--store_dir", env.store, "--label_free", "--channels", c])
-        concepts = json.load(open(path))
+        concepts = fileio.read_json(path)
     return path, concepts["channels"][str(c)]
 
 
 def kway_units(env, c):
-    """D_1..D_k of disentangle_channel.py --concepts_file for channel c (issue 11)."""
-    with open(os.path.join(ROOT, "disentangle_channel.py")) as f:
-        if "--concepts_file" not in f.read():
-            raise NotAvailable("disentangle_channel.py has no --concepts_file in this checkout (issue 11)")
+    """D_1..D_k of disentangle_channel.py --concepts_file for channel c."""
     path, _ = concepts_file(env, c)
     # utils.disentangle.cluster_checkpoint_name: {tag}_channel{c}_top{N}_clusters0-1-2_f_best_unnormalized.pth
     found = lambda: sorted(glob.glob(os.path.join(env.store, "models_disentangled",
@@ -151,11 +140,9 @@ def kway_units(env, c):
         script("disentangle_channel.py", env.common + ["--store_dir", env.store, "--channel_disentangle", c,
                                                        "--concepts_file", path])
     if not found():
-        raise NotAvailable(f"no k-way checkpoint of channel {c} found after disentangle_channel.py --concepts_file")
-    sd = torch.load(found()[0], map_location="cpu", weights_only=True)
-    d, b = sd["disentangled.weight"][:-1], sd.get("disentangled.bias")
-    pos = positive_mass(filter_maps(env.x, env.ctx.conv, d, None if b is None else b[:-1])).numpy()
-    return {f"D{j + 1}": pos[:, j] for j in range(len(d))}
+        raise SystemExit(f"no k-way checkpoint of channel {c} found after disentangle_channel.py --concepts_file")
+    pos = concept_maps_pos(env, found()[0])
+    return {f"D{j + 1}": pos[:, j] for j in range(pos.shape[1])}
 
 
 def pure_units(env, c):
@@ -163,7 +150,7 @@ def pure_units(env, c):
     from utils.similarities import arv
     _, ch = concepts_file(env, c)
     conv = env.ctx.conv
-    r = arv(conv.weight[c].detach(), attribution.conv_patch_sums(env.x, conv))
+    r = arv(conv.weight[c].detach(), env.patch_sums)
     pos = purity.virtual_neurons(env.pos_channel[c], r, [cl["centroid"] for cl in ch["clusters"]])
     return {f"cluster {j}": p for j, p in enumerate(pos)}
 
@@ -181,8 +168,7 @@ def run_seed(args, seed):
     folder = os.path.join(args.out, f"seed{seed}")
     report = demo_run(folder, seed)
     store, data_dir, weights = os.path.join(folder, "store"), os.path.join(folder, "data"), os.path.join(folder, "model.pth")
-    with open(report["candidates_json"]) as f:
-        candidates = json.load(f)["candidates"]
+    candidates = fileio.read_json(report["candidates_json"])["candidates"]
     ns = SimpleNamespace(device=args.device, gpu=None, model=MODEL, weights=weights, layer_of_interest="last_conv",
                          nr_channels_in_layer_of_interest=None, batch_size=64, data_dir=data_dir, model_dir=store,
                          num_workers=0, sae_seed=seed,
@@ -195,28 +181,24 @@ def run_seed(args, seed):
     conv = ctx.conv
     with torch.no_grad():
         pos_channel = positive_mass(conv(x)).cpu().numpy().T  # (C_out, N)
+        f = S.feature_maps(sae, x)
         fvu = S.fraction_of_variance_unexplained(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]),
-                                                 S.reconstruction(sae, S.feature_maps(sae, x)).permute(0, 2, 3, 1)
-                                                 .reshape(-1, x.shape[1]))
+                                                 S.reconstruction(sae, f).permute(0, 2, 3, 1).reshape(-1, x.shape[1]))
+        patch_sums = attribution.conv_patch_sums(x, conv).cpu()
     names = ctx.dataset.classes
     n = int(np.bincount(labels).max())
     env = SimpleNamespace(ctx=ctx, x=x.cpu(), labels=labels, names=names, pos_channel=pos_channel, sae=sae.cpu(),
-                          store=store, candidates=candidates,
+                          f=f.cpu(), patch_sums=patch_sums, store=store, candidates=candidates,
                           common=["--data_dir", data_dir, "--model", MODEL, "--weights", weights, "--num_workers", 0])
     channels = sorted({d["channel"] for d in candidates})
     out = {"seed": seed, "channels": channels, "sae": sae_path, "sae_reused": reused, "sae_fvu_val": fvu,
            "sae_dead_train": info["dead_train"], "val_per_class": n, "kinds": {}}
     for kind, fn in unit_kinds(args.sae_features):
-        rows, why = [], None
+        rows = []
         for c in channels:
-            try:
-                units = fn(env, c)
-            except NotAvailable as e:
-                why = str(e)
-                break
-            for name, pos in units.items():
+            for name, pos in fn(env, c).items():
                 rows.append(dict(purity.score_unit(pos, labels, names, n, pos_channel[c]), channel=c, unit=name))
-        out["kinds"][kind] = {"units": rows, "not_available": why}
+        out["kinds"][kind] = {"units": rows}
     return out
 
 
@@ -225,10 +207,6 @@ def summarize(per_seed):
     table = {}
     for kind in per_seed[0]["kinds"]:
         seeds = [s["kinds"][kind] for s in per_seed]
-        why = next((s["not_available"] for s in seeds if s["not_available"]), None)
-        if why:
-            table[kind] = {"not_available": why}
-            continue
         row = {"count": [len(s["units"]) for s in seeds]}
         for m in METRICS:
             vals = [float(np.nanmean([u[m] for u in s["units"]])) if s["units"] else float("nan") for s in seeds]
@@ -243,9 +221,6 @@ def print_table(table, seeds):
     print(head)
     print("-" * len(head))
     for kind, row in table.items():
-        if "not_available" in row:
-            print(f"{kind:36} not available: {row['not_available']}")
-            continue
         cells = " ".join(f"{row[m]['mean']:6.3f} ± {row[m]['sd']:.3f}" for m in METRICS)
         print(f"{kind:36} {cells}  {'/'.join(map(str, row['count']))}")
 
@@ -278,7 +253,6 @@ def main(argv=None):
     print_table(table, args.seeds)
     print(f"({time.time() - start:.0f} s)")
     if args.json:
-        from utils import fileio
         settings = {k: getattr(args, k) for k in sae_view.DEFAULTS if k != "sae_seed"}
         fileio.write_json(args.json, {"seeds": args.seeds, "sae_settings": dict(settings, sae_seed="= seed"),
                                       "sae_features": args.sae_features, "table": table, "per_seed": per_seed})

@@ -129,8 +129,9 @@ def results(store, out):
 
 
 def test_stage2_importance_sign(image_root, tiny_store, tmp_path):
-    """published is byte-identical to no flag; positive_activation writes its own files, and its histogram
-    equals the rule applied to attributions and post-BatchNorm sums from a model pass with hooks."""
+    """published is byte-identical to no flag and its histogram is the published rule; positive_activation
+    writes its own files, and its histogram equals the rule applied to attributions and post-BatchNorm sums
+    from a model pass with hooks."""
     import shutil
     outs = []
     for k, extra in enumerate(([], ["--importance_sign", "published"])):
@@ -159,11 +160,16 @@ def test_stage2_importance_sign(image_root, tiny_store, tmp_path):
     targets = torch.tensor(ds.targets)
     x, a, g, _ = attribution.logits_and_layer_grad(model, model.conv3, images, targets)
     important = attribution.important_channels(attribution.channel_attribution(a, g).half(), TAU)
-    _, after = hooked_sums(model, model.conv3, model.bn3, images)
+    pre, after = hooked_sums(model, model.conv3, model.bn3, images)
     want = torch.zeros(len(ds.classes), 16, dtype=torch.int64)
     want.index_add_(0, targets, (important & (after > 0)).to(torch.int64))
     assert saved["histogram_class_by_channel"] == want.tolist()
+    # the published files (no flag): the rule without the sign, from the same model pass
+    with open(os.path.join(res, f"{TINY_TAG}_required{TAU}_histograms.json")) as f:
+        published = json.load(f)["histogram_class_by_channel"]
+    want_published = torch.zeros(len(ds.classes), 16, dtype=torch.int64)
+    want_published.index_add_(0, targets, important.to(torch.int64))
+    assert published == want_published.tolist() and published != want.tolist()
     report = saved["sign_report"]
     assert report["important_image_channel_pairs"] == int(important.sum())
-    _, pre = hooked_sums(model, model.conv3, None, images)
     assert report["important_with_negative_layer_activation"] == int((important & (pre < 0)).sum())

@@ -2,9 +2,8 @@
 
 The layer is a bottleneck block's last 1x1 conv, followed by a BatchNorm, the residual add and ReLU. Checked:
 the report has the default demo's keys (and 'arch'), the disentangled network computes the same logits,
-stage 2's --importance_sign positive_activation runs on its store and reports what it changes, and (once
-disentangle_channel.py has --rho_score, issue 13 point 2) the robust best-rho choice separates both concepts
-at least twofold each way on the val images.
+stage 2's --importance_sign positive_activation runs on its store and reports what it changes, and the
+robust best-rho choice (--rho_score robust) separates both concepts at least twofold each way on the val images.
 """
 import json
 import os
@@ -81,10 +80,6 @@ def test_resnet_demo_positive_activation_report(resnet_demo):
 
 def test_resnet_demo_robust_rho_separates(resnet_demo, tmp_path):
     out, rep = resnet_demo
-    helptext = run_script("disentangle_channel.py", "--help").stdout
-    if "--rho_score" not in helptext:
-        pytest.skip("disentangle_channel.py has no --rho_score yet (issue 13 point 2, another branch): "
-                    "enable by merging main once it has landed")
     c, y1, y2 = rep["channel"], rep["class1_index"], rep["class2_index"]
     pair = ["--classes_for_concept1", y1, "--classes_for_concept2", y2]
     store = os.path.join(out, "store")

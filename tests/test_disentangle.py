@@ -318,15 +318,15 @@ def test_score_images_channels_last_equal_per_rho_full_networks(image_root):
     ref = _reference_scores(model, path, c, all_f, None, images, labels, classes1, classes2)
 
     flat = copy.deepcopy(model)
-    plain, = disentangle.score_images(flat, flat.get_submodule(path), [split], ds, indices, ds.targets, 4, "cpu", 0,
+    plain, = disentangle.score_images(flat, flat.get_submodule(path), [split], ds, indices, 4, "cpu", 0,
                                       channels_last=False)
-    got, = disentangle.score_images(model, conv, [split], ds, indices, ds.targets, 4, "cpu", 0)
+    got, = disentangle.score_images(model, conv, [split], ds, indices, 4, "cpu", 0)
     assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
     torch.testing.assert_close(got.scores, torch.tensor(ref, dtype=torch.float64), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got.scores, plain.scores, rtol=1e-5, atol=1e-6)
     assert got.images == [12, 6] and disentangle.within_tolerance(got.max_map_diff, got.max_abs_map)
     mine = [i for i in indices if ds.targets[i] in classes1 + classes2]
-    alone, = disentangle.score_images(model, conv, [split], ds, mine, [ds.targets[i] for i in mine], 4, "cpu", 0)
+    alone, = disentangle.score_images(model, conv, [split], ds, mine, 4, "cpu", 0)
     assert torch.equal(alone.scores, got.scores) and torch.equal(alone.pos, got.pos)
 
 

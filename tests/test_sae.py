@@ -156,7 +156,9 @@ def test_stage4_sae_view_writes_figure_and_json(sae_run):
     run, rec = _view(out)
     assert rec["dictionary"] == 16 and rec["k"] == 8 and rec["sae_reused"] is False
     assert rec["training"]["vectors"] == 4 * 6 * 3  # 4 classes x 6 training images x 3 positions
-    assert 0 <= rec["fvu"] and rec["dead_features"] == len(rec["dead_feature_ids"])
+    assert rec["fvu"] > 0 and rec["dead_features"] == len(rec["dead_feature_ids"])
+    assert all(0 <= j < 16 for j in rec["dead_feature_ids"]) and not set(rec["dead_feature_ids"]) & {
+        ft["feature"] for ft in rec["features"]}  # a listed feature contributes, so it fires
     assert rec["decomposition_max_error"] < 1e-4
     assert 1 <= len(rec["features"]) <= 8
     means = [ft["mean_pos_contribution"] for ft in rec["features"]]

@@ -448,11 +448,11 @@ def score_all_rhos(model, conv, all_filters, bias_c, loader, classes1, classes2,
                         progress)[0].scores
 
 
-def score_images(model, conv, splits, ds, indices, labels, batch_size, device, num_workers, channels_last=True,
+def score_images(model, conv, splits, ds, indices, batch_size, device, num_workers, channels_last=True,
                  progress=None, hint=""):
     """``score_splits`` of ``splits`` over the images ``indices`` of ``ds``: stage 3's one scoring pass.
 
-    indices: (N,) dataset indices in order, labels: (N,) their labels. Batches hold one class each
+    indices: (N,) dataset indices in order. Batches hold one class each
     (``triples.class_batches``), so an image's numbers do not depend on which other images are scored:
     several triples' pass gives each triple the bytes of its pass alone. ``channels_last``: the model is
     converted in place (take the split filters from its weights before) and the images go in channels-last:
@@ -460,7 +460,7 @@ def score_images(model, conv, splits, ds, indices, labels, batch_size, device, n
     CPU a ResNet-50 forward takes 0.069 s per image instead of 0.121 s). ``hint``: added to the one-line
     error of an unreadable image. Returns the list of SplitScores of ``score_splits``.
     """
-    batches = class_batches(indices, labels, batch_size)
+    batches = class_batches(indices, [ds.targets[i] for i in indices], batch_size)
     loader = data.with_indices(data.make_loader(ds, batches, num_workers, device, hint=hint), batches)
     model = model.to(device)
     if channels_last:

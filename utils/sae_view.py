@@ -129,10 +129,12 @@ def load_or_train(ctx, args, device):
     sae, losses = S.train_sae(vectors, m, args.sae_k, args.sae_steps, args.sae_batch_size, args.sae_lr,
                               args.sae_seed, progress=True)
     with torch.no_grad():
-        active = torch.zeros(m, device=device)
-        x_hat = torch.cat([sae.decode(f) for f in (sae.encode(v) for v in vectors.split(8192))])
+        active, parts = torch.zeros(m, device=device), []
         for v in vectors.split(8192):
-            active += (sae.encode(v) > 0).sum(dim=0)
+            f = sae.encode(v)
+            parts.append(sae.decode(f))
+            active += (f > 0).sum(dim=0)
+        x_hat = torch.cat(parts)
     info = {"train_images": n_images, "vectors": int(len(vectors)), "input_dim": ctx.conv.in_channels,
             "dictionary": m, "k": args.sae_k, "final_loss": losses[-1],
             "loss_every_100_steps": losses[::100],
@@ -144,14 +146,13 @@ def load_or_train(ctx, args, device):
     return sae, info, path, False
 
 
-def scan(model, conv, sae, channel, ds, indices, batch_size, device, num_workers, unreadable="error", top=None):
+def scan(model, conv, sae, channel, ds, indices, batch_size, device, num_workers, unreadable, top):
     """On val images ``indices``: pos(a[c]) (N,), each feature's top ``top`` images by its activation sum
     (values and positions in ``indices``, (m, T)), FVU of the reconstruction over all positions, and
     the count of positions where each feature fires (m,)."""
     w = conv.weight[channel:channel + 1].detach()
     b = None if conv.bias is None else conv.bias[channel:channel + 1].detach()
     m = sae.W_dec.shape[1]
-    top = top or LISTED
     pos_c, best_v, best_i = [], torch.full((m, 0), -1.0), torch.zeros((m, 0), dtype=torch.long)
     err = tot = 0.0
     s1, s2, count = 0, 0.0, 0
@@ -233,8 +234,10 @@ def run_for_channel(ctx, args, channel, classes, run_name, out_dir):
     listed = [int(j) for j in top_k(mean_contrib, LISTED) if mean_contrib[j] > 0]
     names = ds.classes
     features = []
+    feature_images = {}
     for j in listed:
         imgs = [int(i) for i, v in zip(sc["feature_top_images"][j], sc["feature_top_values"][j]) if v > 0]
+        feature_images[j] = imgs
         features.append({"feature": j, "mean_pos_contribution": float(mean_contrib[j]),
                          "share": float(cb["pos_contribution"][:, j].sum() / total),
                          "top_images": [data.relative_name(ds, i) for i in imgs],
@@ -244,8 +247,8 @@ def run_for_channel(ctx, args, channel, classes, run_name, out_dir):
     dead = S.dead_features(sc["active"])
     rows = [(f"channel {channel}", [(ds.samples[i][0], names[ds.targets[i]]) for i in top_images[:args.top_k]])]
     for ft in features:
-        imgs = [os.path.join(os.path.dirname(ds.root), p) for p in ft["top_images"]]
-        rows.append((f"f{ft['feature']}: {ft['share']:.0%}", [(p, c) for p, c in zip(imgs, ft["top_image_classes"])]))
+        rows.append((f"f{ft['feature']}: {ft['share']:.0%}",
+                     [(ds.samples[i][0], names[ds.targets[i]]) for i in feature_images[ft["feature"]]]))
     scope = "all val images" if whole else "val images of the concepts"
     fig = os.path.join(out_dir, "plots", f"sae_view_{run_name}.png")
     plots.contact_sheet(fig, rows, title=f"{ctx.tag} {ctx.layer_path} channel {channel}: SAE features by share of pos(channel) "
