@@ -22,8 +22,9 @@ import os
 import numpy as np
 import torch
 
-from utils import attribution, cli, concepts, context, fileio, models, similarities, store
+from utils import cli, concepts, context, fileio, models, similarities, store
 
+BLANK = torch.zeros(1, 3, 224, 224)  # the transform's crop size: forwards of it find the BatchNorm and H' x W'
 SIGN_SUFFIX = {"published": "", "positive_activation": "_positive_activation"}  # in the names of the files written
 
 
@@ -147,8 +148,7 @@ def label_free(args):
         raise cli.UserError(f"--top_n {args.top_n}: give {need} to {usable} (the store has {usable} usable "
                             f"training images; {'--k auto' if k is None else f'--k {k}'} needs at least {need})")
     names = st.manifest["classes"]
-    example = torch.zeros(1, 3, 224, 224)  # the transform's crop size; one forward finds the BatchNorm and H' x W'
-    signs, positions, bn = concepts.layer_signs_and_positions(ctx.model, ctx.conv, example)
+    signs, positions, bn = concepts.layer_signs_and_positions(ctx.model, ctx.conv, BLANK)
     bias = None if ctx.conv.bias is None else ctx.conv.bias.detach()
     recs = concepts.discover(st.array("patch_sums"), labels, ctx.conv.weight.detach(), channels, names,
                              args.top_n, k, signs=signs, bias=bias, positions=positions,
@@ -187,13 +187,11 @@ def label_free(args):
 def positive_activation_histogram(ctx, A, targets, P, k, tau, pp, counts, chunk_rows):
     """H[y, c] under --importance_sign positive_activation, and what it changes against the published rule.
 
-    The BatchNorm after the layer and the layer's output size come from one forward pass of a blank image
-    (the store's transform makes every image 224 x 224). Returns (hist, report dict); prints the report.
+    The BatchNorm after the layer and the layer's output size come from forwards of a blank image (the
+    store's transform makes every image 224 x 224). Returns (hist, report dict); prints the report.
     """
-    example = torch.zeros(1, 3, 224, 224)
-    bn = models.batchnorm_after(ctx.model, ctx.conv, example)
-    out = attribution.layer_input_output(ctx.model, ctx.conv, example)[1]
-    positions = int(out.shape[2] * out.shape[3])
+    _, positions, bn_name = concepts.layer_signs_and_positions(ctx.model, ctx.conv, BLANK)
+    bn = None if bn_name is None else ctx.model.get_submodule(bn_name)
     if bn is None:
         print(f"note: no BatchNorm takes {ctx.layer_path}'s output: --importance_sign positive_activation uses "
               f"the layer's own summed activation")
@@ -201,14 +199,14 @@ def positive_activation_histogram(ctx, A, targets, P, k, tau, pp, counts, chunk_
     # sign_histograms holds about four times class_histogram's memory per row: a quarter of the rows at a time
     h = similarities.sign_histograms(A, targets, P, k, tau, ctx.conv.weight, ctx.conv.bias, positions, affine,
                                      max(1, chunk_rows // 4), progress=True)
-    used = {key: similarities.used_classes(v, counts, pp) for key, v in h.items()}
+    used = {key: similarities.used_classes(h[key], counts, pp) for key in ("published", "positive_activation")}
     # pairs the published rule uses only thanks to images on which the layer's summed activation is negative
     without_negative = similarities.used_classes(h["published"] - h["negative_layer_activation"], counts, pp)
 
     def pairs(mask):  # (K, C) bool -> [[channel, class], ...]
         return [[int(c), int(y)] for y, c in torch.nonzero(mask).tolist()]
     report = {
-        "batchnorm": None if bn is None else next(n for n, m in ctx.model.named_modules() if m is bn),
+        "batchnorm": bn_name,
         "output_positions": positions,
         "important_image_channel_pairs": int(h["published"].sum()),
         "important_with_negative_layer_activation": int(h["negative_layer_activation"].sum()),

@@ -5,8 +5,7 @@ Per seed: the whole demo once (``python -m demo.run_demo --arch resnet``: data, 
 with the published rules), then on its store and model, for each ``--importance_sign`` (published,
 positive_activation): stage 2, the candidate with the lowest cosine, and for each ``--rho_score``: stage 3
 on it (one run scores every rho both ways; its info JSON records both choices) and, for each
-``--rho_scores`` choice, stage 4 on the val images with that rho's checkpoint (``--f``). A score that
-this checkout's disentangle_channel.py does not offer is reported as skipped.
+``--rho_scores`` choice, stage 4 on the val images with that rho's checkpoint (``--f``).
 
 Stage 2's report under positive_activation is the measurement of how often the published rule counts a
 (channel, class) only through images on which the layer's summed activation (before its BatchNorm) is
@@ -28,14 +27,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from demo.run_demo import MODELS, Runner  # noqa: E402
+from get_cosine_similarities import SIGN_SUFFIX as SUFFIX  # noqa: E402
+from utils.fileio import read_json  # noqa: E402
+from utils.models import model_tag  # noqa: E402
 
-SIGNS = ("published", "positive_activation")
-SUFFIX = {"published": "", "positive_activation": "_positive_activation"}  # get_cosine_similarities.SIGN_SUFFIX
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
+SIGNS = tuple(SUFFIX)
 
 
 def reusable_report(out, seed, args):
@@ -51,7 +47,7 @@ def reusable_report(out, seed, args):
     return rep if same else None
 
 
-def one_seed(out, seed, args, rho_scores):
+def one_seed(out, seed, args):
     """The demo for ``seed`` into ``out``, then every (importance rule, rho score); returns a list of rows."""
     demo = [sys.executable, "-m", "demo.run_demo", "--out", out, "--arch", "resnet", "--seed", str(seed),
             "--train_per_class", str(args.train_per_class), "--val_per_class", str(args.val_per_class),
@@ -68,7 +64,7 @@ def one_seed(out, seed, args, rho_scores):
     common = ["--data_dir", data_dir, "--model", model, "--weights", weights, "--num_workers", 0]
     th = rep["stage2_thresholds"]
     tau, pp, low, high = th["proportion_attribution_required"], th["p"], th["cos_sim_low"], th["cos_sim_high"]
-    tag = model.replace(".", "_").replace(":", "_")
+    tag = model_tag(model)
     r = Runner(out)
     rows = []
     for sign in SIGNS:
@@ -95,13 +91,10 @@ def one_seed(out, seed, args, rho_scores):
             "--store_dir", store_dir, "--channel_disentangle", c] + pair)
         run_name = f"{tag}_channel{c}_classes1{[y1]}_classes2{[y2]}"
         info = read_json(os.path.join(store_dir, "models_disentangled", run_name + "_info.json"))
-        for score in rho_scores:
+        for score in args.rho_scores:
             row = dict(base, channel=c, class1=names[y1], class2=names[y2],
                        cosine_similarity=round(best["cosine_similarity"], 4), rho_score=score)
-            if score != "published" and f"best_rho_{score}" not in info:
-                rows.append(dict(row, skipped="disentangle_channel.py has no --rho_score in this checkout"))
-                continue
-            rho = info.get(f"best_rho_{score}", info["best_rho"])
+            rho = info[f"best_rho_{score}"]
             key = f"{sign}_{score}"
             # stage 4 on that rho's checkpoint (the published choice is also ..._f_best)
             r.run(f"variant_stage4_{key}", "get_results.py", common + [
@@ -111,11 +104,10 @@ def one_seed(out, seed, args, rho_scores):
             summary = read_json(os.path.join(out, "variants", key, "results_disentanglement",
                                              f"{run_name}_f{rho}_unnormalized_summary.json"))
             q1, q2 = summary.get("quantitative_concept1") or {}, summary.get("quantitative_concept2") or {}
-            dead = info.get(f"dead_share_{score}")
-            rows.append(dict(row, best_rho=rho, published_score=info["scores"][info["rhos"].index(rho)],
-                             robust_score=(info["robust_scores"][info["rhos"].index(rho)]
-                                           if "robust_scores" in info else None),
-                             dead_share=dead, published_choice_degenerate=info.get("published_choice_degenerate"),
+            at = info["rhos"].index(rho)
+            rows.append(dict(row, best_rho=rho, published_score=info["scores"][at],
+                             robust_score=info["robust_scores"][at], dead_share=info[f"dead_share_{score}"],
+                             published_choice_degenerate=info["published_choice_degenerate"],
                              sep_concept1=summary["sep_concept1"], sep_concept2=summary["sep_concept2"],
                              mean_pos_concept1=summary["mean_pos_concept1"],
                              mean_pos_concept2=summary["mean_pos_concept2"],
@@ -134,10 +126,6 @@ def table(rows):
             lines.append(f"| {w['seed']} | {w['importance_sign']} | {w['num_candidates']} | {w['skipped']} |")
             continue
         pick = f"{w['channel']}: {w['class1']} vs {w['class2']} ({w['cosine_similarity']:.3f})"
-        if "skipped" in w:
-            lines.append(f"| {w['seed']} | {w['importance_sign']} | {w['num_candidates']} | {pick} | "
-                         f"{w['rho_score']} | {w['skipped']} | | | | | | | |")
-            continue
         q1, q2 = w["quantitative_concept1"], w["quantitative_concept2"]
         dead = "/".join(f"{100 * d:.0f}%" for d in w["dead_share"]) if w.get("dead_share") else "?"
         orig = f"{w['mean_pos_concept1']['original']:.3g} / {w['mean_pos_concept2']['original']:.3g}"
@@ -160,12 +148,12 @@ def main():
     p.add_argument("--aux_weight", type=float, default=None, help="demo/run_demo.py --aux_weight (default: its own)")
     p.add_argument("--reuse_demo", action="store_true",
                    help="keep an earlier demo run (data, model, store) of the same settings in OUT/seedN and only "
-                        "rerun stages 2-4 (e.g. to add --rho_scores robust once stage 3 has it)")
+                        "rerun stages 2-4")
     p.add_argument("--rho_scores", nargs="+", default=["published", "robust"])
     args = p.parse_args()
     rows = []
     for seed in args.seeds:
-        rows += one_seed(os.path.abspath(os.path.join(args.out, f"seed{seed}")), seed, args, args.rho_scores)
+        rows += one_seed(os.path.abspath(os.path.join(args.out, f"seed{seed}")), seed, args)
         with open(os.path.join(args.out, "resnet_layout.json"), "w") as f:
             json.dump({"settings": vars(args), "rows": rows}, f, indent=1)
     print(table(rows))

@@ -75,7 +75,7 @@ def test_store_closed_forms_equal_model_pass(image_root, tmp_path, kind):
     else:
         assert bn == "bn3" and torch.nonzero(signs < 0).flatten().tolist() == list(NEG)
 
-    s = concepts.summed_activations(np.asarray(P), W, b, positions)
+    s = similarities.summed_activation(np.asarray(P), W, b, positions)
     torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=1e-5 * float(s_ref.abs().max()))
     rows = [17, 3, 3, 0, 23]
     Pr = concepts.gather_rows(P, rows)
@@ -123,7 +123,7 @@ def test_candidate_rows_chunked_equals_full_sort_and_leaves_out_invalid_rows():
     b = rng.normal(size=4).astype(np.float32)
     signs = torch.tensor([1, -1, 1, -1])
     valid = np.ones(53, bool)
-    s = concepts.summed_activations(P, W, b, 9)
+    s = similarities.summed_activation(P, W, b, 9)
     valid[np.argmax(s[:, 0].numpy())] = False  # the strongest row of channel 0 is "unreadable"
     for chunk in (1, 4, 11, 100):
         got = concepts.candidate_rows(P, W, 10, signs, b, 9, valid, chunk_rows=chunk)

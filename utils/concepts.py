@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .similarities import DEFAULT_CHUNK_ROWS, _chunks, arv, read_rows
+from .similarities import DEFAULT_CHUNK_ROWS, _chunks, arv, read_rows, summed_activation
 
 
 def l1_normalize(arvs, eps=1e-12):
@@ -64,26 +64,6 @@ SEED = 0            # random_state of k-means: the same store gives the same clu
 N_INIT = 10         # k-means restarts (scikit-learn's n_init)
 AUTO_KS = (2, 3, 4, 5)
 POOL_FACTOR = 2     # the float32 screen keeps POOL_FACTOR * N rows per channel for the exact float64 ranking
-
-
-def _float64(a):
-    """A float64 tensor of an array-like (a read-only memory map is copied, never wrapped)."""
-    return torch.from_numpy(np.array(a, dtype=np.float64)) if isinstance(a, np.ndarray) else \
-        torch.as_tensor(a).to(torch.float64)
-
-
-def summed_activations(patch_sums, weight, bias=None, positions=1):
-    """s[n, c] = sum_{h,w} a_n[c,h,w] = sum_{k,i,j} W[c,k,i,j] P_n[k,i,j] + b[c] * H' * W' in closed form.
-
-    patch_sums: (m, C_in, kh, kw); weight: (C, C_in, kh, kw) (the channels wanted); bias: (C,) or None;
-    positions: H' * W', the number of output positions of the layer. Returns (m, C) float64.
-    """
-    P = _float64(patch_sums).flatten(1)
-    W = _float64(weight).flatten(1)
-    s = P @ W.T
-    if bias is not None:
-        s = s + torch.as_tensor(bias).to(torch.float64) * positions
-    return s
 
 
 def candidate_rows(patch_sums, weight, pool, signs=None, bias=None, positions=1, valid=None,
@@ -148,8 +128,8 @@ def exact_top_rows(patch_sums_rows, rows, weight_c, n, sign=1, bias_c=None, posi
     patch_sums_rows: (m, C_in, kh, kw) patch sums of the candidate ``rows`` (m,); weight_c: (C_in, kh, kw).
     Returns (order, s): (n,) int64 positions into ``rows`` (strongest first) and (n,) float64 s_n there.
     """
-    s = summed_activations(patch_sums_rows, torch.as_tensor(weight_c)[None],
-                           None if bias_c is None else torch.as_tensor(bias_c).reshape(1), positions)[:, 0]
+    s = summed_activation(patch_sums_rows, torch.as_tensor(weight_c)[None],
+                          None if bias_c is None else torch.as_tensor(bias_c).reshape(1), positions)[:, 0]
     order = np.lexsort((np.asarray(rows), -(sign * s).numpy()))[:n]
     return torch.from_numpy(order), s[order]
 

@@ -60,15 +60,25 @@ def class_histogram(attributions, targets, num_classes, tau, chunk_rows=DEFAULT_
     return hist
 
 
+def _float64(a):
+    """A float64 tensor of a tensor (detached) or array-like (a read-only memory map is copied, never wrapped)."""
+    if torch.is_tensor(a):
+        return a.detach().to(torch.float64)
+    if isinstance(a, np.ndarray):
+        return torch.from_numpy(np.array(a, dtype=np.float64))
+    return torch.as_tensor(a).to(torch.float64)
+
+
 def summed_activation(patch_sums, weight, bias=None, positions=1):
     """S[n, c] = sum_{h,w} a_n[c,h,w] = sum_{k,i,j} W[c,k,i,j] P_n[k,i,j] + b[c] * H'W', from the patch sums.
 
-    patch_sums: (N, C_in, kh, kw); weight: (C_out, C_in, kh, kw); bias: (C_out,) or None;
-    positions: H' * W', the number of output positions of the layer. Returns (N, C_out) float64.
+    patch_sums: (N, C_in, kh, kw); weight: (C_out, C_in, kh, kw) (or the channels wanted); bias: (C_out,) or
+    None; positions: H' * W', the number of output positions of the layer. Tensors or array-likes.
+    Returns (N, C_out) float64.
     """
-    s = torch.as_tensor(patch_sums).to(torch.float64).flatten(1) @ weight.detach().to(torch.float64).flatten(1).T
+    s = _float64(patch_sums).flatten(1) @ _float64(weight).flatten(1).T
     if bias is not None:
-        s = s + bias.detach().to(torch.float64) * positions
+        s = s + _float64(bias) * positions
     return s
 
 
