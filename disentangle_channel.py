@@ -26,8 +26,7 @@ from tqdm import tqdm
 
 from utils import cli, clusters, context, data, disentangle, fileio, similarities, store
 from utils.disentangle import RHOS
-from utils.triples import (MORE_CONCEPTS, check_no_classes_with_file, check_triples, class_jobs,
-                           more_concepts_given)
+from utils.triples import MORE_CONCEPTS, check_no_classes_with_file, check_triples, class_jobs
 
 HINT = (": the store read it, so the file changed since stage 1; restore it, or rerun stage 1 with "
         "--skip_unreadable into a new --store_dir")
@@ -112,16 +111,14 @@ def check_networks(ctx, model, targets, triples, splits, found, choices, n_image
 def concepts_from_args(args):
     """The jobs of the command line: Triples (classes; --triples or the per-triple flags plus
     --classes_for_concept3..6) or one ClusterConcepts (--concepts_file), checked later against the store."""
-    more, given_more = more_concepts_given(args)
     if args.concepts_file is not None:
-        check_no_classes_with_file(args, given_more)
+        check_no_classes_with_file(args)
         if args.channel_disentangle is None:
             raise cli.UserError("--concepts_file needs --channel_disentangle (the channel whose clusters to use)")
         return None
     if args.clusters is not None:
         raise cli.UserError("--clusters selects clusters of --concepts_file: give the file too")
-    return class_jobs(args, args.channel_disentangle, "--channel_disentangle", more, given_more, "splits",
-                      cli.parse_classes)
+    return class_jobs(args, args.channel_disentangle, "--channel_disentangle", "splits")
 
 
 def main():

@@ -24,8 +24,7 @@ import numpy as np
 import torch
 
 from utils import cli, clusters, context, data, disentangle, evaluation, featurevis, fileio, sae_view, store
-from utils.triples import (MORE_CONCEPTS, check_no_classes_with_file, check_triples, class_jobs,
-                           more_concepts_given, union_classes)
+from utils.triples import MORE_CONCEPTS, check_no_classes_with_file, check_triples, class_jobs, union_classes
 
 
 def find_checkpoint(model_dir, name):
@@ -92,17 +91,15 @@ def load_checkpoint(ctx, args, t, rho, val_summary):
 def jobs_from_args(args):
     """Triples (classes; --triples, or the per-triple flags with --classes_for_concept3..6), or None when
     --concepts_file gives the concepts (read once the model is known)."""
-    more, given_more = more_concepts_given(args)
     if args.concepts_file is not None:
-        check_no_classes_with_file(args, given_more)
+        check_no_classes_with_file(args)
         if args.channel_of_interest is None:
             raise cli.UserError("--concepts_file needs --channel_of_interest (the channel whose clusters were used)")
         return None
     if args.clusters is not None or args.val_top_n is not None:
         raise cli.UserError(f"{'--clusters' if args.clusters is not None else '--val_top_n'} goes with "
                             f"--concepts_file: give the file too")
-    return class_jobs(args, args.channel_of_interest, "--channel_of_interest", more, given_more, "evaluates",
-                      cli.parse_classes)
+    return class_jobs(args, args.channel_of_interest, "--channel_of_interest", "evaluates")
 
 
 def class_concepts(labels, concepts):

@@ -83,9 +83,7 @@ def train(data_dir, out, epochs=12, seed=0, batch_size=64, lr=4e-3, weight_decay
         torch.set_num_threads(previous)
 
 
-def _train(data_dir, out, epochs, seed, batch_size, lr, weight_decay, aux_weight, log, arch="cnn"):
-    if arch not in ARCHS:
-        raise SystemExit(f"--arch {arch}: expected one of {', '.join(ARCHS)}")
+def _train(data_dir, out, epochs, seed, batch_size, lr, weight_decay, aux_weight, log, arch):
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True)
     start = time.time()

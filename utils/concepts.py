@@ -139,15 +139,25 @@ def exact_top_rows(patch_sums_rows, rows, weight_c, n, sign=1, bias_c=None, posi
 @contextlib.contextmanager
 def one_thread():
     """torch and the BLAS/OpenMP pools (scikit-learn's) on one thread for a block of tiny operations: on
-    100 x 512 arrays threads only add waiting, much more so on a busy machine. Results do not change."""
+    100 x 512 arrays threads only add waiting, much more so on a busy machine. Results do not change.
+    Nested blocks cost nothing (``cluster`` inside ``discover``'s loop): only the outermost sets the limits."""
+    global _one_thread_depth
+    if _one_thread_depth:
+        yield
+        return
     from threadpoolctl import threadpool_limits
     before = torch.get_num_threads()
     torch.set_num_threads(1)
+    _one_thread_depth += 1
     try:
         with threadpool_limits(1):
             yield
     finally:
+        _one_thread_depth -= 1
         torch.set_num_threads(before)
+
+
+_one_thread_depth = 0
 
 
 def kmeans(points, k, seed=SEED):

@@ -15,7 +15,7 @@ triples writes byte-identical files to one run per triple.
 import os
 from dataclasses import dataclass, field
 
-from .cli import UserError
+from .cli import UserError, parse_classes
 
 
 @dataclass
@@ -102,8 +102,9 @@ def more_concepts_given(args):
     return more, [j for j, m in zip(MORE_CONCEPTS, more) if m is not None]
 
 
-def check_no_classes_with_file(args, given_more):
+def check_no_classes_with_file(args):
     """--concepts_file gives the concepts: refuse --triples and every --classes_for_concept flag beside it."""
+    _, given_more = more_concepts_given(args)
     clash = [f for f, v in (("--triples", args.triples), ("--classes_for_concept1", args.classes_for_concept1),
                             ("--classes_for_concept2", args.classes_for_concept2)) if v is not None]
     clash += [f"--classes_for_concept{j}" for j in given_more]
@@ -111,15 +112,15 @@ def check_no_classes_with_file(args, given_more):
         raise UserError(f"--concepts_file gives the concepts: drop {', '.join(clash)}")
 
 
-def class_jobs(args, channel, channel_flag, more, given_more, verb, parse_classes):
+def class_jobs(args, channel, channel_flag, verb):
     """The Triples of the command line: --triples, or the per-triple flags with --classes_for_concept3..6
-    (numbered without gaps) in ``more``/``given_more`` (``more_concepts_given``); ``verb`` says what the
-    stage does with a line of --triples ("splits", "evaluates")."""
+    (numbered without gaps); ``verb`` says what the stage does with a line of --triples ("splits", "evaluates")."""
+    more, given_more = more_concepts_given(args)
     if given_more and args.triples is not None:
         raise UserError(f"--triples {verb} two concepts per line: --classes_for_concept{given_more[0]} "
                         f"needs the per-triple flags")
     triples = triples_from_args(args.triples, channel, args.classes_for_concept1, args.classes_for_concept2,
-                                channel_flag, parse_classes)
+                                channel_flag)
     if given_more:
         if given_more != list(MORE_CONCEPTS[:len(given_more)]):
             missing = next(j for j in MORE_CONCEPTS if j not in given_more)
@@ -130,11 +131,11 @@ def class_jobs(args, channel, channel_flag, more, given_more, verb, parse_classe
     return triples
 
 
-def triples_from_args(path, channel, classes1, classes2, channel_flag, parse_classes):
+def triples_from_args(path, channel, classes1, classes2, channel_flag):
     """The triples to run: those of the file ``path`` (--triples), or the one given by the per-triple flags.
 
-    ``classes1``/``classes2``: the raw flag values (lists of strings) or None; ``parse_classes(values, flag)``
-    turns them into class lists. Exactly one of the two ways must be used.
+    ``classes1``/``classes2``: the raw flag values (lists of strings) or None (``cli.parse_classes`` reads
+    them). Exactly one of the two ways must be used.
     """
     flags = (channel_flag, "--classes_for_concept1", "--classes_for_concept2")
     given = [f for f, v in zip(flags, (channel, classes1, classes2)) if v is not None]
