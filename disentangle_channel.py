@@ -121,7 +121,8 @@ def concepts_from_args(args):
     return class_jobs(args, args.channel_disentangle, "--channel_disentangle", "splits")
 
 
-def main():
+def build_parser():
+    """The command-line flags of this stage (``main(build_parser().parse_args())`` runs it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.Formatter)
     cli.add_model_args(p)
     p.add_argument("--channel_disentangle", type=int, default=None,
@@ -160,7 +161,11 @@ def main():
     p.add_argument("--export_model", action="store_true",
                    help="also write the whole disentangled network's state dict (…_f_best_model.pth) and how to "
                         "rebuild it (…_f_best_model.json); utils.disentangle.load_disentangled_model builds it")
-    args = p.parse_args()
+    return p
+
+
+def main(args):
+    """Run the stage with the parsed flags ``args`` (callable from a notebook)."""
     triples = concepts_from_args(args)
     if args.exactness_images < 1:
         raise cli.UserError("--exactness_images must be at least 1")
@@ -318,4 +323,4 @@ def report(ctx, names, t, counts, res, run, v, header=False):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(lambda: main(build_parser().parse_args()))

@@ -28,7 +28,8 @@ BLANK = torch.zeros(1, 3, 224, 224)  # the transform's crop size: forwards of it
 SIGN_SUFFIX = {"published": "", "positive_activation": "_positive_activation"}  # in the names of the files written
 
 
-def main():
+def build_parser():
+    """The command-line flags of this stage (``main(build_parser().parse_args())`` runs it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.Formatter)
     cli.add_model_args(p)
     p.add_argument("--proportion_attribution_required", type=float, default=0.05,
@@ -53,7 +54,11 @@ def main():
     g.add_argument("--top_n", type=int, default=100, help="top training images per channel (default 100)")
     g.add_argument("--k", default="auto",
                    help="concepts per channel: a number >= 2, or auto (by the silhouette over 2..5; default)")
-    args = p.parse_args()
+    return p
+
+
+def main(args):
+    """Run the stage with the parsed flags ``args`` (callable from a notebook)."""
     if args.label_free:
         return label_free(args)
     tau, pp, low, high = args.proportion_attribution_required, args.p, args.cos_sim_low, args.cos_sim_high
@@ -233,4 +238,4 @@ def positive_activation_histogram(ctx, A, targets, P, k, tau, pp, counts, chunk_
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(lambda: main(build_parser().parse_args()))

@@ -11,7 +11,8 @@ import torch
 from utils import cli, context, data, distributed, importances, store
 
 
-def main():
+def build_parser():
+    """The command-line flags of this stage (``main(build_parser().parse_args())`` runs it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.Formatter)
     cli.add_model_args(p)
     p.add_argument("--chunk_size", type=int, default=None,
@@ -36,7 +37,11 @@ def main():
     p.add_argument("--skip_unreadable", action="store_true",
                    help="record images whose files cannot be decoded as invalid rows (prediction -1, file "
                         "names in the manifest) instead of stopping; later stages leave them out")
-    args = p.parse_args()
+    return p
+
+
+def main(args):
+    """Run the stage with the parsed flags ``args`` (callable from a notebook)."""
 
     rank = distributed.world()[0]
     # the device (under torchrun: the card of LOCAL_RANK) is chosen and made current in context.setup
@@ -83,4 +88,4 @@ def main():
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(lambda: main(build_parser().parse_args()))

@@ -110,7 +110,8 @@ def class_concepts(labels, concepts):
     return out
 
 
-def main():
+def build_parser():
+    """The command-line flags of this stage (``main(build_parser().parse_args())`` runs it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.Formatter)
     cli.add_model_args(p, store=False)
     p.add_argument("--model_dir", required=True,
@@ -156,7 +157,11 @@ def main():
                    help="folder for plots/, results_disentanglement/, results_quantitative/ (default: working directory)")
     featurevis.add_args(p)  # --get_feature_vis and its --fv_* flags
     sae_view.add_args(p)  # --get_sae_view and its --sae_* flags
-    args = p.parse_args()
+    return p
+
+
+def main(args):
+    """Run the stage with the parsed flags ``args`` (callable from a notebook)."""
     triples = jobs_from_args(args)
     if args.top_k < 1:
         raise cli.UserError("--top_k must be at least 1")
@@ -345,4 +350,4 @@ def write_results(args, ctx, t, rho, path, name, sd, info, r, whole_val, concept
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(lambda: main(build_parser().parse_args()))
