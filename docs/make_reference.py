@@ -32,6 +32,32 @@ it is out of date), so they are what the scripts accept today. `python SCRIPT --
 
 Contents: """
 
+MODELS = """\
+## Models, weights and layers
+
+Every stage script takes the same model flags, so one set can be pasted into all four:
+
+- `--model`: a torchvision classification model name (`resnet50`, `resnet18`, `vgg16`, `googlenet`,
+  `convnext_tiny`, …) or `package.module:factory`, a function returning your `nn.Module` (the module is
+  imported from the working directory or `PYTHONPATH`).
+- `--weights`: a torchvision weights name (default `IMAGENET1K_V1` where torchvision has it, else
+  `DEFAULT`), the path of a state-dict file (a torchvision architecture takes its number of classes from
+  the file, so fine-tuned models load), or `none`.
+- `--layer_of_interest`: `last_conv` (default) or a module path such as `layer3.5.conv2` or
+  `features.28`: any `Conv2d` with `groups=1`, any kernel size, stride, padding, dilation, with or
+  without bias.
+
+The store's manifest records the weights' sha256, and every later stage refuses a store made with other
+weights, another layer or other data.
+
+With `--triples`, stages 3 and 4 run every triple of the file in one process: stage 3 sends all triples'
+training images (each once) through one pass in batches of one class each, so an image is computed in
+the same batch as in a run of its triple alone, and stage 4 makes one forward and head-only backward over
+the union of the triples' val images (the gradient is each image's own label's, so it serves every
+triple). The files are byte-identical to one run per triple in file order; every triple (and in stage 4
+every checkpoint) is checked before any work.
+"""
+
 CALL_SCRIPTS = """\
 ## The call scripts
 
@@ -55,7 +81,11 @@ Extra flags after the two folders go to every call. The scripts add the paper's
 `--nr_channels_in_layer_of_interest 2048 --layer_of_interest layer4.2.conv3` only when the model is
 `resnet50` and no `--layer_of_interest` is among the extra flags. A triples file has one
 `channel classes1 classes2` per line, several classes of a concept as `61,62` (no spaces), `#` comments.
-Every line is checked before any work.
+Every line is checked before any work. Your own model and triples:
+
+```bash
+TRIPLES=mine.txt bash disentanglement_calls.sh DATA STORE --model pkg.mod:factory --weights W
+```
 """
 
 STORE = """\
@@ -238,12 +268,12 @@ def stage_section(script, what):
 def render():
     """The page's text (a pure function of the scripts' parsers and the text above)."""
     contents = ", ".join(f"[{s}](#{_anchor(s)})" for s, _ in STAGES)
-    contents += ", [the call scripts](#the-call-scripts), [the store](#the-store), " \
+    contents += ", [models, weights and layers](#models-weights-and-layers), [the call scripts](#the-call-scripts), [the store](#the-store), " \
                 "[what each stage writes](#what-each-stage-writes)."
     lines = [HEAD + contents, ""]
     for script, what in STAGES:
         lines += stage_section(script, what)
-    text = "\n".join(lines).rstrip("\n") + "\n\n" + CALL_SCRIPTS + "\n" + STORE + "\n" + FILES
+    text = "\n".join(lines).rstrip("\n") + "\n\n" + MODELS + "\n" + CALL_SCRIPTS + "\n" + STORE + "\n" + FILES
     return text
 
 
