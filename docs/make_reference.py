@@ -29,6 +29,7 @@ Every flag of the four stage scripts, with its default and meaning, followed by 
 store and the files each stage writes. The flag tables are generated from the scripts' parsers by
 `docs/make_reference.py` (`.venv/bin/python docs/make_reference.py` rewrites this page; a test fails when
 it is out of date), so they are what the scripts accept today. `python SCRIPT --help` prints the same.
+A default of — means that the flag has no fixed value: the meaning column says what happens without it.
 
 Contents: """
 
@@ -226,7 +227,7 @@ def _default(action):
     if action.nargs == 0:
         return "off" if action.default is False else ("on" if action.default is True else "")
     if action.default is None:
-        return "none"
+        return "—"
     if isinstance(action.default, (list, tuple)):
         return "`" + " ".join(str(v) for v in action.default) + "`"
     return f"`{action.default}`"
