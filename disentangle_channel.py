@@ -150,7 +150,7 @@ def build_parser():
     p.add_argument("--rho_score", choices=("published", "robust"), default="published",
                    help="which best-rho score picks the ..._f_best checkpoint: published (sum_j mean q_j, default) "
                         "or robust (bounded; never a rho where a concept's own map is dead on more than half of "
-                        "its images, see README). Both are always printed and recorded in ..._info.json")
+                        "its images, see docs/concepts.md). Both are always printed and recorded in ..._info.json")
     p.add_argument("--exactness_images", type=int, default=4,
                    help="the first N training images, on which the full original and disentangled networks' "
                         "logits are compared (default 4); the split maps are compared with the layer's output on "

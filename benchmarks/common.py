@@ -9,7 +9,7 @@ issue's 600-train / 100-val case: ``--classes 6 --train_per_class 100 --val_per_
 
 Three implementations of each stage:
   ours       the functions the stage scripts call;
-  published  the published script's algorithm as it is (SPEC section 6), run on the CPU;
+  published  the published script's algorithm as it is (docs/published_code.md), run on the CPU;
   naive      an older, simpler baseline doing the same computation (kept as an extra row).
 
 Every implementation runs in a fresh child process (``python bench_stageN.py --child IMPL WORKDIR``)

@@ -15,7 +15,7 @@ negative: ``used_only_through_negative_layer_activation``.
       [--val_per_class 30] [--epochs 12] [--aux_weight W] [--rho_scores published robust] [--reuse_demo]
 
 Writes OUT/resnet_layout.json and prints one table row per (seed, importance rule, rho score). The digits
-depend on the CPU (see the README's demo section).
+depend on the CPU (see docs/results.md).
 """
 import argparse
 import json

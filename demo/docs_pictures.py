@@ -1,4 +1,4 @@
-"""Small copies of the demo's pictures for README (kept under docs/, a few hundred KB in all).
+"""Small copies of the demo's pictures for README.md and docs/ (kept under docs/, a few hundred KB in all).
 
 Usage: python -m demo.docs_pictures [--report demo_out/report.json] [--docs docs]
 Reads the plots that report.json names and writes, scaled down to --width pixels:

@@ -9,7 +9,7 @@ from tests.tiny_models import tiny_resnet, tiny_vgg
 from utils import attribution, disentangle, similarities
 from utils.disentangle import RHOS
 
-SPEC_RHOS = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8,
+PAPER_RHOS = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8,
              0.85, 0.9, 0.95, 1.0]
 
 
@@ -67,7 +67,7 @@ def test_split_rule_literal_tensors_rho_half():
 
 
 def test_split_exact_for_all_rhos():
-    assert RHOS == SPEC_RHOS
+    assert RHOS == PAPER_RHOS
     torch.manual_seed(0)
     w = torch.randn(16, 3, 3)
     v1, v2 = torch.randn(16), torch.randn(16)
@@ -148,7 +148,7 @@ def test_checkpoint_names():
     assert disentangle.checkpoint_name("resnet50", 522, [62, 61], [687], 1.0) == \
         "resnet50_channel522_classes1[62, 61]_classes2[687]_f1.0_unnormalized.pth"
     names = [disentangle.checkpoint_name("m", 0, [1], [2], r) for r in RHOS]
-    assert [n.split("_f")[1].split("_unnormalized")[0] for n in names] == [str(r) for r in SPEC_RHOS]
+    assert [n.split("_f")[1].split("_unnormalized")[0] for n in names] == [str(r) for r in PAPER_RHOS]
     assert "m_channel0_classes1[1]_classes2[2]_f0.35_unnormalized.pth" in names
     assert len(set(names)) == 20
 

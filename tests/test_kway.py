@@ -1,4 +1,4 @@
-"""k >= 2 concepts (SPEC section 8, issue 11) and the robust best-rho score (issue 13.2).
+"""k >= 2 concepts (docs/method.md, 'Splitting a channel', issue 11) and the robust best-rho score (issue 13.2).
 
 The split rule, the checkpoint and sum_j D_j - (k-1) R = W[c] on hand-built ARVs with known answers; the
 k-way network's logits against the original's; the single-pass k-way scores against a per-rho loop over

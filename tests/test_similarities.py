@@ -1,5 +1,6 @@
 """Stage-2 math: histograms, used classes, class means, closed-form ARVs, cosines and the candidate list,
-against a plain-Python loop implementation of spec section 1 run on the same arrays."""
+against a plain-Python loop implementation of docs/method.md ('Attribution and importance'
+to 'Candidates: the cosine rule') run on the same arrays."""
 import math
 
 import numpy as np
@@ -12,7 +13,7 @@ from utils import similarities
 # ---------------------------------------------------------------------------- the reference (loops only)
 
 def loop_reference(A, targets, P, W, K, tau, p, low, high):
-    """Spec section 1 with explicit loops over images, channels, classes and input channels.
+    """docs/method.md's definitions with explicit loops over images, channels, classes and input channels.
 
     A: (N, C) attributions; targets: (N,); P: (N, C_in, kh, kw) patch sums; W: (C, C_in, kh, kw).
     A class without images has no ARV and is never used.

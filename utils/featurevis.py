@@ -1,7 +1,7 @@
 r"""Feature visualization (MACO) of a channel and of its disentangled maps: what each one looks for.
 
 MACO (Fel et al., NeurIPS 2023) optimizes only the phase of the image's Fourier spectrum; its magnitude
-stays that of natural images (SPEC section 7):
+stays that of natural images (docs/method.md, 'Feature visualization'):
     img = sigmoid(Q~ . standardize(irfft2(M . exp(i phi^))) ),     phi^ = standardize(phi)
 then the model's own input normalization. M (3, S, S//2+1) is the mean |rfft2| of the user's training
 images after colour decorrelation with Q^-1; Q (3, 3) = U diag(sqrt(s)) from the SVD of their pixel

@@ -1,4 +1,4 @@
-r"""The sparse-autoencoder view of a channel (SPEC section 9): a TopK SAE on the layer's input vectors,
+r"""The sparse-autoencoder view of a channel (docs/method.md, 'The sparse-autoencoder view'): a TopK SAE on the layer's input vectors,
 and the channel's map decomposed exactly over its features.
 
 The SAE sees L's input one position at a time, x = x[:, h, w] (C_in values):
