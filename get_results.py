@@ -53,7 +53,7 @@ def check_checkpoint(ctx, sd, channel, path, val_summary, k=None, concepts_sha25
     merged = merged - (D[n] if n == 2 else (n - 1) * D[n])
     if not torch.allclose(merged, w.cpu(), atol=1e-6, rtol=1e-5):
         what = "D1 + D2 - R" if n == 2 else f"D1 + ... + D{n} - {n - 1} R"
-        raise cli.UserError(f"{path}: {what} differs from channel {channel}'s filter of {ctx.layer_path}: "
+        raise cli.UserError(f"{path}: {what} differs from channel {channel}'s filter of layer '{ctx.layer_path}': "
                             f"the checkpoint was made for another model, weights, layer or channel")
     info_path = path[:path.rfind("_f")] + "_info.json"
     if os.path.isfile(info_path):
@@ -296,7 +296,7 @@ def write_results(args, ctx, t, rho, path, name, sd, info, r, whole_val, concept
         summary[f"mean_pos_concept{j}"] = {"original": float(r["orig_pos"][sel].mean()) if sel.any() else None,
                                            **{n: float(mp[:, i].mean()) if sel.any() else None
                                               for i, n in enumerate(map_names)}}
-    print(f"channel {c} of {ctx.layer_path}, checkpoint {os.path.basename(path)}")
+    print(f"channel {c} of layer '{ctx.layer_path}', checkpoint {os.path.basename(path)}")
     for j in range(1, k + 1):
         other = f"mean pos(D{3 - j})" if k == 2 else f"max over l != {j} of mean pos(D_l)"
         print(f"concept {j} ({label_of[j]}): {summary[f'val_images_concept{j}']} val images, "

@@ -248,6 +248,7 @@ def run_stage1(model, conv, ds, folder, info, batch_size, device, num_workers, c
             if outputs is not None:  # the model's output index of each folder: the logit and the stored target
                 targets = outputs.numpy()[targets]
                 labels = torch.where(labels == data.UNREADABLE, labels, outputs.to(labels.device)[labels.clamp(min=0)])
+            if not ok.all():
                 if not skip_unreadable:
                     if pending is not None:
                         write(pending)  # keep every finished chunk
