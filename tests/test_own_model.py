@@ -311,3 +311,48 @@ def test_stage3_and_4_take_each_others_flag_names_and_refuse_abbreviations():
     for script, flag in ((S3, "--channel"), (S4, "--get_quant"), (S2, "--proportion")):
         r = subprocess.run([sys.executable, os.path.join(ROOT, script), flag, "1"], capture_output=True, text=True)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and flag in r.stderr
+
+
+def test_store_written_before_the_new_names_and_fields_still_works(image_root, tmp_path):
+    """A store of a layer other than the last conv, in the folder name and manifest of before (no layer in the
+    name, no input_transform): stages 2 finds it and writes what it writes from a store of today."""
+    store, out = str(tmp_path / "store"), str(tmp_path / "out")
+    flags = ["--data_dir", image_root, "--model", "tests.tiny_models:tiny_resnet", "--layer_of_interest", "conv2"]
+    ok(S1, *flags, "--store_dir", store, *RUN)
+    ok(S2, *flags, "--store_dir", store, "--out_dir", out, *FLAGS2, *RUN)
+    name = "tests_tiny_models_tiny_resnet_conv2_required0.1_p0.5_cossim0.0to1.0.txt"
+    now = open(os.path.join(out, "results_get_cosine_similarities", name)).read()
+    new = os.path.join(store, "tests_tiny_models_tiny_resnet_conv2_channel_importances")
+    old = os.path.join(store, "tests_tiny_models_tiny_resnet_channel_importances")
+    os.rename(new, old)
+    man = json.load(open(os.path.join(old, "manifest.json")))
+    del man["input_transform"]
+    json.dump(man, open(os.path.join(old, "manifest.json"), "w"))
+    os.remove(os.path.join(out, "results_get_cosine_similarities", name))
+    ok(S2, "--store_dir", store, "--out_dir", out, *FLAGS2, *RUN)  # and with the store's flags alone
+    assert open(os.path.join(out, "results_get_cosine_similarities", name)).read() == now
+    line = refused(S2, "--store_dir", store, "--crop", "200", *RUN)  # missing field: the default transform
+    assert "--crop 224" in line
+
+
+def test_feature_visualization_sees_the_store_crop(newcomer):
+    """Stage 4's feature visualizations at the store's transform (crop 160 after resize 176): their activation
+    matrix is that of the images seen through this transform, and every val crop box lies inside 160 x 160."""
+    from utils import featurevis
+    out = os.path.join(newcomer["base"], "fv_out")
+    ok(S4, "--model_dir", newcomer["store"], "--layer_of_interest", "conv2", "--channel_of_interest", 1, *JOB,
+       "--get_feature_vis", "--fv_size", 48, "--fv_steps", 2, "--fv_crops", 2, "--fv_spectrum_images", 8,
+       "--out_dir", out, *RUN)
+    run = f"{TAG}_conv2_channel1_classes1[0]_classes2[1]_f_best_unnormalized"
+    rec = json.load(open(os.path.join(out, "results_disentanglement", f"{run}_feature_vis.json")))
+    assert os.path.isfile(os.path.join(out, "plots", f"feature_vis_{TAG}_conv2.png"))
+    images = torch.from_numpy(np.load(os.path.join(out, "results_disentanglement", f"{run}_feature_vis_images.npy")))
+    model, _ = models.load_model(FACTORY, "none")
+    sd = torch.load(os.path.join(newcomer["store"], "models_disentangled", run + ".pth"), weights_only=True)
+    w, b, _ = featurevis.target_filters(model.conv2, 1, sd)
+    act = featurevis.activation_matrix(model, model.conv2, w, b, images, CROP, RESIZE, data.MEAN, data.STD)
+    np.testing.assert_allclose(rec["activation"], act.numpy(), rtol=1e-4, atol=1e-6)
+    default = featurevis.activation_matrix(model, model.conv2, w, b, images)  # 224 / 256: other numbers
+    assert not np.allclose(rec["activation"], default.numpy(), rtol=1e-3)
+    boxes = [t["box"] for ts in rec["top_images"].values() for t in ts]
+    assert boxes and all(0 <= x0 < x1 <= CROP and 0 <= y0 < y1 <= CROP for x0, y0, x1, y1 in boxes)
