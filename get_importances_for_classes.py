@@ -46,7 +46,7 @@ def main(args):
     cli.require(args, "data_dir", "store_dir")
     rank = distributed.world()[0]
     # the device (under torchrun: the card of LOCAL_RANK) is chosen and made current in context.setup
-    ctx = context.setup(args, split="train")
+    ctx = context.setup(args, split="train", defer_class_error=True)
     distributed.init(ctx.device)
     chunk = args.chunk_size
     if chunk is not None and chunk < 1:
@@ -80,6 +80,13 @@ def main(args):
         ctx.dataset.transform = data.eval_transform_uint8(ctx.transform)
     info = dict(ctx.fingerprint, input_transform=ctx.transform.record(), autocast="bfloat16" if args.autocast_bf16 else None, decode=decode,
                 numerics=importances.numerics(ctx.device, cpu_threads))
+    if ctx.class_error is not None:  # a store of other settings in the folder is the first thing to say
+        old = store.Store.peek(folder)
+        diff = old is not None and store.describe_mismatch(old, info, store.MATCH_KEYS)
+        if diff:
+            raise cli.UserError(f"{folder} already holds a store made with other settings: {diff}; pass another "
+                                f"--store_dir (nothing was changed)")
+        raise ctx.class_error
     importances.run_stage1(ctx.model, ctx.conv, ctx.dataset, folder, info, args.batch_size, ctx.device,
                            cli.default_workers(args.num_workers), chunk,
                            autocast_dtype=torch.bfloat16 if args.autocast_bf16 else None,

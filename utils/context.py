@@ -29,6 +29,7 @@ class Context:
     transform: data.Transform = data.DEFAULT_TRANSFORM
     class_outputs: list = None       # output index of each class folder, None when it is the folder's own index
     num_outputs: int = None
+    class_error: Exception = None    # setup(defer_class_error=True): why the class folders do not fit the outputs
 
 
 TRANSFORM_FLAGS = ("resize", "crop", "mean", "std")
@@ -66,10 +67,11 @@ def describe_store(m):
 
 
 def store_of_args(args, store_dir, flag):
-    """The manifest of the one store in ``store_dir`` that fits the model and layer flags given, or None when
-    there is none and every flag is given (the stage then says the store is missing). Fills the flags not
-    given (model, weights, layer, data folder, transform) from it; raises UserError when the choice is
-    ambiguous or nothing fits."""
+    """(manifest, None) of the one store in ``store_dir`` that fits the model and layer flags given, filling the
+    flags not given (model, weights, layer, data folder) from it; (None, None) when the folder holds no store and
+    every flag is given (the stage then says the store is missing); (None, message) when it holds stores but none
+    of the given model and layer (raised once the layer is known to exist). Raises UserError when the choice is
+    ambiguous."""
     found = store.find_stores(store_dir)
     fits = [(f, m) for f, m in found if args.model is None or m.get("model") == args.model]
     layer = args.layer_of_interest
@@ -87,46 +89,63 @@ def store_of_args(args, store_dir, flag):
         if found and (args.model is not None or layer is not None):
             given = " ".join(f"--{k} {v}" for k, v in (("model", args.model), ("layer_of_interest", layer))
                              if v is not None)
-            raise cli.UserError(f"{flag} {store_dir} holds no store made with {given} (it holds: "
-                                + "; ".join(describe_store(m) for _, m in found)
-                                + "): leave the flags out or run stage 1 with them first")
+            missing = (f"{flag} {store_dir} holds no store made with {given} (it holds: "
+                       + "; ".join(describe_store(m) for _, m in found)
+                       + "): leave the flags out or run stage 1 with them first")
+            # what the stores of the model agree on, so that the model is built and a bad layer named as such
+            mine = [m for _, m in found if args.model is None or m.get("model") == args.model]
+            if len({m.get("model") for m in mine}) == 1:
+                fill(args, mine)
+            if args.model is None:
+                raise cli.UserError(missing)
+            return None, missing
         if args.model is None or getattr(args, "data_dir", "") is None:
             raise cli.UserError(f"no store in {flag} {store_dir}: run get_importances_for_classes.py with this "
                                 f"--store_dir first (or pass --model, --weights, --layer_of_interest and "
                                 f"--data_dir)")
-        return None
-    folder, m = fits[0]
+        return None, None
+    fill(args, [fits[0][1]], layer=True)
+    return fits[0][1], None
+
+
+def fill(args, manifests, layer=False):
+    """Set the flags not given to what every manifest of ``manifests`` says (the layer only with ``layer``)."""
+    def agreed(key):
+        values = {str(m.get(key)) for m in manifests}
+        return manifests[0].get(key) if len(values) == 1 else None
     if args.model is None:
-        args.model = m["model"]
-    if args.weights is None:
-        args.weights = weights_flag(m.get("weights"))
-    if layer is None:
-        args.layer_of_interest = m["layer"]
+        args.model = agreed("model")
+    if args.weights is None and agreed("weights") is not None:
+        args.weights = weights_flag(agreed("weights"))
+    if layer and args.layer_of_interest is None:
+        args.layer_of_interest = agreed("layer")
     if getattr(args, "data_dir", "") is None:
-        args.data_dir = m["data_dir"]
-    return m
+        args.data_dir = agreed("data_dir")
 
 
-def setup(args, split="train", need_data=True, store_flag=None):
+def setup(args, split="train", need_data=True, store_flag=None, defer_class_error=False):
     """Parse the shared flags into a Context (the dataset of ``split`` when ``need_data``).
 
     ``store_flag``: for stages 2-4, the attribute naming the store's folder ('store_dir' or 'model_dir'): flags
     not given are taken from its manifest. Stage 1 (None) uses the defaults: resnet50, last_conv, the paper's
-    transform.
+    transform. ``defer_class_error``: class folders that do not fit the model's outputs are left in
+    ``ctx.class_error`` (stage 1 first says whether the store folder holds a store of other settings).
     """
-    manifest = store_of_args(args, getattr(args, store_flag), "--" + store_flag) if store_flag else None
+    manifest, missing = store_of_args(args, getattr(args, store_flag), "--" + store_flag) if store_flag else (None, None)
     if args.model is None:
         args.model = "resnet50"
     if args.layer_of_interest is None:
         args.layer_of_interest = "last_conv"
-    if need_data:
-        cli.require(args, "data_dir")
     recorded = None if manifest is None else data.Transform.from_record(manifest.get("input_transform"))
     transform = transform_of(args, recorded)
     device = cli.select_device(args.device, args.gpu)
     model, weights_id = models.load_model(args.model, args.weights)
     layer_path, conv = models.resolve_layer(model, args.layer_of_interest)
+    if missing:  # the layer exists, but the store folder has no store of it
+        raise cli.UserError(missing)
     models.check_nr_channels(conv, args.nr_channels_in_layer_of_interest, layer_path)
+    if need_data:
+        cli.require(args, "data_dir")
     if args.batch_size < 1:
         raise cli.UserError("--batch_size must be at least 1")
     tag = models.model_tag(args.model)
@@ -145,7 +164,12 @@ def setup(args, split="train", need_data=True, store_flag=None):
                 raise cli.UserError(f"--class_index_map {index_map}: the store maps the class folders to other "
                                     f"outputs ({how}); leave the flag out (the store's mapping is used)")
         elif manifest is None:
-            ctx.class_outputs, how = classmap.class_outputs(ctx.dataset.classes, ctx.num_outputs, index_map)
+            try:
+                ctx.class_outputs, how = classmap.class_outputs(ctx.dataset.classes, ctx.num_outputs, index_map)
+            except cli.UserError as e:
+                if not defer_class_error:
+                    raise
+                ctx.class_error = e
         # else: another dataset than the store's, refused with the store's own message
         ctx.fingerprint = store.fingerprint(args.model, weights_id, ctx.weights_sha256, layer_path,
                                             models.layer_geometry(conv), data.dataset_summary(ctx.dataset),
@@ -164,9 +188,17 @@ def open_store(args, ctx):
 
 
 def list_layers(args):
-    """--list_layers: the model's Conv2d layers with their weight shapes (the default layer marked)."""
-    spec = args.model or "resnet50"
-    weights = args.weights
+    """--list_layers: the model's Conv2d layers with their weight shapes (the default layer marked). Without
+    --model: the model of the stores in --store_dir / --model_dir when they are all of one model, else resnet50."""
+    spec, weights = args.model, args.weights
+    if spec is None:
+        folder = getattr(args, "store_dir", None) or getattr(args, "model_dir", None)
+        found = [m for _, m in store.find_stores(folder)]
+        if found and len({m.get("model") for m in found}) == 1:
+            spec = found[0]["model"]
+            if weights is None and len({str(m.get("weights")) for m in found}) == 1:
+                weights = weights_flag(found[0].get("weights"))
+    spec = spec or "resnet50"
     if weights is None and ":" not in spec:
         weights = "none"  # the shapes do not depend on the weights: nothing to download
     model, _ = models.load_model(spec, weights)
