@@ -9,6 +9,10 @@
 # Your own model: TRIPLES=mine.txt bash quantitative_evaluation_calls.sh DATA STORE --model pkg.mod:factory --weights W
 # The paper's --nr_channels_in_layer_of_interest 2048 --layer_of_interest layer4.2.conv3 are passed only for
 # --model resnet50 (the default) without a --layer_of_interest of your own.
+# After stage 1 of your own model into STORE_DIR (the only store there), --model and the layer flags may be left
+# out: the stage scripts read them from the store's manifest.
+# Python: $PYTHON if set, else the project's .venv/bin/python next to this script when present, else python3
+#   (e.g. PYTHON=/path/to/env/bin/python bash ...).
 # PER_TRIPLE=1: one process per triple (the published loop), stopping at the first failure.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -17,7 +21,10 @@ if [ $# -ge 1 ] && [[ "$1" != --* ]]; then MODEL_DIR=$1; shift; fi
 MODEL_DIR=${MODEL_DIR:-${STORE_DIR:-}}
 : "${DATA_DIR:?set DATA_DIR (ImageFolder root with train/ and val/) or pass it as the first argument}"
 : "${MODEL_DIR:?set MODEL_DIR (or STORE_DIR: the store holding models_disentangled/) or pass it as the second argument}"
-PYTHON=${PYTHON:-python}
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x "$here/.venv/bin/python" ]; then PYTHON=$here/.venv/bin/python; else PYTHON=python3; fi
+fi
+model_given=0; [ -n "${MODEL:-}" ] && model_given=1
 MODEL=${MODEL:-resnet50}
 OUT_DIR=${OUT_DIR:-.}
 
@@ -26,15 +33,22 @@ TRIPLES=${TRIPLES:-$here/paper_triples.txt}  # "channel class1 class2" per line 
 # the model is the last --model among the extra flags, else $MODEL; the paper's layer flags only for resnet50
 own_layer=0; prev=""
 for a in "$@"; do
-  [ "$prev" = --model ] && MODEL=$a
+  [ "$prev" = --model ] && { MODEL=$a; model_given=1; }
   case "$a" in
-    --model=*) MODEL=${a#--model=} ;;
+    --model=*) MODEL=${a#--model=}; model_given=1 ;;
     --layer_of_interest|--layer_of_interest=*) own_layer=1 ;;
   esac
   prev=$a
 done
 paper=()
-if [ "$MODEL" = resnet50 ] && [ $own_layer = 0 ]; then
+model=(--model "$MODEL")
+own_store=0  # no model given, and the folder holds stores of other models only: the stages read it from the store
+if [ $model_given = 0 ] && [ ! -d "$MODEL_DIR/resnet50_channel_importances" ]; then
+  for f in "$MODEL_DIR"/*_channel_importances; do [ -f "$f/manifest.json" ] && own_store=1; done
+fi
+if [ $own_store = 1 ]; then
+  model=()
+elif [ "$MODEL" = resnet50 ] && [ $own_layer = 0 ]; then
   paper=(--nr_channels_in_layer_of_interest 2048 --layer_of_interest layer4.2.conv3)
 fi
 
@@ -42,14 +56,14 @@ if [ "${PER_TRIPLE:-0}" = 1 ]; then
   sed -e 's/#.*//' "$TRIPLES" | while read -r channel class1 class2 _; do
     [ -n "$channel" ] || continue
     echo "=== channel $channel: class $class1 vs class $class2"
-    "$PYTHON" "$here/get_results.py" --data_dir "$DATA_DIR" --model_dir "$MODEL_DIR" --model "$MODEL" \
+    "$PYTHON" "$here/get_results.py" --data_dir "$DATA_DIR" --model_dir "$MODEL_DIR" ${model[@]+"${model[@]}"} \
       --batch_size 64 ${paper[@]+"${paper[@]}"} \
       --channel_of_interest "$channel" --classes_for_concept1 "$class1" --classes_for_concept2 "$class2" \
       --get_quantitative --proportion_attribution_required 0.03 --out_dir "$OUT_DIR" "$@" </dev/null
   done
 else
   echo "=== every triple of $TRIPLES in one process"
-  "$PYTHON" "$here/get_results.py" --data_dir "$DATA_DIR" --model_dir "$MODEL_DIR" --model "$MODEL" \
+  "$PYTHON" "$here/get_results.py" --data_dir "$DATA_DIR" --model_dir "$MODEL_DIR" ${model[@]+"${model[@]}"} \
     --batch_size 64 ${paper[@]+"${paper[@]}"} --triples "$TRIPLES" \
     --get_quantitative --proportion_attribution_required 0.03 --out_dir "$OUT_DIR" "$@" </dev/null
 fi

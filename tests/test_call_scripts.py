@@ -159,3 +159,80 @@ def test_call_scripts_on_a_generated_model(image_root, tmp_path):
     assert s4.returncode == 0, s4.stdout + s4.stderr
     means = open(os.path.join(out, "results_quantitative", "means_required0.03.txt")).read().splitlines()
     assert len(means) == 1 + 2 * 3 + 2 and means[-1].startswith("ALL,2,")
+
+
+def logging_program(path, log, name):
+    """An executable at ``path`` that writes '``name`` ARGS' to ``log`` and succeeds."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(f'#!/usr/bin/env bash\necho "{name} $@" >> {log}\nexit 0\n')
+    os.chmod(path, 0o755)
+
+
+@pytest.mark.parametrize("script", ["disentanglement_calls.sh", "quantitative_evaluation_calls.sh"])
+def test_call_scripts_choose_the_interpreter(tmp_path, script):
+    """$PYTHON, else the .venv/bin/python next to the script, else python3; never a bare 'python' (which, in a
+    shell with the project's .venv not activated, is another interpreter)."""
+    log = tmp_path / "calls.log"
+    bin_dir = tmp_path / "bin"
+    logging_program(str(bin_dir / "python"), log, "bare-python")
+    logging_program(str(bin_dir / "python3"), log, "python3")
+    here = tmp_path / "checkout"
+    here.mkdir()
+    with open(os.path.join(ROOT, script)) as src:
+        (here / script).write_text(src.read())
+    (here / "paper_triples.txt").write_text("3 0 1\n")
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHON": ""}
+
+    def first_word():
+        words = log.read_text().split()
+        log.write_text("")
+        return words[0] if words else None
+    log.write_text("")
+    proc = subprocess.run(["bash", str(here / script), "/d", "/s"], env=dict(os.environ, **env), capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert first_word() == "python3"  # no .venv next to the script
+    logging_program(str(here / ".venv" / "bin" / "python"), log, "venv-python")
+    subprocess.run(["bash", str(here / script), "/d", "/s"], env=dict(os.environ, **env), check=True)
+    assert first_word() == "venv-python"
+    logging_program(str(tmp_path / "mine"), log, "mine")
+    subprocess.run(["bash", str(here / script), "/d", "/s"], env=dict(os.environ, **dict(env, PYTHON=str(tmp_path / "mine"))),
+                   check=True)
+    assert first_word() == "mine"
+
+
+def test_call_scripts_without_python_or_model_flags(image_root, tmp_path):
+    """From a shell whose 'python' is not the project's interpreter (it fails as a bare system python would), no
+    $PYTHON, and no model flags: the scripts find an interpreter with torch and the stages read the model from
+    the store. The numbers equal those of the stage scripts run with every flag."""
+    from tests.test_cli import run_inproc
+    store, out = str(tmp_path / "store"), str(tmp_path / "out")
+    model = ["--model", "tests.tiny_models:tiny_resnet"]
+    rt = ["--batch_size", "4", "--num_workers", "0", "--device", "cpu"]
+    s1 = run_inproc("get_importances_for_classes.py", "--data_dir", image_root, "--store_dir", store, *model, *rt)
+    assert s1.returncode == 0, s1.stderr
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text("#!/usr/bin/env bash\necho \"No module named 'torch'\" >&2\nexit 1\n")
+    (bin_dir / "python").chmod(0o755)
+    if not os.path.exists(os.path.join(ROOT, ".venv", "bin", "python")):  # python3 is then the fallback: this one
+        os.symlink(sys.executable, bin_dir / "python3")
+    triples = tmp_path / "mine.txt"
+    triples.write_text("1 0 1\n")
+    env = {"PYTHON": "", "TRIPLES": str(triples), "OUT_DIR": out, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    s3 = run("disentanglement_calls.sh", [image_root, store, *rt], env)
+    assert s3.returncode == 0, s3.stdout + s3.stderr
+    s4 = run("quantitative_evaluation_calls.sh", [image_root, store, *rt], env)
+    assert s4.returncode == 0, s4.stdout + s4.stderr
+    ref_out = str(tmp_path / "ref_out")
+    r4 = run_inproc("get_results.py", "--data_dir", image_root, "--model_dir", store, *model, *rt,
+                    "--channel_of_interest", 1, "--classes_for_concept1", 0, "--classes_for_concept2", 1,
+                    "--get_quantitative", "--proportion_attribution_required", "0.03", "--out_dir", ref_out)
+    assert r4.returncode == 0, r4.stderr
+    for name in ("quantitative_concept1_required0.03.txt", "quantitative_concept2_required0.03.txt",
+                 "means_required0.03.txt"):
+        with open(os.path.join(out, "results_quantitative", name)) as a, \
+                open(os.path.join(ref_out, "results_quantitative", name)) as b:
+            assert a.read() == b.read()

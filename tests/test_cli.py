@@ -14,6 +14,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import runpy
 import shutil
 import signal
@@ -340,20 +341,22 @@ def read_blocks(path):
     return blocks
 
 
-def check_stage4(out_dir, ref_val, conv, c, s1, s2, filters, tau, stdout=None):
-    for f in ("plots/density_concept1.png", "plots/density_concept2.png"):
+def check_stage4(out_dir, ref_val, conv, c, s1, s2, filters, tau, stdout=None, name=None):
+    """``name``: the file tag of a layer other than the model's last conv (its files carry it), else None."""
+    latest, pre = ("", "") if name is None else (f"_{name}", f"{name}_")
+    for f in (f"plots/density_concept1{latest}.png", f"plots/density_concept2{latest}.png"):
         with open(os.path.join(out_dir, f), "rb") as fh:
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n", f
     n_rows = 0
     for k, s in ((1, s1), (2, s2)):
         rows, orig, maps = expected_rows(ref_val, conv, c, filters, s, tau)
-        got = read_rows(os.path.join(out_dir, "results_quantitative", f"quantitative_concept{k}_required{tau}.txt"))
+        got = read_rows(os.path.join(out_dir, "results_quantitative", f"quantitative_{pre}concept{k}_required{tau}.txt"))
         assert got.shape == rows.shape
         np.testing.assert_allclose(got, rows, rtol=1e-3, atol=1e-4)
         n_rows += len(rows)
         if stdout is not None:
             assert f"concept {k}: {len(rows)} of {len(orig)} val images" in stdout
-        blocks = read_blocks(os.path.join(out_dir, "results_disentanglement", f"density_concept{k}.txt"))
+        blocks = read_blocks(os.path.join(out_dir, "results_disentanglement", f"density_concept{k}{latest}.txt"))
         assert list(blocks) == [f"original_c{k}.dat", f"disentangled1_c{k}.dat", f"disentangled2_c{k}.dat"]
         for (name, pts), vals in zip(blocks.items(), (orig, maps[:, 0], maps[:, 1])):
             assert pts.shape == (200, 2), name
@@ -414,9 +417,18 @@ def test_tiny_stage2_table_matches_numpy_recomputation(tiny):
     assert os.path.isfile(tiny.txt)  # --out_dir defaults to the working directory
     rows, expected, dropped = check_candidates(tiny.txt, tiny.folder, tiny.conv, TAU2, P2, LOW, HIGH, tiny.s2.stdout)
     assert len(rows) >= 2 and dropped >= 1  # the window [LOW, HIGH) really filtered something
-    shown = ast.literal_eval(tiny.s2.stdout.splitlines()[0])  # the printed list of dicts, as published
-    assert [(d["channel"], d["class1"], d["class2"]) for d in shown] == [r[:3] for r in rows]
-    assert set(shown[0]) == {"channel", "class1", "class2", "cosine_similarity"}
+    # the printed table: the strongest candidates, lowest cosine first, with the images that find them important
+    out = tiny.s2.stdout.splitlines()
+    start = next(i for i, x in enumerate(out) if x.split()[:1] == ["channel"]) + 1
+    row = re.compile(r"\s*(\d+)\s+class(\d) \((\d)\)\s+class(\d) \((\d)\)\s+(-?[\d.]+)\s+(\d+) of (\d+) / (\d+) of (\d+)$")
+    shown = []
+    while start < len(out) and row.match(out[start]):
+        shown.append(row.match(out[start]).groups())
+        start += 1
+    assert out[start].startswith(f"{len(rows)} candidates")
+    assert [(int(g[0]), int(g[2]), int(g[4])) for g in shown] == \
+        [r[:3] for r in sorted(rows, key=lambda r: (round(r[3], 4), r[0], r[1], r[2]))][:20]
+    assert all(g[1] == g[2] and g[3] == g[4] for g in shown)  # name and index of the same folder
     res = os.path.join(tiny.store, "results_get_cosine_similarities")
     cj = json.load(open(os.path.join(res, f"{TINY_TAG}_required{TAU2}_p{P2}_cossim{LOW}to{HIGH}_candidates.json")))
     assert [(d["channel"], d["class1"], d["class2"]) for d in cj["candidates"]] == [r[:3] for r in rows]
@@ -425,6 +437,10 @@ def test_tiny_stage2_table_matches_numpy_recomputation(tiny):
     y = np.load(os.path.join(tiny.folder, "targets.npy"))
     imp = A >= TAU2 * np.maximum(A, 0).sum(axis=1, keepdims=True)
     np.testing.assert_array_equal(hist["histogram_class_by_channel"], [imp[y == k].sum(0) for k in range(4)])
+    for g in shown:  # how many images of each class find the channel important, of the class's images
+        c, y1, y2 = int(g[0]), int(g[2]), int(g[4])
+        assert [int(v) for v in g[6:]] == [imp[y == y1, c].sum(), (y == y1).sum(), imp[y == y2, c].sum(),
+                                           (y == y2).sum()]
 
 
 def test_tiny_stage3_checkpoints(tiny):
@@ -500,11 +516,12 @@ def test_resnet18_with_state_dict_file(tmp_path):
     train_x, train_y, _ = load_split(data, "train")
     val_x, val_y, _ = load_split(data, "val")
     ref_train = reference_pass(model, conv, train_x, train_y)
-    folder = os.path.join(store, "resnet18_channel_importances")
+    name = "resnet18_layer4.0.conv1"  # not the last conv: the layer is in every file name
+    folder = os.path.join(store, f"{name}_channel_importances")
     man = check_store(folder, ref_train, conv, 4)
     assert man["layer"] == layer and man["weights"] == os.path.abspath(wfile)
     # the defaults of stage 2: tau 0.05, p 0.75, cosine in [0, 1)
-    txt = os.path.join(out, "results_get_cosine_similarities", "resnet18_required0.05_p0.75_cossim0.0to1.0.txt")
+    txt = os.path.join(out, "results_get_cosine_similarities", f"{name}_required0.05_p0.75_cossim0.0to1.0.txt")
     check_candidates(txt, folder, conv, 0.05, 0.75, 0.0, 1.0, s2.stdout)
     # disentangle the channel with the largest attribution share in both classes (512 channels: shares are small)
     y1, y2, tau = 0, 3, 0.002
@@ -516,13 +533,13 @@ def test_resnet18_with_state_dict_file(tmp_path):
                     "--classes_for_concept1", y1, "--classes_for_concept2", y2, cwd=cwd)
     assert "OK, same function" in s3.stdout
     w_c = conv.weight[c].detach()
-    best = check_checkpoints(store, "resnet18", c, [y1], [y2], conv, concept_arv(folder, w_c, [y1]),
+    best = check_checkpoints(store, name, c, [y1], [y2], conv, concept_arv(folder, w_c, [y1]),
                              concept_arv(folder, w_c, [y2]), ref_train)
     s4 = run_script(STAGE4, "--data_dir", data, "--model_dir", store, *same,
                     "--nr_channels_in_layer_of_interest", 512, "--channel_of_interest", c,
                     "--classes_for_concept1", y1, "--classes_for_concept2", y2, "--get_qualitative",
                     "--get_quantitative", "--proportion_attribution_required", tau, "--out_dir", out, cwd=cwd)
-    check_stage4(out, reference_pass(model, conv, val_x, val_y), conv, c, [y1], [y2], best, tau, s4.stdout)
+    check_stage4(out, reference_pass(model, conv, val_x, val_y), conv, c, [y1], [y2], best, tau, s4.stdout, name)
     assert os.listdir(cwd) == []  # everything went to --out_dir and --store_dir
 
 
@@ -657,8 +674,10 @@ def _snapshot(tiny, bad):
 STAGE_OF = {1: STAGE1, 2: STAGE2, 3: STAGE3}
 
 
-@pytest.mark.parametrize("variant", ["model", "weights", "layer", "image_count", "class_folders", "file_names"])
-@pytest.mark.parametrize("stage", [1, 2, 3])
+# stage 1 with another layer is not refused: that layer's store gets a folder of its own (test_own_model.py)
+@pytest.mark.parametrize("stage,variant", [(s, v) for s in (1, 2, 3) for v in ("model", "weights", "layer", "image_count",
+                                                                             "class_folders", "file_names")
+                                           if (s, v) != (1, "layer")])
 def test_store_made_with_other_settings_is_refused(tiny, bad, stage, variant):
     store, flags, data, word = _mismatch_args(tiny, bad, variant)
     extra = ["--channel_disentangle", 0, "--classes_for_concept1", 0, "--classes_for_concept2", 1] if stage == 3 else []

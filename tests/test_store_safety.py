@@ -102,7 +102,9 @@ def logged_tiny_resnet():
             note(path)
         return real_os_open(path, flags, *a, **k)
 
-    builtins.open, os.open = logging_open, logging_os_open
+    if not getattr(builtins.open, "logs_writes", False):  # the stages build a factory twice: patch once
+        logging_open.logs_writes = True
+        builtins.open, os.open = logging_open, logging_os_open
     return tiny_resnet()
 
 

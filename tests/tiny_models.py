@@ -83,3 +83,25 @@ def tiny_resnet_hooked():
     model = tiny_resnet()
     model.conv3.register_forward_hook(lambda module, inputs, output: output + 0.5)
     return model
+
+
+def unseeded_resnet():
+    """The tiny ResNet as a user's factory usually is: its weights drawn from torch's global generator, no seed
+    of its own (the stages build it under a fixed seed, so every process gets the same weights)."""
+    return _randomize_bn(TinyResNet(), 1).eval()
+
+
+def own_rng_net():
+    """A factory that draws its weights from a generator of its own, new on every call: never the same model."""
+    import numpy as np
+    model = TinyResNet()
+    rng = np.random.default_rng()
+    with torch.no_grad():
+        model.fc.weight.copy_(torch.from_numpy(rng.standard_normal(model.fc.weight.shape).astype("float32")))
+    return model.eval()
+
+
+def ten_outputs():
+    """The tiny ResNet with 10 outputs (for class folders that do not fit its outputs)."""
+    torch.manual_seed(0)
+    return TinyResNet(num_classes=10).eval()
