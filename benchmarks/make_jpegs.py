@@ -27,19 +27,20 @@ def jpeg_image(i, seed=0, size=(WIDTH, HEIGHT)):
 
 
 def _write(job):
-    root, lo, hi, classes, seed = job
+    root, lo, hi, classes, seed, size = job
     for i in range(lo, hi):
         d = os.path.join(root, "train", f"class{i % classes:02d}")
-        jpeg_image(i, seed).save(os.path.join(d, f"{i:06d}.jpg"), quality=90)
+        jpeg_image(i, seed, size).save(os.path.join(d, f"{i:06d}.jpg"), quality=90)
     return hi - lo
 
 
-def write_jpegs(root, n, classes=10, processes=1, seed=0):
-    """Write ``n`` JPEGs under ``root/train`` (``classes`` class folders) with ``processes`` processes."""
+def write_jpegs(root, n, classes=10, processes=1, seed=0, size=(WIDTH, HEIGHT)):
+    """Write ``n`` JPEGs of ``size`` (w, h) under ``root/train`` (``classes`` class folders) with
+    ``processes`` processes."""
     for c in range(min(classes, n)):
         os.makedirs(os.path.join(root, "train", f"class{c:02d}"), exist_ok=True)
     step = max(1, -(-n // max(1, processes * 4)))
-    jobs = [(root, lo, min(n, lo + step), classes, seed) for lo in range(0, n, step)]
+    jobs = [(root, lo, min(n, lo + step), classes, seed, tuple(size)) for lo in range(0, n, step)]
     if processes <= 1:
         return sum(map(_write, jobs))
     with multiprocessing.get_context("fork").Pool(processes) as pool:

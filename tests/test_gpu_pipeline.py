@@ -329,3 +329,119 @@ def test_fast_load_reads_a_file_object_like_a_path(tmp_path):
     with open(path, "rb") as f:
         from_bytes = cpu_decode.fast_load(io.BytesIO(f.read()))
     assert torch.equal(from_bytes, cpu_decode.fast_load(path))
+
+
+# ------------------------------------------------------------------ on a CUDA card
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+LEVEL = 1 / 255 / min(data.STD)  # one grey level in normalized units
+
+
+@pytest.fixture(scope="module")
+def clean_root(tmp_path_factory):
+    return smooth_image_folder(str(tmp_path_factory.mktemp("clean")), per_class=5)
+
+
+def former_gpu_decode(raws, labels, device, cpu_transform):
+    """--gpu_decode as it was before the pipeline (GpuDecoder.__call__ on a list of file bytes), restated."""
+    import collections
+
+    import torchvision
+    from torchvision.transforms import functional as TF
+    mean = torch.tensor(data.MEAN, dtype=torch.float32, device=device)
+    std = torch.tensor(data.STD, dtype=torch.float32, device=device)
+    gpu = [i for i, r in enumerate(raws) if gpu_decode.cpu_decode_reason(r) is None]
+    tensors = [torch.frombuffer(bytearray(raws[i]), dtype=torch.uint8) for i in gpu]
+    decoded = dict(zip(gpu, torchvision.io.decode_jpeg(tensors, mode=torchvision.io.ImageReadMode.RGB,
+                                                       device=device)))
+    rows = [None] * len(raws)
+    groups = collections.defaultdict(list)
+    for i, img in decoded.items():
+        groups[tuple(img.shape[-2:])].append(i)
+    for idx in groups.values():
+        imgs = TF.resize(torch.stack([decoded[i] for i in idx]), [256],
+                         interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        out = data.normalize_uint8(TF.center_crop(imgs, [224, 224]), mean, std)
+        for j, i in enumerate(idx):
+            rows[i] = out[j]
+    for i, raw in enumerate(raws):
+        if rows[i] is None:
+            with Image.open(io.BytesIO(raw)) as im:
+                rows[i] = cpu_transform(im.convert("RGB")).to(device)
+    return torch.stack(rows), labels.to(device)
+
+
+def pipelined(ds, batches, jpegs, device):
+    raw = gpu_decode.RawImageFolder(ds)
+    decoder = gpu_decode.GpuDecoder(device, ds.transform, jpegs)
+    loader = data.make_loader(raw, batches, 2, device, "keep")
+    out = []
+    with overlap.Prefetch(loader, decoder.decode_batch, overlap.streams_for(device)) as source:
+        for images, labels, ok in source:
+            out.append((images.clone(), labels.clone(), ok))  # cloned on the consumer's stream
+    torch.cuda.synchronize(device)
+    return out
+
+
+@cuda_only
+def test_cuda_pipelined_nvjpeg_equals_the_former_gpu_decode(clean_root):
+    device = torch.device("cuda", 0)
+    ds = data.image_folder(clean_root, "train")
+    batches = batches_of(ds, 4)
+    got = pipelined(ds, batches, gpu_decode.TorchvisionJpegs(device), device)
+    raw = gpu_decode.RawImageFolder(ds)
+    assert len(got) == len(batches)
+    for (x, y, ok), b in zip(got, batches):
+        items = [raw[i] for i in b]
+        ex, ey = former_gpu_decode([r for r, _ in items], torch.tensor([t for _, t in items]), device, ds.transform)
+        assert torch.equal(x, ex) and torch.equal(y, ey) and ok.all()
+
+
+@cuda_only
+def test_cuda_pipelined_nvimgcodec_equals_its_sequential_calls(clean_root):
+    if not gpu_decode.nvimgcodec_available():
+        pytest.skip("nvidia-nvimgcodec is not installed")
+    device = torch.device("cuda", 0)
+    ds = data.image_folder(clean_root, "train")
+    batches = batches_of(ds, 4)
+    lines = []
+    jpegs = gpu_decode.choose_jpegs(device, "nvimgcodec", lines.append)
+    assert jpegs.name == "nvimgcodec" and len(lines) == 1 and "nvImageCodec" in lines[0], lines
+    got = pipelined(ds, batches, jpegs, device)
+    decoder = gpu_decode.GpuDecoder(device, ds.transform, jpegs)
+    raw = gpu_decode.RawImageFolder(ds)
+    nvjpeg = gpu_decode.GpuDecoder(device, ds.transform)
+    for (x, y, ok), b in zip(got, batches):
+        batch = ([raw[i][0] for i in b], torch.tensor([raw[i][1] for i in b]))
+        ex, ey = decoder(batch)
+        assert torch.equal(x, ex) and torch.equal(y, ey) and ok.all()
+        diff = (x - nvjpeg(batch)[0]).abs()  # two decoders: a few grey levels apart
+        assert float(diff.mean()) < 1.5 * LEVEL and float(diff.max()) < 40 * LEVEL
+
+
+@cuda_only
+def test_cuda_stage1_pipelined_store_equals_sequential_store(clean_root, tmp_path, monkeypatch):
+    from tests.tiny_models import tiny_resnet
+    from utils import models
+    device = torch.device("cuda", 0)
+    torch.manual_seed(0)
+    model = tiny_resnet().eval()
+    _, conv = models.resolve_layer(model, "last_conv")
+    ds = data.image_folder(clean_root, "train")
+
+    def run(folder):
+        decoder = gpu_decode.GpuDecoder(device, ds.transform)
+        info = dict(store.fingerprint("tiny", "none", models.weights_sha256(model), "conv",
+                                      models.layer_geometry(conv), data.dataset_summary(ds),
+                                      data.TRANSFORM_DESCRIPTION),
+                    autocast=None, decode="gpu", numerics=importances.numerics(device, None, decoder.name, False, True))
+        importances.run_stage1(model, conv, gpu_decode.RawImageFolder(ds), folder, info, 4, device, 2, None,
+                               gpu_decoder=decoder, deterministic=True, log=lambda *a: None)
+        return {n: np.load(os.path.join(folder, n + ".npy")) for n in store.ARRAYS}
+
+    piped = run(str(tmp_path / "piped"))
+    monkeypatch.setattr(overlap, "Prefetch", lambda loader, prepare, streams, depth=2: (prepare(b) for b in loader))
+    seq = run(str(tmp_path / "seq"))
+    for name in store.ARRAYS:
+        assert piped[name].tobytes() == seq[name].tobytes(), name
+    assert (piped["predictions"] >= 0).all()

@@ -333,13 +333,14 @@ def _probe(jpegs):
 
 def choose_jpegs(device, decoder="auto", log=print):
     """The batched JPEG decoder for ``device`` (CUDA): nvImageCodec when ``decoder`` is 'nvimgcodec', or
-    'auto' and the package is installed and works; else torchvision's nvJPEG. None (with one line saying
-    why) when neither works. Says which decoder it chose in one line."""
+    'auto' and the package is installed and works; else torchvision's nvJPEG; None when neither works.
+    Says in one line which decoder it chose (and why not nvImageCodec, when it was installed or asked for)."""
     dev = torch.device(device)
+    why = ""
     if decoder in ("auto", "nvimgcodec"):
-        why = None
         if not nvimgcodec_available():
-            why = "the package nvidia-nvimgcodec is not installed (requirements-gpu.txt)"
+            if decoder == "nvimgcodec":
+                why = "nvImageCodec is not installed (requirements-gpu.txt); "
         else:
             try:
                 jpegs = NvImageCodecJpegs(dev)
@@ -348,18 +349,15 @@ def choose_jpegs(device, decoder="auto", log=print):
                     f"(its hardware decoder where the card has one)")
                 return jpegs
             except Exception as e:  # noqa: BLE001 -- any failure at setup: torchvision's decoder instead
-                why = f"nvImageCodec did not work ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
-        if decoder == "nvimgcodec":
-            log(f"--gpu_decoder nvimgcodec: {why}; using torchvision's nvJPEG")
-        elif why and "not installed" not in why:
-            log(f"--gpu_decode: {why}; using torchvision's nvJPEG")
+                first = str(e).splitlines()[0][:120] if str(e) else ""
+                why = f"nvImageCodec did not work ({type(e).__name__}: {first}); "
     try:  # torchvision built without nvJPEG raises here
         jpegs = TorchvisionJpegs(dev)
         _probe(jpegs)
     except Exception as e:  # noqa: BLE001 -- any failure means: decode on the CPU
-        log(f"--gpu_decode: torchvision cannot decode JPEGs on {dev} ({type(e).__name__}); decoding on the CPU")
+        log(f"--gpu_decode: {why}torchvision cannot decode JPEGs on {dev} ({type(e).__name__}); decoding on the CPU")
         return None
-    log(f"--gpu_decode: decoding JPEGs with torchvision's nvJPEG on {dev}")
+    log(f"--gpu_decode: {why}decoding JPEGs with torchvision's nvJPEG on {dev}")
     return jpegs
 
 
