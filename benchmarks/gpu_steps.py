@@ -293,12 +293,12 @@ def featurevis_step(args):
     from utils import featurevis as fv
     device = torch.device("cuda", 0) if cuda() else torch.device("cpu")
     torch.manual_seed(0)
-    model = torchvision.models.resnet50(weights=None).eval().to(device)
+    model = torchvision.models.resnet50(weights=None).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     conv = model.get_submodule("layer4.2.conv3")
-    sd = bf.synthetic_checkpoint(conv.cpu(), bf.CHANNEL)
-    conv.to(device)
+    sd = bf.synthetic_checkpoint(conv, bf.CHANNEL)  # on the CPU, before the model moves
+    model.to(device)
     w, b, names = fv.target_filters(conv, bf.CHANNEL, sd)
     m, q = bf.spectrum(args.size)
     fv.visualize(model, conv, w, b, m, q, args.size, min(2, args.steps), args.crops, 0, device=device,

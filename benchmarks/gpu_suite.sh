@@ -98,7 +98,8 @@ if ls .whl/*.whl > /dev/null 2>&1; then
   t0=$(date +%s)
   if timeout 120 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
        --target "$SITE" .whl/*.whl >> "$LOG" 2>&1; then
-    rm -f "$SITE/nvidia/__init__.py"  # keep 'nvidia' a namespace package (torch's CUDA libraries live there too)
+    # 'nvidia' also holds the CUDA libraries of the installed torch: one package spanning both folders
+    echo "__path__ = __import__('pkgutil').extend_path(__path__, __name__)" > "$SITE/nvidia/__init__.py"
     export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
     add_row "install .whl" "installed: $(cd .whl && ls *.whl | cut -d- -f1,2 | tr '\n' ' ')" "$(( $(date +%s) - t0 ))"
   else
@@ -117,7 +118,7 @@ fi
 
 if want tests; then
   if [ "$HAS_CUDA" = 1 ]; then
-    step "CUDA tests" 200 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_gpu_path.py tests/test_gpu_pipeline.py tests/test_devices.py
+    step "CUDA tests" 150 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_gpu_path.py tests/test_gpu_pipeline.py tests/test_devices.py
   else
     add_row "CUDA tests" "skipped: no CUDA" ""
   fi

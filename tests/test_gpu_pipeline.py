@@ -445,3 +445,39 @@ def test_cuda_stage1_pipelined_store_equals_sequential_store(clean_root, tmp_pat
     for name in store.ARRAYS:
         assert piped[name].tobytes() == seq[name].tobytes(), name
     assert (piped["predictions"] >= 0).all()
+
+
+# ------------------------------------------------------------------ which GPU decoder (mocked: no CUDA here)
+
+class FakeJpegs:
+    def __init__(self, device, name="nvjpeg", fail=None):
+        if fail:
+            raise fail
+        self.device, self.name, self.version = device, name, "0.0"
+
+
+@pytest.mark.parametrize("installed, nv_fails, asked, chosen, words", [
+    (True, None, "auto", "nvimgcodec", ("nvImageCodec 0.0",)),
+    (False, None, "auto", "nvjpeg", ("torchvision's nvJPEG",)),
+    (True, RuntimeError("no hardware decoder\nmore"), "auto", "nvjpeg",
+     ("nvImageCodec did not work (RuntimeError: no hardware decoder)", "torchvision's nvJPEG")),
+    (False, None, "nvimgcodec", "nvjpeg", ("nvImageCodec is not installed", "torchvision's nvJPEG")),
+    (True, None, "nvjpeg", "nvjpeg", ("torchvision's nvJPEG",)),
+])
+def test_choose_jpegs_says_in_one_line_which_decoder(monkeypatch, installed, nv_fails, asked, chosen, words):
+    monkeypatch.setattr(gpu_decode, "nvimgcodec_available", lambda: installed)
+    monkeypatch.setattr(gpu_decode, "NvImageCodecJpegs", lambda d: FakeJpegs(d, "nvimgcodec", nv_fails))
+    monkeypatch.setattr(gpu_decode, "TorchvisionJpegs", lambda d: FakeJpegs(d))
+    monkeypatch.setattr(gpu_decode, "_probe", lambda jpegs: None)
+    lines = []
+    jpegs = gpu_decode.choose_jpegs(torch.device("cuda", 1), asked, lines.append)
+    assert jpegs.name == chosen and jpegs.device == torch.device("cuda", 1)
+    assert len(lines) == 1 and all(w in lines[0] for w in words) and "cuda:1" in lines[0], lines
+
+
+def test_choose_jpegs_without_any_gpu_decoder_says_cpu(monkeypatch):
+    monkeypatch.setattr(gpu_decode, "nvimgcodec_available", lambda: False)
+    monkeypatch.setattr(gpu_decode, "TorchvisionJpegs", lambda d: FakeJpegs(d, fail=RuntimeError("no nvjpeg")))
+    lines = []
+    assert gpu_decode.choose_jpegs(torch.device("cuda", 0), "auto", lines.append) is None
+    assert len(lines) == 1 and "decoding on the CPU" in lines[0]

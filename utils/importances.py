@@ -10,7 +10,8 @@ same file, so nothing depends on how a shared file system flushes partial pages.
 Per batch: images go to the device, one forward pass with the head-only backward gives A, the
 predictions and P (see attribution.py); on CUDA the three results are copied back into pinned
 host memory asynchronously and written only after the copy's event has completed, while the next
-batch already computes.
+batch already computes. With a GPU decoder (``--gpu_decode``) a background thread decodes batch b + 1 on
+a side stream meanwhile (overlap.py).
 """
 import math
 import os
@@ -334,10 +335,10 @@ def run_stage1(model, conv, ds, folder, info, batch_size, device, num_workers, c
                desc="stage 1" + (f" rank {rank}" if size > 1 else ""), dynamic_ncols=True)
     start = time.time()
     source = loader
-    if gpu_decoder is not None and batches:
-        source = overlap.Prefetch(loader, _decode_with_flags(gpu_decoder), overlap.streams_for(device))
     try:
         with deterministic_algorithms(device, deterministic):
+            if gpu_decoder is not None and batches:  # decoding of batch b + 1 overlaps batch b's compute
+                source = overlap.Prefetch(loader, _decode_with_flags(gpu_decoder), overlap.streams_for(device))
             clock = _compute(batches, source, gpu_decoder, device, uint8_images, mean_std, ds, skip_unreadable,
                              loader, channels_last, model, conv, autocast_dtype, pinned, chunks, bar,
                              (c_out, c_in, kh, kw))
