@@ -175,7 +175,8 @@ def read_store(work, store):
 def stage1_step(args):
     from utils import gpu_decode
     s = settings(args.work)
-    name = f"stage 1 {args.decoder} decoding, {'bfloat16' if args.precision == 'bf16' else 'TF32'}"
+    name = (f"stage 1 {args.decoder} decoding{' --fast_resize' if args.fast_resize else ''}, "
+            f"{'bfloat16' if args.precision == 'bf16' else 'TF32'}")
     if args.decoder != "cpu" and not s["cuda"]:
         return row(name, "skipped: no CUDA")
     if args.decoder == "nvimgcodec" and not gpu_decode.nvimgcodec_available():
@@ -183,7 +184,9 @@ def stage1_step(args):
     flags = ["--channels_last"] + (["--autocast_bf16"] if args.precision == "bf16" else ["--tf32"])
     if args.decoder != "cpu":
         flags += ["--gpu_decode", "--gpu_decoder", args.decoder]
-    store = f"s_{args.decoder}_{args.precision}"
+    if args.fast_resize:
+        flags += ["--fast_resize"]
+    store = f"s_{args.decoder}_{args.precision}{'_fast' if args.fast_resize else ''}"
     ok, out = run_stage1(stage1_cmd(args.work, "big", store, "cuda" if s["cuda"] else "cpu", *flags))
     if not ok:
         return row(name, f"FAILED: {last_error(out)}")
@@ -330,6 +333,7 @@ def main():
     a = sub.add_parser("stage1")
     a.add_argument("--decoder", choices=("cpu", "nvjpeg", "nvimgcodec"), required=True)
     a.add_argument("--precision", choices=("tf32", "bf16"), required=True)
+    a.add_argument("--fast_resize", action="store_true")
     sub.add_parser("compare")
     sub.add_parser("deterministic")
     sub.add_parser("torchrun")

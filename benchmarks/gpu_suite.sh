@@ -8,7 +8,7 @@
 # starting steps after SUITE_SECONDS, default 480): install the wheels in .whl/ if there are any
 # (nvImageCodec), generate ImageNet-sized JPEGs, the CUDA tests, the model step alone (float32, TF32,
 # bfloat16), the whole stage 1 with each decoder (CPU workers, torchvision nvJPEG, nvImageCodec) with
-# --tf32 --channels_last and with --autocast_bf16, a CUDA store against a CPU store of the same images,
+# --tf32 --channels_last and with --autocast_bf16 (and CPU workers with --fast_resize), a CUDA store against a CPU store of the same images,
 # two --deterministic runs (and two default runs), torchrun with one process against a plain run, and
 # the paper-size feature visualization (S=512, 256 steps, 32 crops, 3 targets).
 # Environment: PYTHON (default python3, or .venv/bin/python where it exists), OUT (a folder: the table
@@ -145,6 +145,10 @@ for dec in nvimgcodec nvjpeg cpu; do
     step "stage 1 $dec $prec" 90 $STEPS stage1 "$WORK" --decoder "$dec" --precision "$prec"
   done
 done
+
+if want stage1 && [ "$SMALL" != 1 ]; then
+  step "stage 1 cpu --fast_resize tf32" 90 $STEPS stage1 "$WORK" --decoder cpu --precision tf32 --fast_resize
+fi
 
 want compare && step "store vs CPU store" 120 $STEPS compare "$WORK"
 want deterministic && step "deterministic" 120 $STEPS deterministic "$WORK"
