@@ -4,9 +4,12 @@ Example (the paper):
   python get_importances_for_classes.py --data_dir /data/imagenet --store_dir /data/store --model resnet50
 Several GPUs: torchrun --nproc_per_node=8 get_importances_for_classes.py ... (same flags).
 """
+import os
+
 import torch
 
 from utils import cli, context, data, distributed, importances, store
+from utils.gpu_decode import DECODERS
 
 
 def build_parser():
@@ -19,7 +22,20 @@ def build_parser():
                    help="run the model under bfloat16 autocast (faster on GPU; changes attributions slightly)")
     p.add_argument("--channels_last", action="store_true", help="channels_last memory format (GPU)")
     p.add_argument("--gpu_decode", action="store_true",
-                   help="decode JPEGs on the GPU with torchvision.io.decode_jpeg (falls back to CPU without CUDA)")
+                   help="decode JPEGs on the GPU: nvImageCodec (its hardware decoder on A100/H100/H200) when the "
+                        "optional package is installed (requirements-gpu.txt), else torchvision.io.decode_jpeg "
+                        "(nvJPEG); falls back to CPU decoding without CUDA. The store records the decoder")
+    p.add_argument("--gpu_decoder", choices=("auto",) + DECODERS, default="auto",
+                   help="with --gpu_decode: which GPU JPEG decoder (default auto: nvimgcodec if installed, "
+                        "else nvjpeg)")
+    p.add_argument("--fast_resize", action="store_true",
+                   help="CPU decoding: reduced-size JPEG decoding for images at least twice the resize "
+                        "target, and a resize of the center crop's region only (faster; moves a few pixels "
+                        "by a grey level or more, recorded in the store's numerics; see utils/cpu_decode.py)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms (cuDNN deterministic, no benchmark mode): on one card a "
+                        "resumed or torchrun store equals a single run byte for byte; slower. Recorded in "
+                        "the store's numerics, so a resume needs it too")
     p.add_argument("--cpu_threads", type=int, default=None,
                    help="intra-op threads of each process when the model runs on the CPU (default: torch's "
                         "own count, 1 per process under torchrun; a resumed store keeps the count it "
@@ -45,6 +61,8 @@ def main(args):
         return context.list_layers(args)
     cli.require(args, "data_dir", "store_dir")
     rank = distributed.world()[0]
+    if args.deterministic:  # read by cuBLAS when it first starts: before anything runs on the card
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     # the device (under torchrun: the card of LOCAL_RANK) is chosen and made current in context.setup
     ctx = context.setup(args, split="train", defer_class_error=True)
     distributed.init(ctx.device)
@@ -70,16 +88,26 @@ def main(args):
         torch.backends.cuda.matmul.fp32_precision = precision
     decoder = None
     decode = "cpu"
+    say = print if rank == 0 else (lambda *a: None)
     if args.gpu_decode:
         from utils import gpu_decode
-        decoder, ds = gpu_decode.setup(ctx.dataset, ctx.device, log=print if rank == 0 else (lambda *a: None),
-                                       transform=ctx.transform)
+        decoder, ds = gpu_decode.setup(ctx.dataset, ctx.device, log=say, decoder=args.gpu_decoder,
+                                       resize=ctx.transform.resize, crop=ctx.transform.crop,
+                                       mean=ctx.transform.mean, std=ctx.transform.std)
         if decoder is not None:
             ctx.dataset, decode = ds, "gpu"
-    if decoder is None:  # workers send uint8 images, normalized on the device (bit-identical inputs)
+    fast_resize = args.fast_resize and decoder is None
+    if args.fast_resize and not fast_resize:
+        say("--fast_resize: not used with --gpu_decode (the GPU resizes)")
+    if fast_resize:  # workers send uint8 images decoded at reduced size where possible
+        from utils import cpu_decode
+        cpu_decode.use_fast_resize(ctx.dataset, ctx.transform.resize, ctx.transform.crop)
+    elif decoder is None:  # workers send uint8 images, normalized on the device (bit-identical inputs)
         ctx.dataset.transform = data.eval_transform_uint8(ctx.transform)
-    info = dict(ctx.fingerprint, input_transform=ctx.transform.record(), autocast="bfloat16" if args.autocast_bf16 else None, decode=decode,
-                numerics=importances.numerics(ctx.device, cpu_threads))
+    info = dict(ctx.fingerprint, input_transform=ctx.transform.record(),
+                autocast="bfloat16" if args.autocast_bf16 else None, decode=decode,
+                numerics=importances.numerics(ctx.device, cpu_threads, decoder.name if decoder else None,
+                                              fast_resize, args.deterministic))
     if ctx.class_error is not None:  # a store of other settings in the folder is the first thing to say
         old = store.Store.peek(folder)
         diff = old is not None and store.describe_mismatch(old, info, store.MATCH_KEYS)
@@ -92,8 +120,8 @@ def main(args):
                            autocast_dtype=torch.bfloat16 if args.autocast_bf16 else None,
                            channels_last=args.channels_last, gpu_decoder=decoder,
                            skip_unreadable=args.skip_unreadable, allow_mixed_numerics=args.allow_mixed_numerics,
-                           uint8_images=decoder is None, mean=ctx.transform.mean, std=ctx.transform.std,
-                           class_outputs=ctx.class_outputs)
+                           uint8_images=decoder is None, deterministic=args.deterministic,
+                           mean=ctx.transform.mean, std=ctx.transform.std, class_outputs=ctx.class_outputs)
     distributed.close()
 
 

@@ -218,6 +218,8 @@ class CheckedLoader:
         self.skipped = []
         pin = torch.device(device).type == "cuda"
         kwargs = {"persistent_workers": True, "prefetch_factor": 4} if num_workers > 0 else {}
+        if getattr(ds, "collate", None) is not None:  # a dataset may pack its batches itself (gpu_decode)
+            kwargs["collate_fn"] = ds.collate
         self.loader = DataLoader(ds, batch_sampler=batches, num_workers=num_workers, pin_memory=pin, **kwargs)
 
     def __len__(self):

@@ -10,16 +10,18 @@ same file, so nothing depends on how a shared file system flushes partial pages.
 Per batch: images go to the device, one forward pass with the head-only backward gives A, the
 predictions and P (see attribution.py); on CUDA the three results are copied back into pinned
 host memory asynchronously and written only after the copy's event has completed, while the next
-batch already computes.
+batch already computes. With a GPU decoder (``--gpu_decode``) a background thread decodes batch b + 1 on
+a side stream meanwhile (overlap.py).
 """
 import math
+import os
 import time
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import attribution, data, distributed
+from . import attribution, data, distributed, overlap
 from .cli import UserError
 from .store import COMPLETE_KEYS, RESUME_KEYS, UNREADABLE_PREDICTION, Store, describe_mismatch
 
@@ -41,18 +43,60 @@ def default_chunk_size(batch_size, target=2048):
     return batch_size * max(1, target // batch_size)
 
 
-def numerics(device, cpu_threads=None):
+def numerics(device, cpu_threads=None, decoder=None, fast_resize=False, deterministic=False):
     """What changes stage 1's floating-point results besides the model and the data (for the manifest).
 
     CPU: the number of intra-op threads (oneDNN rounds differently with one thread than with several).
     CUDA: the GPU model and the float32 precision of convolutions and matrix products (TF32 or IEEE).
+    Recorded only when used (a store without them has none of these keys): ``decoder``, the GPU JPEG
+    decoder ('nvjpeg' or 'nvimgcodec', they differ in a few grey levels); ``fast_resize`` (reduced-size
+    JPEG decoding and a resize of the cropped region only, see cpu_decode.py); ``deterministic``
+    (deterministic algorithms, no cuDNN benchmark mode).
     """
     dev = torch.device(device)
     if dev.type == "cuda":
-        return {"device": "cuda", "gpu": torch.cuda.get_device_name(dev),
-                "conv_fp32": torch.backends.cudnn.conv.fp32_precision,
-                "matmul_fp32": torch.backends.cuda.matmul.fp32_precision}
-    return {"device": dev.type, "cpu_threads": int(cpu_threads or torch.get_num_threads())}
+        out = {"device": "cuda", "gpu": torch.cuda.get_device_name(dev),
+               "conv_fp32": torch.backends.cudnn.conv.fp32_precision,
+               "matmul_fp32": torch.backends.cuda.matmul.fp32_precision}
+    else:
+        out = {"device": dev.type, "cpu_threads": int(cpu_threads or torch.get_num_threads())}
+    if decoder:
+        out["decoder"] = decoder
+    if fast_resize:
+        out["fast_resize"] = True
+    if deterministic:
+        out["deterministic"] = True
+    return out
+
+
+class deterministic_algorithms:
+    """Context: deterministic algorithms for the enclosed stage (cuDNN deterministic, no benchmark mode,
+    ``torch.use_deterministic_algorithms(True, warn_only=True)``: ops without a deterministic version
+    (stage 1's backward through adaptive average pooling and ``gather``, deterministic for these shapes)
+    warn instead of failing); the previous settings come back at the end. ``on=False``: cuDNN's benchmark
+    mode on CUDA (the default: the fastest algorithms for the one input size)."""
+
+    def __init__(self, device, on=True):
+        self.cuda = torch.device(device).type == "cuda"
+        self.on = on
+
+    def __enter__(self):
+        self.saved = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+                      torch.are_deterministic_algorithms_enabled(),
+                      torch.is_deterministic_algorithms_warn_only_enabled())
+        if self.on:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cudnn.benchmark = False
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        elif self.cuda:
+            torch.backends.cudnn.benchmark = True  # one input size throughout
+        return self
+
+    def __exit__(self, *exc):
+        det, bench, algos, warn_only = self.saved
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = det, bench
+        torch.use_deterministic_algorithms(algos, warn_only=warn_only)
 
 
 class _HostCopy:
@@ -125,16 +169,92 @@ def _batch_rows(ok, results, rows, targets):
     return {"attributions": full_A, "targets": targets, "predictions": full_pred, "patch_sums": full_P}
 
 
+def _decode_with_flags(gpu_decoder):
+    """``batch -> (images, labels, ok)`` for a decoder with ``decode_batch``, else from its ``(images, labels)``
+    (``ok`` then read from the device)."""
+    if hasattr(gpu_decoder, "decode_batch"):
+        return gpu_decoder.decode_batch
+
+    def decode(batch):
+        images, labels = gpu_decoder(batch)
+        return images, labels, (labels != data.UNREADABLE).cpu().numpy()
+    return decode
+
+
+def _compute(batches, source, gpu_decoder, device, uint8_images, mean_std, ds, skip_unreadable, loader,
+             channels_last, model, conv, autocast_dtype, pinned, chunks, bar, shape, outputs=None):
+    """The per-batch loop of ``run_stage1``: images to the device, stage1_batch, results into ``chunks``.
+    The results of batch b are written while batch b + 1 computes (their copy to the host is awaited then).
+    ``outputs``: (K,) int64 output index of each class folder, or None (folder y is output y)."""
+    c_out, c_in, kh, kw = shape
+    pending = None  # (rows, ok, targets, _HostCopy) of the previous batch, written once its copy is done
+    clock = []  # (time, rows written so far) after each write
+
+    def write(p):
+        rows, ok, targets, copy = p
+        chunks.add(rows, _batch_rows(ok, copy.numpy(), rows, targets))
+        bar.update(len(rows))
+        clock.append((time.time(), (clock[-1][1] if clock else 0) + len(rows)))
+
+    for b, (rows, batch) in enumerate(zip(batches, source)):
+        if gpu_decoder is not None:
+            images, labels, ok = batch
+        else:
+            images, labels = batch
+            ok = (labels != data.UNREADABLE).numpy()  # read on the host: no device sync
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            if uint8_images:
+                images = data.normalize_uint8(images, *mean_std)
+        targets = np.asarray([ds.targets[r] for r in rows], dtype=np.int64)
+        if outputs is not None:  # the model's output index of each folder: the logit and the stored target
+            targets = outputs.numpy()[targets]
+            labels = torch.where(labels == data.UNREADABLE, labels, outputs.to(labels.device)[labels.clamp(min=0)])
+        if not ok.all():
+            if not skip_unreadable:
+                if pending is not None:
+                    write(pending)  # keep every finished chunk
+                raise loader.error(rows[int(np.flatnonzero(~ok)[0])])
+            keep = torch.from_numpy(ok).to(images.device)
+            images, labels = images[keep], labels[keep]
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if len(labels):
+            results = stage1_batch(model, conv, images, labels, autocast_dtype)
+        else:  # every image of the batch unreadable
+            results = (torch.zeros((0, c_out), dtype=torch.float16), torch.zeros(0, dtype=torch.int64),
+                       torch.zeros((0, c_in, kh, kw)))
+        copy = _HostCopy(results, pinned[b % 2])
+        if pending is not None:
+            write(pending)
+        pending = (rows, ok, targets, copy)
+    if pending is not None:
+        write(pending)
+    return clock
+
+
+def steady_rate(clock):
+    """Images/s between the first and the last batch written (without the start-up: workers, first
+    kernels), or None with fewer than three batches. clock: [(time, rows written so far)] per batch."""
+    if len(clock) < 3 or clock[-1][0] <= clock[0][0]:
+        return None
+    return (clock[-1][1] - clock[0][1]) / (clock[-1][0] - clock[0][0])
+
+
 def run_stage1(model, conv, ds, folder, info, batch_size, device, num_workers, chunk_size,
                autocast_dtype=None, channels_last=False, gpu_decoder=None, skip_unreadable=False,
-               allow_mixed_numerics=False, uint8_images=False, log=print, mean=data.MEAN, std=data.STD,
-               class_outputs=None):
+               allow_mixed_numerics=False, uint8_images=False, deterministic=False, log=print, mean=data.MEAN,
+               std=data.STD, class_outputs=None):
     """Fill (or finish) the store at ``folder``. Returns the Store.
 
     ``info``: the store fingerprint (see store.fingerprint) plus autocast/decode settings and ``numerics``.
     ``chunk_size``: rows per resumable chunk; None keeps an existing store's, else default_chunk_size.
     ``gpu_decoder``: optional callable turning a loader batch into (images, labels) on the device
-    (labels UNREADABLE where a file could not be decoded).
+    (labels UNREADABLE where a file could not be decoded); batch b + 1 is decoded in a background thread
+    (on CUDA on a side stream) while batch b computes (overlap.Prefetch), with ``gpu_decoder.decode_batch``
+    where it has one (it also says which images are readable without waiting for the device).
+    ``deterministic``: deterministic algorithms (see ``deterministic_algorithms``) instead of cuDNN's
+    benchmark mode.
     ``uint8_images``: the dataset yields uint8 images (``data.eval_transform_uint8``), normalized on the
     device with ``data.normalize_uint8`` (bit-identical to the float transform, a quarter of the bytes).
     ``skip_unreadable``: store an unreadable image as a row of zeros with prediction -1 (its file name goes
@@ -211,8 +331,6 @@ def run_stage1(model, conv, ds, folder, info, batch_size, device, num_workers, c
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if torch.device(device).type == "cuda":
-        torch.backends.cudnn.benchmark = True  # one input size throughout
     hint = (": replace or remove the file, or pass --skip_unreadable to record it as unreadable and go on "
             "(finished chunks are kept: rerun to resume)")
     images_todo = sum(len(b) for b in batches)
@@ -225,50 +343,17 @@ def run_stage1(model, conv, ds, folder, info, batch_size, device, num_workers, c
     bar = tqdm(total=images_todo, unit="img", unit_scale=True, smoothing=0.05, disable=(rank != 0 and size > 1),
                desc="stage 1" + (f" rank {rank}" if size > 1 else ""), dynamic_ncols=True)
     start = time.time()
-    pending = None  # (rows, ok, targets, _HostCopy) of the previous batch, written once its copy is done
-
-    def write(p):
-        rows, ok, targets, copy = p
-        chunks.add(rows, _batch_rows(ok, copy.numpy(), rows, targets))
-        bar.update(len(rows))
-
+    source = loader
     try:
-        for b, (rows, batch) in enumerate(zip(batches, loader)):
-            if gpu_decoder is not None:
-                images, labels = gpu_decoder(batch)
-                ok = (labels != data.UNREADABLE).cpu().numpy()
-            else:
-                images, labels = batch
-                ok = (labels != data.UNREADABLE).numpy()  # read on the host: no device sync
-                images = images.to(device, non_blocking=True)
-                labels = labels.to(device, non_blocking=True)
-                if uint8_images:
-                    images = data.normalize_uint8(images, *mean_std)
-            targets = np.asarray([ds.targets[r] for r in rows], dtype=np.int64)
-            if outputs is not None:  # the model's output index of each folder: the logit and the stored target
-                targets = outputs.numpy()[targets]
-                labels = torch.where(labels == data.UNREADABLE, labels, outputs.to(labels.device)[labels.clamp(min=0)])
-            if not ok.all():
-                if not skip_unreadable:
-                    if pending is not None:
-                        write(pending)  # keep every finished chunk
-                    raise loader.error(rows[int(np.flatnonzero(~ok)[0])])
-                keep = torch.from_numpy(ok).to(images.device)
-                images, labels = images[keep], labels[keep]
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            if len(labels):
-                results = stage1_batch(model, conv, images, labels, autocast_dtype)
-            else:  # every image of the batch unreadable
-                results = (torch.zeros((0, c_out), dtype=torch.float16), torch.zeros(0, dtype=torch.int64),
-                           torch.zeros((0, c_in, kh, kw)))
-            copy = _HostCopy(results, pinned[b % 2])
-            if pending is not None:
-                write(pending)
-            pending = (rows, ok, targets, copy)
-        if pending is not None:
-            write(pending)
+        with deterministic_algorithms(device, deterministic):
+            if gpu_decoder is not None and batches:  # decoding of batch b + 1 overlaps batch b's compute
+                source = overlap.Prefetch(loader, _decode_with_flags(gpu_decoder), overlap.streams_for(device))
+            clock = _compute(batches, source, gpu_decoder, device, uint8_images, mean_std, ds, skip_unreadable,
+                             loader, channels_last, model, conv, autocast_dtype, pinned, chunks, bar,
+                             (c_out, c_in, kh, kw), outputs)
     finally:
+        if source is not loader:
+            source.close()  # stops the decoding thread
         bar.close()  # the bar's line ends before any error message
     if chunks.open:
         raise RuntimeError(f"chunks {sorted(chunks.open)} were left incomplete")
@@ -288,7 +373,9 @@ def run_stage1(model, conv, ds, folder, info, batch_size, device, num_workers, c
         store.finish(num_chunks, [data.relative_name(ds, int(r)) for r in bad_rows])
         secs = time.time() - start
         if images_all:
-            log(f"done: {images_all} images in {secs:.1f} s ({images_all / max(secs, 1e-9):.1f} images/s)")
+            steady = steady_rate(clock) if size == 1 else None
+            log(f"done: {images_all} images in {secs:.1f} s ({images_all / max(secs, 1e-9):.1f} images/s"
+                + (f"; {steady:.1f} images/s after the first batch" if steady else "") + ")")
         if len(bad_rows):
             log(f"{len(bad_rows)} unreadable images recorded as invalid rows (prediction -1; file names in "
                 f"the manifest's 'unreadable'): " + ", ".join(store.manifest["unreadable"][:5])

@@ -293,9 +293,15 @@ def describe_numerics(n):
     if not n:
         return "unrecorded numerics"
     if n.get("device") == "cuda":
-        return (f"CUDA on {n.get('gpu')} (conv float32 precision {n.get('conv_fp32')}, matmul "
+        text = (f"CUDA on {n.get('gpu')} (conv float32 precision {n.get('conv_fp32')}, matmul "
                 f"{n.get('matmul_fp32')})")
-    return f"CPU with {n.get('cpu_threads')} threads (--cpu_threads {n.get('cpu_threads')})"
+    else:
+        text = f"CPU with {n.get('cpu_threads')} threads (--cpu_threads {n.get('cpu_threads')})"
+    extras = [f"GPU JPEG decoder {n['decoder']}" if n.get("decoder") else None,
+              "--fast_resize" if n.get("fast_resize") else None,
+              "--deterministic" if n.get("deterministic") else None]
+    extras = [e for e in extras if e]
+    return text + (", " + ", ".join(extras) if extras else "")
 
 
 class RowWriter:
