@@ -36,6 +36,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+from utils import classmap  # noqa: E402
 
 LAYER = "layer4.2.conv3"
 # Stage 2: with random weights the attributions are spread thinly over the 2048 channels (no channel
@@ -188,7 +189,7 @@ def make_images(workdir, seed=0):
     width, height = image_size()
     for split, n in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
         for c in range(CLASSES):
-            d = os.path.join(tmp, split, f"class{c}")
+            d = os.path.join(tmp, split, classmap.imagenet_wnids()[c])
             os.makedirs(d, exist_ok=True)
             tint = rng.random(3)
             for i in range(n):

@@ -9,6 +9,7 @@ Image i depends only on (seed, i), so any number of processes writes the same fi
 import argparse
 import multiprocessing
 import os
+import sys
 import time
 
 import numpy as np
@@ -26,10 +27,20 @@ def jpeg_image(i, seed=0, size=(WIDTH, HEIGHT)):
     return Image.fromarray(np.clip(smooth + noise, 0, 255).astype(np.uint8))
 
 
+def class_folder(c):
+    """Folder name of class ``c``: the c-th ImageNet WordNet id, so that a 1000-output ImageNet model maps
+    folder c to its output c (utils/classmap.py) and the labels are the folder indices, as before."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from utils.classmap import imagenet_wnids
+    return imagenet_wnids()[c]
+
+
 def _write(job):
     root, lo, hi, classes, seed, size = job
     for i in range(lo, hi):
-        d = os.path.join(root, "train", f"class{i % classes:02d}")
+        d = os.path.join(root, "train", class_folder(i % classes))
         jpeg_image(i, seed, size).save(os.path.join(d, f"{i:06d}.jpg"), quality=90)
     return hi - lo
 
@@ -38,7 +49,7 @@ def write_jpegs(root, n, classes=10, processes=1, seed=0, size=(WIDTH, HEIGHT)):
     """Write ``n`` JPEGs of ``size`` (w, h) under ``root/train`` (``classes`` class folders) with
     ``processes`` processes."""
     for c in range(min(classes, n)):
-        os.makedirs(os.path.join(root, "train", f"class{c:02d}"), exist_ok=True)
+        os.makedirs(os.path.join(root, "train", class_folder(c)), exist_ok=True)
     step = max(1, -(-n // max(1, processes * 4)))
     jobs = [(root, lo, min(n, lo + step), classes, seed, tuple(size)) for lo in range(0, n, step)]
     if processes <= 1:

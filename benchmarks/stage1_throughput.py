@@ -21,13 +21,13 @@ import torchvision
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils import cli, data, gpu_decode, importances, models, store  # noqa: E402
+from utils import classmap, cli, data, gpu_decode, importances, models, store  # noqa: E402
 
 
 def write_jpegs(root, n, classes=10, seed=0):
     rng = np.random.default_rng(seed)
     for i in range(n):
-        d = os.path.join(root, "train", f"class{i % classes:02d}")
+        d = os.path.join(root, "train", classmap.imagenet_wnids()[i % classes])
         os.makedirs(d, exist_ok=True)
         small = rng.random((12, 16, 3))
         img = Image.fromarray((small * 255).astype(np.uint8)).resize((500, 375), Image.BILINEAR)
