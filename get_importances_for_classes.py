@@ -6,7 +6,7 @@ Several GPUs: torchrun --nproc_per_node=8 get_importances_for_classes.py ... (sa
 """
 import torch
 
-from utils import cli, context, data, distributed, importances, store
+from utils import cli, context, data, distributed, importances, models, store
 
 
 def build_parser():
@@ -78,7 +78,8 @@ def main(args):
             ctx.dataset, decode = ds, "gpu"
     if decoder is None:  # workers send uint8 images, normalized on the device (bit-identical inputs)
         ctx.dataset.transform = data.eval_transform_uint8(ctx.transform)
-    info = dict(ctx.fingerprint, input_transform=ctx.transform.record(), autocast="bfloat16" if args.autocast_bf16 else None, decode=decode,
+    seed = {"init_seed": models.INIT_SEED} if ctx.weights_id in ("none", "factory") else {}  # built under it
+    info = dict(ctx.fingerprint, input_transform=ctx.transform.record(), **seed, autocast="bfloat16" if args.autocast_bf16 else None, decode=decode,
                 numerics=importances.numerics(ctx.device, cpu_threads))
     if ctx.class_error is not None:  # a store of other settings in the folder is the first thing to say
         old = store.Store.peek(folder)
