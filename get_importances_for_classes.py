@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from utils import cli, context, data, distributed, importances, store
+from utils import cli, context, data, distributed, importances, models, store
 from utils.gpu_decode import DECODERS
 
 
@@ -104,7 +104,8 @@ def main(args):
         cpu_decode.use_fast_resize(ctx.dataset, ctx.transform.resize, ctx.transform.crop)
     elif decoder is None:  # workers send uint8 images, normalized on the device (bit-identical inputs)
         ctx.dataset.transform = data.eval_transform_uint8(ctx.transform)
-    info = dict(ctx.fingerprint, input_transform=ctx.transform.record(),
+    seed = {"init_seed": models.INIT_SEED} if ctx.weights_id in ("none", "factory") else {}  # built under it
+    info = dict(ctx.fingerprint, input_transform=ctx.transform.record(), **seed,
                 autocast="bfloat16" if args.autocast_bf16 else None, decode=decode,
                 numerics=importances.numerics(ctx.device, cpu_threads, decoder.name if decoder else None,
                                               fast_resize, args.deterministic))

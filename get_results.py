@@ -173,9 +173,9 @@ def main(args):
         return context.list_layers(args)
     cli.require(args, "model_dir")
     triples = jobs_from_args(args)
-    if not 0 < args.proportion_attribution_required <= 1:
+    if not 0 <= args.proportion_attribution_required <= 1:
         raise cli.UserError(f"--proportion_attribution_required {args.proportion_attribution_required}: tau is a "
-                            f"share of the positive attribution, in (0, 1] (the paper's 0.03)")
+                            f"share of the positive attribution, in [0, 1] (the paper's 0.03; 0 counts every image)")
     if args.top_k < 1:
         raise cli.UserError("--top_k must be at least 1")
     if args.val_top_n is not None and args.val_top_n < 1:

@@ -9,7 +9,7 @@
 # Your own model: TRIPLES=mine.txt bash quantitative_evaluation_calls.sh DATA STORE --model pkg.mod:factory --weights W
 # The paper's --nr_channels_in_layer_of_interest 2048 --layer_of_interest layer4.2.conv3 are passed only for
 # --model resnet50 (the default) without a --layer_of_interest of your own.
-# After stage 1 of your own model into STORE_DIR (the only store there), --model and the layer flags may be left
+# After stage 1 of your own model into STORE_DIR (with no resnet50 store there), --model and the layer flags may be left
 # out: the stage scripts read them from the store's manifest.
 # Python: $PYTHON if set, else the project's .venv/bin/python next to this script when present, else python3
 #   (e.g. PYTHON=/path/to/env/bin/python bash ...).

@@ -174,8 +174,6 @@ def setup(args, split="train", need_data=True, store_flag=None, defer_class_erro
         ctx.fingerprint = store.fingerprint(args.model, weights_id, ctx.weights_sha256, layer_path,
                                             models.layer_geometry(conv), data.dataset_summary(ctx.dataset),
                                             transform.describe())
-        if weights_id in ("none", "factory"):
-            ctx.fingerprint["init_seed"] = models.INIT_SEED
         if ctx.class_outputs is not None:
             ctx.fingerprint["class_outputs"] = ctx.class_outputs
             ctx.fingerprint["class_outputs_from"] = how

@@ -27,9 +27,10 @@ ARRAYS = ("attributions", "targets", "predictions", "patch_sums")
 UNREADABLE_PREDICTION = -1  # the prediction stored for an image that could not be read (its row is all zeros)
 # Keys that must agree for a later stage to read a store.
 MATCH_KEYS = ("model", "weights_sha256", "layer", "layer_geometry", "classes", "images_per_class", "files_sha256",
-              "transform", "class_outputs")
-# Keys that must also agree to reuse or resume a store (they change the numbers written).
-COMPLETE_KEYS = MATCH_KEYS + ("autocast", "decode")
+              "transform")
+# Keys that must also agree to reuse or resume a store (they change the numbers written). ``class_outputs``:
+# later stages take the store's (they never differ there), stage 1 compares its --class_index_map.
+COMPLETE_KEYS = MATCH_KEYS + ("autocast", "decode", "class_outputs")
 LOCK_NAME = ".lock"
 RESUME_KEYS = COMPLETE_KEYS + ("num_images", "chunk_size")
 
