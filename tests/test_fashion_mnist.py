@@ -1,0 +1,172 @@
+"""Fashion-MNIST: the IDX reader on hand-built files, the ImageFolder it writes, the small ResNet, and the whole
+method on the real images at reduced size (skipped when Debian's dataset-fashion-mnist is not installed)."""
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from demo import fashion_mnist as FM
+from utils.cli import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAVE_DATA = all(os.path.isfile(os.path.join(FM.SOURCE, stem + ".gz")) for pair in FM.FILES.values() for stem in pair)
+NEEDS_DATA = pytest.mark.skipif(not HAVE_DATA, reason=f"Fashion-MNIST is not installed under {FM.SOURCE} "
+                                                      f"({FM.INSTALL_HINT})")
+
+
+def idx_bytes(array, magic):
+    """The IDX encoding of a uint8 array, written out by hand from the format's description."""
+    array = np.asarray(array, dtype=np.uint8)
+    head = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    assert head[3] == array.ndim
+    return head + array.tobytes()
+
+
+TRAIN_LABELS = [3, 0, 3, 9, 0, 5, 3, 1, 2, 4, 6, 7, 8]  # every class (ImageFolder refuses an empty class folder)
+
+
+def planted(labels=TRAIN_LABELS, h=4, w=5):
+    """len(labels) images h x w whose pixel (i, r, c) is a known function of (i, r, c), and the labels."""
+    i, r, c = np.meshgrid(np.arange(len(labels)), np.arange(h), np.arange(w), indexing="ij")
+    images = ((37 * i + 11 * r + 3 * c) % 256).astype(np.uint8)
+    return images, np.array(labels, dtype=np.uint8)
+
+
+def write_source(folder, gz=True, train=None, val=None):
+    """The four IDX files of a tiny Fashion-MNIST under ``folder`` (gzip-compressed or plain)."""
+    os.makedirs(folder, exist_ok=True)
+    train = train or planted()
+    val = val or planted([9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 1])
+    for split, (images, labels) in (("train", train), ("val", val)):
+        for stem, array, magic in zip(FM.FILES[split], (images, labels), (FM.IMAGE_MAGIC, FM.LABEL_MAGIC)):
+            raw = idx_bytes(array, magic)
+            path = os.path.join(folder, stem + (".gz" if gz else ""))
+            with open(path, "wb") as f:
+                f.write(gzip.compress(raw) if gz else raw)
+    return train, val
+
+
+# ----------------------------------------------------------------------------- the IDX reader
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_reader_returns_the_planted_pixels_and_labels(tmp_path, gz):
+    (images, labels), _ = write_source(str(tmp_path), gz=gz)
+    got_images, got_labels = FM.load_split("train", str(tmp_path))
+    assert got_images.shape == (13, 4, 5) and got_images.dtype == np.uint8
+    assert np.array_equal(got_images, images)
+    assert got_images[4, 2, 3] == (37 * 4 + 11 * 2 + 3 * 3) % 256
+    assert got_labels.tolist() == TRAIN_LABELS
+
+
+def test_idx_reader_refuses_a_bad_magic_number_in_one_line(tmp_path):
+    images, _ = planted()
+    raw = bytearray(idx_bytes(images, FM.IMAGE_MAGIC))
+    with pytest.raises(UserError) as e:
+        FM.parse_idx(bytes(raw), "x.idx", FM.LABEL_MAGIC)  # an image file where labels are expected
+    assert "magic number 0x00000803, expected 0x00000801" in str(e.value) and "\n" not in str(e.value)
+    raw[2] = 0x0D  # float values: not the unsigned bytes these files hold
+    path = tmp_path / "bad.gz"
+    path.write_bytes(gzip.compress(bytes(raw)))
+    with pytest.raises(UserError, match="magic number 0x00000d03"):
+        FM.read_idx(str(path), FM.IMAGE_MAGIC)
+
+
+def test_idx_reader_refuses_a_body_that_does_not_match_the_sizes():
+    images, _ = planted()
+    raw = idx_bytes(images, FM.IMAGE_MAGIC)
+    with pytest.raises(UserError, match=r"259 bytes of data, the header's sizes \[13, 4, 5\] need 260"):
+        FM.parse_idx(raw[:-1], "x", FM.IMAGE_MAGIC)
+    with pytest.raises(UserError, match="truncated header"):
+        FM.parse_idx(raw[:9], "x", FM.IMAGE_MAGIC)
+
+
+def test_images_and_labels_must_agree_in_number(tmp_path):
+    images, labels = planted()
+    write_source(str(tmp_path), train=(images, labels[:5]))
+    with pytest.raises(UserError, match="holds 13 images but .* 5 labels"):
+        FM.load_split("train", str(tmp_path))
+
+
+def test_missing_package_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(FM, "SOURCE", str(tmp_path / "not_installed"))
+    with pytest.raises(UserError) as e:
+        FM.load_split("train")
+    assert str(e.value).endswith("apt-get install dataset-fashion-mnist") and "\n" not in str(e.value)
+
+
+def test_command_line_error_is_one_line_and_exit_status_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "demo.fashion_mnist", str(tmp_path / "out"), "--source",
+                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "no train-images-idx3-ubyte.gz" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- the ImageFolder
+def test_folder_names_sort_in_label_order():
+    names = FM.folder_names()
+    assert names[0] == "0_tshirt_top" and names[9] == "9_ankle_boot" and len(set(names)) == 10
+    assert sorted(names) == names
+
+
+def test_image_folder_names_counts_and_pixels(tmp_path):
+    from utils import data
+    (images, labels), (vimages, vlabels) = write_source(str(tmp_path / "src"))
+    out = str(tmp_path / "folder")
+    names = FM.write_image_folder(out, source=str(tmp_path / "src"), log=lambda s: None)
+    for split, imgs, labs in (("train", images, labels), ("val", vimages, vlabels)):
+        assert sorted(os.listdir(os.path.join(out, split))) == names  # every class folder, also empty ones
+        counts = {name: len(os.listdir(os.path.join(out, split, name))) for name in names}
+        assert counts == {name: int((labs == k).sum()) for k, name in enumerate(names)}
+        for i, (img, y) in enumerate(zip(imgs, labs)):
+            with Image.open(os.path.join(out, split, names[y], f"{i:05d}.png")) as im:
+                assert im.mode == "L" and np.array_equal(np.asarray(im), img)
+    # torchvision's loader: three equal channels, the label = the class index of the folder
+    ds = data.image_folder(out, "train", transform=lambda im: torch.as_tensor(np.array(im)))
+    assert ds.classes == names
+    for (path, y), (x, _) in zip(ds.samples, ds):
+        i = int(os.path.basename(path)[:5])
+        assert y == labels[i] and x.shape == (4, 5, 3)
+        assert all(np.array_equal(x[..., ch].numpy(), images[i]) for ch in range(3))
+
+
+def test_image_folder_first_n_per_class_and_reuse(tmp_path):
+    (images, labels), _ = write_source(str(tmp_path / "src"))
+    out = str(tmp_path / "folder")
+    names = FM.write_image_folder(out, train_per_class=1, source=str(tmp_path / "src"), log=lambda s: None)
+    files = {name: sorted(os.listdir(os.path.join(out, "train", name))) for name in names}
+    # labels TRAIN_LABELS: the first image of class 3 is image 0, of class 0 image 1, ...
+    assert files[names[3]] == ["00000.png"] and files[names[0]] == ["00001.png"]
+    assert files[names[9]] == ["00003.png"] and files[names[5]] == ["00005.png"]
+    assert files[names[8]] == ["00012.png"] and sum(map(len, files.values())) == 10
+    stamp = os.path.getmtime(os.path.join(out, "train", names[3], "00000.png"))
+    FM.write_image_folder(out, train_per_class=1, source=str(tmp_path / "src"), log=lambda s: None)  # same: kept
+    assert os.path.getmtime(os.path.join(out, "train", names[3], "00000.png")) == stamp
+    FM.write_image_folder(out, source=str(tmp_path / "src"), log=lambda s: None)  # another size: rewritten
+    assert len(os.listdir(os.path.join(out, "train", names[3]))) == 3
+
+
+def test_bad_source_damages_nothing_written(tmp_path):
+    write_source(str(tmp_path / "src"))
+    out = str(tmp_path / "folder")
+    FM.write_image_folder(out, source=str(tmp_path / "src"), log=lambda s: None)
+    before = sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs)
+    with open(tmp_path / "src" / "t10k-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(gzip.compress(b"\0\0\x08\x01" + (99).to_bytes(4, "big")))  # 99 labels promised, none there
+    with pytest.raises(UserError):
+        FM.write_image_folder(out, train_per_class=2, source=str(tmp_path / "src"), log=lambda s: None)
+    after = sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs)
+    assert after == before
+
+
+def test_pixel_stats_and_groups():
+    images = np.array([[[0, 255]], [[255, 255]]], dtype=np.uint8)  # pixels 0, 1, 1, 1
+    mean, std = FM.pixel_stats(images)
+    assert mean == pytest.approx(0.75) and std == pytest.approx(np.sqrt(0.75 * 0.25))
+    groups = FM.class_groups()
+    assert (groups >= 0).all() and groups[5] == groups[7] == groups[9] != groups[8]
