@@ -17,14 +17,13 @@ Three (up to six) concepts, or the clusters of a concepts file (get_cosine_simil
   python disentangle_channel.py ... --channel_disentangle 1660 \
       --concepts_file /data/store/results_get_cosine_similarities/resnet50_concepts_top100.json --clusters 0 2
 """
-import argparse
 import os
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils import cli, clusters, context, data, disentangle, fileio, similarities, store
+from utils import cli, clusters, context, data, disentangle, fileio, similarities
 from utils.disentangle import RHOS
 from utils.triples import MORE_CONCEPTS, check_no_classes_with_file, check_triples, class_jobs
 
@@ -55,8 +54,8 @@ def concept_rows(targets, t):
 def file_name(ctx, t, rho):
     """Checkpoint name of job ``t`` (published pattern; ``_classes3[...]`` ... for k > 2; clusters named)."""
     if isinstance(t, clusters.ClusterConcepts):
-        return disentangle.cluster_checkpoint_name(ctx.tag, t.channel, t.top_n, t.clusters, rho)
-    return disentangle.checkpoint_name_k(ctx.tag, t.channel, t.concepts, rho)
+        return disentangle.cluster_checkpoint_name(ctx.name, t.channel, t.top_n, t.clusters, rho)
+    return disentangle.checkpoint_name_k(ctx.name, t.channel, t.concepts, rho)
 
 
 def split_every_triple(ctx, patch_sums, triples, rows):
@@ -123,10 +122,10 @@ def concepts_from_args(args):
 
 def build_parser():
     """The command-line flags of this stage (``main(build_parser().parse_args())`` runs it)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.Formatter)
-    cli.add_model_args(p)
-    p.add_argument("--channel_disentangle", type=int, default=None,
-                   help="channel of the layer to split (required unless --triples)")
+    p = cli.parser(__doc__)
+    cli.add_model_args(p, store_aliases=("--model_dir",))
+    p.add_argument("--channel_disentangle", "--channel_of_interest", dest="channel_disentangle", type=int, default=None,
+                   help="channel of the layer to split (required unless --triples; also --channel_of_interest)")
     p.add_argument("--classes_for_concept1", nargs="+", default=None,
                    help="class indices of concept 1 (required unless --triples or --concepts_file)")
     p.add_argument("--classes_for_concept2", nargs="+", default=None,
@@ -166,16 +165,19 @@ def build_parser():
 
 def main(args):
     """Run the stage with the parsed flags ``args`` (callable from a notebook)."""
+    if args.list_layers:
+        return context.list_layers(args)
+    cli.require(args, "store_dir")
     triples = concepts_from_args(args)
     if args.exactness_images < 1:
         raise cli.UserError("--exactness_images must be at least 1")
 
-    ctx = context.setup(args, split="train")
+    ctx = context.setup(args, split="train", store_flag="store_dir")
     if triples is None:
         context.check_channel(ctx, args.channel_disentangle, "--channel_disentangle")
     else:
         check_triples(ctx, triples, "--channel_disentangle")
-    st = store.Store.open(store.store_folder(args.store_dir, ctx.tag), ctx.fingerprint)
+    st = context.open_store(args, ctx)
     targets = st.labels()  # -1 for the rows of unreadable images, which are left out of everything
     unreadable = st.unreadable_rows()
     if triples is None:
@@ -257,7 +259,7 @@ def write_triple(ctx, folder, t, counts, split, res, run, v, rho_score="publishe
                 dead_share_published=run["dead"][pub].tolist(), dead_share_robust=run["dead"][rob].tolist())
     fileio.write_json(base + "_info.json", info)
     from utils import plots  # matplotlib: not needed for --help or a failed check
-    title = f"{ctx.tag} channel {c}: {describe(t)}"
+    title = f"{ctx.name} channel {c}: {describe(t)}"
     if rho_score == "robust":
         plots.rho_score_plot(base + "_scores.png", RHOS, run["robust"].tolist(), RHOS[best], title,
                              ylabel="robust score = G - [degenerate]")
@@ -285,17 +287,29 @@ def concept_label(names, t, j):
     return str([names[y] for y in t.concepts[j - 1]])
 
 
+def score_number(s):
+    """A score in at most 8 characters whatever its size: 2 decimals up to 9999.99, else 3 significant digits."""
+    return f"{s:.2f}" if abs(s) < 9999.995 else f"{s:.2e}"
+
+
+def score_table(rhos, scores, robust):
+    """Three aligned lines: rho, the published score and the robust score of each rho (columns as wide as the
+    widest number, so that any score fits)."""
+    cols = [[str(r), score_number(a), score_number(b)] for r, a, b in zip(rhos, scores, robust)]
+    width = max(5, max(len(x) for col in cols for x in col))
+    return [f"{head:<7}" + " ".join(f"{col[i]:>{width}}" for col in cols)
+            for i, head in enumerate(("rho", "score", "robust"))]
+
+
 def report(ctx, names, t, counts, res, run, v, header=False):
     """Print job ``t``'s scores, both best-rho choices, the degeneracy warning and both exactness checks."""
     c, best, k = t.channel, run["best"], len(counts)
     src = disentangle.split_sources_k(torch.stack(v), RHOS[best])
     if header:
         print(f"=== {t.where}: channel {c}, classes {describe(t)}")
-    print(f"channel {c} of {ctx.layer_path}: " + ", ".join(
+    print(f"channel {c} of layer '{ctx.layer_path}': " + ", ".join(
         f"concept {j} = {concept_label(names, t, j)} ({counts[j - 1]} train images)" for j in range(1, k + 1)))
-    print("rho    " + " ".join(f"{r:>5}" for r in RHOS))
-    print("score  " + " ".join(f"{s:5.2f}" for s in res.scores.tolist()))
-    print("robust " + " ".join(f"{s:5.2f}" for s in run["robust"].tolist()))
+    print("\n".join(score_table(RHOS, res.scores.tolist(), run["robust"].tolist())))
     chosen = res.scores[best] if run["rho_score"] == "published" else run["robust"][best]
     goes = ", ".join(f"{int(src[j].sum())} to concept {j + 1}" for j in range(1, k))
     print(f"best rho = {RHOS[best]} (score {float(chosen):.4f}); {int(src[0].sum())} input channels go to "

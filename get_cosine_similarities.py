@@ -16,7 +16,6 @@ from the store's patch sums and the BatchNorm's parameters (no pass over the ima
 many (channel, class) pairs the published rule counts only through images on which the layer's own
 summed activation is negative. Its files carry the suffix _positive_activation.
 """
-import argparse
 import os
 
 import numpy as np
@@ -24,20 +23,26 @@ import torch
 
 from utils import cli, concepts, context, fileio, models, similarities, store
 
-BLANK = torch.zeros(1, 3, 224, 224)  # the transform's crop size: forwards of it find the BatchNorm and H' x W'
+TOP_SHOWN = 20  # candidates in the printed table (the files hold them all)
+
+
+def blank(ctx):
+    """A blank image of the transform's crop size: forwards of it find the BatchNorm and H' x W'."""
+    return torch.zeros(1, 3, ctx.transform.crop, ctx.transform.crop)
 SIGN_SUFFIX = {"published": "", "positive_activation": "_positive_activation"}  # in the names of the files written
 
 
 def build_parser():
     """The command-line flags of this stage (``main(build_parser().parse_args())`` runs it)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.Formatter)
+    p = cli.parser(__doc__)
     cli.add_model_args(p)
     p.add_argument("--proportion_attribution_required", type=float, default=0.05,
                    help="tau: channel c is important for an image if A[c] >= tau * sum of positive A (default 0.05)")
     p.add_argument("--p", type=float, default=0.75,
                    help="channel c uses class y if it is important for at least p * N_y images of y (default 0.75)")
-    p.add_argument("--cos_sim_low", type=float, default=0.0, help="lowest cosine kept (inclusive, default 0)")
-    p.add_argument("--cos_sim_high", type=float, default=1.0, help="cosine upper bound (exclusive, default 1)")
+    p.add_argument("--cos_sim_low", type=float, default=0.0,
+                   help="lowest cosine kept (inclusive, default 0; -1 <= low < high)")
+    p.add_argument("--cos_sim_high", type=float, default=1.0, help="cosine upper bound (exclusive, default 1; at most 1)")
     p.add_argument("--out_dir", default=".",
                    help="folder for results_get_cosine_similarities/ (default: working directory, as published)")
     p.add_argument("--importance_sign", choices=tuple(SIGN_SUFFIX), default="published",
@@ -57,14 +62,48 @@ def build_parser():
     return p
 
 
+def check_bounds(tau, pp, low, high):
+    """Refuse thresholds outside their range (UserError, one line each): tau and p in (0, 1], -1 <= low < high <= 1."""
+    if not 0 < tau <= 1:
+        raise cli.UserError(f"--proportion_attribution_required {tau}: tau is a share of the positive attribution, "
+                            f"in (0, 1] (the paper's 0.03 or 0.05)")
+    if not 0 < pp <= 1:
+        raise cli.UserError(f"--p {pp}: p is a share of a class's images, in (0, 1] (e.g. 0.75, not 75)")
+    if not -1 <= low < high <= 1:
+        raise cli.UserError(f"--cos_sim_low {low} --cos_sim_high {high}: a cosine lies in [-1, 1] and the range "
+                            f"needs -1 <= low < high <= 1")
+
+
+def candidate_table(cands, names, counts_of, top=TOP_SHOWN):
+    """Lines of the strongest candidates, lowest cosine first: channel, both classes (name and index), cosine,
+    and how many images of each class find the channel important. ``counts_of(channel, class)`` -> that number."""
+    rows = sorted(cands, key=lambda d: (d["cosine_similarity"], d["channel"], d["class1"], d["class2"]))[:top]
+    if not rows:
+        return []
+    w1 = max(len(f"{names[d['class1']]} ({d['class1']})") for d in rows)
+    w2 = max(len(f"{names[d['class2']]} ({d['class2']})") for d in rows)
+    w1, w2 = max(w1, 7), max(w2, 7)
+    lines = [f"{'channel':>7}  {'class 1':<{w1}}  {'class 2':<{w2}}  {'cosine':>7}  important for (images)"]
+    for d in rows:
+        c, y1, y2 = d["channel"], d["class1"], d["class2"]
+        lines.append(f"{c:>7}  {f'{names[y1]} ({y1})':<{w1}}  {f'{names[y2]} ({y2})':<{w2}}  "
+                     f"{d['cosine_similarity']:7.4f}  {counts_of(c, y1)} / "
+                     f"{counts_of(c, y2)}")
+    return lines
+
+
 def main(args):
     """Run the stage with the parsed flags ``args`` (callable from a notebook)."""
+    if args.list_layers:
+        return context.list_layers(args)
+    cli.require(args, "store_dir")
     if args.label_free:
         return label_free(args)
     tau, pp, low, high = args.proportion_attribution_required, args.p, args.cos_sim_low, args.cos_sim_high
+    check_bounds(tau, pp, low, high)
 
-    ctx = context.setup(args, split="train")
-    st = store.Store.open(store.store_folder(args.store_dir, ctx.tag), ctx.fingerprint)
+    ctx = context.setup(args, split="train", store_flag="store_dir")
+    st = context.open_store(args, ctx)
     A, targets, P = st.array("attributions"), st.labels(), st.array("patch_sums")
     unreadable = st.unreadable_rows()
     if len(unreadable):
@@ -80,14 +119,18 @@ def main(args):
     means = similarities.class_mean_patch_sums(P, targets, k, args.chunk_rows, progress=True)
     cands = similarities.candidate_pairs(ctx.conv.weight.detach(), means, used, low, high, progress=True)
 
-    shown = [dict(d, cosine_similarity=round(d["cosine_similarity"], 4)) for d in cands]
-    print(shown)
+    names = st.manifest["classes"]
+    table = candidate_table(cands, names, lambda c, y: f"{int(hist[y, c])} of {int(counts[y])}")
+    if table:
+        print(f"the {len(table) - 1} strongest candidates of layer '{ctx.layer_path}' (lowest cosine first; the "
+              f"files list all of them):")
+        print("\n".join(table))
     print(f"{len(cands)} candidates (channel, class1, class2) with {low} <= cosine < {high}; "
           f"{len(similarities.polysemantic_channels(used))} channels use two or more classes "
           f"(tau={tau}, p={pp})")
 
     suffix = SIGN_SUFFIX[args.importance_sign]
-    name = f"{ctx.tag}_required{tau}_p{pp}_cossim{low}to{high}{suffix}"
+    name = f"{ctx.name}_required{tau}_p{pp}_cossim{low}to{high}{suffix}"
     table = "Channel,Class1,Class2,CosineSimilarity\n" + "".join(
         f"{d['channel']},{d['class1']},{d['class2']},{d['cosine_similarity']:.4f}\n" for d in cands)
     out_txt = os.path.join(args.out_dir, "results_get_cosine_similarities", name + ".txt")
@@ -99,10 +142,10 @@ def main(args):
         settings.update(importance_sign=args.importance_sign, sign_report=sign_report)
     fileio.write_json(os.path.join(res, name + "_candidates.json"),
                       dict(settings, classes=st.manifest["classes"], candidates=cands))
-    fileio.write_json(os.path.join(res, f"{ctx.tag}_required{tau}_histograms{suffix}.json"),
+    fileio.write_json(os.path.join(res, f"{ctx.name}_required{tau}_histograms{suffix}.json"),
                       dict(settings, images_per_class=counts.tolist(),
                            histogram_class_by_channel=hist.tolist()), indent=None)
-    fileio.save_npy(os.path.join(res, f"{ctx.tag}_required{tau}_histograms{suffix}.npy"),
+    fileio.save_npy(os.path.join(res, f"{ctx.name}_required{tau}_histograms{suffix}.npy"),
                     hist.numpy().astype(np.int32))
     print(f"wrote {out_txt} and {res}/{name}_candidates.json")
 
@@ -141,9 +184,9 @@ def parse_channels(values, ctx):
 def label_free(args):
     """--label_free: concepts of each channel without class labels (utils/concepts.py), from the store only."""
     k = parse_k(args.k)
-    ctx = context.setup(args, split="train")
+    ctx = context.setup(args, split="train", store_flag="store_dir")
     channels = parse_channels(args.channels, ctx)
-    st = store.Store.open(store.store_folder(args.store_dir, ctx.tag), ctx.fingerprint)
+    st = context.open_store(args, ctx)
     labels = st.labels()
     usable = int((labels >= 0).sum())
     if usable < len(labels):
@@ -153,7 +196,7 @@ def label_free(args):
         raise cli.UserError(f"--top_n {args.top_n}: give {need} to {usable} (the store has {usable} usable "
                             f"training images; {'--k auto' if k is None else f'--k {k}'} needs at least {need})")
     names = st.manifest["classes"]
-    signs, positions, bn = concepts.layer_signs_and_positions(ctx.model, ctx.conv, BLANK)
+    signs, positions, bn = concepts.layer_signs_and_positions(ctx.model, ctx.conv, blank(ctx))
     bias = None if ctx.conv.bias is None else ctx.conv.bias.detach()
     recs = concepts.discover(st.array("patch_sums"), labels, ctx.conv.weight.detach(), channels, names,
                              args.top_n, k, signs=signs, bias=bias, positions=positions,
@@ -167,7 +210,7 @@ def label_free(args):
         print("\n".join(concepts.describe_channel(recs[c])))
     print(note)
 
-    path = os.path.join(args.store_dir, "results_get_cosine_similarities", f"{ctx.tag}_concepts_top{args.top_n}.json")
+    path = os.path.join(args.store_dir, "results_get_cosine_similarities", f"{ctx.name}_concepts_top{args.top_n}.json")
     doc = {"fingerprint": ctx.fingerprint, "top_n": args.top_n, "k": "auto" if k is None else k,
            "model": ctx.model_spec, "layer": ctx.layer_path, "seed": concepts.SEED, "n_init": concepts.N_INIT,
            "ks": list(concepts.AUTO_KS) if k is None else [k], "batchnorm": bn, "sign_note": note, "channels": {}}
@@ -195,7 +238,7 @@ def positive_activation_histogram(ctx, A, targets, P, k, tau, pp, counts, chunk_
     The BatchNorm after the layer and the layer's output size come from forwards of a blank image (the
     store's transform makes every image 224 x 224). Returns (hist, report dict); prints the report.
     """
-    _, positions, bn_name = concepts.layer_signs_and_positions(ctx.model, ctx.conv, BLANK)
+    _, positions, bn_name = concepts.layer_signs_and_positions(ctx.model, ctx.conv, blank(ctx))
     bn = None if bn_name is None else ctx.model.get_submodule(bn_name)
     if bn is None:
         print(f"note: no BatchNorm takes {ctx.layer_path}'s output: --importance_sign positive_activation uses "

@@ -4,8 +4,6 @@ Example (the paper):
   python get_importances_for_classes.py --data_dir /data/imagenet --store_dir /data/store --model resnet50
 Several GPUs: torchrun --nproc_per_node=8 get_importances_for_classes.py ... (same flags).
 """
-import argparse
-
 import torch
 
 from utils import cli, context, data, distributed, importances, store
@@ -13,7 +11,7 @@ from utils import cli, context, data, distributed, importances, store
 
 def build_parser():
     """The command-line flags of this stage (``main(build_parser().parse_args())`` runs it)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.Formatter)
+    p = cli.parser(__doc__)
     cli.add_model_args(p)
     p.add_argument("--chunk_size", type=int, default=None,
                    help="rows per resumable chunk (default: an unfinished store's, else a multiple of --batch_size near 2048)")
@@ -43,6 +41,9 @@ def build_parser():
 def main(args):
     """Run the stage with the parsed flags ``args`` (callable from a notebook)."""
 
+    if args.list_layers:
+        return context.list_layers(args)
+    cli.require(args, "data_dir", "store_dir")
     rank = distributed.world()[0]
     # the device (under torchrun: the card of LOCAL_RANK) is chosen and made current in context.setup
     ctx = context.setup(args, split="train")
@@ -50,7 +51,7 @@ def main(args):
     chunk = args.chunk_size
     if chunk is not None and chunk < 1:
         raise cli.UserError("--chunk_size must be at least 1")
-    folder = store.store_folder(args.store_dir, ctx.tag)
+    folder = store.find_folder(args.store_dir, ctx.tag, ctx.name, ctx.layer_path)
     cpu_threads = None
     if ctx.device.type == "cpu":
         cpu_threads = args.cpu_threads
@@ -71,19 +72,21 @@ def main(args):
     decode = "cpu"
     if args.gpu_decode:
         from utils import gpu_decode
-        decoder, ds = gpu_decode.setup(ctx.dataset, ctx.device, log=print if rank == 0 else (lambda *a: None))
+        decoder, ds = gpu_decode.setup(ctx.dataset, ctx.device, log=print if rank == 0 else (lambda *a: None),
+                                       transform=ctx.transform)
         if decoder is not None:
             ctx.dataset, decode = ds, "gpu"
     if decoder is None:  # workers send uint8 images, normalized on the device (bit-identical inputs)
-        ctx.dataset.transform = data.eval_transform_uint8()
-    info = dict(ctx.fingerprint, autocast="bfloat16" if args.autocast_bf16 else None, decode=decode,
+        ctx.dataset.transform = data.eval_transform_uint8(ctx.transform)
+    info = dict(ctx.fingerprint, input_transform=ctx.transform.record(), autocast="bfloat16" if args.autocast_bf16 else None, decode=decode,
                 numerics=importances.numerics(ctx.device, cpu_threads))
     importances.run_stage1(ctx.model, ctx.conv, ctx.dataset, folder, info, args.batch_size, ctx.device,
                            cli.default_workers(args.num_workers), chunk,
                            autocast_dtype=torch.bfloat16 if args.autocast_bf16 else None,
                            channels_last=args.channels_last, gpu_decoder=decoder,
                            skip_unreadable=args.skip_unreadable, allow_mixed_numerics=args.allow_mixed_numerics,
-                           uint8_images=decoder is None)
+                           uint8_images=decoder is None, mean=ctx.transform.mean, std=ctx.transform.std,
+                           class_outputs=ctx.class_outputs)
     distributed.close()
 
 

@@ -17,7 +17,6 @@ A k-way checkpoint (k is read from it): the same concepts as given to stage 3, e
   python get_results.py ... --channel_of_interest 1660 --concepts_file \
       /data/store/results_get_cosine_similarities/resnet50_concepts_top100.json --clusters 0 2 --get_quantitative
 """
-import argparse
 import os
 
 import numpy as np
@@ -43,7 +42,9 @@ def check_checkpoint(ctx, sd, channel, path, val_summary, k=None, concepts_sha25
     w = ctx.conv.weight[channel].detach()
     problem = disentangle.checkpoint_problem(sd, ctx.conv)
     if problem:
-        raise cli.UserError(f"{path}: {problem} for layer {ctx.layer_path}")
+        raise cli.UserError(f"{path}: {problem} for layer '{ctx.layer_path}' (--layer_of_interest "
+                            f"{ctx.layer_path}): the checkpoint was made for another layer; pass its "
+                            f"--layer_of_interest")
     D = sd["disentangled.weight"]
     n = disentangle.concepts_of_checkpoint(sd)
     if k is not None and n != k:
@@ -58,8 +59,13 @@ def check_checkpoint(ctx, sd, channel, path, val_summary, k=None, concepts_sha25
     if os.path.isfile(info_path):
         info = fileio.read_json(info_path)
         expected = dict(ctx.fingerprint, classes=val_summary["classes"])
-        diff = store.describe_mismatch(info, expected, ("model", "weights_sha256", "layer", "layer_geometry",
-                                                        "classes"))
+        diff = store.describe_mismatch(info, expected, ("model", "weights_sha256", "layer", "layer_geometry"))
+        if info.get("classes") != val_summary["classes"]:  # train classes of the store against the val folders
+            stored, now = info.get("classes") or [], val_summary["classes"]
+            odd = sorted(set(stored) ^ set(now))
+            diff = "; ".join(x for x in (diff, f"classes (the store's training split has {len(stored)} class folders, "
+                                               f"the val split {len(now)}; first differing folder: "
+                                               f"{odd[0] if odd else 'same names, other order'})") if x)
         if diff:
             raise cli.UserError(f"{path} was made with other settings: {diff}")
         if concepts_sha256 is not None and info.get("concepts_sha256") not in (None, concepts_sha256):
@@ -71,8 +77,8 @@ def check_checkpoint(ctx, sd, channel, path, val_summary, k=None, concepts_sha25
 
 def checkpoint_file_name(ctx, t, rho):
     if isinstance(t, clusters.ClusterConcepts):
-        return disentangle.cluster_checkpoint_name(ctx.tag, t.channel, t.top_n, t.clusters, rho)
-    return disentangle.checkpoint_name_k(ctx.tag, t.channel, t.concepts, rho)
+        return disentangle.cluster_checkpoint_name(ctx.name, t.channel, t.top_n, t.clusters, rho)
+    return disentangle.checkpoint_name_k(ctx.name, t.channel, t.concepts, rho)
 
 
 def load_checkpoint(ctx, args, t, rho, val_summary):
@@ -112,12 +118,12 @@ def class_concepts(labels, concepts):
 
 def build_parser():
     """The command-line flags of this stage (``main(build_parser().parse_args())`` runs it)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.Formatter)
+    p = cli.parser(__doc__)
     cli.add_model_args(p, store=False)
-    p.add_argument("--model_dir", required=True,
-                   help="the --store_dir of stage 3 (holding models_disentangled/)")
-    p.add_argument("--channel_of_interest", type=int, default=None,
-                   help="the disentangled channel (required unless --triples)")
+    p.add_argument("--model_dir", "--store_dir", dest="model_dir", default=None,
+                   help="the --store_dir of stages 1-3 (holding models_disentangled/; required; also --store_dir)")
+    p.add_argument("--channel_of_interest", "--channel_disentangle", dest="channel_of_interest", type=int,
+                   default=None, help="the disentangled channel (required unless --triples; also --channel_disentangle)")
     p.add_argument("--classes_for_concept1", nargs="+", default=None,
                    help="class indices of concept 1 (required unless --triples or --concepts_file)")
     p.add_argument("--classes_for_concept2", nargs="+", default=None,
@@ -144,7 +150,8 @@ def build_parser():
     p.add_argument("--get_quantitative", action="store_true",
                    help="D1/orig, D2/orig, R/orig per image (D1/orig .. Dk/orig, R/orig for k concepts)")
     p.add_argument("--proportion_attribution_required", type=float, default=0.03,
-                   help="tau: images whose relative attribution to the channel is >= tau count (default 0.03)")
+                   help="tau: images whose relative attribution to the channel is >= tau count (default 0.03, "
+                        "the paper's quantitative tau; stage 2's default is 0.05)")
     p.add_argument("--get_top_images", action="store_true",
                    help="contact sheet of the val images activating the original channel and each D_j the most")
     p.add_argument("--top_k", type=int, default=8, help="images per row of the contact sheet (default 8)")
@@ -162,13 +169,19 @@ def build_parser():
 
 def main(args):
     """Run the stage with the parsed flags ``args`` (callable from a notebook)."""
+    if args.list_layers:
+        return context.list_layers(args)
+    cli.require(args, "model_dir")
     triples = jobs_from_args(args)
+    if not 0 < args.proportion_attribution_required <= 1:
+        raise cli.UserError(f"--proportion_attribution_required {args.proportion_attribution_required}: tau is a "
+                            f"share of the positive attribution, in (0, 1] (the paper's 0.03)")
     if args.top_k < 1:
         raise cli.UserError("--top_k must be at least 1")
     if args.val_top_n is not None and args.val_top_n < 1:
         raise cli.UserError("--val_top_n must be at least 1")
 
-    ctx = context.setup(args, split="val")
+    ctx = context.setup(args, split="val", store_flag="model_dir")
     if triples is None:
         context.check_channel(ctx, args.channel_of_interest, "--channel_of_interest")
         triples = [clusters.read_concepts_file(args.concepts_file, ctx.fingerprint, args.channel_of_interest,
@@ -211,7 +224,7 @@ def main(args):
         indices = data.indices_of_classes(ds, union_classes(triples))
         runs = [(t.channel, f, b, t.classes) for t, (f, b) in zip(triples, filters)]
     results = evaluation.evaluate_many(ctx.model, ctx.conv, runs, ds, indices, args.batch_size, ctx.device, workers,
-                                       unreadable=unreadable, hint=hint)
+                                       unreadable=unreadable, hint=hint, class_outputs=ctx.class_outputs)
     scans = [None] * len(triples)
     if args.get_top_images and args.top_images_all_val:
         scanned, pos = evaluation.scan_many(ctx.model, ctx.conv, [(t.channel, f, b) for t, (f, b) in
@@ -265,6 +278,9 @@ def write_results(args, ctx, t, rho, path, name, sd, info, r, whole_val, concept
                 **{f"class_names{j}": [names[y] for y in t.concepts[j - 1]] for j in range(1, k + 1)}}
     run_name = name[:-len(".pth")]
     out = args.out_dir
+    # the files without the run's name: the published ones for the model's last conv, the layer's own otherwise
+    latest = "" if ctx.name == ctx.tag else f"_{ctx.name}"
+    registry = "" if ctx.name == ctx.tag else f"{ctx.name}_"
     map_names = evaluation.map_names(k)
     summary = {"model": ctx.model_spec, "layer": ctx.layer_path, "channel": c, **what,
                "checkpoint": path, "rho": info["best_rho"] if (info and rho == "best") else rho,
@@ -294,19 +310,22 @@ def write_results(args, ctx, t, rho, path, name, sd, info, r, whole_val, concept
             curves = [(label, evaluation.kde_curve(vals)) for label, vals in
                       zip(plots.curve_labels(k), [r["orig"][sel]] + [r["maps"][sel, i] for i in range(k)])]
             title = f"{ctx.tag} {ctx.layer_path} channel {c}, concept {j}: {label_of[j]}"
-            for fname in (f"density_concept{j}.png", f"{run_name}_density_concept{j}.png"):
+            for fname in (f"density_concept{j}{latest}.png", f"{run_name}_density_concept{j}.png"):
                 plots.density_plot(os.path.join(out, "plots", fname), curves, title)
             blocks = [evaluation.filecontents_block(f"{n}_c{j}", *cv) for n, (_, cv) in
                       zip(["original"] + [f"disentangled{i}" for i in range(1, k + 1)], curves) if cv is not None]
-            fileio.write_text(os.path.join(out, "results_disentanglement", f"density_concept{j}.txt"), "".join(blocks))
-        print(f"wrote {out}/plots/density_concept{braces}.png and {out}/results_disentanglement/density_concept{braces}.txt")
+            fileio.write_text(os.path.join(out, "results_disentanglement", f"density_concept{j}{latest}.txt"),
+                              "".join(blocks))
+        print(f"wrote {out}/plots/density_concept{braces}{latest}.png and "
+              f"{out}/results_disentanglement/density_concept{braces}{latest}.txt")
 
     if args.get_quantitative:
         rows = {j: evaluation.quantitative_rows(r["maps"][concept == j], r["orig"][concept == j],
                                                 r["rel"][concept == j], tau) for j in range(1, k + 1)}
         folder = os.path.join(out, "results_quantitative")
         overall = evaluation.update_quantitative(folder, tau, run_name, rows,
-                                                 {"model": ctx.model_spec, "layer": ctx.layer_path})
+                                                 {"model": ctx.model_spec, "layer": ctx.layer_path},
+                                                 prefix=registry)
         columns = [f"{n}/orig" for n in map_names]
         for j in range(1, k + 1):
             m = rows[j].mean(axis=0) if len(rows[j]) else [float("nan")] * (k + 1)
@@ -317,7 +336,7 @@ def write_results(args, ctx, t, rho, path, name, sd, info, r, whole_val, concept
                   f"attribution >= {tau}; column means " + " ".join(f"{col}={v:.4f}" for col, v in zip(columns, m))
                   + (f" | all runs in the file: {on} images, " + " ".join(f"{v:.4f}" for v in om)
                      if om is not None else ""))
-        pre = evaluation.quantitative_prefix(k)
+        pre = registry + evaluation.quantitative_prefix(k)
         print(f"wrote {folder}/quantitative_{pre}concept{braces}_required{tau}.txt and means_{pre}required{tau}.txt")
 
     if args.get_top_images:
@@ -330,11 +349,12 @@ def write_results(args, ctx, t, rho, path, name, sd, info, r, whole_val, concept
             rows.append((label, [(ds.samples[i][0], names[ds.targets[i]]) for i in pick]))
         scope = ("all val images" if args.top_images_all_val else "val images of both concepts" if k == 2 and
                  not by_clusters else f"val images of the {k} concepts")
-        for fname in ("top_images.png", f"{run_name}_top_images.png"):
+        for fname in (f"top_images{latest}.png", f"{run_name}_top_images.png"):
             plots.contact_sheet(os.path.join(out, "plots", fname), rows,
-                                title=f"{ctx.tag} {ctx.layer_path} channel {c}: top {args.top_k} of {scope} by pos(map)")
+                                title=f"{ctx.tag} {ctx.layer_path} channel {c}: top {args.top_k} of {scope} by pos(map)",
+                                resize=ctx.transform.resize, crop_size=ctx.transform.crop)
         summary["top_images"] = {key: [ds.samples[i][0] for i in v] for key, v in top.items()}
-        print(f"wrote {out}/plots/top_images.png")
+        print(f"wrote {out}/plots/top_images{latest}.png")
 
     if args.get_feature_vis:
         val_images = (list(r["index"]), concept) if by_clusters else None

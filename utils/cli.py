@@ -10,26 +10,57 @@ class UserError(Exception):
     """Bad input from the user: reported as one line, exit status 2, no traceback."""
 
 
-def add_model_args(parser, store=True, data=True):
-    """Flags that identify the model, its weights, the layer and the data (same in every script)."""
-    g = parser.add_argument_group("model and layer")
-    g.add_argument("--model", default="resnet50",
+class Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are one line (the flag and what is wrong, then where the flags are listed)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+
+def parser(description):
+    """An ArgumentParser for a stage script: abbreviated flags are refused (``--channel`` is not
+    ``--channel_disentangle``), errors are one line."""
+    return Parser(description=description, formatter_class=Formatter, allow_abbrev=False)
+
+
+def add_model_args(parser, store=True, data=True, store_aliases=()):
+    """Flags that identify the model, its weights, the layer, the input transform and the data (same in every
+    script). Stages 2-4 take the ones not given from the store's manifest (``context.setup``)."""
+    g = parser.add_argument_group("model and layer (stages 2-4: taken from the store when not given)")
+    g.add_argument("--model", default=None,
                    help="torchvision classification model name (resnet50, vgg16, ...) or an import "
-                        "path package.module:factory returning an nn.Module (default: resnet50)")
+                        "path package.module:factory returning an nn.Module (default: the store's, else resnet50)")
     g.add_argument("--weights", default=None,
                    help="torchvision weights name (default IMAGENET1K_V1 where torchvision has it, "
-                        "else DEFAULT), a path to a state-dict file, or 'none' for the model as built")
-    g.add_argument("--layer_of_interest", default="last_conv",
+                        "else DEFAULT), a path to a state-dict file, or 'none' for the model as built "
+                        "(initialised with a fixed seed, the same weights in every run)")
+    g.add_argument("--layer_of_interest", default=None,
                    help="module path of the Conv2d to study (e.g. layer4.2.conv3) or last_conv "
-                        "(default: last_conv, which is layer4.2.conv3 for resnet50)")
+                        "(default: the store's, else last_conv, which is layer4.2.conv3 for resnet50); "
+                        "--list_layers shows them")
     g.add_argument("--nr_channels_in_layer_of_interest", type=int, default=None,
                    help="published flag; redundant with the layer, checked against its output channels")
+    g.add_argument("--list_layers", action="store_true",
+                   help="print the model's Conv2d layers with their weight shapes, then exit")
+    g.add_argument("--class_index_map", default=None,
+                   help="file mapping each class folder to the model's output index: JSON {\"folder\": index} "
+                        "or lines 'folder index'. Needed when the model has more outputs than there are class "
+                        "folders (unless it has 1000 and every folder is an ImageNet WordNet id, n01440764 ...)")
+    t = parser.add_argument_group("input transform (default: the store's, else the paper's ImageNet transform)")
+    t.add_argument("--resize", type=int, default=None, help="shorter side of the image before the crop (default 256)")
+    t.add_argument("--crop", type=int, default=None, help="side of the centre crop the model sees (default 224)")
+    t.add_argument("--mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+                   help="per-colour mean subtracted after ToTensor (default ImageNet's 0.485 0.456 0.406)")
+    t.add_argument("--std", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+                   help="per-colour std divided by (default ImageNet's 0.229 0.224 0.225)")
     if data:
-        parser.add_argument("--data_dir", required=True,
-                            help="ImageFolder root holding train/<class>/... and val/<class>/...")
+        parser.add_argument("--data_dir", default=None,
+                            help="ImageFolder root holding train/<class>/... and val/<class>/... "
+                                 "(required for stage 1; later stages: default the store's)")
     if store:
-        parser.add_argument("--store_dir", required=True,
-                            help="folder of the store that stage 1 writes and later stages read")
+        parser.add_argument("--store_dir", *store_aliases, dest="store_dir", default=None,
+                            help="folder of the store that stage 1 writes and later stages read (required)"
+                                 + (f"; also {', '.join(store_aliases)}" if store_aliases else ""))
     r = parser.add_argument_group("runtime")
     r.add_argument("--batch_size", type=int, default=64, help="images per batch (default 64)")
     r.add_argument("--device", default=None,
@@ -40,6 +71,14 @@ def add_model_args(parser, store=True, data=True):
     r.add_argument("--num_workers", type=int, default=None,
                    help="DataLoader worker processes (default: min(8, CPU count))")
     return parser
+
+
+def require(args, *names):
+    """Refuse a missing required flag (one line): they are not argparse-required, so that --list_layers works
+    alone."""
+    for name in names:
+        if getattr(args, name, None) is None:
+            raise UserError(f"--{name} is required (--help lists the flags)")
 
 
 def choose_device(device, gpu, local_rank, world_size, cuda_count, local_world_size=None):

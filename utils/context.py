@@ -1,9 +1,16 @@
-"""What every stage script sets up from its flags: device, model, layer, dataset, store fingerprint."""
+"""What every stage script sets up from its flags: device, model, layer, transform, dataset, store fingerprint.
+
+Stages 2-4 read the store's manifest first: a flag not given (model, weights, layer, data folder, transform)
+is the store's, a given one must agree with it (one line otherwise), so that after stage 1 only the store
+and the stage's own flags are needed.
+"""
+import os
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 
-from . import cli, data, models, store
+from . import classmap, cli, data, models, store
 
 
 @dataclass
@@ -18,30 +25,166 @@ class Context:
     conv: nn.Conv2d
     dataset: object = None
     fingerprint: dict = None
+    name: str = None                 # the model (and, for a layer other than the last conv, layer) in file names
+    transform: data.Transform = data.DEFAULT_TRANSFORM
+    class_outputs: list = None       # output index of each class folder, None when it is the folder's own index
+    num_outputs: int = None
 
 
-def setup(args, split="train", need_data=True):
-    """Parse the shared flags into a Context (the dataset of ``split`` when ``need_data``)."""
+TRANSFORM_FLAGS = ("resize", "crop", "mean", "std")
+
+
+def transform_of(args, recorded=None):
+    """The Transform of the flags; a flag not given is ``recorded``'s (a store's), else the default. A given flag
+    that differs from ``recorded`` raises UserError (one line)."""
+    base = recorded or data.DEFAULT_TRANSFORM
+    values = {}
+    for name in TRANSFORM_FLAGS:
+        given = getattr(args, name, None)
+        value = getattr(base, name)
+        if given is not None:
+            given = tuple(float(v) for v in given) if isinstance(given, (list, tuple)) else int(given)
+            if recorded is not None and given != value:
+                shown = " ".join(f"{v:g}" for v in value) if isinstance(value, tuple) else value
+                raise cli.UserError(f"--{name} {' '.join(f'{v:g}' for v in given) if isinstance(given, tuple) else given}"
+                                    f": the store was made with --{name} {shown}; leave the flag out (later stages "
+                                    f"take the store's) or run stage 1 into another --store_dir")
+            value = given
+        values[name] = value
+    return data.check_transform(data.Transform(**values))
+
+
+def weights_flag(weights_id):
+    """The --weights value that loads what a manifest's ``weights`` names (None: a factory's own)."""
+    if weights_id in (None, "factory"):
+        return None
+    return weights_id  # 'none', a file path, or 'Enum.NAME' (models.load_model takes the part after the dot)
+
+
+def describe_store(m):
+    return f"--model {m.get('model')} --layer_of_interest {m.get('layer')}"
+
+
+def store_of_args(args, store_dir, flag):
+    """The manifest of the one store in ``store_dir`` that fits the model and layer flags given, or None when
+    there is none and every flag is given (the stage then says the store is missing). Fills the flags not
+    given (model, weights, layer, data folder, transform) from it; raises UserError when the choice is
+    ambiguous or nothing fits."""
+    found = store.find_stores(store_dir)
+    fits = [(f, m) for f, m in found if args.model is None or m.get("model") == args.model]
+    layer = args.layer_of_interest
+    if layer not in (None, "last_conv"):
+        fits = [(f, m) for f, m in fits if m.get("layer") == layer]
+    elif len(fits) > 1:  # the default layer: the store named without a layer
+        plain = [(f, m) for f, m in fits if os.path.basename(f) == os.path.basename(
+            store.store_folder(store_dir, models.model_tag(m.get("model", ""))))]
+        fits = plain or fits
+    if len(fits) > 1:
+        raise cli.UserError(f"{flag} {store_dir} holds {len(fits)} stores that fit ("
+                            + "; ".join(describe_store(m) for _, m in fits)
+                            + "): pass --model and --layer_of_interest to choose one")
+    if not fits:
+        if found and (args.model is not None or layer is not None):
+            given = " ".join(f"--{k} {v}" for k, v in (("model", args.model), ("layer_of_interest", layer))
+                             if v is not None)
+            raise cli.UserError(f"{flag} {store_dir} holds no store made with {given} (it holds: "
+                                + "; ".join(describe_store(m) for _, m in found)
+                                + "): leave the flags out or run stage 1 with them first")
+        if args.model is None or getattr(args, "data_dir", "") is None:
+            raise cli.UserError(f"no store in {flag} {store_dir}: run get_importances_for_classes.py with this "
+                                f"--store_dir first (or pass --model, --weights, --layer_of_interest and "
+                                f"--data_dir)")
+        return None
+    folder, m = fits[0]
+    if args.model is None:
+        args.model = m["model"]
+    if args.weights is None:
+        args.weights = weights_flag(m.get("weights"))
+    if layer is None:
+        args.layer_of_interest = m["layer"]
+    if getattr(args, "data_dir", "") is None:
+        args.data_dir = m["data_dir"]
+    return m
+
+
+def setup(args, split="train", need_data=True, store_flag=None):
+    """Parse the shared flags into a Context (the dataset of ``split`` when ``need_data``).
+
+    ``store_flag``: for stages 2-4, the attribute naming the store's folder ('store_dir' or 'model_dir'): flags
+    not given are taken from its manifest. Stage 1 (None) uses the defaults: resnet50, last_conv, the paper's
+    transform.
+    """
+    manifest = store_of_args(args, getattr(args, store_flag), "--" + store_flag) if store_flag else None
+    if args.model is None:
+        args.model = "resnet50"
+    if args.layer_of_interest is None:
+        args.layer_of_interest = "last_conv"
+    if need_data:
+        cli.require(args, "data_dir")
+    recorded = None if manifest is None else data.Transform.from_record(manifest.get("input_transform"))
+    transform = transform_of(args, recorded)
     device = cli.select_device(args.device, args.gpu)
     model, weights_id = models.load_model(args.model, args.weights)
     layer_path, conv = models.resolve_layer(model, args.layer_of_interest)
     models.check_nr_channels(conv, args.nr_channels_in_layer_of_interest, layer_path)
     if args.batch_size < 1:
         raise cli.UserError("--batch_size must be at least 1")
-    ctx = Context(device=device, model=model, model_spec=args.model, tag=models.model_tag(args.model),
+    tag = models.model_tag(args.model)
+    ctx = Context(device=device, model=model, model_spec=args.model, tag=tag,
                   weights_id=weights_id, weights_sha256=models.weights_sha256(model),
-                  layer_path=layer_path, conv=conv)
+                  layer_path=layer_path, conv=conv, name=models.file_tag(model, args.model, layer_path),
+                  transform=transform)
     if need_data:
-        ctx.dataset = data.image_folder(args.data_dir, split)
+        ctx.dataset = data.image_folder(args.data_dir, split, transform=data.eval_transform(transform))
+        ctx.num_outputs = classmap.num_outputs(model, transform.crop)
+        index_map = getattr(args, "class_index_map", None)
+        if manifest is not None and manifest.get("classes") == list(ctx.dataset.classes):
+            ctx.class_outputs, how = manifest.get("class_outputs"), manifest.get("class_outputs_from", "folder order")
+            if index_map is not None and classmap.class_outputs(ctx.dataset.classes, ctx.num_outputs,
+                                                                index_map)[0] != ctx.class_outputs:
+                raise cli.UserError(f"--class_index_map {index_map}: the store maps the class folders to other "
+                                    f"outputs ({how}); leave the flag out (the store's mapping is used)")
+        elif manifest is None:
+            ctx.class_outputs, how = classmap.class_outputs(ctx.dataset.classes, ctx.num_outputs, index_map)
+        # else: another dataset than the store's, refused with the store's own message
         ctx.fingerprint = store.fingerprint(args.model, weights_id, ctx.weights_sha256, layer_path,
                                             models.layer_geometry(conv), data.dataset_summary(ctx.dataset),
-                                            data.TRANSFORM_DESCRIPTION)
+                                            transform.describe())
+        if weights_id in ("none", "factory"):
+            ctx.fingerprint["init_seed"] = models.INIT_SEED
+        if ctx.class_outputs is not None:
+            ctx.fingerprint["class_outputs"] = ctx.class_outputs
+            ctx.fingerprint["class_outputs_from"] = how
     return ctx
+
+
+def open_store(args, ctx):
+    """The store of ``ctx`` in --store_dir, checked against its fingerprint (stages 2 and 3)."""
+    return store.Store.open(store.find_folder(args.store_dir, ctx.tag, ctx.name, ctx.layer_path), ctx.fingerprint)
+
+
+def list_layers(args):
+    """--list_layers: the model's Conv2d layers with their weight shapes (the default layer marked)."""
+    spec = args.model or "resnet50"
+    weights = args.weights
+    if weights is None and ":" not in spec:
+        weights = "none"  # the shapes do not depend on the weights: nothing to download
+    model, _ = models.load_model(spec, weights)
+    convs = models.conv_layers(model)
+    if not convs:
+        raise cli.UserError(f"--model {spec}: the model has no Conv2d layer")
+    width = max(len(n) for n, _ in convs)
+    print(f"Conv2d layers of {spec} (--layer_of_interest NAME; weight shape = out, in, kh, kw):")
+    for i, (name, conv) in enumerate(convs):
+        note = "   <- last_conv (the default)" if i == len(convs) - 1 else ""
+        groups = f", groups {conv.groups} (not supported)" if conv.groups != 1 else ""
+        print(f"  {name:<{width}}  {tuple(conv.weight.shape)}{groups}{note}")
+    return 0
 
 
 def check_channel(ctx, channel, flag):
     if not 0 <= channel < ctx.conv.out_channels:
-        raise cli.UserError(f"{flag} {channel} is out of range: layer {ctx.layer_path} has "
+        raise cli.UserError(f"{flag} {channel} is out of range: layer '{ctx.layer_path}' has "
                             f"{ctx.conv.out_channels} channels (0..{ctx.conv.out_channels - 1})")
 
 
@@ -62,3 +205,8 @@ def check_concepts_k(ds, concepts, names):
             if both:
                 raise cli.UserError(f"class {both[0]} is in both concepts: {names[i]} and {names[j]} must be "
                                     f"disjoint")
+
+
+def outputs_tensor(ctx):
+    """(K,) int64 output index of each class folder, or None (the folder's own index)."""
+    return None if ctx.class_outputs is None else torch.as_tensor(ctx.class_outputs, dtype=torch.int64)

@@ -2,6 +2,7 @@
 import hashlib
 import os
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader
@@ -12,23 +13,75 @@ from .cli import UserError
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
-TRANSFORM_DESCRIPTION = "Resize(256) CenterCrop(224) ToTensor Normalize(mean=(0.485,0.456,0.406),std=(0.229,0.224,0.225))"
+RESIZE, CROP = 256, 224
 
 
-def eval_transform():
-    """Resize the shorter side to 256, center-crop 224, to tensor, ImageNet normalization."""
+@dataclass(frozen=True)
+class Transform:
+    """The evaluation transform: shorter side to ``resize``, centre crop ``crop`` x ``crop``, ToTensor, then
+    ``(x - mean) / std`` per colour. The defaults are the paper's (ImageNet's) and give today's pixels."""
+    resize: int = RESIZE
+    crop: int = CROP
+    mean: tuple = MEAN
+    std: tuple = STD
+
+    def __post_init__(self):  # tuples of floats whatever came in (lists from a manifest, ints from flags)
+        object.__setattr__(self, "resize", int(self.resize))
+        object.__setattr__(self, "crop", int(self.crop))
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+
+    def describe(self):
+        """One line (the manifest's ``transform``): the same text as before these flags for the defaults."""
+        def floats(v):
+            return ",".join(repr(x) for x in v)
+        return (f"Resize({self.resize}) CenterCrop({self.crop}) ToTensor "
+                f"Normalize(mean=({floats(self.mean)}),std=({floats(self.std)}))")
+
+    def record(self):
+        """JSON-friendly dict (the manifest's ``input_transform``)."""
+        return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_record(cls, record):
+        """The Transform of a manifest's ``input_transform`` (None, as in stores written before it: the defaults)."""
+        return cls() if not record else cls(**{k: record[k] for k in ("resize", "crop", "mean", "std")})
+
+
+DEFAULT_TRANSFORM = Transform()
+TRANSFORM_DESCRIPTION = DEFAULT_TRANSFORM.describe()
+
+
+def check_transform(t):
+    """Refuse sizes and standard deviations that cannot work (UserError, one line)."""
+    if t.crop < 1 or t.resize < 1:
+        raise UserError(f"--resize {t.resize} --crop {t.crop}: both must be at least 1")
+    if t.crop > t.resize:
+        raise UserError(f"--crop {t.crop} is larger than --resize {t.resize}: the centre crop must fit in the "
+                        f"resized image (shorter side {t.resize})")
+    if len(t.mean) != 3 or len(t.std) != 3:
+        raise UserError("--mean and --std take 3 numbers each (red, green, blue)")
+    if not all(s > 0 for s in t.std):
+        raise UserError(f"--std {' '.join(map(str, t.std))}: every value must be positive")
+    return t
+
+
+def eval_transform(transform=DEFAULT_TRANSFORM):
+    """Resize the shorter side to ``transform.resize`` (256), center-crop ``transform.crop`` (224), to tensor,
+    normalize with ``transform.mean`` and ``transform.std`` (ImageNet's)."""
     return transforms.Compose([
-        transforms.Resize(256),
-        transforms.CenterCrop(224),
+        transforms.Resize(transform.resize),
+        transforms.CenterCrop(transform.crop),
         transforms.ToTensor(),
-        transforms.Normalize(MEAN, STD),
+        transforms.Normalize(transform.mean, transform.std),
     ])
 
 
-def eval_transform_uint8():
-    """``eval_transform`` without its last two steps: uint8 (3, 224, 224). ``normalize_uint8`` on the device
+def eval_transform_uint8(transform=DEFAULT_TRANSFORM):
+    """``eval_transform`` without its last two steps: uint8 (3, crop, crop). ``normalize_uint8`` on the device
     finishes it, bit-identically (workers then send a quarter of the bytes)."""
-    return transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.PILToTensor()])
+    return transforms.Compose([transforms.Resize(transform.resize), transforms.CenterCrop(transform.crop),
+                               transforms.PILToTensor()])
 
 
 UNREADABLE = -1  # the label an item carries when its image file cannot be read

@@ -65,15 +65,17 @@ def _on(device, channel, filters, bias):
 
 
 def evaluate_many(model, conv, runs, ds, indices, batch_size, device, num_workers, desc="stage 4",
-                  unreadable="error", hint=""):
+                  unreadable="error", hint="", class_outputs=None):
     """``evaluate`` of several checkpoints from one pass over the images ``indices`` of ``ds``.
 
     runs: list of (channel, filters (3, C_in, kh, kw), bias (3,) or None, classes); run r uses the images
     of its classes only. Every batch holds one class (``triples.class_batches``), so an image's numbers do
     not depend on the other runs: each run's arrays are bit-identical to ``evaluate`` of it alone.
     One forward pass and head-only backward per batch serve every run. Returns one dict per run (see
-    ``evaluate``).
+    ``evaluate``). ``class_outputs``: (K,) output index of each class folder (``utils/classmap.py``), whose logit
+    the backward differentiates; None: folder y is output y.
     """
+    outputs = None if class_outputs is None else torch.as_tensor(class_outputs, dtype=torch.int64)
     model = model.to(device)
     prepared = [_on(device, c, f, b) for c, f, b, _ in runs]
     classes = [torch.as_tensor(sorted(set(cl)), dtype=torch.int64) for *_, cl in runs]
@@ -84,8 +86,9 @@ def evaluate_many(model, conv, runs, ds, indices, batch_size, device, num_worker
         wanted = [torch.isin(labels, cl) for cl in classes]  # on the CPU
         if not any(bool(w.any()) for w in wanted):
             continue
+        logit_of = labels if outputs is None else outputs[labels]  # the model's output of each image's class
         x, a, pos = forward_numbers(model, conv, images.to(device, non_blocking=True),
-                                    labels.to(device, non_blocking=True))
+                                    logit_of.to(device, non_blocking=True))
         for (c, f, b), w, part in zip(prepared, wanted, parts):
             if bool(w.all()):
                 part.append(channel_numbers(x, a, pos, conv, c, f, b))
@@ -227,7 +230,7 @@ def quantitative_prefix(k):
     return "" if k == 2 else f"k{k}_"
 
 
-def update_quantitative(folder, tau, run_key, rows_by_concept, meta):
+def update_quantitative(folder, tau, run_key, rows_by_concept, meta, prefix=""):
     """Record this run's rows under ``run_key`` and rewrite the published files from all runs.
 
     ``folder/quantitative_concept{1,2}_required{tau}.txt`` hold every run's rows (a rerun replaces its
@@ -237,10 +240,12 @@ def update_quantitative(folder, tau, run_key, rows_by_concept, meta):
     time take turns (a lock next to the record), so none of their rows is lost.
     rows_by_concept: {1: (M1, k+1), ..., k: (Mk, k+1)}. Runs of k > 2 concepts have k + 1 columns
     (D1/orig .. Dk/orig, R/orig) and their own files, named with ``quantitative_prefix(k)``
-    (``quantitative_k3_concept3_required{tau}.txt``, ``runs_k3_...``, ``means_k3_...``).
+    (``quantitative_k3_concept3_required{tau}.txt``, ``runs_k3_...``, ``means_k3_...``). ``prefix`` goes before
+    it: the runs of a layer other than the model's last conv have their own files (``means_resnet18_layer3.1.conv2_
+    required0.03.txt``), so that the means of two layers never mix.
     """
     k = len(rows_by_concept)
-    pre, width = quantitative_prefix(k), k + 1
+    pre, width = prefix + quantitative_prefix(k), k + 1
     os.makedirs(folder, exist_ok=True)
     # several stage-4 processes may finish at once: the read-modify-write of the record is serialized
     with fileio.FileLock(os.path.join(folder, f".runs_{pre}required{tau}.lock"), wait=True):

@@ -260,19 +260,23 @@ def target_values(x, conv, weights, bias):
     return target_maps(x, conv, weights, bias).mean(dim=(2, 3))
 
 
-def activation_matrix(model, conv, weights, bias, images, input_size=INPUT_SIZE):
-    """A[v, t] = T_t on visualization v seen through the evaluation transform, no noise.
-    images: (V, 3, S, S) in [0, 1] -> (V, T)."""
+def activation_matrix(model, conv, weights, bias, images, input_size=INPUT_SIZE, resize=None, mean=data.MEAN,
+                      std=data.STD):
+    """A[v, t] = T_t on visualization v seen through the evaluation transform (resize, centre crop
+    ``input_size``, normalize with ``mean`` and ``std``), no noise. ``resize`` None: in the paper's proportion
+    (256 for 224). images: (V, 3, S, S) in [0, 1] -> (V, T)."""
+    resize = round(input_size * RESIZE / INPUT_SIZE) if resize is None else resize
     with torch.no_grad():
-        view = full_view(images.float(), input_size, round(input_size * RESIZE / INPUT_SIZE))
-        x = layer_input_with_grad(model, conv, normalize(view))
+        view = full_view(images.float(), input_size, resize)
+        x = layer_input_with_grad(model, conv, normalize(view, mean, std))
         return target_values(x.float(), conv, weights.to(x), None if bias is None else bias.to(x))
 
 
 # ----------------------------------------------------------------------------- optimization
 def visualize(model, conv, weights, bias, magnitude, q, size, steps, crops, seed, lr=1.0, batch_size=None,
-              device="cpu", input_size=INPUT_SIZE, progress=True, scale=CROP_SCALE):
+              device="cpu", input_size=INPUT_SIZE, progress=True, scale=CROP_SCALE, mean=data.MEAN, std=data.STD):
     """MACO for every target at once. weights (T, C_in, kh, kw), bias (T,) or None; magnitude (3, S, n), q (3, 3).
+    ``input_size``, ``mean``, ``std``: the model's input (the transform's crop and normalization).
 
     Image t is optimized for target t; at most ``batch_size`` crops (default: all T * crops) go through
     the model at once. Returns dict(images (T, 3, S, S) in [0, 1], transparency (T, 3, S, S) = sum over
@@ -299,7 +303,8 @@ def visualize(model, conv, weights, bias, magnitude, q, size, steps, crops, seed
         own_sum = torch.zeros(t_count, dtype=torch.float64)
         for lo in range(0, total, chunk):
             bx = boxes[lo:lo + chunk]
-            x = layer_input_with_grad(model, conv, normalize(add_noise(crops_of(leaf, bx, input_size), gen)))
+            x = layer_input_with_grad(model, conv,
+                                      normalize(add_noise(crops_of(leaf, bx, input_size), gen), mean, std))
             own = target_values(x.float(), conv, w, b).gather(1, bx[:, :1].long()).flatten()
             (-own.sum() / crops).backward()
             own_sum.index_add_(0, bx[:, 0].long().cpu(), own.detach().double().cpu())
@@ -465,11 +470,11 @@ def title_of(name):
     return TITLES.get(name, f"Disentangled {name[1:]}")
 
 
-def _val_crop(path, box, cell):
+def _val_crop(path, box, cell, transform=data.DEFAULT_TRANSFORM):
     from PIL import Image
     from torchvision import transforms
     with Image.open(path) as im:
-        im = transforms.CenterCrop(INPUT_SIZE)(transforms.Resize(RESIZE)(im.convert("RGB")))
+        im = transforms.CenterCrop(transform.crop)(transforms.Resize(transform.resize)(im.convert("RGB")))
         return np.asarray(im.crop(box).resize((cell, cell)), dtype=np.float64) / 255
 
 
@@ -491,10 +496,13 @@ def run_for_checkpoint(ctx, args, state_dict, channel, concepts, run_name, out_d
                                                     args.batch_size, workers)
     print(f"feature visualization: {'reusing' if reused else 'computed'} the spectrum {spec_path}")
     t0 = time.time()
+    tf = ctx.transform  # what the model is fed: its crop size and normalization
     vis = visualize(model, conv, weights, bias, spec["magnitude"], spec["q"], args.fv_size, args.fv_steps,
-                    args.fv_crops, args.fv_seed, args.fv_lr, args.batch_size, device)
+                    args.fv_crops, args.fv_seed, args.fv_lr, args.batch_size, device, input_size=tf.crop,
+                    mean=tf.mean, std=tf.std)
     opt_seconds = time.time() - t0
-    act = activation_matrix(model, conv, weights, bias, vis["images"].to(device)).cpu()
+    act = activation_matrix(model, conv, weights, bias, vis["images"].to(device), tf.crop, tf.resize, tf.mean,
+                            tf.std).cpu()
 
     ds = ctx.dataset
     unreadable = "skip" if getattr(args, "skip_unreadable", False) else "error"
@@ -505,7 +513,7 @@ def run_for_checkpoint(ctx, args, state_dict, channel, concepts, run_name, out_d
         wanted = sorted(of_index)
     kept, vals, poss, map_size = scan_val(model, conv, weights, bias, ds, wanted, args.batch_size, device, workers,
                                           unreadable)
-    rf, _ = receptive_field(model, conv, INPUT_SIZE, device)
+    rf, _ = receptive_field(model, conv, tf.crop, device)
     if val_images is None:
         labels = np.asarray([ds.targets[i] for i in kept])
         concept = np.zeros(len(kept), dtype=np.int64)
@@ -520,8 +528,8 @@ def run_for_checkpoint(ctx, args, state_dict, channel, concepts, run_name, out_d
         crops = []
         top[name] = []
         for i in pick:
-            box = rf_box(tuple(poss[i, t]), map_size, rf)
-            crops.append((_val_crop(ds.samples[kept[i]][0], box, cell), CONCEPT_COLOURS[int(concept[i])]))
+            box = rf_box(tuple(poss[i, t]), map_size, rf, tf.crop)
+            crops.append((_val_crop(ds.samples[kept[i]][0], box, cell, tf), CONCEPT_COLOURS[int(concept[i])]))
             top[name].append({"image": data.relative_name(ds, int(kept[i])), "concept": int(concept[i]),
                               "value": float(vals[i, t]), "box": list(box)})
         panels.append((title_of(name), faded(images[t], transp[t]), crops))
@@ -533,7 +541,8 @@ def run_for_checkpoint(ctx, args, state_dict, channel, concepts, run_name, out_d
                     [im.transpose(1, 2, 0) for im in images], [title_of(n) for n in names], title)
     fileio.save_npy(os.path.join(res_dir, f"{run_name}_feature_vis_images.npy"), images.astype(np.float32))
     fileio.save_npy(os.path.join(res_dir, f"{run_name}_feature_vis_transparency.npy"), transp.astype(np.float32))
-    with fileio.atomic_path(os.path.join(plot_dir, "feature_vis.png")) as tmp:
+    latest = "" if ctx.name in (None, ctx.tag) else f"_{ctx.name}"  # a layer other than the last conv: its own
+    with fileio.atomic_path(os.path.join(plot_dir, f"feature_vis{latest}.png")) as tmp:
         with open(fig, "rb") as src, open(tmp, "wb") as dst:
             dst.write(src.read())
     record = {"model": ctx.model_spec, "layer": ctx.layer_path, "channel": channel,

@@ -121,11 +121,13 @@ class GpuDecoder:
     ``device`` may be the CPU (then torchvision decodes with libjpeg on the CPU; used by the tests).
     """
 
-    def __init__(self, device, cpu_transform=None):
+    def __init__(self, device, cpu_transform=None, transform=None):
         self.device = torch.device(device)
-        self.cpu_transform = cpu_transform or data.eval_transform()
-        self.mean = torch.tensor(data.MEAN, dtype=torch.float32, device=self.device)
-        self.std = torch.tensor(data.STD, dtype=torch.float32, device=self.device)
+        tf = transform or data.Transform(RESIZE, CROP, data.MEAN, data.STD)  # --resize --crop --mean --std
+        self.resize, self.crop = tf.resize, tf.crop
+        self.cpu_transform = cpu_transform or data.eval_transform(tf)
+        self.mean = torch.tensor(tf.mean, dtype=torch.float32, device=self.device)
+        self.std = torch.tensor(tf.std, dtype=torch.float32, device=self.device)
         self.cpu_fallbacks = 0
 
     def _decode_jpegs(self, raws):
@@ -145,8 +147,8 @@ class GpuDecoder:
     def _resize_crop_normalize(self, imgs):
         """uint8 (n, 3, H, W) images of one size -> float32 (n, 3, 224, 224), normalized: shorter side to 256
         (antialiased bilinear), center crop, ImageNet mean and std; one batched resize for the group."""
-        imgs = TF.resize(imgs, [RESIZE], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-        return data.normalize_uint8(TF.center_crop(imgs, [CROP, CROP]), self.mean, self.std)
+        imgs = TF.resize(imgs, [self.resize], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        return data.normalize_uint8(TF.center_crop(imgs, [self.crop, self.crop]), self.mean, self.std)
 
     def _cpu(self, raw):
         """The file decoded on the CPU with the dataset's transform, or None if it cannot be decoded."""
@@ -185,7 +187,7 @@ class GpuDecoder:
         return torch.stack(rows), labels
 
 
-def setup(dataset, device, log=print):
+def setup(dataset, device, log=print, transform=None):
     """``(decoder, raw dataset)`` for decoding on ``device``; ``(None, dataset)`` with one line of
     explanation where that is not possible (no CUDA device, or torchvision without GPU JPEG decoding)."""
     dev = torch.device(device)
@@ -198,4 +200,4 @@ def setup(dataset, device, log=print):
     except Exception as e:  # noqa: BLE001 -- any failure means: decode on the CPU
         log(f"--gpu_decode: torchvision cannot decode JPEGs on {dev} ({type(e).__name__}); decoding on the CPU")
         return None, dataset
-    return GpuDecoder(dev, dataset.transform), RawImageFolder(dataset)
+    return GpuDecoder(dev, dataset.transform, transform), RawImageFolder(dataset)

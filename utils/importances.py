@@ -127,7 +127,8 @@ def _batch_rows(ok, results, rows, targets):
 
 def run_stage1(model, conv, ds, folder, info, batch_size, device, num_workers, chunk_size,
                autocast_dtype=None, channels_last=False, gpu_decoder=None, skip_unreadable=False,
-               allow_mixed_numerics=False, uint8_images=False, log=print):
+               allow_mixed_numerics=False, uint8_images=False, log=print, mean=data.MEAN, std=data.STD,
+               class_outputs=None):
     """Fill (or finish) the store at ``folder``. Returns the Store.
 
     ``info``: the store fingerprint (see store.fingerprint) plus autocast/decode settings and ``numerics``.
@@ -138,6 +139,9 @@ def run_stage1(model, conv, ds, folder, info, batch_size, device, num_workers, c
     device with ``data.normalize_uint8`` (bit-identical to the float transform, a quarter of the bytes).
     ``skip_unreadable``: store an unreadable image as a row of zeros with prediction -1 (its file name goes
     into the manifest) instead of stopping with a one-line error that names it.
+    ``mean``, ``std``: the transform's normalization (``uint8_images``). ``class_outputs``: (K,) output index of
+    each class folder (``utils/classmap.py``), or None when folder y is output y: the logit differentiated and
+    the stored target.
     Several processes (torchrun): every rank calls this; rank 0 alone takes the store's lock, creates or
     checks the store and merges the chunks; the ranks agree on each step through the process group.
     """
@@ -216,7 +220,8 @@ def run_stage1(model, conv, ds, folder, info, batch_size, device, num_workers, c
     loader = data.make_loader(ds, batches, num_workers, device, "keep", hint) if batches else []
     chunks = _ChunkBuffer(store, chunk_size, n, shapes)
     pinned = _pinned_buffers(batch_size, conv, device)
-    mean_std = [torch.tensor(v, dtype=torch.float32, device=device) for v in (data.MEAN, data.STD)]
+    mean_std = [torch.tensor(v, dtype=torch.float32, device=device) for v in (mean, std)]
+    outputs = None if class_outputs is None else torch.as_tensor(class_outputs, dtype=torch.int64)
     bar = tqdm(total=images_todo, unit="img", unit_scale=True, smoothing=0.05, disable=(rank != 0 and size > 1),
                desc="stage 1" + (f" rank {rank}" if size > 1 else ""), dynamic_ncols=True)
     start = time.time()
@@ -240,7 +245,9 @@ def run_stage1(model, conv, ds, folder, info, batch_size, device, num_workers, c
                 if uint8_images:
                     images = data.normalize_uint8(images, *mean_std)
             targets = np.asarray([ds.targets[r] for r in rows], dtype=np.int64)
-            if not ok.all():
+            if outputs is not None:  # the model's output index of each folder: the logit and the stored target
+                targets = outputs.numpy()[targets]
+                labels = torch.where(labels == data.UNREADABLE, labels, outputs.to(labels.device)[labels.clamp(min=0)])
                 if not skip_unreadable:
                     if pending is not None:
                         write(pending)  # keep every finished chunk

@@ -12,9 +12,28 @@ import torchvision
 from .cli import UserError
 
 
+INIT_SEED = 0  # torch's seed while a model is built without weights (--weights none, a factory's own)
+
+
 def model_tag(model_spec):
     """File-name-safe name of a model spec: ``resnet50`` stays, ``pkg.mod:make`` becomes ``pkg_mod_make``."""
     return re.sub(r"[^A-Za-z0-9_-]+", "_", model_spec).strip("_")
+
+
+def default_layer(model):
+    """Module path of the model's last Conv2d (``--layer_of_interest last_conv``), or None."""
+    convs = conv_layers(model)
+    return convs[-1][0] if convs else None
+
+
+def file_tag(model, model_spec, layer_path):
+    """What names a run's files: the model tag for its last conv (the default layer: the published names,
+    ``resnet50`` for layer4.2.conv3), else the tag and the layer (``resnet18_layer3.1.conv2``), so that
+    the files of two layers of one model never collide."""
+    tag = model_tag(model_spec)
+    if layer_path == default_layer(model):
+        return tag
+    return f"{tag}_{re.sub(r'[^A-Za-z0-9_.-]+', '_', layer_path).strip('_')}"
 
 
 def _state_dict_num_classes(state):
@@ -91,23 +110,39 @@ def _load_state_dict_file(model_spec, path):
     return model
 
 
+def _seeded_build(model_spec):
+    """The architecture built under torch's seed INIT_SEED (the caller's random state is left as it was), so that
+    every process gets the same initial weights. A factory whose weights still differ between two builds
+    (it draws them from another generator) is refused: its stores could never be read again."""
+    def build():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(INIT_SEED)
+            return _build_architecture(model_spec)
+    model = build()
+    if ":" in model_spec and weights_sha256(model) != weights_sha256(build()):
+        raise UserError(f"--model {model_spec}: the factory draws new random weights on every call (two builds "
+                        f"differ), so a later stage cannot rebuild the model of the store; save its state dict "
+                        f"once (torch.save(model.state_dict(), 'w.pth')) and pass --weights w.pth")
+    return model
+
+
 def load_model(model_spec, weights=None):
     """Build the model in eval mode with frozen parameters.
 
-    ``weights``: None (torchvision: IMAGENET1K_V1 where it exists, else DEFAULT; a factory: its own),
-    'none' (as built), a torchvision weights name, or the path of a state-dict file (a torchvision
+    ``weights``: None (torchvision: IMAGENET1K_V1 where it exists, else DEFAULT; a factory: its own, built
+    under torch's seed INIT_SEED), 'none' (as built, under the same seed), a torchvision weights name, or the path of a state-dict file (a torchvision
     architecture takes its number of classes from the file).
     Returns ``(model, weights_id)`` where ``weights_id`` names what was loaded.
     """
     factory = ":" in model_spec
     if weights is not None and weights.lower() == "none":
-        model, weights_id = _build_architecture(model_spec), "none"
+        model, weights_id = _seeded_build(model_spec), "none"
     elif weights is not None and _looks_like_file(weights):
         model, weights_id = _load_state_dict_file(model_spec, weights), os.path.abspath(weights)
     elif factory:
         if weights is not None:
             raise UserError(f"--weights {weights}: with --model {model_spec} pass a state-dict file path or 'none'")
-        model, weights_id = _build_architecture(model_spec), "factory"
+        model, weights_id = _seeded_build(model_spec), "factory"
     else:
         _build_architecture(model_spec)  # validates the name with a clear message
         member = _torchvision_weights(model_spec, weights)

@@ -45,9 +45,10 @@ def rho_score_plot(path, rhos, scores, best, title, ylabel="score = mean q1 + me
     plt.close(fig)
 
 
-def contact_sheet(path, rows, thumb=112, caption_h=28, label_w=130, title=None):
-    """A grid of images. rows: list of (row label, [(image path, caption), ...]); saved as PNG."""
-    crop = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.Resize(thumb)])
+def contact_sheet(path, rows, thumb=112, caption_h=28, label_w=130, title=None, resize=256, crop_size=224):
+    """A grid of images. rows: list of (row label, [(image path, caption), ...]); saved as PNG. Each image as the
+    model sees it (shorter side to ``resize``, centre crop ``crop_size``: the evaluation transform), shrunk."""
+    crop = transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(crop_size), transforms.Resize(thumb)])
     ncols = max((len(items) for _, items in rows), default=1)
     top = 24 if title else 0
     sheet = Image.new("RGB", (label_w + ncols * thumb, top + len(rows) * (thumb + caption_h)), "white")

@@ -79,7 +79,7 @@ def record_of(ctx, train_ds, settings):
             "layer_geometry": layer_geometry(ctx.conv), "classes": summary["classes"],
             "images_per_class": summary["images_per_class"], "files_sha256": summary["files_sha256"],
             "content_sha256": files_sha256(train_ds.samples[i][0] for i in sample),
-            "transform": data.TRANSFORM_DESCRIPTION, "settings": settings,
+            "transform": getattr(ctx, "transform", data.DEFAULT_TRANSFORM).describe(), "settings": settings,
             "sampling": "positions without replacement, probability proportional to ||x||", "version": VERSION}
     return meta, hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -102,7 +102,7 @@ def collect_vectors(model, conv, ds, indices, per_image, seed, batch_size, devic
 def load_or_train(ctx, args, device):
     """The SAE of these model, layer, training data and settings: reused from MODEL_DIR/sae/ when its record
     matches, else trained and saved. Returns (sae on ``device``, info dict, path, reused)."""
-    train_ds = data.image_folder(args.data_dir, "train")
+    train_ds = data.image_folder(args.data_dir, "train", transform=data.eval_transform(ctx.transform))
     settings = settings_of(args)
     meta, key = record_of(ctx, train_ds, settings)
     path = os.path.join(args.model_dir, "sae", f"sae_{key}.pt")
@@ -252,7 +252,8 @@ def run_for_channel(ctx, args, channel, classes, run_name, out_dir):
     scope = "all val images" if whole else "val images of the concepts"
     fig = os.path.join(out_dir, "plots", f"sae_view_{run_name}.png")
     plots.contact_sheet(fig, rows, title=f"{ctx.tag} {ctx.layer_path} channel {channel}: SAE features by share of pos(channel) "
-                                         f"on its top {len(top_images)} images ({scope}); each row its top images")
+                                         f"on its top {len(top_images)} images ({scope}); each row its top images",
+                        resize=ctx.transform.resize, crop_size=ctx.transform.crop)
     record = {"model": ctx.model_spec, "layer": ctx.layer_path, "channel": channel, "sae": path, "sae_reused": reused,
               "settings": settings_of(args), "training": info, "dictionary": m, "k": args.sae_k,
               "scope": scope, "val_images": int(len(kept)), "channel_top_images": [data.relative_name(ds, i) for i in top_images],

@@ -27,7 +27,7 @@ ARRAYS = ("attributions", "targets", "predictions", "patch_sums")
 UNREADABLE_PREDICTION = -1  # the prediction stored for an image that could not be read (its row is all zeros)
 # Keys that must agree for a later stage to read a store.
 MATCH_KEYS = ("model", "weights_sha256", "layer", "layer_geometry", "classes", "images_per_class", "files_sha256",
-              "transform")
+              "transform", "class_outputs")
 # Keys that must also agree to reuse or resume a store (they change the numbers written).
 COMPLETE_KEYS = MATCH_KEYS + ("autocast", "decode")
 LOCK_NAME = ".lock"
@@ -36,6 +36,33 @@ RESUME_KEYS = COMPLETE_KEYS + ("num_images", "chunk_size")
 
 def store_folder(store_dir, tag):
     return os.path.join(store_dir, f"{tag}_channel_importances")
+
+
+def find_folder(store_dir, tag, name, layer):
+    """The store folder of a run named ``name`` (``models.file_tag``): ``{name}_channel_importances``; for a layer
+    other than the default, a store written before the layer was in the name (``{tag}_channel_importances``
+    whose manifest names ``layer``) is used when there is no folder of the new name."""
+    folder = store_folder(store_dir, name)
+    if name != tag and not os.path.isdir(folder):
+        old = store_folder(store_dir, tag)
+        if (Store.peek(old) or {}).get("layer") == layer:
+            return old
+    return folder
+
+
+def find_stores(store_dir):
+    """[(folder, manifest)] of every store (complete or not) directly under ``store_dir``, sorted by folder."""
+    if not store_dir or not os.path.isdir(store_dir):
+        return []
+    out = []
+    for name in sorted(os.listdir(store_dir)):
+        folder = os.path.join(store_dir, name)
+        if name.endswith("_channel_importances") and os.path.isfile(os.path.join(folder, "manifest.json")):
+            try:
+                out.append((folder, fileio.read_json(os.path.join(folder, "manifest.json"))))
+            except ValueError:
+                continue
+    return out
 
 
 def versions():
@@ -64,14 +91,21 @@ def describe_mismatch(found, expected, keys):
         a, b = found.get(k), expected.get(k)
         if a != b:
             if k in ("classes", "images_per_class"):
-                diffs.append(f"{k} (dataset differs: {len(a or [])} vs {len(b or [])} classes, "
-                             f"{sum(found.get('images_per_class') or [])} vs "
+                diffs.append(f"{k} (dataset differs: stored {len(a or [])} classes and "
+                             f"{sum(found.get('images_per_class') or [])} images, now {len(b or [])} classes and "
                              f"{sum(expected.get('images_per_class') or [])} images)")
             elif k == "files_sha256":
                 diffs.append(f"dataset files (same classes and counts, other image file names: stored "
                              f"{found.get('data_dir')}, now {expected.get('data_dir')})")
             elif k == "weights_sha256":
-                diffs.append(f"weights (stored {found.get('weights')}, now {expected.get('weights')})")
+                if found.get("weights") == expected.get("weights"):
+                    diffs.append(f"weights ({found.get('weights')} both times, but other values: the weights file "
+                                 f"or the model's code changed since)")
+                else:
+                    diffs.append(f"weights (stored {found.get('weights')}, now {expected.get('weights')})")
+            elif k == "class_outputs":
+                diffs.append(f"the class folders' model outputs (stored {found.get('class_outputs_from', 'folder order')}"
+                             f", now {expected.get('class_outputs_from', 'folder order')})")
             else:
                 diffs.append(f"{k} (stored {a}, now {b})")
     return "; ".join(diffs)
@@ -122,8 +156,15 @@ class Store:
         return np.flatnonzero(np.asarray(self.array("predictions")) == UNREADABLE_PREDICTION)
 
     def labels(self):
-        """(N,) int64 labels of the rows, -1 for the rows of unreadable images (left out of every count)."""
+        """(N,) int64 class (folder) indices of the rows, -1 for the rows of unreadable images (left out of every
+        count). ``targets.npy`` holds the model's output index of each row's class; a store whose manifest maps
+        the folders to other outputs (``class_outputs``) is mapped back here."""
         y = np.array(self.array("targets"), dtype=np.int64)
+        outputs = self.manifest.get("class_outputs")
+        if outputs is not None:
+            back = np.full(max(outputs) + 1, -1, dtype=np.int64)
+            back[np.asarray(outputs, dtype=np.int64)] = np.arange(len(outputs))
+            y = back[y]
         y[self.unreadable_rows()] = -1
         return y
 
