@@ -67,8 +67,8 @@ def fashion_run(args, folder, seed):
     if not os.path.isfile(path):
         from demo import run_fashion
         argv = ["--out", folder, "--seed", str(seed), "--epochs", str(args.epochs), "--train_threads",
-                str(args.train_threads), "--splits", str(args.splits), "--no_feature_vis", "--no_sae_view",
-                "--data_dir", os.path.join(args.out, "data")]
+                str(args.train_threads), "--splits", str(args.splits), "--weakest", "0", "--no_feature_vis",
+                "--no_sae_view", "--data_dir", os.path.join(args.out, "data")]
         for flag in ("train_per_class", "store_per_class", "val_per_class"):
             if getattr(args, flag) is not None:
                 argv += [f"--{flag}", str(getattr(args, flag))]
@@ -192,6 +192,7 @@ def unit_kinds(n_features):
 
 # ----------------------------------------------------------------------------- one seed
 def run_seed(args, seed):
+    start = time.time()
     folder = os.path.join(args.out, f"seed{seed}")
     store, weights = os.path.join(folder, "store"), os.path.join(folder, "model.pth")
     transform, extra = {}, []
@@ -200,7 +201,7 @@ def run_seed(args, seed):
         report = fashion_run(args, folder, seed)
         model, data_dir = report["model"], report["data"]["data_dir"]
         candidates = fileio.read_json(report["stage2"]["candidates_json"])["candidates"]
-        split_channels = [s["channel"] for s in report["splits"]]
+        split_channels = [s["channel"] for s in report["splits"] if s.get("role") != "weakest"]
         transform = {"resize": run_fashion.SIZE, "crop": run_fashion.SIZE, "mean": [fashion_mnist.MEAN] * 3,
                      "std": [fashion_mnist.STD] * 3}
         extra = run_fashion.transform_flags()
@@ -209,6 +210,7 @@ def run_seed(args, seed):
         model, data_dir = MODEL, os.path.join(folder, "data")
         candidates = fileio.read_json(report["candidates_json"])["candidates"]
         split_channels = None
+    seconds_run = round(time.time() - start, 1)
     ns = SimpleNamespace(device=args.device, gpu=None, model=model, weights=weights, layer_of_interest="last_conv",
                          nr_channels_in_layer_of_interest=None, batch_size=64, data_dir=data_dir, model_dir=store,
                          num_workers=0, sae_seed=seed, **transform,
@@ -240,6 +242,7 @@ def run_seed(args, seed):
             for name, pos in fn(env, c).items():
                 rows.append(dict(score(args, pos, labels, names, n, pos_channel[c]), channel=c, unit=name))
         out["kinds"][kind] = {"units": rows}
+    out.update(seconds_run=seconds_run, seconds=round(time.time() - start, 1))
     return out
 
 

@@ -20,6 +20,7 @@ Usage: python -m demo.run_fashion [--out fmnist_out/run] [--data_dir DIR] [--arc
        [--seed 0] [--train_per_class N] [--val_per_class N] [--splits 3] [--no_feature_vis] [--no_sae_view]
 """
 import argparse
+import glob
 import json
 import os
 import shutil
@@ -64,6 +65,9 @@ def parse_args(argv=None):
                    help="training images per class in the ImageFolder that stage 1 reads (default: --train_per_class)")
     p.add_argument("--val_per_class", type=int, default=None, help="val (test) images per class (default all 1000)")
     p.add_argument("--splits", type=int, default=3, help="candidates to split, strongest first (default 3)")
+    p.add_argument("--weakest", type=int, default=1,
+                   help="also split this many of the weakest candidates (the highest cosine, other channels), to "
+                        "show where the split does not separate (default 1)")
     p.add_argument("--batch_size", type=int, default=128, help="--batch_size of the stage scripts (default 128)")
     p.add_argument("--num_workers", type=int, default=1, help="--num_workers of the stage scripts (default 1)")
     p.add_argument("--proportion_attribution_required", type=float, default=0.05,
@@ -81,8 +85,8 @@ def parse_args(argv=None):
     p.add_argument("--no_feature_vis", action="store_true", help="skip the feature visualizations")
     p.add_argument("--no_sae_view", action="store_true", help="skip the SAE view")
     a = p.parse_args(argv)
-    if a.splits < 1 or a.epochs < 1:
-        p.error("--splits and --epochs must be at least 1")
+    if a.splits < 1 or a.epochs < 1 or a.weakest < 0:
+        p.error("--splits and --epochs must be at least 1, --weakest at least 0")
     return a
 
 
@@ -102,6 +106,17 @@ def train_or_reuse(args, weights, log):
                 reused=False)
 
 
+def store_fits(store_dir, data_dir, names, model_reused):
+    """Whether the stage-1 store(s) in ``store_dir`` may be kept: the model was not retrained and every store
+    was made from ``data_dir`` with its current images per class (stage 1 then resumes or reuses it)."""
+    if not model_reused:
+        return False
+    counts = [len(os.listdir(os.path.join(data_dir, "train", name))) for name in names]
+    manifests = glob.glob(os.path.join(store_dir, "*", "manifest.json"))
+    return all(fileio.read_json(m).get("data_dir") == data_dir and
+               fileio.read_json(m).get("images_per_class") == counts for m in manifests)
+
+
 def candidate_counts(cands, thresholds=THRESHOLDS):
     """Candidate pairs and distinct channels with cosine below each threshold: {"0.5": {"pairs", "channels"}}."""
     return {str(t): {"pairs": sum(d["cosine_similarity"] < t for d in cands),
@@ -115,6 +130,16 @@ def strongest(cands, n):
     for d in sorted(cands, key=lambda d: (d["cosine_similarity"], d["channel"], d["class1"], d["class2"])):
         best.setdefault(d["channel"], d)
     return list(best.values())[:n]
+
+
+def weakest(cands, n, exclude=()):
+    """The highest-cosine pair of each channel not in ``exclude``, for the n channels whose highest cosine is
+    highest (ties: channel, then classes)."""
+    worst = {}
+    for d in sorted(cands, key=lambda d: (-d["cosine_similarity"], d["channel"], d["class1"], d["class2"])):
+        if d["channel"] not in exclude:
+            worst.setdefault(d["channel"], d)
+    return list(worst.values())[:n]
 
 
 def main(argv=None):
@@ -145,8 +170,8 @@ def main(argv=None):
     t = time.time()
     training = train_or_reuse(args, weights, lambda s: print(s, flush=True))
     seconds["training"] = round(time.time() - t, 1)
-    if not training["reused"] and os.path.isdir(store_dir):  # a store of other weights: stage 1 would refuse it
-        shutil.rmtree(store_dir)
+    if os.path.isdir(store_dir) and not store_fits(store_dir, data_dir, names, training["reused"]):
+        shutil.rmtree(store_dir)  # a store of other weights or images: stage 1 would refuse it
 
     r = Runner(out)
     model = f"demo.fashion_model:{args.arch}"
@@ -169,6 +194,7 @@ def main(argv=None):
     if not cands:
         raise SystemExit(f"stage 2 found no channel used by two classes (tau={tau}, p={pp})")
     chosen = strongest(cands, args.splits)
+    chosen += weakest(cands, args.weakest, {d["channel"] for d in chosen})
 
     splits = []
     for n, best in enumerate(chosen):
@@ -192,7 +218,7 @@ def main(argv=None):
         summary = fileio.read_json(os.path.join(out, "results_disentanglement", run_name + "_summary.json"))
         info_path = os.path.join(store_dir, "models_disentangled", run_name[:-len("_f_best_unnormalized")] + "_info.json")
         info = fileio.read_json(info_path)
-        entry = {"channel": c, "class1": names[y1], "class2": names[y2], "class1_index": y1, "class2_index": y2,
+        entry = {"role": "strongest" if n < args.splits else "weakest", "channel": c, "class1": names[y1], "class2": names[y2], "class1_index": y1, "class2_index": y2,
                  "cosine_similarity": best["cosine_similarity"], "best_rho": info["best_rho"],
                  "train_images_concept1": info["train_images_concept1"],
                  "train_images_concept2": info["train_images_concept2"],

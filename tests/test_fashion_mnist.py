@@ -170,3 +170,131 @@ def test_pixel_stats_and_groups():
     assert mean == pytest.approx(0.75) and std == pytest.approx(np.sqrt(0.75 * 0.25))
     groups = FM.class_groups()
     assert (groups >= 0).all() and groups[5] == groups[7] == groups[9] != groups[8]
+
+
+# ----------------------------------------------------------------------------- the network
+def test_layer_of_interest_is_the_last_conv_followed_by_batchnorm_and_the_add():
+    from demo import fashion_model as M
+    from utils import models
+    for name, factory in M.ARCHS.items():
+        net = factory().eval()
+        path, conv = models.resolve_layer(net, "last_conv")
+        assert path == M.LAYER and conv is net.layer_of_interest
+        x = torch.randn(2, 3, 28, 28)
+        bn = models.batchnorm_after(net, conv, x)
+        assert (bn is net.layer3[1].bn3) if "resnet" in name else bn is None
+        assert conv.out_channels == int(name[-2:]) and net(x).shape == (2, 10)
+
+
+def test_grey_input_is_the_mean_of_equal_channels_and_augment_shifts_by_whole_pixels():
+    from demo import fashion_model as M
+    images = np.arange(2 * 28 * 28, dtype=np.int64).reshape(2, 28, 28) % 256
+    x = M.to_input(images.astype(np.uint8))
+    assert x.shape == (2, 3, 28, 28) and torch.equal(x[:, 0], x[:, 2])
+    assert abs(float(x[1, 0, 3, 4]) - (images[1, 3, 4] / 255 - FM.MEAN) / FM.STD) < 1e-6
+    assert torch.allclose(M.Grey()(x), x[:, :1], atol=1e-6)
+    out = M.augment(x, torch.Generator().manual_seed(0))
+    background = -FM.MEAN / FM.STD
+    for i in range(2):  # each output is the input (or its mirror image) moved by whole pixels, padded with black
+        hits = []
+        for src in (x[i], x[i].flip(2)):
+            padded = torch.nn.functional.pad(src, (2, 2, 2, 2), value=background)
+            hits += [(dy, dx) for dy in range(5) for dx in range(5)
+                     if torch.equal(padded[:, dy:dy + 28, dx:dx + 28], out[i])]
+        assert len(hits) >= 1
+
+
+# ----------------------------------------------------------------------------- the whole method, reduced size
+REPORT_FIELDS = ("data", "model", "weights", "layer", "training", "test_accuracy", "stage2", "splits", "label_free",
+                 "concepts_json", "commands", "seconds")
+SPLIT_FIELDS = ("channel", "class1", "class2", "cosine_similarity", "best_rho", "sep_concept1", "sep_concept2",
+                "mean_pos_concept1", "mean_pos_concept2", "quantitative_concept1", "quantitative_concept2",
+                "max_logit_diff", "max_abs_logit", "logits_unchanged", "checkpoint", "top_images", "plots", "sae_view")
+SECONDS = ("conversion", "training", "stage1", "stage2", "stage2_label_free", "total")
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    if not HAVE_DATA:
+        pytest.skip(f"Fashion-MNIST is not installed under {FM.SOURCE} ({FM.INSTALL_HINT})")
+    from demo import run_fashion
+    out = tmp_path_factory.mktemp("fmnist") / "run"
+    report = run_fashion.main(["--out", str(out), "--train_per_class", "150", "--val_per_class", "20", "--epochs", "2",
+                               "--splits", "1", "--weakest", "0", "--no_feature_vis", "--sae_steps", "50", "--sae_train_images", "200",
+                               "--top_n", "40"])
+    return out, report
+
+
+@NEEDS_DATA
+def test_small_run_report_has_every_field(small_run):
+    out, report = small_run
+    assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
+    assert all(k in report for k in REPORT_FIELDS) and all(k in report["seconds"] for k in SECONDS)
+    assert report["training"]["train_images"] == 1500 and report["training"]["test_images"] == 10000
+    for s in report["splits"]:
+        assert all(k in s for k in SPLIT_FIELDS)
+        assert s["channel"] in {int(c) for c in report["label_free"]}
+        for key in ("density_concept1", "density_concept2", "top_images"):
+            assert os.path.isfile(s["plots"][key])
+    assert "stage3_channel%d" % report["splits"][0]["channel"] in report["seconds"]
+
+
+def test_strongest_and_weakest_candidates_hand_built():
+    from demo.run_fashion import candidate_counts, strongest, weakest
+    c = [{"channel": ch, "class1": y1, "class2": y2, "cosine_similarity": cos} for ch, y1, y2, cos in
+         [(1, 0, 1, 0.20), (1, 0, 2, 0.90), (2, 0, 1, 0.80), (3, 0, 1, 0.95), (4, 2, 3, 0.20), (4, 1, 2, 0.60)]]
+    best = strongest(c, 2)  # lowest cosine per channel; channel breaks the tie at 0.20
+    assert [(d["channel"], d["class2"]) for d in best] == [(1, 1), (4, 3)]
+    assert [d["channel"] for d in strongest(c, 10)] == [1, 4, 2, 3]
+    assert [(d["channel"], d["cosine_similarity"]) for d in weakest(c, 2, {1, 4})] == [(3, 0.95), (2, 0.80)]
+    assert weakest(c, 1)[0]["channel"] == 3 and weakest(c, 1, {1, 2, 3, 4}) == []
+    assert candidate_counts(c) == {"0.5": {"pairs": 2, "channels": 2}, "0.7": {"pairs": 3, "channels": 2},
+                                   "0.9": {"pairs": 4, "channels": 3}}
+
+
+@NEEDS_DATA
+def test_small_run_candidate_counts_and_the_strongest_pairs(small_run):
+    """The counts below 0.5, 0.7, 0.9 against the candidate file, and the split pair is the lowest cosine."""
+    _, report = small_run
+    cands = json.loads(open(report["stage2"]["candidates_json"]).read())["candidates"]
+    for t in ("0.5", "0.7", "0.9"):
+        below = [d for d in cands if d["cosine_similarity"] < float(t)]
+        assert report["stage2"]["below"][t] == {"pairs": len(below), "channels": len({d["channel"] for d in below})}
+    lowest = min(cands, key=lambda d: d["cosine_similarity"])
+    first = report["splits"][0]
+    assert (first["channel"], first["class1_index"], first["class2_index"]) == \
+        (lowest["channel"], lowest["class1"], lowest["class2"])
+
+
+@NEEDS_DATA
+def test_small_run_stages_see_the_training_pixels_and_the_split_is_exact(small_run):
+    """The stage scripts' transform (--resize 28 --crop 28 --mean --std) gives the net the tensors it was trained
+    on; the disentangled net's logits equal the original's on val images (1e-4 relative), checked here anew."""
+    from demo import fashion_model as M
+    from utils import data, disentangle, models
+    _, report = small_run
+    net, _ = models.load_model(report["model"], report["weights"])
+    t = data.Transform(28, 28, (FM.MEAN,) * 3, (FM.STD,) * 3)
+    ds = data.image_folder(report["data"]["data_dir"], "val", transform=data.eval_transform(t))
+    idx = list(range(0, len(ds), 10))
+    x = torch.stack([ds[i][0] for i in idx])
+    images, _ = FM.load_split("val")
+    rows = [int(os.path.basename(ds.samples[i][0])[:5]) for i in idx]
+    assert torch.allclose(x, M.to_input(images[rows]), atol=1e-6)
+    s = report["splits"][0]
+    dnet = disentangle.load_disentangled_model(report["model"], report["weights"], "last_conv", s["channel"],
+                                               s["checkpoint"])
+    with torch.no_grad():
+        z, z2 = net(x), dnet(x)
+    assert (z2 - z).abs().max() <= 1e-4 * max(1.0, float(z.abs().max()))
+    assert s["logits_unchanged"] and s["max_logit_diff"] <= 1e-4 * max(1.0, s["max_abs_logit"])
+    # the split maps sum to the channel: D1 + D2 - R = a[c] on these images
+    layer = dnet.get_submodule(M.LAYER)
+    feats = {}
+    hook = net.get_submodule(M.LAYER).register_forward_hook(lambda m, i, o: feats.update(a=o, x=i[0]))
+    with torch.no_grad():
+        net(x)
+        maps = layer[0](feats["x"])
+    hook.remove()
+    c, k = s["channel"], 16
+    assert torch.allclose(maps[:, c] + maps[:, k] - maps[:, k + 1], feats["a"][:, c], atol=1e-4)
