@@ -37,12 +37,13 @@ def parts(report):
     if first.get("feature_vis"):
         fv = json.load(open(first["feature_vis"]["figure"].replace("/plots/feature_vis_", "/results_disentanglement/")
                             .replace(".png", "_feature_vis.json")))
-        rows.append(("  of which feature visualizations", fv["seconds"]))
+        rows.append(("  of which feature visualizations", fv["seconds"]))  # spectrum included unless reused
     if first.get("sae_view"):
         run = os.path.basename(first["sae_view"]["figure"])[len("sae_view_"):-len(".png")]
         sv = json.load(open(os.path.join(os.path.dirname(os.path.dirname(first["sae_view"]["figure"])),
                                          "results_disentanglement", run + "_sae_view.json")))
-        rows.append(("  of which SAE view (training included)", sv["seconds"]))
+        rows.append((f"  of which SAE view ({'SAE reused' if sv.get('sae_reused') else 'SAE training included'})",
+                     sv["seconds"]))
     rows.append(("total", s["total"]))
     return rows
 

@@ -119,7 +119,8 @@ def load_split(split, source=None):
     images = read_idx(images_path, IMAGE_MAGIC)
     labels = read_idx(labels_path, LABEL_MAGIC)
     if images.ndim != 3 or labels.ndim != 1:
-        raise UserError(f"{images_path}: {images.ndim} dimensions (expected 3), {labels_path}: {labels.ndim} (expected 1)")
+        raise UserError(f"{images_path}: {images.ndim} dimensions (expected 3), {labels_path}: {labels.ndim} "
+                        f"(expected 1)")
     if len(images) != len(labels):
         raise UserError(f"{images_path} holds {len(images)} images but {labels_path} {len(labels)} labels")
     if labels.size and int(labels.max()) >= len(CLASSES):

@@ -247,7 +247,8 @@ def _train(out, arch, epochs, seed, batch_size, lr, weight_decay, train_per_clas
     model.eval()
     summary = {"arch": arch, "layer": LAYER, "epochs": epochs, "seed": seed, "batch_size": batch_size, "lr": lr,
                "weight_decay": weight_decay, "threads": torch.get_num_threads(), "train_images": len(x),
-               "test_images": len(xt), "train_accuracy": accuracy(model, x, y), "test_accuracy": accuracy(model, xt, yt),
+               "test_images": len(xt), "train_accuracy": accuracy(model, x, y),
+               "test_accuracy": accuracy(model, xt, yt),
                "epoch_seconds": epoch_seconds, "seconds": round(time.time() - start, 1)}
     from utils import fileio
     fileio.save_torch(out, model.state_dict())

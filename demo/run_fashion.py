@@ -190,7 +190,8 @@ def main(argv=None):
                              f"{tag}_required{tau}_p{pp}_cossim0.0to1.0_candidates.json")
     cands = fileio.read_json(cand_path)["candidates"]
     counts = candidate_counts(cands)
-    print("  " + ", ".join(f"{v['pairs']} pairs on {v['channels']} channels below cosine {k}" for k, v in counts.items()))
+    print("  " + ", ".join(f"{v['pairs']} pairs on {v['channels']} channels below cosine {k}"
+                           for k, v in counts.items()))
     if not cands:
         raise SystemExit(f"stage 2 found no channel used by two classes (tau={tau}, p={pp})")
     chosen = strongest(cands, args.splits)
@@ -216,9 +217,11 @@ def main(argv=None):
             "--proportion_attribution_required", args.quantitative_tau, "--out_dir", out] + extra), 4))
         run_name = f"{tag}_channel{c}_classes1{[y1]}_classes2{[y2]}_f_best_unnormalized"
         summary = fileio.read_json(os.path.join(out, "results_disentanglement", run_name + "_summary.json"))
-        info_path = os.path.join(store_dir, "models_disentangled", run_name[:-len("_f_best_unnormalized")] + "_info.json")
+        info_path = os.path.join(store_dir, "models_disentangled",
+                                 run_name[:-len("_f_best_unnormalized")] + "_info.json")
         info = fileio.read_json(info_path)
-        entry = {"role": "strongest" if n < args.splits else "weakest", "channel": c, "class1": names[y1], "class2": names[y2], "class1_index": y1, "class2_index": y2,
+        entry = {"role": "strongest" if n < args.splits else "weakest", "channel": c, "class1": names[y1],
+                 "class2": names[y2], "class1_index": y1, "class2_index": y2,
                  "cosine_similarity": best["cosine_similarity"], "best_rho": info["best_rho"],
                  "train_images_concept1": info["train_images_concept1"],
                  "train_images_concept2": info["train_images_concept2"],
@@ -241,7 +244,8 @@ def main(argv=None):
                                     "val_max": fv.get("val_max"), "targets": fv.get("targets")}
         if "sae_view" in summary:
             sv = fileio.read_json(os.path.join(out, "results_disentanglement", run_name + "_sae_view.json"))
-            entry["sae_view"] = {k: sv.get(k) for k in ("figure", "fvu", "dead_features", "dictionary", "constant_term_share", "features", "sae")}
+            entry["sae_view"] = {k: sv.get(k) for k in ("figure", "fvu", "dead_features", "dictionary",
+                                                        "constant_term_share", "features", "sae")}
         splits.append(entry)
         print(f"  separation {names[y1]} {entry['sep_concept1']:.3g}, {names[y2]} {entry['sep_concept2']:.3g}; "
               f"logits: max difference {entry['max_logit_diff']:.2e} (largest |logit| {entry['max_abs_logit']:.3g})",
@@ -250,7 +254,8 @@ def main(argv=None):
     channels = [s["channel"] for s in splits]
     print(f"[6/7] label-free concepts of channels {channels} (stage 2 --label_free)", flush=True)
     print(_short(r.run("stage2_label_free", "get_cosine_similarities.py", common + [
-        "--store_dir", store_dir, "--label_free", "--channels", ",".join(map(str, channels)), "--top_n", args.top_n]), 4))
+        "--store_dir", store_dir, "--label_free", "--channels", ",".join(map(str, channels)),
+        "--top_n", args.top_n]), 4))
     concepts_path = os.path.join(store_dir, "results_get_cosine_similarities", f"{tag}_concepts_top{args.top_n}.json")
     concepts = fileio.read_json(concepts_path)["channels"]
     label_free = {str(c): {"k": concepts[str(c)]["k"], "silhouette": concepts[str(c)]["silhouette"],
@@ -265,7 +270,8 @@ def main(argv=None):
               "model": model, "weights": weights, "layer": fashion_model.LAYER,
               "training": training, "test_accuracy": training["test_accuracy"],
               "stage2": {"proportion_attribution_required": tau, "p": pp, "candidates_json": cand_path,
-                         "pairs": len(cands), "channels_used_by_two_or_more_classes": len({d["channel"] for d in cands}),
+                         "pairs": len(cands),
+                         "channels_used_by_two_or_more_classes": len({d["channel"] for d in cands}),
                          "below": counts,
                          "lowest": [dict(d, class1_name=names[d["class1"]], class2_name=names[d["class2"]])
                                     for d in sorted(cands, key=lambda d: d["cosine_similarity"])[:10]]},

@@ -220,7 +220,8 @@ def small_run(tmp_path_factory):
     from demo import run_fashion
     out = tmp_path_factory.mktemp("fmnist") / "run"
     report = run_fashion.main(["--out", str(out), "--train_per_class", "150", "--val_per_class", "20", "--epochs", "2",
-                               "--splits", "1", "--weakest", "0", "--no_feature_vis", "--sae_steps", "50", "--sae_train_images", "200",
+                               "--splits", "1", "--weakest", "0", "--no_feature_vis", "--sae_steps", "50",
+                               "--sae_train_images", "200",
                                "--top_n", "40"])
     return out, report
 
