@@ -27,6 +27,7 @@ has no such units.
 
   python benchmarks/purity.py [--out bench_out/purity] [--seeds 0 1 2] [--json FILE]
   python benchmarks/purity.py --data fashion_mnist [--out fmnist_out/purity] [--epochs 10] [--train_threads 2]
+  python benchmarks/purity.py --from_json seed0.json seed1.json seed2.json [--json all.json]   (seeds run apart)
 """
 import argparse
 import glob
@@ -309,7 +310,18 @@ def main(argv=None):
     for k, v in sae_view.DEFAULTS.items():
         if k != "sae_seed":
             p.add_argument("--" + k, type=type(v), default=v)
+    p.add_argument("--from_json", nargs="+", default=None,
+                   help="only combine the per-seed results of earlier --json files (one seed each, run apart) into "
+                        "the table (and --json)")
     args = p.parse_args(argv)
+    if args.from_json:
+        per_seed = [s for path in args.from_json for s in fileio.read_json(path)["per_seed"]]
+        table = summarize(per_seed)
+        print_table(table, [s["seed"] for s in per_seed])
+        if args.json:
+            fileio.write_json(args.json, {"from": args.from_json, "seeds": [s["seed"] for s in per_seed],
+                                          "table": table, "per_seed": per_seed})
+        return table
     if args.out is None:
         args.out = os.path.join(ROOT, "fmnist_out" if args.data == "fashion_mnist" else "bench_out", "purity")
     start = time.time()
