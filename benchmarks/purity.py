@@ -18,7 +18,16 @@ Every unit is scored on all val images by utils/purity.py: activation-weighted p
 colours and textures, top-N purity (N = val images per class) and its share of the channel's positive mass.
 Unit kinds whose code is not there yet print "not available".
 
+--data fashion_mnist: the same on real images (demo/run_fashion.py per seed: Fashion-MNIST, the small ResNet
+trained with that seed, stages 1-4 at 28 x 28), for the channels that run split (its --splits strongest
+candidates) rather than every channel stage 2 lists; the test labels are the ground truth, and the groups
+are the coarse garment groups of demo.fashion_mnist.GROUPS (upper body, trouser, footwear, bag) instead
+of colour and texture. A k-way split by stage 2's classes needs k <= 6: a channel used by more classes
+has no such units.
+
   python benchmarks/purity.py [--out bench_out/purity] [--seeds 0 1 2] [--json FILE]
+  python benchmarks/purity.py --data fashion_mnist [--out fmnist_out/purity] [--epochs 10] [--train_threads 2]
+  python benchmarks/purity.py --from_json seed0.json seed1.json seed2.json [--json all.json]   (seeds run apart)
 """
 import argparse
 import glob
@@ -39,8 +48,9 @@ from utils.disentangle import checkpoint_name, filter_maps, positive_mass  # noq
 from utils.evaluation import checkpoint_filters, top_k  # noqa: E402
 
 MODEL = "demo.model:shapes_cnn"
-TAG = "demo_model_shapes_cnn"
 METRICS = ("purity", "purity_colour", "purity_texture", "top_n_purity", "share")
+FASHION_METRICS = ("purity", "purity_group", "top_n_purity", "share")
+MAX_K = 6  # disentangle_channel.py splits into at most 6 concepts
 
 
 def script(name, args):
@@ -50,6 +60,21 @@ def script(name, args):
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     return proc.stdout
+
+
+def fashion_run(args, folder, seed):
+    """demo/run_fashion.py into ``folder`` with ``seed`` (reused when its report.json exists). Returns its report."""
+    path = os.path.join(folder, "report.json")
+    if not os.path.isfile(path):
+        from demo import run_fashion
+        argv = ["--out", folder, "--seed", str(seed), "--epochs", str(args.epochs), "--train_threads",
+                str(args.train_threads), "--splits", str(args.splits), "--weakest", "0", "--no_feature_vis",
+                "--no_sae_view", "--data_dir", os.path.join(args.out, "data")]
+        for flag in ("train_per_class", "store_per_class", "val_per_class"):
+            if getattr(args, flag) is not None:
+                argv += [f"--{flag}", str(getattr(args, flag))]
+        run_fashion.main(argv)
+    return fileio.read_json(path)
 
 
 def demo_run(folder, seed):
@@ -87,7 +112,7 @@ def paper_units(env, c):
     """D1, D2 of stage 3 for the channel's lowest-cosine class pair (run if its checkpoint is missing)."""
     pair = min((d for d in env.candidates if d["channel"] == c), key=lambda d: d["cosine_similarity"])
     y1, y2 = pair["class1"], pair["class2"]
-    path = os.path.join(env.store, "models_disentangled", checkpoint_name(TAG, c, [y1], [y2], "best"))
+    path = os.path.join(env.store, "models_disentangled", checkpoint_name(env.tag, c, [y1], [y2], "best"))
     if not os.path.isfile(path):
         script("disentangle_channel.py", env.common + ["--store_dir", env.store, "--channel_disentangle", c,
                                                        "--classes_for_concept1", y1, "--classes_for_concept2", y2])
@@ -101,8 +126,10 @@ def kway_classes_units(env, c):
     disentangle_channel.py --classes_for_concept3.. of main's k-way stage 3)."""
     from utils.disentangle import checkpoint_name_k
     classes = sorted({y for d in env.candidates if d["channel"] == c for y in (d["class1"], d["class2"])})
+    if len(classes) > MAX_K:
+        return {}
     concepts = [[y] for y in classes]
-    path = os.path.join(env.store, "models_disentangled", checkpoint_name_k(TAG, c, concepts, "best"))
+    path = os.path.join(env.store, "models_disentangled", checkpoint_name_k(env.tag, c, concepts, "best"))
     if not os.path.isfile(path):
         flags = [a for j, y in enumerate(classes, start=1) for a in (f"--classes_for_concept{j}", y)]
         script("disentangle_channel.py", env.common + ["--store_dir", env.store, "--channel_disentangle", c] + flags)
@@ -122,10 +149,11 @@ def sae_units(env, c, n_features):
 
 def concepts_file(env, c):
     """The label-free concepts of channel c (get_cosine_similarities.py --label_free)."""
-    path = os.path.join(env.store, "results_get_cosine_similarities", f"{TAG}_concepts_top100.json")
+    path = os.path.join(env.store, "results_get_cosine_similarities", f"{env.tag}_concepts_top100.json")
     concepts = fileio.read_json(path) if os.path.isfile(path) else {"channels": {}}
     if str(c) not in concepts["channels"]:
-        script("get_cosine_similarities.py", env.common + ["--store_dir", env.store, "--label_free", "--channels", c])
+        script("get_cosine_similarities.py", env.common + ["--store_dir", env.store, "--label_free", "--channels", c,
+                                                          "--top_n", 100])
         concepts = fileio.read_json(path)
     return path, concepts["channels"][str(c)]
 
@@ -135,7 +163,7 @@ def kway_units(env, c):
     path, _ = concepts_file(env, c)
     # utils.disentangle.cluster_checkpoint_name: {tag}_channel{c}_top{N}_clusters0-1-2_f_best_unnormalized.pth
     found = lambda: sorted(glob.glob(os.path.join(env.store, "models_disentangled",
-                                                  f"{TAG}_channel{c}_top*_clusters*_f_best_unnormalized.pth")))
+                                                  f"{env.tag}_channel{c}_top*_clusters*_f_best_unnormalized.pth")))
     if not found():
         script("disentangle_channel.py", env.common + ["--store_dir", env.store, "--channel_disentangle", c,
                                                        "--concepts_file", path])
@@ -165,13 +193,28 @@ def unit_kinds(n_features):
 
 # ----------------------------------------------------------------------------- one seed
 def run_seed(args, seed):
+    start = time.time()
     folder = os.path.join(args.out, f"seed{seed}")
-    report = demo_run(folder, seed)
-    store, data_dir, weights = os.path.join(folder, "store"), os.path.join(folder, "data"), os.path.join(folder, "model.pth")
-    candidates = fileio.read_json(report["candidates_json"])["candidates"]
-    ns = SimpleNamespace(device=args.device, gpu=None, model=MODEL, weights=weights, layer_of_interest="last_conv",
+    store, weights = os.path.join(folder, "store"), os.path.join(folder, "model.pth")
+    transform, extra = {}, []
+    if args.data == "fashion_mnist":
+        from demo import fashion_mnist, run_fashion
+        report = fashion_run(args, folder, seed)
+        model, data_dir = report["model"], report["data"]["data_dir"]
+        candidates = fileio.read_json(report["stage2"]["candidates_json"])["candidates"]
+        split_channels = [s["channel"] for s in report["splits"] if s.get("role") != "weakest"]
+        transform = {"resize": run_fashion.SIZE, "crop": run_fashion.SIZE, "mean": [fashion_mnist.MEAN] * 3,
+                     "std": [fashion_mnist.STD] * 3}
+        extra = run_fashion.transform_flags()
+    else:
+        report = demo_run(folder, seed)
+        model, data_dir = MODEL, os.path.join(folder, "data")
+        candidates = fileio.read_json(report["candidates_json"])["candidates"]
+        split_channels = None
+    seconds_run = round(time.time() - start, 1)
+    ns = SimpleNamespace(device=args.device, gpu=None, model=model, weights=weights, layer_of_interest="last_conv",
                          nr_channels_in_layer_of_interest=None, batch_size=64, data_dir=data_dir, model_dir=store,
-                         num_workers=0, sae_seed=seed,
+                         num_workers=0, sae_seed=seed, **transform,
                          **{k: getattr(args, k) for k in sae_view.DEFAULTS if k != "sae_seed"})
     ctx = context.setup(ns, split="val")
     for p in ctx.model.parameters():
@@ -188,27 +231,47 @@ def run_seed(args, seed):
     names = ctx.dataset.classes
     n = int(np.bincount(labels).max())
     env = SimpleNamespace(ctx=ctx, x=x.cpu(), labels=labels, names=names, pos_channel=pos_channel, sae=sae.cpu(),
-                          f=f.cpu(), patch_sums=patch_sums, store=store, candidates=candidates,
-                          common=["--data_dir", data_dir, "--model", MODEL, "--weights", weights, "--num_workers", 0])
-    channels = sorted({d["channel"] for d in candidates})
+                          f=f.cpu(), patch_sums=patch_sums, store=store, candidates=candidates, tag=ctx.tag,
+                          common=["--data_dir", data_dir, "--model", model, "--weights", weights, "--num_workers", 0]
+                          + extra)
+    channels = sorted({d["channel"] for d in candidates}) if split_channels is None else sorted(split_channels)
     out = {"seed": seed, "channels": channels, "sae": sae_path, "sae_reused": reused, "sae_fvu_val": fvu,
            "sae_dead_train": info["dead_train"], "val_per_class": n, "kinds": {}}
     for kind, fn in unit_kinds(args.sae_features):
         rows = []
         for c in channels:
             for name, pos in fn(env, c).items():
-                rows.append(dict(purity.score_unit(pos, labels, names, n, pos_channel[c]), channel=c, unit=name))
+                rows.append(dict(score(args, pos, labels, names, n, pos_channel[c]), channel=c, unit=name))
         out["kinds"][kind] = {"units": rows}
+    out.update(seconds_run=seconds_run, seconds=round(time.time() - start, 1))
     return out
+
+
+def score(args, pos, labels, names, n, pos_channel):
+    """utils.purity.score_unit; for Fashion-MNIST the coarse garment groups instead of colour and texture."""
+    if args.data != "fashion_mnist":
+        return purity.score_unit(pos, labels, names, n, pos_channel)
+    from demo import fashion_mnist
+    labels = np.asarray(labels)
+    p, heaviest = purity.activation_purity(pos, labels)
+    return {"purity": p, "class": names[heaviest] if heaviest >= 0 else None,
+            "purity_group": purity.activation_purity(pos, fashion_mnist.class_groups()[labels])[0],
+            "top_n_purity": purity.top_n_purity(pos, labels, n), "share": purity.share_of_channel(pos, pos_channel)}
+
+
+def metrics_of(per_seed):
+    return FASHION_METRICS if "purity_group" in next((u for s in per_seed for k in s["kinds"].values()
+                                                      for u in k["units"]), {}) else METRICS
 
 
 def summarize(per_seed):
     """Per unit kind: the mean of each metric over its units, per seed, then mean and sd over seeds."""
     table = {}
+    metrics = metrics_of(per_seed)
     for kind in per_seed[0]["kinds"]:
         seeds = [s["kinds"][kind] for s in per_seed]
         row = {"count": [len(s["units"]) for s in seeds]}
-        for m in METRICS:
+        for m in metrics:
             vals = [float(np.nanmean([u[m] for u in s["units"]])) if s["units"] else float("nan") for s in seeds]
             row[m] = {"per_seed": vals, "mean": float(np.mean(vals)), "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0}
         table[kind] = row
@@ -216,18 +279,30 @@ def summarize(per_seed):
 
 
 def print_table(table, seeds):
-    head = (f"{'unit kind':36} {'purity':>13} {'colour':>13} {'texture':>13} {'top-N':>13} {'share':>13}  units")
+    metrics = FASHION_METRICS if any("purity_group" in row for row in table.values()) else METRICS
+    shown = {"purity_colour": "colour", "purity_texture": "texture", "purity_group": "group", "top_n_purity": "top-N"}
+    head = f"{'unit kind':36} " + " ".join(f"{shown.get(m, m):>13}" for m in metrics) + "  units"
     print(f"\nmean over units, then mean ± sd over seeds {seeds}")
     print(head)
     print("-" * len(head))
     for kind, row in table.items():
-        cells = " ".join(f"{row[m]['mean']:6.3f} ± {row[m]['sd']:.3f}" for m in METRICS)
+        cells = " ".join(f"{row[m]['mean']:6.3f} ± {row[m]['sd']:.3f}" for m in metrics)
         print(f"{kind:36} {cells}  {'/'.join(map(str, row['count']))}")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.path.join(ROOT, "bench_out", "purity"), help="folder of the demo runs")
+    p.add_argument("--data", choices=("shapes", "fashion_mnist"), default="shapes",
+                   help="shapes (default: the demo) or fashion_mnist (real images, demo/run_fashion.py)")
+    p.add_argument("--out", default=None, help="folder of the runs (default bench_out/purity, or fmnist_out/purity "
+                                               "with --data fashion_mnist)")
+    g = p.add_argument_group("--data fashion_mnist (passed to demo/run_fashion.py)")
+    g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("--train_threads", type=int, default=2)
+    g.add_argument("--splits", type=int, default=3, help="channels scored per seed: the strongest candidates")
+    g.add_argument("--train_per_class", type=int, default=None)
+    g.add_argument("--store_per_class", type=int, default=None)
+    g.add_argument("--val_per_class", type=int, default=None)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--sae_features", type=int, default=2, help="SAE features per channel scored as units (default 2)")
     p.add_argument("--device", default="cpu")
@@ -235,7 +310,20 @@ def main(argv=None):
     for k, v in sae_view.DEFAULTS.items():
         if k != "sae_seed":
             p.add_argument("--" + k, type=type(v), default=v)
+    p.add_argument("--from_json", nargs="+", default=None,
+                   help="only combine the per-seed results of earlier --json files (one seed each, run apart) into "
+                        "the table (and --json)")
     args = p.parse_args(argv)
+    if args.from_json:
+        per_seed = [s for path in args.from_json for s in fileio.read_json(path)["per_seed"]]
+        table = summarize(per_seed)
+        print_table(table, [s["seed"] for s in per_seed])
+        if args.json:
+            fileio.write_json(args.json, {"from": args.from_json, "seeds": [s["seed"] for s in per_seed],
+                                          "table": table, "per_seed": per_seed})
+        return table
+    if args.out is None:
+        args.out = os.path.join(ROOT, "fmnist_out" if args.data == "fashion_mnist" else "bench_out", "purity")
     start = time.time()
     per_seed = []
     for s in args.seeds:
@@ -246,15 +334,17 @@ def main(argv=None):
               f"{' (reused)' if r['sae_reused'] else ''}")
         for kind, k in r["kinds"].items():
             for u in k["units"]:
+                groups = (f"group {u['purity_group']:.3f}" if "purity_group" in u else
+                          f"colour {u['purity_colour']:.3f} texture {u['purity_texture']:.3f}")
                 print(f"  {kind:36} ch {u['channel']} {u['unit']:28} purity {u['purity']:.3f} ({u['class']}) "
-                      f"colour {u['purity_colour']:.3f} texture {u['purity_texture']:.3f} top-N {u['top_n_purity']:.3f} "
-                      f"share {u['share']:.3f}")
+                      f"{groups} top-N {u['top_n_purity']:.3f} share {u['share']:.3f}")
     table = summarize(per_seed)
     print_table(table, args.seeds)
     print(f"({time.time() - start:.0f} s)")
     if args.json:
         settings = {k: getattr(args, k) for k in sae_view.DEFAULTS if k != "sae_seed"}
-        fileio.write_json(args.json, {"seeds": args.seeds, "sae_settings": dict(settings, sae_seed="= seed"),
+        fileio.write_json(args.json, {"data": args.data, "seeds": args.seeds,
+                                      "sae_settings": dict(settings, sae_seed="= seed"),
                                       "sae_features": args.sae_features, "table": table, "per_seed": per_seed})
     return table
 
