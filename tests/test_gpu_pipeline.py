@@ -184,14 +184,18 @@ def test_stage1_pipelined_store_equals_sequential_store(smooth_root, tmp_path, m
     model = tiny_resnet().eval()
     _, conv = models.resolve_layer(model, "last_conv")
     ds = data.image_folder(smooth_root, "train")
-    torch.set_num_threads(1)
-    piped, manifest = stage1_store(str(tmp_path / "piped"), ds, gpu_decode.GpuDecoder("cpu", ds.transform), model,
-                                   conv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # given back below: tests that run stages in this process round with the default
+    try:
+        piped, manifest = stage1_store(str(tmp_path / "piped"), ds, gpu_decode.GpuDecoder("cpu", ds.transform),
+                                       model, conv)
 
-    def plain(loader, prepare, streams, depth=2):  # no thread, no streams: batch after batch
-        return (prepare(b) for b in loader)
-    monkeypatch.setattr(overlap, "Prefetch", plain)
-    seq, _ = stage1_store(str(tmp_path / "seq"), ds, gpu_decode.GpuDecoder("cpu", ds.transform), model, conv)
+        def plain(loader, prepare, streams, depth=2):  # no thread, no streams: batch after batch
+            return (prepare(b) for b in loader)
+        monkeypatch.setattr(overlap, "Prefetch", plain)
+        seq, _ = stage1_store(str(tmp_path / "seq"), ds, gpu_decode.GpuDecoder("cpu", ds.transform), model, conv)
+    finally:
+        torch.set_num_threads(threads)
     for name in store.ARRAYS:
         assert piped[name].tobytes() == seq[name].tobytes(), name
     assert manifest["numerics"]["decoder"] == "nvjpeg" and manifest["unreadable"] == ["train/class1/zz_truncated.jpg"]
