@@ -93,7 +93,7 @@ def main():
             sets.append(("1000 x 750", os.path.join(work, "large")))
         print(f"{os.cpu_count()} cores, 1 thread per measurement, best of {args.repeat} rounds; loader: "
               f"{args.workers} workers, batches of 64")
-        print(f"| files | path | images/s | vs decode alone |")
+        print("| files | path | images/s | vs decode alone |")
         print("| --- | --- | ---: | ---: |")
         for label, root in sets:
             raws = []

@@ -43,7 +43,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from utils import attribution, context, data, fileio, purity, sae as S, sae_view  # noqa: E402
-from utils.cli import UserError  # noqa: E402
+from utils import cli  # noqa: E402
 from utils.disentangle import checkpoint_name, filter_maps, positive_mass  # noqa: E402
 from utils.evaluation import checkpoint_filters, top_k  # noqa: E402
 
@@ -350,8 +350,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.run(main)  # a bad input: one line and exit status 2

@@ -30,6 +30,7 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+from utils import cli  # noqa: E402
 from utils.cli import UserError  # noqa: E402
 
 SOURCE = "/usr/share/datasets/fashion-mnist"
@@ -193,8 +194,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.run(main)  # a bad input: one line and exit status 2

@@ -33,7 +33,6 @@ Command line: python -m demo.fashion_model --out model.pth [--arch fashion_resne
               [--train_per_class N] [--source DIR]
 """
 import argparse
-import json
 import os
 import sys
 import time

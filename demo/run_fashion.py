@@ -21,7 +21,6 @@ Usage: python -m demo.run_fashion [--out fmnist_out/run] [--data_dir DIR] [--arc
 """
 import argparse
 import glob
-import json
 import os
 import shutil
 import sys
@@ -33,7 +32,7 @@ if ROOT not in sys.path:
 from demo import fashion_mnist, fashion_model  # noqa: E402
 from demo.run_demo import Runner, _short  # noqa: E402
 from utils import fileio  # noqa: E402
-from utils.cli import UserError  # noqa: E402
+from utils import cli  # noqa: E402
 from utils.models import model_tag  # noqa: E402
 
 THRESHOLDS = (0.5, 0.7, 0.9)   # the report counts candidate pairs below each cosine
@@ -284,8 +283,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.run(main)  # a bad input: one line and exit status 2

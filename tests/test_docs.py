@@ -39,9 +39,13 @@ SCRIPTS = {
     "get_results.py": ("stage", "get_results"),
     "disentanglement_calls.sh": ("stage", "disentangle_channel"),
     "quantitative_evaluation_calls.sh": ("stage", "get_results"),
-    "demo.sh": ("argv", "demo.run_demo"),
+    "demo.sh": ("argv", "demo.run_demo"),  # plus --data and, with --data fashion_mnist, demo.run_fashion's
     "demo.run_demo": ("argv", "demo.run_demo"),
     "demo.docs_pictures": ("argv", "demo.docs_pictures"),
+    "demo.run_fashion": ("argv", "demo.run_fashion"),
+    "demo.fashion_model": ("argv", "demo.fashion_model"),
+    "demo.fashion_mnist": ("argv", "demo.fashion_mnist"),
+    "demo.fashion_pictures": ("argv", "demo.fashion_pictures"),
 }
 for _path in sorted(glob.glob(os.path.join(ROOT, "benchmarks", "*.py"))):
     if os.path.basename(_path) != "common.py":
@@ -55,17 +59,18 @@ class _Parser(Exception):
 
 
 def _stopped_at_parse_args(call):
-    original = argparse.ArgumentParser.parse_args
+    """The parser whose parse_args (or parse_known_args) ``call()`` calls first; nothing after it runs."""
+    originals = argparse.ArgumentParser.parse_args, argparse.ArgumentParser.parse_known_args
 
     def stop(self, *args, **kwargs):
         raise _Parser(self)
-    argparse.ArgumentParser.parse_args = stop
+    argparse.ArgumentParser.parse_args = argparse.ArgumentParser.parse_known_args = stop
     try:
         call()
     except _Parser as e:
         return e.args[0]
     finally:
-        argparse.ArgumentParser.parse_args = original
+        argparse.ArgumentParser.parse_args, argparse.ArgumentParser.parse_known_args = originals
     raise AssertionError(f"{call} returned without calling parse_args")
 
 
@@ -96,6 +101,12 @@ def parser_of(script):
 
 
 def flags_of(script):
+    if script == "demo.sh":  # its own --data, then the flags of the runner it calls
+        return {"--data"} | _parser_flags("demo.sh") | _parser_flags("demo.run_fashion")
+    return _parser_flags(script)
+
+
+def _parser_flags(script):
     return {o for a in parser_of(script)._actions for o in a.option_strings if o.startswith("--")}
 
 
