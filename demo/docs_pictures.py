@@ -31,6 +31,25 @@ def side_by_side(images):
     return out
 
 
+def density_pair(plots):
+    """The two density plots that a report's ``plots`` names (concept 1, concept 2), side by side."""
+    return side_by_side([Image.open(plots["density_concept1"]).convert("RGB"),
+                         Image.open(plots["density_concept2"]).convert("RGB")])
+
+
+def write_pictures(pictures, folder, width, quality):
+    """Write each ``{file name: PIL image}`` into ``folder`` as a JPEG scaled to ``width``; print the sizes and
+    return their total in bytes."""
+    os.makedirs(folder, exist_ok=True)
+    total = 0
+    for name, image in pictures.items():
+        path = os.path.join(folder, name)
+        scaled(image, width).save(path, quality=quality, optimize=True)
+        total += os.path.getsize(path)
+        print(f"{path}: {os.path.getsize(path) / 1024:.0f} KB")
+    return total
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--report", default="demo_out/report.json", help="the demo's report.json")
@@ -42,15 +61,10 @@ def main(argv=None):
         rep = json.load(f)
     os.makedirs(args.docs, exist_ok=True)
     plots = rep["plots"]
-    pictures = {"demo_density.jpg": side_by_side([Image.open(plots["density_concept1"]).convert("RGB"),
-                                                  Image.open(plots["density_concept2"]).convert("RGB")]),
-                "demo_top_images.jpg": Image.open(plots["top_images"])}
+    pictures = {"demo_density.jpg": density_pair(plots), "demo_top_images.jpg": Image.open(plots["top_images"])}
     if rep.get("feature_vis_png"):
         pictures["demo_feature_vis.jpg"] = Image.open(rep["feature_vis_png"])
-    for name, image in pictures.items():
-        path = os.path.join(args.docs, name)
-        scaled(image, args.width).save(path, quality=args.quality, optimize=True)
-        print(f"{path}: {os.path.getsize(path) / 1024:.0f} KB")
+    write_pictures(pictures, args.docs, args.width, args.quality)
 
 
 if __name__ == "__main__":

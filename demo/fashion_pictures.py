@@ -10,11 +10,10 @@ Reads the plots that report.json names and writes, scaled down to --width pixels
 """
 import argparse
 import json
-import os
 
 from PIL import Image
 
-from demo.docs_pictures import scaled, side_by_side
+from demo.docs_pictures import density_pair, write_pictures
 
 
 def weakest(splits):
@@ -34,24 +33,17 @@ def main(argv=None):
     with open(args.report) as f:
         rep = json.load(f)
     first = rep["splits"][0]
-    density = lambda s: side_by_side([Image.open(s["plots"]["density_concept1"]).convert("RGB"),
-                                      Image.open(s["plots"]["density_concept2"]).convert("RGB")])
-    pictures = {"fmnist_density.jpg": density(first), "fmnist_top_images.jpg": Image.open(first["plots"]["top_images"])}
+    pictures = {"fmnist_density.jpg": density_pair(first["plots"]),
+                "fmnist_top_images.jpg": Image.open(first["plots"]["top_images"])}
     if first.get("feature_vis"):
         pictures["fmnist_feature_vis.jpg"] = Image.open(first["feature_vis"]["figure"])
     if first.get("sae_view"):
         pictures["fmnist_sae_view.jpg"] = Image.open(first["sae_view"]["figure"])
     weak = weakest(rep["splits"])
     if weak is not None:
-        pictures["fmnist_density_weak.jpg"] = density(weak)
+        pictures["fmnist_density_weak.jpg"] = density_pair(weak["plots"])
         pictures["fmnist_top_images_weak.jpg"] = Image.open(weak["plots"]["top_images"])
-    os.makedirs(args.docs, exist_ok=True)
-    total = 0
-    for name, image in pictures.items():
-        path = os.path.join(args.docs, name)
-        scaled(image, args.width).save(path, quality=args.quality, optimize=True)
-        total += os.path.getsize(path)
-        print(f"{path}: {os.path.getsize(path) / 1024:.0f} KB")
+    total = write_pictures(pictures, args.docs, args.width, args.quality)
     print(f"together {total / 1024:.0f} KB")
 
 
