@@ -3,7 +3,7 @@ and of the model step alone (attributions + patch sums on batches already on the
 
   python benchmarks/stage1_throughput.py [--images 4096] [--batch_size 256] [--num_workers 16] [--bf16]
 
-Writes ImageNet-sized JPEGs (500 x 375, random smooth content) into a temporary folder, runs the real
+Writes ImageNet-sized JPEGs (500 x 375, benchmarks/make_jpegs.py) into a temporary folder, runs the real
 stage-1 loop (utils.importances.run_stage1) on ResNet-50 (random weights, layer4.2.conv3) into a
 temporary store, and prints one table. On a machine without CUDA it still runs (small --images), and
 the GPU-decoding row then shows the CPU fallback.
@@ -15,23 +15,14 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 import torchvision
-from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils import classmap, cli, data, gpu_decode, importances, models, store  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import make_jpegs  # noqa: E402
+from utils import cli, data, gpu_decode, importances, models, store  # noqa: E402
 
-
-def write_jpegs(root, n, classes=10, seed=0):
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        d = os.path.join(root, "train", classmap.imagenet_wnids()[i % classes])
-        os.makedirs(d, exist_ok=True)
-        small = rng.random((12, 16, 3))
-        img = Image.fromarray((small * 255).astype(np.uint8)).resize((500, 375), Image.BILINEAR)
-        img.save(os.path.join(d, f"{i:06d}.jpg"), quality=90)
 
 
 def run(model, conv, ds, folder, args, device, decoder=None, amp=None):
@@ -80,7 +71,7 @@ def main():
     conv = model.get_submodule("layer4.2.conv3")
     work = tempfile.mkdtemp(prefix="stage1_throughput_")
     try:
-        write_jpegs(work, args.images)
+        make_jpegs.write_jpegs(work, args.images, processes=os.cpu_count() or 1)
         ds = data.image_folder(work, "train")
         rows = []
         for amp in ([None, "bfloat16"] if args.bf16 else [None]):

@@ -8,6 +8,7 @@ ImageFolder numbers the class folders 0..K-1 in sorted order; the model has M ou
   - otherwise: K > M is refused (labels past the outputs), K < M needs --class_index_map.
 Class indices in flags and file names stay folder indices; the stored targets are output indices.
 """
+import functools
 import json
 import os
 
@@ -18,8 +19,10 @@ from .cli import UserError
 WNIDS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet_wnids.txt")
 
 
+@functools.lru_cache(maxsize=1)
 def imagenet_wnids():
-    """The 1000 ImageNet-1k WordNet ids in their standard order (sorted): index i is output i of an ImageNet model."""
+    """The 1000 ImageNet-1k WordNet ids in their standard order (sorted): index i is output i of an ImageNet model.
+    Read once; callers share the list and do not change it."""
     with open(WNIDS_FILE) as f:
         return f.read().split()
 

@@ -7,7 +7,6 @@ and the stage's own flags are needed.
 import os
 from dataclasses import dataclass
 
-import torch
 import torch.nn as nn
 
 from . import classmap, cli, data, models, store
@@ -28,7 +27,6 @@ class Context:
     name: str = None                 # the model (and, for a layer other than the last conv, layer) in file names
     transform: data.Transform = data.DEFAULT_TRANSFORM
     class_outputs: list = None       # output index of each class folder, None when it is the folder's own index
-    num_outputs: int = None
     class_error: Exception = None    # setup(defer_class_error=True): why the class folders do not fit the outputs
 
 
@@ -139,7 +137,8 @@ def setup(args, split="train", need_data=True, store_flag=None, defer_class_erro
     recorded = None if manifest is None else data.Transform.from_record(manifest.get("input_transform"))
     transform = transform_of(args, recorded)
     device = cli.select_device(args.device, args.gpu)
-    model, weights_id = models.load_model(args.model, args.weights)
+    # stage 1 (no store to read) makes sure that a later stage can build the same weights again
+    model, weights_id = models.load_model(args.model, args.weights, check_repeatable=store_flag is None)
     layer_path, conv = models.resolve_layer(model, args.layer_of_interest)
     if missing:  # the layer exists, but the store folder has no store of it
         raise cli.UserError(missing)
@@ -155,17 +154,18 @@ def setup(args, split="train", need_data=True, store_flag=None, defer_class_erro
                   transform=transform)
     if need_data:
         ctx.dataset = data.image_folder(args.data_dir, split, transform=data.eval_transform(transform))
-        ctx.num_outputs = classmap.num_outputs(model, transform.crop)
         index_map = getattr(args, "class_index_map", None)
         if manifest is not None and manifest.get("classes") == list(ctx.dataset.classes):
             ctx.class_outputs, how = manifest.get("class_outputs"), manifest.get("class_outputs_from", "folder order")
-            if index_map is not None and classmap.class_outputs(ctx.dataset.classes, ctx.num_outputs,
+            if index_map is not None and classmap.class_outputs(ctx.dataset.classes,
+                                                                classmap.num_outputs(model, transform.crop),
                                                                 index_map)[0] != ctx.class_outputs:
                 raise cli.UserError(f"--class_index_map {index_map}: the store maps the class folders to other "
                                     f"outputs ({how}); leave the flag out (the store's mapping is used)")
         elif manifest is None:
             try:
-                ctx.class_outputs, how = classmap.class_outputs(ctx.dataset.classes, ctx.num_outputs, index_map)
+                ctx.class_outputs, how = classmap.class_outputs(ctx.dataset.classes,
+                                                                classmap.num_outputs(model, transform.crop), index_map)
             except cli.UserError as e:
                 if not defer_class_error:
                     raise
@@ -235,8 +235,3 @@ def check_concepts_k(ds, concepts, names):
             if both:
                 raise cli.UserError(f"class {both[0]} is in both concepts: {names[i]} and {names[j]} must be "
                                     f"disjoint")
-
-
-def outputs_tensor(ctx):
-    """(K,) int64 output index of each class folder, or None (the folder's own index)."""
-    return None if ctx.class_outputs is None else torch.as_tensor(ctx.class_outputs, dtype=torch.int64)

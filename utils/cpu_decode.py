@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-RESIZE, CROP = 256, 224
+from .data import CROP, RESIZE
 
 
 def resized_size(w, h, resize=RESIZE):
@@ -73,11 +73,7 @@ def fast_load(path, resize=RESIZE, crop=CROP):
 
 def fast_resize_crop(im, resize=RESIZE, crop=CROP):
     """PIL image -> uint8 (3, crop, crop): the center crop of Resize(resize), resizing the kept box only."""
-    w, h = im.size
-    if min(resized_size(w, h, resize)) < crop:  # a crop larger than the resized image: the plain transform
-        from torchvision import transforms
-        return transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(crop),
-                                   transforms.PILToTensor()])(im).contiguous()
+    w, h = im.size  # the resized shorter side is ``resize`` >= ``crop`` (data.check_transform)
     return to_uint8_chw(im.resize((crop, crop), Image.BILINEAR, box=source_box(w, h, resize, crop)))
 
 

@@ -169,23 +169,12 @@ def _batch_rows(ok, results, rows, targets):
     return {"attributions": full_A, "targets": targets, "predictions": full_pred, "patch_sums": full_P}
 
 
-def _decode_with_flags(gpu_decoder):
-    """``batch -> (images, labels, ok)`` for a decoder with ``decode_batch``, else from its ``(images, labels)``
-    (``ok`` then read from the device)."""
-    if hasattr(gpu_decoder, "decode_batch"):
-        return gpu_decoder.decode_batch
-
-    def decode(batch):
-        images, labels = gpu_decoder(batch)
-        return images, labels, (labels != data.UNREADABLE).cpu().numpy()
-    return decode
-
-
 def _compute(batches, source, gpu_decoder, device, uint8_images, mean_std, ds, skip_unreadable, loader,
              channels_last, model, conv, autocast_dtype, pinned, chunks, bar, shape, outputs=None):
     """The per-batch loop of ``run_stage1``: images to the device, stage1_batch, results into ``chunks``.
     The results of batch b are written while batch b + 1 computes (their copy to the host is awaited then).
-    ``outputs``: (K,) int64 output index of each class folder, or None (folder y is output y)."""
+    ``outputs``: (numpy (K,), device (K,)) int64 output index of each class folder, or None (folder y is output
+    y); applied to the labels of the readable images."""
     c_out, c_in, kh, kw = shape
     pending = None  # (rows, ok, targets, _HostCopy) of the previous batch, written once its copy is done
     clock = []  # (time, rows written so far) after each write
@@ -207,9 +196,8 @@ def _compute(batches, source, gpu_decoder, device, uint8_images, mean_std, ds, s
             if uint8_images:
                 images = data.normalize_uint8(images, *mean_std)
         targets = np.asarray([ds.targets[r] for r in rows], dtype=np.int64)
-        if outputs is not None:  # the model's output index of each folder: the logit and the stored target
-            targets = outputs.numpy()[targets]
-            labels = torch.where(labels == data.UNREADABLE, labels, outputs.to(labels.device)[labels.clamp(min=0)])
+        if outputs is not None:  # the model's output index of each folder: the stored target and the logit
+            targets = outputs[0][targets]
         if not ok.all():
             if not skip_unreadable:
                 if pending is not None:
@@ -217,6 +205,8 @@ def _compute(batches, source, gpu_decoder, device, uint8_images, mean_std, ds, s
                 raise loader.error(rows[int(np.flatnonzero(~ok)[0])])
             keep = torch.from_numpy(ok).to(images.device)
             images, labels = images[keep], labels[keep]
+        if outputs is not None:
+            labels = outputs[1][labels]
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         if len(labels):
@@ -339,7 +329,8 @@ def run_stage1(model, conv, ds, folder, info, batch_size, device, num_workers, c
     chunks = _ChunkBuffer(store, chunk_size, n, shapes)
     pinned = _pinned_buffers(batch_size, conv, device)
     mean_std = [torch.tensor(v, dtype=torch.float32, device=device) for v in (mean, std)]
-    outputs = None if class_outputs is None else torch.as_tensor(class_outputs, dtype=torch.int64)
+    outputs = None if class_outputs is None else (np.asarray(class_outputs, dtype=np.int64),
+                                                  torch.as_tensor(class_outputs, dtype=torch.int64, device=device))
     bar = tqdm(total=images_todo, unit="img", unit_scale=True, smoothing=0.05, disable=(rank != 0 and size > 1),
                desc="stage 1" + (f" rank {rank}" if size > 1 else ""), dynamic_ncols=True)
     start = time.time()
@@ -347,7 +338,7 @@ def run_stage1(model, conv, ds, folder, info, batch_size, device, num_workers, c
     try:
         with deterministic_algorithms(device, deterministic):
             if gpu_decoder is not None and batches:  # decoding of batch b + 1 overlaps batch b's compute
-                source = overlap.Prefetch(loader, _decode_with_flags(gpu_decoder), overlap.streams_for(device))
+                source = overlap.Prefetch(loader, gpu_decoder.decode_batch, overlap.streams_for(device))
             clock = _compute(batches, source, gpu_decoder, device, uint8_images, mean_std, ds, skip_unreadable,
                              loader, channels_last, model, conv, autocast_dtype, pinned, chunks, bar,
                              (c_out, c_in, kh, kw), outputs)

@@ -110,39 +110,41 @@ def _load_state_dict_file(model_spec, path):
     return model
 
 
-def _seeded_build(model_spec):
+def _seeded_build(model_spec, check_repeatable=False):
     """The architecture built under torch's seed INIT_SEED (the caller's random state is left as it was), so that
-    every process gets the same initial weights. A factory whose weights still differ between two builds
-    (it draws them from another generator) is refused: its stores could never be read again."""
+    every process gets the same initial weights. ``check_repeatable`` (stage 1, which makes the store): a
+    factory whose weights still differ between two builds (it draws them from another generator) is refused,
+    since its store could never be read again."""
     def build():
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(INIT_SEED)
             return _build_architecture(model_spec)
     model = build()
-    if ":" in model_spec and weights_sha256(model) != weights_sha256(build()):
+    if check_repeatable and ":" in model_spec and weights_sha256(model) != weights_sha256(build()):
         raise UserError(f"--model {model_spec}: the factory draws new random weights on every call (two builds "
                         f"differ), so a later stage cannot rebuild the model of the store; save its state dict "
                         f"once (torch.save(model.state_dict(), 'w.pth')) and pass --weights w.pth")
     return model
 
 
-def load_model(model_spec, weights=None):
+def load_model(model_spec, weights=None, check_repeatable=False):
     """Build the model in eval mode with frozen parameters.
 
     ``weights``: None (torchvision: IMAGENET1K_V1 where it exists, else DEFAULT; a factory: its own, built
     under torch's seed INIT_SEED), 'none' (as built, under the same seed), a torchvision weights name, or the path of a state-dict file (a torchvision
     architecture takes its number of classes from the file).
+    ``check_repeatable``: build a factory's own weights twice and refuse them if they differ (see _seeded_build).
     Returns ``(model, weights_id)`` where ``weights_id`` names what was loaded.
     """
     factory = ":" in model_spec
     if weights is not None and weights.lower() == "none":
-        model, weights_id = _seeded_build(model_spec), "none"
+        model, weights_id = _seeded_build(model_spec, check_repeatable), "none"
     elif weights is not None and _looks_like_file(weights):
         model, weights_id = _load_state_dict_file(model_spec, weights), os.path.abspath(weights)
     elif factory:
         if weights is not None:
             raise UserError(f"--weights {weights}: with --model {model_spec} pass a state-dict file path or 'none'")
-        model, weights_id = _seeded_build(model_spec), "factory"
+        model, weights_id = _seeded_build(model_spec, check_repeatable), "factory"
     else:
         _build_architecture(model_spec)  # validates the name with a clear message
         member = _torchvision_weights(model_spec, weights)
