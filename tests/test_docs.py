@@ -10,9 +10,6 @@ must be a flag of one of those parsers. Parsers come from the stage scripts' bui
 demo and benchmark modules from their main() / parse_args() (bench_stageN.py: common.standalone) stopped
 at parse_args, so nothing runs. Not
 checked: flags of other programs (pip, torchrun, pytest) and flags in plain prose outside code.
-
-PENDING_PAGES and PENDING_FLAGS name pages and flags that the documentation describes but that are
-written on other branches; the tests fail once they exist, so that the entry is removed.
 """
 import argparse
 import glob
@@ -28,8 +25,6 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
 
-PENDING_PAGES = set()
-PENDING_FLAGS = {}
 
 # name in a command -> how to get its parser: ("stage", module) | ("main", module) | ("file", path)
 SCRIPTS = {
@@ -114,7 +109,7 @@ def all_flags():
     flags = set()
     for script in SCRIPTS:
         flags |= flags_of(script)
-    return flags | set().union(*PENDING_FLAGS.values())
+    return flags
 
 
 # ------------------------------------------------------------------------------------------ markdown
@@ -205,8 +200,6 @@ def test_links_and_pictures_resolve(page):
             continue
         path, _, anchor = target.partition("#")
         full = os.path.normpath(os.path.join(os.path.dirname(page), path)) if path else page
-        if rel(full) in PENDING_PAGES:
-            continue
         if not os.path.exists(full):
             bad.append(f"{target}: no such file")
         elif anchor and full.endswith(".md") and anchor not in anchors(full):
@@ -221,8 +214,7 @@ def test_flags_exist_in_their_scripts(page):
     bad = []
     for command, where in commands(text):
         for script, flags in script_flags(command):
-            accepted = flags_of(script) | PENDING_FLAGS.get(SCRIPTS[script][1] + ".py", set()) \
-                | PENDING_FLAGS.get(script, set())
+            accepted = flags_of(script)
             for flag in flags:
                 if flag not in accepted:
                     bad.append(f"{script} has no {flag} ({where}: {command[:80]})")
@@ -259,12 +251,6 @@ def test_slug_is_githubs():
     assert slug("Stage 1 on the GPU: decoding and overlap") == "stage-1-on-the-gpu-decoding-and-overlap"
     assert slug("`get_results.py`") == "get_resultspy"
 
-
-def test_pending_pages_and_flags_are_still_pending():
-    """Entries of PENDING_* that now exist must be removed from them (the check then covers them)."""
-    landed = [p for p in PENDING_PAGES if os.path.exists(os.path.join(ROOT, p))]
-    landed += [f"{s} {f}" for s, flags in PENDING_FLAGS.items() for f in flags if f in flags_of(s)]
-    assert not landed, f"remove from tests/test_docs.py's PENDING_PAGES / PENDING_FLAGS: {landed}"
 
 
 def test_reference_page_is_up_to_date():

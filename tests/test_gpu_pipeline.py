@@ -247,7 +247,6 @@ def test_stage_script_records_fast_resize_and_deterministic(tmp_path):
     manifest = store.Store.peek(folder)
     assert manifest["complete"] and "done: 8 images" in proc.stdout
     assert manifest["numerics"] == {"device": "cpu", "cpu_threads": 1, "fast_resize": True, "deterministic": True}
-    assert not torch.are_deterministic_algorithms_enabled()  # this process untouched
 
 
 def test_deterministic_context_restores_the_settings():

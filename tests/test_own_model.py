@@ -308,7 +308,7 @@ def test_stage3_and_4_take_each_others_flag_names_and_refuse_abbreviations():
     a = disentangle_channel.build_parser().parse_args(["--model_dir", "/s", "--channel_of_interest", "5"])
     b = get_results.build_parser().parse_args(["--store_dir", "/s", "--channel_disentangle", "5"])
     assert (a.store_dir, a.channel_disentangle) == ("/s", 5) and (b.model_dir, b.channel_of_interest) == ("/s", 5)
-    for script, flag in ((S3, "--channel"), (S4, "--get_quant"), (S2, "--proportion")):
+    for script, flag in ((S3, "--channel_dis"), (S4, "--get_quant"), (S2, "--proportion")):
         r = subprocess.run([sys.executable, os.path.join(ROOT, script), flag, "1"], capture_output=True, text=True)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and flag in r.stderr
 
