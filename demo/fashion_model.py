@@ -46,6 +46,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 from demo import fashion_mnist  # noqa: E402
+from utils import cli  # noqa: E402
 
 NUM_CLASSES = 10
 THREADS = 2
@@ -272,4 +273,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)  # a missing data set: one line and exit status 2

@@ -14,6 +14,7 @@ import json
 from PIL import Image
 
 from demo.docs_pictures import density_pair, write_pictures
+from utils import cli
 
 
 def weakest(splits):
@@ -48,4 +49,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)  # a missing report: one line and exit status 2
