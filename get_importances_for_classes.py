@@ -66,6 +66,14 @@ def main(args):
     # the device (under torchrun: the card of LOCAL_RANK) is chosen and made current in context.setup
     ctx = context.setup(args, split="train", defer_class_error=True)
     distributed.init(ctx.device)
+    try:
+        fill_store(args, ctx, rank)
+    finally:  # also after an error: a process group left open aborts the interpreter's exit (gloo's threads)
+        distributed.close()
+
+
+def fill_store(args, ctx, rank):
+    """Create, resume or finish the store of ``ctx`` in --store_dir with the numerics the flags ask for."""
     chunk = args.chunk_size
     if chunk is not None and chunk < 1:
         raise cli.UserError("--chunk_size must be at least 1")
@@ -123,7 +131,6 @@ def main(args):
                            skip_unreadable=args.skip_unreadable, allow_mixed_numerics=args.allow_mixed_numerics,
                            uint8_images=decoder is None, deterministic=args.deterministic,
                            mean=ctx.transform.mean, std=ctx.transform.std, class_outputs=ctx.class_outputs)
-    distributed.close()
 
 
 if __name__ == "__main__":
