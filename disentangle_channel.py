@@ -23,9 +23,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils import cli, clusters, context, data, disentangle, fileio, similarities
+from utils.run import cli
+from utils.concepts import by_clusters
+from utils.run import context
+from utils.data import folders
+from utils import disentangle
+from utils.files import atomic
+from utils.method import similarities
 from utils.disentangle import RHOS
-from utils.triples import MORE_CONCEPTS, check_no_classes_with_file, check_triples, class_jobs
+from utils.concepts.by_classes import MORE_CONCEPTS, check_no_classes_with_file, check_triples, class_jobs
 
 HINT = (": the store read it, so the file changed since stage 1; restore it, or rerun stage 1 with "
         "--skip_unreadable into a new --store_dir")
@@ -35,7 +41,7 @@ TOL = f"{disentangle.TOLERANCE:.0e}".replace("e-0", "e-")  # 1e-4
 def concept_rows(targets, t):
     """Store rows (= ImageFolder indices) of the readable training images of each concept of ``t`` (a Triple,
     or ClusterConcepts whose rows come from the concepts file)."""
-    if isinstance(t, clusters.ClusterConcepts):
+    if isinstance(t, by_clusters.ClusterConcepts):
         for j, r in zip(t.clusters, t.rows):
             if (targets[r] < 0).any():
                 raise cli.UserError(f"--concepts_file {t.path}: cluster {j} of channel {t.channel} holds rows of "
@@ -53,7 +59,7 @@ def concept_rows(targets, t):
 
 def file_name(ctx, t, rho):
     """Checkpoint name of job ``t`` (published pattern; ``_classes3[...]`` ... for k > 2; clusters named)."""
-    if isinstance(t, clusters.ClusterConcepts):
+    if isinstance(t, by_clusters.ClusterConcepts):
         return disentangle.cluster_checkpoint_name(ctx.name, t.channel, t.top_n, t.clusters, rho)
     return disentangle.checkpoint_name_k(ctx.name, t.channel, t.concepts, rho)
 
@@ -63,7 +69,7 @@ def split_every_triple(ctx, patch_sums, triples, rows):
     and the split filters of every rho, per job. Returns (list of disentangle.Split, list of [v_1, ..., v_k])."""
     means, arvs, splits = {}, [], []
     for t, rs in zip(triples, rows):
-        by_rows = isinstance(t, clusters.ClusterConcepts)
+        by_rows = isinstance(t, by_clusters.ClusterConcepts)
         members = [r.tolist() for r in rs] if by_rows else t.concepts
         w_c = ctx.conv.weight[t.channel].detach()
         v = []
@@ -94,7 +100,7 @@ def check_networks(ctx, model, targets, triples, splits, found, choices, n_image
     ``n_images`` training images: the same images whatever the jobs, so the original's logits are
     computed once and each job's numbers equal those of a run of it alone. Returns one dict per job."""
     check = np.flatnonzero(targets >= 0)[:n_images].tolist()
-    images = next(iter(data.make_loader(ctx.dataset, [check], 0, ctx.device, hint=HINT)))[0].to(ctx.device)
+    images = next(iter(folders.make_loader(ctx.dataset, [check], 0, ctx.device, hint=HINT)))[0].to(ctx.device)
     original = disentangle.logits(model, images)
     runs = []
     for t, split, res, ch in zip(triples, splits, found, choices):
@@ -181,7 +187,7 @@ def main(args):
     targets = st.labels()  # -1 for the rows of unreadable images, which are left out of everything
     unreadable = st.unreadable_rows()
     if triples is None:
-        triples = [clusters.read_concepts_file(args.concepts_file, ctx.fingerprint, args.channel_disentangle,
+        triples = [by_clusters.read_concepts_file(args.concepts_file, ctx.fingerprint, args.channel_disentangle,
                                                args.clusters, num_rows=len(targets))]
     rows = [concept_rows(targets, t) for t in triples]  # every job checked before any work
 
@@ -220,7 +226,7 @@ def main(args):
 
 def describe(t):
     """'[0] vs [1]' (classes) or 'clusters 0 vs 2' (a concepts file)."""
-    if isinstance(t, clusters.ClusterConcepts):
+    if isinstance(t, by_clusters.ClusterConcepts):
         return "clusters " + " vs ".join(str(j) for j in t.clusters)
     return " vs ".join(str(s) for s in t.concepts)
 
@@ -233,13 +239,13 @@ def write_triple(ctx, folder, t, counts, split, res, run, v, rho_score="publishe
     score and both choices come after them."""
     c, best, k = t.channel, run["best"], len(counts)
     for r, rho in enumerate(RHOS):
-        fileio.save_torch(os.path.join(folder, file_name(ctx, t, rho)),
+        atomic.save_torch(os.path.join(folder, file_name(ctx, t, rho)),
                           disentangle.checkpoint_state_dict(split.filters[r], split.bias_c))
     best_path = os.path.join(folder, file_name(ctx, t, "best"))
-    fileio.save_torch(best_path, run["best_sd"])
+    atomic.save_torch(best_path, run["best_sd"])
     base = best_path[:-len("_f_best_unnormalized.pth")]
     src = disentangle.split_sources_k(torch.stack(v), RHOS[best])
-    if isinstance(t, clusters.ClusterConcepts):
+    if isinstance(t, by_clusters.ClusterConcepts):
         what = dict(clusters=t.clusters, concepts_file=os.path.abspath(t.path), concepts_sha256=t.sha256,
                     top_n=t.top_n, sign=t.sign)
     else:
@@ -257,8 +263,8 @@ def write_triple(ctx, folder, t, counts, split, res, run, v, rho_score="publishe
     info.update(rho_score=rho_score, robust_scores=run["robust"].tolist(), best_rho_published=RHOS[pub],
                 best_rho_robust=RHOS[rob], published_choice_degenerate=run["degenerate"],
                 dead_share_published=run["dead"][pub].tolist(), dead_share_robust=run["dead"][rob].tolist())
-    fileio.write_json(base + "_info.json", info)
-    from utils import plots  # matplotlib: not needed for --help or a failed check
+    atomic.write_json(base + "_info.json", info)
+    from utils.report import plots  # matplotlib: not needed for --help or a failed check
     title = f"{ctx.name} channel {c}: {describe(t)}"
     if rho_score == "robust":
         plots.rho_score_plot(base + "_scores.png", RHOS, run["robust"].tolist(), RHOS[best], title,
@@ -281,7 +287,7 @@ def export(ctx, model, folder, t, run):
 
 def concept_label(names, t, j):
     """How the report names concept j (1-based) of job ``t``."""
-    if isinstance(t, clusters.ClusterConcepts):
+    if isinstance(t, by_clusters.ClusterConcepts):
         top = sorted(t.class_counts[j - 1], key=lambda yc: -yc[1])[:3]
         return f"cluster {t.clusters[j - 1]} (" + ", ".join(f"{names[y]} x{n}" for y, n in top) + ")"
     return str([names[y] for y in t.concepts[j - 1]])

@@ -4,7 +4,7 @@ Example (the paper's values):
   python get_cosine_similarities.py --data_dir /data/imagenet --store_dir /data/store --model resnet50 \
       --proportion_attribution_required 0.03 --p 0.75 --cos_sim_low 0 --cos_sim_high 0.5
 
-With --label_free it finds each channel's concepts without class labels instead (utils/concepts.py):
+With --label_free it finds each channel's concepts without class labels instead (utils/stages/label_free.py):
 its top --top_n training images by summed activation, k-means on their L1-normalised per-image ARVs,
 k by silhouette over 2..5 (or --k); writes STORE/results_get_cosine_similarities/{model}_concepts_top{N}.json:
   python get_cosine_similarities.py --data_dir /data/imagenet --store_dir /data/store --model resnet50 \
@@ -21,7 +21,13 @@ import os
 import numpy as np
 import torch
 
-from utils import cli, concepts, context, fileio, models, similarities, store
+from utils.run import cli
+from utils.stages import label_free
+from utils.run import context
+from utils.files import atomic
+from utils.model import loading
+from utils.method import similarities
+from utils.files import store
 
 TOP_SHOWN = 20  # candidates in the printed table (the files hold them all)
 
@@ -98,7 +104,7 @@ def main(args):
         return context.list_layers(args)
     cli.require(args, "store_dir")
     if args.label_free:
-        return label_free(args)
+        return run_label_free(args)
     tau, pp, low, high = args.proportion_attribution_required, args.p, args.cos_sim_low, args.cos_sim_high
     check_bounds(tau, pp, low, high)
 
@@ -134,18 +140,18 @@ def main(args):
     table = "Channel,Class1,Class2,CosineSimilarity\n" + "".join(
         f"{d['channel']},{d['class1']},{d['class2']},{d['cosine_similarity']:.4f}\n" for d in cands)
     out_txt = os.path.join(args.out_dir, "results_get_cosine_similarities", name + ".txt")
-    fileio.write_text(out_txt, table)
+    atomic.write_text(out_txt, table)
     res = os.path.join(args.store_dir, "results_get_cosine_similarities")
     settings = {"proportion_attribution_required": tau, "p": pp, "cos_sim_low": low, "cos_sim_high": high,
                 "model": ctx.model_spec, "layer": ctx.layer_path, "weights": ctx.weights_id}
     if sign_report:  # published: the same files as before the flag existed
         settings.update(importance_sign=args.importance_sign, sign_report=sign_report)
-    fileio.write_json(os.path.join(res, name + "_candidates.json"),
+    atomic.write_json(os.path.join(res, name + "_candidates.json"),
                       dict(settings, classes=st.manifest["classes"], candidates=cands))
-    fileio.write_json(os.path.join(res, f"{ctx.name}_required{tau}_histograms{suffix}.json"),
+    atomic.write_json(os.path.join(res, f"{ctx.name}_required{tau}_histograms{suffix}.json"),
                       dict(settings, images_per_class=counts.tolist(),
                            histogram_class_by_channel=hist.tolist()), indent=None)
-    fileio.save_npy(os.path.join(res, f"{ctx.name}_required{tau}_histograms{suffix}.npy"),
+    atomic.save_npy(os.path.join(res, f"{ctx.name}_required{tau}_histograms{suffix}.npy"),
                     hist.numpy().astype(np.int32))
     print(f"wrote {out_txt} and {res}/{name}_candidates.json")
 
@@ -181,8 +187,8 @@ def parse_channels(values, ctx):
     return sorted(out)
 
 
-def label_free(args):
-    """--label_free: concepts of each channel without class labels (utils/concepts.py), from the store only."""
+def run_label_free(args):
+    """--label_free: concepts of each channel without class labels (utils/stages/label_free.py), from the store only."""
     k = parse_k(args.k)
     ctx = context.setup(args, split="train", store_flag="store_dir")
     channels = parse_channels(args.channels, ctx)
@@ -196,9 +202,9 @@ def label_free(args):
         raise cli.UserError(f"--top_n {args.top_n}: give {need} to {usable} (the store has {usable} usable "
                             f"training images; {'--k auto' if k is None else f'--k {k}'} needs at least {need})")
     names = st.manifest["classes"]
-    signs, positions, bn = concepts.layer_signs_and_positions(ctx.model, ctx.conv, blank(ctx))
+    signs, positions, bn = label_free.layer_signs_and_positions(ctx.model, ctx.conv, blank(ctx))
     bias = None if ctx.conv.bias is None else ctx.conv.bias.detach()
-    recs = concepts.discover(st.array("patch_sums"), labels, ctx.conv.weight.detach(), channels, names,
+    recs = label_free.discover(st.array("patch_sums"), labels, ctx.conv.weight.detach(), channels, names,
                              args.top_n, k, signs=signs, bias=bias, positions=positions,
                              chunk_rows=args.chunk_rows, progress=True)
     negative = [c for c in channels if recs[c]["sign"] < 0]
@@ -207,17 +213,17 @@ def label_free(args):
             if negative else "top images = largest summed activation (no BatchNorm with a negative scale follows "
                              "the layer for these channels)")
     for c in channels:
-        print("\n".join(concepts.describe_channel(recs[c])))
+        print("\n".join(label_free.describe_channel(recs[c])))
     print(note)
 
     path = os.path.join(args.store_dir, "results_get_cosine_similarities", f"{ctx.name}_concepts_top{args.top_n}.json")
     doc = {"fingerprint": ctx.fingerprint, "top_n": args.top_n, "k": "auto" if k is None else k,
-           "model": ctx.model_spec, "layer": ctx.layer_path, "seed": concepts.SEED, "n_init": concepts.N_INIT,
-           "ks": list(concepts.AUTO_KS) if k is None else [k], "batchnorm": bn, "sign_note": note, "channels": {}}
+           "model": ctx.model_spec, "layer": ctx.layer_path, "seed": label_free.SEED, "n_init": label_free.N_INIT,
+           "ks": list(label_free.AUTO_KS) if k is None else [k], "batchnorm": bn, "sign_note": note, "channels": {}}
     kept = 0
     if os.path.isfile(path):  # an earlier run with the same store and settings: keep its other channels
         try:
-            old = fileio.read_json(path)
+            old = atomic.read_json(path)
         except ValueError:
             old = {}
         same = all(old.get(key) == doc[key] for key in ("top_n", "k", "seed", "n_init", "layer")) and \
@@ -228,7 +234,7 @@ def label_free(args):
             kept = len(doc["channels"])
     doc["channels"].update({str(c): recs[c] for c in channels})
     doc["channels"] = dict(sorted(doc["channels"].items(), key=lambda kv: int(kv[0])))
-    fileio.write_json(path, doc, indent=1 if len(doc["channels"]) <= 64 else None)
+    atomic.write_json(path, doc, indent=1 if len(doc["channels"]) <= 64 else None)
     print(f"wrote {path} ({len(channels)} channels" + (f", and {kept} kept from an earlier run" if kept else "") + ")")
 
 
@@ -238,12 +244,12 @@ def positive_activation_histogram(ctx, A, targets, P, k, tau, pp, counts, chunk_
     The BatchNorm after the layer and the layer's output size come from forwards of a blank image (the
     store's transform makes every image 224 x 224). Returns (hist, report dict); prints the report.
     """
-    _, positions, bn_name = concepts.layer_signs_and_positions(ctx.model, ctx.conv, blank(ctx))
+    _, positions, bn_name = label_free.layer_signs_and_positions(ctx.model, ctx.conv, blank(ctx))
     bn = None if bn_name is None else ctx.model.get_submodule(bn_name)
     if bn is None:
         print(f"note: no BatchNorm takes {ctx.layer_path}'s output: --importance_sign positive_activation uses "
               f"the layer's own summed activation")
-    affine = None if bn is None else models.batchnorm_affine(bn)
+    affine = None if bn is None else loading.batchnorm_affine(bn)
     # sign_histograms holds about four times class_histogram's memory per row: a quarter of the rows at a time
     h = similarities.sign_histograms(A, targets, P, k, tau, ctx.conv.weight, ctx.conv.bias, positions, affine,
                                      max(1, chunk_rows // 4), progress=True)

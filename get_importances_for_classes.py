@@ -8,8 +8,14 @@ import os
 
 import torch
 
-from utils import cli, context, data, distributed, importances, models, store
-from utils.gpu_decode import DECODERS
+from utils.run import cli
+from utils.run import context
+from utils.data import folders
+from utils.run import distributed
+from utils.stages import stage1
+from utils.model import loading
+from utils.files import store
+from utils.data.gpu_decode import DECODERS
 
 
 def build_parser():
@@ -31,7 +37,7 @@ def build_parser():
     p.add_argument("--fast_resize", action="store_true",
                    help="CPU decoding: reduced-size JPEG decoding for images at least twice the resize "
                         "target, and a resize of the center crop's region only (faster; moves a few pixels "
-                        "by a grey level or more, recorded in the store's numerics; see utils/cpu_decode.py)")
+                        "by a grey level or more, recorded in the store's numerics; see utils/data/cpu_decode.py)")
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms (cuDNN deterministic, no benchmark mode): on one card a "
                         "resumed or torchrun store equals a single run byte for byte; slower. Recorded in "
@@ -98,7 +104,7 @@ def fill_store(args, ctx, rank):
     decode = "cpu"
     say = print if rank == 0 else (lambda *a: None)
     if args.gpu_decode:
-        from utils import gpu_decode
+        from utils.data import gpu_decode
         decoder, ds = gpu_decode.setup(ctx.dataset, ctx.device, log=say, decoder=args.gpu_decoder,
                                        resize=ctx.transform.resize, crop=ctx.transform.crop,
                                        mean=ctx.transform.mean, std=ctx.transform.std)
@@ -108,14 +114,14 @@ def fill_store(args, ctx, rank):
     if args.fast_resize and not fast_resize:
         say("--fast_resize: not used with --gpu_decode (the GPU resizes)")
     if fast_resize:  # workers send uint8 images decoded at reduced size where possible
-        from utils import cpu_decode
+        from utils.data import cpu_decode
         cpu_decode.use_fast_resize(ctx.dataset, ctx.transform.resize, ctx.transform.crop)
     elif decoder is None:  # workers send uint8 images, normalized on the device (bit-identical inputs)
-        ctx.dataset.transform = data.eval_transform_uint8(ctx.transform)
-    seed = {"init_seed": models.INIT_SEED} if ctx.weights_id in ("none", "factory") else {}  # built under it
+        ctx.dataset.transform = folders.eval_transform_uint8(ctx.transform)
+    seed = {"init_seed": loading.INIT_SEED} if ctx.weights_id in ("none", "factory") else {}  # built under it
     info = dict(ctx.fingerprint, input_transform=ctx.transform.record(), **seed,
                 autocast="bfloat16" if args.autocast_bf16 else None, decode=decode,
-                numerics=importances.numerics(ctx.device, cpu_threads, decoder.name if decoder else None,
+                numerics=stage1.numerics(ctx.device, cpu_threads, decoder.name if decoder else None,
                                               fast_resize, args.deterministic))
     if ctx.class_error is not None:  # a store of other settings in the folder is the first thing to say
         old = store.Store.peek(folder)
@@ -124,7 +130,7 @@ def fill_store(args, ctx, rank):
             raise cli.UserError(f"{folder} already holds a store made with other settings: {diff}; pass another "
                                 f"--store_dir (nothing was changed)")
         raise ctx.class_error
-    importances.run_stage1(ctx.model, ctx.conv, ctx.dataset, folder, info, args.batch_size, ctx.device,
+    stage1.run_stage1(ctx.model, ctx.conv, ctx.dataset, folder, info, args.batch_size, ctx.device,
                            cli.default_workers(args.num_workers), chunk,
                            autocast_dtype=torch.bfloat16 if args.autocast_bf16 else None,
                            channels_last=args.channels_last, gpu_decoder=decoder,

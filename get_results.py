@@ -22,8 +22,17 @@ import os
 import numpy as np
 import torch
 
-from utils import cli, clusters, context, data, disentangle, evaluation, featurevis, fileio, sae_view, store
-from utils.triples import MORE_CONCEPTS, check_no_classes_with_file, check_triples, class_jobs, union_classes
+from utils.run import cli
+from utils.concepts import by_clusters
+from utils.run import context
+from utils.data import folders
+from utils import disentangle
+from utils.stages import stage4
+from utils.featurevis import render
+from utils.files import atomic
+from utils.stages import sae_view
+from utils.files import store
+from utils.concepts.by_classes import MORE_CONCEPTS, check_no_classes_with_file, check_triples, class_jobs, union_classes
 
 
 def find_checkpoint(model_dir, name):
@@ -57,7 +66,7 @@ def check_checkpoint(ctx, sd, channel, path, val_summary, k=None, concepts_sha25
                             f"the checkpoint was made for another model, weights, layer or channel")
     info_path = path[:path.rfind("_f")] + "_info.json"
     if os.path.isfile(info_path):
-        info = fileio.read_json(info_path)
+        info = atomic.read_json(info_path)
         expected = dict(ctx.fingerprint, classes=val_summary["classes"])
         diff = store.describe_mismatch(info, expected, ("model", "weights_sha256", "layer", "layer_geometry"))
         if info.get("classes") != val_summary["classes"]:  # train classes of the store against the val folders
@@ -76,7 +85,7 @@ def check_checkpoint(ctx, sd, channel, path, val_summary, k=None, concepts_sha25
 
 
 def checkpoint_file_name(ctx, t, rho):
-    if isinstance(t, clusters.ClusterConcepts):
+    if isinstance(t, by_clusters.ClusterConcepts):
         return disentangle.cluster_checkpoint_name(ctx.name, t.channel, t.top_n, t.clusters, rho)
     return disentangle.checkpoint_name_k(ctx.name, t.channel, t.concepts, rho)
 
@@ -89,8 +98,8 @@ def load_checkpoint(ctx, args, t, rho, val_summary):
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise cli.UserError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})")
-    k = t.k if isinstance(t, clusters.ClusterConcepts) else len(t.concepts)
-    sha = t.sha256 if isinstance(t, clusters.ClusterConcepts) else None
+    k = t.k if isinstance(t, by_clusters.ClusterConcepts) else len(t.concepts)
+    sha = t.sha256 if isinstance(t, by_clusters.ClusterConcepts) else None
     return path, name, sd, check_checkpoint(ctx, sd, t.channel, path, val_summary, k, sha)
 
 
@@ -162,7 +171,7 @@ def build_parser():
                         "with a message naming the file)")
     p.add_argument("--out_dir", default=".",
                    help="folder for plots/, results_disentanglement/, results_quantitative/ (default: working directory)")
-    featurevis.add_args(p)  # --get_feature_vis and its --fv_* flags
+    render.add_args(p)  # --get_feature_vis and its --fv_* flags
     sae_view.add_args(p)  # --get_sae_view and its --sae_* flags
     return p
 
@@ -184,34 +193,34 @@ def main(args):
     ctx = context.setup(args, split="val", store_flag="model_dir")
     if triples is None:
         context.check_channel(ctx, args.channel_of_interest, "--channel_of_interest")
-        triples = [clusters.read_concepts_file(args.concepts_file, ctx.fingerprint, args.channel_of_interest,
-                                               args.clusters, keys=clusters.MODEL_KEYS)]
+        triples = [by_clusters.read_concepts_file(args.concepts_file, ctx.fingerprint, args.channel_of_interest,
+                                               args.clusters, keys=by_clusters.MODEL_KEYS)]
     else:
         check_triples(ctx, triples, "--channel_of_interest")
     sae_view.check_args(args, ctx.conv)
     ds = ctx.dataset
     rho = "best" if args.f is None else args.f
-    summary_of_val = data.dataset_summary(ds)
+    summary_of_val = folders.dataset_summary(ds)
     checkpoints = [load_checkpoint(ctx, args, t, rho, summary_of_val) for t in triples]
-    by_clusters = isinstance(triples[0], clusters.ClusterConcepts)
-    if not by_clusters:
+    clustered = isinstance(triples[0], by_clusters.ClusterConcepts)
+    if not clustered:
         for t in triples:
             for k, classes in enumerate(t.concepts, start=1):
-                if not data.indices_of_classes(ds, classes):
+                if not folders.indices_of_classes(ds, classes):
                     where = f"{t.where}: concept {k}" if t.where else f"--classes_for_concept{k}"
                     raise cli.UserError(f"{where}: no val images of classes {classes} under {args.data_dir}/val")
 
     workers = cli.default_workers(args.num_workers)
     unreadable = "skip" if args.skip_unreadable else "error"
     hint = ": replace or remove the file, or pass --skip_unreadable to leave it out"
-    filters = [evaluation.checkpoint_filters(sd) for _, _, sd, _ in checkpoints]
+    filters = [stage4.checkpoint_filters(sd) for _, _, sd, _ in checkpoints]
     val_concept = None
-    if by_clusters:  # the val images of each cluster: a forward pass up to the layer over all val images
+    if clustered:  # the val images of each cluster: a forward pass up to the layer over all val images
         t = triples[0]
         n_top = min(args.val_top_n or t.top_n or len(ds), len(ds))
-        scanned, summed, arvs = evaluation.scan_arvs(ctx.model, ctx.conv, t.channel, ds, list(range(len(ds))),
+        scanned, summed, arvs = stage4.scan_arvs(ctx.model, ctx.conv, t.channel, ds, list(range(len(ds))),
                                                      args.batch_size, ctx.device, workers, unreadable, hint)
-        ids = clusters.assign_val_concepts(summed, arvs, t.sign, n_top, t.centroids, t.clusters)
+        ids = by_clusters.assign_val_concepts(summed, arvs, t.sign, n_top, t.centroids, t.clusters)
         val_concept = {int(i): int(j) for i, j in zip(scanned, ids) if j > 0}
         indices = sorted(val_concept)
         print(f"concepts of the val images: the top {n_top} of {len(scanned)} val images by "
@@ -221,28 +230,28 @@ def main(args):
         runs = [(t.channel, f, b, list(range(len(ds.classes)))) for t, (f, b) in zip(triples, filters)]
     else:
         # one forward and head-only backward over the val images of every triple's classes, each image once
-        indices = data.indices_of_classes(ds, union_classes(triples))
+        indices = folders.indices_of_classes(ds, union_classes(triples))
         runs = [(t.channel, f, b, t.classes) for t, (f, b) in zip(triples, filters)]
-    results = evaluation.evaluate_many(ctx.model, ctx.conv, runs, ds, indices, args.batch_size, ctx.device, workers,
+    results = stage4.evaluate_many(ctx.model, ctx.conv, runs, ds, indices, args.batch_size, ctx.device, workers,
                                        unreadable=unreadable, hint=hint, class_outputs=ctx.class_outputs)
     scans = [None] * len(triples)
     if args.get_top_images and args.top_images_all_val:
-        scanned, pos = evaluation.scan_many(ctx.model, ctx.conv, [(t.channel, f, b) for t, (f, b) in
+        scanned, pos = stage4.scan_many(ctx.model, ctx.conv, [(t.channel, f, b) for t, (f, b) in
                                                                   zip(triples, filters)],
                                             ds, list(range(len(ds))), args.batch_size, ctx.device, workers,
                                             unreadable=unreadable, hint=hint)
         scans = [(scanned, o, m) for o, m in pos]
     concepts = []
     for t, r in zip(triples, results):  # every job checked before anything is written
-        if by_clusters:
+        if clustered:
             concept = np.asarray([val_concept[int(i)] for i in r["index"]], dtype=np.int64)
         else:
             concept = class_concepts(r["label"], t.concepts)
-        k = t.k if by_clusters else len(t.concepts)
+        k = t.k if clustered else len(t.concepts)
         for j in range(1, k + 1):
             if not (concept == j).any():
                 what = (f"concept {j} (cluster {t.clusters[j - 1]}): none of the top val images is nearest to its "
-                        f"centroid; pass a larger --val_top_n" if by_clusters else
+                        f"centroid; pass a larger --val_top_n" if clustered else
                         f"concept {j}: none of its val images could be read")
                 raise cli.UserError(f"{t.where + ': ' if getattr(t, 'where', '') else ''}{what}")
         concepts.append(concept)
@@ -255,20 +264,20 @@ def main(args):
 def write_results(args, ctx, t, rho, path, name, sd, info, r, whole_val, concept):
     """Print and write one job's results: what one run of this script for ``t`` alone writes.
 
-    r: its numbers from ``evaluation.evaluate_many``; whole_val: its (indices, orig_pos, maps_pos) from the
+    r: its numbers from ``stage4.evaluate_many``; whole_val: its (indices, orig_pos, maps_pos) from the
     whole-val scan for the top images, or None; concept: (N,) concept id 1..k of each of r's images. k is read
     from the checkpoint: one density curve per map, one quantitative column per map, one contact-sheet row per
     map. For two concepts given as classes, every file is what the published-format path has always written.
     """
     ds, c, tau = ctx.dataset, t.channel, args.proportion_attribution_required
     k = disentangle.concepts_of_checkpoint(sd)
-    by_clusters = isinstance(t, clusters.ClusterConcepts)
+    clustered = isinstance(t, by_clusters.ClusterConcepts)
     if r["skipped"]:
         print(f"skipped {len(r['skipped'])} unreadable val images: "
-              + ", ".join(data.relative_name(ds, i) for i in r["skipped"][:5])
+              + ", ".join(folders.relative_name(ds, i) for i in r["skipped"][:5])
               + (", ..." if len(r["skipped"]) > 5 else ""))
     names = ds.classes
-    if by_clusters:
+    if clustered:
         label_of = {j: f"cluster {t.clusters[j - 1]}" for j in range(1, k + 1)}
         what = {"clusters": t.clusters, "concepts_file": os.path.abspath(t.path), "concepts_sha256": t.sha256,
                 "val_top_n": min(args.val_top_n or t.top_n or len(ds), len(ds))}
@@ -281,11 +290,11 @@ def write_results(args, ctx, t, rho, path, name, sd, info, r, whole_val, concept
     # the files without the run's name: the published ones for the model's last conv, the layer's own otherwise
     latest = "" if ctx.name == ctx.tag else f"_{ctx.name}"
     registry = "" if ctx.name == ctx.tag else f"{ctx.name}_"
-    map_names = evaluation.map_names(k)
+    map_names = stage4.map_names(k)
     summary = {"model": ctx.model_spec, "layer": ctx.layer_path, "channel": c, **what,
                "checkpoint": path, "rho": info["best_rho"] if (info and rho == "best") else rho,
                "max_logit_diff": info.get("max_logit_diff") if info else None,
-               "unreadable_val_images": [data.relative_name(ds, i) for i in r["skipped"]]}
+               "unreadable_val_images": [folders.relative_name(ds, i) for i in r["skipped"]]}
     for j in range(1, k + 1):
         sel = concept == j
         mp = r["maps_pos"][sel]
@@ -304,26 +313,26 @@ def write_results(args, ctx, t, rho, path, name, sd, info, r, whole_val, concept
     braces = "{" + ",".join(str(j) for j in range(1, k + 1)) + "}"
 
     if args.get_qualitative:
-        from utils import plots  # matplotlib: only for a run that draws
+        from utils.report import plots  # matplotlib: only for a run that draws
         for j in range(1, k + 1):
             sel = concept == j
-            curves = [(label, evaluation.kde_curve(vals)) for label, vals in
+            curves = [(label, stage4.kde_curve(vals)) for label, vals in
                       zip(plots.curve_labels(k), [r["orig"][sel]] + [r["maps"][sel, i] for i in range(k)])]
             title = f"{ctx.tag} {ctx.layer_path} channel {c}, concept {j}: {label_of[j]}"
             for fname in (f"density_concept{j}{latest}.png", f"{run_name}_density_concept{j}.png"):
                 plots.density_plot(os.path.join(out, "plots", fname), curves, title)
-            blocks = [evaluation.filecontents_block(f"{n}_c{j}", *cv) for n, (_, cv) in
+            blocks = [stage4.filecontents_block(f"{n}_c{j}", *cv) for n, (_, cv) in
                       zip(["original"] + [f"disentangled{i}" for i in range(1, k + 1)], curves) if cv is not None]
-            fileio.write_text(os.path.join(out, "results_disentanglement", f"density_concept{j}{latest}.txt"),
+            atomic.write_text(os.path.join(out, "results_disentanglement", f"density_concept{j}{latest}.txt"),
                               "".join(blocks))
         print(f"wrote {out}/plots/density_concept{braces}{latest}.png and "
               f"{out}/results_disentanglement/density_concept{braces}{latest}.txt")
 
     if args.get_quantitative:
-        rows = {j: evaluation.quantitative_rows(r["maps"][concept == j], r["orig"][concept == j],
+        rows = {j: stage4.quantitative_rows(r["maps"][concept == j], r["orig"][concept == j],
                                                 r["rel"][concept == j], tau) for j in range(1, k + 1)}
         folder = os.path.join(out, "results_quantitative")
-        overall = evaluation.update_quantitative(folder, tau, run_name, rows,
+        overall = stage4.update_quantitative(folder, tau, run_name, rows,
                                                  {"model": ctx.model_spec, "layer": ctx.layer_path},
                                                  prefix=registry)
         columns = [f"{n}/orig" for n in map_names]
@@ -336,19 +345,19 @@ def write_results(args, ctx, t, rho, path, name, sd, info, r, whole_val, concept
                   f"attribution >= {tau}; column means " + " ".join(f"{col}={v:.4f}" for col, v in zip(columns, m))
                   + (f" | all runs in the file: {on} images, " + " ".join(f"{v:.4f}" for v in om)
                      if om is not None else ""))
-        pre = registry + evaluation.quantitative_prefix(k)
+        pre = registry + stage4.quantitative_prefix(k)
         print(f"wrote {folder}/quantitative_{pre}concept{braces}_required{tau}.txt and means_{pre}required{tau}.txt")
 
     if args.get_top_images:
-        from utils import plots  # matplotlib: only for a run that draws
+        from utils.report import plots  # matplotlib: only for a run that draws
         scan, orig_pos, maps_pos = whole_val or (list(r["index"]), r["orig_pos"], r["maps_pos"])
         rows, top = [], {}
         for label, score in zip(plots.curve_labels(k), [orig_pos] + [maps_pos[:, i] for i in range(k)]):
-            pick = [scan[i] for i in evaluation.top_k(score, args.top_k)]
+            pick = [scan[i] for i in stage4.top_k(score, args.top_k)]
             top[label] = pick
             rows.append((label, [(ds.samples[i][0], names[ds.targets[i]]) for i in pick]))
         scope = ("all val images" if args.top_images_all_val else "val images of both concepts" if k == 2 and
-                 not by_clusters else f"val images of the {k} concepts")
+                 not clustered else f"val images of the {k} concepts")
         for fname in (f"top_images{latest}.png", f"{run_name}_top_images.png"):
             plots.contact_sheet(os.path.join(out, "plots", fname), rows,
                                 title=f"{ctx.tag} {ctx.layer_path} channel {c}: top {args.top_k} of {scope} by pos(map)",
@@ -357,16 +366,16 @@ def write_results(args, ctx, t, rho, path, name, sd, info, r, whole_val, concept
         print(f"wrote {out}/plots/top_images{latest}.png")
 
     if args.get_feature_vis:
-        val_images = (list(r["index"]), concept) if by_clusters else None
-        concept_lists = [[] for _ in range(k)] if by_clusters else t.concepts
-        summary["feature_vis"] = featurevis.run_for_checkpoint(ctx, args, sd, c, concept_lists, run_name, out,
+        val_images = (list(r["index"]), concept) if clustered else None
+        concept_lists = [[] for _ in range(k)] if clustered else t.concepts
+        summary["feature_vis"] = render.run_for_checkpoint(ctx, args, sd, c, concept_lists, run_name, out,
                                                                val_images=val_images)["figure"]
 
     if args.get_sae_view:
-        scope = None if by_clusters else [y for cl in t.concepts for y in cl]  # clusters: every val image
+        scope = None if clustered else [y for cl in t.concepts for y in cl]  # clusters: every val image
         summary["sae_view"] = sae_view.run_for_channel(ctx, args, c, scope, run_name, out)["figure"]
 
-    fileio.write_json(os.path.join(out, "results_disentanglement", f"{run_name}_summary.json"), summary)
+    atomic.write_json(os.path.join(out, "results_disentanglement", f"{run_name}_summary.json"), summary)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Feature-visualization benchmark: all targets of a checkpoint in one batch, forward pass stopped at the layer,
 against one full-network run per target (how a user of a generic feature-visualization library does it).
 
-ours:     utils.featurevis.visualize: the original channel and D1, D2 optimized together; every step sends
+ours:     utils.featurevis.render.visualize: the original channel and D1, D2 optimized together; every step sends
           the crops of the three images through the model up to the layer only, the targets are the three
           filters on the layer's input.
 separate: for each target its own MACO run (same parametrization, crops, noise, NAdam) on the whole
@@ -23,7 +23,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils import disentangle, featurevis as fv  # noqa: E402
+from utils import disentangle
+from utils.featurevis import render as fv  # noqa: E402
 
 CHANNEL = 1
 

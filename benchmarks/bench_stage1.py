@@ -20,7 +20,7 @@ STORE_TAG = "bench_resnet50"
 
 
 def ours_folder(workdir):
-    from utils import store
+    from utils.files import store
     return store.store_folder(os.path.join(workdir, "store_ours"), STORE_TAG)
 
 
@@ -45,17 +45,19 @@ def published_done(workdir):
 def ours(workdir, timer, keep=True):
     import torch
 
-    from utils import data, importances, models
+    from utils.data import folders
+    from utils.stages import stage1
+    from utils.model import loading
     model, conv = common.build_model()
     ds = common.dataset(workdir, "train")
     folder = ours_folder(workdir)
-    info = dict(model=STORE_TAG, weights="random seed 0", weights_sha256=models.weights_sha256(model),
-                layer=common.LAYER, layer_geometry=models.layer_geometry(conv), transform=str(common.transform()),
-                autocast=None, decode="cpu", **data.dataset_summary(ds))
+    info = dict(model=STORE_TAG, weights="random seed 0", weights_sha256=loading.weights_sha256(model),
+                layer=common.LAYER, layer_geometry=loading.layer_geometry(conv), transform=str(common.transform()),
+                autocast=None, decode="cpu", **folders.dataset_summary(ds))
     for _ in timer.runs():
         shutil.rmtree(folder, ignore_errors=True)
         with timer:
-            importances.run_stage1(model, conv, ds, folder, info, common.BATCH_SIZE, torch.device("cpu"),
+            stage1.run_stage1(model, conv, ds, folder, info, common.BATCH_SIZE, torch.device("cpu"),
                                    common.workers_ours(), None, log=lambda *a: None)
     size, files = common.folder_bytes(folder)
     return {"images": len(ds), "store_bytes": size, "store_files": files}

@@ -22,7 +22,7 @@ import common  # noqa: E402
 
 
 def ours(workdir, timer):
-    from utils import similarities
+    from utils.method import similarities
     model, conv = common.build_model()
     w = conv.weight.detach()
     for _ in timer.runs():

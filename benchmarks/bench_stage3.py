@@ -28,12 +28,12 @@ EXACTNESS_IMAGES = 4  # disentangle_channel.py --exactness_images
 
 
 def setup(workdir):
-    from utils import data
+    from utils.data import folders
     model, conv = common.build_model()
     c, s1, s2 = common.pick_concepts(workdir)
     v1, v2 = common.concept_arvs(workdir, conv, c, s1, s2)
     ds = common.dataset(workdir, "train")
-    indices = data.indices_of_classes(ds, s1 + s2)
+    indices = folders.indices_of_classes(ds, s1 + s2)
     return model, conv, c, s1, s2, v1, v2, ds, indices
 
 
@@ -42,7 +42,9 @@ def ours(workdir, timer):
 
     import torch
 
-    from utils import data, disentangle, fileio
+    from utils.data import folders
+    from utils import disentangle
+    from utils.files import atomic
     model, conv, c, s1, s2, v1, v2, ds, indices = setup(workdir)
     folder = os.path.join(workdir, "store_ours", "models_disentangled")
     for _ in timer.runs():
@@ -56,13 +58,13 @@ def ours(workdir, timer):
             scores = found.scores
             best = disentangle.best_rho_index(scores)
             # the script's full-network check: both networks' logits on the first EXACTNESS_IMAGES images
-            check = next(iter(data.make_loader(ds, [indices[:EXACTNESS_IMAGES]], 0, "cpu")))[0]
+            check = next(iter(folders.make_loader(ds, [indices[:EXACTNESS_IMAGES]], 0, "cpu")))[0]
             diff, zmax, _ = disentangle.network_check(model, common.LAYER, c,
                                                       disentangle.checkpoint_state_dict(filters[best]), check)
             assert disentangle.within_tolerance(found.max_map_diff, found.max_abs_map)
             assert disentangle.within_tolerance(diff, zmax)
             for r, rho in enumerate(disentangle.RHOS + ["best"]):
-                fileio.save_torch(os.path.join(folder, disentangle.checkpoint_name("bench_resnet50", c, s1, s2, rho)),
+                atomic.save_torch(os.path.join(folder, disentangle.checkpoint_name("bench_resnet50", c, s1, s2, rho)),
                                   disentangle.checkpoint_state_dict(filters[best if rho == "best" else r]))
     return {"channel": c, "classes": [s1, s2], "images": len(indices), "scores": scores.tolist(),
             "best_rho": disentangle.RHOS[best]}
@@ -215,8 +217,8 @@ def published(workdir, timer):
             pickle.dump(arvs, fp)
     folder = os.path.join(workdir, "store_published", "models_disentangled")
     ds = common.dataset(workdir, "train")
-    from utils import data
-    images = len(data.indices_of_classes(ds, s1 + s2))
+    from utils.data import folders
+    images = len(folders.indices_of_classes(ds, s1 + s2))
     for _ in timer.runs():
         shutil.rmtree(folder, ignore_errors=True)
         with timer:
@@ -228,7 +230,8 @@ def published(workdir, timer):
 def naive(workdir, timer):
     import torch
 
-    from utils import data, disentangle
+    from utils.data import folders
+    from utils import disentangle
     model, conv, c, s1, s2, v1, v2, ds, indices = setup(workdir)
     c_out = conv.out_channels
     for _ in timer.runs(1):  # dozens of passes: one-off costs are amortized already
@@ -242,7 +245,7 @@ def naive(workdir, timer):
                 h = split.register_forward_hook(lambda m, i, o: kept.__setitem__("maps", o))
                 sums, counts = {1: 0.0, 2: 0}, {1: 0, 2: 0}
                 sums[2] = 0.0
-                loader = data.make_loader(ds, data.batches_of(indices, common.BATCH_SIZE), 0, "cpu")
+                loader = folders.make_loader(ds, folders.batches_of(indices, common.BATCH_SIZE), 0, "cpu")
                 with torch.no_grad():
                     for images, labels in loader:
                         dmodel(images)

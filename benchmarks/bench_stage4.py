@@ -24,25 +24,26 @@ RHO = 0.5
 
 
 def setup(workdir):
-    from utils import data, disentangle
+    from utils.data import folders
+    from utils import disentangle
     model, conv = common.build_model()
     c, s1, s2 = common.pick_concepts(workdir)
     v1, v2 = common.concept_arvs(workdir, conv, c, s1, s2)
     sd = disentangle.checkpoint_state_dict(disentangle.split_filter(conv.weight[c].detach(), v1, v2, RHO))
     ds = common.dataset(workdir, "val")
-    return model, conv, c, sd, ds, data.indices_of_classes(ds, s1 + s2)
+    return model, conv, c, sd, ds, folders.indices_of_classes(ds, s1 + s2)
 
 
 def ours(workdir, timer):
     import torch
 
-    from utils import evaluation
+    from utils.stages import stage4
     model, conv, c, sd, ds, indices = setup(workdir)
     path = checkpoint_path(workdir, sd)
     for _ in timer.runs():
         with timer:
-            filters, bias = evaluation.checkpoint_filters(torch.load(path))
-            r = evaluation.evaluate(model, conv, c, filters, bias, ds, indices, common.BATCH_SIZE, "cpu",
+            filters, bias = stage4.checkpoint_filters(torch.load(path))
+            r = stage4.evaluate(model, conv, c, filters, bias, ds, indices, common.BATCH_SIZE, "cpu",
                                     common.workers_ours())
     return {"channel": c, "images": len(indices), "rel": r["rel"].tolist(), "orig": r["orig"].tolist(),
             "maps": r["maps"].tolist()}
@@ -124,7 +125,8 @@ def published(workdir, timer):
 def naive(workdir, timer):
     import torch
 
-    from utils import data, disentangle
+    from utils.data import folders
+    from utils import disentangle
     model, conv, c, sd, ds, indices = setup(workdir)
     c_out = conv.out_channels
     dmodel = disentangle.disentangled_model(model, common.LAYER, c, sd)
@@ -132,7 +134,7 @@ def naive(workdir, timer):
     for _ in timer.runs():
         rel, orig, maps = [], [], []
         with timer:
-            loader = data.make_loader(ds, data.batches_of(indices, common.BATCH_SIZE), 0, "cpu")
+            loader = folders.make_loader(ds, folders.batches_of(indices, common.BATCH_SIZE), 0, "cpu")
             for images, labels in loader:
                 # the original network with its autograd graph down to the image, as captum's
                 # LayerGradientXActivation builds it; the gradient is taken at the layer's output only

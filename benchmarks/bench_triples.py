@@ -55,7 +55,7 @@ def make_dataset(root, classes, train, val, seed=0):
 
 def renumbered_triples(path):
     """The paper's triples with their classes renumbered 0..K-1 in sorted order; returns (text, K)."""
-    from utils.triples import read_triples
+    from utils.concepts.by_classes import read_triples
     triples = read_triples(os.path.join(ROOT, "paper_triples.txt"))
     classes = sorted({y for t in triples for y in t.classes})
     new = {y: i for i, y in enumerate(classes)}

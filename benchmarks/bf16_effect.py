@@ -19,14 +19,17 @@ SETTINGS = [((0.007, 0.75), "benchmark tau/p"), ((0.005, 0.5), "more pairs")]
 def stage1(workdir, device, name, autocast, channels_last):
     import torch
 
-    from utils import data, importances, models, store
+    from utils.data import folders
+    from utils.stages import stage1
+    from utils.model import loading
+    from utils.files import store
     model, conv = common.build_model()
     ds = common.dataset(workdir, "train")
     folder = store.store_folder(os.path.join(workdir, name), "bench")
-    info = dict(model="bench", weights_sha256=models.weights_sha256(model), layer=common.LAYER,
-                layer_geometry=models.layer_geometry(conv), transform="bench", decode="cpu",
-                autocast="bfloat16" if autocast else None, **data.dataset_summary(ds))
-    importances.run_stage1(model, conv, ds, folder, info, common.BATCH_SIZE, torch.device(device), 0, None,
+    info = dict(model="bench", weights_sha256=loading.weights_sha256(model), layer=common.LAYER,
+                layer_geometry=loading.layer_geometry(conv), transform="bench", decode="cpu",
+                autocast="bfloat16" if autocast else None, **folders.dataset_summary(ds))
+    stage1.run_stage1(model, conv, ds, folder, info, common.BATCH_SIZE, torch.device(device), 0, None,
                            autocast_dtype=torch.bfloat16 if autocast else None, channels_last=channels_last,
                            log=lambda *a: None)
     arrays = {n: np.load(os.path.join(folder, n + ".npy")) for n in ("attributions", "targets", "predictions", "patch_sums")}
@@ -34,7 +37,7 @@ def stage1(workdir, device, name, autocast, channels_last):
 
 
 def stage2(arrays, weight, tau, p, low=-1.0, high=1.0):
-    from utils import similarities
+    from utils.method import similarities
     hist = similarities.class_histogram(arrays["attributions"], arrays["targets"], common.CLASSES, tau)
     used = similarities.used_classes(hist, similarities.class_counts(arrays["targets"], common.CLASSES), p)
     means = similarities.class_mean_patch_sums(arrays["patch_sums"], arrays["targets"], common.CLASSES)
@@ -45,7 +48,7 @@ def stage2(arrays, weight, tau, p, low=-1.0, high=1.0):
 def compare(ref, other, weight, label):
     import torch
 
-    from utils.attribution import important_channels
+    from utils.method.attribution import important_channels
     a, b = ref["attributions"].astype(np.float64), other["attributions"].astype(np.float64)
     per_image = np.linalg.norm(a - b, axis=1) / np.linalg.norm(a, axis=1)
     pa = ref["patch_sums"].astype(np.float64)

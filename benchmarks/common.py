@@ -36,7 +36,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-from utils import classmap  # noqa: E402
+from utils.data import classmap  # noqa: E402
 
 LAYER = "layer4.2.conv3"
 # Stage 2: with random weights the attributions are spread thinly over the 2048 channels (no channel
@@ -124,7 +124,7 @@ def save_config(workdir):
 
 
 def workers_ours():
-    from utils import cli
+    from utils.run import cli
     return cli.default_workers(WORKERS)
 
 
@@ -157,9 +157,9 @@ def build_model(requires_grad=False):
 def transform():
     from torchvision import transforms
 
-    from utils import data
+    from utils.data import folders
     return transforms.Compose([transforms.Resize(RESIZE), transforms.CenterCrop(CROP), transforms.ToTensor(),
-                               transforms.Normalize(data.MEAN, data.STD)])
+                               transforms.Normalize(folders.MEAN, folders.STD)])
 
 
 def data_root(workdir):
@@ -167,8 +167,8 @@ def data_root(workdir):
 
 
 def dataset(workdir, split):
-    from utils import data
-    return data.image_folder(data_root(workdir), split, transform=transform())
+    from utils.data import folders
+    return folders.image_folder(data_root(workdir), split, transform=transform())
 
 
 def image_size():
@@ -392,7 +392,7 @@ def pick_concepts(workdir):
     a channel: the same rule over all channels and classes."""
     import torch
 
-    from utils import similarities
+    from utils.method import similarities
     st = open_store(workdir)
     hist = similarities.class_histogram(st["attributions"], st["targets"], CLASSES, TAU).double()
     used = similarities.used_classes(hist, similarities.class_counts(st["targets"], CLASSES), P_USE)
@@ -408,7 +408,7 @@ def pick_concepts(workdir):
 
 def concept_arvs(workdir, conv, c, s1, s2):
     """v1, v2: ARVs of channel c for the two concepts, in closed form from the store."""
-    from utils import similarities
+    from utils.method import similarities
     st = open_store(workdir)
     targets = np.asarray(st["targets"])
     w = conv.weight[c].detach()

@@ -1,5 +1,5 @@
 """Stage 1's CPU decoding, per core and through the loader, in one run: PIL's decode alone, today's path
-(decode + Resize(256) + CenterCrop(224) + to uint8 tensor), the --fast_resize path (utils/cpu_decode.py), and
+(decode + Resize(256) + CenterCrop(224) + to uint8 tensor), the --fast_resize path (utils/data/cpu_decode.py), and
 the stage-1 loader alone (no model) with 2 worker processes.
 
   python benchmarks/cpu_decode.py [--images 400] [--large 200] [--repeat 3] [--workers 2]
@@ -8,7 +8,7 @@ Files: ``--images`` generated 500 x 375 JPEGs (benchmarks/make_jpegs.py, about 7
 common size, where --fast_resize cannot decode at reduced size) and ``--large`` 1000 x 750 ones (where it
 decodes at half size). Per-core rates: one process, one thread, files already in the page cache, the
 best of ``--repeat`` rounds (each round measures every path once, in turn, so that a busy machine
-disturbs them alike). Loader: ``data.make_loader`` over the dataset as stage 1 builds it, batches of 64,
+disturbs them alike). Loader: ``folders.make_loader`` over the dataset as stage 1 builds it, batches of 64,
 ``--workers`` worker processes, images/s over all files after the first batch.
 """
 import argparse
@@ -25,7 +25,8 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import make_jpegs  # noqa: E402
-from utils import cpu_decode, data  # noqa: E402
+from utils.data import cpu_decode
+from utils.data import folders  # noqa: E402
 
 
 def decode_only(raw):
@@ -33,7 +34,7 @@ def decode_only(raw):
         return im.convert("RGB")
 
 
-def today(raw, transform=data.eval_transform_uint8()):
+def today(raw, transform=folders.eval_transform_uint8()):
     with Image.open(io.BytesIO(raw)) as im:
         return transform(im.convert("RGB"))
 
@@ -43,7 +44,7 @@ def fast(raw):
 
 
 PATHS = (("PIL decode alone", decode_only), ("decode + Resize + CenterCrop + tensor (default)", today),
-         ("--fast_resize (utils/cpu_decode.py)", fast))
+         ("--fast_resize (utils/data/cpu_decode.py)", fast))
 
 
 def per_core(raws, repeat):
@@ -59,13 +60,13 @@ def per_core(raws, repeat):
 
 
 def loader_rate(root, workers, fast_resize):
-    ds = data.image_folder(root, "train")
+    ds = folders.image_folder(root, "train")
     if fast_resize:
         cpu_decode.use_fast_resize(ds)
     else:
-        ds.transform = data.eval_transform_uint8()
-    batches = data.batches_of(list(range(len(ds))), 64)
-    loader = data.make_loader(ds, batches, workers, "cpu", "keep")
+        ds.transform = folders.eval_transform_uint8()
+    batches = folders.batches_of(list(range(len(ds))), 64)
+    loader = folders.make_loader(ds, batches, workers, "cpu", "keep")
     n, t = 0, None
     for images, _ in loader:
         if t is None:

@@ -1,8 +1,8 @@
 """How much --fast_resize moves stage 1's attributions (as benchmarks/tf32_effect.py does for TF32).
 
-Stage 1 (utils.importances.run_stage1) runs twice on the CPU over the same generated JPEGs, ResNet-50 with
+Stage 1 (utils.stages.stage1.run_stage1) runs twice on the CPU over the same generated JPEGs, ResNet-50 with
 random weights (seed 0; layer4.2.conv3): once with the default decoding (PIL decode, Resize(256),
-CenterCrop(224)) and once with --fast_resize (utils/cpu_decode.py: half-size JPEG decoding for images at
+CenterCrop(224)) and once with --fast_resize (utils/data/cpu_decode.py: half-size JPEG decoding for images at
 least twice the resize target, resize of the crop's region only). Files: ``--images`` of 500 x 375 (no
 reduced-size decoding possible: only the resize shortcut acts) and as many of 1000 x 750 (decoded at half
 size). Random weights: the numbers show the size of the input change's effect, not a property of the
@@ -24,19 +24,23 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import make_jpegs  # noqa: E402
 from gpu_steps import describe_difference  # noqa: E402
-from utils import cpu_decode, data, importances, models, store  # noqa: E402
+from utils.data import cpu_decode
+from utils.data import folders
+from utils.stages import stage1 as stage1_module
+from utils.model import loading
+from utils.files import store  # noqa: E402
 
 
 def stage1(root, folder, fast, model, conv, threads):
-    ds = data.image_folder(root, "train")
+    ds = folders.image_folder(root, "train")
     if fast:
         cpu_decode.use_fast_resize(ds)
     else:
-        ds.transform = data.eval_transform_uint8()
-    info = dict(store.fingerprint("resnet50", "random", models.weights_sha256(model), "layer4.2.conv3",
-                                  models.layer_geometry(conv), data.dataset_summary(ds), data.TRANSFORM_DESCRIPTION),
-                autocast=None, decode="cpu", numerics=importances.numerics("cpu", threads, fast_resize=fast))
-    importances.run_stage1(model, conv, ds, folder, info, 16, torch.device("cpu"), 0, None, uint8_images=True,
+        ds.transform = folders.eval_transform_uint8()
+    info = dict(store.fingerprint("resnet50", "random", loading.weights_sha256(model), "layer4.2.conv3",
+                                  loading.layer_geometry(conv), folders.dataset_summary(ds), folders.TRANSFORM_DESCRIPTION),
+                autocast=None, decode="cpu", numerics=stage1_module.numerics("cpu", threads, fast_resize=fast))
+    stage1_module.run_stage1(model, conv, ds, folder, info, 16, torch.device("cpu"), 0, None, uint8_images=True,
                            log=lambda *a: None)
     return {n: np.load(os.path.join(folder, n + ".npy")) for n in store.ARRAYS}
 

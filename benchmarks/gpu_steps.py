@@ -65,7 +65,7 @@ def setup(args):
     with open(os.path.join(args.work, "settings.json"), "w") as f:
         json.dump(s, f)
     try:
-        from utils import gpu_decode
+        from utils.data import gpu_decode
         nv = "nvImageCodec importable" if gpu_decode.nvimgcodec_available() else "no nvImageCodec"
         if torch.cuda.is_available():
             lines = []
@@ -83,7 +83,7 @@ def setup(args):
 def model_step(args):
     import torch
     import torchvision
-    from utils import importances
+    from utils.stages import stage1
     s = settings(args.work)
     bs = args.batch_size or s["batch_size"]
     rates = {}
@@ -108,12 +108,12 @@ def model_step(args):
             torch.backends.cuda.matmul.fp32_precision = precision
         amp = torch.bfloat16 if name == "bfloat16" else None
         for _ in range(2):  # warm-up (cuDNN picks its algorithms)
-            importances.stage1_batch(model, conv, x, y, amp)
+            stage1.stage1_batch(model, conv, x, y, amp)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.time()
         for _ in range(args.steps):
-            importances.stage1_batch(model, conv, x, y, amp)
+            stage1.stage1_batch(model, conv, x, y, amp)
         if device.type == "cuda":
             torch.cuda.synchronize()
         rates[name] = args.steps * bs / (time.time() - t)
@@ -173,7 +173,7 @@ def read_store(work, store):
 
 
 def stage1_step(args):
-    from utils import gpu_decode
+    from utils.data import gpu_decode
     s = settings(args.work)
     name = (f"stage 1 {args.decoder} decoding{' --fast_resize' if args.fast_resize else ''}, "
             f"{'bfloat16' if args.precision == 'bf16' else 'TF32'}")
@@ -293,7 +293,7 @@ def featurevis_step(args):
     import torch
     import torchvision
     import bench_featurevis as bf
-    from utils import featurevis as fv
+    from utils.featurevis import render as fv
     device = torch.device("cuda", 0) if cuda() else torch.device("cpu")
     torch.manual_seed(0)
     model = torchvision.models.resnet50(weights=None).eval()

@@ -4,7 +4,7 @@ ImageNet's shape: 1,281,167 images, ResNet-50's layer4.2.conv3 (2048 x 512 x 1 x
 The synthetic store is the one of benchmarks/stage2_memory.py (its ``make_store``: class-dependent patch
 sums, N x 512 x 1 x 1 float32 = 2.6 GB, plus the attributions it also writes), in a temporary folder.
 Each case runs in a fresh child process with ``--threads`` torch threads (default 2), doing what the
-script does after loading the model: ``utils.concepts.discover`` (one chunked pass over the memory-mapped
+script does after loading the model: ``utils.stages.label_free.discover`` (one chunked pass over the memory-mapped
 patch sums for all channels asked for, then per channel the exact top-N, its per-image ARVs and k-means
 with k by silhouette over 2..5) and the JSON encoding of the concepts file. Cases:
 
@@ -38,7 +38,7 @@ def child(folder, case, threads, top_n, chunk_rows):
     """One case on the store in ``folder``; prints one JSON line with timings and memory."""
     import torch
 
-    from utils import concepts
+    from utils.stages import label_free
     torch.set_num_threads(threads)
     base = status_kb("RssAnon", "VmRSS")
     P = np.load(os.path.join(folder, "patch_sums.npy"), mmap_mode="r")
@@ -51,7 +51,7 @@ def child(folder, case, threads, top_n, chunk_rows):
     times = {}
     from sklearn.cluster import KMeans  # noqa: F401  (imported by the script before it starts; not timed)
     t0, c0 = time.perf_counter(), time.process_time()
-    recs = concepts.discover(P, labels, W, channels, names, top_n=top_n, chunk_rows=chunk_rows, timings=times)
+    recs = label_free.discover(P, labels, W, channels, names, top_n=top_n, chunk_rows=chunk_rows, timings=times)
     t = time.perf_counter()
     text = json.dumps({"channels": {str(c): r for c, r in recs.items()}})
     times["json_s"] = time.perf_counter() - t
@@ -78,7 +78,7 @@ def main():
     p.add_argument("--cases", default="one,all", help="comma-separated: one, all")
     p.add_argument("--threads", type=int, default=2, help="torch threads of each case (default 2)")
     p.add_argument("--top_n", type=int, default=100)
-    p.add_argument("--chunk_rows", type=int, default=None, help="default: utils.similarities.DEFAULT_CHUNK_ROWS")
+    p.add_argument("--chunk_rows", type=int, default=None, help="default: utils.method.similarities.DEFAULT_CHUNK_ROWS")
     p.add_argument("--dir", default=None, help="parent folder of the temporary store (needs ~8 GB at full size)")
     p.add_argument("--keep", default=None, help="use (or make and keep) the store in this folder")
     p.add_argument("--json", default=None, help="write the results here")
@@ -89,7 +89,7 @@ def main():
         a = args.child
         return child(a[0], a[1], int(a[2]), int(a[3]), int(a[4]))
 
-    from utils import similarities
+    from utils.method import similarities
     chunk_rows = args.chunk_rows or similarities.DEFAULT_CHUNK_ROWS
     folder = args.keep or tempfile.mkdtemp(prefix="label_free_", dir=args.dir)
     results = []

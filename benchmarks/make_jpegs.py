@@ -29,11 +29,11 @@ def jpeg_image(i, seed=0, size=(WIDTH, HEIGHT)):
 
 def class_folder(c):
     """Folder name of class ``c``: the c-th ImageNet WordNet id, so that a 1000-output ImageNet model maps
-    folder c to its output c (utils/classmap.py) and the labels are the folder indices, as before."""
+    folder c to its output c (utils/data/classmap.py) and the labels are the folder indices, as before."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if root not in sys.path:
         sys.path.insert(0, root)
-    from utils.classmap import imagenet_wnids
+    from utils.data.classmap import imagenet_wnids
     return imagenet_wnids()[c]
 
 

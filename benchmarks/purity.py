@@ -8,13 +8,13 @@ when OUT/seed{s}/report.json exists), then for every channel that stage 2 lists 
              lowest-cosine class pair;
   k classes  D_1..D_k of stage 3 with one concept per class that stage 2 lists for the channel;
   SAE top-N  the N features with the largest mean pos(contribution to the channel) on its 32 top val images
-             (utils/sae.py; the SAE of get_results.py --get_sae_view with the same settings, trained once per
+             (utils/method/sae.py; the SAE of get_results.py --get_sae_view with the same settings, trained once per
              seed and kept in the store), each unit being the feature's contribution map conv(f_j, K_j);
   k-way      D_1..D_k of the split by label-free concepts (get_cosine_similarities.py --label_free,
              disentangle_channel.py --concepts_file: issue 11);
   PURE       virtual neurons: the channel's map on the val images whose ARV is nearest to cluster j's
-             centroid (utils.concepts.nearest_centroid), zero elsewhere.
-Every unit is scored on all val images by utils/purity.py: activation-weighted purity over classes,
+             centroid (utils.stages.label_free.nearest_centroid), zero elsewhere.
+Every unit is scored on all val images by utils/method/purity.py: activation-weighted purity over classes,
 colours and textures, top-N purity (N = val images per class) and its share of the channel's positive mass.
 Unit kinds whose code is not there yet print "not available".
 
@@ -42,10 +42,16 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from utils import attribution, context, data, fileio, purity, sae as S, sae_view  # noqa: E402
-from utils import cli  # noqa: E402
+from utils.method import attribution
+from utils.run import context
+from utils.data import folders
+from utils.files import atomic
+from utils.method import purity
+from utils.method import sae as S
+from utils.stages import sae_view  # noqa: E402
+from utils.run import cli  # noqa: E402
 from utils.disentangle import checkpoint_name, filter_maps, positive_mass  # noqa: E402
-from utils.evaluation import checkpoint_filters, top_k  # noqa: E402
+from utils.stages.stage4 import checkpoint_filters, top_k  # noqa: E402
 
 MODEL = "demo.model:shapes_cnn"
 METRICS = ("purity", "purity_colour", "purity_texture", "top_n_purity", "share")
@@ -74,7 +80,7 @@ def fashion_run(args, folder, seed):
             if getattr(args, flag) is not None:
                 argv += [f"--{flag}", str(getattr(args, flag))]
         run_fashion.main(argv)
-    return fileio.read_json(path)
+    return atomic.read_json(path)
 
 
 def demo_run(folder, seed):
@@ -83,14 +89,14 @@ def demo_run(folder, seed):
     if not os.path.isfile(path):
         from demo import run_demo
         run_demo.main(["--out", folder, "--seed", str(seed), "--no_feature_vis"])
-    return fileio.read_json(path)
+    return atomic.read_json(path)
 
 
 def val_inputs(ctx, batch_size):
     """The layer's input on every val image: x (N, C_in, H, W), labels (N,)."""
     ds = ctx.dataset
     xs, ys = [], []
-    loader = data.make_loader(ds, data.batches_of(list(range(len(ds))), batch_size), 0, ctx.device)
+    loader = folders.make_loader(ds, folders.batches_of(list(range(len(ds))), batch_size), 0, ctx.device)
     for images, labels in loader:
         xs.append(attribution.layer_input(ctx.model, ctx.conv, images.to(ctx.device)).float())
         ys.append(labels)
@@ -150,11 +156,11 @@ def sae_units(env, c, n_features):
 def concepts_file(env, c):
     """The label-free concepts of channel c (get_cosine_similarities.py --label_free)."""
     path = os.path.join(env.store, "results_get_cosine_similarities", f"{env.tag}_concepts_top100.json")
-    concepts = fileio.read_json(path) if os.path.isfile(path) else {"channels": {}}
+    concepts = atomic.read_json(path) if os.path.isfile(path) else {"channels": {}}
     if str(c) not in concepts["channels"]:
         script("get_cosine_similarities.py", env.common + ["--store_dir", env.store, "--label_free", "--channels", c,
                                                           "--top_n", 100])
-        concepts = fileio.read_json(path)
+        concepts = atomic.read_json(path)
     return path, concepts["channels"][str(c)]
 
 
@@ -175,7 +181,7 @@ def kway_units(env, c):
 
 def pure_units(env, c):
     """Virtual neurons: pos(a[c]) on the val images whose ARV is nearest to cluster j's centroid, else 0."""
-    from utils.similarities import arv
+    from utils.method.similarities import arv
     _, ch = concepts_file(env, c)
     conv = env.ctx.conv
     r = arv(conv.weight[c].detach(), env.patch_sums)
@@ -201,7 +207,7 @@ def run_seed(args, seed):
         from demo import fashion_mnist, run_fashion
         report = fashion_run(args, folder, seed)
         model, data_dir = report["model"], report["data"]["data_dir"]
-        candidates = fileio.read_json(report["stage2"]["candidates_json"])["candidates"]
+        candidates = atomic.read_json(report["stage2"]["candidates_json"])["candidates"]
         split_channels = [s["channel"] for s in report["splits"] if s.get("role") != "weakest"]
         transform = {"resize": run_fashion.SIZE, "crop": run_fashion.SIZE, "mean": [fashion_mnist.MEAN] * 3,
                      "std": [fashion_mnist.STD] * 3}
@@ -209,7 +215,7 @@ def run_seed(args, seed):
     else:
         report = demo_run(folder, seed)
         model, data_dir = MODEL, os.path.join(folder, "data")
-        candidates = fileio.read_json(report["candidates_json"])["candidates"]
+        candidates = atomic.read_json(report["candidates_json"])["candidates"]
         split_channels = None
     seconds_run = round(time.time() - start, 1)
     ns = SimpleNamespace(device=args.device, gpu=None, model=model, weights=weights, layer_of_interest="last_conv",
@@ -248,7 +254,7 @@ def run_seed(args, seed):
 
 
 def score(args, pos, labels, names, n, pos_channel):
-    """utils.purity.score_unit; for Fashion-MNIST the coarse garment groups instead of colour and texture."""
+    """utils.method.purity.score_unit; for Fashion-MNIST the coarse garment groups instead of colour and texture."""
     if args.data != "fashion_mnist":
         return purity.score_unit(pos, labels, names, n, pos_channel)
     from demo import fashion_mnist
@@ -315,11 +321,11 @@ def main(argv=None):
                         "the table (and --json)")
     args = p.parse_args(argv)
     if args.from_json:
-        per_seed = [s for path in args.from_json for s in fileio.read_json(path)["per_seed"]]
+        per_seed = [s for path in args.from_json for s in atomic.read_json(path)["per_seed"]]
         table = summarize(per_seed)
         print_table(table, [s["seed"] for s in per_seed])
         if args.json:
-            fileio.write_json(args.json, {"from": args.from_json, "seeds": [s["seed"] for s in per_seed],
+            atomic.write_json(args.json, {"from": args.from_json, "seeds": [s["seed"] for s in per_seed],
                                           "table": table, "per_seed": per_seed})
         return table
     if args.out is None:
@@ -343,7 +349,7 @@ def main(argv=None):
     print(f"({time.time() - start:.0f} s)")
     if args.json:
         settings = {k: getattr(args, k) for k in sae_view.DEFAULTS if k != "sae_seed"}
-        fileio.write_json(args.json, {"data": args.data, "seeds": args.seeds,
+        atomic.write_json(args.json, {"data": args.data, "seeds": args.seeds,
                                       "sae_settings": dict(settings, sae_seed="= seed"),
                                       "sae_features": args.sae_features, "table": table, "per_seed": per_seed})
     return table

@@ -4,7 +4,7 @@ and of the model step alone (attributions + patch sums on batches already on the
   python benchmarks/stage1_throughput.py [--images 4096] [--batch_size 256] [--num_workers 16] [--bf16]
 
 Writes ImageNet-sized JPEGs (500 x 375, benchmarks/make_jpegs.py) into a temporary folder, runs the real
-stage-1 loop (utils.importances.run_stage1) on ResNet-50 (random weights, layer4.2.conv3) into a
+stage-1 loop (utils.stages.stage1.run_stage1) on ResNet-50 (random weights, layer4.2.conv3) into a
 temporary store, and prints one table. On a machine without CUDA it still runs (small --images), and
 the GPU-decoding row then shows the CPU fallback.
 """
@@ -21,19 +21,24 @@ import torchvision
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import make_jpegs  # noqa: E402
-from utils import cli, data, gpu_decode, importances, models, store  # noqa: E402
+from utils.run import cli
+from utils.data import folders
+from utils.data import gpu_decode
+from utils.stages import stage1
+from utils.model import loading
+from utils.files import store  # noqa: E402
 
 
 
 def run(model, conv, ds, folder, args, device, decoder=None, amp=None):
-    summary = data.dataset_summary(ds)
-    info = dict(store.fingerprint("resnet50", "random", models.weights_sha256(model), "layer4.2.conv3",
-                                  models.layer_geometry(conv), summary, data.TRANSFORM_DESCRIPTION),
+    summary = folders.dataset_summary(ds)
+    info = dict(store.fingerprint("resnet50", "random", loading.weights_sha256(model), "layer4.2.conv3",
+                                  loading.layer_geometry(conv), summary, folders.TRANSFORM_DESCRIPTION),
                 autocast=amp, decode="gpu" if decoder else "cpu")
     if device.type == "cuda":
         torch.cuda.synchronize()
     t = time.time()
-    importances.run_stage1(model, conv, ds, folder, info, args.batch_size, device, args.num_workers, None,
+    stage1.run_stage1(model, conv, ds, folder, info, args.batch_size, device, args.num_workers, None,
                            autocast_dtype=torch.bfloat16 if amp else None, channels_last=True,
                            gpu_decoder=decoder, log=lambda *a: None)
     if device.type == "cuda":
@@ -45,12 +50,12 @@ def model_only(model, conv, args, device, amp):
     x = torch.randn(args.batch_size, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
     steps = max(3, args.images // args.batch_size)
-    importances.stage1_batch(model, conv, x, y, amp)  # warm-up
+    stage1.stage1_batch(model, conv, x, y, amp)  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
     t = time.time()
     for _ in range(steps):
-        importances.stage1_batch(model, conv, x, y, amp)
+        stage1.stage1_batch(model, conv, x, y, amp)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return steps * args.batch_size / (time.time() - t)
@@ -72,7 +77,7 @@ def main():
     work = tempfile.mkdtemp(prefix="stage1_throughput_")
     try:
         make_jpegs.write_jpegs(work, args.images, processes=os.cpu_count() or 1)
-        ds = data.image_folder(work, "train")
+        ds = folders.image_folder(work, "train")
         rows = []
         for amp in ([None, "bfloat16"] if args.bf16 else [None]):
             dt = torch.bfloat16 if amp else None

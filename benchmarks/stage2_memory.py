@@ -11,7 +11,7 @@ patch sums, candidate pairs) in a fresh child process, and reports its memory:
                  mapped into the process): what `top` or a job scheduler would see
   RssFile peak   file-backed resident pages (memory-mapped store pages show up here)
 
-Two ways of reading the chunks are measured: 'read' (utils.similarities.read_rows: positional file
+Two ways of reading the chunks are measured: 'read' (utils.method.similarities.read_rows: positional file
 reads of each chunk, what stage 2 does) and 'mmap' (slicing the memory maps, which leaves every page
 read mapped into the process until the kernel reclaims it). The folder is removed at the end.
 
@@ -93,7 +93,7 @@ def child(folder, mode, chunk_rows):
 
     import torch
 
-    from utils import similarities
+    from utils.method import similarities
     torch.set_num_threads(1)
     base = status_kb("RssAnon", "RssFile", "VmRSS")
     A = np.load(os.path.join(folder, "attributions.npy"), mmap_mode="r")
@@ -136,7 +136,7 @@ def main():
     p.add_argument("--channels", type=int, default=2048)
     p.add_argument("--in_channels", type=int, default=512)
     p.add_argument("--classes", type=int, default=1000)
-    p.add_argument("--chunk_rows", type=int, default=None, help="default: utils.similarities.DEFAULT_CHUNK_ROWS")
+    p.add_argument("--chunk_rows", type=int, default=None, help="default: utils.method.similarities.DEFAULT_CHUNK_ROWS")
     p.add_argument("--modes", default="read,mmap", help="comma-separated: read, mmap")
     p.add_argument("--dir", default=None, help="parent folder of the temporary store (needs ~8 GB)")
     p.add_argument("--json", default=None, help="write the results here")
@@ -145,7 +145,7 @@ def main():
     if args.child:
         return child(args.child[0], args.child[1], int(args.child[2]))
 
-    from utils import similarities
+    from utils.method import similarities
     chunk_rows = args.chunk_rows or similarities.DEFAULT_CHUNK_ROWS
     folder = tempfile.mkdtemp(prefix="stage2_memory_", dir=args.dir)
     results = []

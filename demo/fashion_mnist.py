@@ -30,8 +30,8 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-from utils import cli  # noqa: E402
-from utils.cli import UserError  # noqa: E402
+from utils.run import cli  # noqa: E402
+from utils.run.cli import UserError  # noqa: E402
 
 SOURCE = "/usr/share/datasets/fashion-mnist"
 INSTALL_HINT = "apt-get install dataset-fashion-mnist"
@@ -177,8 +177,8 @@ def write_image_folder(out, train_per_class=None, val_per_class=None, source=Non
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         log(f"{split}: {len(keep)} images")
-    from utils import fileio
-    fileio.write_json(info_path, spec)
+    from utils.files import atomic
+    atomic.write_json(info_path, spec)
     return names
 
 

@@ -46,7 +46,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 from demo import fashion_mnist  # noqa: E402
-from utils import cli  # noqa: E402
+from utils.run import cli  # noqa: E402
 
 NUM_CLASSES = 10
 THREADS = 2
@@ -250,9 +250,9 @@ def _train(out, arch, epochs, seed, batch_size, lr, weight_decay, train_per_clas
                "test_images": len(xt), "train_accuracy": accuracy(model, x, y),
                "test_accuracy": accuracy(model, xt, yt),
                "epoch_seconds": epoch_seconds, "seconds": round(time.time() - start, 1)}
-    from utils import fileio
-    fileio.save_torch(out, model.state_dict())
-    fileio.write_json(os.path.splitext(out)[0] + "_training.json", summary)
+    from utils.files import atomic
+    atomic.save_torch(out, model.state_dict())
+    atomic.write_json(os.path.splitext(out)[0] + "_training.json", summary)
     log(f"trained in {summary['seconds']} s: train accuracy {summary['train_accuracy']:.4f}, "
         f"test accuracy {summary['test_accuracy']:.4f}; saved {out}")
     return summary

@@ -14,7 +14,7 @@ import json
 from PIL import Image
 
 from demo.docs_pictures import density_pair, write_pictures
-from utils import cli
+from utils.run import cli
 
 
 def weakest(splits):

@@ -175,7 +175,7 @@ def main(argv=None):
     print(_short(r.run("stage2", "get_cosine_similarities.py", common + [
         "--store_dir", store_dir, "--proportion_attribution_required", tau, "--p", pp,
         "--cos_sim_low", low, "--cos_sim_high", high, "--out_dir", out]), 2))
-    from utils.models import model_tag
+    from utils.model.loading import model_tag
     tag = model_tag(model)
     cand_path = os.path.join(store_dir, "results_get_cosine_similarities",
                              f"{tag}_required{tau}_p{pp}_cossim{low}to{high}_candidates.json")

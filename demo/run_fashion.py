@@ -31,9 +31,9 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 from demo import fashion_mnist, fashion_model  # noqa: E402
 from demo.run_demo import Runner, _short  # noqa: E402
-from utils import fileio  # noqa: E402
-from utils import cli  # noqa: E402
-from utils.models import model_tag  # noqa: E402
+from utils.files import atomic  # noqa: E402
+from utils.run import cli  # noqa: E402
+from utils.model.loading import model_tag  # noqa: E402
 
 THRESHOLDS = (0.5, 0.7, 0.9)   # the report counts candidate pairs below each cosine
 SIZE = 28                      # --resize and --crop: the images' own size
@@ -94,7 +94,7 @@ def train_or_reuse(args, weights, log):
     record = os.path.splitext(weights)[0] + "_training.json"
     want = {"arch": args.arch, "epochs": args.epochs, "seed": args.seed, "threads": args.train_threads}
     if os.path.isfile(weights) and os.path.isfile(record):
-        summary = fileio.read_json(record)
+        summary = atomic.read_json(record)
         n = summary.get("train_images")
         if {k: summary.get(k) for k in want} == want and n == (60000 if args.train_per_class is None
                                                                  else 10 * args.train_per_class):
@@ -112,8 +112,8 @@ def store_fits(store_dir, data_dir, names, model_reused):
         return False
     counts = [len(os.listdir(os.path.join(data_dir, "train", name))) for name in names]
     manifests = glob.glob(os.path.join(store_dir, "*", "manifest.json"))
-    return all(fileio.read_json(m).get("data_dir") == data_dir and
-               fileio.read_json(m).get("images_per_class") == counts for m in manifests)
+    return all(atomic.read_json(m).get("data_dir") == data_dir and
+               atomic.read_json(m).get("images_per_class") == counts for m in manifests)
 
 
 def candidate_counts(cands, thresholds=THRESHOLDS):
@@ -187,7 +187,7 @@ def main(argv=None):
         "--cos_sim_low", 0.0, "--cos_sim_high", 1.0, "--out_dir", out]), 2))
     cand_path = os.path.join(store_dir, "results_get_cosine_similarities",
                              f"{tag}_required{tau}_p{pp}_cossim0.0to1.0_candidates.json")
-    cands = fileio.read_json(cand_path)["candidates"]
+    cands = atomic.read_json(cand_path)["candidates"]
     counts = candidate_counts(cands)
     print("  " + ", ".join(f"{v['pairs']} pairs on {v['channels']} channels below cosine {k}"
                            for k, v in counts.items()))
@@ -215,10 +215,10 @@ def main(argv=None):
             "--get_qualitative", "--get_quantitative", "--get_top_images", "--top_k", 8,
             "--proportion_attribution_required", args.quantitative_tau, "--out_dir", out] + extra), 4))
         run_name = f"{tag}_channel{c}_classes1{[y1]}_classes2{[y2]}_f_best_unnormalized"
-        summary = fileio.read_json(os.path.join(out, "results_disentanglement", run_name + "_summary.json"))
+        summary = atomic.read_json(os.path.join(out, "results_disentanglement", run_name + "_summary.json"))
         info_path = os.path.join(store_dir, "models_disentangled",
                                  run_name[:-len("_f_best_unnormalized")] + "_info.json")
-        info = fileio.read_json(info_path)
+        info = atomic.read_json(info_path)
         entry = {"role": "strongest" if n < args.splits else "weakest", "channel": c, "class1": names[y1],
                  "class2": names[y2], "class1_index": y1, "class2_index": y2,
                  "cosine_similarity": best["cosine_similarity"], "best_rho": info["best_rho"],
@@ -238,11 +238,11 @@ def main(argv=None):
                            "density_concept2": os.path.join(out, "plots", run_name + "_density_concept2.png"),
                            "top_images": os.path.join(out, "plots", run_name + "_top_images.png")}}
         if "feature_vis" in summary:
-            fv = fileio.read_json(os.path.join(out, "results_disentanglement", run_name + "_feature_vis.json"))
+            fv = atomic.read_json(os.path.join(out, "results_disentanglement", run_name + "_feature_vis.json"))
             entry["feature_vis"] = {"figure": fv["figure"], "activation": fv.get("activation"),
                                     "val_max": fv.get("val_max"), "targets": fv.get("targets")}
         if "sae_view" in summary:
-            sv = fileio.read_json(os.path.join(out, "results_disentanglement", run_name + "_sae_view.json"))
+            sv = atomic.read_json(os.path.join(out, "results_disentanglement", run_name + "_sae_view.json"))
             entry["sae_view"] = {k: sv.get(k) for k in ("figure", "fvu", "dead_features", "dictionary",
                                                         "constant_term_share", "features", "sae")}
         splits.append(entry)
@@ -256,7 +256,7 @@ def main(argv=None):
         "--store_dir", store_dir, "--label_free", "--channels", ",".join(map(str, channels)),
         "--top_n", args.top_n]), 4))
     concepts_path = os.path.join(store_dir, "results_get_cosine_similarities", f"{tag}_concepts_top{args.top_n}.json")
-    concepts = fileio.read_json(concepts_path)["channels"]
+    concepts = atomic.read_json(concepts_path)["channels"]
     label_free = {str(c): {"k": concepts[str(c)]["k"], "silhouette": concepts[str(c)]["silhouette"],
                            "purity": concepts[str(c)]["purity"], "sign": concepts[str(c)]["sign"],
                            "clusters": [{"size": cl["size"], "classes": cl["classes"], "purity": cl["purity"]}
@@ -277,7 +277,7 @@ def main(argv=None):
               "splits": splits, "label_free": label_free, "concepts_json": concepts_path,
               "commands": r.commands, "seconds": seconds, "threads_training": training["threads"],
               "cpu_count": os.cpu_count()}
-    fileio.write_json(os.path.join(out, "report.json"), report)
+    atomic.write_json(os.path.join(out, "report.json"), report)
     print(f"[7/7] wrote {os.path.join(out, 'report.json')} ({seconds['total']} s)")
     return report
 

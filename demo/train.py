@@ -30,7 +30,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from demo.model import ARCHS, NUM_CLASSES
-from utils import data as udata
+from utils.data import folders as udata
 
 
 def load_split(data_dir, split, model, batch_size=64, num_workers=None):

@@ -154,7 +154,7 @@ the three names end in `_positive_activation` and the JSON files also hold its r
 With `--label_free`: `STORE/results_get_cosine_similarities/{model}_concepts_top{N}.json` with the store's
 fingerprint and, per channel, `k`, `silhouette`, `silhouette_by_k`, `sign`, `top_rows` (strongest
 first), `summed_activations`, `purity`, and per cluster `rows`, `size`, `centroid` (mean L1-normalised
-ARV), `mean_arv`, `classes` (name → count), `class_counts`, `purity` (schema: `utils/concepts.py`). A later
+ARV), `mean_arv`, `classes` (name → count), `class_counts`, `purity` (schema: `utils/stages/label_free.py`). A later
 run with the same store, N and `--k` keeps the file's other channels, so channels can be added one at a
 time.
 

@@ -12,7 +12,9 @@ import torch.nn as nn
 from tests import tiny_models
 from tests.conftest import run_script, tree_bytes
 from tests.test_cli import run_inproc
-from utils import attribution, models, similarities
+from utils.method import attribution
+from utils.model import loading
+from utils.method import similarities
 
 TINY = "tests.tiny_models:tiny_resnet"
 TINY_TAG = "tests_tiny_models_tiny_resnet"
@@ -39,7 +41,7 @@ def from_store_math(model, conv, bn, images):
     P = attribution.conv_patch_sums(x, conv)  # (N, C_in, kh, kw) float32, as in the store
     positions = a.shape[2] * a.shape[3]
     s = similarities.summed_activation(P, conv.weight, conv.bias, positions)
-    after = s if bn is None else similarities.affine_summed(s, *models.batchnorm_affine(bn), positions)
+    after = s if bn is None else similarities.affine_summed(s, *loading.batchnorm_affine(bn), positions)
     return s, after
 
 
@@ -56,7 +58,7 @@ def test_post_batchnorm_sign_from_the_store_equals_hooks():
     """tiny_resnet's conv3 -> bn3: both signs occur after the BatchNorm, and the store's math gives them."""
     model = tiny_models.tiny_resnet()
     images = torch.randn(12, 3, 96, 80, generator=torch.Generator().manual_seed(0))
-    bn = models.batchnorm_after(model, model.conv3, images[:1])
+    bn = loading.batchnorm_after(model, model.conv3, images[:1])
     assert bn is model.bn3
     want_conv, want_bn = hooked_sums(model, model.conv3, bn, images)
     got_conv, got_bn = from_store_math(model, model.conv3, bn, images)
@@ -80,7 +82,7 @@ def test_post_batchnorm_sign_with_bias_padding_and_stride():
         conv.bias.mul_(5)
     net.eval()
     images = torch.randn(10, 3, 17, 15, generator=torch.Generator().manual_seed(3))
-    assert models.batchnorm_after(net, conv, images[:1]) is bn
+    assert loading.batchnorm_after(net, conv, images[:1]) is bn
     want_conv, want_bn = hooked_sums(net, conv, bn, images)
     got_conv, got_bn = from_store_math(net, conv, bn, images)
     check_signs(got_conv, want_conv)
@@ -153,9 +155,9 @@ def test_stage2_importance_sign(image_root, tiny_store, tmp_path):
     assert os.path.isfile(os.path.join(out, "results_get_cosine_similarities",
                                        f"{TINY_TAG}_required{TAU}_p{P}_cossim0.0to1.0_positive_activation.txt"))
     # the same rule from a model pass with hooks over the training images
-    from utils import data
+    from utils.data import folders
     model = tiny_models.tiny_resnet()
-    ds = data.image_folder(image_root, "train")
+    ds = folders.image_folder(image_root, "train")
     images = torch.stack([ds[i][0] for i in range(len(ds))])
     targets = torch.tensor(ds.targets)
     x, a, g, _ = attribution.logits_and_layer_grad(model, model.conv3, images, targets)

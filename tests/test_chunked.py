@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils import similarities
+from utils.method import similarities
 
 N, C_OUT, C_IN, K = 997, 24, 10, 6
 

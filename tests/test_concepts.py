@@ -15,7 +15,9 @@ from sklearn.metrics import adjusted_rand_score
 from tests import tiny_models
 from tests.conftest import run_script, tree_bytes
 from tests.test_cli import load_split, run_inproc
-from utils import attribution, concepts, similarities
+from utils.method import attribution
+from utils.stages import label_free
+from utils.method import similarities
 
 NEG = (1, 4, 9)  # channels of conv3 whose following BatchNorm gets a negative scale
 MODEL = "tests.test_concepts:tiny_resnet_negbn"
@@ -68,7 +70,7 @@ def test_store_closed_forms_equal_model_pass(image_root, tmp_path, kind):
     W = conv.weight.detach()
     b = None if conv.bias is None else conv.bias.detach()
 
-    signs, positions, bn = concepts.layer_signs_and_positions(model, conv, torch.zeros(1, 3, 224, 224))
+    signs, positions, bn = label_free.layer_signs_and_positions(model, conv, torch.zeros(1, 3, 224, 224))
     assert positions == a.shape[2] * a.shape[3]
     if kind == "vgg":
         assert bn is None and (signs == 1).all()
@@ -78,7 +80,7 @@ def test_store_closed_forms_equal_model_pass(image_root, tmp_path, kind):
     s = similarities.summed_activation(np.asarray(P), W, b, positions)
     torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=1e-5 * float(s_ref.abs().max()))
     rows = [17, 3, 3, 0, 23]
-    Pr = concepts.gather_rows(P, rows)
+    Pr = label_free.gather_rows(P, rows)
     assert np.array_equal(Pr, np.asarray(P)[rows])
     for c in range(W.shape[0]):
         r = similarities.arv(W[c], torch.from_numpy(Pr))
@@ -86,7 +88,7 @@ def test_store_closed_forms_equal_model_pass(image_root, tmp_path, kind):
 
     # discover: top rows by sign * s (the model pass's order), their s, and each cluster's mean ARV
     top_n, chans = 7, list(range(W.shape[0]))
-    recs = concepts.discover(P, labels, W, chans, names, top_n=top_n, signs=signs, bias=b, positions=positions,
+    recs = label_free.discover(P, labels, W, chans, names, top_n=top_n, signs=signs, bias=b, positions=positions,
                              chunk_rows=5)
     for c in chans:
         rec = recs[c]
@@ -104,7 +106,7 @@ def test_store_closed_forms_equal_model_pass(image_root, tmp_path, kind):
             norm = r_ref[cl["rows"], c] / r_ref[cl["rows"], c].abs().sum(dim=1, keepdim=True)
             np.testing.assert_allclose(cl["centroid"], norm.mean(dim=0).numpy(), rtol=1e-4, atol=1e-7)
             assert sum(cl["classes"].values()) == cl["size"] == len(cl["rows"])
-            counted = collections.Counter(int(y) for y in labels[cl["rows"]])  # by hand, not concepts.class_counts
+            counted = collections.Counter(int(y) for y in labels[cl["rows"]])  # by hand, not label_free.class_counts
             assert sorted(map(tuple, cl["class_counts"])) == sorted(counted.items())
             assert [n for _, n in cl["class_counts"]] == sorted(counted.values(), reverse=True)
             assert cl["classes"] == {names[y]: n for y, n in counted.items()}
@@ -126,14 +128,14 @@ def test_candidate_rows_chunked_equals_full_sort_and_leaves_out_invalid_rows():
     s = similarities.summed_activation(P, W, b, 9)
     valid[np.argmax(s[:, 0].numpy())] = False  # the strongest row of channel 0 is "unreadable"
     for chunk in (1, 4, 11, 100):
-        got = concepts.candidate_rows(P, W, 10, signs, b, 9, valid, chunk_rows=chunk)
+        got = label_free.candidate_rows(P, W, 10, signs, b, 9, valid, chunk_rows=chunk)
         for c in range(4):
             signed = (signs[c] * s[:, c]).numpy().copy()
             signed[~valid] = -np.inf
             expect = np.argsort(-signed, kind="stable")[:10]
             assert got[c].tolist() == expect.tolist(), (chunk, c)
     # more room than rows: -1 fills the rest; invalid rows never appear
-    got = concepts.candidate_rows(P[:5], W, 8, signs, b, 9, valid[:5], chunk_rows=2)
+    got = label_free.candidate_rows(P[:5], W, 8, signs, b, 9, valid[:5], chunk_rows=2)
     assert (got[:, 5:] == -1).all() and (got[:, :5] >= 0).all()
 
 
@@ -144,12 +146,12 @@ def test_top_n_most_negative_under_negative_sign_and_unreadable_rows_left_out():
     P = s_vals.astype(np.float32)[:, None, None, None]
     W = np.ones((2, 1, 1, 1), dtype=np.float32)
     labels = np.array([0, 1, 0, 1, -1, 1, 0, 1, 0, 1])  # row 4 (s = 9, the largest) is unreadable
-    recs = concepts.discover(P, labels, W, [0, 1], ["a", "b"], top_n=4, k=2, signs=torch.tensor([1, -1]))
+    recs = label_free.discover(P, labels, W, [0, 1], ["a", "b"], top_n=4, k=2, signs=torch.tensor([1, -1]))
     assert recs[0]["sign"] == 1 and recs[0]["top_rows"] == [0, 2, 8, 6]
     assert recs[1]["sign"] == -1 and recs[1]["top_rows"] == [7, 1, 5, 9]
     assert recs[1]["summed_activations"] == [-9.5, -7.0, -4.0, -3.0]
     with pytest.raises(ValueError):
-        concepts.discover(P, labels, W, [0], ["a", "b"], top_n=10)  # 9 usable rows
+        label_free.discover(P, labels, W, [0], ["a", "b"], top_n=10)  # 9 usable rows
 
 
 # ----------------------------------------------------------------------------- clustering
@@ -169,11 +171,11 @@ def planted_arvs(k, per=25, d=40, noise=0.03, seed=0):
 @pytest.mark.parametrize("k", [2, 3])
 def test_clustering_recovers_planted_concepts(tmp_path, k):
     arvs, truth = planted_arvs(k, seed=k)
-    res = concepts.cluster(arvs)
+    res = label_free.cluster(arvs)
     assert res["k"] == k and set(res["silhouette_by_k"]) == {2, 3, 4, 5}
     assert res["silhouette"] == max(res["silhouette_by_k"].values())
     assert adjusted_rand_score(truth, res["labels"]) >= 0.9
-    assert concepts.cluster(arvs, k=k)["silhouette_by_k"].keys() == {k}
+    assert label_free.cluster(arvs, k=k)["silhouette_by_k"].keys() == {k}
 
     # the same through a store: a 1x1 layer with W[c] = 1 has ARV = patch sums; weak background rows
     # (the planted rows' activations are far larger) must not reach the top-N
@@ -183,7 +185,7 @@ def test_clustering_recovers_planted_concepts(tmp_path, k):
     P = save_memmap(tmp_path / "p.npy", allp[:, :, None, None])
     labels = np.concatenate([np.zeros(30, int), truth, np.zeros(30, int)])
     W = np.stack([np.ones(arvs.shape[1]), np.zeros(arvs.shape[1])]).astype(np.float32)[:, :, None, None]
-    rec = concepts.discover(P, labels, W, [0], [f"class{i}" for i in range(k)], top_n=len(truth),
+    rec = label_free.discover(P, labels, W, [0], [f"class{i}" for i in range(k)], top_n=len(truth),
                             chunk_rows=16)[0]
     assert sorted(rec["top_rows"]) == list(range(30, 30 + len(truth)))
     assert rec["k"] == k
@@ -197,16 +199,16 @@ def test_clustering_recovers_planted_concepts(tmp_path, k):
 def test_purity_and_class_counts_hand_built():
     labels = np.array([0, 0, 0, 1, 1, 2])
     classes = np.array([5, 5, 7, 3, 3, 3])
-    overall, per = concepts.purity(labels, classes)
+    overall, per = label_free.purity(labels, classes)
     assert overall == pytest.approx(5 / 6)
     assert per == pytest.approx([2 / 3, 1.0, 1.0])
-    assert concepts.purity([0, 1, 1, 0], [2, 2, 4, 4])[0] == 0.5
-    assert concepts.class_counts([7, 3, 7, 3, 9]) == [[3, 2], [7, 2], [9, 1]]
-    assert concepts.canonical_labels([4, 1, 1, 4, 4, 2]).tolist() == [0, 1, 1, 0, 0, 2]
+    assert label_free.purity([0, 1, 1, 0], [2, 2, 4, 4])[0] == 0.5
+    assert label_free.class_counts([7, 3, 7, 3, 9]) == [[3, 2], [7, 2], [9, 1]]
+    assert label_free.canonical_labels([4, 1, 1, 4, 4, 2]).tolist() == [0, 1, 1, 0, 0, 2]
 
 
 def test_dead_channel_gives_one_cluster_without_silhouette():
-    res = concepts.cluster(np.zeros((10, 5)))
+    res = label_free.cluster(np.zeros((10, 5)))
     assert res["k"] == 1 and np.isnan(res["silhouette"]) and (res["labels"] == 0).all()
 
 

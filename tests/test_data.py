@@ -5,17 +5,17 @@ import weakref
 
 import torch
 
-from utils import data
+from utils.data import folders
 
 
 def test_with_indices_yields_the_batches_and_frees_its_loader_without_the_collector(image_root):
-    ds = data.image_folder(image_root, "train")
+    ds = folders.image_folder(image_root, "train")
     batches = [[0, 1, 2], [5, 3], [len(ds) - 1]]
-    loader = data.make_loader(ds, batches, 1, "cpu")
+    loader = folders.make_loader(ds, batches, 1, "cpu")
     alive = weakref.ref(loader)
     gc.disable()
     try:
-        got = list(data.with_indices(loader, batches))
+        got = list(folders.with_indices(loader, batches))
         del loader
         assert alive() is None  # freed by its reference count: no cycle holds it
     finally:

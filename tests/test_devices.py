@@ -1,4 +1,4 @@
-"""Device choice of every stage script (utils.cli.select_device), on a CPU-only machine with CUDA faked:
+"""Device choice of every stage script (utils.run.cli.select_device), on a CPU-only machine with CUDA faked:
 under torchrun each process takes the card of its LOCAL_RANK, explicit cards are refused there, the chosen
 card is made current with torch.cuda.set_device (never card 0 when another card was asked for), and bad
 requests are one-line UserErrors."""
@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
-from utils import cli, context
+from utils.run import cli
+from utils.run import context
 
 STAGE_SCRIPTS = ("get_importances_for_classes.py", "get_cosine_similarities.py", "disentangle_channel.py",
                  "get_results.py")

@@ -6,7 +6,9 @@ import torch.nn as nn
 import torchvision
 
 from tests.tiny_models import tiny_resnet, tiny_vgg
-from utils import attribution, disentangle, similarities
+from utils.method import attribution
+from utils import disentangle
+from utils.method import similarities
 from utils.disentangle import RHOS
 
 PAPER_RHOS = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8,
@@ -113,7 +115,7 @@ def test_checkpoint_state_dict_keys_shapes_and_bias():
 def test_checkpoint_as_published_module_reproduces_the_channel(tmp_path, with_bias):
     """The saved file loads (strict) into a module with ``disentangled`` (C_in -> 3) and ``merged`` (3 -> 1)
     convs, and that module computes channel c of the original layer."""
-    from utils import fileio
+    from utils.files import atomic
     torch.manual_seed(1)
     conv = nn.Conv2d(5, 4, (1, 2), stride=(2, 1), padding=(1, 0), bias=with_bias)
     c = 2
@@ -121,7 +123,7 @@ def test_checkpoint_as_published_module_reproduces_the_channel(tmp_path, with_bi
         conv.weight[c] = W_C
     D = disentangle.split_filter(conv.weight[c].detach(), V1, V2, 0.5)
     path = tmp_path / disentangle.checkpoint_name("tiny", c, [0], [1], 0.5)
-    fileio.save_torch(path, disentangle.checkpoint_state_dict(D, conv.bias[c].detach() if with_bias else None))
+    atomic.save_torch(path, disentangle.checkpoint_state_dict(D, conv.bias[c].detach() if with_bias else None))
     sd = torch.load(path, weights_only=True)
 
     class Published(nn.Module):
@@ -303,11 +305,11 @@ def test_score_images_channels_last_equal_per_rho_full_networks(image_root):
     images alone or among another class's images gives the same bytes (batches never mix classes)."""
     import copy
 
-    from utils import data
+    from utils.data import folders
     make, path, c, _ = CASES["tiny_resnet_conv2"]
     model = make()
     conv = model.get_submodule(path)
-    ds = data.image_folder(image_root, "train")
+    ds = folders.image_folder(image_root, "train")
     indices = list(range(len(ds)))
     labels = torch.tensor(ds.targets)
     images = torch.stack([ds[i][0] for i in indices])

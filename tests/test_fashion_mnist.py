@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from demo import fashion_mnist as FM
-from utils.cli import UserError
+from utils.run.cli import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE_DATA = all(os.path.isfile(os.path.join(FM.SOURCE, stem + ".gz")) for pair in FM.FILES.values() for stem in pair)
@@ -115,7 +115,7 @@ def test_folder_names_sort_in_label_order():
 
 
 def test_image_folder_names_counts_and_pixels(tmp_path):
-    from utils import data
+    from utils.data import folders
     (images, labels), (vimages, vlabels) = write_source(str(tmp_path / "src"))
     out = str(tmp_path / "folder")
     names = FM.write_image_folder(out, source=str(tmp_path / "src"), log=lambda s: None)
@@ -127,7 +127,7 @@ def test_image_folder_names_counts_and_pixels(tmp_path):
             with Image.open(os.path.join(out, split, names[y], f"{i:05d}.png")) as im:
                 assert im.mode == "L" and np.array_equal(np.asarray(im), img)
     # torchvision's loader: three equal channels, the label = the class index of the folder
-    ds = data.image_folder(out, "train", transform=lambda im: torch.as_tensor(np.array(im)))
+    ds = folders.image_folder(out, "train", transform=lambda im: torch.as_tensor(np.array(im)))
     assert ds.classes == names
     for (path, y), (x, _) in zip(ds.samples, ds):
         i = int(os.path.basename(path)[:5])
@@ -175,13 +175,13 @@ def test_pixel_stats_and_groups():
 # ----------------------------------------------------------------------------- the network
 def test_layer_of_interest_is_the_last_conv_followed_by_batchnorm_and_the_add():
     from demo import fashion_model as M
-    from utils import models
+    from utils.model import loading
     for name, factory in M.ARCHS.items():
         net = factory().eval()
-        path, conv = models.resolve_layer(net, "last_conv")
+        path, conv = loading.resolve_layer(net, "last_conv")
         assert path == M.LAYER and conv is net.layer_of_interest
         x = torch.randn(2, 3, 28, 28)
-        bn = models.batchnorm_after(net, conv, x)
+        bn = loading.batchnorm_after(net, conv, x)
         assert (bn is net.layer3[1].bn3) if "resnet" in name else bn is None
         assert conv.out_channels == int(name[-2:]) and net(x).shape == (2, 10)
 
@@ -272,11 +272,13 @@ def test_small_run_stages_see_the_training_pixels_and_the_split_is_exact(small_r
     """The stage scripts' transform (--resize 28 --crop 28 --mean --std) gives the net the tensors it was trained
     on; the disentangled net's logits equal the original's on val images (1e-4 relative), checked here anew."""
     from demo import fashion_model as M
-    from utils import data, disentangle, models
+    from utils.data import folders
+    from utils import disentangle
+    from utils.model import loading
     _, report = small_run
-    net, _ = models.load_model(report["model"], report["weights"])
-    t = data.Transform(28, 28, (FM.MEAN,) * 3, (FM.STD,) * 3)
-    ds = data.image_folder(report["data"]["data_dir"], "val", transform=data.eval_transform(t))
+    net, _ = loading.load_model(report["model"], report["weights"])
+    t = folders.Transform(28, 28, (FM.MEAN,) * 3, (FM.STD,) * 3)
+    ds = folders.image_folder(report["data"]["data_dir"], "val", transform=folders.eval_transform(t))
     idx = list(range(0, len(ds), 10))
     x = torch.stack([ds[i][0] for i in idx])
     images, _ = FM.load_split("val")

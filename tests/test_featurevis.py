@@ -19,7 +19,7 @@ from torchvision import transforms as T
 
 from tests.conftest import ROOT, run_script, tree_bytes
 from tests.test_cli import refuse, run_inproc
-from utils import featurevis as fv
+from utils.featurevis import render as fv
 from utils.disentangle import checkpoint_name, load_disentangled_model
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -160,9 +160,9 @@ def test_known_split_visualizations_separate_and_beat_natural_images(image_root)
     assert rgb[1, 0] > rgb[1, 1] and rgb[2, 1] > rgb[2, 0]
     # the original's visualization beats every val image of the two concepts (classes 0 and 1), which is
     # what stage 4 evaluates (classes 2 and 3 are tinted green or red all over: no 1/f image can be that)
-    from utils import data
-    ds = data.image_folder(image_root, "val")
-    kept, vals, _, _ = fv.scan_val(model, conv, w, b, ds, data.indices_of_classes(ds, [0, 1]), 8, "cpu", 0)
+    from utils.data import folders
+    ds = folders.image_folder(image_root, "val")
+    kept, vals, _, _ = fv.scan_val(model, conv, w, b, ds, folders.indices_of_classes(ds, [0, 1]), 8, "cpu", 0)
     assert act[0, 0] >= vals[:, 0].max(), (act, vals.max(axis=0))
 
 

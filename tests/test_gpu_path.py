@@ -12,12 +12,13 @@ import torchvision
 from PIL import Image
 
 from tests.conftest import make_image_folder, run_script
-from utils import data, gpu_decode
+from utils.data import folders
+from utils.data import gpu_decode
 
 TINY = "tests.tiny_models:tiny_resnet"
 FOLDER = "tests_tiny_models_tiny_resnet_channel_importances"
 ARRAYS = ("attributions", "targets", "predictions", "patch_sums")
-LEVEL = 1 / 255 / min(data.STD)  # one grey level in normalized units
+LEVEL = 1 / 255 / min(folders.STD)  # one grey level in normalized units
 
 
 def smooth_image_folder(root, per_class=3, num_classes=2, seed=0):
@@ -48,13 +49,13 @@ def smooth_image_folder(root, per_class=3, num_classes=2, seed=0):
 @pytest.fixture(scope="module")
 def smooth_ds(tmp_path_factory):
     root = smooth_image_folder(str(tmp_path_factory.mktemp("smooth")))
-    return data.image_folder(root, "train")
+    return folders.image_folder(root, "train")
 
 
 def decode_all(ds, device, jpegs=None):
     decoder = gpu_decode.GpuDecoder(device, ds.transform, jpegs)
     raw = gpu_decode.RawImageFolder(ds)
-    loader = data.make_loader(raw, data.batches_of(list(range(len(ds))), 4), 0, device)
+    loader = folders.make_loader(raw, folders.batches_of(list(range(len(ds))), 4), 0, device)
     xs, ys = [], []
     for batch in loader:
         x, y = decoder(batch)
@@ -211,7 +212,7 @@ def test_decoder_sends_cmyk_to_the_cpu(tmp_path):
     Image.fromarray(arr[..., 0]).save(d / "b_grey.jpg")
     Image.fromarray(arr[..., :3]).save(d / "c_progressive.jpg", progressive=True)
     Image.fromarray(arr[..., :3]).save(d / "d_baseline.jpg")
-    ds = data.image_folder(str(tmp_path), "train")
+    ds = folders.image_folder(str(tmp_path), "train")
     decoder = gpu_decode.GpuDecoder("cpu", ds.transform)
     seen = []
     decode = decoder._decode_jpegs
@@ -230,8 +231,8 @@ def per_image_reference(img):
     from torchvision.transforms import functional as TF
     img = TF.resize(img, [256], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
     x = TF.center_crop(img, [224, 224]).float().div_(255)
-    mean = torch.tensor(data.MEAN).view(3, 1, 1)
-    std = torch.tensor(data.STD).view(3, 1, 1)
+    mean = torch.tensor(folders.MEAN).view(3, 1, 1)
+    std = torch.tensor(folders.STD).view(3, 1, 1)
     return (x - mean) / std
 
 
@@ -256,18 +257,18 @@ def test_grouped_resize_equals_per_image_resize():
 
 def test_normalize_uint8_is_to_tensor_and_normalize():
     from torchvision import transforms
-    reference = transforms.Compose([transforms.ToTensor(), transforms.Normalize(data.MEAN, data.STD)])
+    reference = transforms.Compose([transforms.ToTensor(), transforms.Normalize(folders.MEAN, folders.STD)])
     rng = np.random.default_rng(2)
     pils = [Image.fromarray(rng.integers(0, 256, size=(33, 47, 3), dtype=np.uint8)) for _ in range(5)]
     pils.append(Image.fromarray(np.arange(256, dtype=np.uint8).repeat(3).reshape(16, 16, 3)))  # every level
     ref = torch.stack([reference(p) for p in pils[:5]])
     u8 = torch.stack([torch.from_numpy(np.array(p)).permute(2, 0, 1) for p in pils[:5]])
-    out = data.normalize_uint8(u8, data.MEAN, data.STD)
+    out = folders.normalize_uint8(u8, folders.MEAN, folders.STD)
     assert out.dtype == torch.float32 and torch.equal(out, ref)
-    assert torch.equal(data.normalize_uint8(u8), ref)  # ImageNet mean and std by default
-    assert torch.equal(data.normalize_uint8(u8, torch.tensor(data.MEAN), torch.tensor(data.STD)), ref)
+    assert torch.equal(folders.normalize_uint8(u8), ref)  # ImageNet mean and std by default
+    assert torch.equal(folders.normalize_uint8(u8, torch.tensor(folders.MEAN), torch.tensor(folders.STD)), ref)
     last = torch.from_numpy(np.array(pils[5])).permute(2, 0, 1)
-    assert torch.equal(data.normalize_uint8(last), reference(pils[5]))  # a single (3, H, W) image
+    assert torch.equal(folders.normalize_uint8(last), reference(pils[5]))  # a single (3, H, W) image
 
 
 # ------------------------------------------------------------------ the script's flags on the CPU
@@ -323,6 +324,6 @@ def test_decoder_marks_undecodable_files_unreadable(smooth_ds):
     broken = good[:len(good) // 3]  # a truncated JPEG: nvJPEG (here libjpeg on the CPU) and PIL refuse it
     decoder = gpu_decode.GpuDecoder("cpu", smooth_ds.transform)
     images, labels = decoder(([good, b"not an image at all", broken], torch.tensor([label, 1, 1])))
-    assert labels.tolist() == [label, data.UNREADABLE, data.UNREADABLE]
+    assert labels.tolist() == [label, folders.UNREADABLE, folders.UNREADABLE]
     assert torch.equal(images[0], decode_all(smooth_ds, "cpu")[0][0])
     assert not images[1].any() and not images[2].any()

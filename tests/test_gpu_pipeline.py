@@ -1,5 +1,5 @@
-"""Stage 1's overlapped GPU decoding (utils/overlap.py, packed batches of utils/gpu_decode.py), the numerics it
-records (decoder, --fast_resize, --deterministic) and --fast_resize (utils/cpu_decode.py), on the CPU: the
+"""Stage 1's overlapped GPU decoding (utils/data/overlap.py, packed batches of utils/data/gpu_decode.py), the numerics it
+records (decoder, --fast_resize, --deterministic) and --fast_resize (utils/data/cpu_decode.py), on the CPU: the
 pipelined decoder gives tensor for tensor what the plain sequential decoder gives; the stream logic is
 checked with a recording stand-in for CUDA streams."""
 import io
@@ -13,8 +13,13 @@ from PIL import Image
 
 from tests.conftest import make_image_folder, run_script, tree_bytes
 from tests.test_gpu_path import smooth_image_folder
-from utils import cpu_decode, data, gpu_decode, importances, overlap, store
-from utils.cli import UserError
+from utils.data import cpu_decode
+from utils.data import folders
+from utils.data import gpu_decode
+from utils.stages import stage1
+from utils.data import overlap
+from utils.files import store
+from utils.run.cli import UserError
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +34,7 @@ def smooth_root(tmp_path_factory):
 
 
 def batches_of(ds, size=3):
-    return data.batches_of(list(range(len(ds))), size)
+    return folders.batches_of(list(range(len(ds))), size)
 
 
 def sequential(ds, batches):
@@ -44,7 +49,7 @@ def sequential(ds, batches):
 
 
 def test_pack_keeps_the_files_and_routes_like_cpu_decode_reason(smooth_root):
-    ds = data.image_folder(smooth_root, "train")
+    ds = folders.image_folder(smooth_root, "train")
     raw = gpu_decode.RawImageFolder(ds)
     items = [raw[i] for i in range(len(raw))] + [(b"", 0), (b"not a jpeg", 1)]
     packed, labels = gpu_decode.collate_raw(items)
@@ -59,12 +64,12 @@ def test_pack_keeps_the_files_and_routes_like_cpu_decode_reason(smooth_root):
 
 def test_pipelined_decoder_equals_sequential_decoder(smooth_root):
     """Workers pack the batches, a background thread decodes them: the same tensors as the plain decoder."""
-    ds = data.image_folder(smooth_root, "train")
+    ds = folders.image_folder(smooth_root, "train")
     batches = batches_of(ds)
     expected = sequential(ds, batches)
     raw = gpu_decode.RawImageFolder(ds)
     decoder = gpu_decode.GpuDecoder("cpu", ds.transform)
-    loader = data.make_loader(raw, batches, 2, "cpu", "keep")  # 2 workers: collate_raw runs in them
+    loader = folders.make_loader(raw, batches, 2, "cpu", "keep")  # 2 workers: collate_raw runs in them
     got = []
     with overlap.Prefetch(loader, decoder.decode_batch, overlap.NoStreams()) as source:
         for images, labels, ok in source:
@@ -73,7 +78,7 @@ def test_pipelined_decoder_equals_sequential_decoder(smooth_root):
     unreadable = 0
     for (x, y, ok), (ex, ey) in zip(got, expected):
         assert torch.equal(x, ex) and torch.equal(y, ey)
-        assert ok.tolist() == (ey != data.UNREADABLE).tolist()
+        assert ok.tolist() == (ey != folders.UNREADABLE).tolist()
         unreadable += int((~ok).sum())
     assert unreadable == 1  # the truncated file, found on the host
 
@@ -168,22 +173,22 @@ def test_prefetch_close_stops_a_producer_that_is_ahead():
 # ------------------------------------------------------------------ the stage on the CPU, pipelined or not
 
 def stage1_store(folder, ds, decoder, model, conv):
-    from utils import models
-    info = dict(store.fingerprint("tiny", "none", models.weights_sha256(model), "conv", models.layer_geometry(conv),
-                                  data.dataset_summary(ds), data.TRANSFORM_DESCRIPTION),
-                autocast=None, decode="gpu", numerics=importances.numerics("cpu", 1, decoder.name))
-    importances.run_stage1(model, conv, gpu_decode.RawImageFolder(ds), folder, info, 4, torch.device("cpu"), 0,
+    from utils.model import loading
+    info = dict(store.fingerprint("tiny", "none", loading.weights_sha256(model), "conv", loading.layer_geometry(conv),
+                                  folders.dataset_summary(ds), folders.TRANSFORM_DESCRIPTION),
+                autocast=None, decode="gpu", numerics=stage1.numerics("cpu", 1, decoder.name))
+    stage1.run_stage1(model, conv, gpu_decode.RawImageFolder(ds), folder, info, 4, torch.device("cpu"), 0,
                            None, gpu_decoder=decoder, skip_unreadable=True, log=lambda *a: None)
     return {n: np.load(os.path.join(folder, n + ".npy")) for n in store.ARRAYS}, store.Store.peek(folder)
 
 
 def test_stage1_pipelined_store_equals_sequential_store(smooth_root, tmp_path, monkeypatch):
     from tests.tiny_models import tiny_resnet
-    from utils import models
+    from utils.model import loading
     torch.manual_seed(0)
     model = tiny_resnet().eval()
-    _, conv = models.resolve_layer(model, "last_conv")
-    ds = data.image_folder(smooth_root, "train")
+    _, conv = loading.resolve_layer(model, "last_conv")
+    ds = folders.image_folder(smooth_root, "train")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # given back below: tests that run stages in this process round with the default
     try:
@@ -215,15 +220,15 @@ SHAPES = {"attributions": ((8, 4), np.float16), "targets": ((8,), np.int64)}
 def test_resume_under_other_decoder_resize_or_determinism_is_refused(tmp_path, old, new, words):
     folder = str(tmp_path / "s")
     base = {"model": "m", "num_images": 8, "chunk_size": 4}
-    store.Store.create_or_resume(folder, dict(base, numerics=importances.numerics("cpu", 2, **_kw(old))), SHAPES)
+    store.Store.create_or_resume(folder, dict(base, numerics=stage1.numerics("cpu", 2, **_kw(old))), SHAPES)
     before = tree_bytes(folder)
     with pytest.raises(UserError) as e:
-        store.Store.create_or_resume(folder, dict(base, numerics=importances.numerics("cpu", 2, **_kw(new))), SHAPES)
+        store.Store.create_or_resume(folder, dict(base, numerics=stage1.numerics("cpu", 2, **_kw(new))), SHAPES)
     msg = str(e.value)
     assert "\n" not in msg and "--allow_mixed_numerics" in msg and all(w in msg for w in words), msg
     assert tree_bytes(folder) == before  # nothing written
     # the same settings resume
-    assert store.Store.create_or_resume(folder, dict(base, numerics=importances.numerics("cpu", 2, **_kw(old))),
+    assert store.Store.create_or_resume(folder, dict(base, numerics=stage1.numerics("cpu", 2, **_kw(old))),
                                         SHAPES)[1] == "resume"
 
 
@@ -233,8 +238,8 @@ def _kw(d):
 
 
 def test_numerics_without_the_new_settings_are_unchanged():
-    assert importances.numerics("cpu", 3) == {"device": "cpu", "cpu_threads": 3}
-    assert importances.numerics("cpu", 3, "nvjpeg", True, True) == {
+    assert stage1.numerics("cpu", 3) == {"device": "cpu", "cpu_threads": 3}
+    assert stage1.numerics("cpu", 3, "nvjpeg", True, True) == {
         "device": "cpu", "cpu_threads": 3, "decoder": "nvjpeg", "fast_resize": True, "deterministic": True}
 
 
@@ -252,7 +257,7 @@ def test_stage_script_records_fast_resize_and_deterministic(tmp_path):
 def test_deterministic_context_restores_the_settings():
     before = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
               torch.are_deterministic_algorithms_enabled())
-    with importances.deterministic_algorithms("cpu", True):
+    with stage1.deterministic_algorithms("cpu", True):
         assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
         assert not torch.backends.cudnn.benchmark and torch.is_deterministic_algorithms_warn_only_enabled()
     assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
@@ -297,7 +302,7 @@ def test_fast_resize_equals_brute_force_and_stays_close(tmp_path, w, h, expected
     assert fast.dtype == torch.uint8 and fast.shape == (3, 224, 224) and fast.is_contiguous()
     assert torch.equal(fast, ref)
     with Image.open(path) as im:
-        default = data.eval_transform_uint8()(im.convert("RGB"))
+        default = folders.eval_transform_uint8()(im.convert("RGB"))
     diff = (fast.int() - default.int()).abs()
     assert scale == expected_scale  # 640 x 530 -> 309 x 256: twice in both directions
     if scale == 1:  # same pixels decoded: only the box's rounding moves a few pixels by one level
@@ -311,17 +316,17 @@ def test_fast_resize_dataset_and_unreadable_placeholder(tmp_path):
     d.mkdir(parents=True)
     noise_jpeg(str(d / "a.jpg"), 600, 450, 1)
     (d / "b.jpg").write_bytes(b"not an image")
-    ds = cpu_decode.use_fast_resize(data.image_folder(str(tmp_path), "train"))
+    ds = cpu_decode.use_fast_resize(folders.image_folder(str(tmp_path), "train"))
     x, y = ds[0]
     assert torch.equal(x, cpu_decode.fast_load(str(d / "a.jpg"))) and y == 0
     x, y = ds[1]
-    assert y == data.UNREADABLE and x.shape == (3, 224, 224) and x.dtype == torch.uint8 and not x.any()
+    assert y == folders.UNREADABLE and x.shape == (3, 224, 224) and x.dtype == torch.uint8 and not x.any()
 
 
 def test_fast_load_of_a_small_image_is_the_plain_transform(tmp_path):
     path = noise_jpeg(str(tmp_path / "s.jpg"), 200, 150, 3)  # smaller than the resize target
     with Image.open(path) as im:
-        default = data.eval_transform_uint8()(im.convert("RGB"))
+        default = folders.eval_transform_uint8()(im.convert("RGB"))
     fast = cpu_decode.fast_load(path)
     assert fast.shape == (3, 224, 224)
     assert int((fast.int() - default.int()).abs().max()) <= 1
@@ -337,7 +342,7 @@ def test_fast_load_reads_a_file_object_like_a_path(tmp_path):
 # ------------------------------------------------------------------ on a CUDA card
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-LEVEL = 1 / 255 / min(data.STD)  # one grey level in normalized units
+LEVEL = 1 / 255 / min(folders.STD)  # one grey level in normalized units
 
 
 @pytest.fixture(scope="module")
@@ -351,8 +356,8 @@ def former_gpu_decode(raws, labels, device, cpu_transform):
 
     import torchvision
     from torchvision.transforms import functional as TF
-    mean = torch.tensor(data.MEAN, dtype=torch.float32, device=device)
-    std = torch.tensor(data.STD, dtype=torch.float32, device=device)
+    mean = torch.tensor(folders.MEAN, dtype=torch.float32, device=device)
+    std = torch.tensor(folders.STD, dtype=torch.float32, device=device)
     gpu = [i for i, r in enumerate(raws) if gpu_decode.cpu_decode_reason(r) is None]
     tensors = [torch.frombuffer(bytearray(raws[i]), dtype=torch.uint8) for i in gpu]
     decoded = dict(zip(gpu, torchvision.io.decode_jpeg(tensors, mode=torchvision.io.ImageReadMode.RGB,
@@ -364,7 +369,7 @@ def former_gpu_decode(raws, labels, device, cpu_transform):
     for idx in groups.values():
         imgs = TF.resize(torch.stack([decoded[i] for i in idx]), [256],
                          interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-        out = data.normalize_uint8(TF.center_crop(imgs, [224, 224]), mean, std)
+        out = folders.normalize_uint8(TF.center_crop(imgs, [224, 224]), mean, std)
         for j, i in enumerate(idx):
             rows[i] = out[j]
     for i, raw in enumerate(raws):
@@ -377,7 +382,7 @@ def former_gpu_decode(raws, labels, device, cpu_transform):
 def pipelined(ds, batches, jpegs, device):
     raw = gpu_decode.RawImageFolder(ds)
     decoder = gpu_decode.GpuDecoder(device, ds.transform, jpegs)
-    loader = data.make_loader(raw, batches, 2, device, "keep")
+    loader = folders.make_loader(raw, batches, 2, device, "keep")
     out = []
     with overlap.Prefetch(loader, decoder.decode_batch, overlap.streams_for(device)) as source:
         for images, labels, ok in source:
@@ -389,7 +394,7 @@ def pipelined(ds, batches, jpegs, device):
 @cuda_only
 def test_cuda_pipelined_nvjpeg_equals_the_former_gpu_decode(clean_root):
     device = torch.device("cuda", 0)
-    ds = data.image_folder(clean_root, "train")
+    ds = folders.image_folder(clean_root, "train")
     batches = batches_of(ds, 4)
     got = pipelined(ds, batches, gpu_decode.TorchvisionJpegs(device), device)
     raw = gpu_decode.RawImageFolder(ds)
@@ -405,7 +410,7 @@ def test_cuda_pipelined_nvimgcodec_equals_its_sequential_calls(clean_root):
     if not gpu_decode.nvimgcodec_available():
         pytest.skip("nvidia-nvimgcodec is not installed")
     device = torch.device("cuda", 0)
-    ds = data.image_folder(clean_root, "train")
+    ds = folders.image_folder(clean_root, "train")
     batches = batches_of(ds, 4)
     lines = []
     jpegs = gpu_decode.choose_jpegs(device, "nvimgcodec", lines.append)
@@ -425,20 +430,20 @@ def test_cuda_pipelined_nvimgcodec_equals_its_sequential_calls(clean_root):
 @cuda_only
 def test_cuda_stage1_pipelined_store_equals_sequential_store(clean_root, tmp_path, monkeypatch):
     from tests.tiny_models import tiny_resnet
-    from utils import models
+    from utils.model import loading
     device = torch.device("cuda", 0)
     torch.manual_seed(0)
     model = tiny_resnet().eval()
-    _, conv = models.resolve_layer(model, "last_conv")
-    ds = data.image_folder(clean_root, "train")
+    _, conv = loading.resolve_layer(model, "last_conv")
+    ds = folders.image_folder(clean_root, "train")
 
     def run(folder):
         decoder = gpu_decode.GpuDecoder(device, ds.transform)
-        info = dict(store.fingerprint("tiny", "none", models.weights_sha256(model), "conv",
-                                      models.layer_geometry(conv), data.dataset_summary(ds),
-                                      data.TRANSFORM_DESCRIPTION),
-                    autocast=None, decode="gpu", numerics=importances.numerics(device, None, decoder.name, False, True))
-        importances.run_stage1(model, conv, gpu_decode.RawImageFolder(ds), folder, info, 4, device, 2, None,
+        info = dict(store.fingerprint("tiny", "none", loading.weights_sha256(model), "conv",
+                                      loading.layer_geometry(conv), folders.dataset_summary(ds),
+                                      folders.TRANSFORM_DESCRIPTION),
+                    autocast=None, decode="gpu", numerics=stage1.numerics(device, None, decoder.name, False, True))
+        stage1.run_stage1(model, conv, gpu_decode.RawImageFolder(ds), folder, info, 4, device, 2, None,
                                gpu_decoder=decoder, deterministic=True, log=lambda *a: None)
         return {n: np.load(os.path.join(folder, n + ".npy")) for n in store.ARRAYS}
 

@@ -22,9 +22,13 @@ import torch
 from tests.conftest import ROOT, tree_bytes
 from tests.test_cli import run_inproc
 from tests.tiny_models import tiny_resnet, tiny_vgg
-from utils import attribution, concepts, disentangle, similarities, store
+from utils.method import attribution
+from utils.stages import label_free
+from utils import disentangle
+from utils.method import similarities
+from utils.files import store
 from utils.disentangle import RHOS
-from utils.triples import Triple
+from utils.concepts.by_classes import Triple
 
 TINY = "tests.tiny_models:tiny_resnet"
 TAG = "tests_tiny_models_tiny_resnet"
@@ -195,7 +199,7 @@ def test_load_disentangled_model_reads_k_from_the_checkpoint(tmp_path):
     assert net.conv3[0].out_channels == 16 + 3
     images = torch.randn(2, 3, 64, 64)
     assert disentangle.within_tolerance(*disentangle.max_logit_difference(model, net, images))
-    from utils.cli import UserError
+    from utils.run.cli import UserError
     bad = dict(sd, **{"merged.weight": torch.ones(1, 3, 1, 1)})
     with pytest.raises(UserError, match="merged.weight"):
         disentangle.load_disentangled_model(TINY, "none", "conv3", 2, bad)
@@ -382,7 +386,7 @@ def concepts_file(path, store_dir, channel, groups, fingerprint_change=None):
     P = np.load(os.path.join(folder, "patch_sums.npy"))
     y = np.load(os.path.join(folder, "targets.npy"))
     r = similarities.arv(tiny_resnet().conv3.weight[channel].detach(), torch.from_numpy(P))
-    clusters = [{"rows": list(map(int, g)), "size": len(g), "centroid": concepts.l1_normalize(r[g]).mean(0).tolist(),
+    clusters = [{"rows": list(map(int, g)), "size": len(g), "centroid": label_free.l1_normalize(r[g]).mean(0).tolist(),
                  "mean_arv": r[g].mean(0).tolist(), "classes": {},
                  "class_counts": [[int(c), int((y[g] == c).sum())] for c in np.unique(y[g])]} for g in groups]
     fp = {k: manifest[k] for k in store.MATCH_KEYS}
@@ -565,7 +569,7 @@ def test_three_concepts_by_classes_and_by_a_concepts_file(case, tmp_path):
 
 
 def test_val_concepts_of_clusters_by_hand():
-    from utils.clusters import assign_val_concepts
+    from utils.concepts.by_clusters import assign_val_concepts
     summed = np.array([5.0, 1.0, 4.0, 3.0, -9.0])
     arvs = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 2.0], [3.0, 0.1], [0.0, -1.0]])
     cents = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, -1.0]], dtype=torch.float64)

@@ -1,9 +1,9 @@
-"""utils.models: the BatchNorm that follows a layer, and its affine form."""
+"""utils.model.loading: the BatchNorm that follows a layer, and its affine form."""
 import torch
 import torch.nn as nn
 
 from tests.tiny_models import tiny_resnet, tiny_vgg
-from utils.models import batchnorm_affine, batchnorm_after
+from utils.model.loading import batchnorm_affine, batchnorm_after
 
 
 class ReluBetween(nn.Module):

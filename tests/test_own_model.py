@@ -14,7 +14,9 @@ from torchvision import transforms as T
 from tests import tiny_models
 from tests.conftest import ROOT, make_image_folder, run_script, tree_bytes
 from tests.test_cli import check_store, reference_pass, run_inproc
-from utils import classmap, data, models
+from utils.data import classmap
+from utils.data import folders
+from utils.model import loading
 
 S1, S2, S3, S4 = ("get_importances_for_classes.py", "get_cosine_similarities.py", "disentangle_channel.py",
                   "get_results.py")
@@ -102,8 +104,8 @@ def test_newcomer_second_layer_overwrites_nothing(newcomer):
         assert f"results_quantitative/means_{TAG}_{layer}_required0.03.txt" in out2
         assert f"results_disentanglement/density_concept1_{TAG}_{layer}.txt" in out2
         man = json.loads(store2[f"{TAG}_{layer}_channel_importances/manifest.json"])
-        assert man["layer"] == layer and man["init_seed"] == models.INIT_SEED
-        assert man["input_transform"] == {"resize": RESIZE, "crop": CROP, "mean": list(data.MEAN), "std": list(data.STD)}
+        assert man["layer"] == layer and man["init_seed"] == loading.INIT_SEED
+        assert man["input_transform"] == {"resize": RESIZE, "crop": CROP, "mean": list(folders.MEAN), "std": list(folders.STD)}
     assert not [k for k in out2 if k.startswith("results_quantitative/means_required")]  # no mixed registry
 
 
@@ -111,13 +113,13 @@ def test_newcomer_store_holds_the_seeded_model_at_the_given_crop(newcomer):
     """Stage 1 ran in its own process: its rows are those of the factory built here under the fixed seed, on
     images resized to RESIZE and cropped to CROP (an independent torchvision pipeline)."""
     torch.manual_seed(1234)  # whatever the caller's random state
-    model, weights_id = models.load_model(FACTORY, "none")
+    model, weights_id = loading.load_model(FACTORY, "none")
     assert weights_id == "none"
     torch.manual_seed(99)
-    again, _ = models.load_model(FACTORY, "none")
-    assert models.weights_sha256(model) == models.weights_sha256(again)
-    assert models.weights_sha256(model) != models.weights_sha256(tiny_models.unseeded_resnet())  # seed 99's draw
-    tf = T.Compose([T.Resize(RESIZE), T.CenterCrop(CROP), T.ToTensor(), T.Normalize(data.MEAN, data.STD)])
+    again, _ = loading.load_model(FACTORY, "none")
+    assert loading.weights_sha256(model) == loading.weights_sha256(again)
+    assert loading.weights_sha256(model) != loading.weights_sha256(tiny_models.unseeded_resnet())  # seed 99's draw
+    tf = T.Compose([T.Resize(RESIZE), T.CenterCrop(CROP), T.ToTensor(), T.Normalize(folders.MEAN, folders.STD)])
     base = os.path.join(newcomer["data"], "train")
     images, labels = [], []
     for y, name in enumerate(sorted(os.listdir(base))):
@@ -232,8 +234,8 @@ def test_wnid_folders_with_a_1000_output_model(tmp_path):
         man = json.load(open(os.path.join(folder, "manifest.json")))
         assert man["class_outputs"] == [0, 999]
         # the attributions differentiate logit 999 for the second folder's images
-        model = trainable(models.load_model("wnidnet:make", wfile)[0])
-        tf = data.eval_transform()
+        model = trainable(loading.load_model("wnidnet:make", wfile)[0])
+        tf = folders.eval_transform()
         x = torch.stack([tf(Image.open(os.path.join(d, "train", w[-1], f"{i}.jpg")).convert("RGB")) for i in (0, 1)])
         ref = reference_pass(model, model[2], x, np.asarray([999, 999]))
         A = np.load(os.path.join(folder, "attributions.npy")).astype(np.float64)[2:]
@@ -246,14 +248,14 @@ def test_wnid_folders_with_a_1000_output_model(tmp_path):
         ok(S3, "--store_dir", store, "--channel_disentangle", 2, *JOB, *RUN)
         ok(S4, "--model_dir", store, "--channel_of_interest", 2, *JOB, "--get_quantitative", "--out_dir", out, *RUN)
         # stage 4's relative attributions differentiate the standard outputs (0 and 999), not logits 0 and 1
-        from utils import evaluation
-        ds = data.image_folder(d, "val")
+        from utils.stages import stage4
+        ds = folders.image_folder(d, "val")
         sd = torch.load(os.path.join(store, "models_disentangled", "wnidnet_make_channel2_classes1[0]_classes2[1]_"
                                      "f_best_unnormalized.pth"), weights_only=True)
-        f, b = evaluation.checkpoint_filters(sd)
-        (r,) = evaluation.evaluate_many(model, model[2], [(2, f, b, [0, 1])], ds, list(range(len(ds))), 8, "cpu", 0,
+        f, b = stage4.checkpoint_filters(sd)
+        (r,) = stage4.evaluate_many(model, model[2], [(2, f, b, [0, 1])], ds, list(range(len(ds))), 8, "cpu", 0,
                                         class_outputs=man["class_outputs"])
-        val = torch.stack([data.eval_transform()(Image.open(p).convert("RGB")) for p, _ in ds.samples])
+        val = torch.stack([folders.eval_transform()(Image.open(p).convert("RGB")) for p, _ in ds.samples])
 
         def rel(logits):
             rv = reference_pass(model, model[2], val, np.asarray(logits))
@@ -338,7 +340,7 @@ def test_store_written_before_the_new_names_and_fields_still_works(image_root, t
 def test_feature_visualization_sees_the_store_crop(newcomer):
     """Stage 4's feature visualizations at the store's transform (crop 160 after resize 176): their activation
     matrix is that of the images seen through this transform, and every val crop box lies inside 160 x 160."""
-    from utils import featurevis
+    from utils.featurevis import render
     out = os.path.join(newcomer["base"], "fv_out")
     ok(S4, "--model_dir", newcomer["store"], "--layer_of_interest", "conv2", "--channel_of_interest", 1, *JOB,
        "--get_feature_vis", "--fv_size", 48, "--fv_steps", 2, "--fv_crops", 2, "--fv_spectrum_images", 8,
@@ -347,12 +349,12 @@ def test_feature_visualization_sees_the_store_crop(newcomer):
     rec = json.load(open(os.path.join(out, "results_disentanglement", f"{run}_feature_vis.json")))
     assert os.path.isfile(os.path.join(out, "plots", f"feature_vis_{TAG}_conv2.png"))
     images = torch.from_numpy(np.load(os.path.join(out, "results_disentanglement", f"{run}_feature_vis_images.npy")))
-    model, _ = models.load_model(FACTORY, "none")
+    model, _ = loading.load_model(FACTORY, "none")
     sd = torch.load(os.path.join(newcomer["store"], "models_disentangled", run + ".pth"), weights_only=True)
-    w, b, _ = featurevis.target_filters(model.conv2, 1, sd)
-    act = featurevis.activation_matrix(model, model.conv2, w, b, images, CROP, RESIZE, data.MEAN, data.STD)
+    w, b, _ = render.target_filters(model.conv2, 1, sd)
+    act = render.activation_matrix(model, model.conv2, w, b, images, CROP, RESIZE, folders.MEAN, folders.STD)
     np.testing.assert_allclose(rec["activation"], act.numpy(), rtol=1e-4, atol=1e-6)
-    default = featurevis.activation_matrix(model, model.conv2, w, b, images)  # 224 / 256: other numbers
+    default = render.activation_matrix(model, model.conv2, w, b, images)  # 224 / 256: other numbers
     assert not np.allclose(rec["activation"], default.numpy(), rtol=1e-3)
     boxes = [t["box"] for ts in rec["top_images"].values() for t in ts]
     assert boxes and all(0 <= x0 < x1 <= CROP and 0 <= y0 < y1 <= CROP for x0, y0, x1, y1 in boxes)

@@ -11,7 +11,8 @@ import torch.nn as nn
 from tests.conftest import tree_bytes
 from tests.test_cli import refuse, run_inproc
 from tests.test_featurevis import TAG, _stage4_args, red_green_checkpoint
-from utils import purity, sae as S
+from utils.method import purity
+from utils.method import sae as S
 from utils.disentangle import checkpoint_name
 
 torch.set_num_threads(1)  # tiny matrices: one thread is fastest on a shared machine
@@ -196,11 +197,12 @@ def test_bad_sae_flags_are_refused_and_nothing_is_damaged(sae_run, image_root, e
 def test_an_sae_of_another_data_set_or_setting_is_never_reused(image_root, tmp_path):
     from types import SimpleNamespace
     from tests.conftest import make_image_folder
-    from utils import data, sae_view
+    from utils.data import folders
+    from utils.stages import sae_view
     other = make_image_folder(str(tmp_path / "other"), seed=5)  # the same class folders and file names, other pixels
     ctx = SimpleNamespace(model_spec="m", weights_sha256="w", layer_path="conv_out", conv=nn.Conv2d(2, 2, 1))
     settings = dict(sae_view.DEFAULTS, batch_size=64)
-    key = lambda root, st: sae_view.record_of(ctx, data.image_folder(root, "train"), st)[1]
+    key = lambda root, st: sae_view.record_of(ctx, folders.image_folder(root, "train"), st)[1]
     assert key(image_root, settings) == key(image_root, dict(settings))
     assert key(other, settings) != key(image_root, settings)
     assert key(image_root, dict(settings, sae_k=4)) != key(image_root, settings)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils import similarities
+from utils.method import similarities
 
 
 # ---------------------------------------------------------------------------- the reference (loops only)

@@ -215,9 +215,9 @@ def test_mixed_numerics_allowed_is_recorded(data_root, single, tmp_path):
 
 def test_concurrent_quantitative_updates_keep_every_run(tmp_path):
     """Four processes record their rows at once; the record and the text files hold all of them."""
-    code = ("import sys, numpy as np; sys.path.insert(0, {root!r}); from utils import evaluation; k = int(sys.argv[1]); "
+    code = ("import sys, numpy as np; sys.path.insert(0, {root!r}); from utils.stages import stage4; k = int(sys.argv[1]); "
             "rows = {{1: np.full((k + 1, 3), k, float), 2: np.full((1, 3), -k, float)}}; "
-            "evaluation.update_quantitative({folder!r}, 0.03, f'run{{k}}', rows, {{}})")
+            "stage4.update_quantitative({folder!r}, 0.03, f'run{{k}}', rows, {{}})")
     folder = str(tmp_path / "results_quantitative")
     procs = [subprocess.Popen([sys.executable, "-c", code.format(root=ROOT, folder=folder), str(k)], env=env())
              for k in range(4)]
@@ -234,7 +234,8 @@ def test_pipeline_store_equals_a_plain_loop(data_root, tmp_path):
     import torch
 
     from tests.tiny_models import tiny_resnet
-    from utils import data, importances
+    from utils.data import folders
+    from utils.stages import stage1
     store = str(tmp_path)
     tiny = "tests.tiny_models:tiny_resnet"
     cmd = [sys.executable, SCRIPT, "--data_dir", data_root, "--store_dir", store, "--model", tiny, "--batch_size",
@@ -246,12 +247,12 @@ def test_pipeline_store_equals_a_plain_loop(data_root, tmp_path):
     torch.set_num_threads(1)
     try:
         model = tiny_resnet()
-        ds = data.image_folder(data_root, "train")  # the float transform: ToTensor + Normalize in the worker
+        ds = folders.image_folder(data_root, "train")  # the float transform: ToTensor + Normalize in the worker
         rows = {n: [] for n in ARRAYS}
-        for idx in data.batches_of(list(range(len(ds))), 4):
+        for idx in folders.batches_of(list(range(len(ds))), 4):
             images = torch.stack([ds[i][0] for i in idx])
             labels = torch.tensor([ds.targets[i] for i in idx])
-            A, pred, P = importances.stage1_batch(model, model.conv3, images, labels)
+            A, pred, P = stage1.stage1_batch(model, model.conv3, images, labels)
             for n, v in zip(ARRAYS, (A, labels, pred, P)):
                 rows[n].append(v.numpy())
     finally:

@@ -28,10 +28,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import data
-from .attribution import layer_input_output
-from .models import replace_module
-from .triples import class_batches
+from utils.data import folders
+from utils.method.attribution import layer_input_output
+from utils.model.loading import replace_module
+from utils.concepts.by_classes import class_batches
 
 TOLERANCE = 1e-4  # relative, of max(1, largest |value|): the split's maps and the logits must agree to it
 RHOS = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5,
@@ -461,7 +461,7 @@ def score_images(model, conv, splits, ds, indices, batch_size, device, num_worke
     error of an unreadable image. Returns the list of SplitScores of ``score_splits``.
     """
     batches = class_batches(indices, [ds.targets[i] for i in indices], batch_size)
-    loader = data.with_indices(data.make_loader(ds, batches, num_workers, device, hint=hint), batches)
+    loader = folders.with_indices(folders.make_loader(ds, batches, num_workers, device, hint=hint), batches)
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -509,10 +509,10 @@ def load_disentangled_model(model, weights=None, layer="last_conv", channel=None
     ``disentangle_channel.py --export_model`` writes this network's state dict (``…_f_best_model.pth``),
     which ``load_state_dict`` accepts on the returned module.
     """
-    from . import models
-    from .cli import UserError
-    base, _ = models.load_model(model, weights)
-    path, conv = models.resolve_layer(base, layer)
+    from utils.model import loading
+    from utils.run.cli import UserError
+    base, _ = loading.load_model(model, weights)
+    path, conv = loading.resolve_layer(base, layer)
     if channel is None or not 0 <= channel < conv.out_channels:
         raise UserError(f"channel {channel}: layer {path} has channels 0..{conv.out_channels - 1}")
     sd = torch.load(checkpoint, map_location="cpu", weights_only=True) if isinstance(checkpoint, (str, bytes)) \
@@ -552,7 +552,7 @@ def exported_state_dict(dmodel):
 def export_model(base, dmodel, model_spec, weights_id, layer_path, conv, channel, checkpoint_path):
     """Write ``{base}_f_best_model.pth`` (``exported_state_dict``) and ``{base}_f_best_model.json`` saying how
     to rebuild the network. Returns the two paths."""
-    from . import fileio
+    from utils.files import atomic
     c_out = conv.out_channels
     k = dmodel.get_submodule(layer_path)[0].out_channels - c_out
     rows = {"D1": channel, **{f"D{j}": c_out + j - 2 for j in range(2, k + 1)}, "R": c_out + k - 1}
@@ -560,8 +560,8 @@ def export_model(base, dmodel, model_spec, weights_id, layer_path, conv, channel
                 f"dilation={tuple(conv.dilation)}, bias={conv.bias is not None}")
     weights = None if weights_id == "factory" else weights_id
     pth, js = base + "_f_best_model.pth", base + "_f_best_model.json"
-    fileio.save_torch(pth, exported_state_dict(dmodel))
-    fileio.write_json(js, {
+    atomic.save_torch(pth, exported_state_dict(dmodel))
+    atomic.write_json(js, {
         "model": model_spec, "weights": weights, "layer": layer_path, "channel": channel,
         "checkpoint": os.path.basename(checkpoint_path), "state_dict": os.path.basename(pth),
         "layer_replaced_by": [f"Conv2d({conv.in_channels}, {c_out + k}, {geometry})",

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .similarities import DEFAULT_CHUNK_ROWS, _chunks, arv, read_rows, summed_activation
+from utils.method.similarities import DEFAULT_CHUNK_ROWS, _chunks, arv, read_rows, summed_activation
 
 
 def l1_normalize(arvs, eps=1e-12):
@@ -307,8 +307,8 @@ def layer_signs_and_positions(model, conv, example):
     the layer's output (models.batchnorm_after) has a negative scale for the channel, else +1;
     positions = H' * W'; bn_name the BatchNorm's module path or None.
     """
-    from .attribution import layer_input_output
-    from .models import batchnorm_affine, batchnorm_after
+    from utils.method.attribution import layer_input_output
+    from utils.model.loading import batchnorm_affine, batchnorm_after
     _, a = layer_input_output(model, conv, example)
     positions = int(a.shape[-2] * a.shape[-1])
     bn = batchnorm_after(model, conv, example)

@@ -11,10 +11,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import attribution, data, fileio, similarities
-from .cli import UserError
-from .disentangle import filter_maps, positive_mass
-from .triples import class_batches
+from utils.method import attribution
+from utils.data import folders
+from utils.files import atomic
+from utils.method import similarities
+from utils.run.cli import UserError
+from utils.disentangle import filter_maps, positive_mass
+from utils.concepts.by_classes import class_batches
 
 MAP_NAMES = ("D1", "D2", "R")
 
@@ -72,7 +75,7 @@ def evaluate_many(model, conv, runs, ds, indices, batch_size, device, num_worker
     of its classes only. Every batch holds one class (``triples.class_batches``), so an image's numbers do
     not depend on the other runs: each run's arrays are bit-identical to ``evaluate`` of it alone.
     One forward pass and head-only backward per batch serve every run. Returns one dict per run (see
-    ``evaluate``). ``class_outputs``: (K,) output index of each class folder (``utils/classmap.py``), whose logit
+    ``evaluate``). ``class_outputs``: (K,) output index of each class folder (``utils/data/classmap.py``), whose logit
     the backward differentiates; None: folder y is output y.
     """
     outputs = None if class_outputs is None else torch.as_tensor(class_outputs, dtype=torch.int64)
@@ -81,7 +84,7 @@ def evaluate_many(model, conv, runs, ds, indices, batch_size, device, num_worker
     classes = [torch.as_tensor(sorted(set(cl)), dtype=torch.int64) for *_, cl in runs]
     parts = [[] for _ in runs]
     batches = class_batches(indices, [ds.targets[i] for i in indices], batch_size)
-    loader = data.make_loader(ds, batches, num_workers, device, unreadable, hint)
+    loader = folders.make_loader(ds, batches, num_workers, device, unreadable, hint)
     for images, labels in tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True):
         wanted = [torch.isin(labels, cl) for cl in classes]  # on the CPU
         if not any(bool(w.any()) for w in wanted):
@@ -115,7 +118,7 @@ def evaluate(model, conv, channel, filters, bias, ds, indices, batch_size, devic
     """Stage-4 numbers (see ``channel_numbers``) over the images ``indices`` of ``ds`` as numpy arrays, plus
     index and label of each.
 
-    ``unreadable``: 'error' or 'skip' (see data.make_loader); skipped images are left out of every array
+    ``unreadable``: 'error' or 'skip' (see folders.make_loader); skipped images are left out of every array
     and listed in ``out['skipped']`` (dataset indices).
     """
     classes = {ds.targets[i] for i in indices}
@@ -135,7 +138,7 @@ def scan_many(model, conv, runs, ds, indices, batch_size, device, num_workers, u
         b = None if conv.bias is None else torch.cat([conv.bias[c:c + 1].detach(), bias.to(conv.bias)])
         banks.append((w, b))
     pos = [[] for _ in runs]
-    loader = data.make_loader(ds, data.batches_of(indices, batch_size), num_workers, device, unreadable, hint)
+    loader = folders.make_loader(ds, folders.batches_of(indices, batch_size), num_workers, device, unreadable, hint)
     for images, _ in tqdm(loader, desc="top images", unit="batch", dynamic_ncols=True):
         x = attribution.layer_input(model, conv, images.to(device, non_blocking=True)).float()
         for (w, b), p in zip(banks, pos):
@@ -172,7 +175,7 @@ def scan_arvs(model, conv, channel, ds, indices, batch_size, device, num_workers
     arvs (M, C_in) float64 numpy arrays (to pick the val images of concepts given as clusters)."""
     model = model.to(device)
     sums, arvs = [], []
-    loader = data.make_loader(ds, data.batches_of(indices, batch_size), num_workers, device, unreadable, hint)
+    loader = folders.make_loader(ds, folders.batches_of(indices, batch_size), num_workers, device, unreadable, hint)
     for images, _ in tqdm(loader, desc="val ARVs", unit="batch", dynamic_ncols=True):
         x, a = attribution.layer_input_output(model, conv, images.to(device, non_blocking=True))
         s, r = channel_arvs(x.float(), a.float(), conv, channel)
@@ -248,12 +251,12 @@ def update_quantitative(folder, tau, run_key, rows_by_concept, meta, prefix=""):
     pre, width = prefix + quantitative_prefix(k), k + 1
     os.makedirs(folder, exist_ok=True)
     # several stage-4 processes may finish at once: the read-modify-write of the record is serialized
-    with fileio.FileLock(os.path.join(folder, f".runs_{pre}required{tau}.lock"), wait=True):
+    with atomic.FileLock(os.path.join(folder, f".runs_{pre}required{tau}.lock"), wait=True):
         reg_path = os.path.join(folder, f"runs_{pre}required{tau}.json")
-        runs = fileio.read_json(reg_path) if os.path.isfile(reg_path) else {}
+        runs = atomic.read_json(reg_path) if os.path.isfile(reg_path) else {}
         runs[run_key] = dict(meta, **{f"concept{j}": np.asarray(rows_by_concept[j]).tolist()
                                       for j in range(1, k + 1)})
-        fileio.write_json(reg_path, runs, indent=None)
+        atomic.write_json(reg_path, runs, indent=None)
         lines = ["run,concept,images," + ",".join(f"mean_D{j}/orig" for j in range(1, k + 1)) + ",mean_R/orig"]
         overall = {}
 
@@ -261,7 +264,7 @@ def update_quantitative(folder, tau, run_key, rows_by_concept, meta, prefix=""):
             return ",".join(f"{v:.6g}" for v in m)
         for concept in range(1, k + 1):
             allrows = [r for run in runs.values() for r in run[f"concept{concept}"]]
-            fileio.write_text(os.path.join(folder, f"quantitative_{pre}concept{concept}_required{tau}.txt"),
+            atomic.write_text(os.path.join(folder, f"quantitative_{pre}concept{concept}_required{tau}.txt"),
                               format_rows(allrows))
             for key, run in runs.items():
                 rows = np.asarray(run[f"concept{concept}"], dtype=np.float64).reshape(-1, width)
@@ -273,5 +276,5 @@ def update_quantitative(folder, tau, run_key, rows_by_concept, meta, prefix=""):
             m, n = overall[concept]
             m = m if m is not None else [float("nan")] * width
             lines.append(f"ALL,{concept},{n},{fmt(m)}")
-        fileio.write_text(os.path.join(folder, f"means_{pre}required{tau}.txt"), "\n".join(lines) + "\n")
+        atomic.write_text(os.path.join(folder, f"means_{pre}required{tau}.txt"), "\n".join(lines) + "\n")
     return overall

@@ -9,7 +9,11 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from . import classmap, cli, data, models, store
+from utils.data import classmap
+from utils.run import cli
+from utils.data import folders
+from utils.model import loading
+from utils.files import store
 
 
 @dataclass
@@ -25,7 +29,7 @@ class Context:
     dataset: object = None
     fingerprint: dict = None
     name: str = None                 # the model (and, for a layer other than the last conv, layer) in file names
-    transform: data.Transform = data.DEFAULT_TRANSFORM
+    transform: folders.Transform = folders.DEFAULT_TRANSFORM
     class_outputs: list = None       # output index of each class folder, None when it is the folder's own index
     class_error: Exception = None    # setup(defer_class_error=True): why the class folders do not fit the outputs
 
@@ -36,7 +40,7 @@ TRANSFORM_FLAGS = ("resize", "crop", "mean", "std")
 def transform_of(args, recorded=None):
     """The Transform of the flags; a flag not given is ``recorded``'s (a store's), else the default. A given flag
     that differs from ``recorded`` raises UserError (one line)."""
-    base = recorded or data.DEFAULT_TRANSFORM
+    base = recorded or folders.DEFAULT_TRANSFORM
     values = {}
     for name in TRANSFORM_FLAGS:
         given = getattr(args, name, None)
@@ -50,14 +54,14 @@ def transform_of(args, recorded=None):
                                     f"take the store's) or run stage 1 into another --store_dir")
             value = given
         values[name] = value
-    return data.check_transform(data.Transform(**values))
+    return folders.check_transform(folders.Transform(**values))
 
 
 def weights_flag(weights_id):
     """The --weights value that loads what a manifest's ``weights`` names (None: a factory's own)."""
     if weights_id in (None, "factory"):
         return None
-    return weights_id  # 'none', a file path, or 'Enum.NAME' (models.load_model takes the part after the dot)
+    return weights_id  # 'none', a file path, or 'Enum.NAME' (loading.load_model takes the part after the dot)
 
 
 def describe_store(m):
@@ -77,7 +81,7 @@ def store_of_args(args, store_dir, flag):
         fits = [(f, m) for f, m in fits if m.get("layer") == layer]
     elif len(fits) > 1:  # the default layer: the store named without a layer
         plain = [(f, m) for f, m in fits if os.path.basename(f) == os.path.basename(
-            store.store_folder(store_dir, models.model_tag(m.get("model", ""))))]
+            store.store_folder(store_dir, loading.model_tag(m.get("model", ""))))]
         fits = plain or fits
     if len(fits) > 1:
         raise cli.UserError(f"{flag} {store_dir} holds {len(fits)} stores that fit ("
@@ -134,26 +138,26 @@ def setup(args, split="train", need_data=True, store_flag=None, defer_class_erro
         args.model = "resnet50"
     if args.layer_of_interest is None:
         args.layer_of_interest = "last_conv"
-    recorded = None if manifest is None else data.Transform.from_record(manifest.get("input_transform"))
+    recorded = None if manifest is None else folders.Transform.from_record(manifest.get("input_transform"))
     transform = transform_of(args, recorded)
     device = cli.select_device(args.device, args.gpu)
     # stage 1 (no store to read) makes sure that a later stage can build the same weights again
-    model, weights_id = models.load_model(args.model, args.weights, check_repeatable=store_flag is None)
-    layer_path, conv = models.resolve_layer(model, args.layer_of_interest)
+    model, weights_id = loading.load_model(args.model, args.weights, check_repeatable=store_flag is None)
+    layer_path, conv = loading.resolve_layer(model, args.layer_of_interest)
     if missing:  # the layer exists, but the store folder has no store of it
         raise cli.UserError(missing)
-    models.check_nr_channels(conv, args.nr_channels_in_layer_of_interest, layer_path)
+    loading.check_nr_channels(conv, args.nr_channels_in_layer_of_interest, layer_path)
     if need_data:
         cli.require(args, "data_dir")
     if args.batch_size < 1:
         raise cli.UserError("--batch_size must be at least 1")
-    tag = models.model_tag(args.model)
+    tag = loading.model_tag(args.model)
     ctx = Context(device=device, model=model, model_spec=args.model, tag=tag,
-                  weights_id=weights_id, weights_sha256=models.weights_sha256(model),
-                  layer_path=layer_path, conv=conv, name=models.file_tag(model, args.model, layer_path),
+                  weights_id=weights_id, weights_sha256=loading.weights_sha256(model),
+                  layer_path=layer_path, conv=conv, name=loading.file_tag(model, args.model, layer_path),
                   transform=transform)
     if need_data:
-        ctx.dataset = data.image_folder(args.data_dir, split, transform=data.eval_transform(transform))
+        ctx.dataset = folders.image_folder(args.data_dir, split, transform=folders.eval_transform(transform))
         index_map = getattr(args, "class_index_map", None)
         if manifest is not None and manifest.get("classes") == list(ctx.dataset.classes):
             ctx.class_outputs, how = manifest.get("class_outputs"), manifest.get("class_outputs_from", "folder order")
@@ -172,7 +176,7 @@ def setup(args, split="train", need_data=True, store_flag=None, defer_class_erro
                 ctx.class_error = e
         # else: another dataset than the store's, refused with the store's own message
         ctx.fingerprint = store.fingerprint(args.model, weights_id, ctx.weights_sha256, layer_path,
-                                            models.layer_geometry(conv), data.dataset_summary(ctx.dataset),
+                                            loading.layer_geometry(conv), folders.dataset_summary(ctx.dataset),
                                             transform.describe())
         if ctx.class_outputs is not None:
             ctx.fingerprint["class_outputs"] = ctx.class_outputs
@@ -199,8 +203,8 @@ def list_layers(args):
     spec = spec or "resnet50"
     if weights is None and ":" not in spec:
         weights = "none"  # the shapes do not depend on the weights: nothing to download
-    model, _ = models.load_model(spec, weights)
-    convs = models.conv_layers(model)
+    model, _ = loading.load_model(spec, weights)
+    convs = loading.conv_layers(model)
     if not convs:
         raise cli.UserError(f"--model {spec}: the model has no Conv2d layer")
     width = max(len(n) for n, _ in convs)
@@ -228,7 +232,7 @@ def check_concepts_k(ds, concepts, names):
     if len(concepts) < 2:
         raise cli.UserError(f"a split needs at least two concepts (got {len(concepts)})")
     for classes, name in zip(concepts, names):
-        data.check_classes(ds, classes, name)
+        folders.check_classes(ds, classes, name)
     for i in range(len(concepts)):
         for j in range(i + 1, len(concepts)):
             both = sorted(set(concepts[i]) & set(concepts[j]))

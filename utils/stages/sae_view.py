@@ -1,5 +1,5 @@
 r"""Stage 4's --get_sae_view: train (or reuse) a TopK SAE on the layer's input, then show which of its
-features drive the channel of interest (utils/sae.py has the SAE and the decomposition).
+features drive the channel of interest (utils/method/sae.py has the SAE and the decomposition).
 
 1. One pass over the training images (all, or --sae_train_images spread evenly over the classes) up to
    the layer collects --sae_positions_per_image input vectors per image, drawn where ||x|| is large.
@@ -21,10 +21,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import attribution, data, fileio, sae as S
-from .cli import UserError, at_least, default_workers
-from .disentangle import filter_maps, positive_mass
-from .evaluation import top_k
+from utils.method import attribution
+from utils.data import folders
+from utils.files import atomic
+from utils.method import sae as S
+from utils.run.cli import UserError, at_least, default_workers
+from utils.disentangle import filter_maps, positive_mass
+from utils.stages.stage4 import top_k
 
 DEFAULTS = {"sae_expansion": 8, "sae_k": 8, "sae_steps": 2000, "sae_positions_per_image": 4, "sae_seed": 0,
             "sae_lr": 1e-3, "sae_batch_size": 1024, "sae_train_images": 0}
@@ -71,15 +74,15 @@ def settings_of(args):
 
 def record_of(ctx, train_ds, settings):
     """What an SAE is made from (a dict) and the 16 hex digits of its sha256 that name the file."""
-    from .featurevis import files_sha256, spectrum_images
-    summary = data.dataset_summary(train_ds)
+    from utils.featurevis.render.render import files_sha256, spectrum_images
+    summary = folders.dataset_summary(train_ds)
     sample = spectrum_images(train_ds, CONTENT_IMAGES)
-    from .models import layer_geometry
+    from utils.model.loading import layer_geometry
     meta = {"model": ctx.model_spec, "weights_sha256": ctx.weights_sha256, "layer": ctx.layer_path,
             "layer_geometry": layer_geometry(ctx.conv), "classes": summary["classes"],
             "images_per_class": summary["images_per_class"], "files_sha256": summary["files_sha256"],
             "content_sha256": files_sha256(train_ds.samples[i][0] for i in sample),
-            "transform": getattr(ctx, "transform", data.DEFAULT_TRANSFORM).describe(), "settings": settings,
+            "transform": getattr(ctx, "transform", folders.DEFAULT_TRANSFORM).describe(), "settings": settings,
             "sampling": "positions without replacement, probability proportional to ||x||", "version": VERSION}
     return meta, hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -88,7 +91,7 @@ def collect_vectors(model, conv, ds, indices, per_image, seed, batch_size, devic
     """One pass over images ``indices`` of ``ds`` up to the layer: ``per_image`` sampled input vectors of
     each (``sae.sample_positions``). Returns (vectors (N * p, C_in) float32 on the CPU, images read)."""
     gen = torch.Generator().manual_seed(int(seed))
-    loader = data.make_loader(ds, data.batches_of(indices, batch_size), num_workers, device, unreadable="skip")
+    loader = folders.make_loader(ds, folders.batches_of(indices, batch_size), num_workers, device, unreadable="skip")
     out, n = [], 0
     for images, _ in tqdm(loader, desc="SAE: sampling the layer's input", unit="batch", dynamic_ncols=True):
         x = attribution.layer_input(model, conv, images.to(device, non_blocking=True)).float()
@@ -102,7 +105,7 @@ def collect_vectors(model, conv, ds, indices, per_image, seed, batch_size, devic
 def load_or_train(ctx, args, device):
     """The SAE of these model, layer, training data and settings: reused from MODEL_DIR/sae/ when its record
     matches, else trained and saved. Returns (sae on ``device``, info dict, path, reused)."""
-    train_ds = data.image_folder(args.data_dir, "train", transform=data.eval_transform(ctx.transform))
+    train_ds = folders.image_folder(args.data_dir, "train", transform=folders.eval_transform(ctx.transform))
     settings = settings_of(args)
     meta, key = record_of(ctx, train_ds, settings)
     path = os.path.join(args.model_dir, "sae", f"sae_{key}.pt")
@@ -118,7 +121,7 @@ def load_or_train(ctx, args, device):
             return sae.to(device).eval(), saved["info"], path, True
     start = time.time()
     if args.sae_train_images:
-        from .featurevis import spectrum_images
+        from utils.featurevis.render.render import spectrum_images
         indices = spectrum_images(train_ds, args.sae_train_images)
     else:
         indices = list(range(len(train_ds)))
@@ -141,7 +144,7 @@ def load_or_train(ctx, args, device):
             "fvu_train": S.fraction_of_variance_unexplained(vectors, x_hat),
             "dead_train": len(S.dead_features(active.cpu())), "seconds": round(time.time() - start, 2),
             "device": str(device)}
-    fileio.save_torch(path, {"meta": json.dumps(meta), "info": info,
+    atomic.save_torch(path, {"meta": json.dumps(meta), "info": info,
                              "state_dict": {k: v.detach().cpu() for k, v in sae.state_dict().items()}})
     return sae, info, path, False
 
@@ -158,7 +161,7 @@ def scan(model, conv, sae, channel, ds, indices, batch_size, device, num_workers
     s1, s2, count = 0, 0.0, 0
     active = torch.zeros(m, dtype=torch.long)
     seen = 0
-    loader = data.make_loader(ds, data.batches_of(indices, batch_size), num_workers, device, unreadable)
+    loader = folders.make_loader(ds, folders.batches_of(indices, batch_size), num_workers, device, unreadable)
     with torch.no_grad():
         for images, _ in tqdm(loader, desc="SAE view: val images", unit="batch", dynamic_ncols=True):
             x = attribution.layer_input(model, conv, images.to(device, non_blocking=True)).float()
@@ -190,7 +193,7 @@ def contributions_on(model, conv, sae, channel, ds, indices, batch_size, device)
     w_c = conv.weight[channel].detach()
     b_c = None if conv.bias is None else conv.bias[channel].detach()
     pc, pa, pk, worst, errs, maps = [], [], [], 0.0, 0.0, []
-    loader = data.make_loader(ds, data.batches_of(indices, batch_size), 0, device, "skip")
+    loader = folders.make_loader(ds, folders.batches_of(indices, batch_size), 0, device, "skip")
     with torch.no_grad():
         for images, _ in loader:
             x = attribution.layer_input(model, conv, images.to(device)).float()
@@ -215,13 +218,13 @@ def run_for_channel(ctx, args, channel, classes, run_name, out_dir):
     """Stage 4's --get_sae_view for one channel: the SAE (trained or reused), the features that drive the
     channel on its top val images (among those of ``classes``; None or --top_images_all_val: all val images),
     the figure and ``results_disentanglement/{run}_sae_view.json``."""
-    from . import plots
+    from utils.report import plots
     start = time.time()
     device, model, conv, ds = ctx.device, ctx.model.to(ctx.device), ctx.conv, ctx.dataset
     sae, info, path, reused = load_or_train(ctx, args, device)
     print(f"SAE view: {'reusing' if reused else 'trained'} the SAE {path}")
     whole = args.top_images_all_val or classes is None
-    indices = list(range(len(ds))) if whole else data.indices_of_classes(ds, classes)
+    indices = list(range(len(ds))) if whole else folders.indices_of_classes(ds, classes)
     workers = default_workers(args.num_workers)
     unreadable = "skip" if args.skip_unreadable else "error"
     sc = scan(model, conv, sae, channel, ds, indices, args.batch_size, device, workers, unreadable, args.top_k)
@@ -240,7 +243,7 @@ def run_for_channel(ctx, args, channel, classes, run_name, out_dir):
         feature_images[j] = imgs
         features.append({"feature": j, "mean_pos_contribution": float(mean_contrib[j]),
                          "share": float(cb["pos_contribution"][:, j].sum() / total),
-                         "top_images": [data.relative_name(ds, i) for i in imgs],
+                         "top_images": [folders.relative_name(ds, i) for i in imgs],
                          "top_image_classes": [names[ds.targets[i]] for i in imgs],
                          "top_values": [float(v) for v in sc["feature_top_values"][j][:len(imgs)]]})
     m = sae.W_dec.shape[1]
@@ -256,14 +259,14 @@ def run_for_channel(ctx, args, channel, classes, run_name, out_dir):
                         resize=ctx.transform.resize, crop_size=ctx.transform.crop)
     record = {"model": ctx.model_spec, "layer": ctx.layer_path, "channel": channel, "sae": path, "sae_reused": reused,
               "settings": settings_of(args), "training": info, "dictionary": m, "k": args.sae_k,
-              "scope": scope, "val_images": int(len(kept)), "channel_top_images": [data.relative_name(ds, i) for i in top_images],
+              "scope": scope, "val_images": int(len(kept)), "channel_top_images": [folders.relative_name(ds, i) for i in top_images],
               "fvu": sc["fvu"], "dead_features": len(dead), "dead_feature_ids": dead,
               "channel_fvu_on_top_images": cb["channel_fvu"], "decomposition_max_error": cb["decomposition_max_error"],
               "constant_term_share": float(cb["pos_constant"].sum() / total),
               "contribution": "pos(conv(f_j, K_j)) = sum_{h,w} max(contribution_j, 0); share_j = sum over the channel's "
                               "top images of pos(contribution_j) / sum of pos(a[c])",
               "features": features, "figure": fig, "seconds": round(time.time() - start, 2)}
-    fileio.write_json(os.path.join(out_dir, "results_disentanglement", f"{run_name}_sae_view.json"), record)
+    atomic.write_json(os.path.join(out_dir, "results_disentanglement", f"{run_name}_sae_view.json"), record)
     print(f"SAE: m = {m}, k = {args.sae_k}, FVU {sc['fvu']:.3f} on {len(kept)} {scope}, {len(dead)} dead features; "
           f"channel {channel} on its top {len(top_images)} images: FVU of its map {cb['channel_fvu']:.3f}")
     for ft in features:

@@ -21,9 +21,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import attribution, data, distributed, overlap
-from .cli import UserError
-from .store import COMPLETE_KEYS, RESUME_KEYS, UNREADABLE_PREDICTION, Store, describe_mismatch
+from utils.method import attribution
+from utils.data import folders
+from utils.run import distributed
+from utils.data import overlap
+from utils.run.cli import UserError
+from utils.files.store import COMPLETE_KEYS, RESUME_KEYS, UNREADABLE_PREDICTION, Store, describe_mismatch
 
 
 def stage1_batch(model, conv, images, labels, autocast_dtype=None):
@@ -190,11 +193,11 @@ def _compute(batches, source, gpu_decoder, device, uint8_images, mean_std, ds, s
             images, labels, ok = batch
         else:
             images, labels = batch
-            ok = (labels != data.UNREADABLE).numpy()  # read on the host: no device sync
+            ok = (labels != folders.UNREADABLE).numpy()  # read on the host: no device sync
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             if uint8_images:
-                images = data.normalize_uint8(images, *mean_std)
+                images = folders.normalize_uint8(images, *mean_std)
         targets = np.asarray([ds.targets[r] for r in rows], dtype=np.int64)
         if outputs is not None:  # the model's output index of each folder: the stored target and the logit
             targets = outputs[0][targets]
@@ -233,8 +236,8 @@ def steady_rate(clock):
 
 def run_stage1(model, conv, ds, folder, info, batch_size, device, num_workers, chunk_size,
                autocast_dtype=None, channels_last=False, gpu_decoder=None, skip_unreadable=False,
-               allow_mixed_numerics=False, uint8_images=False, deterministic=False, log=print, mean=data.MEAN,
-               std=data.STD, class_outputs=None):
+               allow_mixed_numerics=False, uint8_images=False, deterministic=False, log=print, mean=folders.MEAN,
+               std=folders.STD, class_outputs=None):
     """Fill (or finish) the store at ``folder``. Returns the Store.
 
     ``info``: the store fingerprint (see store.fingerprint) plus autocast/decode settings and ``numerics``.
@@ -245,12 +248,12 @@ def run_stage1(model, conv, ds, folder, info, batch_size, device, num_workers, c
     where it has one (it also says which images are readable without waiting for the device).
     ``deterministic``: deterministic algorithms (see ``deterministic_algorithms``) instead of cuDNN's
     benchmark mode.
-    ``uint8_images``: the dataset yields uint8 images (``data.eval_transform_uint8``), normalized on the
-    device with ``data.normalize_uint8`` (bit-identical to the float transform, a quarter of the bytes).
+    ``uint8_images``: the dataset yields uint8 images (``folders.eval_transform_uint8``), normalized on the
+    device with ``folders.normalize_uint8`` (bit-identical to the float transform, a quarter of the bytes).
     ``skip_unreadable``: store an unreadable image as a row of zeros with prediction -1 (its file name goes
     into the manifest) instead of stopping with a one-line error that names it.
     ``mean``, ``std``: the transform's normalization (``uint8_images``). ``class_outputs``: (K,) output index of
-    each class folder (``utils/classmap.py``), or None when folder y is output y: the logit differentiated and
+    each class folder (``utils/data/classmap.py``), or None when folder y is output y: the logit differentiated and
     the stored target.
     Several processes (torchrun): every rank calls this; rank 0 alone takes the store's lock, creates or
     checks the store and merges the chunks; the ranks agree on each step through the process group.
@@ -316,7 +319,7 @@ def run_stage1(model, conv, ds, folder, info, batch_size, device, num_workers, c
             + (f", {size} processes" if size > 1 else ""))
     batches = []
     for i in todo:
-        batches += data.batches_of(list(range(i * chunk_size, min((i + 1) * chunk_size, n))), batch_size)
+        batches += folders.batches_of(list(range(i * chunk_size, min((i + 1) * chunk_size, n))), batch_size)
 
     model = model.to(device)
     if channels_last:
@@ -325,7 +328,7 @@ def run_stage1(model, conv, ds, folder, info, batch_size, device, num_workers, c
             "(finished chunks are kept: rerun to resume)")
     images_todo = sum(len(b) for b in batches)
     # unreadable images come through as label UNREADABLE: the loop decides, after saving what is finished
-    loader = data.make_loader(ds, batches, num_workers, device, "keep", hint) if batches else []
+    loader = folders.make_loader(ds, batches, num_workers, device, "keep", hint) if batches else []
     chunks = _ChunkBuffer(store, chunk_size, n, shapes)
     pinned = _pinned_buffers(batch_size, conv, device)
     mean_std = [torch.tensor(v, dtype=torch.float32, device=device) for v in (mean, std)]
@@ -361,7 +364,7 @@ def run_stage1(model, conv, ds, folder, info, batch_size, device, num_workers, c
         store.merge_chunks(progress=lambda it: tqdm(it, desc="merging chunks", unit="chunk", dynamic_ncols=True,
                                                     disable=len(it) < 8))
         bad_rows = np.flatnonzero(np.asarray(store.array("predictions")) == UNREADABLE_PREDICTION)
-        store.finish(num_chunks, [data.relative_name(ds, int(r)) for r in bad_rows])
+        store.finish(num_chunks, [folders.relative_name(ds, int(r)) for r in bad_rows])
         secs = time.time() - start
         if images_all:
             steady = steady_rate(clock) if size == 1 else None

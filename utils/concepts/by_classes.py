@@ -15,7 +15,7 @@ triples writes byte-identical files to one run per triple.
 import os
 from dataclasses import dataclass, field
 
-from .cli import UserError, parse_classes
+from utils.run.cli import UserError, parse_classes
 
 
 @dataclass
@@ -153,7 +153,7 @@ def triples_from_args(path, channel, classes1, classes2, channel_flag):
 def check_triples(ctx, triples, channel_flag):
     """Refuse any triple whose channel or classes do not exist in the layer and data (one line, naming
     the flag or the file line)."""
-    from . import context
+    from utils.run import context
     for t in triples:
         if t.where:
             try:

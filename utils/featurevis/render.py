@@ -31,10 +31,11 @@ import torch.nn.functional as F
 from torchvision.ops import roi_align
 from tqdm import tqdm
 
-from . import data, fileio
-from .cli import UserError, at_least, default_workers
-from .disentangle import filter_maps
-from .evaluation import top_k
+from utils.data import folders
+from utils.files import atomic
+from utils.run.cli import UserError, at_least, default_workers
+from utils.disentangle import filter_maps
+from utils.stages.stage4 import top_k
 
 INPUT_SIZE = 224           # the evaluation transform's crop: what the model is fed
 RESIZE = 256               # ... after resizing the shorter side to this
@@ -159,7 +160,7 @@ def maco_image(magnitude, phase, q_unit):
     return torch.sigmoid(torch.einsum("ij,tjhw->tihw", q_unit.to(x), x))
 
 
-def normalize(images, mean=data.MEAN, std=data.STD):
+def normalize(images, mean=folders.MEAN, std=folders.STD):
     """The model's input normalization of [0, 1] images: (B, 3, H, W) -> (B, 3, H, W)."""
     m = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
     s = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
@@ -260,8 +261,8 @@ def target_values(x, conv, weights, bias):
     return target_maps(x, conv, weights, bias).mean(dim=(2, 3))
 
 
-def activation_matrix(model, conv, weights, bias, images, input_size=INPUT_SIZE, resize=None, mean=data.MEAN,
-                      std=data.STD):
+def activation_matrix(model, conv, weights, bias, images, input_size=INPUT_SIZE, resize=None, mean=folders.MEAN,
+                      std=folders.STD):
     """A[v, t] = T_t on visualization v seen through the evaluation transform (resize, centre crop
     ``input_size``, normalize with ``mean`` and ``std``), no noise. ``resize`` None: in the paper's proportion
     (256 for 224). images: (V, 3, S, S) in [0, 1] -> (V, T)."""
@@ -274,7 +275,7 @@ def activation_matrix(model, conv, weights, bias, images, input_size=INPUT_SIZE,
 
 # ----------------------------------------------------------------------------- optimization
 def visualize(model, conv, weights, bias, magnitude, q, size, steps, crops, seed, lr=1.0, batch_size=None,
-              device="cpu", input_size=INPUT_SIZE, progress=True, scale=CROP_SCALE, mean=data.MEAN, std=data.STD):
+              device="cpu", input_size=INPUT_SIZE, progress=True, scale=CROP_SCALE, mean=folders.MEAN, std=folders.STD):
     """MACO for every target at once. weights (T, C_in, kh, kw), bias (T,) or None; magnitude (3, S, n), q (3, 3).
     ``input_size``, ``mean``, ``std``: the model's input (the transform's crop and normalization).
 
@@ -364,7 +365,7 @@ def scan_val(model, conv, weights, bias, ds, indices, batch_size, device, num_wo
     b = None if bias is None else bias.to(device, torch.float32)
     vals, poss = [], []
     size = None
-    loader = data.make_loader(ds, data.batches_of(indices, batch_size), num_workers, device, unreadable, hint)
+    loader = folders.make_loader(ds, folders.batches_of(indices, batch_size), num_workers, device, unreadable, hint)
     with torch.no_grad():
         for images, _ in tqdm(loader, desc="val images", unit="batch", dynamic_ncols=True):
             x = layer_input_with_grad(model, conv, images.to(device, non_blocking=True)).float()
@@ -413,22 +414,22 @@ def load_or_make_spectrum(folder, data_dir, size, n_images, batch_size, num_work
     file names, another size or number of images gets its own file; a file whose record differs is never used). Returns (dict, path, reused)."""
     from torchvision import transforms
     tf = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor()])
-    ds = data.image_folder(data_dir, "train", transform=tf)
+    ds = folders.image_folder(data_dir, "train", transform=tf)
     idx = spectrum_images(ds, n_images)
-    meta, key = spectrum_key(data.dataset_summary(ds), size, n_images, files_sha256(ds.samples[i][0] for i in idx))
+    meta, key = spectrum_key(folders.dataset_summary(ds), size, n_images, files_sha256(ds.samples[i][0] for i in idx))
     path = os.path.join(folder, f"spectrum_S{size}_{key}.npz")
     if os.path.isfile(path):
         with np.load(path) as z:
             if json.loads(str(z["meta"])) == meta:
                 return {k: torch.from_numpy(z[k]) for k in ("magnitude", "q", "mean", "cov")}, path, True
-    batches = data.batches_of(idx, max(1, batch_size))
+    batches = folders.batches_of(idx, max(1, batch_size))
 
     def iterate():
-        loader = data.make_loader(ds, batches, num_workers, "cpu", unreadable="skip")
+        loader = folders.make_loader(ds, batches, num_workers, "cpu", unreadable="skip")
         return (im for im, _ in tqdm(loader, desc=f"spectrum of {len(idx)} training images", unit="batch",
                                      dynamic_ncols=True))
     spec = spectrum_from_images(iterate)
-    fileio.save_npz(path, {"magnitude": spec["magnitude"].numpy(), "q": spec["q"].numpy(),
+    atomic.save_npz(path, {"magnitude": spec["magnitude"].numpy(), "q": spec["q"].numpy(),
                            "mean": spec["mean"].numpy(), "cov": spec["cov"].numpy(),
                            "meta": np.asarray(json.dumps(meta))})
     return spec, path, False
@@ -470,7 +471,7 @@ def title_of(name):
     return TITLES.get(name, f"Disentangled {name[1:]}")
 
 
-def _val_crop(path, box, cell, transform=data.DEFAULT_TRANSFORM):
+def _val_crop(path, box, cell, transform=folders.DEFAULT_TRANSFORM):
     from PIL import Image
     from torchvision import transforms
     with Image.open(path) as im:
@@ -486,7 +487,7 @@ def run_for_checkpoint(ctx, args, state_dict, channel, concepts, run_name, out_d
     concepts: the k class lists of the concepts (val images of concept j: those of its classes); val_images:
     instead, (dataset indices, concept ids 1..k) of the val images to rank (concepts given as clusters).
     Returns the record."""
-    from . import plots
+    from utils.report import plots
     start = time.time()
     device, model, conv = ctx.device, ctx.model.to(ctx.device), ctx.conv
     weights, bias, names = target_filters(conv, channel, state_dict)
@@ -507,7 +508,7 @@ def run_for_checkpoint(ctx, args, state_dict, channel, concepts, run_name, out_d
     ds = ctx.dataset
     unreadable = "skip" if getattr(args, "skip_unreadable", False) else "error"
     if val_images is None:
-        wanted = data.indices_of_classes(ds, [y for c in concepts for y in c])
+        wanted = folders.indices_of_classes(ds, [y for c in concepts for y in c])
     else:
         of_index = {int(i): int(j) for i, j in zip(*val_images)}
         wanted = sorted(of_index)
@@ -530,7 +531,7 @@ def run_for_checkpoint(ctx, args, state_dict, channel, concepts, run_name, out_d
         for i in pick:
             box = rf_box(tuple(poss[i, t]), map_size, rf, tf.crop)
             crops.append((_val_crop(ds.samples[kept[i]][0], box, cell, tf), CONCEPT_COLOURS[int(concept[i])]))
-            top[name].append({"image": data.relative_name(ds, int(kept[i])), "concept": int(concept[i]),
+            top[name].append({"image": folders.relative_name(ds, int(kept[i])), "concept": int(concept[i]),
                               "value": float(vals[i, t]), "box": list(box)})
         panels.append((title_of(name), faded(images[t], transp[t]), crops))
     plot_dir, res_dir = os.path.join(out_dir, "plots"), os.path.join(out_dir, "results_disentanglement")
@@ -539,10 +540,10 @@ def run_for_checkpoint(ctx, args, state_dict, channel, concepts, run_name, out_d
     plots.feature_vis_figure(fig, panels, title, cell=cell)
     plots.image_row(os.path.join(plot_dir, f"feature_vis_{run_name}_raw.png"),
                     [im.transpose(1, 2, 0) for im in images], [title_of(n) for n in names], title)
-    fileio.save_npy(os.path.join(res_dir, f"{run_name}_feature_vis_images.npy"), images.astype(np.float32))
-    fileio.save_npy(os.path.join(res_dir, f"{run_name}_feature_vis_transparency.npy"), transp.astype(np.float32))
+    atomic.save_npy(os.path.join(res_dir, f"{run_name}_feature_vis_images.npy"), images.astype(np.float32))
+    atomic.save_npy(os.path.join(res_dir, f"{run_name}_feature_vis_transparency.npy"), transp.astype(np.float32))
     latest = "" if ctx.name in (None, ctx.tag) else f"_{ctx.name}"  # a layer other than the last conv: its own
-    with fileio.atomic_path(os.path.join(plot_dir, f"feature_vis{latest}.png")) as tmp:
+    with atomic.atomic_path(os.path.join(plot_dir, f"feature_vis{latest}.png")) as tmp:
         with open(fig, "rb") as src, open(tmp, "wb") as dst:
             dst.write(src.read())
     record = {"model": ctx.model_spec, "layer": ctx.layer_path, "channel": channel,
@@ -558,7 +559,7 @@ def run_for_checkpoint(ctx, args, state_dict, channel, concepts, run_name, out_d
               "final_crop_mean": vis["history"][-1], "top_images": top,
               "images": f"{run_name}_feature_vis_images.npy",
               "transparency": f"{run_name}_feature_vis_transparency.npy", "figure": fig}
-    fileio.write_json(os.path.join(res_dir, f"{run_name}_feature_vis.json"), record)
+    atomic.write_json(os.path.join(res_dir, f"{run_name}_feature_vis.json"), record)
     head = "visualization \\ target " + " ".join(f"{n:>10}" for n in names)
     print(head)
     for t, n in enumerate(names):

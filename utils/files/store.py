@@ -20,8 +20,8 @@ import shutil
 
 import numpy as np
 
-from . import fileio
-from .cli import UserError
+from utils.files import atomic
+from utils.run.cli import UserError
 
 ARRAYS = ("attributions", "targets", "predictions", "patch_sums")
 UNREADABLE_PREDICTION = -1  # the prediction stored for an image that could not be read (its row is all zeros)
@@ -60,7 +60,7 @@ def find_stores(store_dir):
         folder = os.path.join(store_dir, name)
         if name.endswith("_channel_importances") and os.path.isfile(os.path.join(folder, "manifest.json")):
             try:
-                out.append((folder, fileio.read_json(os.path.join(folder, "manifest.json"))))
+                out.append((folder, atomic.read_json(os.path.join(folder, "manifest.json"))))
             except ValueError:
                 continue
     return out
@@ -133,7 +133,7 @@ class Store:
         if not os.path.isfile(mpath):
             raise UserError(f"no store at {folder} (manifest.json missing): run get_importances_for_classes.py "
                             f"with the same --store_dir, --model, --weights and --layer_of_interest first")
-        manifest = fileio.read_json(mpath)
+        manifest = atomic.read_json(mpath)
         if expected is not None:
             diff = describe_mismatch(manifest, expected, MATCH_KEYS)
             if diff:
@@ -174,7 +174,7 @@ class Store:
     def peek(folder):
         """The manifest of ``folder`` if there is one, else None."""
         mpath = os.path.join(folder, "manifest.json")
-        return fileio.read_json(mpath) if os.path.isfile(mpath) else None
+        return atomic.read_json(mpath) if os.path.isfile(mpath) else None
 
     @staticmethod
     def lock(folder):
@@ -186,8 +186,8 @@ class Store:
         """
         os.makedirs(folder, exist_ok=True)
         try:
-            return fileio.FileLock(os.path.join(folder, LOCK_NAME))
-        except fileio.LockHeld as e:
+            return atomic.FileLock(os.path.join(folder, LOCK_NAME))
+        except atomic.LockHeld as e:
             raise UserError(f"another run ({e.holder}) is writing the store {folder}: wait for it to finish "
                             f"or stop it (nothing was changed)")
 
@@ -202,7 +202,7 @@ class Store:
         """
         mpath = os.path.join(folder, "manifest.json")
         if os.path.isfile(mpath):
-            manifest = fileio.read_json(mpath)
+            manifest = atomic.read_json(mpath)
             diff = describe_mismatch(manifest, info, COMPLETE_KEYS if manifest.get("complete") else RESUME_KEYS)
             if diff:
                 raise UserError(f"{folder} already holds a store made with other settings: {diff}; "
@@ -219,7 +219,7 @@ class Store:
                 history = manifest.get("numerics_history") or [dict(old, since=manifest.get("created"))]
                 store.manifest = dict(manifest, numerics=new,
                                       numerics_history=history + [dict(new, since=now())])
-                fileio.write_json(mpath, store.manifest)
+                atomic.write_json(mpath, store.manifest)
             store.clean_progress()
             return store, "resume"
         store = cls(folder, None)
@@ -231,11 +231,11 @@ class Store:
         os.makedirs(store.progress_dir, exist_ok=True)
         store.manifest = dict(info, complete=False, created=now(), versions=versions(),
                               arrays={k: {"shape": list(s), "dtype": np.dtype(d).name} for k, (s, d) in shapes.items()})
-        fileio.write_json(mpath, store.manifest)
+        atomic.write_json(mpath, store.manifest)
         return store, "new"
 
     def reload_manifest(self):
-        self.manifest = fileio.read_json(os.path.join(self.folder, "manifest.json"))
+        self.manifest = atomic.read_json(os.path.join(self.folder, "manifest.json"))
 
     # A finished chunk of rows is first saved as progress/chunk_{i}.npz by the process that computed it
     # (each file has exactly one writer, so processes on several machines never share a file page); the
@@ -258,7 +258,7 @@ class Store:
 
     def save_chunk(self, i, lo, rows):
         """Save chunk ``i`` (rows ``lo`` ...) durably: ``rows`` = {array name: (m, ...) numpy array}."""
-        fileio.save_npz(self._chunk_file(i), dict(rows, lo=np.asarray(lo, dtype=np.int64)))
+        atomic.save_npz(self._chunk_file(i), dict(rows, lo=np.asarray(lo, dtype=np.int64)))
 
     def merge_chunks(self, progress=None):
         """Write every saved chunk into the arrays (main process). Idempotent: a crash mid-way is resumed."""
@@ -284,7 +284,7 @@ class Store:
                             f"rerun the same command to finish them")
         manifest = dict(self.manifest, complete=True, rows_complete=self.manifest["num_images"],
                         unreadable=list(unreadable_names), finished=now())
-        fileio.write_json(os.path.join(self.folder, "manifest.json"), manifest)
+        atomic.write_json(os.path.join(self.folder, "manifest.json"), manifest)
         self.manifest = manifest
         shutil.rmtree(self.progress_dir, ignore_errors=True)
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .attribution import important_channels
+from utils.method.attribution import important_channels
 
 DEFAULT_CHUNK_ROWS = 16384  # about 0.7 GB of working memory for 2048 channels (measured: benchmarks/stage2_memory.py)
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import store
-from .cli import UserError
-from .concepts import nearest_centroid
+from utils.files import store
+from utils.run.cli import UserError
+from utils.stages.label_free import nearest_centroid
 
 # the fingerprint keys that say which model, layer and data made the file (the training split for stage 3)
 MODEL_KEYS = ("model", "weights_sha256", "layer", "layer_geometry", "classes")

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import CROP, RESIZE
+from utils.data.folders import CROP, RESIZE
 
 
 def resized_size(w, h, resize=RESIZE):

@@ -7,7 +7,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
-from . import fileio  # noqa: E402
+from utils.files import atomic  # noqa: E402
 
 CURVE_LABELS = ("Original", "Disentangled 1", "Disentangled 2")
 
@@ -28,7 +28,7 @@ def density_plot(path, curves, title):
     ax.set_title(title, fontsize=10)
     ax.legend()
     fig.tight_layout()
-    fileio.save_figure(path, fig, dpi=120)
+    atomic.save_figure(path, fig, dpi=120)
     plt.close(fig)
 
 
@@ -41,7 +41,7 @@ def rho_score_plot(path, rhos, scores, best, title, ylabel="score = mean q1 + me
     ax.set_title(title, fontsize=9)
     ax.legend()
     fig.tight_layout()
-    fileio.save_figure(path, fig, dpi=120)
+    atomic.save_figure(path, fig, dpi=120)
     plt.close(fig)
 
 
@@ -65,7 +65,7 @@ def contact_sheet(path, rows, thumb=112, caption_h=28, label_w=130, title=None, 
             sheet.paste(tile, (x0, y0))
             for line, text in enumerate(_wrap(caption, thumb // 6)[:2]):
                 draw.text((x0 + 2, y0 + thumb + 2 + 12 * line), text, fill="black")
-    with fileio.atomic_path(path) as tmp:
+    with atomic.atomic_path(path) as tmp:
         sheet.save(tmp, format="PNG")
 
 
@@ -117,7 +117,7 @@ def feature_vis_figure(path, panels, title=None, cell=96, frame=4, gap=16, title
             cx, cy = x0 + c * cell, y0 + r * cell
             draw.rectangle([cx + 1, cy + 1, cx + cell - 2, cy + cell - 2], fill=tuple(colour))
             sheet.paste(_tile(crop, cell - 2 * frame - 2), (cx + frame + 1, cy + frame + 1))
-    with fileio.atomic_path(path) as tmp:
+    with atomic.atomic_path(path) as tmp:
         sheet.save(tmp, format="PNG")
 
 
@@ -133,5 +133,5 @@ def image_row(path, images, titles, title=None, size=256, gap=8, title_h=20):
         x0 = i * (size + gap)
         draw.text((x0 + 4, top + 4), name, fill="black", font=font)
         sheet.paste(_tile(im, size), (x0, top + title_h))
-    with fileio.atomic_path(path) as tmp:
+    with atomic.atomic_path(path) as tmp:
         sheet.save(tmp, format="PNG")

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from .cli import UserError
+from utils.run.cli import UserError
 
 
 INIT_SEED = 0  # torch's seed while a model is built without weights (--weights none, a factory's own)

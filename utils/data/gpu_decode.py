@@ -9,7 +9,7 @@ on the device: the JPEGs decoded on the CUDA device, by nvImageCodec when the op
 cards, its CUDA decoder elsewhere) and else by ``torchvision.io.decode_jpeg`` (nvJPEG); then Resize(256)
 with antialiasing (one batched resize per group of images of equal size), the center 224 x 224 crop and
 the ImageNet normalization, all on the GPU. Stage 1 prepares batch b + 1 this way on a side stream while
-batch b computes (utils/overlap.py). Files that are not JPEGs, JPEGs whose headers say nvJPEG would refuse or mis-colour them (CMYK/YCCK,
+batch b computes (utils/data/overlap.py). Files that are not JPEGs, JPEGs whose headers say nvJPEG would refuse or mis-colour them (CMYK/YCCK,
 Adobe colour transforms, RGB without YCbCr transform, 12-bit, lossless or arithmetic-coded:
 ``cpu_decode_reason``), and files nvJPEG fails on anyway are decoded on the CPU with the dataset's own
 transform, one by one. The resize and decoder differ slightly from PIL's (a few grey levels at most), so
@@ -26,7 +26,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode
 from torchvision.transforms import functional as TF
 
-from . import data
+from utils.data import folders
 
 RESIZE, CROP = 256, 224
 FALLBACK_MESSAGE = "--gpu_decode needs CUDA; decoding on the CPU"
@@ -231,16 +231,16 @@ class GpuDecoder:
 
     files: a ``PackedJpegs`` (from ``collate_raw``) or a list of file contents (bytes).
     images: (B, 3, crop, crop) float32, normalized with ``mean`` and ``std``; labels: (B,) long,
-    ``data.UNREADABLE`` where a file cannot be decoded at all (its image is zeros).
+    ``folders.UNREADABLE`` where a file cannot be decoded at all (its image is zeros).
     ``cpu_transform``: the dataset's PIL transform, used for the files the GPU decoder cannot take.
     ``device`` may be the CPU (then torchvision decodes with libjpeg on the CPU; used by the tests).
     ``jpegs``: the batched JPEG decoder (default ``TorchvisionJpegs``; ``NvImageCodecJpegs`` on CUDA cards).
     """
 
-    def __init__(self, device, cpu_transform=None, jpegs=None, resize=RESIZE, crop=CROP, mean=data.MEAN,
-                 std=data.STD):
+    def __init__(self, device, cpu_transform=None, jpegs=None, resize=RESIZE, crop=CROP, mean=folders.MEAN,
+                 std=folders.STD):
         self.device = torch.device(device)
-        self.cpu_transform = cpu_transform or data.eval_transform()
+        self.cpu_transform = cpu_transform or folders.eval_transform()
         self.jpegs = jpegs or TorchvisionJpegs(self.device)
         self.resize, self.crop = resize, crop
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device)
@@ -261,7 +261,7 @@ class GpuDecoder:
         """uint8 (n, 3, H, W) images of one size -> float32 (n, 3, crop, crop), normalized: shorter side to
         ``resize`` (antialiased bilinear), center crop, mean and std; one batched resize for the group."""
         imgs = TF.resize(imgs, [self.resize], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-        return data.normalize_uint8(TF.center_crop(imgs, [self.crop, self.crop]), self.mean, self.std)
+        return folders.normalize_uint8(TF.center_crop(imgs, [self.crop, self.crop]), self.mean, self.std)
 
     def _cpu(self, raw):
         """The file decoded on the CPU with the dataset's transform, or None if it cannot be decoded."""
@@ -269,7 +269,7 @@ class GpuDecoder:
         try:
             with Image.open(io.BytesIO(raw)) as im:
                 img = self.cpu_transform(im.convert("RGB"))
-        except Exception:  # noqa: BLE001 -- unreadable: the caller gets label data.UNREADABLE
+        except Exception:  # noqa: BLE001 -- unreadable: the caller gets label folders.UNREADABLE
             return None
         return img.to(self.device, non_blocking=True)
 
@@ -305,7 +305,7 @@ class GpuDecoder:
                 images[i] = img
         if not ok.all():  # unreadable files: the caller decides (stage 1 stops naming the file, or skips it)
             labels = labels.clone()
-            labels[torch.from_numpy(np.flatnonzero(~ok)).to(self.device)] = data.UNREADABLE
+            labels[torch.from_numpy(np.flatnonzero(~ok)).to(self.device)] = folders.UNREADABLE
         return images, labels, ok
 
     def __call__(self, batch):
@@ -361,7 +361,7 @@ def choose_jpegs(device, decoder="auto", log=print):
     return jpegs
 
 
-def setup(dataset, device, log=print, decoder="auto", resize=RESIZE, crop=CROP, mean=data.MEAN, std=data.STD):
+def setup(dataset, device, log=print, decoder="auto", resize=RESIZE, crop=CROP, mean=folders.MEAN, std=folders.STD):
     """``(decoder, raw dataset)`` for decoding on ``device``; ``(None, dataset)`` with one line of
     explanation where that is not possible (no CUDA device, or no working GPU JPEG decoder).
     ``decoder``: 'auto' (nvImageCodec if installed, else torchvision's nvJPEG), 'nvjpeg' or 'nvimgcodec'."""

@@ -1,0 +1,238 @@
+"""Every path a stage writes or reads, in one place: the naming contract between the stages.
+
+Stage 1 writes the store, ``{store_dir}/{tag}_channel_importances/``; stage 2 writes
+``{store_dir}/results_get_cosine_similarities/`` (and its ``.txt`` table under ``--out_dir``); stage 3 writes
+``{store_dir}/models_disentangled/``; stage 4 writes ``plots/``, ``results_disentanglement/`` and
+``results_quantitative/`` under its ``--out_dir``, and caches feature-visualization spectra and SAEs in the
+store folder. ``tag`` is the model's tag (``resnet50``); ``name`` is the tag, or ``{tag}_{layer}`` for a layer
+other than the model's last conv (``models.file_tag``). The published names are those of the model's last conv.
+No other module builds a file name.
+"""
+import os
+
+# ---------------------------------------------------------------- stage 1: the store
+STORE_SUFFIX = "_channel_importances"
+MANIFEST = "manifest.json"
+LOCK = ".lock"
+PROGRESS = "progress"
+
+
+def store_folder(store_dir, tag):
+    """The store of ``tag``: ``{store_dir}/{tag}_channel_importances``."""
+    return os.path.join(store_dir, f"{tag}{STORE_SUFFIX}")
+
+
+def is_store_folder_name(name):
+    """Whether a folder name is that of a store (``…_channel_importances``)."""
+    return name.endswith(STORE_SUFFIX)
+
+
+def manifest(folder):
+    """The store's ``manifest.json``."""
+    return os.path.join(folder, MANIFEST)
+
+
+def store_array(folder, array):
+    """The store's array ``{array}.npy`` (attributions, targets, predictions, patch_sums)."""
+    return os.path.join(folder, array + ".npy")
+
+
+def store_lock(folder):
+    """The lock a running stage 1 holds in its store."""
+    return os.path.join(folder, LOCK)
+
+
+def progress_dir(folder):
+    """Where stage 1 keeps the chunks of a run that has not finished."""
+    return os.path.join(folder, PROGRESS)
+
+
+def progress_chunk(folder, i, merged=False):
+    """Chunk ``i`` of an unfinished stage 1 (``.npz``), or its marker once merged into the arrays."""
+    return os.path.join(progress_dir(folder), f"chunk_{i:07d}" + ("" if merged else ".npz"))
+
+
+# ---------------------------------------------------------------- stage 2: candidates, concepts
+STAGE2_DIR = "results_get_cosine_similarities"
+SIGN_SUFFIX = {"published": "", "positive_activation": "_positive_activation"}
+
+
+def stage2_dir(root):
+    """``{root}/results_get_cosine_similarities`` (root: the store folder, or ``--out_dir`` for the table)."""
+    return os.path.join(root, STAGE2_DIR)
+
+
+def candidates_base(name, tau, p, low, high, sign="published"):
+    """``{name}_required{tau}_p{p}_cossim{low}to{high}[_positive_activation]``: the stem of stage 2's files."""
+    return f"{name}_required{tau}_p{p}_cossim{low}to{high}{SIGN_SUFFIX[sign]}"
+
+
+def candidates_table(out_dir, base):
+    """The published table ``Channel,Class1,Class2,CosineSimilarity`` under ``--out_dir``."""
+    return os.path.join(stage2_dir(out_dir), base + ".txt")
+
+
+def candidates_json(store_dir, base):
+    """Every candidate with the settings and class names, in the store folder."""
+    return os.path.join(stage2_dir(store_dir), base + "_candidates.json")
+
+
+def histograms(store_dir, name, tau, sign="published", ext="json"):
+    """The class-by-channel histogram H[y, c] (``.json`` with the settings, or ``.npy``)."""
+    return os.path.join(stage2_dir(store_dir), f"{name}_required{tau}_histograms{SIGN_SUFFIX[sign]}.{ext}")
+
+
+def concepts_file(store_dir, name, top_n):
+    """The label-free concepts of ``--label_free``: ``{name}_concepts_top{N}.json``."""
+    return os.path.join(stage2_dir(store_dir), f"{name}_concepts_top{top_n}.json")
+
+
+# ---------------------------------------------------------------- stage 3: checkpoints
+CHECKPOINTS_DIR = "models_disentangled"
+CHECKPOINT_SUFFIX = "_unnormalized.pth"
+BEST = "best"
+
+
+def checkpoints_dir(store_dir):
+    """``{store_dir}/models_disentangled``."""
+    return os.path.join(store_dir, CHECKPOINTS_DIR)
+
+
+def rho_text(rho):
+    """How a checkpoint name writes rho: ``0.05``, or ``_best`` (so that the name reads ``_f_best_``)."""
+    return f"_{BEST}" if rho == BEST else str(rho)
+
+
+def class_checkpoint(name, channel, concepts, rho):
+    """``{name}_channel{c}_classes1{S1}_classes2{S2}[_classes3{S3}...]_f{rho}_unnormalized.pth`` (published for
+    two concepts); ``rho`` a float or ``"best"``."""
+    parts = "".join(f"_classes{j}{s}" for j, s in enumerate(concepts, start=1))  # a list prints as [1, 2]
+    return f"{name}_channel{channel}{parts}_f{rho_text(rho)}{CHECKPOINT_SUFFIX}"
+
+
+def cluster_checkpoint(name, channel, top_n, clusters, rho):
+    """A split by label-free concepts: ``{name}_channel{c}_top{N}_clusters0-1-2_f{rho}_unnormalized.pth``."""
+    return (f"{name}_channel{channel}_top{top_n}_clusters{'-'.join(str(j) for j in clusters)}_f{rho_text(rho)}"
+            f"{CHECKPOINT_SUFFIX}")
+
+
+def run_name(checkpoint):
+    """A checkpoint's name without ``.pth``: the stem of stage 4's per-run files."""
+    base = os.path.basename(checkpoint)
+    return base[:-len(".pth")] if base.endswith(".pth") else base
+
+
+def job_stem(checkpoint):
+    """A checkpoint path without ``_f{rho}_unnormalized.pth``: the stem of the job's info, plot and export files."""
+    return checkpoint[:checkpoint.rfind("_f")]
+
+
+def info_file(checkpoint):
+    """``…_info.json`` beside a checkpoint of the job (any rho)."""
+    return job_stem(checkpoint) + "_info.json"
+
+
+def scores_plot(checkpoint):
+    """``…_scores.png``: the best-rho curve of the job."""
+    return job_stem(checkpoint) + "_scores.png"
+
+
+def exported_model(checkpoint):
+    """``(…_f_best_model.pth, …_f_best_model.json)``: the whole disentangled network and how to rebuild it."""
+    stem = job_stem(checkpoint) + f"_f_{BEST}_model"
+    return stem + ".pth", stem + ".json"
+
+
+# ---------------------------------------------------------------- stage 4: plots, results, registry
+PLOTS_DIR = "plots"
+RESULTS_DIR = "results_disentanglement"
+QUANTITATIVE_DIR = "results_quantitative"
+
+
+def latest_suffix(name, tag):
+    """Infix of the files without a run's name (overwritten by the latest run): '' for the model's last conv,
+    ``_{name}`` for another layer."""
+    return "" if name == tag else f"_{name}"
+
+
+def plot(out_dir, file):
+    return os.path.join(out_dir, PLOTS_DIR, file)
+
+
+def result(out_dir, file):
+    return os.path.join(out_dir, RESULTS_DIR, file)
+
+
+def density_plots(out_dir, j, latest, run):
+    """The density plot of concept j: the latest run's and the run's own."""
+    return plot(out_dir, f"density_concept{j}{latest}.png"), plot(out_dir, f"{run}_density_concept{j}.png")
+
+
+def density_data(out_dir, j, latest):
+    """The LaTeX ``filecontents`` blocks of concept j's density curves."""
+    return result(out_dir, f"density_concept{j}{latest}.txt")
+
+
+def top_images_plots(out_dir, latest, run):
+    """The contact sheet: the latest run's and the run's own."""
+    return plot(out_dir, f"top_images{latest}.png"), plot(out_dir, f"{run}_top_images.png")
+
+
+def summary(out_dir, run):
+    """``results_disentanglement/{run}_summary.json``: every number of one stage-4 run."""
+    return result(out_dir, f"{run}_summary.json")
+
+
+def quantitative_dir(out_dir):
+    return os.path.join(out_dir, QUANTITATIVE_DIR)
+
+
+def registry_prefix(name, tag, k):
+    """Infix of the quantitative files: the layer's name for another layer than the last conv, then ``k3_`` ...
+    for k > 2 concepts ('' for the published files)."""
+    return ("" if name == tag else f"{name}_") + ("" if k == 2 else f"k{k}_")
+
+
+def registry(folder, prefix, tau):
+    """``runs_{prefix}required{tau}.json``: every run's rows, from which the text files are written."""
+    return os.path.join(folder, f"runs_{prefix}required{tau}.json")
+
+
+def registry_lock(folder, prefix, tau):
+    return os.path.join(folder, f".runs_{prefix}required{tau}.lock")
+
+
+def quantitative_rows(folder, prefix, j, tau):
+    """``quantitative_{prefix}concept{j}_required{tau}.txt``: concept j's rows of every run."""
+    return os.path.join(folder, f"quantitative_{prefix}concept{j}_required{tau}.txt")
+
+
+def quantitative_means(folder, prefix, tau):
+    """``means_{prefix}required{tau}.txt``: the column means per run and over all runs."""
+    return os.path.join(folder, f"means_{prefix}required{tau}.txt")
+
+
+# ---------------------------------------------------------------- stage 4: feature visualizations, SAE view
+def spectrum_cache(store_dir, size, key):
+    """The feature visualizations' image spectrum, cached in the store folder."""
+    return os.path.join(store_dir, "feature_vis_spectra", f"spectrum_S{size}_{key}.npz")
+
+
+def feature_vis_files(out_dir, run, latest):
+    """The feature visualizations of one run: figure, raw row, latest figure, images, transparency, record."""
+    return {"figure": plot(out_dir, f"feature_vis_{run}.png"),
+            "raw": plot(out_dir, f"feature_vis_{run}_raw.png"),
+            "latest": plot(out_dir, f"feature_vis{latest}.png"),
+            "images": result(out_dir, f"{run}_feature_vis_images.npy"),
+            "transparency": result(out_dir, f"{run}_feature_vis_transparency.npy"),
+            "record": result(out_dir, f"{run}_feature_vis.json")}
+
+
+def sae_cache(store_dir, key):
+    """A trained SAE of the layer's input, cached in the store folder."""
+    return os.path.join(store_dir, "sae", f"sae_{key}.pt")
+
+
+def sae_view_files(out_dir, run):
+    """The SAE view of one run: figure and record."""
+    return {"figure": plot(out_dir, f"sae_view_{run}.png"), "record": result(out_dir, f"{run}_sae_view.json")}
