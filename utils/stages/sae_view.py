@@ -74,7 +74,7 @@ def settings_of(args):
 
 def record_of(ctx, train_ds, settings):
     """What an SAE is made from (a dict) and the 16 hex digits of its sha256 that name the file."""
-    from utils.featurevis.render.render import files_sha256, spectrum_images
+    from utils.featurevis.render import files_sha256, spectrum_images
     summary = folders.dataset_summary(train_ds)
     sample = spectrum_images(train_ds, CONTENT_IMAGES)
     from utils.model.loading import layer_geometry
@@ -121,7 +121,7 @@ def load_or_train(ctx, args, device):
             return sae.to(device).eval(), saved["info"], path, True
     start = time.time()
     if args.sae_train_images:
-        from utils.featurevis.render.render import spectrum_images
+        from utils.featurevis.render import spectrum_images
         indices = spectrum_images(train_ds, args.sae_train_images)
     else:
         indices = list(range(len(train_ds)))
