@@ -42,6 +42,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from utils.model import tap
 from utils.method import attribution
 from utils.run import context
 from utils.data import folders
@@ -98,7 +99,7 @@ def val_inputs(ctx, batch_size):
     xs, ys = [], []
     loader = folders.make_loader(ds, folders.batches_of(list(range(len(ds))), batch_size), 0, ctx.device)
     for images, labels in loader:
-        xs.append(attribution.layer_input(ctx.model, ctx.conv, images.to(ctx.device)).float())
+        xs.append(tap.layer_input(ctx.model, ctx.conv, images.to(ctx.device)).float())
         ys.append(labels)
     return torch.cat(xs), torch.cat(ys).numpy()
 

@@ -11,6 +11,7 @@ import torchvision
 from captum.attr import LayerGradientXActivation
 
 from tests.tiny_models import tiny_resnet, tiny_vgg
+from utils.model import tap
 from utils.method import attribution
 from utils.stages import stage1
 from utils.method import similarities
@@ -77,7 +78,7 @@ def test_stage1_attributions_equal_captum_and_predictions_equal_argmax(which):
     assert pred.dtype == torch.int64
 
     # the patch sums stage 1 stores are those of the layer's actual input (unfold, summed over positions)
-    x = attribution.layer_input(model, conv, images)
+    x = tap.layer_input(model, conv, images)
     cols = F.unfold(x.double(), conv.kernel_size, conv.dilation, conv.padding, conv.stride)
     expect_P = cols.sum(dim=2).reshape(P.shape)
     torch.testing.assert_close(P.double(), expect_P, rtol=1e-5, atol=1e-5 * float(expect_P.abs().max()))
@@ -90,7 +91,7 @@ def test_logits_and_layer_grad_match_full_autograd():
     torch.manual_seed(12)
     images = torch.randn(3, 3, 209, 209)
     labels = torch.tensor([2, 0, 3])
-    x, a, g, logits = attribution.logits_and_layer_grad(model, conv, images, labels)
+    x, a, g, logits = tap.logits_and_layer_grad(model, conv, images, labels)
 
     store = {}
 
@@ -142,7 +143,7 @@ def test_no_graph_below_the_layer_and_nothing_reaches_the_image():
         p.register_hook(lambda grad: fired.append("param"))
     captured = {}
     handle = model.fc.register_forward_hook(lambda m, i, o: captured.__setitem__("logits", o))
-    x, a, g, logits = attribution.logits_and_layer_grad(model, conv, images, torch.tensor([0, 1, 2, 3]))
+    x, a, g, logits = tap.logits_and_layer_grad(model, conv, images, torch.tensor([0, 1, 2, 3]))
     handle.remove()
 
     leaves, n_nodes = _leaves_reachable(captured["logits"].grad_fn)
@@ -160,7 +161,7 @@ def test_no_graph_below_the_layer_and_nothing_reaches_the_image():
              for m in (model.stem, model.conv1, model.bn1, model.conv2, model.bn2)]
     after = []
     hooks.append(model.bn3.register_forward_hook(lambda m, i, o: after.append(o.requires_grad)))
-    attribution.logits_and_layer_grad(model, conv, images.detach(), torch.tensor([0, 1, 2, 3]))
+    tap.logits_and_layer_grad(model, conv, images.detach(), torch.tensor([0, 1, 2, 3]))
     for h in hooks:
         h.remove()
     assert outs and not any(outs)

@@ -12,6 +12,7 @@ import torch.nn as nn
 from tests import tiny_models
 from tests.conftest import run_script, tree_bytes
 from tests.test_cli import run_inproc
+from utils.model import tap
 from utils.method import attribution
 from utils.model import loading
 from utils.method import similarities
@@ -37,7 +38,7 @@ def hooked_sums(model, conv, bn, images):
 
 def from_store_math(model, conv, bn, images):
     """The same sums from the patch sums (what stage 1 stores) and the BatchNorm's affine map only."""
-    x, a = attribution.layer_input_output(model, conv, images)
+    x, a = tap.layer_input_output(model, conv, images)
     P = attribution.conv_patch_sums(x, conv)  # (N, C_in, kh, kw) float32, as in the store
     positions = a.shape[2] * a.shape[3]
     s = similarities.summed_activation(P, conv.weight, conv.bias, positions)
@@ -160,7 +161,7 @@ def test_stage2_importance_sign(image_root, tiny_store, tmp_path):
     ds = folders.image_folder(image_root, "train")
     images = torch.stack([ds[i][0] for i in range(len(ds))])
     targets = torch.tensor(ds.targets)
-    x, a, g, _ = attribution.logits_and_layer_grad(model, model.conv3, images, targets)
+    x, a, g, _ = tap.logits_and_layer_grad(model, model.conv3, images, targets)
     important = attribution.important_channels(attribution.channel_attribution(a, g).half(), TAU)
     pre, after = hooked_sums(model, model.conv3, model.bn3, images)
     want = torch.zeros(len(ds.classes), 16, dtype=torch.int64)

@@ -6,6 +6,7 @@ import torch.nn as nn
 import torchvision
 
 from tests.tiny_models import tiny_resnet, tiny_vgg
+from utils.model import tap
 from utils.method import attribution
 from utils import disentangle
 from utils.method import similarities
@@ -172,7 +173,7 @@ CASES = {
 
 def _concept_arvs(model, conv, images, labels, classes1, classes2, c):
     """v1, v2 as stage 3 computes them: closed-form ARVs from the concepts' mean patch sums."""
-    P = attribution.conv_patch_sums(attribution.layer_input(model, conv, images), conv)
+    P = attribution.conv_patch_sums(tap.layer_input(model, conv, images), conv)
     w_c = conv.weight[c].detach()
     v = []
     for classes in (classes1, classes2):

@@ -19,6 +19,7 @@ from torchvision import transforms as T
 
 from tests.conftest import ROOT, run_script, tree_bytes
 from tests.test_cli import refuse, run_inproc
+from utils.model import tap
 from utils.featurevis import render as fv
 from utils.disentangle import checkpoint_name, load_disentangled_model
 
@@ -181,7 +182,7 @@ def test_targets_equal_the_disentangled_networks_layer_outputs(tmp_path):
     first, merged = seen["first"], seen["merged"]
     from_network = torch.stack([merged[:, 0], first[:, 0], first[:, 2]], dim=1).clamp_min(0).mean(dim=(2, 3))
     w, b, _ = fv.target_filters(model.conv_out, 0, red_green_checkpoint())
-    x = fv.layer_input_with_grad(model, model.conv_out, images).detach()
+    x = tap.layer_input_with_grad(model, model.conv_out, images).detach()
     torch.testing.assert_close(fv.target_values(x, model.conv_out, w, b), from_network, rtol=1e-5, atol=1e-6)
 
 

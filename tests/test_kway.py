@@ -22,6 +22,7 @@ import torch
 from tests.conftest import ROOT, tree_bytes
 from tests.test_cli import run_inproc
 from tests.tiny_models import tiny_resnet, tiny_vgg
+from utils.model import tap
 from utils.method import attribution
 from utils.stages import label_free
 from utils import disentangle
@@ -153,7 +154,7 @@ CASES = {
 
 def _arvs(model, conv, images, groups, c):
     """Closed-form ARVs of channel c over each group of image positions: (k, C_in) float32."""
-    P = attribution.conv_patch_sums(attribution.layer_input(model, conv, images), conv)
+    P = attribution.conv_patch_sums(tap.layer_input(model, conv, images), conv)
     w_c = conv.weight[c].detach()
     return torch.stack([similarities.arv(w_c, similarities.rows_mean_patch_sums(P.numpy(), g)).float()
                         for g in groups])

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from utils.data import folders
-from utils.method.attribution import layer_input_output
+from utils.model.tap import layer_input_output
 from utils.model.loading import replace_module
 from utils.concepts.by_classes import class_batches
 

@@ -232,9 +232,15 @@ class CheckedLoader:
         return UserError(f"cannot read image {relative_name(self.ds, index)} ({why}){self.hint}")
 
     def __iter__(self):
+        for images, labels, _ in self.indexed():
+            yield images, labels
+
+    def indexed(self):
+        """(images, labels, indices (B,) int64: the dataset index of each image yielded) per batch."""
         for b, (images, labels) in enumerate(self.loader):
+            indices = torch.as_tensor(self.batches[b], dtype=torch.int64)
             if self.mode == "keep" or not torch.is_tensor(labels):
-                yield images, labels
+                yield images, labels, indices
                 continue
             bad = labels == UNREADABLE
             if bool(bad.any()):
@@ -242,10 +248,10 @@ class CheckedLoader:
                 if self.mode == "error":
                     raise self.error(where[0])
                 self.skipped.extend(where)
-                images, labels = images[~bad], labels[~bad]
+                images, labels, indices = images[~bad], labels[~bad], indices[~bad]
                 if len(labels) == 0:
                     continue
-            yield images, labels
+            yield images, labels, indices
 
 
 def normalize_uint8(images, mean=MEAN, std=STD):

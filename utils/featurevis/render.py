@@ -32,6 +32,7 @@ from torchvision.ops import roi_align
 from tqdm import tqdm
 
 from utils.data import folders
+from utils.model.tap import layer_input_with_grad
 from utils.files import atomic
 from utils.run.cli import UserError, at_least, default_workers
 from utils.disentangle import filter_maps
@@ -205,31 +206,6 @@ def full_view(images, input_size=INPUT_SIZE, resize=RESIZE):
 
 
 # ----------------------------------------------------------------------------- targets
-class _Stop(Exception):
-    pass
-
-
-def layer_input_with_grad(model, conv, images):
-    """Run ``model`` up to ``conv`` only, keeping the graph: its input x (N, C_in, H, W) as a function of
-    ``images`` (the feature visualization differentiates through it; attribution.layer_input does not)."""
-    seen = {}
-
-    def hook(module, inputs):
-        seen["x"] = inputs[0]
-        raise _Stop
-
-    handle = conv.register_forward_pre_hook(hook)
-    try:
-        model(images)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    if "x" not in seen:
-        raise RuntimeError("the layer of interest was not reached in the forward pass")
-    return seen["x"]
-
-
 def target_filters(conv, channel, state_dict):
     """The filters whose maps are visualized: [W[c], D_1, ..., D_k] from a checkpoint [D_1, ..., D_k, R].
 

@@ -4,82 +4,8 @@ Gradients flow only from the logits down to the layer's output ``a``: the hook r
 detached leaf that requires grad, parameters are frozen and the images do not require grad, so no
 autograd graph is built below the layer and nothing is back-propagated to the image.
 """
-import contextlib
-
 import torch
 import torch.nn.functional as F
-
-
-class _StopForward(Exception):
-    pass
-
-
-class LayerTap:
-    """Forward hook on ``layer`` that records its input ``x`` and output ``a``.
-
-    ``leaf=True``: ``a`` is replaced by a detached copy requiring grad, the start of the only graph.
-    ``stop=True``: the forward pass is aborted right after the layer (only ``x``/``a`` are wanted).
-    """
-
-    def __init__(self, layer, leaf=False, stop=False):
-        self.layer, self.leaf, self.stop = layer, leaf, stop
-        self.x = self.a = None
-
-    def _hook(self, module, inputs, output):
-        self.x = inputs[0].detach()
-        if self.leaf:
-            self.a = output.detach().float().requires_grad_(True)
-            output = self.a.clone()  # a non-leaf copy: an in-place op after the layer (ReLU(inplace=True)) is fine
-        else:
-            self.a = output
-        if self.stop:
-            raise _StopForward
-        return output
-
-    def __enter__(self):
-        self.handle = self.layer.register_forward_hook(self._hook)
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-        return False
-
-
-def layer_input(model, layer, images):
-    """Run ``model`` up to ``layer`` only. Returns its input x: (N, C_in, H_in, W_in)."""
-    return layer_input_output(model, layer, images)[0]
-
-
-def layer_input_output(model, layer, images):
-    """Run ``model`` up to ``layer`` only (no gradients). Returns its input x (N, C_in, H_in, W_in) and
-    its output a (N, C_out, H', W'), as the layer computed it."""
-    with torch.no_grad(), LayerTap(layer, stop=True) as tap:
-        try:
-            model(images)
-        except _StopForward:
-            pass
-    if tap.x is None:
-        raise RuntimeError("the layer of interest was not reached in the forward pass")
-    return tap.x, tap.a.detach()
-
-
-def logits_and_layer_grad(model, layer, images, labels, autocast_dtype=None):
-    """One forward pass and the head-only backward of the labels' logits.
-
-    images: (N, 3, H, W); labels: (N,) long.
-    Returns x (N, C_in, H_in, W_in) the layer's input, a (N, C_out, H', W') its output (float32),
-    g = d z_{y_n} / d a_n (same shape as a), logits (N, K) float32.
-    """
-    dev_type = images.device.type
-    ctx = (torch.autocast(dev_type, dtype=autocast_dtype) if autocast_dtype is not None
-           else contextlib.nullcontext())
-    with torch.enable_grad(), LayerTap(layer, leaf=True) as tap, ctx:
-        logits = model(images)
-    if tap.a is None:
-        raise RuntimeError("the layer of interest was not reached in the forward pass")
-    logits = logits.float()
-    (g,) = torch.autograd.grad(logits.gather(1, labels[:, None]).sum(), tap.a)
-    return tap.x, tap.a.detach(), g, logits.detach()
 
 
 def channel_attribution(a, g):

@@ -307,7 +307,7 @@ def layer_signs_and_positions(model, conv, example):
     the layer's output (models.batchnorm_after) has a negative scale for the channel, else +1;
     positions = H' * W'; bn_name the BatchNorm's module path or None.
     """
-    from utils.method.attribution import layer_input_output
+    from utils.model.tap import layer_input_output
     from utils.model.loading import batchnorm_affine, batchnorm_after
     _, a = layer_input_output(model, conv, example)
     positions = int(a.shape[-2] * a.shape[-1])

@@ -20,8 +20,8 @@ import time
 import numpy as np
 import torch
 from tqdm import tqdm
+from utils.model import tap
 
-from utils.method import attribution
 from utils.data import folders
 from utils.files import atomic
 from utils.method import sae as S
@@ -94,7 +94,7 @@ def collect_vectors(model, conv, ds, indices, per_image, seed, batch_size, devic
     loader = folders.make_loader(ds, folders.batches_of(indices, batch_size), num_workers, device, unreadable="skip")
     out, n = [], 0
     for images, _ in tqdm(loader, desc="SAE: sampling the layer's input", unit="batch", dynamic_ncols=True):
-        x = attribution.layer_input(model, conv, images.to(device, non_blocking=True)).float()
+        x = tap.layer_input(model, conv, images.to(device, non_blocking=True)).float()
         out.append(S.sample_positions(x, per_image, gen).cpu())
         n += len(x)
     if not out:
@@ -164,7 +164,7 @@ def scan(model, conv, sae, channel, ds, indices, batch_size, device, num_workers
     loader = folders.make_loader(ds, folders.batches_of(indices, batch_size), num_workers, device, unreadable)
     with torch.no_grad():
         for images, _ in tqdm(loader, desc="SAE view: val images", unit="batch", dynamic_ncols=True):
-            x = attribution.layer_input(model, conv, images.to(device, non_blocking=True)).float()
+            x = tap.layer_input(model, conv, images.to(device, non_blocking=True)).float()
             pos_c.append(positive_mass(filter_maps(x, conv, w, b))[:, 0].cpu())
             f = S.feature_maps(sae, x)
             xh = S.reconstruction(sae, f)
@@ -196,7 +196,7 @@ def contributions_on(model, conv, sae, channel, ds, indices, batch_size, device)
     loader = folders.make_loader(ds, folders.batches_of(indices, batch_size), 0, device, "skip")
     with torch.no_grad():
         for images, _ in loader:
-            x = attribution.layer_input(model, conv, images.to(device)).float()
+            x = tap.layer_input(model, conv, images.to(device)).float()
             f = S.feature_maps(sae, x)
             contrib = S.channel_contributions(f, conv, w_c, sae.W_dec)
             const = S.constant_term(conv, w_c, b_c, sae.b_dec, x.shape[-2:])

@@ -20,6 +20,7 @@ import time
 import numpy as np
 import torch
 from tqdm import tqdm
+from utils.model import tap
 
 from utils.method import attribution
 from utils.data import folders
@@ -35,7 +36,7 @@ def stage1_batch(model, conv, images, labels, autocast_dtype=None):
     images: (B, 3, H, W) on the model's device; labels: (B,) long.
     Returns A (B, C_out) float16, predictions (B,) long, P (B, C_in, kh, kw) float32.
     """
-    x, a, g, logits = attribution.logits_and_layer_grad(model, conv, images, labels, autocast_dtype)
+    x, a, g, logits = tap.logits_and_layer_grad(model, conv, images, labels, autocast_dtype)
     A = attribution.channel_attribution(a, g)
     P = attribution.conv_patch_sums(x, conv)
     return A.half(), logits.argmax(dim=1), P

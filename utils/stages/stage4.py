@@ -10,6 +10,7 @@ import os
 import numpy as np
 import torch
 from tqdm import tqdm
+from utils.model import tap
 
 from utils.method import attribution
 from utils.data import folders
@@ -38,7 +39,7 @@ def forward_numbers(model, conv, images, labels):
     images: (B, 3, H, W), labels: (B,). Returns the layer's input x (B, C_in, H_in, W_in) float32, its
     output a (B, C_out, H', W') and pos (B, C_out) = sum_{h,w} max(a * g, 0), g = d z_{y_n} / d a_n.
     """
-    x, a, g, _ = attribution.logits_and_layer_grad(model, conv, images, labels)
+    x, a, g, _ = tap.logits_and_layer_grad(model, conv, images, labels)
     return x.float(), a, attribution.positive_attribution(a, g)
 
 
@@ -140,7 +141,7 @@ def scan_many(model, conv, runs, ds, indices, batch_size, device, num_workers, u
     pos = [[] for _ in runs]
     loader = folders.make_loader(ds, folders.batches_of(indices, batch_size), num_workers, device, unreadable, hint)
     for images, _ in tqdm(loader, desc="top images", unit="batch", dynamic_ncols=True):
-        x = attribution.layer_input(model, conv, images.to(device, non_blocking=True)).float()
+        x = tap.layer_input(model, conv, images.to(device, non_blocking=True)).float()
         for (w, b), p in zip(banks, pos):
             p.append(positive_mass(filter_maps(x, conv, w, b)))
     skipped = set(loader.skipped)
@@ -177,7 +178,7 @@ def scan_arvs(model, conv, channel, ds, indices, batch_size, device, num_workers
     sums, arvs = [], []
     loader = folders.make_loader(ds, folders.batches_of(indices, batch_size), num_workers, device, unreadable, hint)
     for images, _ in tqdm(loader, desc="val ARVs", unit="batch", dynamic_ncols=True):
-        x, a = attribution.layer_input_output(model, conv, images.to(device, non_blocking=True))
+        x, a = tap.layer_input_output(model, conv, images.to(device, non_blocking=True))
         s, r = channel_arvs(x.float(), a.float(), conv, channel)
         sums.append(s.cpu())
         arvs.append(r.cpu())
