@@ -21,36 +21,9 @@ if [ $# -ge 1 ] && [[ "$1" != --* ]]; then MODEL_DIR=$1; shift; fi
 MODEL_DIR=${MODEL_DIR:-${STORE_DIR:-}}
 : "${DATA_DIR:?set DATA_DIR (ImageFolder root with train/ and val/) or pass it as the first argument}"
 : "${MODEL_DIR:?set MODEL_DIR (or STORE_DIR: the store holding models_disentangled/) or pass it as the second argument}"
-if [ -z "${PYTHON:-}" ]; then
-  if [ -x "$here/.venv/bin/python" ]; then PYTHON=$here/.venv/bin/python; else PYTHON=python3; fi
-fi
-model_given=0; [ -n "${MODEL:-}" ] && model_given=1
-MODEL=${MODEL:-resnet50}
 OUT_DIR=${OUT_DIR:-.}
-
-TRIPLES=${TRIPLES:-$here/paper_triples.txt}  # "channel class1 class2" per line (several classes: 1,2); # comments
-[ -f "$TRIPLES" ] || { echo "no triples file $TRIPLES" >&2; exit 2; }
-# the model is the last --model among the extra flags, else $MODEL; the paper's layer flags only for resnet50
-own_layer=0; prev=""
-for a in "$@"; do
-  [ "$prev" = --model ] && { MODEL=$a; model_given=1; }
-  case "$a" in
-    --model=*) MODEL=${a#--model=}; model_given=1 ;;
-    --layer_of_interest|--layer_of_interest=*) own_layer=1 ;;
-  esac
-  prev=$a
-done
-paper=()
-model=(--model "$MODEL")
-own_store=0  # no model given, and the folder holds stores of other models only: the stages read it from the store
-if [ $model_given = 0 ] && [ ! -d "$MODEL_DIR/resnet50_channel_importances" ]; then
-  for f in "$MODEL_DIR"/*_channel_importances; do [ -f "$f/manifest.json" ] && own_store=1; done
-fi
-if [ $own_store = 1 ]; then
-  model=()
-elif [ "$MODEL" = resnet50 ] && [ $own_layer = 0 ]; then
-  paper=(--nr_channels_in_layer_of_interest 2048 --layer_of_interest layer4.2.conv3)
-fi
+STORE=$MODEL_DIR
+. "$here/utils/run/call_flags.sh"  # PYTHON, TRIPLES, model, paper
 
 if [ "${PER_TRIPLE:-0}" = 1 ]; then
   sed -e 's/#.*//' "$TRIPLES" | while read -r channel class1 class2 _; do

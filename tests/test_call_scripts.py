@@ -179,8 +179,10 @@ def test_call_scripts_choose_the_interpreter(tmp_path, script):
     logging_program(str(bin_dir / "python3"), log, "python3")
     here = tmp_path / "checkout"
     here.mkdir()
-    with open(os.path.join(ROOT, script)) as src:
-        (here / script).write_text(src.read())
+    for name in (script, os.path.join("utils", "run", "call_flags.sh")):  # the script and the flags it sources
+        os.makedirs(os.path.dirname(here / name), exist_ok=True)
+        with open(os.path.join(ROOT, name)) as src:
+            (here / name).write_text(src.read())
     (here / "paper_triples.txt").write_text("3 0 1\n")
     env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHON": ""}
 
