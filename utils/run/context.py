@@ -158,23 +158,7 @@ def setup(args, split="train", need_data=True, store_flag=None, defer_class_erro
                   transform=transform)
     if need_data:
         ctx.dataset = folders.image_folder(args.data_dir, split, transform=folders.eval_transform(transform))
-        index_map = getattr(args, "class_index_map", None)
-        if manifest is not None and manifest.get("classes") == list(ctx.dataset.classes):
-            ctx.class_outputs, how = manifest.get("class_outputs"), manifest.get("class_outputs_from", "folder order")
-            if index_map is not None and classmap.class_outputs(ctx.dataset.classes,
-                                                                classmap.num_outputs(model, transform.crop),
-                                                                index_map)[0] != ctx.class_outputs:
-                raise cli.UserError(f"--class_index_map {index_map}: the store maps the class folders to other "
-                                    f"outputs ({how}); leave the flag out (the store's mapping is used)")
-        elif manifest is None:
-            try:
-                ctx.class_outputs, how = classmap.class_outputs(ctx.dataset.classes,
-                                                                classmap.num_outputs(model, transform.crop), index_map)
-            except cli.UserError as e:
-                if not defer_class_error:
-                    raise
-                ctx.class_error = e
-        # else: another dataset than the store's, refused with the store's own message
+        how = fill_class_outputs(ctx, manifest, getattr(args, "class_index_map", None), defer_class_error)
         ctx.fingerprint = store.fingerprint(args.model, weights_id, ctx.weights_sha256, layer_path,
                                             loading.layer_geometry(conv), folders.dataset_summary(ctx.dataset),
                                             transform.describe())
@@ -182,6 +166,31 @@ def setup(args, split="train", need_data=True, store_flag=None, defer_class_erro
             ctx.fingerprint["class_outputs"] = ctx.class_outputs
             ctx.fingerprint["class_outputs_from"] = how
     return ctx
+
+
+def fill_class_outputs(ctx, manifest, index_map, defer_class_error):
+    """Set ``ctx.class_outputs``, the model output of each class folder of ``ctx.dataset``: the store's mapping
+    when the folders are the store's (a --class_index_map that disagrees is refused), else ``classmap``'s (an
+    error left in ``ctx.class_error`` with ``defer_class_error``). Another dataset than the store's is left to
+    the store's own message. Returns how the mapping was made (the manifest's ``class_outputs_from``)."""
+    model, crop = ctx.model, ctx.transform.crop
+    if manifest is not None and manifest.get("classes") == list(ctx.dataset.classes):
+        ctx.class_outputs, how = manifest.get("class_outputs"), manifest.get("class_outputs_from", "folder order")
+        if index_map is not None and classmap.class_outputs(ctx.dataset.classes, classmap.num_outputs(model, crop),
+                                                            index_map)[0] != ctx.class_outputs:
+            raise cli.UserError(f"--class_index_map {index_map}: the store maps the class folders to other "
+                                f"outputs ({how}); leave the flag out (the store's mapping is used)")
+        return how
+    if manifest is None:
+        try:
+            ctx.class_outputs, how = classmap.class_outputs(ctx.dataset.classes, classmap.num_outputs(model, crop),
+                                                            index_map)
+            return how
+        except cli.UserError as e:
+            if not defer_class_error:
+                raise
+            ctx.class_error = e
+    return None
 
 
 def open_store(args, ctx):
