@@ -322,3 +322,52 @@ def test_stage3_export_model_rebuilds_the_disentangled_network(image_root, tmp_p
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(net(images), model(images), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the modules' layout
+def _imports(source):
+    import ast
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            names.add(node.module)
+    return names
+
+
+def _impure(source):
+    """Imported modules outside torch/numpy/math, torchvision's tensor ops and utils.featurevis's pure modules."""
+    pure = {"torchvision.ops"} | {f"utils.featurevis.{m}" for m in ("param", "transform", "objectives")}
+    return {n for n in _imports(source) if n.split(".")[0] not in {"torch", "numpy", "math"} and n not in pure}
+
+
+def test_pure_feature_vis_modules_import_no_files_loaders_flags_or_progress():
+    for m in ("param", "transform", "objectives"):
+        with open(os.path.join(ROOT, "utils", "featurevis", f"{m}.py")) as f:
+            source = f.read()
+        assert _impure(source) == set(), m
+        assert "print(" not in source and "open(" not in source, m
+    assert _impure("import torch\nfrom tqdm import tqdm\nfrom utils.data import folders\n") == {"tqdm", "utils.data"}
+
+
+def test_values_and_peaks_of_a_hand_built_map():
+    maps = torch.zeros(2, 2, 3, 4)
+    maps[0, 0, 2, 1], maps[0, 1, 0, 3], maps[1, 0, 1, 2] = 5.0, 2.0, 1.0
+    maps[1, 1] = 1.0  # flat: the first position
+    values, peaks = objectives.values_and_peaks(maps)
+    torch.testing.assert_close(values, torch.tensor([[5 / 12, 2 / 12], [1 / 12, 1.0]]))
+    assert peaks.tolist() == [[[2, 1], [0, 3]], [[1, 2], [0, 0]]]
+
+
+def test_feature_vis_settings_come_from_their_flags():
+    import get_results
+    from utils.featurevis.settings import Settings
+    args = get_results.build_parser().parse_args(
+        ["--data_dir", "D", "--model_dir", "S", "--fv_size", "40", "--fv_steps", "7", "--fv_crops", "3", "--fv_seed",
+         "5", "--fv_lr", "0.5", "--fv_spectrum_images", "9", "--batch_size", "11", "--num_workers", "2",
+         "--skip_unreadable"])
+    s = Settings.from_args(args)
+    assert (s.size, s.steps, s.crops, s.seed, s.lr, s.spectrum_images) == (40, 7, 3, 5, 0.5, 9)
+    assert (s.batch_size, s.num_workers, s.unreadable, s.data_dir, s.store_dir) == (11, 2, "skip", "D", "S")
+    assert Settings.from_args(get_results.build_parser().parse_args([])).unreadable == "error"

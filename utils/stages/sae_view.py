@@ -195,17 +195,18 @@ def _keep_top(best, sums, first, top):
     return keep.values, torch.gather(j, 1, keep.indices)
 
 
-def scan(model, conv, sae, channel, ds, indices, settings, device):
-    """On val images ``indices``: pos(a[c]) (N,), each feature's top --top_k images by its activation sum
+def scan(ctx, sae, channel, indices, settings):
+    """On val images ``indices`` of ``ctx.dataset``: pos(a[c]) (N,), each feature's top --top_k images by its activation sum
     (values and positions in ``indices``, (m, T)), FVU of the reconstruction over all positions, and
     the count of positions where each feature fires (m,)."""
+    conv = ctx.conv
     w = conv.weight[channel:channel + 1].detach()
     b = None if conv.bias is None else conv.bias[channel:channel + 1].detach()
     m = sae.W_dec.shape[1]
     pos_c, best = [], (torch.full((m, 0), -1.0), torch.zeros((m, 0), dtype=torch.long))
     err, s1, s2, count, seen = 0.0, 0, 0.0, 0, 0
     active = torch.zeros(m, dtype=torch.long)
-    sc = image_scan.scan(model, conv, ds, folders.batches_of(indices, settings.batch_size), device,
+    sc = image_scan.scan(ctx.model, conv, ctx.dataset, folders.batches_of(indices, settings.batch_size), ctx.device,
                          default_workers(settings.num_workers), unreadable=settings.unreadable,
                          desc="SAE view: val images")
     with torch.no_grad():
@@ -226,16 +227,17 @@ def scan(model, conv, sae, channel, ds, indices, settings, device):
             "feature_top_images": kept[best[1].numpy()], "fvu": err / max(var, 1e-30), "active": active.numpy()}
 
 
-def contributions_on(model, conv, sae, channel, ds, indices, settings, device):
-    """pos(contribution_j) per image (N, m), pos(a[c]) (N,), pos of the constant term (N,) and the checks
+def contributions_on(ctx, sae, channel, indices, settings):
+    """On images ``indices`` of ``ctx.dataset``: pos(contribution_j) per image (N, m), pos(a[c]) (N,), pos of the constant term (N,) and the checks
     max |sum_j contribution_j + constant - conv(x_hat)[c]| and the channel map's FVU a[c] vs conv(x_hat)[c]."""
+    conv = ctx.conv
     w_c = conv.weight[channel].detach()
     b_c = None if conv.bias is None else conv.bias[channel].detach()
     b_1 = None if b_c is None else b_c.reshape(1)
     pc, pa, pk, worst, errs, maps = [], [], [], 0.0, 0.0, []
     with torch.no_grad():
-        for batch in image_scan.scan(model, conv, ds, folders.batches_of(indices, settings.batch_size), device, 0,
-                                     unreadable="skip"):
+        for batch in image_scan.scan(ctx.model, conv, ctx.dataset, folders.batches_of(indices, settings.batch_size),
+                                     ctx.device, 0, unreadable="skip"):
             x = batch.x
             f = S.feature_maps(sae, x)
             contrib = S.channel_contributions(f, conv, w_c, sae.W_dec)
@@ -298,15 +300,16 @@ def run_for_channel(ctx, settings, channel, classes, run_name, out_dir):
     channel on its top val images (among those of ``classes``; None or ``settings.all_val``: all val images),
     the figure and ``results_disentanglement/{run}_sae_view.json``."""
     start = time.time()
-    device, model, conv, ds = ctx.device, ctx.model.to(ctx.device), ctx.conv, ctx.dataset
-    sae, info, path, reused = load_or_train(ctx, settings, device)
+    ds = ctx.dataset
+    ctx.model.to(ctx.device)
+    sae, info, path, reused = load_or_train(ctx, settings, ctx.device)
     print(f"SAE view: {'reusing' if reused else 'trained'} the SAE {path}")
     whole = settings.all_val or classes is None
     indices = list(range(len(ds))) if whole else folders.indices_of_classes(ds, classes)
-    sc = scan(model, conv, sae, channel, ds, indices, settings, device)
+    sc = scan(ctx, sae, channel, indices, settings)
     kept = sc["index"]
     top_images = [int(kept[i]) for i in top_k(sc["pos_channel"], TOP_OF_CHANNEL)]
-    cb = contributions_on(model, conv, sae, channel, ds, top_images, settings, device)
+    cb = contributions_on(ctx, sae, channel, top_images, settings)
     features, feature_images = _features(ds, sc, cb)
     dead = S.dead_features(sc["active"])
     scope = "all val images" if whole else "val images of the concepts"
