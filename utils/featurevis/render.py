@@ -43,7 +43,8 @@ def visualize(model, conv, weights, bias, magnitude, q, size, steps, crops, seed
     Image t is optimized for target t; at most ``batch_size`` crops (default: all T * crops) go through
     the model at once. Returns dict(images (T, 3, S, S) in [0, 1], transparency (T, 3, S, S) = sum over
     steps of |d loss / d image|, loss (steps,) per-step mean target of each image's own crops (T,)), CPU.
-    (The settings of a run are its parameters; the loop body is ``_crops_backward``.)
+    (Every setting of a run is a parameter, as callers and benchmarks pass them; the loop body is
+    ``_crops_backward``.)
     """
     device = torch.device(device)
     t_count = weights.shape[0]
@@ -62,7 +63,7 @@ def visualize(model, conv, weights, bias, magnitude, q, size, steps, crops, seed
         img = maco_image(m, phase, qu)
         leaf = img.detach().requires_grad_(True)
         boxes = crop_boxes(t_count, crops, size, gen, scale)
-        own_sum = _crops_backward(model, conv, targets, leaf, boxes, crops, chunk, view, gen)
+        own_sum = _crops_backward(model, conv, targets, leaf, boxes, chunk, view, gen)
         transparency += leaf.grad.abs()
         img.backward(leaf.grad)
         opt.step()
@@ -72,11 +73,12 @@ def visualize(model, conv, weights, bias, magnitude, q, size, steps, crops, seed
     return {"images": final.detach().cpu(), "transparency": transparency.cpu(), "history": history}
 
 
-def _crops_backward(model, conv, targets, leaf, boxes, crops, chunk, view, gen):
-    """One step's forward and backward of every crop, ``chunk`` crops at a time: d loss / d leaf accumulates in
-    ``leaf.grad``. targets: (weights, bias); view: (input size, mean, std). Returns each image's sum of its own
-    target over its crops, (T,) float64 on the CPU."""
+def _crops_backward(model, conv, targets, leaf, boxes, chunk, view, gen):
+    """One step's forward and backward of every crop (``boxes``: the same number for each image), ``chunk``
+    crops at a time: d loss / d leaf accumulates in ``leaf.grad``. targets: (weights, bias); view: (input size,
+    mean, std). Returns each image's sum of its own target over its crops, (T,) float64 on the CPU."""
     input_size, mean, std = view
+    crops = len(boxes) // leaf.shape[0]
     own_sum = torch.zeros(leaf.shape[0], dtype=torch.float64)
     for lo in range(0, len(boxes), chunk):
         bx = boxes[lo:lo + chunk]

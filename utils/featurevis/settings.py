@@ -55,5 +55,5 @@ class Settings:
     @classmethod
     def from_args(cls, args):
         return cls(args.fv_size, args.fv_steps, args.fv_crops, args.fv_seed, args.fv_lr, args.fv_spectrum_images,
-                   args.batch_size, args.num_workers, "skip" if getattr(args, "skip_unreadable", False) else "error",
+                   args.batch_size, args.num_workers, "skip" if args.skip_unreadable else "error",
                    args.data_dir, args.model_dir)

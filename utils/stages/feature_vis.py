@@ -37,14 +37,14 @@ def title_of(name):
     return TITLES.get(name, f"Disentangled {name[1:]}")
 
 
-def scan_val(model, conv, weights, bias, ds, indices, batch_size, device, num_workers, unreadable="error", hint=""):
+def scan_val(model, conv, weights, bias, ds, indices, batch_size, device, num_workers, unreadable="error"):
     """Targets on val images from a forward pass up to the layer: returns (kept indices (N,), values (N, T)
     = T_t per image, argmax positions (N, T, 2) of each target's map, map size (H', W'))."""
     w = weights.to(device, torch.float32)
     b = None if bias is None else bias.to(device, torch.float32)
     vals, poss, size = [], [], None
     sc = scan.scan(model, conv, ds, folders.batches_of(indices, batch_size), device, num_workers,
-                   unreadable=unreadable, hint=hint, desc="val images")
+                   unreadable=unreadable, desc="val images")
     with torch.no_grad():
         for batch in sc:
             maps = target_maps(batch.x, conv, w, b)
@@ -130,7 +130,7 @@ def run_for_checkpoint(ctx, settings, state_dict, channel, concepts, run_name, o
 
     concepts: the k class lists of the concepts (val images of concept j: those of its classes); val_images:
     instead, (dataset indices, concept ids 1..k) of the val images to rank (concepts given as clusters).
-    Returns the record."""
+    Returns the record. (Its length is the record's fields; each step is a call.)"""
     start = time.time()
     device, model, conv, tf = ctx.device, ctx.model.to(ctx.device), ctx.conv, ctx.transform
     try:

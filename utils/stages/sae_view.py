@@ -273,15 +273,14 @@ def _features(ds, sc, cb):
     return features, feature_images
 
 
-def _figure(ctx, path, channel, top_images, features, feature_images, settings, scope):
-    """The contact sheet: the channel's top images, then each listed feature's."""
+def _figure(ctx, path, channel, rows, n_top, scope):
+    """The contact sheet: rows of (label, dataset indices), the channel's top images first, then each listed
+    feature's; ``n_top``: the channel's top images the shares are taken on."""
     from utils.report import plots
     ds = ctx.dataset
-    row_of = lambda imgs: [(ds.samples[i][0], ds.classes[ds.targets[i]]) for i in imgs]  # noqa: E731
-    rows = [(f"channel {channel}", row_of(top_images[:settings.top_k]))]
-    rows += [(f"f{ft['feature']}: {ft['share']:.0%}", row_of(feature_images[ft["feature"]])) for ft in features]
+    rows = [(label, [(ds.samples[i][0], ds.classes[ds.targets[i]]) for i in imgs]) for label, imgs in rows]
     plots.contact_sheet(path, rows, title=f"{ctx.tag} {ctx.layer_path} channel {channel}: SAE features by share of "
-                                          f"pos(channel) on its top {len(top_images)} images ({scope}); each row its "
+                                          f"pos(channel) on its top {n_top} images ({scope}); each row its "
                                           f"top images", resize=ctx.transform.resize, crop_size=ctx.transform.crop)
 
 
@@ -314,7 +313,9 @@ def run_for_channel(ctx, settings, channel, classes, run_name, out_dir):
     dead = S.dead_features(sc["active"])
     scope = "all val images" if whole else "val images of the concepts"
     files = names.sae_view_files(out_dir, run_name)
-    _figure(ctx, files["figure"], channel, top_images, features, feature_images, settings, scope)
+    rows = [(f"channel {channel}", top_images[:settings.top_k])]
+    rows += [(f"f{ft['feature']}: {ft['share']:.0%}", feature_images[ft["feature"]]) for ft in features]
+    _figure(ctx, files["figure"], channel, rows, len(top_images), scope)
     record = {"model": ctx.model_spec, "layer": ctx.layer_path, "channel": channel, "sae": path, "sae_reused": reused,
               "settings": settings.record(), "training": info, "dictionary": sae.W_dec.shape[1], "k": settings.sae_k,
               "scope": scope, "val_images": int(len(kept)),
