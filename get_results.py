@@ -28,9 +28,9 @@ from utils.run import context
 from utils.data import folders
 from utils import disentangle
 from utils.stages import stage4
-from utils.featurevis import render
+from utils.featurevis import settings as fv_settings
 from utils.files import atomic
-from utils.stages import sae_view
+from utils.stages import feature_vis, sae_view
 from utils.files import store
 from utils.concepts.by_classes import MORE_CONCEPTS, check_no_classes_with_file, check_triples, class_jobs, union_classes
 
@@ -171,7 +171,7 @@ def build_parser():
                         "with a message naming the file)")
     p.add_argument("--out_dir", default=".",
                    help="folder for plots/, results_disentanglement/, results_quantitative/ (default: working directory)")
-    render.add_args(p)  # --get_feature_vis and its --fv_* flags
+    fv_settings.add_args(p)  # --get_feature_vis and its --fv_* flags
     sae_view.add_args(p)  # --get_sae_view and its --sae_* flags
     return p
 
@@ -197,7 +197,8 @@ def main(args):
                                                args.clusters, keys=by_clusters.MODEL_KEYS)]
     else:
         check_triples(ctx, triples, "--channel_of_interest")
-    sae_view.check_args(args, ctx.conv)
+    if args.get_sae_view:
+        sae_view.check(sae_view.Settings.from_args(args), ctx.conv)
     ds = ctx.dataset
     rho = "best" if args.f is None else args.f
     summary_of_val = folders.dataset_summary(ds)
@@ -368,12 +369,14 @@ def write_results(args, ctx, t, rho, path, name, sd, info, r, whole_val, concept
     if args.get_feature_vis:
         val_images = (list(r["index"]), concept) if clustered else None
         concept_lists = [[] for _ in range(k)] if clustered else t.concepts
-        summary["feature_vis"] = render.run_for_checkpoint(ctx, args, sd, c, concept_lists, run_name, out,
-                                                               val_images=val_images)["figure"]
+        summary["feature_vis"] = feature_vis.run_for_checkpoint(ctx, fv_settings.Settings.from_args(args), sd, c,
+                                                                concept_lists, run_name, out,
+                                                                val_images=val_images)["figure"]
 
     if args.get_sae_view:
         scope = None if clustered else [y for cl in t.concepts for y in cl]  # clusters: every val image
-        summary["sae_view"] = sae_view.run_for_channel(ctx, args, c, scope, run_name, out)["figure"]
+        summary["sae_view"] = sae_view.run_for_channel(ctx, sae_view.Settings.from_args(args), c, scope, run_name,
+                                                       out)["figure"]
 
     atomic.write_json(os.path.join(out, "results_disentanglement", f"{run_name}_summary.json"), summary)
 

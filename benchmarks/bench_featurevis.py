@@ -24,7 +24,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils import disentangle
-from utils.featurevis import render as fv  # noqa: E402
+from utils.data import folders  # noqa: E402
+from utils.featurevis import objectives, param, render, transform  # noqa: E402
 
 CHANNEL = 1
 
@@ -62,7 +63,7 @@ def spectrum(size):
     fx = torch.fft.rfftfreq(size)[None, :]
     m = (1.0 / torch.sqrt(fy ** 2 + fx ** 2).clamp_min(1.0 / size)).expand(3, -1, -1).clone()
     cov = torch.tensor([[0.07, 0.06, 0.05], [0.06, 0.07, 0.06], [0.05, 0.06, 0.07]], dtype=torch.float64)
-    return m.float(), fv.color_matrix(cov).float()
+    return m.float(), param.color_matrix(cov).float()
 
 
 def separate_run(net, hooked, row, magnitude, q, size, steps, crops, seed, lr=1.0):
@@ -70,31 +71,32 @@ def separate_run(net, hooked, row, magnitude, q, size, steps, crops, seed, lr=1.
     gen = torch.Generator().manual_seed(seed)
     phase = torch.randn((1,) + tuple(magnitude.shape), generator=gen).requires_grad_(True)
     opt = torch.optim.NAdam([phase], lr=lr)
-    qu = fv.unit_color_matrix(q.double()).float()
+    qu = param.unit_color_matrix(q.double()).float()
     seen = {}
     handle = hooked.register_forward_hook(lambda mod, i, o: seen.__setitem__("a", o))
     try:
         for _ in range(steps):
             opt.zero_grad()
-            img = fv.maco_image(magnitude, phase, qu)
-            x = fv.normalize(fv.add_noise(fv.crops_of(img, fv.crop_boxes(1, crops, size, gen)), gen))
+            img = param.maco_image(magnitude, phase, qu)
+            crops_of = transform.crops_of(img, transform.crop_boxes(1, crops, size, gen), folders.CROP)
+            x = transform.normalize(transform.add_noise(crops_of, gen), folders.MEAN, folders.STD)
             net(x)
             loss = -seen["a"][:, row].clamp_min(0).mean(dim=(1, 2)).mean()
             loss.backward()
             opt.step()
     finally:
         handle.remove()
-    return fv.maco_image(magnitude, phase, qu).detach()
+    return param.maco_image(magnitude, phase, qu).detach()
 
 
 def bench(name, model, layer, size, steps, crops):
     conv = model.get_submodule(layer)
     sd = synthetic_checkpoint(conv, CHANNEL)
-    w, b, names = fv.target_filters(conv, CHANNEL, sd)
+    w, b, names = objectives.target_filters(conv, CHANNEL, sd)
     m, q = spectrum(size)
-    fv.visualize(model, conv, w, b, m, q, size, 1, crops, 0, progress=False)  # warm-up
+    render.visualize(model, conv, w, b, m, q, size, 1, crops, 0, progress=False)  # warm-up
     t = time.perf_counter()
-    fv.visualize(model, conv, w, b, m, q, size, steps, crops, 0, progress=False)
+    render.visualize(model, conv, w, b, m, q, size, steps, crops, 0, progress=False)
     ours = time.perf_counter() - t
     dnet = disentangle.disentangled_model(model, layer, CHANNEL, sd)
     c_out = conv.out_channels

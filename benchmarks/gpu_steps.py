@@ -293,7 +293,7 @@ def featurevis_step(args):
     import torch
     import torchvision
     import bench_featurevis as bf
-    from utils.featurevis import render as fv
+    from utils.featurevis import objectives, render
     device = torch.device("cuda", 0) if cuda() else torch.device("cpu")
     torch.manual_seed(0)
     model = torchvision.models.resnet50(weights=None).eval()
@@ -302,14 +302,14 @@ def featurevis_step(args):
     conv = model.get_submodule("layer4.2.conv3")
     sd = bf.synthetic_checkpoint(conv, bf.CHANNEL)  # on the CPU, before the model moves
     model.to(device)
-    w, b, names = fv.target_filters(conv, bf.CHANNEL, sd)
+    w, b, names = objectives.target_filters(conv, bf.CHANNEL, sd)
     m, q = bf.spectrum(args.size)
-    fv.visualize(model, conv, w, b, m, q, args.size, min(2, args.steps), args.crops, 0, device=device,
+    render.visualize(model, conv, w, b, m, q, args.size, min(2, args.steps), args.crops, 0, device=device,
                  progress=False)  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
     t = time.time()
-    fv.visualize(model, conv, w, b, m, q, args.size, args.steps, args.crops, 0, device=device, progress=False)
+    render.visualize(model, conv, w, b, m, q, args.size, args.steps, args.crops, 0, device=device, progress=False)
     if device.type == "cuda":
         torch.cuda.synchronize()
     secs = time.time() - t

@@ -52,6 +52,7 @@ from utils.method import sae as S
 from utils.stages import sae_view  # noqa: E402
 from utils.run import cli  # noqa: E402
 from utils.disentangle import checkpoint_name, filter_maps, positive_mass  # noqa: E402
+from utils.stages.label_free import nearest_centroid  # noqa: E402
 from utils.stages.stage4 import checkpoint_filters, top_k  # noqa: E402
 
 MODEL = "demo.model:shapes_cnn"
@@ -186,7 +187,9 @@ def pure_units(env, c):
     _, ch = concepts_file(env, c)
     conv = env.ctx.conv
     r = arv(conv.weight[c].detach(), env.patch_sums)
-    pos = purity.virtual_neurons(env.pos_channel[c], r, [cl["centroid"] for cl in ch["clusters"]])
+    centroids = [cl["centroid"] for cl in ch["clusters"]]
+    member = nearest_centroid(torch.as_tensor(r), torch.as_tensor(centroids)).numpy()
+    pos = purity.virtual_neurons(env.pos_channel[c], member, len(centroids))
     return {f"cluster {j}": p for j, p in enumerate(pos)}
 
 
@@ -226,7 +229,9 @@ def run_seed(args, seed):
     ctx = context.setup(ns, split="val")
     for p in ctx.model.parameters():
         p.requires_grad_(False)
-    sae, info, sae_path, reused = sae_view.load_or_train(ctx, ns, ctx.device)
+    sae, info, sae_path, reused = sae_view.load_or_train(ctx, sae_view.Settings(
+        **{k: getattr(ns, k) for k in sae_view.DEFAULTS}, batch_size=ns.batch_size, num_workers=ns.num_workers,
+        data_dir=data_dir, store_dir=store), ctx.device)
     x, labels = val_inputs(ctx, 64)
     conv = ctx.conv
     with torch.no_grad():

@@ -20,7 +20,8 @@ from torchvision import transforms as T
 from tests.conftest import ROOT, run_script, tree_bytes
 from tests.test_cli import refuse, run_inproc
 from utils.model import tap
-from utils.featurevis import render as fv
+from utils.featurevis import objectives, param, render, spectrum
+from utils.stages import feature_vis
 from utils.disentangle import checkpoint_name, load_disentangled_model
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -69,7 +70,7 @@ def natural_spectrum(size):
     fx = torch.fft.rfftfreq(size)[None, :]
     m = 1.0 / torch.sqrt(fy ** 2 + fx ** 2).clamp_min(1.0 / size)
     cov = torch.tensor([[0.07, 0.02, 0.01], [0.02, 0.06, 0.02], [0.01, 0.02, 0.06]], dtype=torch.float64)
-    return m.expand(3, -1, -1).clone().float(), fv.color_matrix(cov).float()
+    return m.expand(3, -1, -1).clone().float(), param.color_matrix(cov).float()
 
 
 # ----------------------------------------------------------------------------- parametrization
@@ -78,11 +79,11 @@ def test_magnitude_is_kept_whatever_the_phase(size):
     g = torch.Generator().manual_seed(1)
     real = torch.rand(4, 3, size, size, generator=g, dtype=torch.float64)
     m = torch.fft.rfft2(real).abs().mean(dim=0)  # a real images' magnitude: symmetric where it must be
-    sc = fv.self_conjugate(size)  # DC (and Nyquist crossings): real values M cos(phi), the DC also shifted by the mean
+    sc = param.self_conjugate(size)  # DC (and Nyquist crossings): real values M cos(phi), the DC also shifted by the mean
     for seed in (0, 1, 2):
         phase = torch.randn((2, 3, size, size // 2 + 1), generator=torch.Generator().manual_seed(seed),
                             dtype=torch.float64) * 3
-        x = fv.spatial_image(m, phase)
+        x = param.spatial_image(m, phase)
         assert x.shape == (2, 3, size, size)
         for t in range(2):
             got = torch.fft.rfft2(x[t]).abs()
@@ -100,7 +101,7 @@ def test_spectrum_of_sinusoids_and_constant_images_has_the_expected_peaks():
     colour = torch.tensor([0.9, 0.5, 0.2], dtype=torch.float64).view(3, 1, 1)
     imgs = [0.4 + 0.2 * a * colour * torch.sin(2 * np.pi * f * xs / size + ph)[None, None, :].expand(1, size, size)
             for a, ph in ((1.0, 0.0), (0.5, 1.0), (0.8, 2.5), (0.3, -1.0))]
-    spec = fv.spectrum_from_images(lambda: iter([torch.stack(imgs[:2]), torch.stack(imgs[2:])]))
+    spec = spectrum.spectrum_from_images(lambda: iter([torch.stack(imgs[:2]), torch.stack(imgs[2:])]))
     m = spec["magnitude"].double().sum(dim=0)
     assert m.shape == (size, size // 2 + 1)
     assert tuple(np.unravel_index(int(m.argmax()), m.shape)) == (0, f)
@@ -109,7 +110,7 @@ def test_spectrum_of_sinusoids_and_constant_images_has_the_expected_peaks():
     assert float(rest.max()) < 1e-4 * float(m[0, f])
     # constant images of different brightness: only the DC term
     const = torch.stack([torch.full((3, size, size), v, dtype=torch.float64) * colour for v in (0.2, 0.5, 0.9)])
-    m2 = fv.spectrum_from_images(lambda: iter([const]))["magnitude"].double().sum(dim=0)
+    m2 = spectrum.spectrum_from_images(lambda: iter([const]))["magnitude"].double().sum(dim=0)
     assert float(m2[0, 0]) > 1 and float(m2.flatten()[1:].abs().max()) < 1e-4 * float(m2[0, 0])
 
 
@@ -118,23 +119,23 @@ def test_colour_matrix_reproduces_the_colour_covariance():
     a = torch.tensor([[0.3, 0.0, 0.0], [0.2, 0.1, 0.0], [0.1, 0.05, 0.08]], dtype=torch.float64)
     pix = (torch.randn(5000, 3, generator=g, dtype=torch.float64) @ a.T + 0.5)
     images = pix.T.reshape(3, 50, 100).unsqueeze(0)  # one image of 50 x 100 pixels
-    mean, cov = fv.color_covariance(*fv.color_moments(images))
+    mean, cov = param.color_covariance(*param.color_moments(images))
     want = np.cov(pix.numpy().T, bias=True)
     np.testing.assert_allclose(cov.numpy(), want, rtol=1e-10, atol=1e-12)
-    q = fv.color_matrix(cov)
+    q = param.color_matrix(cov)
     np.testing.assert_allclose((q @ q.T).numpy(), want, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(mean.numpy(), pix.mean(dim=0).numpy(), rtol=1e-12)
     # the decorrelated pixels have the identity as covariance
-    d = fv.decorrelate(images, q, mean)
+    d = param.decorrelate(images, q, mean)
     np.testing.assert_allclose(np.cov(d.reshape(3, -1).numpy(), bias=True), np.eye(3), atol=1e-8)
 
 
 # ----------------------------------------------------------------------------- optimization
 def _visualize(seed, steps=3, size=24, crops=2):
     model = colour_net()
-    w, b, names = fv.target_filters(model.conv_out, 0, red_green_checkpoint())
+    w, b, names = objectives.target_filters(model.conv_out, 0, red_green_checkpoint())
     m, q = natural_spectrum(size)
-    return fv.visualize(model, model.conv_out, w, b, m, q, size, steps, crops, seed, progress=False, input_size=32)
+    return render.visualize(model, model.conv_out, w, b, m, q, size, steps, crops, seed, progress=False, input_size=32)
 
 
 def test_same_seed_same_image_other_seed_other_image():
@@ -149,11 +150,11 @@ def test_same_seed_same_image_other_seed_other_image():
 def test_known_split_visualizations_separate_and_beat_natural_images(image_root):
     model = colour_net()
     conv = model.conv_out
-    w, b, names = fv.target_filters(conv, 0, red_green_checkpoint())
+    w, b, names = objectives.target_filters(conv, 0, red_green_checkpoint())
     assert names == ["original", "D1", "D2"]
     m, q = natural_spectrum(32)
-    out = fv.visualize(model, conv, w, b, m, q, 32, 24, 2, seed=0, progress=False, input_size=64)
-    act = fv.activation_matrix(model, conv, w, b, out["images"], input_size=64).numpy()  # rows: visualization, cols: target
+    out = render.visualize(model, conv, w, b, m, q, 32, 24, 2, seed=0, progress=False, input_size=64)
+    act = render.activation_matrix(model, conv, w, b, out["images"], input_size=64).numpy()  # rows: visualization, cols: target
     assert act[1, 1] >= 2 * act[1, 2], act
     assert act[2, 2] >= 2 * act[2, 1], act
     # D1's image is red, D2's green
@@ -163,7 +164,7 @@ def test_known_split_visualizations_separate_and_beat_natural_images(image_root)
     # what stage 4 evaluates (classes 2 and 3 are tinted green or red all over: no 1/f image can be that)
     from utils.data import folders
     ds = folders.image_folder(image_root, "val")
-    kept, vals, _, _ = fv.scan_val(model, conv, w, b, ds, folders.indices_of_classes(ds, [0, 1]), 8, "cpu", 0)
+    kept, vals, _, _ = feature_vis.scan_val(model, conv, w, b, ds, folders.indices_of_classes(ds, [0, 1]), 8, "cpu", 0)
     assert act[0, 0] >= vals[:, 0].max(), (act, vals.max(axis=0))
 
 
@@ -181,9 +182,9 @@ def test_targets_equal_the_disentangled_networks_layer_outputs(tmp_path):
     torch.testing.assert_close(z_dis, z, rtol=1e-5, atol=1e-6)
     first, merged = seen["first"], seen["merged"]
     from_network = torch.stack([merged[:, 0], first[:, 0], first[:, 2]], dim=1).clamp_min(0).mean(dim=(2, 3))
-    w, b, _ = fv.target_filters(model.conv_out, 0, red_green_checkpoint())
+    w, b, _ = objectives.target_filters(model.conv_out, 0, red_green_checkpoint())
     x = tap.layer_input_with_grad(model, model.conv_out, images).detach()
-    torch.testing.assert_close(fv.target_values(x, model.conv_out, w, b), from_network, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(objectives.target_values(x, model.conv_out, w, b), from_network, rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- the scripts
@@ -238,7 +239,7 @@ def test_stage4_feature_vis_writes_figure_json_and_arrays(fv_run, image_root):
     assert os.path.isfile(os.path.join(plots, f"feature_vis_{run}_raw.png"))
     # D2's top val images are all of one concept in this data set's val split?  At least the frames say which
     for name in rec["targets"]:
-        assert 1 <= len(rec["top_images"][name]) <= fv.TOP_IMAGES
+        assert 1 <= len(rec["top_images"][name]) <= feature_vis.TOP_IMAGES
         vals = [t["value"] for t in rec["top_images"][name]]
         assert vals == sorted(vals, reverse=True)
     assert "visualization" in stdout and "val max" in stdout
@@ -267,12 +268,12 @@ def test_spectrum_of_another_data_set_is_not_reused(tmp_path, image_root):
     # the same class folders and file names as image_root, other pixels
     other = make_image_folder(str(tmp_path / "other"), seed=5)
     folder = str(tmp_path / "spectra")
-    s1, p1, r1 = fv.load_or_make_spectrum(folder, image_root, 16, 4, 4, 0)
-    s2, p2, r2 = fv.load_or_make_spectrum(folder, other, 16, 4, 4, 0)
-    s3, p3, r3 = fv.load_or_make_spectrum(folder, image_root, 16, 4, 4, 0)
+    s1, p1, r1 = spectrum.load_or_make_spectrum(folder, image_root, 16, 4, 4, 0)
+    s2, p2, r2 = spectrum.load_or_make_spectrum(folder, other, 16, 4, 4, 0)
+    s3, p3, r3 = spectrum.load_or_make_spectrum(folder, image_root, 16, 4, 4, 0)
     assert p1 != p2 and p1 == p3 and (r1, r2, r3) == (False, False, True)
     assert torch.equal(s1["magnitude"], s3["magnitude"]) and not torch.equal(s1["magnitude"], s2["magnitude"])
-    _, p4, r4 = fv.load_or_make_spectrum(folder, image_root, 16, 5, 4, 0)  # another number of images
+    _, p4, r4 = spectrum.load_or_make_spectrum(folder, image_root, 16, 5, 4, 0)  # another number of images
     assert p4 not in (p1, p2) and not r4
 
 
@@ -296,7 +297,7 @@ def test_checkpoint_of_another_layer_is_refused_and_nothing_is_damaged(fv_run, i
     refuse("get_results.py", *_stage4_args(image_root, bad_store, out, *FV_SMALL), words=("disentangled.weight",))
     assert tree_bytes(out) == before
     with pytest.raises(Exception, match="disentangled.weight"):
-        fv.target_filters(colour_net().conv_out, 0, sd)
+        objectives.target_filters(colour_net().conv_out, 0, sd)
 
 
 def test_stage3_export_model_rebuilds_the_disentangled_network(image_root, tmp_path):
@@ -321,3 +322,52 @@ def test_stage3_export_model_rebuilds_the_disentangled_network(image_root, tmp_p
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(net(images), model(images), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the modules' layout
+def _imports(source):
+    import ast
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            names.add(node.module)
+    return names
+
+
+def _impure(source):
+    """Imported modules outside torch/numpy/math, torchvision's tensor ops and utils.featurevis's pure modules."""
+    pure = {"torchvision.ops"} | {f"utils.featurevis.{m}" for m in ("param", "transform", "objectives")}
+    return {n for n in _imports(source) if n.split(".")[0] not in {"torch", "numpy", "math"} and n not in pure}
+
+
+def test_pure_feature_vis_modules_import_no_files_loaders_flags_or_progress():
+    for m in ("param", "transform", "objectives"):
+        with open(os.path.join(ROOT, "utils", "featurevis", f"{m}.py")) as f:
+            source = f.read()
+        assert _impure(source) == set(), m
+        assert "print(" not in source and "open(" not in source, m
+    assert _impure("import torch\nfrom tqdm import tqdm\nfrom utils.data import folders\n") == {"tqdm", "utils.data"}
+
+
+def test_values_and_peaks_of_a_hand_built_map():
+    maps = torch.zeros(2, 2, 3, 4)
+    maps[0, 0, 2, 1], maps[0, 1, 0, 3], maps[1, 0, 1, 2] = 5.0, 2.0, 1.0
+    maps[1, 1] = 1.0  # flat: the first position
+    values, peaks = objectives.values_and_peaks(maps)
+    torch.testing.assert_close(values, torch.tensor([[5 / 12, 2 / 12], [1 / 12, 1.0]]))
+    assert peaks.tolist() == [[[2, 1], [0, 3]], [[1, 2], [0, 0]]]
+
+
+def test_feature_vis_settings_come_from_their_flags():
+    import get_results
+    from utils.featurevis.settings import Settings
+    args = get_results.build_parser().parse_args(
+        ["--data_dir", "D", "--model_dir", "S", "--fv_size", "40", "--fv_steps", "7", "--fv_crops", "3", "--fv_seed",
+         "5", "--fv_lr", "0.5", "--fv_spectrum_images", "9", "--batch_size", "11", "--num_workers", "2",
+         "--skip_unreadable"])
+    s = Settings.from_args(args)
+    assert (s.size, s.steps, s.crops, s.seed, s.lr, s.spectrum_images) == (40, 7, 3, 5, 0.5, 9)
+    assert (s.batch_size, s.num_workers, s.unreadable, s.data_dir, s.store_dir) == (11, 2, "skip", "D", "S")
+    assert Settings.from_args(get_results.build_parser().parse_args([])).unreadable == "error"

@@ -340,7 +340,7 @@ def test_store_written_before_the_new_names_and_fields_still_works(image_root, t
 def test_feature_visualization_sees_the_store_crop(newcomer):
     """Stage 4's feature visualizations at the store's transform (crop 160 after resize 176): their activation
     matrix is that of the images seen through this transform, and every val crop box lies inside 160 x 160."""
-    from utils.featurevis import render
+    from utils.featurevis import objectives, render
     out = os.path.join(newcomer["base"], "fv_out")
     ok(S4, "--model_dir", newcomer["store"], "--layer_of_interest", "conv2", "--channel_of_interest", 1, *JOB,
        "--get_feature_vis", "--fv_size", 48, "--fv_steps", 2, "--fv_crops", 2, "--fv_spectrum_images", 8,
@@ -351,7 +351,7 @@ def test_feature_visualization_sees_the_store_crop(newcomer):
     images = torch.from_numpy(np.load(os.path.join(out, "results_disentanglement", f"{run}_feature_vis_images.npy")))
     model, _ = loading.load_model(FACTORY, "none")
     sd = torch.load(os.path.join(newcomer["store"], "models_disentangled", run + ".pth"), weights_only=True)
-    w, b, _ = render.target_filters(model.conv2, 1, sd)
+    w, b, _ = objectives.target_filters(model.conv2, 1, sd)
     act = render.activation_matrix(model, model.conv2, w, b, images, CROP, RESIZE, folders.MEAN, folders.STD)
     np.testing.assert_allclose(rec["activation"], act.numpy(), rtol=1e-4, atol=1e-6)
     default = render.activation_matrix(model, model.conv2, w, b, images)  # 224 / 256: other numbers

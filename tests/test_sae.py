@@ -128,7 +128,9 @@ def test_purity_and_share_on_a_hand_built_case():
 def test_virtual_neurons_split_the_channel_by_nearest_centroid():
     arvs = np.array([[2.0, 0, 0], [0, 3, 1], [1, 0, 0.1], [0, 1, 0]])
     centroids = np.array([[1.0, 0, 0], [0, 0.75, 0.25]])
-    v = purity.virtual_neurons([4.0, 3, 2, 1], arvs, centroids)
+    from utils.stages.label_free import nearest_centroid
+    member = nearest_centroid(torch.as_tensor(arvs), torch.as_tensor(centroids)).numpy()
+    v = purity.virtual_neurons([4.0, 3, 2, 1], member, len(centroids))
     assert v.tolist() == [[4, 0, 2, 0], [0, 3, 0, 1]]
     assert v.sum(axis=0).tolist() == [4, 3, 2, 1]  # together: the channel
 
@@ -207,3 +209,19 @@ def test_an_sae_of_another_data_set_or_setting_is_never_reused(image_root, tmp_p
     assert key(other, settings) != key(image_root, settings)
     assert key(image_root, dict(settings, sae_k=4)) != key(image_root, settings)
     assert key(image_root, dict(settings, batch_size=32)) != key(image_root, settings)
+
+
+def test_sae_settings_come_from_their_flags_and_record_what_made_the_sae():
+    import get_results
+    from utils.stages import sae_view
+    args = get_results.build_parser().parse_args(
+        ["--data_dir", "D", "--model_dir", "S", "--sae_k", "3", "--sae_lr", "0.01", "--sae_train_images", "7",
+         "--batch_size", "11", "--top_k", "5", "--top_images_all_val"])
+    s = sae_view.Settings.from_args(args)
+    rec = s.record()
+    assert list(rec) == list(sae_view.DEFAULTS) + ["batch_size"]  # the record's keys, in the file's order
+    assert rec == dict(sae_view.DEFAULTS, sae_k=3, sae_lr=0.01, sae_train_images=7, batch_size=11)
+    assert (s.data_dir, s.store_dir, s.top_k, s.all_val, s.unreadable) == ("D", "S", 5, True, "error")
+    sae_view.check(sae_view.Settings(sae_expansion=1, sae_k=2), nn.Conv2d(2, 4, 1))  # k = m: fine
+    with pytest.raises(Exception, match="--sae_k 3 is larger than the dictionary: m = --sae_expansion 1 x 2"):
+        sae_view.check(sae_view.Settings(sae_expansion=1, sae_k=3), nn.Conv2d(2, 4, 1))

@@ -11,8 +11,6 @@ Top-N purity alone misleads: a polysemantic channel's top images can all come fr
 """
 import numpy as np
 
-from utils.stages.stage4 import top_k
-
 
 def activation_purity(pos, groups):
     """(purity, heaviest group) of masses pos (N,) >= 0 over groups (N,) ints; (nan, -1) if all pos are 0."""
@@ -29,7 +27,7 @@ def activation_purity(pos, groups):
 def top_n_purity(pos, groups, n):
     """Share of the n images with the largest pos (ties: lower position first) in their most common group."""
     pos, groups = np.asarray(pos, dtype=np.float64), np.asarray(groups)
-    order = top_k(pos, n)
+    order = np.lexsort((np.arange(len(pos)), -pos))[:n]
     if len(order) == 0:
         return float("nan")
     return float(np.bincount(np.unique(groups[order], return_inverse=True)[1]).max() / len(order))
@@ -41,15 +39,13 @@ def share_of_channel(pos_unit, pos_channel):
     return float(np.sum(np.asarray(pos_unit, dtype=np.float64)) / total) if total > 0 else float("nan")
 
 
-def virtual_neurons(pos_channel, arvs, centroids):
+def virtual_neurons(pos_channel, member, k):
     """PURE-style virtual neurons of a channel: neuron j keeps the channel's mass on the images whose
-    L1-normalised ARV is nearest to centroid j (utils.stages.label_free.nearest_centroid), 0 on the others.
-    pos_channel (N,), arvs (N, C_in), centroids (k, C_in) -> (k, N) float64."""
-    import torch
-    from utils.stages.label_free import nearest_centroid
-    member = nearest_centroid(torch.as_tensor(arvs), torch.as_tensor(centroids)).numpy()
+    L1-normalised ARV is nearest to centroid j, 0 on the others. pos_channel (N,); member (N,) ints: each image's
+    nearest centroid (``utils.stages.label_free.nearest_centroid``); k centroids -> (k, N) float64."""
+    member = np.asarray(member)
     pos = np.asarray(pos_channel, dtype=np.float64)
-    return np.stack([np.where(member == j, pos, 0.0) for j in range(len(centroids))])
+    return np.stack([np.where(member == j, pos, 0.0) for j in range(k)])
 
 
 def colour_texture(class_names):

@@ -67,12 +67,11 @@ def normalized_mse(x, x_hat):
     return (x - x_hat).pow(2).sum() / x.pow(2).sum().clamp_min(1e-12)
 
 
-def train_sae(vectors, m, k, steps, batch_size=1024, lr=1e-3, seed=0, progress=False, on_step=None):
+def train_sae(vectors, m, k, steps, batch_size=1024, lr=1e-3, seed=0, on_step=None):
     """Train a TopKSAE on ``vectors`` (N, n) (float32, any device): Adam on ``normalized_mse``, random
     batches (with replacement) from a seeded generator, decoder columns renormalised after every step.
-    b_dec starts at the geometric median of (up to 8192 of) the vectors. ``on_step(sae)`` is called after each step (tests). Returns
-    (sae, losses (steps,) list)."""
-    from tqdm import tqdm
+    b_dec starts at the geometric median of (up to 8192 of) the vectors. ``on_step(sae)`` is called after each
+    step (a progress bar, a test's check). Returns (sae, losses (steps,) list)."""
     gen = torch.Generator().manual_seed(int(seed))
     n = vectors.shape[1]
     sae = TopKSAE(n, m, k, gen).to(vectors.device)
@@ -80,7 +79,7 @@ def train_sae(vectors, m, k, steps, batch_size=1024, lr=1e-3, seed=0, progress=F
         sae.b_dec.copy_(geometric_median(vectors[torch.randint(len(vectors), (min(len(vectors), 8192),), generator=gen)]))
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
     losses = []
-    for _ in tqdm(range(steps), desc="SAE training", unit="step", disable=not progress, dynamic_ncols=True):
+    for _ in range(steps):
         idx = torch.randint(len(vectors), (min(batch_size, len(vectors)),), generator=gen).to(vectors.device)
         x = vectors[idx]
         loss = normalized_mse(x, sae(x)[0])
