@@ -236,3 +236,11 @@ def sae_cache(store_dir, key):
 def sae_view_files(out_dir, run):
     """The SAE view of one run: figure and record."""
     return {"figure": plot(out_dir, f"sae_view_{run}.png"), "record": result(out_dir, f"{run}_sae_view.json")}
+
+
+# ---------------------------------------------------------------- whole layer
+def whole_layer_model(store_dir, name, label=None):
+    """``(…/models_disentangled/{name}[_{label}]_whole_layer_model.pth, ….json)``: the network with every split
+    channel of the layer replaced at once, and how to rebuild it (``label`` tells two such networks apart)."""
+    stem = os.path.join(checkpoints_dir(store_dir), name + ("" if label is None else f"_{label}") + "_whole_layer_model")
+    return stem + ".pth", stem + ".json"
