@@ -187,3 +187,29 @@ def test_unknown_run_is_one_line(stages, tmp_path):
         write.write_atlas(stages["out"], stages["store"], ["nope"], str(tmp_path / "a"))
     assert "nope" in str(e.value) and "\n" not in str(e.value)
     assert not os.path.exists(tmp_path / "a")
+
+
+def test_rows_of_hand_built_summaries():
+    """Purity, labels, k and cosine from summaries written by hand (no stage run)."""
+    paths = [f"/v/{c}/{i}.png" for c, i in (("a", 0), ("b", 1), ("a", 2), ("a", 3))]
+    assert collect.top_purity(paths) == 0.75 and collect.top_purity([]) is None
+    s = {"channel": 5, "classes1": [2], "classes2": [1], "class_names1": ["cat"], "class_names2": ["car"],
+         "sep_concept1": 3.0, "sep_concept2": 0.5, "top_images": {"Original": paths, "Disentangled 1": paths[:2],
+                                                                  "Disentangled 2": paths[2:]}}
+    assert collect.concept_count(s) == 2 and collect.concept_labels(s, 2) == ["cat", "car"]
+    assert collect.purities(s, 2) == (0.75, [0.5, 1.0])
+    assert collect.cosine_of(s, {(5, 1, 2): 0.25}) == 0.25  # the pair in either order
+    three = dict(s, classes3=[4], sep_concept3=1.0)
+    assert collect.concept_count(three) == 3 and collect.cosine_of(three, {(5, 1, 2): 0.25}) is None
+    clusters = {"channel": 5, "clusters": [0, 2], "sep_concept1": 1.0, "sep_concept2": 2.0}
+    assert collect.concept_labels(clusters, 2) == ["cluster 0", "cluster 2"]
+
+
+def test_pages_escape_names():
+    from utils.atlas import html
+    row = {"run": "r", "slug": "channel1", "channel": 1, "k": 2, "concepts": ["<b>x</b>", "a&b"], "cosine": None,
+           "rho": 0.5, "sep": [1.0, 2.0], "quantitative": [None, None], "purity_original": None,
+           "purity_parts": [None, None], "max_logit_diff": 0.0, "val_images": [1, 1], "layer": "l",
+           "label_free": None, "href": {"page": "channels/channel1/index.html"}}
+    for text in (html.index_page([row], "t", ""), html.channel_page(row, "../../index.html")):
+        assert "<b>x</b>" not in text and "&lt;b&gt;x&lt;/b&gt;" in text and "a&amp;b" in text

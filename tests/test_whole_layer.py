@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from utils import disentangle
+from utils.files import names
 from utils.method import whole_layer as wl
 from utils.model import loading
 from utils.model import whole_layer
@@ -122,9 +123,9 @@ def test_export_rebuilds_the_network_without_the_checkpoints(tmp_path):
     conv = model.get_submodule(layer)
     ks = SPLITS["mixed"]
     net = whole_layer.build_whole_layer_model(model, layer, _checkpoints(conv, ks))
-    paths = whole_layer.export_whole_layer(
-        (str(tmp_path / "x_whole_layer_model.pth"), str(tmp_path / "x_whole_layer_model.json")), net, spec,
-        weights_id, layer, {c: f"ck{c}.pth" for c in ks})
+    paths = whole_layer.export_whole_layer(names.whole_layer_model(str(tmp_path), "x", "top4"), net, spec,
+                                           weights_id, layer, {c: f"ck{c}.pth" for c in ks})
+    assert paths[1].endswith("models_disentangled/x_top4_whole_layer_model.json")
     back = whole_layer.load_exported_whole_layer(paths[1])
     images = _images(size)
     with torch.no_grad():

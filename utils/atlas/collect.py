@@ -119,7 +119,9 @@ def read_run(out_dir, store_dir, run, cosines, label_free_cache):
             "rho": summary.get("rho"), "max_logit_diff": summary.get("max_logit_diff"),
             "exact": info.get("exact"), "sep": [summary.get(f"sep_concept{j}") for j in range(1, k + 1)],
             "val_images": [summary.get(f"val_images_concept{j}") for j in range(1, k + 1)],
-            "quantitative": own_quantitative(summary, k), "purity_original": purity_original,
+            "quantitative": own_quantitative(summary, k),
+            "quantitative_all": [summary.get(f"quantitative_concept{j}") for j in range(1, k + 1)],
+            "purity_original": purity_original,
             "purity_parts": purity_parts, "files": files,
             "label_free": None if lf is None else {"file": lf[0], **summary_of_clusters(lf[1])}}
 

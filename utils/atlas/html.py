@@ -137,6 +137,11 @@ def numbers_table(row):
                   (f"D{j}/orig on concept {j} (mean)", number(row["quantitative"][j - 1]), href.get("summary"),
                    "summary.json"),
                   (f"top purity of D{j}", number(row["purity_parts"][j - 1]), href.get("summary"), "summary.json")]
+        q = (row.get("quantitative_all") or [None] * row["k"])[j - 1]
+        if q:
+            lines.append((f"quantitative on concept {j} ({q.get('images')} images)",
+                          escape(", ".join(f"{key} {number(v)}" for key, v in q.items() if key != "images")),
+                          href.get("summary"), "summary.json"))
     body = "".join(f'<tr><td class="text">{escape(a)}</td><td>{b}</td><td class="text">{link(h, t) if h else ""}'
                    f"</td></tr>" for a, b, h, t in lines)
     return f'<table><thead><tr><th class="text">number</th><th>value</th><th class="text">from</th></tr></thead>' \
