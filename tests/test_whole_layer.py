@@ -113,6 +113,8 @@ def test_sparse_merge_equals_the_dense_one_by_one_conv():
     dense = wl.merge_matrix(target, coeff.double(), 5)
     expect = torch.nn.functional.conv2d(maps, dense[:, :, None, None])
     assert torch.allclose(wl.merge_maps(maps, target, coeff, 5), expect, rtol=0, atol=1e-12)
+    passes = wl.merge_passes(target)
+    assert [p[0].tolist() for p in passes] == [[0, 1, 4, 5, 9], [2, 6], [3, 7], [8]]  # no target twice in a pass
     by_hand = maps[:, 5] + maps[:, 6] + maps[:, 7] - 2 * maps[:, 8]
     assert torch.allclose(wl.merge_maps(maps, target, coeff, 5)[:, 3], by_hand, rtol=0, atol=1e-12)
 

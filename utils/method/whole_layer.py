@@ -11,7 +11,9 @@ k_c + 1 rows D_{c,1} .. D_{c,k_c}, R_c in a block. Each row feeds exactly one ou
 the (C_out, M) matrix with one non-zero per column: a ``target`` channel and a ``coeff`` (1 for an untouched
 row and every D_j, -(k_c - 1) for R_c, as the checkpoint's merge weights say) per row. Applied as
     out[:, target[m]] += coeff[m] * maps[:, m]
-it costs one pass over the maps, where the same merge as a dense 1x1 conv would hold C_out * M weights
+in passes (``merge_passes``) in which no two rows share a target, so that every sum is taken in row order
+on any device (no atomic adds: the same bits on every run), it costs max_c (k_c + 1) passes over parts of
+the maps, where the same merge as a dense 1x1 conv would hold C_out * M weights
 (ResNet-50's last conv with 500 split channels: 2048 x 3048 = 6.2 M, 25 MB, and 2048 * 3048 multiply-adds
 per position, more than the layer's own 512 * 2048).
 
@@ -72,10 +74,28 @@ def merge_entries(layout, merges, dtype=torch.float32):
     return target, torch.tensor(coeff, dtype=dtype)
 
 
-def merge_maps(maps, target, coeff, c_out):
-    """The layer's maps from those of L': (N, M, H, W) -> (N, C_out, H, W), out[:, target[m]] += coeff[m] maps[:, m]."""
+def merge_passes(target):
+    """The rows of L' in passes with distinct targets: [(rows (P_s,), their targets (P_s,))], pass s holding the
+    s-th row (in row order) of every target with more than s rows. target: (M,) int64."""
+    order = torch.argsort(target, stable=True)
+    ordered = target[order]
+    rank = torch.empty_like(target)
+    rank[order] = torch.arange(target.shape[0], device=target.device) - torch.searchsorted(ordered, ordered)
+    passes = []
+    for s in range(int(rank.max()) + 1 if target.numel() else 0):
+        rows = torch.nonzero(rank == s).flatten()
+        passes.append((rows, target[rows]))
+    return passes
+
+
+def merge_maps(maps, target, coeff, c_out, passes=None):
+    """The layer's maps from those of L': (N, M, H, W) -> (N, C_out, H, W), out[:, target[m]] += coeff[m] maps[:, m],
+    the rows of one target added in row order. ``passes``: ``merge_passes(target)`` if already computed."""
+    weighted = maps * coeff.to(maps).view(1, -1, *([1] * (maps.dim() - 2)))
     out = maps.new_zeros((maps.shape[0], c_out) + tuple(maps.shape[2:]))
-    return out.index_add_(1, target.to(maps.device), maps * coeff.to(maps).view(1, -1, *([1] * (maps.dim() - 2))))
+    for rows, targets in (merge_passes(target.to(maps.device)) if passes is None else passes):
+        out[:, targets] += weighted[:, rows]
+    return out
 
 
 def merge_matrix(target, coeff, c_out):

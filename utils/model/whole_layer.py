@@ -22,16 +22,24 @@ from utils.run.cli import UserError
 class SparseMerge(nn.Module):
     """(N, M, H, W) maps of L' -> (N, C_out, H, W): ``out[:, target[m]] += coeff[m] * maps[:, m]``.
 
-    ``target`` (M,) int64 and ``coeff`` (M,) are buffers, so that the state dict holds them."""
+    ``target`` (M,) int64 and ``coeff`` (M,) are buffers, so that the state dict holds them; the passes of the
+    merge (``merge_passes``) are computed once per ``target`` and device."""
 
     def __init__(self, target, coeff, c_out):
         super().__init__()
         self.c_out = c_out
         self.register_buffer("target", target.clone())
         self.register_buffer("coeff", coeff.clone())
+        self._passes = (None, None)
+
+    def passes(self):
+        key = (self.target.device, self.target.data_ptr(), self.target._version)
+        if self._passes[0] != key:
+            self._passes = (key, wl.merge_passes(self.target))
+        return self._passes[1]
 
     def forward(self, maps):
-        return wl.merge_maps(maps, self.target, self.coeff, self.c_out)
+        return wl.merge_maps(maps, self.target, self.coeff, self.c_out, self.passes())
 
     def extra_repr(self):
         return f"{self.target.shape[0]} -> {self.c_out}"
