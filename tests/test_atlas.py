@@ -213,3 +213,22 @@ def test_pages_escape_names():
            "label_free": None, "href": {"page": "channels/channel1/index.html"}}
     for text in (html.index_page([row], "t", ""), html.channel_page(row, "../../index.html")):
         assert "<b>x</b>" not in text and "&lt;b&gt;x&lt;/b&gt;" in text and "a&amp;b" in text
+
+
+@pytest.mark.parametrize("summary,candidates,says", [("{}", None, "not a stage-4 summary"),
+                                                     ("[1", None, "cannot read a stage-4 summary"),
+                                                     (None, '{"x": 1}', "not a candidates file")])
+def test_bad_inputs_are_one_line_and_write_nothing(tmp_path, summary, candidates, says):
+    out = tmp_path / "out"
+    (out / names.RESULTS_DIR).mkdir(parents=True)
+    good = {"channel": 1, "classes1": [0], "classes2": [1], "sep_concept1": 1.0, "sep_concept2": 2.0}
+    with open(names.summary(str(out), "r_channel1_x"), "w") as f:
+        f.write(summary if summary is not None else json.dumps(good))
+    cand = None
+    if candidates:
+        cand = str(tmp_path / "c.json")
+        open(cand, "w").write(candidates)
+    with pytest.raises(UserError) as e:
+        write.write_atlas(str(out), str(tmp_path / "store"), None, str(tmp_path / "atlas"), cand)
+    assert says in str(e.value) and "\n" not in str(e.value)
+    assert sorted(os.listdir(tmp_path)) == sorted(["out"] + (["c.json"] if cand else []))

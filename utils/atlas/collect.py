@@ -108,6 +108,8 @@ def run_files(out_dir, store_dir, run, summary, k):
 def read_run(out_dir, store_dir, run, cosines, label_free_cache):
     """One row of the atlas for stage-4 run ``run``."""
     summary = read_json(names.summary(out_dir, run), "a stage-4 summary")
+    if not isinstance(summary, dict) or not isinstance(summary.get("channel"), int) or not concept_count(summary):
+        raise UserError(f"{names.summary(out_dir, run)}: not a stage-4 summary (no channel or no separations)")
     k = concept_count(summary)
     files = run_files(out_dir, store_dir, run, summary, k)
     info = read_json(files["info"], "a stage-3 info file") if files["info"] else {}
