@@ -8,6 +8,7 @@ store folder. ``tag`` is the model's tag (``resnet50``); ``name`` is the tag, or
 other than the model's last conv (``models.file_tag``). The published names are those of the model's last conv.
 No other module builds a file name.
 """
+import glob
 import os
 
 # ---------------------------------------------------------------- stage 1: the store
@@ -236,3 +237,53 @@ def sae_cache(store_dir, key):
 def sae_view_files(out_dir, run):
     """The SAE view of one run: figure and record."""
     return {"figure": plot(out_dir, f"sae_view_{run}.png"), "record": result(out_dir, f"{run}_sae_view.json")}
+
+
+# ---------------------------------------------------------------- whole layer
+def whole_layer_model(store_dir, name, label=None):
+    """``(…/models_disentangled/{name}[_{label}]_whole_layer_model.pth, ….json)``: the network with every split
+    channel of the layer replaced at once, and how to rebuild it (``label`` tells two such networks apart)."""
+    stem = os.path.join(checkpoints_dir(store_dir), name + ("" if label is None else f"_{label}") + "_whole_layer_model")
+    return stem + ".pth", stem + ".json"
+
+
+# ---------------------------------------------------------------- atlas
+ATLAS_RECORD = "atlas.json"
+ATLAS_INDEX = "index.html"
+ATLAS_RUNS = "channels"
+ATLAS_SHARED = "files"
+ATLAS_ENTRIES = (ATLAS_RECORD, ATLAS_INDEX, ATLAS_RUNS, ATLAS_SHARED)  # what a folder the atlas wrote holds
+
+
+def all_summaries(out_dir):
+    """The glob pattern of every stage-4 run's summary under ``out_dir`` (the folder's own ``[`` taken literally)."""
+    return summary(glob.escape(out_dir), "*")
+
+
+def run_of_summary(path):
+    """The run's name from its summary's path (``summary``'s inverse)."""
+    return os.path.basename(path)[:-len("_summary.json")]
+
+
+def all_concepts_files(store_dir, name):
+    """The glob pattern of every label-free concepts file of ``name`` (any top N)."""
+    return concepts_file(glob.escape(store_dir), glob.escape(name), "*")
+
+
+def atlas_record(folder):
+    """``{atlas}/atlas.json``: the rows the index shows, and what the atlas was written from."""
+    return os.path.join(folder, ATLAS_RECORD)
+
+
+def atlas_index(folder):
+    return os.path.join(folder, ATLAS_INDEX)
+
+
+def atlas_run(folder, slug, file=ATLAS_INDEX):
+    """A file of one run's page folder: ``{atlas}/channels/{slug}/{file}`` (the page is ``index.html``)."""
+    return os.path.join(folder, ATLAS_RUNS, slug, file)
+
+
+def atlas_shared(folder, file):
+    """A file every page may link to (the candidates, the concepts files): ``{atlas}/files/{file}``."""
+    return os.path.join(folder, ATLAS_SHARED, file)

@@ -1,0 +1,152 @@
+"""What stages 3 and 4 wrote for a set of runs, read into plain dict rows (one per stage-4 run).
+
+A row holds the numbers the atlas shows (channel, concepts by name, cosine, best rho, separations,
+quantitative means, top-image purity) and ``files``: {key: path of the file behind it, or None}. Reading a
+row opens only the run's small JSON files; images are not opened here.
+"""
+import glob
+import json
+import os
+import re
+from collections import Counter
+
+from utils.files import names
+from utils.run.cli import UserError
+
+RUN_NAME = re.compile(r"^(?P<name>.*)_channel(?P<channel>\d+)_")
+
+
+def read_json(path, what):
+    """A JSON file, or a one-line UserError naming ``what`` it is."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read {what} ({type(e).__name__}: {e})")
+
+
+def runs_found(out_dir):
+    """The runs with a summary under ``out_dir/results_disentanglement``, sorted by name."""
+    return sorted(names.run_of_summary(p) for p in glob.glob(names.all_summaries(out_dir)))
+
+
+def concept_count(summary):
+    """k: the number of concepts with a separation in the summary."""
+    return sum(1 for key in summary if re.fullmatch(r"sep_concept\d+", key))
+
+
+def concept_labels(summary, k):
+    """How the atlas names each concept: its classes by name, or ``cluster j``."""
+    if "clusters" in summary:
+        return [f"cluster {j}" for j in summary["clusters"]]
+    return [", ".join(summary.get(f"class_names{j}") or map(str, summary.get(f"classes{j}", []))) for j in range(1, k + 1)]
+
+
+def top_purity(paths):
+    """Share of images in their most common class folder (the parent folder's name); None without images."""
+    if not paths:
+        return None
+    return Counter(os.path.basename(os.path.dirname(p)) for p in paths).most_common(1)[0][1] / len(paths)
+
+
+def purities(summary, k):
+    """(purity of the original channel's top images, [purity of D_j's top images]) or Nones."""
+    top = summary.get("top_images") or {}
+    return top_purity(top.get("Original")), [top_purity(top.get(f"Disentangled {j}")) for j in range(1, k + 1)]
+
+
+def own_quantitative(summary, k):
+    """[mean of D_j/orig over concept j's val images] (None where stage 4 computed none)."""
+    return [(summary.get(f"quantitative_concept{j}") or {}).get(f"D{j}/orig") for j in range(1, k + 1)]
+
+
+def cosine_lookup(candidates_json):
+    """{(channel, class1, class2) with class1 < class2: cosine} from stage 2's candidates file (empty without)."""
+    if not candidates_json:
+        return {}
+    rec = read_json(candidates_json, "stage 2's candidates")
+    if not isinstance(rec, dict) or not isinstance(rec.get("candidates"), list):
+        raise UserError(f"{candidates_json}: not a candidates file of stage 2 (no 'candidates' list)")
+    return {(d["channel"], *sorted((d["class1"], d["class2"]))): d["cosine_similarity"] for d in rec["candidates"]}
+
+
+def cosine_of(summary, cosines):
+    """The candidate's cosine for a two-concept split of one class each, else None."""
+    c1, c2 = summary.get("classes1"), summary.get("classes2")
+    if "classes3" in summary or not c1 or not c2 or len(c1) != 1 or len(c2) != 1:
+        return None
+    return cosines.get((summary["channel"], *sorted((c1[0], c2[0]))))
+
+
+def label_free_records(store_dir, name, cache):
+    """{channel: (concepts file, its record of the channel)} of every concepts file of ``name`` (read once)."""
+    if name not in cache:
+        found = {}
+        for path in sorted(glob.glob(names.all_concepts_files(store_dir, name))):
+            for c, rec in (read_json(path, "a concepts file").get("channels") or {}).items():
+                found.setdefault(int(c), (path, rec))
+        cache[name] = found
+    return cache[name]
+
+
+def existing(path):
+    return path if path and os.path.isfile(path) else None
+
+
+def run_files(out_dir, store_dir, run, summary, k):
+    """{key: path or None} of the files behind one run's numbers and pictures."""
+    checkpoint = os.path.join(names.checkpoints_dir(store_dir), os.path.basename(summary.get("checkpoint") or run))
+    fv, sae = names.feature_vis_files(out_dir, run, ""), names.sae_view_files(out_dir, run)
+    files = {f"density{j}": names.density_plots(out_dir, j, "", run)[1] for j in range(1, k + 1)}
+    files.update(top_images=names.top_images_plots(out_dir, "", run)[1], feature_vis=fv["figure"],
+                 feature_vis_raw=fv["raw"], feature_vis_json=fv["record"], sae_view=sae["figure"],
+                 sae_view_json=sae["record"], summary=names.summary(out_dir, run),
+                 info=names.info_file(checkpoint), scores=names.scores_plot(checkpoint))
+    return {key: existing(p) for key, p in files.items()}
+
+
+def read_run(out_dir, store_dir, run, cosines, label_free_cache):
+    """One row of the atlas for stage-4 run ``run``."""
+    summary = read_json(names.summary(out_dir, run), "a stage-4 summary")
+    if not isinstance(summary, dict) or not isinstance(summary.get("channel"), int) or not concept_count(summary):
+        raise UserError(f"{names.summary(out_dir, run)}: not a stage-4 summary (no channel or no separations)")
+    k = concept_count(summary)
+    files = run_files(out_dir, store_dir, run, summary, k)
+    info = read_json(files["info"], "a stage-3 info file") if files["info"] else {}
+    match = RUN_NAME.match(run)
+    lf = label_free_records(store_dir, match.group("name"), label_free_cache).get(summary["channel"]) if match else None
+    purity_original, purity_parts = purities(summary, k)
+    return {"run": run, "channel": summary["channel"], "layer": summary.get("layer"), "k": k,
+            "concepts": concept_labels(summary, k), "cosine": cosine_of(summary, cosines),
+            "rho": summary.get("rho"), "max_logit_diff": summary.get("max_logit_diff"),
+            "exact": info.get("exact"), "sep": [summary.get(f"sep_concept{j}") for j in range(1, k + 1)],
+            "val_images": [summary.get(f"val_images_concept{j}") for j in range(1, k + 1)],
+            "quantitative": own_quantitative(summary, k),
+            "quantitative_all": [summary.get(f"quantitative_concept{j}") for j in range(1, k + 1)],
+            "purity_original": purity_original,
+            "purity_parts": purity_parts, "files": files,
+            "label_free": None if lf is None else {"file": lf[0], **summary_of_clusters(lf[1])}}
+
+
+def summary_of_clusters(rec):
+    """What the atlas shows of a channel's label-free concepts: k, silhouette, purity, and each cluster's size,
+    purity and three largest classes."""
+    clusters = [{"size": cl.get("size"), "purity": cl.get("purity"),
+                 "classes": sorted((cl.get("classes") or {}).items(), key=lambda kv: -kv[1])[:3]}
+                for cl in rec.get("clusters") or []]
+    return {"k": rec.get("k"), "silhouette": rec.get("silhouette"), "purity": rec.get("purity"), "clusters": clusters}
+
+
+def collect(out_dir, store_dir, runs=None, candidates_json=None, progress=None):
+    """The rows of ``runs`` (None: every summary under ``out_dir``), sorted by channel then run name."""
+    if not os.path.isdir(names.result(out_dir, "")):
+        raise UserError(f"{out_dir}: no {names.RESULTS_DIR}/ folder; pass stage 4's --out_dir")
+    runs = runs_found(out_dir) if runs is None else list(runs)
+    if not runs:
+        raise UserError(f"{out_dir}: no stage-4 run found (no {names.RESULTS_DIR}/*_summary.json)")
+    missing = [r for r in runs if not os.path.isfile(names.summary(out_dir, r))]
+    if missing:
+        raise UserError(f"run {missing[0]}: no summary {names.summary(out_dir, missing[0])}")
+    cosines, cache = cosine_lookup(candidates_json), {}
+    rows = [read_run(out_dir, store_dir, r, cosines, cache) for r in (progress(runs) if progress else runs)]
+    return sorted(rows, key=lambda row: (row["channel"], row["run"]))

@@ -1,0 +1,169 @@
+"""Write the atlas: ``index.html``, one page per run in ``channels/{slug}/`` with copies of its pictures and
+files beside it, shared files (stage 2's candidates, the label-free concepts files) in ``files/``, and
+``atlas.json`` (the rows and where they were read from).
+
+The site is written into a new temporary folder beside ``atlas_dir`` and renamed into place at the end, so
+a failed or interrupted run leaves the previous atlas (or nothing) as it was. A folder that holds anything
+else than a previous atlas is refused before anything is written.
+"""
+import os
+import shutil
+import tempfile
+
+from utils.atlas import collect, html
+from utils.files import atomic, names
+from utils.run.cli import UserError
+
+THUMB_HEIGHT = 48  # pixels of the index's feature-visualization thumbnails
+COPIED = ("top_images", "feature_vis", "scores", "sae_view", "summary", "info", "feature_vis_json", "sae_view_json")
+
+
+def check_atlas_dir(folder):
+    """Refuse (UserError, one line) a path that is a file, or a folder holding anything but a previous atlas."""
+    if not os.path.lexists(folder):
+        return
+    if not os.path.isdir(folder) or os.path.islink(folder):
+        raise UserError(f"--atlas {folder}: exists and is not a folder; pass a new or empty folder")
+    entries = sorted(os.listdir(folder))
+    foreign = [e for e in entries if e not in names.ATLAS_ENTRIES]
+    if foreign or (entries and names.ATLAS_RECORD not in entries):
+        what = foreign[0] if foreign else entries[0]
+        raise UserError(f"--atlas {folder}: holds {what!r}, which no atlas wrote; pass a new or empty folder "
+                        f"(an atlas is rewritten only over an atlas)")
+
+
+def slugs(rows):
+    """A folder name per row: ``channel{c}``, or ``channel{c}_{n}`` when a channel has several runs."""
+    count = {}
+    for r in rows:
+        count[r["channel"]] = count.get(r["channel"], 0) + 1
+    seen = {}
+    out = []
+    for r in rows:
+        n = seen[r["channel"]] = seen.get(r["channel"], 0) + 1
+        out.append(f"channel{r['channel']}" + ("" if count[r["channel"]] == 1 else f"_{n}"))
+    return out
+
+
+def copy_name(key, source):
+    """The copy's file name beside the page: the key (less a ``_json`` suffix) and the source's extension."""
+    return key.removesuffix("_json") + os.path.splitext(source)[1]
+
+
+def thumbnail(source, target, height=THUMB_HEIGHT):
+    """A PNG of ``source`` scaled to ``height`` pixels (never enlarged)."""
+    from PIL import Image
+    with Image.open(source) as im:
+        im = im.convert("RGB")
+        w = max(1, round(im.width * min(1.0, height / im.height)))
+        im.resize((w, min(height, im.height)), Image.LANCZOS).save(target)
+
+
+def copy_run_files(folder, slug, row):
+    """Copy the row's files beside its page; returns {key: file name} of what is there."""
+    os.makedirs(names.atlas_run(folder, slug, ""), exist_ok=True)
+    keys = [f"density{j}" for j in range(1, row["k"] + 1)] + list(COPIED)
+    copies = {}
+    for key in keys:
+        src = row["files"].get(key)
+        if src:
+            copies[key] = copy_name(key, src)
+            shutil.copyfile(src, names.atlas_run(folder, slug, copies[key]))
+    if row["files"].get("feature_vis_raw"):
+        copies["thumb"] = "thumb.png"
+        thumbnail(row["files"]["feature_vis_raw"], names.atlas_run(folder, slug, "thumb.png"))
+    return copies
+
+
+def copy_shared(folder, path, done):
+    """Copy a file every page may link to into ``files/`` once; returns its file name there."""
+    if path not in done:
+        base = os.path.basename(path)
+        done[path] = base if base not in done.values() else f"{len(done)}_{base}"
+        os.makedirs(names.atlas_shared(folder, ""), exist_ok=True)
+        shutil.copyfile(path, names.atlas_shared(folder, done[path]))
+    return done[path]
+
+
+def hrefs(folder, slug, copies, shared, start):
+    """{key: link relative to the folder ``start``} of a run's copies, its page and the shared files."""
+    rel = {key: os.path.relpath(names.atlas_run(folder, slug, f), start) for key, f in copies.items()}
+    rel["page"] = os.path.relpath(names.atlas_run(folder, slug), start)
+    rel.update({key: os.path.relpath(names.atlas_shared(folder, f), start) for key, f in shared.items()})
+    return rel
+
+
+def write_pages(folder, rows, candidates_json, progress=None):
+    """Copy every run's files and write its page, then the index; rows get ``slug`` and ``href`` (index-relative)."""
+    done = {}
+    pairs = list(zip(rows, slugs(rows)))
+    for row, slug in (progress(pairs) if progress else pairs):
+        row["slug"] = slug
+        copies = copy_run_files(folder, slug, row)
+        shared = {"candidates": copy_shared(folder, candidates_json, done)} if candidates_json else {}
+        if row["label_free"]:
+            shared["concepts"] = copy_shared(folder, row["label_free"]["file"], done)
+        here = os.path.dirname(names.atlas_run(folder, slug))
+        row["href"] = hrefs(folder, slug, copies, shared, here)
+        back = os.path.relpath(names.atlas_index(folder), here)
+        atomic.write_text(names.atlas_run(folder, slug), html.channel_page(row, back))
+        row["href"] = hrefs(folder, slug, copies, shared, folder)
+
+
+def folder_bytes(folder):
+    """Total size of the files under ``folder``."""
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
+
+
+def intro(rows, out_dir, store_dir):
+    layers = sorted({str(r["layer"]) for r in rows})
+    return (f"<p>{len(rows)} split channel(s) of layer {html.escape(', '.join(layers))}, read from "
+            f"<code>{html.escape(os.path.abspath(out_dir))}</code> and <code>{html.escape(os.path.abspath(store_dir))}"
+            f"</code>. Each channel's page shows its plots and links to the files behind each number.</p>")
+
+
+def write_into(folder, rows, out_dir, store_dir, candidates_json, progress=None):
+    """The whole site into ``folder`` (a new, empty folder)."""
+    write_pages(folder, rows, candidates_json, progress)
+    atomic.write_text(names.atlas_index(folder), html.index_page(rows, "Atlas of split channels",
+                                                                 intro(rows, out_dir, store_dir)))
+    record = {"written_by": "utils.atlas", "results": os.path.abspath(out_dir), "store": os.path.abspath(store_dir),
+              "candidates": candidates_json and os.path.abspath(candidates_json), "rows": rows}
+    record["bytes_without_this_file"] = folder_bytes(folder)
+    atomic.write_json(names.atlas_record(folder), record)
+
+
+def replace_folder(new, target):
+    """Rename the finished ``new`` folder to ``target``, moving a previous one aside first and removing it after."""
+    old = None
+    if os.path.lexists(target):
+        old = tempfile.mkdtemp(prefix=".old_atlas_", dir=os.path.dirname(target))
+        os.rmdir(old)
+        os.rename(target, old)
+    os.rename(new, target)
+    if old:
+        shutil.rmtree(old)
+
+
+def write_atlas(out_dir, store_dir, runs=None, atlas_dir="atlas", candidates_json=None, progress=None):
+    """The atlas of ``runs`` (None: every stage-4 summary under ``out_dir``) into ``atlas_dir``.
+
+    ``out_dir``: stage 4's ``--out_dir``; ``store_dir``: the store folder (checkpoints, info, scores plot,
+    concepts files); ``candidates_json``: stage 2's ``…_candidates.json`` for the cosine column (else blank).
+    ``progress``: wraps the list of runs (``tqdm``). Returns {"folder", "runs", "bytes"}."""
+    atlas_dir = os.path.abspath(atlas_dir)
+    check_atlas_dir(atlas_dir)
+    rows = collect.collect(out_dir, store_dir, runs, candidates_json)
+    parent = os.path.dirname(atlas_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp_atlas_", dir=parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        write_into(tmp, rows, out_dir, store_dir, candidates_json, progress)
+        replace_folder(tmp, atlas_dir)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+    return {"folder": atlas_dir, "runs": len(rows), "bytes": folder_bytes(atlas_dir)}
