@@ -43,8 +43,8 @@ def ours(workdir, timer):
     for _ in timer.runs():
         with timer:
             filters, bias = stage4.checkpoint_filters(torch.load(path))
-            r = stage4.evaluate(model, conv, c, filters, bias, ds, indices, common.BATCH_SIZE, "cpu",
-                                    common.workers_ours())
+            (r,) = stage4.evaluate_many(model, conv, [(c, filters, bias, {ds.targets[i] for i in indices})], ds,
+                                        indices, common.BATCH_SIZE, "cpu", common.workers_ours())
     return {"channel": c, "images": len(indices), "rel": r["rel"].tolist(), "orig": r["orig"].tolist(),
             "maps": r["maps"].tolist()}
 

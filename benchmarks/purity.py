@@ -52,7 +52,8 @@ from utils.method import sae as S
 from utils.stages import sae_view  # noqa: E402
 from utils.run import cli  # noqa: E402
 from utils.disentangle import checkpoint_name, filter_maps, positive_mass  # noqa: E402
-from utils.stages.stage4 import checkpoint_filters, top_k  # noqa: E402
+from utils.method.evaluation import top_k  # noqa: E402
+from utils.stages.stage4 import checkpoint_filters  # noqa: E402
 
 MODEL = "demo.model:shapes_cnn"
 METRICS = ("purity", "purity_colour", "purity_texture", "top_n_purity", "share")

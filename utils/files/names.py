@@ -236,3 +236,9 @@ def sae_cache(store_dir, key):
 def sae_view_files(out_dir, run):
     """The SAE view of one run: figure and record."""
     return {"figure": plot(out_dir, f"sae_view_{run}.png"), "record": result(out_dir, f"{run}_sae_view.json")}
+
+
+# ---------------------------------------------------------------- stage 4: where it finds a checkpoint
+def checkpoint_places(model_dir, checkpoint):
+    """Where stage 4 looks for a checkpoint file, in order: ``{model_dir}/models_disentangled``, then ``model_dir``."""
+    return [os.path.join(folder, checkpoint) for folder in (checkpoints_dir(model_dir), model_dir)]

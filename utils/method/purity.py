@@ -11,7 +11,7 @@ Top-N purity alone misleads: a polysemantic channel's top images can all come fr
 """
 import numpy as np
 
-from utils.stages.stage4 import top_k
+from utils.method.evaluation import top_k
 
 
 def activation_purity(pos, groups):

@@ -27,7 +27,7 @@ from utils.files import atomic
 from utils.method import sae as S
 from utils.run.cli import UserError, at_least, default_workers
 from utils.disentangle import filter_maps, positive_mass
-from utils.stages.stage4 import top_k
+from utils.method.evaluation import top_k
 
 DEFAULTS = {"sae_expansion": 8, "sae_k": 8, "sae_steps": 2000, "sae_positions_per_image": 4, "sae_seed": 0,
             "sae_lr": 1e-3, "sae_batch_size": 1024, "sae_train_images": 0}
