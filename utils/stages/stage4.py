@@ -17,7 +17,7 @@ from utils.run import cli, context
 from utils.run.cli import UserError
 from utils.stages.stage4_checkpoints import load_checkpoint
 from utils.stages.stage4_passes import checkpoint_filters, evaluate_many, scan_arvs, scan_many
-from utils.stages.stage4_results import write_job
+from utils.stages.stage4_results import Evaluated, write_job
 
 HINT = ": replace or remove the file, or pass --skip_unreadable to leave it out"
 
@@ -125,10 +125,10 @@ def run(ctx, s, check_extras, extras):
                                  unreadable=s.unreadable, hint=HINT)
         whole = [(scanned, o, m) for o, m in pos]
     concepts = [concept_ids(job, v, r) for job, v, r in zip(jobs, vals, results)]  # all checked before writing
-    for job, ckpt, r, w, concept, v in zip(jobs, checkpoints, results, whole, concepts, vals):
+    for e in map(Evaluated, jobs, checkpoints, results, whole, concepts, vals):
         if s.triples_file is not None:
-            print(f"=== {job.where}: channel {job.channel}, classes {job.describe()}")
-        write_job(ctx, s, job, ckpt, r, w, concept, v, extras)
+            print(f"=== {e.job.where}: channel {e.job.channel}, classes {e.job.describe()}")
+        write_job(ctx, s, e, extras)
 
 
 def concept_ids(job, val, r):

@@ -45,6 +45,8 @@ def evaluate_many(model, conv, runs, ds, indices, batch_size, device, num_worker
     (``utils/data/classmap.py``), whose logit the backward differentiates; None: folder y is output y.
     Returns one dict per run of numpy arrays (see ``evaluation.image_numbers``), plus ``index`` and ``label``
     of each image, and ``skipped``: the dataset indices of its images left out as unreadable.
+    The parameters past ``indices`` are those of the one scan (``utils.data.scan.scan``), passed on as they are;
+    the three passes of this module take them alike.
     """
     model = model.to(device)
     prepared = [_on(device, c, f, b) for c, f, b, _ in runs]
