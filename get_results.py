@@ -85,9 +85,7 @@ def check_checkpoint(ctx, sd, channel, path, val_summary, k=None, concepts_sha25
 
 
 def checkpoint_file_name(ctx, t, rho):
-    if isinstance(t, by_clusters.ClusterConcepts):
-        return disentangle.cluster_checkpoint_name(ctx.name, t.channel, t.top_n, t.clusters, rho)
-    return disentangle.checkpoint_name_k(ctx.name, t.channel, t.concepts, rho)
+    return t.checkpoint(ctx.name, rho)
 
 
 def load_checkpoint(ctx, args, t, rho, val_summary):

@@ -17,7 +17,7 @@ from utils.data import folders
 from utils.files import atomic
 from utils.method import similarities
 from utils.run.cli import UserError
-from utils.disentangle import filter_maps, positive_mass
+from utils.method.split import filter_maps, positive_mass
 from utils.concepts.by_classes import class_batches
 
 MAP_NAMES = ("D1", "D2", "R")
