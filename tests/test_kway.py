@@ -360,8 +360,9 @@ def test_degeneracy_warning_exactly_when_the_rule_says(dead_images, warned):
     assert dead2 == dead_images / 4
     assert ch["degenerate"] is (dead2 > 0.5) is warned
     run = dict(ch, logit_images=4, logit_diff=0.0, logit_max=1.0, maps_ok=True, logits_ok=True)
-    text = stage3_text.job_lines("conv3", ["a", "b"], Triple(0, [0], [1]), [4, 4], res, run,
-                                 [torch.ones(3), torch.zeros(3)])
+    job = SimpleNamespace(concepts=Triple(0, [0], [1]), counts=[4, 4], res=res, run=run,
+                          arvs=[torch.ones(3), torch.zeros(3)])
+    text = stage3_text.job_lines("conv3", ["a", "b"], job)
     lines = [ln for ln in text if "warning" in ln]
     assert len(lines) == (1 if warned else 0)
     if warned:

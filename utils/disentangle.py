@@ -147,12 +147,14 @@ def exported_state_dict(dmodel):
     return {k: v.detach().cpu().clone().contiguous() for k, v in dmodel.state_dict().items()}
 
 
-def export_model(dmodel, model_spec, weights_id, layer_path, conv, channel, checkpoint_path):
+def export_model(dmodel, model_spec, weights_id, layer_path, channel, checkpoint_path):
     """Write ``…_f_best_model.pth`` (``exported_state_dict``) and ``…_f_best_model.json`` saying how to rebuild
-    the network, beside the job's best checkpoint ``checkpoint_path``. Returns the two paths."""
+    the network ``dmodel`` (``disentangled_model``), beside the job's best checkpoint ``checkpoint_path``.
+    Returns the two paths."""
     from utils.files import atomic
-    c_out = conv.out_channels
-    k = dmodel.get_submodule(layer_path)[0].out_channels - c_out
+    conv, merge = dmodel.get_submodule(layer_path)  # L' has the layer's geometry, M its output channels
+    c_out = merge.out_channels
+    k = conv.out_channels - c_out
     rows = {"D1": channel, **{f"D{j}": c_out + j - 2 for j in range(2, k + 1)}, "R": c_out + k - 1}
     geometry = (f"kernel_size={tuple(conv.kernel_size)}, stride={tuple(conv.stride)}, padding={tuple(conv.padding)}, "
                 f"dilation={tuple(conv.dilation)}, bias={conv.bias is not None}")

@@ -118,10 +118,6 @@ class Split:
         self.channel, self.filters, self.bias_c = channel, filters, bias_c
         self.rows = [torch.as_tensor(np.asarray(r), dtype=torch.int64) for r in rows]
 
-    @property
-    def k(self):
-        return len(self.rows)
-
 
 @dataclass
 class SplitScores:

@@ -50,10 +50,11 @@ def exactness_lines(channel, k, res, run):
             f"{'OK, same function' if run['logits_ok'] else 'FAILED'}"]
 
 
-def job_lines(layer_path, names, t, counts, res, run, v, header=False):
-    """Everything printed for job ``t`` (a ``Concepts``): counts (k training images per concept), res (its
-    SplitScores), run (its ``choose`` dict with the network check), v (its k ARVs); ``header``: a first line
-    naming the triples file's line. ``names``: the class folder names."""
+def job_lines(layer_path, names, job, header=False):
+    """Everything printed for a job of stage 3 (``utils.stages.stage3.Job``: its concepts, counts (training
+    images per concept), res (SplitScores), run (the ``choose`` dict with the network check) and arvs (k ARVs));
+    ``header``: a first line naming the triples file's line. ``names``: the class folder names."""
+    t, counts, res, run, v = job.concepts, job.counts, job.res, job.run, job.arvs
     c, best, k = t.channel, run["best"], len(counts)
     src = split_sources_k(torch.stack(v), RHOS[best])
     lines = [f"=== {t.where}: channel {c}, classes {t.describe()}"] if header else []

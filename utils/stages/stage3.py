@@ -198,8 +198,8 @@ def export(ctx, folder, job):
     """``--export_model``: the whole disentangled network of the job's best split, as a state dict."""
     best_path = job.checkpoint(ctx, folder, "best")
     dmodel = disentangle.disentangled_model(ctx.model, ctx.layer_path, job.concepts.channel, job.run["best_sd"])
-    paths = disentangle.export_model(dmodel, ctx.model_spec, ctx.weights_id, ctx.layer_path, ctx.conv,
-                                     job.concepts.channel, best_path)
+    paths = disentangle.export_model(dmodel, ctx.model_spec, ctx.weights_id, ctx.layer_path, job.concepts.channel,
+                                     best_path)
     print("exported the disentangled network: " + " and ".join(paths))
 
 
@@ -239,8 +239,7 @@ def run(ctx, s):
             write_job(ctx, folder, job)
             if s.export_model:
                 export(ctx, folder, job)
-        print("\n".join(stage3_text.job_lines(ctx.layer_path, st.manifest["classes"], job.concepts, job.counts,
-                                              job.res, job.run, job.arvs, header=s.header)))
+        print("\n".join(stage3_text.job_lines(ctx.layer_path, st.manifest["classes"], job, header=s.header)))
         if not failed:
             print(f"wrote 20 checkpoints and {job.concepts.checkpoint(ctx.name, 'best')} to {folder}")
     if failed:
