@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils import disentangle
+from utils.method import split
 from utils.featurevis import render as fv  # noqa: E402
 
 CHANNEL = 1
@@ -54,7 +55,7 @@ def synthetic_checkpoint(conv, channel):
     keep = torch.zeros(w.shape[0], 1, 1)
     keep[:half] = 1
     filters = torch.stack([w * keep, w * (1 - keep), w * 0])
-    return disentangle.checkpoint_state_dict(filters, None if conv.bias is None else conv.bias[channel].detach())
+    return split.checkpoint_state_dict(filters, None if conv.bias is None else conv.bias[channel].detach())
 
 
 def spectrum(size):

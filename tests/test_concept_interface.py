@@ -1,12 +1,13 @@
 """The concepts interface (utils/concepts/base.py) on hand-built cases: both kinds answer every question, with
 the training rows, concept ids, names and file keys worked out by hand."""
 import inspect
+import re
 
 import numpy as np
 import pytest
 import torch
 
-from utils.concepts.base import Concepts, ValImages
+from utils.concepts.base import ASKED, Concepts, ValImages
 from utils.concepts.by_classes import Triple, class_ids
 from utils.concepts.by_clusters import ClusterConcepts
 from utils.run.cli import UserError
@@ -36,10 +37,12 @@ class Val:
 
 
 def test_every_kind_answers_every_question():
-    asked = [n for n, f in inspect.getmembers(Concepts, inspect.isfunction) if not n.startswith("_")]
-    assert len(asked) >= 12
+    documented = re.findall(r"^  ``(\w+)\(", inspect.getmodule(Concepts).__doc__, flags=re.M)
+    assert sorted(documented) == sorted(ASKED) and len(ASKED) == 13
     for kind in (Triple, ClusterConcepts):
-        assert all(getattr(kind, n) is not getattr(Concepts, n) for n in asked), kind
+        assert issubclass(kind, Concepts) and all(callable(getattr(kind, n)) for n in ASKED)
+    with pytest.raises(TypeError, match="does not answer val_ids, sae_classes"):
+        type("Half", (Concepts,), {n: lambda self: None for n in ASKED if n not in ("val_ids", "sae_classes")})
 
 
 def test_training_rows_by_hand():

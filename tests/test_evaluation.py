@@ -12,7 +12,7 @@ from tests.tiny_models import tiny_resnet, tiny_vgg
 from utils import disentangle
 from utils.data import folders
 from utils.files import atomic, names, registry
-from utils.method import attribution, evaluation
+from utils.method import attribution, evaluation, split
 from utils.model import tap
 from utils.report.latex import filecontents_block
 from utils.stages import stage4, stage4_passes
@@ -103,12 +103,12 @@ def test_evaluate_equals_full_networks(case, image_root, tmp_path):
     conv = model.get_submodule(path)
     torch.manual_seed(7)
     v1, v2 = torch.randn(conv.in_channels), torch.randn(conv.in_channels)
-    filters = disentangle.split_filter(conv.weight[channel].detach(), v1, v2, 0.5)
-    src1, src2 = disentangle.split_sources(v1, v2, 0.5)
+    filters = split.split_filter(conv.weight[channel].detach(), v1, v2, 0.5)
+    src1, src2 = split.split_sources_k(torch.stack([v1, v2]), 0.5)
     assert src1.any() and src2.any()
     bias_c = None if conv.bias is None else conv.bias[channel].detach()
     ckpt = tmp_path / "ckpt.pth"
-    atomic.save_torch(ckpt, disentangle.checkpoint_state_dict(filters, bias_c))
+    atomic.save_torch(ckpt, split.checkpoint_state_dict(filters, bias_c))
     sd = torch.load(ckpt, weights_only=True)
     f, b = stage4.checkpoint_filters(sd)
     assert (b is None) == (conv.bias is None)
@@ -157,8 +157,8 @@ def test_batch_numbers_relative_attribution_is_to_the_label():
     conv = model.conv3
     torch.manual_seed(8)
     images = torch.randn(4, 3, 64, 64)
-    f = disentangle.split_filter(conv.weight[2], torch.randn(24), torch.randn(24), 0.5)
-    sd = disentangle.checkpoint_state_dict(f)
+    f = split.split_filter(conv.weight[2], torch.randn(24), torch.randn(24), 0.5)
+    sd = split.checkpoint_state_dict(f)
     for labels in (torch.tensor([0, 1, 2, 3]), torch.tensor([3, 3, 0, 1])):
         got = batch_numbers(model, conv, 2, f, None, images, labels)
         ref = _reference_numbers(model, "conv3", 2, sd, images, labels)
@@ -308,7 +308,7 @@ def test_evaluate_many_gives_each_run_bit_for_bit_what_evaluate_gives(image_root
     runs = []
     for channel, classes in ((1, [0, 1]), (5, [2, 3]), (7, [0, 2, 1])):
         v1, v2 = torch.randn(conv.in_channels), torch.randn(conv.in_channels)
-        runs.append((channel, disentangle.split_filter(conv.weight[channel].detach(), v1, v2, 0.5), None, classes))
+        runs.append((channel, split.split_filter(conv.weight[channel].detach(), v1, v2, 0.5), None, classes))
     union = folders.indices_of_classes(ds, [0, 1, 2, 3])
     many = stage4.evaluate_many(model, conv, runs, ds, union, 3, "cpu", 0, desc="test")
     for (channel, f, b, classes), got in zip(runs, many):

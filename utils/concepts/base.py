@@ -3,27 +3,41 @@
 A job splits channel c into k >= 2 concepts. Concept j is given by classes (``by_classes.Triple``: the
 images of some classes, ``--classes_for_concept{j}`` or a ``--triples`` line) or by a cluster of a concepts
 file (``by_clusters.ClusterConcepts``: some store rows, ``--concepts_file``); another kind subclasses
-``Concepts``. The stages never ask which kind they hold; they ask:
+``Concepts`` and answers every question below (checked when the subclass is defined). The stages never ask
+which kind they hold. The contract (j is 1-based; ``names``: the class folder names):
 
 stage 3 (training split, the store)
-  ``k``, ``channel``, ``where`` (``"FILE line N"`` for messages, or ``""``)
+  ``k``, ``channel``; ``where``              ``"FILE line N"`` for messages, or ``""``
   ``training_rows(targets)``   k int64 arrays of store rows (= ImageFolder indices): concept j's readable
-                               training images, from which v_j and its ids in the scoring pass come (an
-                               image of row i is of concept j iff i is in rows[j-1]); UserError if one is empty
-  ``describe()``               ``'[0] vs [1]'`` / ``'clusters 0 vs 2'``
-  ``label(names, j)``          how stage 3's report names concept j (``names``: the class folder names)
-  ``checkpoint(name, rho)``    the checkpoint file name for ``rho`` (a float or ``"best"``; ``utils.files.names``)
-  ``info_keys()``              the keys of ``…_info.json`` that say what the concepts were
+                               training images, from which v_j and the image's concept in the scoring pass
+                               come (row i is of concept j iff i is in rows[j-1]). targets: (N,) the store's
+                               labels, -1 for unreadable images. UserError (one line) where a concept has none
+                               or names unreadable rows
+  ``describe()``               the concepts in a few words: ``'[0] vs [1]'``, ``'clusters 0 vs 2'``
+  ``label(names, j)``          how stage 3's report names concept j
+  ``checkpoint(name, rho)``    the checkpoint file name of ``rho`` (a float or ``"best"``) for the model/layer
+                               ``name`` (``utils.files.names``)
+  ``info_keys()``              the keys of ``…_info.json`` that say what the concepts were (in file order)
 stage 4 (val split)
   ``concepts_sha256``          sha256 of the file the concepts came from, or None
-  ``val_images(ds, data_dir, val_top_n, scan_arvs)``  the val images to evaluate (``ValImages``)
-  ``val_ids(val, labels, indices)``  (N,) concept id 1..k (0: none) of evaluated val images
+  ``val_images(ds, data_dir, val_top_n, scan_arvs)``  the val images to evaluate (a ``ValImages``);
+                               ``scan_arvs(channel, indices)`` -> (scanned indices, summed (M,), arvs (M, C_in))
+                               is a pass over val images, called only by kinds whose val images are chosen by
+                               activation (``val_top_n``: that flag, or None). UserError where a concept has none
+  ``val_ids(val, labels, indices)``  (N,) int64 concept id 1..k (0: none) of evaluated val images
   ``no_val_images(j)``         why concept j has no evaluated val image (the one-line error's text)
-  ``val_label(names, j)``, ``summary_keys(names, val)``, ``val_scope()`` (the contact sheet's words)
-  ``featurevis_concepts(index, ids)`` ``(class lists, val images or None)`` for the feature visualizations
-  ``sae_classes()``            the classes whose val images the SAE view reads (None: every val image)
+  ``val_label(names, j)``      how stage 4 names concept j in its lines and plot titles
+  ``summary_keys(names, val)`` the keys of ``…_summary.json`` that say what the concepts were
+  ``val_scope()``              which val images the contact sheet ranks, in words
+  ``featurevis_concepts(index, ids)``  (k class lists, None), or (k empty lists, (index, ids)) where the
+                               concepts are no classes: what the feature visualizations take (index, ids: the
+                               evaluated val images and their concept ids)
+  ``sae_classes()``            the classes whose val images the SAE view reads, or None for every val image
 """
 from dataclasses import dataclass, field
+
+ASKED = ("training_rows", "describe", "label", "checkpoint", "info_keys", "val_images", "val_ids", "no_val_images",
+         "val_label", "summary_keys", "val_scope", "featurevis_concepts", "sae_classes")
 
 
 @dataclass
@@ -44,43 +58,8 @@ class Concepts:
     where = ""
     concepts_sha256 = None
 
-    def training_rows(self, targets):
-        raise NotImplementedError
-
-    def describe(self):
-        raise NotImplementedError
-
-    def label(self, names, j):
-        raise NotImplementedError
-
-    def checkpoint(self, name, rho):
-        raise NotImplementedError
-
-    def info_keys(self):
-        raise NotImplementedError
-
-    def val_images(self, ds, data_dir, val_top_n, scan_arvs):
-        """``scan_arvs(channel, indices)`` -> (scanned indices, summed (M,), arvs (M, C_in)): a pass over val
-        images, called only by kinds whose val images are chosen by activation."""
-        raise NotImplementedError
-
-    def val_ids(self, val, labels, indices):
-        raise NotImplementedError
-
-    def no_val_images(self, j):
-        raise NotImplementedError
-
-    def val_label(self, names, j):
-        raise NotImplementedError
-
-    def summary_keys(self, names, val):
-        raise NotImplementedError
-
-    def val_scope(self):
-        raise NotImplementedError
-
-    def featurevis_concepts(self, index, ids):
-        raise NotImplementedError
-
-    def sae_classes(self):
-        raise NotImplementedError
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        missing = [n for n in ASKED if not callable(getattr(cls, n, None))]
+        if missing:
+            raise TypeError(f"{cls.__name__} does not answer {', '.join(missing)} (utils.concepts.base)")

@@ -126,32 +126,58 @@ def read_concepts_file(path, fingerprint, channel, clusters=None, keys=store.MAT
     refuse rows outside it. Returns a ClusterConcepts.
     """
     flag = f"--concepts_file {path}"
+    doc = _document(path, flag)
+    diff = store.describe_mismatch(doc["fingerprint"], fingerprint, keys)
+    if diff:
+        raise UserError(f"{flag} was made from another store or model: {diff}")
+    entry = _channel_entry(doc["channels"], channel, flag)
+    all_clusters = entry.get("clusters") or []
+    chosen = _chosen_clusters(len(all_clusters), clusters, channel, path)
+    rows = _cluster_rows(all_clusters, chosen, channel, flag, num_rows)
+    centroids = torch.tensor([cl["centroid"] for cl in all_clusters], dtype=torch.float64)
+    return ClusterConcepts(channel=channel, clusters=chosen, rows=rows, centroids=centroids,
+                           sign=int(entry.get("sign", 1)), top_n=int(doc.get("top_n", entry.get("top_n", 0))),
+                           path=path, sha256=file_sha256(path),
+                           class_counts=[all_clusters[j].get("class_counts", []) for j in chosen])
+
+
+def _document(path, flag):
+    """The concepts file's JSON, with its "channels" and "fingerprint"."""
     if not os.path.isfile(path):
         raise UserError(f"{flag}: file not found (get_cosine_similarities.py --label_free writes it)")
     try:
         doc = json.loads(open(path).read())
-        entries = doc["channels"]
-        fp = doc["fingerprint"]
+        doc["channels"], doc["fingerprint"]  # noqa: B018  (both there, or a KeyError / TypeError)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{flag}: not a concepts file ({type(e).__name__}: {e})")
-    diff = store.describe_mismatch(fp, fingerprint, keys)
-    if diff:
-        raise UserError(f"{flag} was made from another store or model: {diff}")
+    return doc
+
+
+def _channel_entry(entries, channel, flag):
     entry = entries.get(str(channel)) if isinstance(entries, dict) else None
     if entry is None:
         have = sorted(int(c) for c in entries) if isinstance(entries, dict) else []
         raise UserError(f"{flag}: channel {channel} is not in the file (it has channels "
                         f"{have[:10]}{' ...' if len(have) > 10 else ''})")
-    all_clusters = entry.get("clusters") or []
-    chosen = list(range(len(all_clusters))) if clusters is None else list(clusters)
-    bad = [j for j in chosen if not 0 <= j < len(all_clusters)]
+    return entry
+
+
+def _chosen_clusters(n, clusters, channel, path):
+    """The cluster indices used (``clusters``, default all n), checked: in range, each once, at least two."""
+    chosen = list(range(n)) if clusters is None else list(clusters)
+    bad = [j for j in chosen if not 0 <= j < n]
     if bad:
-        raise UserError(f"--clusters {bad[0]}: channel {channel} has clusters 0..{len(all_clusters) - 1} in {path}")
+        raise UserError(f"--clusters {bad[0]}: channel {channel} has clusters 0..{n - 1} in {path}")
     if len(set(chosen)) != len(chosen):
         raise UserError(f"--clusters lists a cluster twice: {chosen}")
     if len(chosen) < 2:
-        raise UserError(f"{flag}: channel {channel} gives {len(chosen)} concept(s); a split needs at least two "
-                        f"clusters")
+        raise UserError(f"--concepts_file {path}: channel {channel} gives {len(chosen)} concept(s); a split needs "
+                        f"at least two clusters")
+    return chosen
+
+
+def _cluster_rows(all_clusters, chosen, channel, flag, num_rows):
+    """The sorted rows of each chosen cluster: non-empty, inside the store, disjoint."""
     rows = [np.unique(np.asarray(all_clusters[j]["rows"], dtype=np.int64)) for j in chosen]
     for j, r in zip(chosen, rows):
         if not len(r):
@@ -162,11 +188,7 @@ def read_concepts_file(path, fingerprint, channel, clusters=None, keys=store.MAT
     seen = np.concatenate(rows)
     if len(np.unique(seen)) != len(seen):
         raise UserError(f"{flag}: clusters {chosen} of channel {channel} share rows; concepts must be disjoint")
-    centroids = torch.tensor([cl["centroid"] for cl in all_clusters], dtype=torch.float64)
-    return ClusterConcepts(channel=channel, clusters=chosen, rows=rows, centroids=centroids,
-                           sign=int(entry.get("sign", 1)), top_n=int(doc.get("top_n", entry.get("top_n", 0))),
-                           path=path, sha256=file_sha256(path),
-                           class_counts=[all_clusters[j].get("class_counts", []) for j in chosen])
+    return rows
 
 
 def top_positions(summed, sign, n):

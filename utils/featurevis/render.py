@@ -35,7 +35,7 @@ from utils.data import folders
 from utils.model.tap import layer_input_with_grad
 from utils.files import atomic
 from utils.run.cli import UserError, at_least, default_workers
-from utils.disentangle import filter_maps
+from utils.method.split import filter_maps
 from utils.method.evaluation import top_k
 
 INPUT_SIZE = 224           # the evaluation transform's crop: what the model is fed

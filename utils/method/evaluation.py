@@ -13,6 +13,7 @@ the density curves of orig and each map (a Gaussian KDE, as seaborn's kdeplot); 
 import numpy as np
 
 from utils.method import attribution, similarities
+from utils.method.split import positive_mass
 
 
 def map_names(k):
@@ -32,7 +33,7 @@ def image_numbers(a, pos, maps, channel):
             "orig": a[:, channel].sum(dim=(1, 2)),
             "maps": maps.sum(dim=(2, 3)),
             "orig_pos": a[:, channel].clamp_min(0).sum(dim=(1, 2)),
-            "maps_pos": maps.clamp_min(0).sum(dim=(2, 3))}
+            "maps_pos": positive_mass(maps)}
 
 
 def channel_arvs(x, a, conv, channel):

@@ -26,7 +26,7 @@ from utils.data import folders
 from utils.files import atomic
 from utils.method import sae as S
 from utils.run.cli import UserError, at_least, default_workers
-from utils.disentangle import filter_maps, positive_mass
+from utils.method.split import filter_maps, positive_mass
 from utils.method.evaluation import top_k
 
 DEFAULTS = {"sae_expansion": 8, "sae_k": 8, "sae_steps": 2000, "sae_positions_per_image": 4, "sae_seed": 0,
