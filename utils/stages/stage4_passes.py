@@ -10,11 +10,10 @@ import numpy as np
 import torch
 
 from utils.concepts.by_classes import class_batches
-from utils.data import scan
-from utils.data import folders
-from utils.method.split import filter_maps, positive_mass
+from utils.data import folders, scan
 from utils.method import attribution
 from utils.method.evaluation import channel_arvs, image_numbers
+from utils.method.split import filter_maps, positive_mass
 from utils.run.cli import UserError
 
 
