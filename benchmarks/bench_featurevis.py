@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils import disentangle
 from utils.data import folders  # noqa: E402
 from utils.featurevis import objectives, param, render, transform  # noqa: E402
+from utils.method import split  # noqa: E402
 
 CHANNEL = 1
 
@@ -55,7 +56,7 @@ def synthetic_checkpoint(conv, channel):
     keep = torch.zeros(w.shape[0], 1, 1)
     keep[:half] = 1
     filters = torch.stack([w * keep, w * (1 - keep), w * 0])
-    return disentangle.checkpoint_state_dict(filters, None if conv.bias is None else conv.bias[channel].detach())
+    return split.checkpoint_state_dict(filters, None if conv.bias is None else conv.bias[channel].detach())
 
 
 def spectrum(size):

@@ -39,35 +39,39 @@ def setup(workdir):
 
 def ours(workdir, timer):
     import shutil
+    from types import SimpleNamespace
 
     import torch
 
-    from utils.data import folders
     from utils import disentangle
-    from utils.files import atomic
+    from utils.data import folders
+    from utils.files import atomic, names
+    from utils.method import rho_scores, split
+    from utils.stages import stage3
     model, conv, c, s1, s2, v1, v2, ds, indices = setup(workdir)
+    ctx = SimpleNamespace(model=model, conv=conv, dataset=ds, device=torch.device("cpu"))
+    settings = SimpleNamespace(batch_size=common.BATCH_SIZE, num_workers=common.workers_ours(), channels_last=True)
     folder = os.path.join(workdir, "store_ours", "models_disentangled")
     for _ in timer.runs():
         shutil.rmtree(folder, ignore_errors=True)
         with timer:
             v1, v2 = common.concept_arvs(workdir, conv, c, s1, s2)  # closed form, from the store
-            filters = disentangle.split_filters(conv.weight[c].detach(), v1, v2)
-            split = disentangle.Split(c, filters, None, s1, s2)
-            found, = disentangle.score_images(model, conv, [split], ds, indices, common.BATCH_SIZE,
-                                              torch.device("cpu"), common.workers_ours())
+            filters = split.split_filters_k(conv.weight[c].detach(), torch.stack([v1, v2]))
+            rows = [folders.indices_of_classes(ds, s1), folders.indices_of_classes(ds, s2)]
+            found, = stage3.score_images(ctx, [rho_scores.Split(c, filters, None, rows)], indices, settings)
             scores = found.scores
-            best = disentangle.best_rho_index(scores)
+            best = rho_scores.best_rho_index(scores)
             # the script's full-network check: both networks' logits on the first EXACTNESS_IMAGES images
             check = next(iter(folders.make_loader(ds, [indices[:EXACTNESS_IMAGES]], 0, "cpu")))[0]
             diff, zmax, _ = disentangle.network_check(model, common.LAYER, c,
-                                                      disentangle.checkpoint_state_dict(filters[best]), check)
-            assert disentangle.within_tolerance(found.max_map_diff, found.max_abs_map)
-            assert disentangle.within_tolerance(diff, zmax)
-            for r, rho in enumerate(disentangle.RHOS + ["best"]):
-                atomic.save_torch(os.path.join(folder, disentangle.checkpoint_name("bench_resnet50", c, s1, s2, rho)),
-                                  disentangle.checkpoint_state_dict(filters[best if rho == "best" else r]))
+                                                      split.checkpoint_state_dict(filters[best]), check)
+            assert split.within_tolerance(found.max_map_diff, found.max_abs_map)
+            assert split.within_tolerance(diff, zmax)
+            for r, rho in enumerate(split.RHOS + ["best"]):
+                atomic.save_torch(os.path.join(folder, names.class_checkpoint("bench_resnet50", c, [s1, s2], rho)),
+                                  split.checkpoint_state_dict(filters[best if rho == "best" else r]))
     return {"channel": c, "classes": [s1, s2], "images": len(indices), "scores": scores.tolist(),
-            "best_rho": disentangle.RHOS[best]}
+            "best_rho": split.RHOS[best]}
 
 
 def three_filter_module(c_in, kernel_size):
@@ -121,13 +125,13 @@ def published_stage3(model, conv, workdir, c, y1, y2, pickle_path, batch_size):
     import torch
     import torch.nn as nn
 
-    from utils import disentangle
+    from utils.method import split
     out = os.path.join(workdir, "store_published", "models_disentangled")
     os.makedirs(out, exist_ok=True)
     c_out, c_in, k, _ = conv.weight.shape
     name = lambda f: os.path.join(out, f"bench_resnet50_channel{c}_classes1{[y1]}_classes2{[y2]}_f{f}_unnormalized.pth")  # noqa: E731
     small = {}
-    for f in disentangle.RHOS:
+    for f in split.RHOS:
         dmodel = copy.deepcopy(model).eval()
         seq = nn.Sequential(nn.Conv2d(c_in, c_out, kernel_size=k, stride=1, bias=False),
                             nn.Conv2d(c_out, c_out, kernel_size=1, stride=1, bias=False))
@@ -182,21 +186,21 @@ def published_stage3(model, conv, workdir, c, y1, y2, pickle_path, batch_size):
     for concept, y, bs in ((1, y1, batch_size), (2, y2, common.PUBLISHED_BATCH_CONCEPT2)):
         loader = torch.utils.data.DataLoader(common.published_subset(train_dir, [y]), batch_size=bs, shuffle=False,
                                              num_workers=common.workers_published(0))
-        parts = {f: [] for f in disentangle.RHOS}
+        parts = {f: [] for f in split.RHOS}
         for images, targets in loader:
             _ = model(images)
             x = kept["x"]
-            for f in disentangle.RHOS:
+            for f in split.RHOS:
                 pos = torch.clamp(small[f](x)[1], min=0.0).sum(dim=(2, 3))
                 num, den = (0, 1) if concept == 1 else (1, 0)
                 parts[f].append((pos[:, num] / (pos[:, den] + 1e-5)).detach())
-        ratios[concept] = {f: torch.cat(parts[f]).mean().item() for f in disentangle.RHOS}
+        ratios[concept] = {f: torch.cat(parts[f]).mean().item() for f in split.RHOS}
     for h in handles:
         h.remove()
-    final = {f: ratios[1][f] + ratios[2][f] for f in disentangle.RHOS}
+    final = {f: ratios[1][f] + ratios[2][f] for f in split.RHOS}
     best = max(final, key=final.get)
     torch.save(small[best].state_dict(), name("_best"))
-    return [final[f] for f in disentangle.RHOS], best
+    return [final[f] for f in split.RHOS], best
 
 
 def published(workdir, timer):
@@ -230,19 +234,20 @@ def published(workdir, timer):
 def naive(workdir, timer):
     import torch
 
-    from utils.data import folders
     from utils import disentangle
+    from utils.data import folders
+    from utils.method import rho_scores, split
     model, conv, c, s1, s2, v1, v2, ds, indices = setup(workdir)
     c_out = conv.out_channels
     for _ in timer.runs(1):  # dozens of passes: one-off costs are amortized already
         with timer:
             scores = []
-            for rho in disentangle.RHOS:
-                sd = disentangle.checkpoint_state_dict(disentangle.split_filter(conv.weight[c].detach(), v1, v2, rho))
+            for rho in split.RHOS:
+                sd = split.checkpoint_state_dict(split.split_filter(conv.weight[c].detach(), v1, v2, rho))
                 dmodel = disentangle.disentangled_model(model, common.LAYER, c, sd)
-                split = dmodel.get_submodule(common.LAYER)[0]
+                lp = dmodel.get_submodule(common.LAYER)[0]
                 kept = {}
-                h = split.register_forward_hook(lambda m, i, o: kept.__setitem__("maps", o))
+                h = lp.register_forward_hook(lambda m, i, o: kept.__setitem__("maps", o))
                 sums, counts = {1: 0.0, 2: 0}, {1: 0, 2: 0}
                 sums[2] = 0.0
                 loader = folders.make_loader(ds, folders.batches_of(indices, common.BATCH_SIZE), 0, "cpu")
@@ -254,10 +259,10 @@ def naive(workdir, timer):
                         p2 = maps[:, c_out].clamp_min(0).sum(dim=(1, 2)).double()
                         for i, y in enumerate(labels.tolist()):
                             if y in s1:
-                                sums[1] += float(p1[i] / (p2[i] + disentangle.EPS))
+                                sums[1] += float(p1[i] / (p2[i] + rho_scores.EPS))
                                 counts[1] += 1
                             else:
-                                sums[2] += float(p2[i] / (p1[i] + disentangle.EPS))
+                                sums[2] += float(p2[i] / (p1[i] + rho_scores.EPS))
                                 counts[2] += 1
                 h.remove()
                 scores.append(sums[1] / counts[1] + sums[2] / counts[2])

@@ -25,11 +25,11 @@ RHO = 0.5
 
 def setup(workdir):
     from utils.data import folders
-    from utils import disentangle
+    from utils.method import split
     model, conv = common.build_model()
     c, s1, s2 = common.pick_concepts(workdir)
     v1, v2 = common.concept_arvs(workdir, conv, c, s1, s2)
-    sd = disentangle.checkpoint_state_dict(disentangle.split_filter(conv.weight[c].detach(), v1, v2, RHO))
+    sd = split.checkpoint_state_dict(split.split_filter(conv.weight[c].detach(), v1, v2, RHO))
     ds = common.dataset(workdir, "val")
     return model, conv, c, sd, ds, folders.indices_of_classes(ds, s1 + s2)
 
@@ -43,8 +43,8 @@ def ours(workdir, timer):
     for _ in timer.runs():
         with timer:
             filters, bias = stage4.checkpoint_filters(torch.load(path))
-            r = stage4.evaluate(model, conv, c, filters, bias, ds, indices, common.BATCH_SIZE, "cpu",
-                                    common.workers_ours())
+            (r,) = stage4.evaluate_many(model, conv, [(c, filters, bias, {ds.targets[i] for i in indices})], ds,
+                                        indices, common.BATCH_SIZE, "cpu", common.workers_ours())
     return {"channel": c, "images": len(indices), "rel": r["rel"].tolist(), "orig": r["orig"].tolist(),
             "maps": r["maps"].tolist()}
 
@@ -112,8 +112,8 @@ def published(workdir, timer):
     model, conv = common.build_model(requires_grad=True)
     c, s1, s2 = common.pick_concepts(workdir)
     v1, v2 = common.concept_arvs(workdir, conv, c, s1, s2)
-    from utils import disentangle
-    sd = disentangle.checkpoint_state_dict(disentangle.split_filter(conv.weight[c].detach(), v1, v2, RHO))
+    from utils.method import split
+    sd = split.checkpoint_state_dict(split.split_filter(conv.weight[c].detach(), v1, v2, RHO))
     path = checkpoint_path(workdir, sd)
     val_dir = os.path.join(common.data_root(workdir), "val")
     for _ in timer.runs():

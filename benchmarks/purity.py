@@ -51,9 +51,11 @@ from utils.method import purity
 from utils.method import sae as S
 from utils.stages import sae_view  # noqa: E402
 from utils.run import cli  # noqa: E402
-from utils.disentangle import checkpoint_name, filter_maps, positive_mass  # noqa: E402
+from utils.files.names import class_checkpoint  # noqa: E402
+from utils.method.evaluation import top_k  # noqa: E402
 from utils.stages.label_free import nearest_centroid  # noqa: E402
-from utils.stages.stage4 import checkpoint_filters, top_k  # noqa: E402
+from utils.method.split import filter_maps, positive_mass  # noqa: E402
+from utils.stages.stage4 import checkpoint_filters  # noqa: E402
 
 MODEL = "demo.model:shapes_cnn"
 METRICS = ("purity", "purity_colour", "purity_texture", "top_n_purity", "share")
@@ -120,7 +122,7 @@ def paper_units(env, c):
     """D1, D2 of stage 3 for the channel's lowest-cosine class pair (run if its checkpoint is missing)."""
     pair = min((d for d in env.candidates if d["channel"] == c), key=lambda d: d["cosine_similarity"])
     y1, y2 = pair["class1"], pair["class2"]
-    path = os.path.join(env.store, "models_disentangled", checkpoint_name(env.tag, c, [y1], [y2], "best"))
+    path = os.path.join(env.store, "models_disentangled", class_checkpoint(env.tag, c, [[y1], [y2]], "best"))
     if not os.path.isfile(path):
         script("disentangle_channel.py", env.common + ["--store_dir", env.store, "--channel_disentangle", c,
                                                        "--classes_for_concept1", y1, "--classes_for_concept2", y2])
@@ -132,12 +134,11 @@ def paper_units(env, c):
 def kway_classes_units(env, c):
     """D_1..D_k of stage 3 with one concept per class that stage 2 lists for the channel (k = 2..4 here;
     disentangle_channel.py --classes_for_concept3.. of main's k-way stage 3)."""
-    from utils.disentangle import checkpoint_name_k
     classes = sorted({y for d in env.candidates if d["channel"] == c for y in (d["class1"], d["class2"])})
     if len(classes) > MAX_K:
         return {}
     concepts = [[y] for y in classes]
-    path = os.path.join(env.store, "models_disentangled", checkpoint_name_k(env.tag, c, concepts, "best"))
+    path = os.path.join(env.store, "models_disentangled", class_checkpoint(env.tag, c, concepts, "best"))
     if not os.path.isfile(path):
         flags = [a for j, y in enumerate(classes, start=1) for a in (f"--classes_for_concept{j}", y)]
         script("disentangle_channel.py", env.common + ["--store_dir", env.store, "--channel_disentangle", c] + flags)
@@ -169,7 +170,7 @@ def concepts_file(env, c):
 def kway_units(env, c):
     """D_1..D_k of disentangle_channel.py --concepts_file for channel c."""
     path, _ = concepts_file(env, c)
-    # utils.disentangle.cluster_checkpoint_name: {tag}_channel{c}_top{N}_clusters0-1-2_f_best_unnormalized.pth
+    # utils.files.names.cluster_checkpoint: {tag}_channel{c}_top{N}_clusters0-1-2_f_best_unnormalized.pth
     found = lambda: sorted(glob.glob(os.path.join(env.store, "models_disentangled",
                                                   f"{env.tag}_channel{c}_top*_clusters*_f_best_unnormalized.pth")))
     if not found():

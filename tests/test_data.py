@@ -1,5 +1,5 @@
-"""data.with_indices: every batch whole, in order, with its dataset indices; and its loader freed as soon as
-it is dropped (a DataLoader freed by the garbage collector instead waits 5 s per worker)."""
+"""CheckedLoader.indexed: every batch whole, in order, with its dataset indices; and its loader freed as soon
+as it is dropped (a DataLoader freed by the garbage collector instead waits 5 s per worker)."""
 import gc
 import weakref
 
@@ -8,14 +8,14 @@ import torch
 from utils.data import folders
 
 
-def test_with_indices_yields_the_batches_and_frees_its_loader_without_the_collector(image_root):
+def test_indexed_yields_the_batches_and_frees_its_loader_without_the_collector(image_root):
     ds = folders.image_folder(image_root, "train")
     batches = [[0, 1, 2], [5, 3], [len(ds) - 1]]
     loader = folders.make_loader(ds, batches, 1, "cpu")
     alive = weakref.ref(loader)
     gc.disable()
     try:
-        got = list(folders.with_indices(loader, batches))
+        got = list(loader.indexed())
         del loader
         assert alive() is None  # freed by its reference count: no cycle holds it
     finally:

@@ -5,15 +5,49 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from types import SimpleNamespace
+
 from tests.tiny_models import tiny_resnet, tiny_vgg
-from utils.model import tap
-from utils.method import attribution
 from utils import disentangle
-from utils.method import similarities
-from utils.disentangle import RHOS
+from utils.files import names
+from utils.method import attribution, rho_scores, similarities, split
+from utils.method.split import RHOS
+from utils.model import tap
+from utils.stages import stage3
 
 PAPER_RHOS = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8,
              0.85, 0.9, 0.95, 1.0]
+
+
+def split_sources(v1, v2, rho):
+    """Two concepts (``split_sources_k`` with k = 2): (src1, src2) bool (C_in,)."""
+    src = split.split_sources_k(torch.stack([v1, v2]), rho)
+    return src[0], src[1]
+
+
+def split_filters(weight_c, v1, v2):
+    """[D1, D2, R] of every rho: (20, 3, C_in, kh, kw)."""
+    return split.split_filters_k(weight_c, torch.stack([v1, v2]))
+
+
+def max_logit_difference(model, disentangled, images):
+    """max |z' - z| and max |z| of the two networks' logits on ``images``."""
+    z, z2 = disentangle.logits(model, images), disentangle.logits(disentangled, images)
+    return float((z2 - z).abs().max()), float(z.abs().max())
+
+
+def scan_batches(model, conv, images, cuts):
+    """What the scan yields for ``images`` cut at ``cuts``: the layer's input x, output a and dataset indices."""
+    out, edges = [], [0, *cuts, len(images)]
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        x, a = tap.layer_input_output(model, conv, images[lo:hi])
+        out.append(SimpleNamespace(x=x.float(), a=a, indices=torch.arange(lo, hi)))
+    return out
+
+
+def rows_of(labels, classes):
+    """Dataset indices (positions) of the images whose label is in ``classes``."""
+    return [n for n in range(len(labels)) if int(labels[n]) in classes]
 
 
 def _frozen(model):
@@ -51,10 +85,10 @@ def _mask_rows(w, rows):
 @pytest.mark.parametrize("rho", list(HAND))
 def test_split_rule_by_hand(rho):
     s1, s2 = HAND[rho]
-    src1, src2 = disentangle.split_sources(V1, V2, rho)
+    src1, src2 = split_sources(V1, V2, rho)
     assert torch.nonzero(src1).flatten().tolist() == s1
     assert torch.nonzero(src2).flatten().tolist() == s2
-    D = disentangle.split_filter(W_C, V1, V2, rho)
+    D = split.split_filter(W_C, V1, V2, rho)
     assert D.shape == (3, 5, 1, 2)
     assert torch.equal(D[0], _mask_rows(W_C, s2))
     assert torch.equal(D[1], _mask_rows(W_C, s1))
@@ -62,7 +96,7 @@ def test_split_rule_by_hand(rho):
 
 
 def test_split_rule_literal_tensors_rho_half():
-    D = disentangle.split_filter(W_C, V1, V2, 0.5)
+    D = split.split_filter(W_C, V1, V2, 0.5)
     expect_D1 = torch.tensor([[[1., 2.]], [[0., 0.]], [[5., 6.]], [[7., 8.]], [[9., 10.]]])
     expect_D2 = torch.tensor([[[0., 0.]], [[3., 4.]], [[5., 6.]], [[0., 0.]], [[9., 10.]]])
     expect_R = torch.tensor([[[0., 0.]], [[0., 0.]], [[5., 6.]], [[0., 0.]], [[9., 10.]]])
@@ -74,15 +108,15 @@ def test_split_exact_for_all_rhos():
     torch.manual_seed(0)
     w = torch.randn(16, 3, 3)
     v1, v2 = torch.randn(16), torch.randn(16)
-    all_f = disentangle.split_filters(w, v1, v2)
+    all_f = split_filters(w, v1, v2)
     assert all_f.shape == (20, 3, 16, 3, 3)
     nontrivial = 0
     for r, rho in enumerate(RHOS):
         D1, D2, R = all_f[r]
-        assert torch.equal(all_f[r], disentangle.split_filter(w, v1, v2, rho))
+        assert torch.equal(all_f[r], split.split_filter(w, v1, v2, rho))
         assert torch.equal(D1 + D2 - R, w)
         # each input channel is in at most one source; R keeps exactly the inputs in neither
-        src1, src2 = disentangle.split_sources(v1, v2, rho)
+        src1, src2 = split_sources(v1, v2, rho)
         assert not (src1 & src2).any()
         for k in range(16):
             in1 = bool(rho * v1[k] > v2[k])
@@ -96,13 +130,13 @@ def test_split_exact_for_all_rhos():
 
 
 def test_checkpoint_state_dict_keys_shapes_and_bias():
-    D = disentangle.split_filter(W_C, V1, V2, 0.5)
-    sd = disentangle.checkpoint_state_dict(D)
+    D = split.split_filter(W_C, V1, V2, 0.5)
+    sd = split.checkpoint_state_dict(D)
     assert list(sd) == ["disentangled.weight", "merged.weight"]
     assert torch.equal(sd["disentangled.weight"], D)
     assert sd["merged.weight"].shape == (1, 3, 1, 1)
     assert sd["merged.weight"].flatten().tolist() == [1.0, 1.0, -1.0]
-    sdb = disentangle.checkpoint_state_dict(D, torch.tensor(0.75))
+    sdb = split.checkpoint_state_dict(D, torch.tensor(0.75))
     assert set(sdb) == {"disentangled.weight", "disentangled.bias", "merged.weight"}
     assert sdb["disentangled.bias"].shape == (3,)
     assert sdb["disentangled.bias"].tolist() == [0.75, 0.75, 0.75]
@@ -122,9 +156,9 @@ def test_checkpoint_as_published_module_reproduces_the_channel(tmp_path, with_bi
     c = 2
     with torch.no_grad():
         conv.weight[c] = W_C
-    D = disentangle.split_filter(conv.weight[c].detach(), V1, V2, 0.5)
-    path = tmp_path / disentangle.checkpoint_name("tiny", c, [0], [1], 0.5)
-    atomic.save_torch(path, disentangle.checkpoint_state_dict(D, conv.bias[c].detach() if with_bias else None))
+    D = split.split_filter(conv.weight[c].detach(), V1, V2, 0.5)
+    path = tmp_path / names.class_checkpoint("tiny", c, [[0], [1]], 0.5)
+    atomic.save_torch(path, split.checkpoint_state_dict(D, conv.bias[c].detach() if with_bias else None))
     sd = torch.load(path, weights_only=True)
 
     class Published(nn.Module):
@@ -144,16 +178,19 @@ def test_checkpoint_as_published_module_reproduces_the_channel(tmp_path, with_bi
 
 
 def test_checkpoint_names():
-    assert disentangle.checkpoint_name("resnet50", 1660, [530], [938], 0.05) == \
+    assert names.class_checkpoint("resnet50", 1660, [[530], [938]], 0.05) == \
         "resnet50_channel1660_classes1[530]_classes2[938]_f0.05_unnormalized.pth"
-    assert disentangle.checkpoint_name("resnet50", 1660, [530], [938], "best") == \
+    assert names.class_checkpoint("resnet50", 1660, [[530], [938]], "best") == \
         "resnet50_channel1660_classes1[530]_classes2[938]_f_best_unnormalized.pth"
-    assert disentangle.checkpoint_name("resnet50", 522, [62, 61], [687], 1.0) == \
+    assert names.class_checkpoint("resnet50", 522, [[62, 61], [687]], 1.0) == \
         "resnet50_channel522_classes1[62, 61]_classes2[687]_f1.0_unnormalized.pth"
-    names = [disentangle.checkpoint_name("m", 0, [1], [2], r) for r in RHOS]
-    assert [n.split("_f")[1].split("_unnormalized")[0] for n in names] == [str(r) for r in PAPER_RHOS]
-    assert "m_channel0_classes1[1]_classes2[2]_f0.35_unnormalized.pth" in names
-    assert len(set(names)) == 20
+    got = [names.class_checkpoint("m", 0, [[1], [2]], r) for r in RHOS]
+    assert [n.split("_f")[1].split("_unnormalized")[0] for n in got] == [str(r) for r in PAPER_RHOS]
+    assert "m_channel0_classes1[1]_classes2[2]_f0.35_unnormalized.pth" in got
+    assert len(set(got)) == 20
+    best = "/s/models_disentangled/" + names.class_checkpoint("m_features.6", 0, [[1], [2]], "best")
+    assert names.info_file(best) == "/s/models_disentangled/m_features.6_channel0_classes1[1]_classes2[2]_info.json"
+    assert names.exported_model(best)[1].endswith("classes2[2]_f_best_model.json")
 
 
 # ---------------------------------------------------------------------------- the disentangled network
@@ -191,15 +228,15 @@ def test_disentangled_network_is_exact_and_rows_are_placed(case):
     images = torch.randn(shape)
     labels = torch.arange(shape[0]) % 2
     v1, v2 = _concept_arvs(model, conv, images, labels, [0], [1], c)
-    all_f = disentangle.split_filters(conv.weight[c].detach(), v1, v2)
+    all_f = split_filters(conv.weight[c].detach(), v1, v2)
     # the first rho whose split is non-trivial (both sources non-empty)
     r = next((r for r, rho in enumerate(RHOS)
-              if all(s.any() for s in disentangle.split_sources(v1, v2, rho))), None)
+              if all(s.any() for s in split_sources(v1, v2, rho))), None)
     assert r is not None
-    src1, src2 = disentangle.split_sources(v1, v2, RHOS[r])
+    src1, src2 = split_sources(v1, v2, RHOS[r])
     assert src1.any() and src2.any()
     bias_c = None if conv.bias is None else conv.bias[c].detach()
-    sd = disentangle.checkpoint_state_dict(all_f[r], bias_c)
+    sd = split.checkpoint_state_dict(all_f[r], bias_c)
     w_before = conv.weight.detach().clone()
 
     dm = disentangle.disentangled_model(model, path, c, sd)
@@ -208,7 +245,7 @@ def test_disentangled_network_is_exact_and_rows_are_placed(case):
         z = model(images)
         z2 = dm(images)
     assert (z2 - z).abs().max() <= 1e-4 * max(1.0, float(z.abs().max()))
-    diff, zmax = disentangle.max_logit_difference(model, dm, images)
+    diff, zmax = max_logit_difference(model, dm, images)
     assert diff == pytest.approx(float((z2 - z).abs().max()), abs=1e-7)
     assert torch.equal(conv.weight, w_before)  # the original model is untouched
     assert model.get_submodule(path) is conv
@@ -254,7 +291,7 @@ def _reference_scores(model, path, c, all_f, bias_c, images, labels, classes1, c
     c_out = model.get_submodule(path).out_channels
     scores = []
     for r in range(len(RHOS)):
-        dm = disentangle.disentangled_model(model, path, c, disentangle.checkpoint_state_dict(all_f[r], bias_c))
+        dm = disentangle.disentangled_model(model, path, c, split.checkpoint_state_dict(all_f[r], bias_c))
         store = {}
         h = dm.get_submodule(path)[0].register_forward_hook(lambda m, i, o: store.__setitem__("o", o))
         with torch.no_grad():
@@ -284,17 +321,19 @@ def test_single_pass_scores_equal_per_rho_full_networks(case):
     labels = torch.tensor([0, 1, 2, 1, 0, 3, 2, 1, 0])  # class 3 is in neither concept: ignored
     classes1, classes2 = [0, 2], [1]
     v1, v2 = _concept_arvs(model, conv, images, labels, classes1, classes2, c)
-    all_f = disentangle.split_filters(conv.weight[c].detach(), v1, v2)
+    all_f = split_filters(conv.weight[c].detach(), v1, v2)
     bias_c = None if conv.bias is None else conv.bias[c].detach()
-    loader = [(images[:4], labels[:4]), (images[4:], labels[4:])]  # uneven batches
+    batches = scan_batches(model, conv, images, [4])  # uneven batches
 
-    scores = disentangle.score_all_rhos(model, conv, all_f, bias_c, loader, classes1, classes2, "cpu")
+    scores = rho_scores.score_splits(conv, [rho_scores.Split(None, all_f, bias_c, [rows_of(labels, classes1),
+                                                                                  rows_of(labels, classes2)])],
+                                     batches, "cpu")[0].scores
     ref = _reference_scores(model, path, c, all_f, bias_c, images, labels, classes1, classes2)
 
     assert scores.dtype == torch.float64 and scores.shape == (20,)
     torch.testing.assert_close(scores, torch.tensor(ref, dtype=torch.float64), rtol=1e-5, atol=1e-6)
     assert max(ref) - min(ref) > 1e-3 * max(ref)  # the rhos do differ
-    best = disentangle.best_rho_index(scores)
+    best = rho_scores.best_rho_index(scores)
     top = max(ref)
     near = [r for r, s in enumerate(ref) if s >= top - 1e-5 * abs(top)]
     assert best == near[0]
@@ -316,49 +355,51 @@ def test_score_images_channels_last_equal_per_rho_full_networks(image_root):
     images = torch.stack([ds[i][0] for i in indices])
     classes1, classes2 = [0, 2], [1]  # class 3 is in neither concept
     v1, v2 = _concept_arvs(model, conv, images, labels, classes1, classes2, c)
-    all_f = disentangle.split_filters(conv.weight[c].detach(), v1, v2)
-    split = disentangle.Split(c, all_f, None, classes1, classes2)
+    all_f = split_filters(conv.weight[c].detach(), v1, v2)
+    one = rho_scores.Split(c, all_f, None, [rows_of(labels, classes1), rows_of(labels, classes2)])
     ref = _reference_scores(model, path, c, all_f, None, images, labels, classes1, classes2)
 
     flat = copy.deepcopy(model)
-    plain, = disentangle.score_images(flat, flat.get_submodule(path), [split], ds, indices, 4, "cpu", 0,
-                                      channels_last=False)
-    got, = disentangle.score_images(model, conv, [split], ds, indices, 4, "cpu", 0)
+    settings = SimpleNamespace(batch_size=4, num_workers=0, channels_last=False)
+    plain, = stage3.score_images(SimpleNamespace(model=flat, conv=flat.get_submodule(path), dataset=ds, device="cpu"),
+                                 [one], indices, settings)
+    ctx = SimpleNamespace(model=model, conv=conv, dataset=ds, device="cpu")
+    got, = stage3.score_images(ctx, [one], indices, SimpleNamespace(**dict(settings.__dict__, channels_last=True)))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
     torch.testing.assert_close(got.scores, torch.tensor(ref, dtype=torch.float64), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got.scores, plain.scores, rtol=1e-5, atol=1e-6)
-    assert got.images == [12, 6] and disentangle.within_tolerance(got.max_map_diff, got.max_abs_map)
+    assert got.images == [12, 6] and split.within_tolerance(got.max_map_diff, got.max_abs_map)
     mine = [i for i in indices if ds.targets[i] in classes1 + classes2]
-    alone, = disentangle.score_images(model, conv, [split], ds, mine, 4, "cpu", 0)
+    alone, = stage3.score_images(ctx, [one], mine, SimpleNamespace(**dict(settings.__dict__, channels_last=True)))
     assert torch.equal(alone.scores, got.scores) and torch.equal(alone.pos, got.pos)
 
 
 def test_best_rho_index_first_maximum():
-    assert disentangle.best_rho_index([1.0, 3.0, 3.0, 2.0]) == 1
+    assert rho_scores.best_rho_index([1.0, 3.0, 3.0, 2.0]) == 1
     s = [0.5] * 20
     s[12] = 2.0
     s[5] = 2.0
-    assert disentangle.best_rho_index(s) == 5
-    assert disentangle.best_rho_index(torch.tensor(s)) == 5
-    assert disentangle.best_rho_index([7.0] * 20) == 0
-    assert disentangle.best_rho_index([1.0, 1.0 + 1e-12, 1.0 + 1e-12]) == 1  # float64, not float32
-    assert disentangle.best_rho_index([3.0, 1.0, 2.0]) == 0
-    assert disentangle.best_rho_index([-3.0, -1.0, -2.0]) == 1
+    assert rho_scores.best_rho_index(s) == 5
+    assert rho_scores.best_rho_index(torch.tensor(s)) == 5
+    assert rho_scores.best_rho_index([7.0] * 20) == 0
+    assert rho_scores.best_rho_index([1.0, 1.0 + 1e-12, 1.0 + 1e-12]) == 1  # float64, not float32
+    assert rho_scores.best_rho_index([3.0, 1.0, 2.0]) == 0
+    assert rho_scores.best_rho_index([-3.0, -1.0, -2.0]) == 1
 
 
 def test_separation_terms_and_scores_by_hand():
     # two rhos; pos = [D1, D2, R] masses
     pos = torch.tensor([[[2.0, 1.0, 9.0], [0.0, 4.0, 9.0]],     # concept 1 image
                         [[1.0, 3.0, 9.0], [5.0, 0.0, 9.0]]])    # concept 2 image
-    terms = disentangle.separation_terms(pos, torch.tensor([1, 2]))
+    terms = rho_scores.separation_terms(pos, torch.tensor([1, 2]))
     expect = torch.tensor([[2.0 / (1 + 1e-5), 0.0], [3.0 / (1 + 1e-5), 0.0 / (5 + 1e-5)]])
     torch.testing.assert_close(terms, expect)
     pos_zero = torch.tensor([[[2.0, 0.0, 0.0]]])
-    assert float(disentangle.separation_terms(pos_zero, torch.tensor([1]))[0, 0]) == pytest.approx(2.0 / 1e-5)
-    sc = disentangle.rho_scores(torch.tensor([4.0, 2.0]), 2, torch.tensor([3.0, 9.0]), 3)
+    assert float(rho_scores.separation_terms(pos_zero, torch.tensor([1]))[0, 0]) == pytest.approx(2.0 / 1e-5)
+    sc = rho_scores.rho_scores_k([torch.tensor([4.0, 2.0]), torch.tensor([3.0, 9.0])], [2, 3])
     torch.testing.assert_close(sc, torch.tensor([4.0 / 2 + 3.0 / 3, 2.0 / 2 + 9.0 / 3]))
     labels = torch.tensor([5, 0, 7, 2, 1])
-    assert disentangle.concept_of_labels(labels, [0, 7], [2]).tolist() == [0, 1, 1, 2, 0]
+    assert rho_scores.concept_ids(labels, [[0, 7], [2]]).tolist() == [0, 1, 1, 2, 0]
 
 
 # ---------------------------------------------------------------------------- exactness checks of stage 3
@@ -389,20 +430,20 @@ def test_score_splits_exactness_values_against_brute_force(case):
     splits = []
     for ch, (k1, k2) in concepts.items():
         v1, v2 = _concept_arvs(model, conv, images, labels, k1, k2, ch)
-        f = disentangle.split_filters(conv.weight[ch].detach(), v1, v2)
+        f = split_filters(conv.weight[ch].detach(), v1, v2)
         if ch == c2:
             f = f.clone()
             f[:, 0] *= 1.5  # no longer D1 + D2 - R = W[c2]
-        splits.append(disentangle.Split(ch, f, None if conv.bias is None else conv.bias[ch].detach(), k1, k2))
-    loader = [(images[:4], labels[:4]), (images[4:], labels[4:])]  # uneven, mixed batches
+        splits.append(rho_scores.Split(ch, f, None if conv.bias is None else conv.bias[ch].detach(),
+                                       [rows_of(labels, k1), rows_of(labels, k2)]))
+    batches = scan_batches(model, conv, images, [4])  # uneven, mixed batches
 
-    got = disentangle.score_splits(model, conv, splits, loader, "cpu")
+    got = rho_scores.score_splits(conv, splits, batches, "cpu")
 
     x, a = _hooked_x_a(model, conv, images)
-    for s, res in zip(splits, got):
-        inside = [n for n in range(9) if int(labels[n]) in s.classes1 + s.classes2]
-        assert (res.images1, res.images2) == (sum(int(labels[n]) in s.classes1 for n in inside),
-                                              sum(int(labels[n]) in s.classes2 for n in inside))
+    for (k1, k2), s, res in zip(concepts.values(), splits, got):
+        inside = [n for n in range(9) if int(labels[n]) in k1 + k2]
+        assert res.images == [sum(int(labels[n]) in k1 for n in inside), sum(int(labels[n]) in k2 for n in inside)]
         diff, amax = 0.0, 0.0
         for n in inside:
             a_c = a[n, s.channel].double()
@@ -414,14 +455,12 @@ def test_score_splits_exactness_values_against_brute_force(case):
         if s.channel == c2:
             assert diff > 1e-2 * amax
             assert res.max_map_diff == pytest.approx(diff, rel=1e-4)
-            assert not disentangle.within_tolerance(res.max_map_diff, res.max_abs_map)
+            assert not split.within_tolerance(res.max_map_diff, res.max_abs_map)
         else:
             assert diff <= 1e-5 * max(1.0, amax) and res.max_map_diff <= 1e-5 * max(1.0, amax)
-            assert disentangle.within_tolerance(res.max_map_diff, res.max_abs_map)
-    alone = disentangle.score_splits(model, conv, splits[:1], loader, "cpu")[0]
+            assert split.within_tolerance(res.max_map_diff, res.max_abs_map)
+    alone = rho_scores.score_splits(conv, splits[:1], batches, "cpu")[0]
     assert torch.equal(alone.scores, got[0].scores) and alone.max_map_diff == got[0].max_map_diff
-    assert torch.equal(disentangle.score_all_rhos(model, conv, splits[0].filters, splits[0].bias_c, loader,
-                                                  *concepts[c], "cpu"), got[0].scores)
 
 
 def F_conv(x, conv, w, b):
@@ -437,16 +476,16 @@ def test_network_check_swaps_the_layer_in_place_and_restores_it():
     torch.manual_seed(9)
     images = torch.randn(4, 3, 64, 64)
     w = conv.weight[5].detach()
-    sd = disentangle.checkpoint_state_dict(disentangle.split_filter(w, torch.randn(24), torch.randn(24), 0.5))
+    sd = split.checkpoint_state_dict(split.split_filter(w, torch.randn(24), torch.randn(24), 0.5))
     bad = dict(sd, **{"merged.weight": torch.tensor([1.0, 1.0, 1.0]).view(1, 3, 1, 1)})  # adds R instead of -R
     z0 = disentangle.logits(model, images)
     for state, exact in ((sd, True), (bad, False)):
         diff, zmax, z = disentangle.network_check(model, "conv3", 5, state, images)
-        ref_diff, ref_max = disentangle.max_logit_difference(
+        ref_diff, ref_max = max_logit_difference(
             model, disentangle.disentangled_model(model, "conv3", 5, state), images)
         assert diff == pytest.approx(ref_diff, rel=1e-6, abs=1e-7) and zmax == ref_max
         assert torch.equal(z, z0)
-        assert disentangle.within_tolerance(diff, zmax) == exact
+        assert split.within_tolerance(diff, zmax) == exact
         assert disentangle.network_check(model, "conv3", 5, state, images, original_logits=z)[0] == diff
         assert model.conv3 is conv and torch.equal(disentangle.logits(model, images), z0)  # put back
     assert ref_diff > 1e-4  # the bad merge is seen

@@ -22,7 +22,8 @@ from tests.test_cli import refuse, run_inproc
 from utils.model import tap
 from utils.featurevis import objectives, param, render, spectrum
 from utils.stages import feature_vis
-from utils.disentangle import checkpoint_name, load_disentangled_model
+from utils.disentangle import load_disentangled_model
+from utils.files.names import class_checkpoint
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 MODEL = "tests.test_featurevis:colour_net"
@@ -202,7 +203,7 @@ def fv_run(image_root, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("fv_out"))
     os.makedirs(os.path.join(store, "models_disentangled"))
     torch.save(red_green_checkpoint(), os.path.join(store, "models_disentangled",
-                                                     checkpoint_name(TAG, 0, [0], [1], "best")))
+                                                     class_checkpoint(TAG, 0, [[0], [1]], "best")))
     proc = run_script("get_results.py", *_stage4_args(image_root, store, out, *FV_SMALL))
     return store, out, proc.stdout
 
@@ -223,7 +224,7 @@ def _independent_val_max(root):
 
 def test_stage4_feature_vis_writes_figure_json_and_arrays(fv_run, image_root):
     store, out, stdout = fv_run
-    run = checkpoint_name(TAG, 0, [0], [1], "best")[:-4]
+    run = class_checkpoint(TAG, 0, [[0], [1]], "best")[:-4]
     with open(os.path.join(out, "results_disentanglement", f"{run}_feature_vis.json")) as f:
         rec = json.load(f)
     assert rec["targets"] == ["original", "D1", "D2"]
@@ -249,7 +250,7 @@ def test_stage4_feature_vis_writes_figure_json_and_arrays(fv_run, image_root):
 
 def test_stage4_rerun_reuses_the_spectrum_and_draws_the_same_images(fv_run, image_root):
     store, out, _ = fv_run
-    run = checkpoint_name(TAG, 0, [0], [1], "best")[:-4]
+    run = class_checkpoint(TAG, 0, [[0], [1]], "best")[:-4]
     res = os.path.join(out, "results_disentanglement")
     before = np.load(os.path.join(res, f"{run}_feature_vis_images.npy"))
     spectra = sorted(os.listdir(os.path.join(store, "feature_vis_spectra")))
@@ -292,7 +293,7 @@ def test_checkpoint_of_another_layer_is_refused_and_nothing_is_damaged(fv_run, i
     os.makedirs(os.path.join(bad_store, "models_disentangled"))
     sd = red_green_checkpoint()
     sd["disentangled.weight"] = torch.zeros(3, 5, 1, 1)
-    torch.save(sd, os.path.join(bad_store, "models_disentangled", checkpoint_name(TAG, 0, [0], [1], "best")))
+    torch.save(sd, os.path.join(bad_store, "models_disentangled", class_checkpoint(TAG, 0, [[0], [1]], "best")))
     before = tree_bytes(out)
     refuse("get_results.py", *_stage4_args(image_root, bad_store, out, *FV_SMALL), words=("disentangled.weight",))
     assert tree_bytes(out) == before

@@ -6,13 +6,11 @@ full networks; the robust score and the degeneracy warning on hand-built masses;
 their command lines: k = 2 files byte for byte those of the code before k-way (taken from git), k = 3 by
 classes and by a concepts file, and bad input refused in one line with nothing damaged.
 """
-import io
 import json
 import os
 import shutil
 import subprocess
 import sys
-from contextlib import redirect_stdout
 from types import SimpleNamespace
 
 import numpy as np
@@ -21,21 +19,31 @@ import torch
 
 from tests.conftest import ROOT, tree_bytes
 from tests.test_cli import run_inproc
+from tests.test_disentangle import max_logit_difference, scan_batches
 from tests.tiny_models import tiny_resnet, tiny_vgg
-from utils.model import tap
-from utils.method import attribution
-from utils.stages import label_free
 from utils import disentangle
-from utils.method import similarities
-from utils.files import store
-from utils.disentangle import RHOS
 from utils.concepts.by_classes import Triple
+from utils.files import names, store
+from utils.method import attribution, rho_scores, similarities, split
+from utils.method.split import RHOS
+from utils.model import tap
+from utils.report import stage3_text
+from utils.stages import label_free
 
 TINY = "tests.tiny_models:tiny_resnet"
 TAG = "tests_tiny_models_tiny_resnet"
 MODEL = ["--model", TINY, "--batch_size", 4, "--num_workers", 0, "--device", "cpu"]
 # the commit before k-way: its stage 3 and 4 write the reference files of the k = 2 byte-identity test
 BEFORE_KWAY = "a34598c"
+
+
+def published_scores(pos, concept):
+    """The published score of every rho from per-image masses (float64): sum_j mean over concept j's images
+    of q_j. pos: (N, R, k+1); concept: (N,) in 0..k. Returns (R,)."""
+    k = pos.shape[-1] - 1
+    terms = rho_scores.separation_terms(pos, concept).double()
+    return rho_scores.rho_scores_k([terms[concept == j].sum(dim=0) for j in range(1, k + 1)],
+                                   [int((concept == j).sum()) for j in range(1, k + 1)])
 
 
 def _frozen(model):
@@ -81,9 +89,9 @@ def test_split_rule_by_hand(arvs, hand):
     w = torch.randn(c_in, 2, 3)
     w[0, 0, 0] = -0.0  # a signed zero survives the masks as it is
     for rho, sources in hand.items():
-        src = disentangle.split_sources_k(arvs, rho)
+        src = split.split_sources_k(arvs, rho)
         assert [torch.nonzero(s).flatten().tolist() for s in src] == sources
-        D = disentangle.split_filter_k(w, arvs, rho)
+        D = split.split_filter_k(w, arvs, rho)
         assert D.shape == (k + 1, c_in, 2, 3)
         residue = [i for i in range(c_in) if not any(i in s for s in sources)]
         for j in range(k):
@@ -93,9 +101,9 @@ def test_split_rule_by_hand(arvs, hand):
         for i in range(c_in):
             assert torch.equal(D[k, i], w[i] if i in residue else torch.zeros_like(w[i]))
         assert torch.allclose(D[:k].sum(dim=0) - (k - 1) * D[k], w, rtol=1e-6, atol=1e-6)  # k w - (k-1) w: rounding
-    f = disentangle.split_filters_k(w, arvs)
+    f = split.split_filters_k(w, arvs)
     assert f.shape == (20, k + 1, c_in, 2, 3)
-    assert all(torch.equal(f[r], disentangle.split_filter_k(w, arvs, rho)) for r, rho in enumerate(RHOS))
+    assert all(torch.equal(f[r], split.split_filter_k(w, arvs, rho)) for r, rho in enumerate(RHOS))
 
 
 def test_k2_split_is_the_published_rule_bit_for_bit():
@@ -110,9 +118,9 @@ def test_k2_split_is_the_published_rule_bit_for_bit():
         keep1 = (~src2).to(w.dtype)[:, None, None]
         keep2 = (~src1).to(w.dtype)[:, None, None]
         published = torch.stack([w * keep1, w * keep2, w * keep1 * keep2])
-        got = disentangle.split_filter_k(w, torch.stack([v1, v2]), rho)
+        got = split.split_filter_k(w, torch.stack([v1, v2]), rho)
         assert _bytes(got) == _bytes(published)
-        assert _bytes(disentangle.split_filter(w, v1, v2, rho)) == _bytes(published)
+        assert _bytes(split.split_filter(w, v1, v2, rho)) == _bytes(published)
 
 
 @pytest.mark.parametrize("k", [3, 4])
@@ -120,8 +128,8 @@ def test_checkpoint_layout_and_merge(k):
     torch.manual_seed(2)
     w = torch.randn(7, 1, 1)
     arvs = torch.randn(k, 7)
-    D = disentangle.split_filter_k(w, arvs, 0.5)
-    sd = disentangle.checkpoint_state_dict(D, torch.tensor(0.25))
+    D = split.split_filter_k(w, arvs, 0.5)
+    sd = split.checkpoint_state_dict(D, torch.tensor(0.25))
     assert list(sd) == ["disentangled.weight", "disentangled.bias", "merged.weight"]
     assert sd["disentangled.weight"].shape == (k + 1, 7, 1, 1)
     assert sd["disentangled.bias"].tolist() == [0.25] * (k + 1)
@@ -131,16 +139,17 @@ def test_checkpoint_layout_and_merge(k):
     assert torch.allclose((m[:, None, None, None] * D).sum(dim=0), w, atol=1e-6)
     assert float((m * sd["disentangled.bias"]).sum()) == 0.25
     assert disentangle.concepts_of_checkpoint(sd) == k
-    assert disentangle.checkpoint_state_dict(D[:3])["merged.weight"].flatten().tolist() == [1.0, 1.0, -1.0]
+    assert split.checkpoint_state_dict(D[:3])["merged.weight"].flatten().tolist() == [1.0, 1.0, -1.0]
 
 
 def test_names():
-    assert disentangle.checkpoint_name_k("m", 5, [[0], [1]], 0.5) == disentangle.checkpoint_name("m", 5, [0], [1], 0.5) \
+    assert names.class_checkpoint("m", 5, [[0], [1]], 0.5) == Triple(5, [0], [1]).checkpoint("m", 0.5) \
         == "m_channel5_classes1[0]_classes2[1]_f0.5_unnormalized.pth"
-    assert disentangle.checkpoint_name_k("m", 5, [[0], [1], [2, 3]], "best") == \
+    assert names.class_checkpoint("m", 5, [[0], [1], [2, 3]], "best") == \
         "m_channel5_classes1[0]_classes2[1]_classes3[2, 3]_f_best_unnormalized.pth"
-    assert disentangle.checkpoint_name("m", 5, [0], [1], 1.0, [2]) == "m_channel5_classes1[0]_classes2[1]_classes3[2]_f1.0_unnormalized.pth"
-    assert disentangle.cluster_checkpoint_name("m", 5, 100, [0, 1, 2], 0.05) == \
+    assert Triple(5, [0], [1], more=[[2]]).checkpoint("m", 1.0) == \
+        "m_channel5_classes1[0]_classes2[1]_classes3[2]_f1.0_unnormalized.pth"
+    assert names.cluster_checkpoint("m", 5, 100, [0, 1, 2], 0.05) == \
         "m_channel5_top100_clusters0-1-2_f0.05_unnormalized.pth"
 
 
@@ -169,12 +178,12 @@ def test_kway_network_logits_equal_the_original(case, k):
     torch.manual_seed(4)
     images = torch.randn(shape)
     arvs = _arvs(model, conv, images, [list(range(j, shape[0], k)) for j in range(k)], c)
-    r = max(range(20), key=lambda r: int(disentangle.split_sources_k(arvs, RHOS[r]).any(dim=1).sum()))
+    r = max(range(20), key=lambda r: int(split.split_sources_k(arvs, RHOS[r]).any(dim=1).sum()))
     bias_c = None if conv.bias is None else conv.bias[c].detach()
-    sd = disentangle.checkpoint_state_dict(disentangle.split_filters_k(conv.weight[c].detach(), arvs)[r], bias_c)
+    sd = split.checkpoint_state_dict(split.split_filters_k(conv.weight[c].detach(), arvs)[r], bias_c)
     assert disentangle.checkpoint_problem(sd, conv) is None
     dm = disentangle.disentangled_model(model, path, c, sd)
-    diff, zmax = disentangle.max_logit_difference(model, dm, images)
+    diff, zmax = max_logit_difference(model, dm, images)
     assert diff <= 1e-4 * max(1.0, zmax)
     lp, merge = dm.get_submodule(path)
     c_out = conv.out_channels
@@ -187,19 +196,19 @@ def test_kway_network_logits_equal_the_original(case, k):
     expect[c, c_out:] = torch.tensor([1.0] * (k - 1) + [-(k - 1.0)])
     assert torch.equal(merge.weight[:, :, 0, 0], expect)
     with disentangle.disentangled_layer(model, path, c, sd) as same:
-        assert disentangle.within_tolerance(*disentangle.max_logit_difference(_frozen(make()), same, images))
+        assert split.within_tolerance(*max_logit_difference(_frozen(make()), same, images))
     assert model.get_submodule(path) is conv
 
 
 def test_load_disentangled_model_reads_k_from_the_checkpoint(tmp_path):
     model = _frozen(tiny_resnet())
     torch.manual_seed(5)
-    sd = disentangle.checkpoint_state_dict(disentangle.split_filter_k(model.conv3.weight[2].detach(),
+    sd = split.checkpoint_state_dict(split.split_filter_k(model.conv3.weight[2].detach(),
                                                                       torch.randn(3, 24), 0.5))
     net = disentangle.load_disentangled_model(TINY, "none", "conv3", 2, sd)
     assert net.conv3[0].out_channels == 16 + 3
     images = torch.randn(2, 3, 64, 64)
-    assert disentangle.within_tolerance(*disentangle.max_logit_difference(model, net, images))
+    assert split.within_tolerance(*max_logit_difference(model, net, images))
     from utils.run.cli import UserError
     bad = dict(sd, **{"merged.weight": torch.ones(1, 3, 1, 1)})
     with pytest.raises(UserError, match="merged.weight"):
@@ -213,7 +222,7 @@ def _reference_kway(model, path, c, filters, bias_c, images, ids, k):
     c_out = model.get_submodule(path).out_channels
     scores = []
     for r in range(len(RHOS)):
-        dm = disentangle.disentangled_model(model, path, c, disentangle.checkpoint_state_dict(filters[r], bias_c))
+        dm = disentangle.disentangled_model(model, path, c, split.checkpoint_state_dict(filters[r], bias_c))
         keep = {}
         h = dm.get_submodule(path)[0].register_forward_hook(lambda m, i, o: keep.__setitem__("o", o))
         with torch.no_grad():
@@ -240,28 +249,27 @@ def test_kway_single_pass_scores_equal_a_per_rho_loop(case):
     images = torch.randn((10,) + shape[1:])
     labels = torch.tensor([0, 1, 2, 1, 0, 3, 2, 1, 0, 4])  # class 4 in no concept
     classes = [[0], [1, 3], [2]]
-    ids = disentangle.concept_ids(labels, classes).tolist()
+    ids = rho_scores.concept_ids(labels, classes).tolist()
     assert ids == [1, 2, 3, 2, 1, 2, 3, 2, 1, 0]
     arvs = _arvs(model, conv, images, [[n for n in range(10) if ids[n] == j] for j in (1, 2, 3)], c)
-    filters = disentangle.split_filters_k(conv.weight[c].detach(), arvs)
+    filters = split.split_filters_k(conv.weight[c].detach(), arvs)
     bias_c = None if conv.bias is None else conv.bias[c].detach()
-    loader = [(images[:4], labels[:4]), (images[4:], labels[4:])]
-    res = disentangle.score_splits(model, conv, [disentangle.Split(c, filters, bias_c, *classes)], loader, "cpu")[0]
+    batches = scan_batches(model, conv, images, [4])
+    rows = [[n for n in range(10) if ids[n] == j] for j in (1, 2, 3)]
+    res = rho_scores.score_splits(conv, [rho_scores.Split(c, filters, bias_c, rows)], batches, "cpu")[0]
     ref = _reference_kway(model, path, c, filters, bias_c, images, ids, 3)
     torch.testing.assert_close(res.scores, ref, rtol=1e-5, atol=1e-6)
     assert res.images == [3, 4, 2] and res.pos.shape == (9, 20, 4) and sorted(res.concept.tolist()) == sorted(
         i for i in ids if i)
-    torch.testing.assert_close(disentangle.published_scores(res.pos, res.concept), res.scores, rtol=1e-9, atol=0)
-    assert disentangle.within_tolerance(res.max_map_diff, res.max_abs_map)
-    # the same concepts given as dataset indices (a concepts file's rows): the same numbers
-    rows = [[n for n in range(10) if ids[n] == j] for j in (1, 2, 3)]
-    indexed = [(images[:4], labels[:4], torch.arange(4)), (images[4:], labels[4:], torch.arange(4, 10))]
-    by_rows = disentangle.score_splits(model, conv, [disentangle.Split(c, filters, bias_c, *rows, by_rows=True)],
-                                       indexed, "cpu")[0]
-    assert torch.equal(by_rows.scores, res.scores) and torch.equal(by_rows.pos, res.pos)
+    torch.testing.assert_close(published_scores(res.pos, res.concept), res.scores, rtol=1e-9, atol=0)
+    assert split.within_tolerance(res.max_map_diff, res.max_abs_map)
+    # the rows of a concept in any order: the same numbers
+    shuffled = rho_scores.score_splits(conv, [rho_scores.Split(c, filters, bias_c, [r[::-1] for r in rows])],
+                                       batches, "cpu")[0]
+    assert torch.equal(shuffled.scores, res.scores) and torch.equal(shuffled.pos, res.pos)
     # k = 2: the published score (as test_disentangle's reference) from the same pass
-    f2 = disentangle.split_filters_k(conv.weight[c].detach(), arvs[:2])
-    two = disentangle.score_splits(model, conv, [disentangle.Split(c, f2, bias_c, *classes[:2])], loader, "cpu")[0]
+    f2 = split.split_filters_k(conv.weight[c].detach(), arvs[:2])
+    two = rho_scores.score_splits(conv, [rho_scores.Split(c, f2, bias_c, rows[:2])], batches, "cpu")[0]
     ref2 = _reference_kway(model, path, c, f2, bias_c, images, [i if i < 3 else 0 for i in ids], 2)
     torch.testing.assert_close(two.scores, ref2, rtol=1e-5, atol=1e-6)
 
@@ -283,17 +291,17 @@ def _masses():
 def test_robust_score_by_hand():
     pos, concept = _masses()
     # shares pos(D_own) / (pos(D1) + pos(D2)): rho0: .75, .5 | .75, 1;  rho1: 1, 1 | 0, 0;  rho2: .5, 1 | .5, 0
-    torch.testing.assert_close(disentangle.own_share(pos, concept), torch.tensor(
+    torch.testing.assert_close(rho_scores.own_share(pos, concept), torch.tensor(
         [[0.75, 1.0, 0.5], [0.5, 1.0, 1.0], [0.75, 0.0, 0.5], [1.0, 0.0, 0.0]], dtype=torch.float64))
-    dead = disentangle.dead_shares(pos, concept)
+    dead = rho_scores.dead_shares(pos, concept)
     assert dead.tolist() == [[0.0, 0.0], [0.0, 1.0], [0.0, 0.5]]
-    assert disentangle.degenerate(dead).tolist() == [False, True, False]  # 0.5 is not "more than half"
-    robust = disentangle.robust_scores(pos, concept)
+    assert rho_scores.degenerate(dead).tolist() == [False, True, False]  # 0.5 is not "more than half"
+    robust = rho_scores.robust_scores(pos, concept)
     expect = [(0.625 * 0.875) ** 0.5, 0.0 - 1.0, (0.75 * 0.25) ** 0.5]
     torch.testing.assert_close(robust, torch.tensor(expect, dtype=torch.float64))
-    published = disentangle.published_scores(pos, concept)
-    assert disentangle.best_rho_index(published) == 1  # pos(D2) = 0 makes the published ratio ~1e5
-    assert disentangle.best_rho_index(robust) == 0
+    published = published_scores(pos, concept)
+    assert rho_scores.best_rho_index(published) == 1  # pos(D2) = 0 makes the published ratio ~1e5
+    assert rho_scores.best_rho_index(robust) == 0
 
 
 def test_a_rho_that_kills_a_map_never_wins():
@@ -309,10 +317,10 @@ def test_a_rho_that_kills_a_map_never_wins():
             j = int(torch.randint(k, (1,), generator=gen))
             pos[concept == j + 1, r, j] = 0.0
             pos[concept != j + 1, r, j] *= 50  # and large elsewhere: the published score may love it
-        robust = disentangle.robust_scores(pos, concept)
-        deg = disentangle.degenerate(disentangle.dead_shares(pos, concept))
+        robust = rho_scores.robust_scores(pos, concept)
+        deg = rho_scores.degenerate(rho_scores.dead_shares(pos, concept))
         assert ((robust >= -1) & (robust <= 1)).all()
-        best = disentangle.best_rho_index(robust)
+        best = rho_scores.best_rho_index(robust)
         assert best not in killed.tolist()
         if not deg.all():
             assert not deg[best]
@@ -329,46 +337,38 @@ def test_k3_robust_prefers_a_lower_share_over_a_dead_map():
         pos[n, 1, j - 1] = 1.0
     pos[3, 1] = torch.tensor([0.0, 1.0, 0.0, 0.0])
     pos[4, 1] = torch.tensor([1.0, 0.0, 0.0, 0.0])
-    robust = disentangle.robust_scores(pos, concept)
+    robust = rho_scores.robust_scores(pos, concept)
     torch.testing.assert_close(robust[0], torch.tensor(0.6, dtype=torch.float64))
     torch.testing.assert_close(robust[1], torch.tensor((1.0 * 1.0 * (1 / 3)) ** (1 / 3) - 1, dtype=torch.float64))
-    assert disentangle.best_rho_index(robust) == 0
+    assert rho_scores.best_rho_index(robust) == 0
 
 
 # ---------------------------------------------------------------------------- the degeneracy warning
 
-@pytest.fixture(scope="module")
-def stage3():
-    sys.path.insert(0, ROOT)
-    import disentangle_channel
-    return disentangle_channel
-
-
 @pytest.mark.parametrize("dead_images,warned", [(0, False), (2, False), (3, True)])
-def test_degeneracy_warning_exactly_when_the_rule_says(stage3, dead_images, warned):
+def test_degeneracy_warning_exactly_when_the_rule_says(dead_images, warned):
     """D2 is dead on 0, 2 (half: not degenerate) or 3 (degenerate) of concept 2's 4 images at rho1, which the
     published score picks in each case (D2 dead on concept 1's images gives ratios of 1e5)."""
     pos = torch.ones(8, 20, 3)
     concept = torch.tensor([1, 1, 1, 1, 2, 2, 2, 2])
     pos[:4, 1, 1] = 0.0
     pos[4:4 + dead_images, 1, 1] = 0.0
-    res = disentangle.SplitScores(disentangle.published_scores(pos, concept), [4, 4], 0.0, 1.0, pos, concept)
-    ch = stage3.choose(res, "published")
+    res = rho_scores.SplitScores(published_scores(pos, concept), [4, 4], 0.0, 1.0, pos, concept)
+    ch = rho_scores.choose(res, "published")
     assert ch["published_best"] == 1
     dead2 = float(res.dead()[1, 1])
     assert dead2 == dead_images / 4
     assert ch["degenerate"] is (dead2 > 0.5) is warned
     run = dict(ch, logit_images=4, logit_diff=0.0, logit_max=1.0, maps_ok=True, logits_ok=True)
-    out = io.StringIO()
-    ctx = SimpleNamespace(layer_path="conv3")
-    with redirect_stdout(out):
-        stage3.report(ctx, ["a", "b"], Triple(0, [0], [1]), [4, 4], res, run, [torch.ones(3), torch.zeros(3)])
-    lines = [ln for ln in out.getvalue().splitlines() if "warning" in ln]
+    job = SimpleNamespace(concepts=Triple(0, [0], [1]), counts=[4, 4], res=res, run=run,
+                          arvs=[torch.ones(3), torch.zeros(3)])
+    text = stage3_text.job_lines("conv3", ["a", "b"], job)
+    lines = [ln for ln in text if "warning" in ln]
     assert len(lines) == (1 if warned else 0)
     if warned:
         assert lines[0].startswith("warning: the published choice rho = 0.1 is degenerate: concept 2's own map D2")
         assert "75% of its 4 images" in lines[0] and f"robust choice: rho = {RHOS[ch['robust_best']]}" in lines[0]
-    assert "rho choices: published rho = 0.1" in out.getvalue()
+    assert any(ln.startswith("rho choices: published rho = 0.1") for ln in text)
 
 
 # ---------------------------------------------------------------------------- the command lines
@@ -496,7 +496,7 @@ def test_three_concepts_by_classes_and_by_a_concepts_file(case, tmp_path):
     info = json.load(open(base + "_info.json"))
     assert info["classes3"] == [2, 3] and info["train_images_concept3"] == 12 and info["map_check_images"] == 24
     assert info["rho_score"] == "robust" and info["best_rho"] == info["best_rho_robust"]
-    assert info["best_rho_robust"] == RHOS[disentangle.best_rho_index(info["robust_scores"])]
+    assert info["best_rho_robust"] == RHOS[rho_scores.best_rho_index(info["robust_scores"])]
     sd = torch.load(base + "_f_best_unnormalized.pth", weights_only=True)
     assert sd["disentangled.weight"].shape == (4, 24, 1, 1) and sd["merged.weight"].flatten().tolist() == [1, 1, 1, -2]
     W = tiny_resnet().conv3.weight[5].detach()

@@ -13,7 +13,7 @@ from tests.test_cli import refuse, run_inproc
 from tests.test_featurevis import TAG, _stage4_args, red_green_checkpoint
 from utils.method import purity
 from utils.method import sae as S
-from utils.disentangle import checkpoint_name
+from utils.files.names import class_checkpoint
 
 torch.set_num_threads(1)  # tiny matrices: one thread is fastest on a shared machine
 
@@ -142,14 +142,14 @@ def sae_run(image_root, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("sae_out"))
     os.makedirs(os.path.join(store, "models_disentangled"))
     torch.save(red_green_checkpoint(), os.path.join(store, "models_disentangled",
-                                                     checkpoint_name(TAG, 0, [0], [1], "best")))
+                                                     class_checkpoint(TAG, 0, [[0], [1]], "best")))
     proc = run_inproc("get_results.py", *_stage4_args(image_root, store, out, *SAE_SMALL))
     assert proc.returncode == 0, proc.stderr
     return store, out, proc.stdout
 
 
 def _view(out):
-    run = checkpoint_name(TAG, 0, [0], [1], "best")[:-4]
+    run = class_checkpoint(TAG, 0, [[0], [1]], "best")[:-4]
     with open(os.path.join(out, "results_disentanglement", f"{run}_sae_view.json")) as f:
         return run, json.load(f)
 

@@ -215,9 +215,10 @@ def test_mixed_numerics_allowed_is_recorded(data_root, single, tmp_path):
 
 def test_concurrent_quantitative_updates_keep_every_run(tmp_path):
     """Four processes record their rows at once; the record and the text files hold all of them."""
-    code = ("import sys, numpy as np; sys.path.insert(0, {root!r}); from utils.stages import stage4; k = int(sys.argv[1]); "
+    code = ("import sys, numpy as np; sys.path.insert(0, {root!r}); from utils.files import registry; "
+            "k = int(sys.argv[1]); "
             "rows = {{1: np.full((k + 1, 3), k, float), 2: np.full((1, 3), -k, float)}}; "
-            "stage4.update_quantitative({folder!r}, 0.03, f'run{{k}}', rows, {{}})")
+            "registry.update_quantitative({folder!r}, '', 0.03, f'run{{k}}', rows, {{}})")
     folder = str(tmp_path / "results_quantitative")
     procs = [subprocess.Popen([sys.executable, "-c", code.format(root=ROOT, folder=folder), str(k)], env=env())
              for k in range(4)]

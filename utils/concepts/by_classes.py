@@ -15,12 +15,19 @@ triples writes byte-identical files to one run per triple.
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from utils.concepts.base import Concepts, ValImages
+from utils.data import folders
+from utils.files import names as file_names
 from utils.run.cli import UserError, parse_classes
 
 
 @dataclass
-class Triple:
-    """One channel to split and its two concepts (lists of class indices, as in the checkpoint names)."""
+class Triple(Concepts):
+    """One channel to split and its concepts given as classes (lists of class indices, as in the checkpoint
+    names): concept j's images are those of its classes, in the training split (stage 3) and in val (stage 4).
+    The ``Concepts`` interface (``utils.concepts.base``)."""
     channel: int
     classes1: list
     classes2: list
@@ -36,6 +43,72 @@ class Triple:
     def classes(self):
         """Classes of every concept: concept 1's, then concept 2's, ..."""
         return [y for c in self.concepts for y in c]
+
+    @property
+    def k(self):
+        return len(self.concepts)
+
+    def _flag(self, j):
+        """How messages name concept j: ``FILE line N: concept j`` or ``--classes_for_concept{j}``."""
+        return f"{self.where}: concept {j}" if self.where else f"--classes_for_concept{j}"
+
+    def training_rows(self, targets):
+        """Store rows whose label (``targets``, -1 for unreadable images) is one of concept j's classes."""
+        rows = [np.flatnonzero(np.isin(targets, s)) for s in self.concepts]
+        for j, r in enumerate(rows, start=1):
+            if not len(r):
+                raise UserError(f"{self._flag(j)} {self.concepts[j - 1]}: no readable training image of "
+                                f"these classes in the store")
+        return rows
+
+    def describe(self):
+        return " vs ".join(str(s) for s in self.concepts)
+
+    def label(self, names, j):
+        return str([names[y] for y in self.concepts[j - 1]])
+
+    def checkpoint(self, name, rho):
+        return file_names.class_checkpoint(name, self.channel, self.concepts, rho)
+
+    def info_keys(self):
+        return {f"classes{j}": s for j, s in enumerate(self.concepts, start=1)}
+
+    def val_images(self, ds, data_dir, val_top_n, scan_arvs):
+        """The val images of the concepts' classes; UserError where a concept has none."""
+        for j, classes in enumerate(self.concepts, start=1):
+            if not folders.indices_of_classes(ds, classes):
+                raise UserError(f"{self._flag(j)}: no val images of classes {classes} under {data_dir}/val")
+        return ValImages(folders.indices_of_classes(ds, self.classes), self.classes)
+
+    def val_ids(self, val, labels, indices):
+        return class_ids(labels, self.concepts)
+
+    def no_val_images(self, j):
+        return f"concept {j}: none of its val images could be read"
+
+    def val_label(self, names, j):
+        return ", ".join(names[y] for y in self.concepts[j - 1])
+
+    def summary_keys(self, names, val):
+        return {**{f"classes{j}": c for j, c in enumerate(self.concepts, start=1)},
+                **{f"class_names{j}": [names[y] for y in c] for j, c in enumerate(self.concepts, start=1)}}
+
+    def val_scope(self):
+        return "val images of both concepts" if self.k == 2 else f"val images of the {self.k} concepts"
+
+    def featurevis_concepts(self, index, ids):
+        return self.concepts, None
+
+    def sae_classes(self):
+        return self.classes
+
+
+def class_ids(labels, concepts):
+    """(N,) labels -> (N,) int64 concept ids 1..k (the concept whose classes hold the label; 0 for none)."""
+    out = np.zeros(len(labels), dtype=np.int64)
+    for j in range(len(concepts), 0, -1):
+        out[np.isin(labels, concepts[j - 1])] = j
+    return out
 
 
 def _int(text, what, where):

@@ -186,28 +186,6 @@ def make_loader(ds, batches, num_workers, device, unreadable="error", hint=""):
     return CheckedLoader(ds, batches, num_workers, device, unreadable, hint)
 
 
-def with_indices(loader, batches):
-    """(images, labels, indices (B,) int64) of a loader over ``batches`` that yields every batch whole, in order
-    (a loader whose unreadable images stop it, ``unreadable='error'``). Has a length, for progress bars."""
-    return IndexedLoader(loader, batches)
-
-
-class IndexedLoader:
-    """``with_indices``. A plain class, no closure: a DataLoader caught in a reference cycle is freed by the
-    garbage collector, which can finalize its queues before its workers are told to stop, and then waits 5 s
-    per worker."""
-
-    def __init__(self, loader, batches):
-        self.loader, self.batches = loader, batches
-
-    def __len__(self):
-        return len(self.batches)
-
-    def __iter__(self):
-        for (images, labels), b in zip(self.loader, self.batches):  # the loader first: it is run to its end
-            yield images, labels, torch.as_tensor(b, dtype=torch.int64)
-
-
 class CheckedLoader:
     """DataLoader over explicit batches of indices that handles unreadable images (see make_loader)."""
 

@@ -287,3 +287,7 @@ def atlas_run(folder, slug, file=ATLAS_INDEX):
 def atlas_shared(folder, file):
     """A file every page may link to (the candidates, the concepts files): ``{atlas}/files/{file}``."""
     return os.path.join(folder, ATLAS_SHARED, file)
+# ---------------------------------------------------------------- stage 4: where it finds a checkpoint
+def checkpoint_places(model_dir, checkpoint):
+    """Where stage 4 looks for a checkpoint file, in order: ``{model_dir}/models_disentangled``, then ``model_dir``."""
+    return [os.path.join(folder, checkpoint) for folder in (checkpoints_dir(model_dir), model_dir)]

@@ -28,7 +28,8 @@ from utils.featurevis.spectrum import files_sha256, spectrum_images
 from utils.files import atomic, names
 from utils.method import sae as S
 from utils.run.cli import UserError, at_least, default_workers
-from utils.stages.stage4 import top_k
+from utils.method.split import filter_maps, positive_mass
+from utils.method.evaluation import top_k
 
 DEFAULTS = {"sae_expansion": 8, "sae_k": 8, "sae_steps": 2000, "sae_positions_per_image": 4, "sae_seed": 0,
             "sae_lr": 1e-3, "sae_batch_size": 1024, "sae_train_images": 0}

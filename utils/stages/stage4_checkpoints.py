@@ -1,0 +1,88 @@
+"""Stage 4's checkpoints: find a job's checkpoint in the store, read it, and refuse one that does not belong here.
+
+A checkpoint [D1, ..., Dk, R] belongs to channel c of the layer when D1 + ... + Dk - (k-1) R equals c's filter;
+its info file (when there is one) must name the same model, weights and layer, and class folders like the val
+split's; for concepts from a file, the same file (sha256).
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+
+from utils import disentangle
+from utils.files import atomic, names, store
+from utils.run.cli import UserError
+
+
+@dataclass
+class Checkpoint:
+    """A job's checkpoint: its path, file name, state dict and info (None where it has no info file)."""
+    path: str
+    name: str
+    state_dict: dict
+    info: dict = None
+
+
+def find_checkpoint(model_dir, name):
+    """The path of checkpoint file ``name`` (``names.checkpoint_places``); UserError where it is in none."""
+    for path in names.checkpoint_places(model_dir, name):
+        if os.path.isfile(path):
+            return path
+    raise UserError(f"checkpoint {name} not found in {model_dir}/models_disentangled: run "
+                    f"disentangle_channel.py with the same channel, concepts and --store_dir first "
+                    f"(--model_dir is that --store_dir)")
+
+
+def load_checkpoint(ctx, model_dir, job, rho, val_summary):
+    """Find, read and check ``job``'s checkpoint for ``rho`` (a float or "best"). Returns a Checkpoint."""
+    name = job.checkpoint(ctx.name, rho)
+    path = find_checkpoint(model_dir, name)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})")
+    check_filters(ctx, sd, job.channel, path, job.k)
+    return Checkpoint(path, name, sd, check_info(ctx, path, val_summary, job.concepts_sha256))
+
+
+def check_filters(ctx, sd, channel, path, k):
+    """Refuse a checkpoint that is not one of ``k`` concepts of this layer's ``channel`` (shapes, then the merge)."""
+    w = ctx.conv.weight[channel].detach()
+    problem = disentangle.checkpoint_problem(sd, ctx.conv)
+    if problem:
+        raise UserError(f"{path}: {problem} for layer '{ctx.layer_path}' (--layer_of_interest "
+                        f"{ctx.layer_path}): the checkpoint was made for another layer; pass its "
+                        f"--layer_of_interest")
+    D = sd["disentangled.weight"]
+    n = disentangle.concepts_of_checkpoint(sd)
+    if n != k:
+        raise UserError(f"{path} splits into {n} concepts, not the {k} given")
+    merged = D[0] + D[1] if n == 2 else D[:n].sum(dim=0)
+    merged = merged - (D[n] if n == 2 else (n - 1) * D[n])
+    if not torch.allclose(merged, w.cpu(), atol=1e-6, rtol=1e-5):
+        what = "D1 + D2 - R" if n == 2 else f"D1 + ... + D{n} - {n - 1} R"
+        raise UserError(f"{path}: {what} differs from channel {channel}'s filter of layer '{ctx.layer_path}': "
+                        f"the checkpoint was made for another model, weights, layer or channel")
+
+
+def check_info(ctx, path, val_summary, concepts_sha256=None):
+    """The checkpoint's info file, or None where there is none; UserError where it names another model, weights,
+    layer or class folders than this run's, or (``concepts_sha256``) another concepts file."""
+    info_path = names.info_file(path)
+    if not os.path.isfile(info_path):
+        return None
+    info = atomic.read_json(info_path)
+    expected = dict(ctx.fingerprint, classes=val_summary["classes"])
+    diff = store.describe_mismatch(info, expected, ("model", "weights_sha256", "layer", "layer_geometry"))
+    if info.get("classes") != val_summary["classes"]:  # train classes of the store against the val folders
+        stored, now = info.get("classes") or [], val_summary["classes"]
+        odd = sorted(set(stored) ^ set(now))
+        diff = "; ".join(x for x in (diff, f"classes (the store's training split has {len(stored)} class folders, "
+                                           f"the val split {len(now)}; first differing folder: "
+                                           f"{odd[0] if odd else 'same names, other order'})") if x)
+    if diff:
+        raise UserError(f"{path} was made with other settings: {diff}")
+    if concepts_sha256 is not None and info.get("concepts_sha256") not in (None, concepts_sha256):
+        raise UserError(f"{path} was made from another concepts file (sha256 {info['concepts_sha256'][:12]}..., "
+                        f"this one {concepts_sha256[:12]}...)")
+    return info
