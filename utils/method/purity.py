@@ -43,10 +43,10 @@ def share_of_channel(pos_unit, pos_channel):
 
 def virtual_neurons(pos_channel, arvs, centroids):
     """PURE-style virtual neurons of a channel: neuron j keeps the channel's mass on the images whose
-    L1-normalised ARV is nearest to centroid j (utils.stages.label_free.nearest_centroid), 0 on the others.
+    L1-normalised ARV is nearest to centroid j (utils.method.clustering.nearest_centroid), 0 on the others.
     pos_channel (N,), arvs (N, C_in), centroids (k, C_in) -> (k, N) float64."""
     import torch
-    from utils.stages.label_free import nearest_centroid
+    from utils.method.clustering import nearest_centroid
     member = nearest_centroid(torch.as_tensor(arvs), torch.as_tensor(centroids)).numpy()
     pos = np.asarray(pos_channel, dtype=np.float64)
     return np.stack([np.where(member == j, pos, 0.0) for j in range(len(centroids))])
