@@ -83,6 +83,8 @@ def cluster(arvs, k=None, ks=AUTO_KS, seed=SEED):
     'k' (number of non-empty clusters), 'silhouette' (of the chosen k; NaN if undefined),
     'silhouette_by_k' {k: s} for every k tried. The first k with the highest silhouette wins; if none is
     defined (all normalised ARVs equal, e.g. a dead channel) the first k tried is kept, whatever it gave.
+    Threads do not change the result; on ~100 points they only add waiting (label_free.one_thread runs the
+    clustering of many channels on one thread).
     """
     X = l1_normalize(arvs).numpy()
     tried = [k] if k is not None else [kk for kk in ks if kk < len(X)]
@@ -124,7 +126,8 @@ def channel_record(channel, rows, s, arvs, classes, class_names, k=None, ks=AUTO
     """The concepts-file entry of one channel (module docstring) from its top rows.
 
     rows: (N,) store rows, strongest first; s: (N,) their summed activations; arvs: (N, C_in) their
-    per-image ARVs; classes: (N,) their labels; class_names: list of all class names.
+    per-image ARVs; classes: (N,) their labels; class_names: list of all class names; k, ks, seed: as
+    ``cluster``; sign: the channel's sign of "top". (One parameter per field the entry records.)
     """
     res = cluster(arvs, k, ks, seed)
     labels = res["labels"]

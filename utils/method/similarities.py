@@ -71,7 +71,8 @@ def add_sign_histograms(hists, A, y, P, tau, weight, bias=None, positions=1, aff
     hists: {name: (K, C) int64} for the names of SIGN_HISTOGRAMS; A: (m, C); y: (m,) int64 (negative: row
     left out); P: (m, C_in, kh, kw) patch sums; weight, bias, positions: the layer (``summed_activation``);
     affine: (scale, shift) of the BatchNorm that follows the layer, or None (then the layer's own summed
-    activation decides). H[y, c] counts the images of class y for which c is important ('published', as
+    activation decides). The many parameters are the chunk (A, y, P), tau, and the closed form of the summed
+    activation before and after the BatchNorm (weight, bias, positions, affine). H[y, c] counts the images of class y for which c is important ('published', as
     ``add_class_histogram``) and moreover
       'positive_activation': the summed activation after the BatchNorm (or the layer's, without one) is > 0;
       'negative_layer_activation': the layer's own summed activation S (before any BatchNorm) is < 0.

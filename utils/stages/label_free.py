@@ -64,6 +64,7 @@ def candidate_rows(patch_sums, weight, pool, signs=None, bias=None, positions=1,
     weight: (C, C_in, kh, kw) of the channels wanted; signs: (C,) +1/-1 or None (+1); bias: (C,) or None;
     valid: (N,) bool or None (False: row never chosen, e.g. unreadable images).
     Returns (C, pool) int64 store rows, best first; -1 where fewer than ``pool`` rows exist.
+    (The parameters are the store's rows, the layer's closed form and the chunking: each a separate input.)
     """
     n = patch_sums.shape[0]
     W = torch.as_tensor(weight).to(torch.float32).flatten(1)
@@ -89,25 +90,15 @@ def candidate_rows(patch_sums, weight, pool, signs=None, bias=None, positions=1,
 @contextlib.contextmanager
 def one_thread():
     """torch and the BLAS/OpenMP pools (scikit-learn's) on one thread for a block of tiny operations: on
-    100 x 512 arrays threads only add waiting, much more so on a busy machine. Results do not change.
-    Nested blocks cost nothing (``cluster`` inside ``discover``'s loop): only the outermost sets the limits."""
-    global _one_thread_depth
-    if _one_thread_depth:
-        yield
-        return
+    100 x 512 arrays threads only add waiting, much more so on a busy machine. Results do not change."""
     from threadpoolctl import threadpool_limits
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    _one_thread_depth += 1
     try:
         with threadpool_limits(1):
             yield
     finally:
-        _one_thread_depth -= 1
         torch.set_num_threads(before)
-
-
-_one_thread_depth = 0
 
 
 def discover(patch_sums, labels, weight, channels, class_names, top_n=100, k=None, ks=AUTO_KS, signs=None,
@@ -119,6 +110,9 @@ def discover(patch_sums, labels, weight, channels, class_names, top_n=100, k=Non
     weight: (C_out, C_in, kh, kw) the layer's weight; channels: list of channel indices; signs: (C_out,)
     +1/-1 or None; bias: (C_out,) or None; positions: H' * W'. Returns {channel: channel_record(...)}.
     ``timings``: a dict to receive the wall and CPU seconds of the pass and of the per-channel part.
+    Many parameters because three sources meet here, each passed as it comes: the store (patch sums, labels,
+    class names), the layer (weight, bias, signs, positions) and the clustering (top_n, k, ks, seed); all but
+    the first five have defaults.
     """
     labels = np.asarray(labels)
     valid = labels >= 0

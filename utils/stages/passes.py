@@ -44,7 +44,8 @@ def sign_histograms(attributions, targets, patch_sums, num_classes, tau, weight,
     """Class histograms of the published importance rule and of the sign-aware one, from one read of the store.
 
     attributions: (N, C) and patch_sums: (N, C_in, kh, kw) array-likes (memory maps are fine); targets: (N,)
-    (negative: row left out); the rest as ``similarities.add_sign_histograms``. Returns {name: (num_classes, C)
+    (negative: row left out); the rest as ``similarities.add_sign_histograms`` (whose parameters say why there
+    are this many: the layer's weight, bias and positions and the BatchNorm's affine map). Returns {name: (num_classes, C)
     int64} for the names of ``similarities.SIGN_HISTOGRAMS``.
     """
     n, c = attributions.shape

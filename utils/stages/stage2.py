@@ -8,7 +8,7 @@ summed activation after the BatchNorm that follows the layer is positive, and re
 Writes the published table under ``--out_dir`` and the candidates and histograms in the store folder
 (names: utils/files/names.py).
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -74,6 +74,18 @@ class Settings:
         return s
 
 
+@dataclass
+class Result:
+    """What stage 2 finds: the class names, N_y (K,), H[y, c] (K, C), the used classes (K, C) bool, the candidates
+    (dicts, highest cosine first) and, under positive_activation, the sign report (else empty)."""
+    class_names: list
+    counts: torch.Tensor
+    hist: torch.Tensor = None
+    used: torch.Tensor = None
+    cands: list = None
+    sign_report: dict = field(default_factory=dict)
+
+
 def run(ctx, s):
     """Stage 2 on the store of ``ctx`` (utils.run.context.Context) with Settings ``s``: candidates printed and
     written."""
@@ -83,36 +95,37 @@ def run(ctx, s):
     if len(unreadable):
         print(f"{len(unreadable)} unreadable training images recorded by stage 1 are left out of every count")
     k = len(st.manifest["classes"])
-    counts = similarities.class_counts(targets, k)
-    sign_report = {}
+    r = Result(st.manifest["classes"], similarities.class_counts(targets, k))
     if s.sign == "published":
-        hist = passes.class_histogram(A, targets, k, s.tau, s.chunk_rows, progress=True)
+        r.hist = passes.class_histogram(A, targets, k, s.tau, s.chunk_rows, progress=True)
     else:
-        hist, sign_report = positive_activation_histogram(ctx, A, targets, P, k, s, counts)
-    used = similarities.used_classes(hist, counts, s.p)
+        r.hist, r.sign_report = positive_activation_histogram(ctx, s, (A, targets, P), r.counts)
+    r.used = similarities.used_classes(r.hist, r.counts, s.p)
     means = passes.class_mean_patch_sums(P, targets, k, s.chunk_rows, progress=True)
-    cands = similarities.candidate_pairs(ctx.conv.weight.detach(), means, used, s.low, s.high,
-                                         progress=passes.cosines_shown)
-    report_candidates(ctx, s, st.manifest["classes"], cands, hist, counts, used)
-    write_candidates(ctx, s, st.manifest["classes"], cands, hist, counts, sign_report)
+    r.cands = similarities.candidate_pairs(ctx.conv.weight.detach(), means, r.used, s.low, s.high,
+                                           progress=passes.cosines_shown)
+    report_candidates(ctx, s, r)
+    write_candidates(ctx, s, r)
 
 
-def report_candidates(ctx, s, class_names, cands, hist, counts, used):
-    """Print the strongest candidates and the summary line."""
-    table = tables.candidate_table(cands, class_names, lambda c, y: f"{int(hist[y, c])} of {int(counts[y])}")
+def report_candidates(ctx, s, r):
+    """Print the strongest candidates of Result ``r`` and the summary line."""
+    cands, hist, counts = r.cands, r.hist, r.counts
+    table = tables.candidate_table(cands, r.class_names, lambda c, y: f"{int(hist[y, c])} of {int(counts[y])}")
     if table:
         print(f"the {len(table) - 1} strongest candidates of layer '{ctx.layer_path}' (lowest cosine first; the "
               f"files list all of them):")
         print("\n".join(table))
     print(f"{len(cands)} candidates (channel, class1, class2) with {s.low} <= cosine < {s.high}; "
-          f"{len(similarities.polysemantic_channels(used))} channels use two or more classes "
+          f"{len(similarities.polysemantic_channels(r.used))} channels use two or more classes "
           f"(tau={s.tau}, p={s.p})")
 
 
-def write_candidates(ctx, s, class_names, cands, hist, counts, sign_report):
+def write_candidates(ctx, s, r):
     """The published table (under --out_dir), the candidates with their settings and the histograms (in the
-    store folder); ``sign_report`` (empty for the published rule, whose files stay as they were) goes into both
+    store folder); the sign report (none for the published rule, whose files stay as they were) goes into both
     JSON files."""
+    cands, hist = r.cands, r.hist
     base = names.candidates_base(ctx.name, s.tau, s.p, s.low, s.high, s.sign)
     table = "Channel,Class1,Class2,CosineSimilarity\n" + "".join(
         f"{d['channel']},{d['class1']},{d['class2']},{d['cosine_similarity']:.4f}\n" for d in cands)
@@ -120,12 +133,12 @@ def write_candidates(ctx, s, class_names, cands, hist, counts, sign_report):
     atomic.write_text(out_txt, table)
     settings = {"proportion_attribution_required": s.tau, "p": s.p, "cos_sim_low": s.low, "cos_sim_high": s.high,
                 "model": ctx.model_spec, "layer": ctx.layer_path, "weights": ctx.weights_id}
-    if sign_report:  # published: the same files as before the flag existed
-        settings.update(importance_sign=s.sign, sign_report=sign_report)
+    if r.sign_report:  # published: the same files as before the flag existed
+        settings.update(importance_sign=s.sign, sign_report=r.sign_report)
     out_json = names.candidates_json(s.store_dir, base)
-    atomic.write_json(out_json, dict(settings, classes=class_names, candidates=cands))
+    atomic.write_json(out_json, dict(settings, classes=r.class_names, candidates=cands))
     atomic.write_json(names.histograms(s.store_dir, ctx.name, s.tau, s.sign),
-                      dict(settings, images_per_class=counts.tolist(), histogram_class_by_channel=hist.tolist()),
+                      dict(settings, images_per_class=r.counts.tolist(), histogram_class_by_channel=hist.tolist()),
                       indent=None)
     atomic.save_npy(names.histograms(s.store_dir, ctx.name, s.tau, s.sign, ext="npy"), hist.numpy().astype(np.int32))
     print(f"wrote {out_txt} and {out_json}")
@@ -156,9 +169,10 @@ def sign_report_of(h, counts, pp, bn_name, positions):
     }
 
 
-def positive_activation_histogram(ctx, A, targets, P, k, s, counts):
+def positive_activation_histogram(ctx, s, arrays, counts):
     """H[y, c] under --importance_sign positive_activation, and what it changes against the published rule.
 
+    arrays: the store's (attributions, labels, patch sums); counts: (K,) N_y.
     The BatchNorm after the layer and the layer's output size come from forwards of a blank image (the
     store's transform makes every image the crop size). Returns (hist, report dict); prints the report.
     """
@@ -168,7 +182,8 @@ def positive_activation_histogram(ctx, A, targets, P, k, s, counts):
         print(tables.no_batchnorm_note(ctx.layer_path))
     affine = None if bn is None else loading.batchnorm_affine(bn)
     # sign_histograms holds about four times class_histogram's memory per row: a quarter of the rows at a time
-    h = passes.sign_histograms(A, targets, P, k, s.tau, ctx.conv.weight, ctx.conv.bias, positions, affine,
+    A, targets, P = arrays
+    h = passes.sign_histograms(A, targets, P, len(counts), s.tau, ctx.conv.weight, ctx.conv.bias, positions, affine,
                                max(1, s.chunk_rows // 4), progress=True)
     report = sign_report_of(h, counts, s.p, bn_name, positions)
     print("\n".join(tables.sign_report_lines(report, ctx.layer_path)))
