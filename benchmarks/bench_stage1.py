@@ -57,8 +57,9 @@ def ours(workdir, timer, keep=True):
     for _ in timer.runs():
         shutil.rmtree(folder, ignore_errors=True)
         with timer:
-            stage1.run_stage1(model, conv, ds, folder, info, common.BATCH_SIZE, torch.device("cpu"),
-                                   common.workers_ours(), None, log=lambda *a: None)
+            stage1.run_stage1(model, conv, ds, folder, info,
+                              stage1.PassSettings(common.BATCH_SIZE, torch.device("cpu"), common.workers_ours()),
+                              log=lambda *a: None)
     size, files = common.folder_bytes(folder)
     return {"images": len(ds), "store_bytes": size, "store_files": files}
 

@@ -23,14 +23,15 @@ import common  # noqa: E402
 
 def ours(workdir, timer):
     from utils.method import similarities
+    from utils.stages import passes
     model, conv = common.build_model()
     w = conv.weight.detach()
     for _ in timer.runs():
         with timer:
             st = common.open_store(workdir)
-            hist = similarities.class_histogram(st["attributions"], st["targets"], common.CLASSES, common.TAU)
+            hist = passes.class_histogram(st["attributions"], st["targets"], common.CLASSES, common.TAU)
             used = similarities.used_classes(hist, similarities.class_counts(st["targets"], common.CLASSES), common.P_USE)
-            means = similarities.class_mean_patch_sums(st["patch_sums"], st["targets"], common.CLASSES)
+            means = passes.class_mean_patch_sums(st["patch_sums"], st["targets"], common.CLASSES)
             cands = similarities.candidate_pairs(w, means, used, common.COS_LOW, common.COS_HIGH)
     multi = used.sum(dim=0) >= 2
     return {"used_pairs": int(used.sum()), "arv_pairs": int(used[:, multi].sum()), "candidates": cands}

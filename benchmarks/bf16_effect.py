@@ -29,18 +29,21 @@ def stage1(workdir, device, name, autocast, channels_last):
     info = dict(model="bench", weights_sha256=loading.weights_sha256(model), layer=common.LAYER,
                 layer_geometry=loading.layer_geometry(conv), transform="bench", decode="cpu",
                 autocast="bfloat16" if autocast else None, **folders.dataset_summary(ds))
-    stage1.run_stage1(model, conv, ds, folder, info, common.BATCH_SIZE, torch.device(device), 0, None,
-                           autocast_dtype=torch.bfloat16 if autocast else None, channels_last=channels_last,
-                           log=lambda *a: None)
+    stage1.run_stage1(model, conv, ds, folder, info,
+                      stage1.PassSettings(common.BATCH_SIZE, torch.device(device), 0, None,
+                                          autocast_dtype=torch.bfloat16 if autocast else None,
+                                          channels_last=channels_last),
+                      log=lambda *a: None)
     arrays = {n: np.load(os.path.join(folder, n + ".npy")) for n in ("attributions", "targets", "predictions", "patch_sums")}
     return arrays, conv.weight.detach().cpu()
 
 
 def stage2(arrays, weight, tau, p, low=-1.0, high=1.0):
     from utils.method import similarities
-    hist = similarities.class_histogram(arrays["attributions"], arrays["targets"], common.CLASSES, tau)
+    from utils.stages import passes
+    hist = passes.class_histogram(arrays["attributions"], arrays["targets"], common.CLASSES, tau)
     used = similarities.used_classes(hist, similarities.class_counts(arrays["targets"], common.CLASSES), p)
-    means = similarities.class_mean_patch_sums(arrays["patch_sums"], arrays["targets"], common.CLASSES)
+    means = passes.class_mean_patch_sums(arrays["patch_sums"], arrays["targets"], common.CLASSES)
     cands = similarities.candidate_pairs(weight, means, used, low, high)
     return used, {(d["channel"], d["class1"], d["class2"]): d["cosine_similarity"] for d in cands}
 

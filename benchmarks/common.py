@@ -393,8 +393,9 @@ def pick_concepts(workdir):
     import torch
 
     from utils.method import similarities
+    from utils.stages import passes
     st = open_store(workdir)
-    hist = similarities.class_histogram(st["attributions"], st["targets"], CLASSES, TAU).double()
+    hist = passes.class_histogram(st["attributions"], st["targets"], CLASSES, TAU).double()
     used = similarities.used_classes(hist, similarities.class_counts(st["targets"], CLASSES), P_USE)
     masked = torch.where(used, hist, torch.full_like(hist, -1.0))
     if (used.sum(dim=0) >= 2).any():

@@ -40,8 +40,9 @@ def stage1(root, folder, fast, model, conv, threads):
     info = dict(store.fingerprint("resnet50", "random", loading.weights_sha256(model), "layer4.2.conv3",
                                   loading.layer_geometry(conv), folders.dataset_summary(ds), folders.TRANSFORM_DESCRIPTION),
                 autocast=None, decode="cpu", numerics=stage1_module.numerics("cpu", threads, fast_resize=fast))
-    stage1_module.run_stage1(model, conv, ds, folder, info, 16, torch.device("cpu"), 0, None, uint8_images=True,
-                           log=lambda *a: None)
+    stage1_module.run_stage1(model, conv, ds, folder, info,
+                             stage1_module.PassSettings(16, torch.device("cpu"), 0, uint8_images=True),
+                             log=lambda *a: None)
     return {n: np.load(os.path.join(folder, n + ".npy")) for n in store.ARRAYS}
 
 

@@ -13,7 +13,7 @@ when OUT/seed{s}/report.json exists), then for every channel that stage 2 lists 
   k-way      D_1..D_k of the split by label-free concepts (get_cosine_similarities.py --label_free,
              disentangle_channel.py --concepts_file: issue 11);
   PURE       virtual neurons: the channel's map on the val images whose ARV is nearest to cluster j's
-             centroid (utils.stages.label_free.nearest_centroid), zero elsewhere.
+             centroid (utils.method.clustering.nearest_centroid), zero elsewhere.
 Every unit is scored on all val images by utils/method/purity.py: activation-weighted purity over classes,
 colours and textures, top-N purity (N = val images per class) and its share of the channel's positive mass.
 Unit kinds whose code is not there yet print "not available".
@@ -53,7 +53,7 @@ from utils.stages import sae_view  # noqa: E402
 from utils.run import cli  # noqa: E402
 from utils.files.names import class_checkpoint  # noqa: E402
 from utils.method.evaluation import top_k  # noqa: E402
-from utils.stages.label_free import nearest_centroid  # noqa: E402
+from utils.method.clustering import nearest_centroid  # noqa: E402
 from utils.method.split import filter_maps, positive_mass  # noqa: E402
 from utils.stages.stage4 import checkpoint_filters  # noqa: E402
 

@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from demo.run_demo import MODELS, Runner  # noqa: E402
-from get_cosine_similarities import SIGN_SUFFIX as SUFFIX  # noqa: E402
+from utils.files.names import SIGN_SUFFIX as SUFFIX  # noqa: E402
 from utils.files.atomic import read_json  # noqa: E402
 from utils.model.loading import model_tag  # noqa: E402
 

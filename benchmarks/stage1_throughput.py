@@ -38,9 +38,11 @@ def run(model, conv, ds, folder, args, device, decoder=None, amp=None):
     if device.type == "cuda":
         torch.cuda.synchronize()
     t = time.time()
-    stage1.run_stage1(model, conv, ds, folder, info, args.batch_size, device, args.num_workers, None,
-                           autocast_dtype=torch.bfloat16 if amp else None, channels_last=True,
-                           gpu_decoder=decoder, log=lambda *a: None)
+    stage1.run_stage1(model, conv, ds, folder, info,
+                      stage1.PassSettings(args.batch_size, device, args.num_workers,
+                                          autocast_dtype=torch.bfloat16 if amp else None, channels_last=True,
+                                          gpu_decoder=decoder),
+                      log=lambda *a: None)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return len(ds) / (time.time() - t)

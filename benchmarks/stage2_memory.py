@@ -11,7 +11,7 @@ patch sums, candidate pairs) in a fresh child process, and reports its memory:
                  mapped into the process): what `top` or a job scheduler would see
   RssFile peak   file-backed resident pages (memory-mapped store pages show up here)
 
-Two ways of reading the chunks are measured: 'read' (utils.method.similarities.read_rows: positional file
+Two ways of reading the chunks are measured: 'read' (utils.files.rows.read_rows: positional file
 reads of each chunk, what stage 2 does) and 'mmap' (slicing the memory maps, which leaves every page
 read mapped into the process until the kernel reclaims it). The folder is removed at the end.
 
@@ -94,6 +94,7 @@ def child(folder, mode, chunk_rows):
     import torch
 
     from utils.method import similarities
+    from utils.stages import passes
     torch.set_num_threads(1)
     base = status_kb("RssAnon", "RssFile", "VmRSS")
     A = np.load(os.path.join(folder, "attributions.npy"), mmap_mode="r")
@@ -107,12 +108,12 @@ def child(folder, mode, chunk_rows):
     sampler.start()
     times = {}
     t = time.perf_counter()
-    hist = similarities.class_histogram(A, targets, k, 0.03, chunk_rows)
+    hist = passes.class_histogram(A, targets, k, 0.03, chunk_rows)
     times["histogram_s"] = time.perf_counter() - t
     counts = similarities.class_counts(targets, k)
     used = similarities.used_classes(hist, counts, 0.75)
     t = time.perf_counter()
-    means = similarities.class_mean_patch_sums(P, targets, k, chunk_rows)
+    means = passes.class_mean_patch_sums(P, targets, k, chunk_rows)
     times["class_means_s"] = time.perf_counter() - t
     t = time.perf_counter()
     cands = similarities.candidate_pairs(W, means, used, 0.0, 0.5)

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from utils.files.rows import read_rows
 from utils.method import similarities
+from utils.stages import passes
 
 N, C_OUT, C_IN, K = 997, 24, 10, 6
 
@@ -30,9 +32,9 @@ def store(tmp_path_factory):
 
 
 def stage2(A, targets, P, W, chunk_rows, tau=0.05, p=0.6, low=-1.0, high=1.0):
-    hist = similarities.class_histogram(A, targets, K, tau, chunk_rows)
+    hist = passes.class_histogram(A, targets, K, tau, chunk_rows)
     used = similarities.used_classes(hist, similarities.class_counts(targets, K), p)
-    means = similarities.class_mean_patch_sums(P, targets, K, chunk_rows)
+    means = passes.class_mean_patch_sums(P, targets, K, chunk_rows)
     return hist, means, similarities.candidate_pairs(W, means, used, low, high)
 
 
@@ -40,10 +42,10 @@ def test_read_rows_of_a_memory_map_equals_slicing(store):
     for name, arr in (("attributions", store["A"]), ("patch_sums", store["P"]), ("targets", store["targets"])):
         m = store["mapped"][name]
         for lo, hi in ((0, 0), (0, 5), (3, 700), (990, N)):
-            got = similarities.read_rows(m, lo, hi)
+            got = read_rows(m, lo, hi)
             assert type(got) is np.ndarray and got.dtype == m.dtype
             np.testing.assert_array_equal(got, arr[lo:hi])
-        np.testing.assert_array_equal(similarities.read_rows(m[10:], 2, 9), arr[12:19])  # a view: sliced
+        np.testing.assert_array_equal(read_rows(m[10:], 2, 9), arr[12:19])  # a view: sliced
 
 
 @pytest.mark.parametrize("chunk_rows", [3, 7, 100, 996])

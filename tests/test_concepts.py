@@ -16,6 +16,8 @@ from tests import tiny_models
 from tests.conftest import run_script, tree_bytes
 from tests.test_cli import load_split, run_inproc
 from utils.method import attribution
+from utils.files.rows import gather_rows
+from utils.method import clustering
 from utils.stages import label_free
 from utils.method import similarities
 
@@ -80,7 +82,7 @@ def test_store_closed_forms_equal_model_pass(image_root, tmp_path, kind):
     s = similarities.summed_activation(np.asarray(P), W, b, positions)
     torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=1e-5 * float(s_ref.abs().max()))
     rows = [17, 3, 3, 0, 23]
-    Pr = label_free.gather_rows(P, rows)
+    Pr = gather_rows(P, rows)
     assert np.array_equal(Pr, np.asarray(P)[rows])
     for c in range(W.shape[0]):
         r = similarities.arv(W[c], torch.from_numpy(Pr))
@@ -106,7 +108,7 @@ def test_store_closed_forms_equal_model_pass(image_root, tmp_path, kind):
             norm = r_ref[cl["rows"], c] / r_ref[cl["rows"], c].abs().sum(dim=1, keepdim=True)
             np.testing.assert_allclose(cl["centroid"], norm.mean(dim=0).numpy(), rtol=1e-4, atol=1e-7)
             assert sum(cl["classes"].values()) == cl["size"] == len(cl["rows"])
-            counted = collections.Counter(int(y) for y in labels[cl["rows"]])  # by hand, not label_free.class_counts
+            counted = collections.Counter(int(y) for y in labels[cl["rows"]])  # by hand, not clustering.class_counts
             assert sorted(map(tuple, cl["class_counts"])) == sorted(counted.items())
             assert [n for _, n in cl["class_counts"]] == sorted(counted.values(), reverse=True)
             assert cl["classes"] == {names[y]: n for y, n in counted.items()}
@@ -171,11 +173,11 @@ def planted_arvs(k, per=25, d=40, noise=0.03, seed=0):
 @pytest.mark.parametrize("k", [2, 3])
 def test_clustering_recovers_planted_concepts(tmp_path, k):
     arvs, truth = planted_arvs(k, seed=k)
-    res = label_free.cluster(arvs)
+    res = clustering.cluster(arvs)
     assert res["k"] == k and set(res["silhouette_by_k"]) == {2, 3, 4, 5}
     assert res["silhouette"] == max(res["silhouette_by_k"].values())
     assert adjusted_rand_score(truth, res["labels"]) >= 0.9
-    assert label_free.cluster(arvs, k=k)["silhouette_by_k"].keys() == {k}
+    assert clustering.cluster(arvs, k=k)["silhouette_by_k"].keys() == {k}
 
     # the same through a store: a 1x1 layer with W[c] = 1 has ARV = patch sums; weak background rows
     # (the planted rows' activations are far larger) must not reach the top-N
@@ -199,16 +201,16 @@ def test_clustering_recovers_planted_concepts(tmp_path, k):
 def test_purity_and_class_counts_hand_built():
     labels = np.array([0, 0, 0, 1, 1, 2])
     classes = np.array([5, 5, 7, 3, 3, 3])
-    overall, per = label_free.purity(labels, classes)
+    overall, per = clustering.purity(labels, classes)
     assert overall == pytest.approx(5 / 6)
     assert per == pytest.approx([2 / 3, 1.0, 1.0])
-    assert label_free.purity([0, 1, 1, 0], [2, 2, 4, 4])[0] == 0.5
-    assert label_free.class_counts([7, 3, 7, 3, 9]) == [[3, 2], [7, 2], [9, 1]]
-    assert label_free.canonical_labels([4, 1, 1, 4, 4, 2]).tolist() == [0, 1, 1, 0, 0, 2]
+    assert clustering.purity([0, 1, 1, 0], [2, 2, 4, 4])[0] == 0.5
+    assert clustering.class_counts([7, 3, 7, 3, 9]) == [[3, 2], [7, 2], [9, 1]]
+    assert clustering.canonical_labels([4, 1, 1, 4, 4, 2]).tolist() == [0, 1, 1, 0, 0, 2]
 
 
 def test_dead_channel_gives_one_cluster_without_silhouette():
-    res = label_free.cluster(np.zeros((10, 5)))
+    res = clustering.cluster(np.zeros((10, 5)))
     assert res["k"] == 1 and np.isnan(res["silhouette"]) and (res["labels"] == 0).all()
 
 

@@ -177,8 +177,9 @@ def stage1_store(folder, ds, decoder, model, conv):
     info = dict(store.fingerprint("tiny", "none", loading.weights_sha256(model), "conv", loading.layer_geometry(conv),
                                   folders.dataset_summary(ds), folders.TRANSFORM_DESCRIPTION),
                 autocast=None, decode="gpu", numerics=stage1.numerics("cpu", 1, decoder.name))
-    stage1.run_stage1(model, conv, gpu_decode.RawImageFolder(ds), folder, info, 4, torch.device("cpu"), 0,
-                           None, gpu_decoder=decoder, skip_unreadable=True, log=lambda *a: None)
+    stage1.run_stage1(model, conv, gpu_decode.RawImageFolder(ds), folder, info,
+                      stage1.PassSettings(4, torch.device("cpu"), 0, None, gpu_decoder=decoder, skip_unreadable=True),
+                      log=lambda *a: None)
     return {n: np.load(os.path.join(folder, n + ".npy")) for n in store.ARRAYS}, store.Store.peek(folder)
 
 
@@ -443,8 +444,9 @@ def test_cuda_stage1_pipelined_store_equals_sequential_store(clean_root, tmp_pat
                                       loading.layer_geometry(conv), folders.dataset_summary(ds),
                                       folders.TRANSFORM_DESCRIPTION),
                     autocast=None, decode="gpu", numerics=stage1.numerics(device, None, decoder.name, False, True))
-        stage1.run_stage1(model, conv, gpu_decode.RawImageFolder(ds), folder, info, 4, device, 2, None,
-                               gpu_decoder=decoder, deterministic=True, log=lambda *a: None)
+        stage1.run_stage1(model, conv, gpu_decode.RawImageFolder(ds), folder, info,
+                          stage1.PassSettings(4, device, 2, None, gpu_decoder=decoder, deterministic=True),
+                          log=lambda *a: None)
         return {n: np.load(os.path.join(folder, n + ".npy")) for n in store.ARRAYS}
 
     piped = run(str(tmp_path / "piped"))

@@ -21,6 +21,7 @@ from tests.conftest import ROOT, tree_bytes
 from tests.test_cli import run_inproc
 from tests.test_disentangle import max_logit_difference, scan_batches
 from tests.tiny_models import tiny_resnet, tiny_vgg
+from utils.method import clustering
 from utils import disentangle
 from utils.concepts.by_classes import Triple
 from utils.files import names, store
@@ -28,7 +29,6 @@ from utils.method import attribution, rho_scores, similarities, split
 from utils.method.split import RHOS
 from utils.model import tap
 from utils.report import stage3_text
-from utils.stages import label_free
 
 TINY = "tests.tiny_models:tiny_resnet"
 TAG = "tests_tiny_models_tiny_resnet"
@@ -387,7 +387,7 @@ def concepts_file(path, store_dir, channel, groups, fingerprint_change=None):
     P = np.load(os.path.join(folder, "patch_sums.npy"))
     y = np.load(os.path.join(folder, "targets.npy"))
     r = similarities.arv(tiny_resnet().conv3.weight[channel].detach(), torch.from_numpy(P))
-    clusters = [{"rows": list(map(int, g)), "size": len(g), "centroid": label_free.l1_normalize(r[g]).mean(0).tolist(),
+    clusters = [{"rows": list(map(int, g)), "size": len(g), "centroid": clustering.l1_normalize(r[g]).mean(0).tolist(),
                  "mean_arv": r[g].mean(0).tolist(), "classes": {},
                  "class_counts": [[int(c), int((y[g] == c).sum())] for c in np.unique(y[g])]} for g in groups]
     fp = {k: manifest[k] for k in store.MATCH_KEYS}

@@ -21,7 +21,7 @@ from utils.concepts.base import Concepts, ValImages
 from utils.files import names as file_names
 from utils.files import store
 from utils.run.cli import UserError
-from utils.stages.label_free import nearest_centroid
+from utils.method.clustering import nearest_centroid
 
 # the fingerprint keys that say which model, layer and data made the file (the training split for stage 3)
 MODEL_KEYS = ("model", "weights_sha256", "layer", "layer_geometry", "classes")

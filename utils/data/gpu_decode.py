@@ -123,30 +123,13 @@ def cpu_decode_reason(raw):
       colour transform), or a second frame header.
     Greyscale (1 component) and progressive 8-bit YCbCr JPEGs go to nvJPEG.
     """
-    n = len(raw)
-    if n < 4 or raw[0] != 0xFF or raw[1] != 0xD8:
+    if len(raw) < 4 or raw[0] != 0xFF or raw[1] != 0xD8:
         return "not a JPEG"
-    pos, frame = 2, None
-    while True:
-        if pos >= n or raw[pos] != 0xFF:
-            return "malformed or truncated headers"
-        while pos < n and raw[pos] == 0xFF:  # a marker, after optional fill bytes
-            pos += 1
-        if pos >= n:
-            return "malformed or truncated headers"
-        marker = raw[pos]
-        pos += 1
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # TEM, RSTn: no length
-            continue
-        if marker in (0x00, 0xD8, 0xD9):
-            return "malformed headers (no scan)"
-        if pos + 2 > n:
-            return "malformed or truncated headers"
-        length = (raw[pos] << 8) | raw[pos + 1]
-        if length < 2 or pos + length > n:
-            return "malformed or truncated headers"
-        seg = bytes(raw[pos + 2:pos + length])
-        pos += length
+    frame = None
+    for item in _segments(raw):
+        if isinstance(item, str):
+            return item
+        marker, seg = item
         if marker == 0xDA:  # SOS: the entropy-coded data follows
             return "no frame header" if frame is None else None
         if marker == 0xEE and seg[:5] == b"Adobe":
@@ -154,20 +137,59 @@ def cpu_decode_reason(raw):
         if 0xC0 <= marker <= 0xCF and marker not in NOT_FRAMES:
             if frame is not None:
                 return "two frame headers"
-            if marker not in GPU_FRAMES:
-                return f"frame type SOF{marker - 0xC0} (lossless, hierarchical or arithmetic-coded)"
-            if len(seg) < 6:
-                return "malformed or truncated headers"
-            precision, count = seg[0], seg[5]
-            if count not in (1, 3):
-                return f"{count} components" + (" (CMYK or YCCK)" if count == 4 else "")
-            if precision != 8:
-                return f"{precision}-bit samples"
-            if len(seg) < 6 + 3 * count:
-                return "malformed or truncated headers"
-            if count == 3 and seg[6:15:3] == b"RGB":
-                return "RGB components without colour transform"
+            reason = _frame_reason(marker, seg)
+            if reason:
+                return reason
             frame = marker
+
+
+def _segments(raw):
+    """The marker segments of a JPEG's headers after SOI, up to and including the first SOS: yields
+    (marker, payload bytes); where the headers are malformed or truncated, a string saying so ends the walk."""
+    n, pos = len(raw), 2
+    truncated = "malformed or truncated headers"
+    while True:
+        if pos >= n or raw[pos] != 0xFF:
+            yield truncated
+            return
+        while pos < n and raw[pos] == 0xFF:  # a marker, after optional fill bytes
+            pos += 1
+        if pos >= n:
+            yield truncated
+            return
+        marker = raw[pos]
+        pos += 1
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # TEM, RSTn: no length
+            continue
+        if marker in (0x00, 0xD8, 0xD9):
+            yield "malformed headers (no scan)"
+            return
+        length = (raw[pos] << 8) | raw[pos + 1] if pos + 2 <= n else 0
+        if length < 2 or pos + length > n:
+            yield truncated
+            return
+        yield marker, bytes(raw[pos + 2:pos + length])
+        if marker == 0xDA:
+            return
+        pos += length
+
+
+def _frame_reason(marker, seg):
+    """Why a frame header (marker SOFn, payload ``seg``) needs the CPU, or None."""
+    if marker not in GPU_FRAMES:
+        return f"frame type SOF{marker - 0xC0} (lossless, hierarchical or arithmetic-coded)"
+    if len(seg) < 6:
+        return "malformed or truncated headers"
+    precision, count = seg[0], seg[5]
+    if count not in (1, 3):
+        return f"{count} components" + (" (CMYK or YCCK)" if count == 4 else "")
+    if precision != 8:
+        return f"{precision}-bit samples"
+    if len(seg) < 6 + 3 * count:
+        return "malformed or truncated headers"
+    if count == 3 and seg[6:15:3] == b"RGB":
+        return "RGB components without colour transform"
+    return None
 
 
 class TorchvisionJpegs:

@@ -53,6 +53,11 @@ def progress_chunk(folder, i, merged=False):
     return os.path.join(progress_dir(folder), f"chunk_{i:07d}" + ("" if merged else ".npz"))
 
 
+def progress_chunk_index(file):
+    """The chunk index of a file name in ``progress/`` (``chunk_0000003`` or ``chunk_0000003.npz``), else None."""
+    return int(file[6:13]) if file.startswith("chunk_") else None
+
+
 # ---------------------------------------------------------------- stage 2: candidates, concepts
 STAGE2_DIR = "results_get_cosine_similarities"
 SIGN_SUFFIX = {"published": "", "positive_activation": "_positive_activation"}

@@ -20,7 +20,8 @@ import shutil
 
 import numpy as np
 
-from utils.files import atomic
+from utils.files import atomic, names
+from utils.files.names import store_folder
 from utils.run.cli import UserError
 
 ARRAYS = ("attributions", "targets", "predictions", "patch_sums")
@@ -31,12 +32,7 @@ MATCH_KEYS = ("model", "weights_sha256", "layer", "layer_geometry", "classes", "
 # Keys that must also agree to reuse or resume a store (they change the numbers written). ``class_outputs``:
 # later stages take the store's (they never differ there), stage 1 compares its --class_index_map.
 COMPLETE_KEYS = MATCH_KEYS + ("autocast", "decode", "class_outputs")
-LOCK_NAME = ".lock"
 RESUME_KEYS = COMPLETE_KEYS + ("num_images", "chunk_size")
-
-
-def store_folder(store_dir, tag):
-    return os.path.join(store_dir, f"{tag}_channel_importances")
 
 
 def find_folder(store_dir, tag, name, layer):
@@ -51,6 +47,12 @@ def find_folder(store_dir, tag, name, layer):
     return folder
 
 
+def open_in(store_dir, ctx):
+    """The complete store of a stage's run in ``store_dir``, checked against its fingerprint (``Store.open``).
+    ``ctx``: what names the run (utils.run.context.Context: tag, name, layer_path, fingerprint)."""
+    return Store.open(find_folder(store_dir, ctx.tag, ctx.name, ctx.layer_path), ctx.fingerprint)
+
+
 def find_stores(store_dir):
     """[(folder, manifest)] of every store (complete or not) directly under ``store_dir``, sorted by folder."""
     if not store_dir or not os.path.isdir(store_dir):
@@ -58,9 +60,9 @@ def find_stores(store_dir):
     out = []
     for name in sorted(os.listdir(store_dir)):
         folder = os.path.join(store_dir, name)
-        if name.endswith("_channel_importances") and os.path.isfile(os.path.join(folder, "manifest.json")):
+        if names.is_store_folder_name(name) and os.path.isfile(names.manifest(folder)):
             try:
-                out.append((folder, atomic.read_json(os.path.join(folder, "manifest.json"))))
+                out.append((folder, atomic.read_json(names.manifest(folder))))
             except ValueError:
                 continue
     return out
@@ -119,17 +121,17 @@ class Store:
         self.folder, self.manifest = folder, manifest
 
     def path(self, name):
-        return os.path.join(self.folder, name + ".npy")
+        return names.store_array(self.folder, name)
 
     @property
     def progress_dir(self):
-        return os.path.join(self.folder, "progress")
+        return names.progress_dir(self.folder)
 
     # ---------------------------------------------------------------- reading
     @classmethod
     def open(cls, folder, expected=None):
         """Open a complete store read-only, checking it against ``expected`` (a fingerprint)."""
-        mpath = os.path.join(folder, "manifest.json")
+        mpath = names.manifest(folder)
         if not os.path.isfile(mpath):
             raise UserError(f"no store at {folder} (manifest.json missing): run get_importances_for_classes.py "
                             f"with the same --store_dir, --model, --weights and --layer_of_interest first")
@@ -144,7 +146,7 @@ class Store:
             raise UserError(f"the store at {folder} is incomplete ({done} of {manifest.get('num_chunks')} "
                             f"chunks done): rerun get_importances_for_classes.py with the same flags to finish it")
         for name in ARRAYS:
-            if not os.path.isfile(os.path.join(folder, name + ".npy")):
+            if not os.path.isfile(names.store_array(folder, name)):
                 raise UserError(f"the store at {folder} lacks {name}.npy: rerun stage 1 into a new --store_dir")
         return cls(folder, manifest)
 
@@ -173,7 +175,7 @@ class Store:
     @staticmethod
     def peek(folder):
         """The manifest of ``folder`` if there is one, else None."""
-        mpath = os.path.join(folder, "manifest.json")
+        mpath = names.manifest(folder)
         return atomic.read_json(mpath) if os.path.isfile(mpath) else None
 
     @staticmethod
@@ -186,7 +188,7 @@ class Store:
         """
         os.makedirs(folder, exist_ok=True)
         try:
-            return atomic.FileLock(os.path.join(folder, LOCK_NAME))
+            return atomic.FileLock(names.store_lock(folder))
         except atomic.LockHeld as e:
             raise UserError(f"another run ({e.holder}) is writing the store {folder}: wait for it to finish "
                             f"or stop it (nothing was changed)")
@@ -200,7 +202,7 @@ class Store:
         A store whose fingerprint differs is refused; one whose numerics differ is refused unless
         ``allow_mixed_numerics``, which records the new numerics in the manifest's ``numerics_history``.
         """
-        mpath = os.path.join(folder, "manifest.json")
+        mpath = names.manifest(folder)
         if os.path.isfile(mpath):
             manifest = atomic.read_json(mpath)
             diff = describe_mismatch(manifest, info, COMPLETE_KEYS if manifest.get("complete") else RESUME_KEYS)
@@ -235,19 +237,20 @@ class Store:
         return store, "new"
 
     def reload_manifest(self):
-        self.manifest = atomic.read_json(os.path.join(self.folder, "manifest.json"))
+        self.manifest = atomic.read_json(names.manifest(self.folder))
 
     # A finished chunk of rows is first saved as progress/chunk_{i}.npz by the process that computed it
     # (each file has exactly one writer, so processes on several machines never share a file page); the
     # main process merges them into the arrays at the end, leaving an empty progress/chunk_{i} behind.
     def _chunk_file(self, i, merged=False):
-        return os.path.join(self.progress_dir, f"chunk_{i:07d}" + ("" if merged else ".npz"))
+        return names.progress_chunk(self.folder, i, merged)
 
     def done_chunks(self):
         """Set of chunk indices whose rows are saved (pending merge) or already merged into the arrays."""
         if not os.path.isdir(self.progress_dir):
             return set()
-        return {int(f[6:13]) for f in os.listdir(self.progress_dir) if f.startswith("chunk_")}
+        found = (names.progress_chunk_index(f) for f in os.listdir(self.progress_dir))
+        return {i for i in found if i is not None}
 
     def clean_progress(self):
         """Remove temporary files that a killed run left in progress/ (main process, under the lock)."""
@@ -284,7 +287,7 @@ class Store:
                             f"rerun the same command to finish them")
         manifest = dict(self.manifest, complete=True, rows_complete=self.manifest["num_images"],
                         unreadable=list(unreadable_names), finished=now())
-        atomic.write_json(os.path.join(self.folder, "manifest.json"), manifest)
+        atomic.write_json(names.manifest(self.folder), manifest)
         self.manifest = manifest
         shutil.rmtree(self.progress_dir, ignore_errors=True)
 

@@ -42,7 +42,7 @@ def share_of_channel(pos_unit, pos_channel):
 def virtual_neurons(pos_channel, member, k):
     """PURE-style virtual neurons of a channel: neuron j keeps the channel's mass on the images whose
     L1-normalised ARV is nearest to centroid j, 0 on the others. pos_channel (N,); member (N,) ints: each image's
-    nearest centroid (``utils.stages.label_free.nearest_centroid``); k centroids -> (k, N) float64."""
+    nearest centroid (``utils.method.clustering.nearest_centroid``); k centroids -> (k, N) float64."""
     member = np.asarray(member)
     pos = np.asarray(pos_channel, dtype=np.float64)
     return np.stack([np.where(member == j, pos, 0.0) for j in range(k)])

@@ -1,7 +1,8 @@
 """Stage 2: class histograms, used classes, closed-form activation relevance vectors, cosines.
 
-Everything reads the stage-1 arrays in chunks of rows, so a 1.28 M x 2048 store needs a few
-hundred MB of RAM, and no model pass is made: the ARV of channel c for class y is
+The functions here take one chunk of rows at a time (``add_*``: a running total plus a chunk), so that the
+passes over the store (utils/stages/passes.py) need a few hundred MB of RAM for a 1.28 M x 2048 store, and no
+model pass is made: the ARV of channel c for class y is
 R_y^c[k] = sum_{i,j} W[c,k,i,j] * Pbar_y[k,i,j], with Pbar_y the class mean of the patch sums.
 
 The same patch sums give each image's summed activation of every channel, S_n[c] = sum_{h,w} a_n[c,h,w]
@@ -9,55 +10,25 @@ The same patch sums give each image's summed activation of every channel, S_n[c]
 eval-mode BatchNorm is one affine map per channel applied at every position, the summed activation
 after a BatchNorm that follows the layer: sum_{h,w} BN(a_n)[c,h,w] = scale[c] S_n[c] + shift[c] H'W'.
 ``--importance_sign positive_activation`` counts image n for channel c only where that sum is positive
-(``sign_histograms``): in the ResNet layout a positive attribution also comes from a channel that is
+(``add_sign_histograms``): in the ResNet layout a positive attribution also comes from a channel that is
 *less* active than usual (negative activation x negative gradient), and the published rule counts it.
 """
-import mmap
-
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from utils.method.attribution import important_channels
 
 DEFAULT_CHUNK_ROWS = 16384  # about 0.7 GB of working memory for 2048 channels (measured: benchmarks/stage2_memory.py)
 
 
-def _chunks(n, chunk_rows):
-    return [(i, min(i + chunk_rows, n)) for i in range(0, n, chunk_rows)]
+def add_class_histogram(hist, A, y, tau):
+    """``hist`` plus the counts of one chunk of rows: H[y, c] += images of class y for which c is important.
 
-
-def read_rows(array, lo, hi):
-    """Rows lo .. hi-1 of ``array`` as an in-memory numpy array.
-
-    A memory map of a whole C-ordered ``.npy`` file, as ``numpy.load(..., mmap_mode='r')`` returns it,
-    is read with a plain file read instead of through the mapping: the pages read then stay in the
-    page cache only and are not mapped into this process, whose resident memory is the chunk being
-    worked on rather than all of the file read so far. Anything else is sliced.
+    hist: (K, C) int64; A: (m, C) channel attributions (float); y: (m,) int64 classes, negative = row left out
+    (unreadable images, see Store.labels). Returns (K, C) int64.
     """
-    if (isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap) and array.flags.c_contiguous
-            and getattr(array, "filename", None)):
-        row = int(np.prod(array.shape[1:], dtype=np.int64))
-        out = np.fromfile(array.filename, dtype=array.dtype, count=(hi - lo) * row,
-                          offset=array.offset + lo * row * array.dtype.itemsize)
-        return out.reshape((hi - lo,) + tuple(array.shape[1:]))
-    return np.asarray(array[lo:hi])
-
-
-def class_histogram(attributions, targets, num_classes, tau, chunk_rows=DEFAULT_CHUNK_ROWS, progress=False):
-    """H[y, c] = number of images of class y for which channel c is important.
-
-    attributions: (N, C) array-like (memory-mapped float16 is fine); targets: (N,) ints, rows with a
-    negative target (unreadable images, see Store.labels) are left out. Returns (num_classes, C) int64 tensor.
-    """
-    n, c = attributions.shape
-    hist = torch.zeros(num_classes, c, dtype=torch.int64)
-    for lo, hi in tqdm(_chunks(n, chunk_rows), desc="histograms", disable=not progress, unit="chunk"):
-        A = torch.from_numpy(read_rows(attributions, lo, hi).astype(np.float32))
-        y = torch.from_numpy(read_rows(targets, lo, hi).astype(np.int64))
-        ok = y >= 0
-        hist.index_add_(0, y[ok], important_channels(A[ok], tau).to(torch.int64))
-    return hist
+    ok = y >= 0
+    return hist.index_add(0, y[ok], important_channels(A[ok], tau).to(torch.int64))
 
 
 def _float64(a):
@@ -91,31 +62,28 @@ def affine_summed(s, scale, shift, positions):
     return s.to(torch.float64) * scale.detach().to(torch.float64) + shift.detach().to(torch.float64) * positions
 
 
-def sign_histograms(attributions, targets, patch_sums, num_classes, tau, weight, bias=None, positions=1,
-                    affine=None, chunk_rows=DEFAULT_CHUNK_ROWS, progress=False):
-    """Class histograms of the published importance rule and of the sign-aware one, from one read of the store.
+SIGN_HISTOGRAMS = ("published", "positive_activation", "negative_layer_activation")
 
-    attributions: (N, C) and patch_sums: (N, C_in, kh, kw) array-likes (memory maps are fine); targets: (N,)
-    (negative: row left out); weight, bias, positions: the layer (``summed_activation``); affine: (scale, shift)
-    of the BatchNorm that follows the layer, or None (then the layer's own summed activation decides).
-    Returns a dict of (num_classes, C) int64 tensors, H[y, c] = images of class y for which c is important
-    ('published', the same as ``class_histogram``) and moreover
+
+def add_sign_histograms(hists, A, y, P, tau, weight, bias=None, positions=1, affine=None):
+    """``hists`` plus one chunk's counts under the published importance rule and the sign-aware one.
+
+    hists: {name: (K, C) int64} for the names of SIGN_HISTOGRAMS; A: (m, C); y: (m,) int64 (negative: row
+    left out); P: (m, C_in, kh, kw) patch sums; weight, bias, positions: the layer (``summed_activation``);
+    affine: (scale, shift) of the BatchNorm that follows the layer, or None (then the layer's own summed
+    activation decides). The many parameters are the chunk (A, y, P), tau, and the closed form of the summed
+    activation before and after the BatchNorm (weight, bias, positions, affine). H[y, c] counts the images of class y for which c is important ('published', as
+    ``add_class_histogram``) and moreover
       'positive_activation': the summed activation after the BatchNorm (or the layer's, without one) is > 0;
       'negative_layer_activation': the layer's own summed activation S (before any BatchNorm) is < 0.
+    Returns the updated dict.
     """
-    n, c = attributions.shape
-    names = ("published", "positive_activation", "negative_layer_activation")
-    hists = {k: torch.zeros(num_classes, c, dtype=torch.int64) for k in names}
-    for lo, hi in tqdm(_chunks(n, chunk_rows), desc="histograms", disable=not progress, unit="chunk"):
-        A = torch.from_numpy(read_rows(attributions, lo, hi).astype(np.float32))
-        y = torch.from_numpy(read_rows(targets, lo, hi).astype(np.int64))
-        ok = y >= 0
-        s = summed_activation(torch.from_numpy(read_rows(patch_sums, lo, hi)[ok.numpy()]), weight, bias, positions)
-        after = s if affine is None else affine_summed(s, affine[0], affine[1], positions)
-        imp = important_channels(A[ok], tau)
-        for k, mask in zip(names, (imp, imp & (after > 0), imp & (s < 0))):
-            hists[k].index_add_(0, y[ok], mask.to(torch.int64))
-    return hists
+    ok = y >= 0
+    s = summed_activation(P[ok], weight, bias, positions)
+    after = s if affine is None else affine_summed(s, affine[0], affine[1], positions)
+    imp = important_channels(A[ok], tau)
+    masks = (imp, imp & (after > 0), imp & (s < 0))
+    return {k: hists[k].index_add(0, y[ok], mask.to(torch.int64)) for k, mask in zip(SIGN_HISTOGRAMS, masks)}
 
 
 def class_counts(targets, num_classes):
@@ -130,22 +98,19 @@ def used_classes(hist, counts, p):
     return (hist.to(torch.float64) >= p * counts) & (counts > 0)
 
 
-def class_mean_patch_sums(patch_sums, targets, num_classes, chunk_rows=DEFAULT_CHUNK_ROWS, progress=False):
-    """Pbar[y] = mean of P_n over the images of class y, accumulated in float64.
+def add_class_sums(total, P, y):
+    """``total`` plus one chunk's patch sums, per class: total[y] += P_n, accumulated in float64.
 
-    patch_sums: (N, C_in, kh, kw) array-like; targets: (N,) (negative: row left out).
-    Returns (K, C_in, kh, kw) float64 tensor (zeros for classes without images).
+    total: (K, C_in, kh, kw) float64; P: (m, C_in, kh, kw) float64; y: (m,) int64 (negative: row left out).
     """
-    n = patch_sums.shape[0]
-    shape = tuple(patch_sums.shape[1:])
-    total = torch.zeros((num_classes,) + shape, dtype=torch.float64)
-    for lo, hi in tqdm(_chunks(n, chunk_rows), desc="class means", disable=not progress, unit="chunk"):
-        P = torch.from_numpy(read_rows(patch_sums, lo, hi).astype(np.float64))
-        y = torch.from_numpy(read_rows(targets, lo, hi).astype(np.int64))
-        ok = y >= 0
-        total.index_add_(0, y[ok], P[ok])
-    counts = class_counts(targets, num_classes).to(torch.float64).clamp_min(1)
-    return total / counts.view((-1,) + (1,) * len(shape))
+    ok = y >= 0
+    return total.index_add(0, y[ok], P[ok])
+
+
+def class_mean_of_sums(total, counts):
+    """Pbar[y] = total[y] / N_y (zeros for classes without images). total: (K, ...) float64; counts: (K,)."""
+    n = counts.to(torch.float64).clamp_min(1)
+    return total / n.view((-1,) + (1,) * (total.dim() - 1))
 
 
 def rows_mean_patch_sums(patch_sums, rows, chunk_rows=DEFAULT_CHUNK_ROWS):
@@ -178,15 +143,17 @@ def cosine_matrix(vectors):
     return torch.where((norms[:, None] > 0) & (norms[None, :] > 0), cos, torch.full_like(cos, float("nan")))
 
 
-def candidate_pairs(weight, class_means, used, low, high, progress=False):
+def candidate_pairs(weight, class_means, used, low, high, progress=None):
     """All gamma-polysemantic candidates (c, y1, y2): y1 < y2 both used by c, low <= cos < high.
 
     weight: (C_out, C_in, kh, kw); class_means: (K, C_in, kh, kw); used: (K, C_out) bool.
     Returns a list of dicts {'channel', 'class1', 'class2', 'cosine_similarity'} sorted by cosine,
     highest first (ties by channel, class1, class2). Pairs with a zero ARV have no cosine and are left out.
+    ``progress``: None, or a wrapper of the loop over the channels (a progress bar).
     """
     out = []
-    for c in tqdm(range(weight.shape[0]), desc="cosines", disable=not progress, unit="ch"):
+    channels = range(weight.shape[0])
+    for c in (progress(channels) if progress else channels):
         ys = torch.nonzero(used[:, c]).flatten()
         if len(ys) < 2:
             continue

@@ -33,16 +33,6 @@ def close():
         dist.destroy_process_group()
 
 
-def sum_over_ranks(value, device):
-    """Sum of an integer over all processes (a barrier too); ``value`` itself without a process group."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    dev = torch.device(device) if dist.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor([value], dtype=torch.int64, device=dev)
-    dist.all_reduce(t)
-    return int(t.item())
-
-
 def _active():
     return dist.is_available() and dist.is_initialized()
 

@@ -23,6 +23,8 @@ Added fields (beyond the schema above): per channel "summed_activations" (s_n of
 "purity" (fraction of the top-N images that belong to their cluster's most common class) and per
 cluster "purity"; at the top level "model", "layer", "seed", "n_init", "ks", "batchnorm" and "sign_note".
 
+The math of one channel is in utils/method/clustering.py.
+
 How it runs (``discover``): one chunked pass over the patch sums scores every wanted channel at once
 (a float32 matrix product per chunk, a running top-2N per channel); each channel's candidates are then
 re-ranked exactly in float64 from their own rows, their ARVs computed, and k-means run on one thread
@@ -30,41 +32,25 @@ re-ranked exactly in float64 from their own rows, their ARVs computed, and k-mea
 """
 import contextlib
 import math
-import mmap
 import os
 import time
-import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils.method.similarities import DEFAULT_CHUNK_ROWS, _chunks, arv, read_rows, summed_activation
+from utils.files import atomic, names, store
+from utils.files.rows import chunks, gather_rows, read_rows
+from utils.method.clustering import AUTO_KS, N_INIT, SEED, channel_record, exact_top_rows
+from utils.method.similarities import DEFAULT_CHUNK_ROWS, arv
+from utils.report import tables
+from utils.run import cli, context
 
-
-def l1_normalize(arvs, eps=1e-12):
-    """r / sum_k |r[k]| row by row: (N, C_in) -> (N, C_in) float64 (a zero row stays zero)."""
-    r = torch.as_tensor(arvs).to(torch.float64)
-    return r / r.abs().sum(dim=-1, keepdim=True).clamp_min(eps)
-
-
-def nearest_centroid(arvs, centroids):
-    """Index of the nearest centroid (Euclidean, in the L1-normalised space) of each row, first on ties.
-
-    arvs: (N, C_in) un-normalised per-image ARVs; centroids: (k, C_in) means of L1-normalised ARVs.
-    Returns (N,) int64.
-    """
-    d = torch.cdist(l1_normalize(arvs), torch.as_tensor(centroids).to(torch.float64))
-    return d.argmin(dim=1)
+POOL_FACTOR = 2     # the float32 screen keeps POOL_FACTOR * N rows per channel for the exact float64 ranking
 
 
 # ---------------------------------------------------------------------------- summed activations, top rows
-
-SEED = 0            # random_state of k-means: the same store gives the same clusters
-N_INIT = 10         # k-means restarts (scikit-learn's n_init)
-AUTO_KS = (2, 3, 4, 5)
-POOL_FACTOR = 2     # the float32 screen keeps POOL_FACTOR * N rows per channel for the exact float64 ranking
-
 
 def candidate_rows(patch_sums, weight, pool, signs=None, bias=None, positions=1, valid=None,
                    chunk_rows=DEFAULT_CHUNK_ROWS, progress=False):
@@ -74,10 +60,11 @@ def candidate_rows(patch_sums, weight, pool, signs=None, bias=None, positions=1,
     merged into the running top rows of each channel. ``exact_top_rows`` then ranks the candidates in
     float64, so the result does not depend on chunking or BLAS rounding unless float32's error exceeds
     the gap between the N-th and the pool-th score.
-    patch_sums: (N, C_in, kh, kw) array-like (memory-mapped is fine, read with similarities.read_rows);
+    patch_sums: (N, C_in, kh, kw) array-like (memory-mapped is fine, read with utils.files.rows.read_rows);
     weight: (C, C_in, kh, kw) of the channels wanted; signs: (C,) +1/-1 or None (+1); bias: (C,) or None;
     valid: (N,) bool or None (False: row never chosen, e.g. unreadable images).
     Returns (C, pool) int64 store rows, best first; -1 where fewer than ``pool`` rows exist.
+    (The parameters are the store's rows, the layer's closed form and the chunking: each a separate input.)
     """
     n = patch_sums.shape[0]
     W = torch.as_tensor(weight).to(torch.float32).flatten(1)
@@ -86,7 +73,7 @@ def candidate_rows(patch_sums, weight, pool, signs=None, bias=None, positions=1,
     shift = torch.zeros(W.shape[0]) if bias is None else torch.as_tensor(bias).to(torch.float32) * positions * sign
     best = torch.full((W.shape[0], pool), -math.inf)
     rows = torch.full((W.shape[0], pool), -1, dtype=torch.int64)
-    for lo, hi in tqdm(_chunks(n, chunk_rows), desc="summed activations", disable=not progress, unit="chunk"):
+    for lo, hi in tqdm(chunks(n, chunk_rows), desc="summed activations", disable=not progress, unit="chunk"):
         P = torch.from_numpy(np.array(read_rows(patch_sums, lo, hi), dtype=np.float32)).flatten(1)
         scores = torch.addmm(shift[:, None], Ws, P.T)  # (C, m)
         if valid is not None and not np.all(valid[lo:hi]):
@@ -98,166 +85,20 @@ def candidate_rows(patch_sums, weight, pool, signs=None, bias=None, positions=1,
     return torch.where(torch.isfinite(best), rows, torch.full_like(rows, -1))
 
 
-def gather_rows(array, rows):
-    """Rows ``rows`` (any order, repeats allowed) of ``array`` as an in-memory numpy array, (len(rows), ...).
-
-    Like similarities.read_rows: a whole-file memory map is read with positional reads (nothing of the
-    file gets mapped into the process); anything else is indexed.
-    """
-    rows = np.asarray(rows, dtype=np.int64)
-    if (isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap) and array.flags.c_contiguous
-            and getattr(array, "filename", None)):
-        size = int(np.prod(array.shape[1:], dtype=np.int64)) * array.dtype.itemsize
-        out = np.empty((len(rows),) + tuple(array.shape[1:]), dtype=array.dtype)
-        buf = out.reshape(len(rows), -1).view(np.uint8)
-        fd = os.open(array.filename, os.O_RDONLY)
-        try:
-            for i, r in enumerate(rows.tolist()):
-                got = os.preadv(fd, [buf[i]], array.offset + r * size)
-                if got != size:
-                    raise OSError(f"short read of row {r} of {array.filename}")
-        finally:
-            os.close(fd)
-        return out
-    return np.asarray(array[rows])
-
-
-def exact_top_rows(patch_sums_rows, rows, weight_c, n, sign=1, bias_c=None, positions=1):
-    """The top ``n`` of candidate rows by sign * s_n in float64, ties by lower row first.
-
-    patch_sums_rows: (m, C_in, kh, kw) patch sums of the candidate ``rows`` (m,); weight_c: (C_in, kh, kw).
-    Returns (order, s): (n,) int64 positions into ``rows`` (strongest first) and (n,) float64 s_n there.
-    """
-    s = summed_activation(patch_sums_rows, torch.as_tensor(weight_c)[None],
-                          None if bias_c is None else torch.as_tensor(bias_c).reshape(1), positions)[:, 0]
-    order = np.lexsort((np.asarray(rows), -(sign * s).numpy()))[:n]
-    return torch.from_numpy(order), s[order]
-
-
-# ---------------------------------------------------------------------------- clustering
+# ---------------------------------------------------------------------------- many channels
 
 @contextlib.contextmanager
 def one_thread():
     """torch and the BLAS/OpenMP pools (scikit-learn's) on one thread for a block of tiny operations: on
-    100 x 512 arrays threads only add waiting, much more so on a busy machine. Results do not change.
-    Nested blocks cost nothing (``cluster`` inside ``discover``'s loop): only the outermost sets the limits."""
-    global _one_thread_depth
-    if _one_thread_depth:
-        yield
-        return
+    100 x 512 arrays threads only add waiting, much more so on a busy machine. Results do not change."""
     from threadpoolctl import threadpool_limits
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    _one_thread_depth += 1
     try:
         with threadpool_limits(1):
             yield
     finally:
-        _one_thread_depth -= 1
         torch.set_num_threads(before)
-
-
-_one_thread_depth = 0
-
-
-def kmeans(points, k, seed=SEED):
-    """scikit-learn k-means (n_init = N_INIT, random_state = seed). points: (m, d) -> (m,) int64 labels."""
-    from sklearn.cluster import KMeans
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # fewer distinct points than k: some clusters stay empty (dropped later)
-        return KMeans(n_clusters=k, n_init=N_INIT, random_state=seed).fit(np.asarray(points)).labels_.astype(np.int64)
-
-
-def silhouette(points, labels):
-    """Mean silhouette (Euclidean) of a labelling, NaN where it is undefined (one cluster, or one per point)."""
-    from sklearn.metrics import silhouette_score
-    m = len(np.unique(labels))
-    return float(silhouette_score(np.asarray(points), labels)) if 2 <= m <= len(labels) - 1 else math.nan
-
-
-def canonical_labels(labels):
-    """Renumber clusters by size (largest first), ties by the first row in them; empty clusters vanish.
-
-    labels: (m,) ints -> (m,) int64 in 0 .. (number of non-empty clusters) - 1.
-    """
-    labels = np.asarray(labels)
-    ids, first, size = np.unique(labels, return_index=True, return_counts=True)
-    order = ids[np.lexsort((first, -size))]
-    new = np.empty(int(ids.max()) + 1, dtype=np.int64)
-    new[order] = np.arange(len(order))
-    return new[labels]
-
-
-def cluster(arvs, k=None, ks=AUTO_KS, seed=SEED):
-    """k-means on the L1-normalised ARVs, k by the silhouette score over ``ks`` unless given.
-
-    arvs: (m, C_in) un-normalised per-image ARVs. Returns a dict: 'labels' (m,) int64 (canonical_labels),
-    'k' (number of non-empty clusters), 'silhouette' (of the chosen k; NaN if undefined),
-    'silhouette_by_k' {k: s} for every k tried. The first k with the highest silhouette wins; if none is
-    defined (all normalised ARVs equal, e.g. a dead channel) the first k tried is kept, whatever it gave.
-    """
-    X = l1_normalize(arvs).numpy()
-    tried = [k] if k is not None else [kk for kk in ks if kk < len(X)]
-    with one_thread():
-        fits = {kk: kmeans(X, kk, seed) for kk in tried}
-        sil = {kk: silhouette(X, lab) for kk, lab in fits.items()}
-    defined = [kk for kk in tried if not math.isnan(sil[kk])]
-    pick = max(defined, key=lambda kk: (sil[kk], -kk)) if defined else tried[0]
-    labels = canonical_labels(fits[pick])
-    return {"labels": labels, "k": int(labels.max()) + 1, "silhouette": sil[pick], "silhouette_by_k": sil}
-
-
-def purity(labels, classes):
-    """Cluster purity: the fraction of all rows that belong to their cluster's most common class.
-
-    labels: (m,) cluster ids; classes: (m,) class indices. Returns (overall, per-cluster list (by cluster id)).
-    """
-    labels, classes = np.asarray(labels), np.asarray(classes)
-    per, hits = [], 0
-    for j in range(int(labels.max()) + 1 if len(labels) else 0):
-        y = classes[labels == j]
-        top = int(np.bincount(y).max()) if len(y) else 0
-        hits += top
-        per.append(top / len(y) if len(y) else math.nan)
-    return hits / max(len(labels), 1), per
-
-
-def class_counts(classes):
-    """[[class index, count], ...] of the rows' classes, most frequent first (ties: lower index first)."""
-    ids, counts = np.unique(np.asarray(classes, dtype=np.int64), return_counts=True)
-    order = np.lexsort((ids, -counts))
-    return [[int(ids[i]), int(counts[i])] for i in order]
-
-
-# ---------------------------------------------------------------------------- one channel, many channels
-
-def _num(x):
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
-
-
-def channel_record(channel, rows, s, arvs, classes, class_names, k=None, ks=AUTO_KS, sign=1, seed=SEED):
-    """The concepts-file entry of one channel (module docstring) from its top rows.
-
-    rows: (N,) store rows, strongest first; s: (N,) their summed activations; arvs: (N, C_in) their
-    per-image ARVs; classes: (N,) their labels; class_names: list of all class names.
-    """
-    res = cluster(arvs, k, ks, seed)
-    labels = res["labels"]
-    X = l1_normalize(arvs)
-    A = torch.as_tensor(arvs).to(torch.float64)
-    overall, per = purity(labels, classes)
-    clusters = []
-    for j in range(res["k"]):
-        mask = torch.from_numpy(labels == j)
-        counts = class_counts(np.asarray(classes)[labels == j])
-        clusters.append({"rows": [int(r) for r in np.asarray(rows)[labels == j]], "size": int(mask.sum()),
-                         "centroid": X[mask].mean(dim=0).tolist(), "mean_arv": A[mask].mean(dim=0).tolist(),
-                         "classes": {class_names[y]: n for y, n in counts}, "class_counts": counts,
-                         "purity": per[j]})
-    return {"channel": int(channel), "k": res["k"], "silhouette": _num(res["silhouette"]),
-            "silhouette_by_k": {str(kk): _num(v) for kk, v in res["silhouette_by_k"].items()},
-            "sign": int(sign), "top_rows": [int(r) for r in rows], "summed_activations": torch.as_tensor(s).tolist(),
-            "purity": overall, "clusters": clusters}
 
 
 def discover(patch_sums, labels, weight, channels, class_names, top_n=100, k=None, ks=AUTO_KS, signs=None,
@@ -269,6 +110,9 @@ def discover(patch_sums, labels, weight, channels, class_names, top_n=100, k=Non
     weight: (C_out, C_in, kh, kw) the layer's weight; channels: list of channel indices; signs: (C_out,)
     +1/-1 or None; bias: (C_out,) or None; positions: H' * W'. Returns {channel: channel_record(...)}.
     ``timings``: a dict to receive the wall and CPU seconds of the pass and of the per-channel part.
+    Many parameters because three sources meet here, each passed as it comes: the store (patch sums, labels,
+    class names), the layer (weight, bias, signs, positions) and the clustering (top_n, k, ks, seed); all but
+    the first five have defaults.
     """
     labels = np.asarray(labels)
     valid = labels >= 0
@@ -299,6 +143,11 @@ def discover(patch_sums, labels, weight, channels, class_names, top_n=100, k=Non
 
 # ---------------------------------------------------------------------------- what the model adds (one tiny forward)
 
+def blank(ctx):
+    """A blank image of the transform's crop size: forwards of it find the BatchNorm and H' x W'."""
+    return torch.zeros(1, 3, ctx.transform.crop, ctx.transform.crop)
+
+
 def layer_signs_and_positions(model, conv, example):
     """Per-channel sign of "strong" and the layer's number of output positions, from forwards on ``example``.
 
@@ -321,18 +170,122 @@ def layer_signs_and_positions(model, conv, example):
     return signs, positions, name
 
 
-# ---------------------------------------------------------------------------- reporting
 
-def describe_channel(rec, max_classes=6):
-    """Printable lines for one channel's entry: k, silhouette, purity, and per cluster its size and classes."""
-    sil = "undefined" if rec["silhouette"] is None else f"{rec['silhouette']:.3f}"
-    how = "most negative" if rec["sign"] < 0 else "largest"
-    lines = [f"channel {rec['channel']}: k = {rec['k']}, silhouette {sil}, purity {rec['purity']:.2f} "
-             f"(top {len(rec['top_rows'])} images by {how} summed activation"
-             + (", sign -1: a BatchNorm with a negative scale follows)" if rec["sign"] < 0 else ")")]
-    for j, cl in enumerate(rec["clusters"]):
-        items = list(cl["classes"].items())
-        shown = ", ".join(f"{name} {n}" for name, n in items[:max_classes])
-        more = f", ... (+{len(items) - max_classes} classes)" if len(items) > max_classes else ""
-        lines.append(f"  cluster {j}: {cl['size']} images: {shown}{more}")
-    return lines
+
+# ---------------------------------------------------------------------------- the stage: flags, run, concepts file
+
+def add_args(p):
+    """The flags of stage 2's label-free concepts (a group of its parser)."""
+    g = p.add_argument_group("label-free concepts (instead of the candidate list)")
+    g.add_argument("--label_free", action="store_true",
+                   help="cluster each channel's top images by their per-image ARVs instead (no class labels used)")
+    g.add_argument("--channels", nargs="+", default=None,
+                   help="channels to study (space- or comma-separated; default: every channel of the layer)")
+    g.add_argument("--top_n", type=int, default=100, help="top training images per channel (default 100)")
+    g.add_argument("--k", default="auto",
+                   help="concepts per channel: a number >= 2, or auto (by the silhouette over 2..5; default)")
+
+
+def parse_k(value):
+    """--k: None for auto, else an int >= 2."""
+    if str(value).lower() == "auto":
+        return None
+    try:
+        k = int(value)
+    except ValueError:
+        raise cli.UserError(f"--k {value}: give a number of concepts (2 or more) or auto")
+    if k < 2:
+        raise cli.UserError(f"--k {k}: a channel is split into at least 2 concepts; give 2 or more, or auto")
+    return k
+
+
+def parse_channels(values, ctx):
+    """--channels: sorted distinct channel indices, each checked against the layer (None: all channels)."""
+    if values is None:
+        return list(range(ctx.conv.out_channels))
+    out = set()
+    for v in values:
+        for part in str(v).replace(",", " ").split():
+            try:
+                c = int(part)
+            except ValueError:
+                raise cli.UserError(f"--channels: '{part}' is not a channel index")
+            context.check_channel(ctx, c, "--channels")
+            out.add(c)
+    if not out:
+        raise cli.UserError("--channels: give at least one channel index")
+    return sorted(out)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The label-free run's settings: the store, the channels asked for (as given: checked against the layer
+    by ``parse_channels``), N, k (None: auto) and the rows read at a time."""
+    store_dir: str
+    channels: tuple = None
+    top_n: int = 100
+    k: int = None
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
+
+    @classmethod
+    def from_args(cls, args):
+        """The settings of the parsed flags (--k checked here)."""
+        return cls(store_dir=args.store_dir, channels=None if args.channels is None else tuple(args.channels),
+                   top_n=args.top_n, k=parse_k(args.k), chunk_rows=args.chunk_rows)
+
+
+def check_top_n(top_n, k, labels):
+    """Refuse a --top_n the store cannot give (UserError); say how many rows are left out. labels: (N,)."""
+    usable = int((labels >= 0).sum())
+    if usable < len(labels):
+        print(f"{len(labels) - usable} unreadable training images recorded by stage 1 are never chosen")
+    need = 3 if k is None else k + 1  # the silhouette needs more images than clusters
+    if not need <= top_n <= usable:
+        raise cli.UserError(f"--top_n {top_n}: give {need} to {usable} (the store has {usable} usable "
+                            f"training images; {'--k auto' if k is None else f'--k {k}'} needs at least {need})")
+
+
+def run(ctx, s):
+    """--label_free: concepts of each channel without class labels, from the store of ``ctx`` only; printed and
+    written into the concepts file (merged with an earlier run's other channels)."""
+    channels = parse_channels(s.channels, ctx)
+    st = store.open_in(s.store_dir, ctx)
+    labels = st.labels()
+    check_top_n(s.top_n, s.k, labels)
+    signs, positions, bn = layer_signs_and_positions(ctx.model, ctx.conv, blank(ctx))
+    bias = None if ctx.conv.bias is None else ctx.conv.bias.detach()
+    recs = discover(st.array("patch_sums"), labels, ctx.conv.weight.detach(), channels, st.manifest["classes"],
+                    s.top_n, s.k, signs=signs, bias=bias, positions=positions, chunk_rows=s.chunk_rows, progress=True)
+    note = tables.sign_note([c for c in channels if recs[c]["sign"] < 0], channels, bn)
+    for c in channels:
+        print("\n".join(tables.describe_channel(recs[c])))
+    print(note)
+    path = names.concepts_file(s.store_dir, ctx.name, s.top_n)
+    doc = {"fingerprint": ctx.fingerprint, "top_n": s.top_n, "k": "auto" if s.k is None else s.k,
+           "model": ctx.model_spec, "layer": ctx.layer_path, "seed": SEED, "n_init": N_INIT,
+           "ks": list(AUTO_KS) if s.k is None else [s.k], "batchnorm": bn, "sign_note": note, "channels": {}}
+    kept = earlier_channels(path, doc, ctx.fingerprint, recs)
+    doc["channels"].update(kept)
+    doc["channels"].update({str(c): recs[c] for c in channels})
+    doc["channels"] = dict(sorted(doc["channels"].items(), key=lambda kv: int(kv[0])))
+    atomic.write_json(path, doc, indent=1 if len(doc["channels"]) <= 64 else None)
+    print(f"wrote {path} ({len(channels)} channels" + (f", and {len(kept)} kept from an earlier run" if kept else "")
+          + ")")
+
+
+def earlier_channels(path, doc, fingerprint, recs):
+    """{"<c>": entry} of the concepts file at ``path`` that an earlier run with the same store and settings
+    (``doc``'s top_n, k, seed, n_init, layer) wrote, for the channels not in ``recs``; {} for none, another
+    store or settings, or an unreadable file."""
+    if not os.path.isfile(path):
+        return {}
+    try:
+        old = atomic.read_json(path)
+    except ValueError:
+        return {}
+    same = all(old.get(key) == doc[key] for key in ("top_n", "k", "seed", "n_init", "layer")) and \
+        isinstance(old.get("fingerprint"), dict) and \
+        not store.describe_mismatch(old["fingerprint"], fingerprint, store.MATCH_KEYS)
+    if not same:
+        return {}
+    return {key: v for key, v in old.get("channels", {}).items() if int(key) not in recs}

@@ -16,6 +16,7 @@ a side stream meanwhile (overlap.py).
 import math
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -173,58 +174,109 @@ def _batch_rows(ok, results, rows, targets):
     return {"attributions": full_A, "targets": targets, "predictions": full_pred, "patch_sums": full_P}
 
 
-def _compute(batches, source, gpu_decoder, device, uint8_images, mean_std, ds, skip_unreadable, loader,
-             channels_last, model, conv, autocast_dtype, pinned, chunks, bar, shape, outputs=None):
-    """The per-batch loop of ``run_stage1``: images to the device, stage1_batch, results into ``chunks``.
+@dataclass(frozen=True)
+class PassSettings:
+    """How ``run_stage1`` computes the rows (resolved from the flags by utils/stages/stage1_settings.py).
+
+    ``batch_size``, ``device``, ``num_workers`` (loader processes); ``chunk_size``: rows per resumable chunk, None
+    keeps an existing store's, else default_chunk_size. ``autocast_dtype``: e.g. torch.bfloat16, or None.
+    ``gpu_decoder``: optional callable turning a loader batch into (images, labels) on the device (labels
+    UNREADABLE where a file could not be decoded); batch b + 1 is decoded in a background thread (on CUDA on a
+    side stream) while batch b computes (overlap.Prefetch), with ``gpu_decoder.decode_batch`` where it has one
+    (it also says which images are readable without waiting for the device).
+    ``deterministic``: deterministic algorithms (see ``deterministic_algorithms``) instead of cuDNN's
+    benchmark mode. ``uint8_images``: the dataset yields uint8 images (``folders.eval_transform_uint8``),
+    normalized on the device with ``folders.normalize_uint8`` and ``mean``, ``std`` (bit-identical to the float
+    transform, a quarter of the bytes). ``skip_unreadable``: store an unreadable image as a row of zeros with
+    prediction -1 (its file name goes into the manifest) instead of stopping with a one-line error that names
+    it. ``allow_mixed_numerics``: resume a store written under other numerics. ``class_outputs``: (K,) output
+    index of each class folder (``utils/data/classmap.py``), or None when folder y is output y: the logit
+    differentiated and the stored target.
+    """
+    batch_size: int
+    device: torch.device
+    num_workers: int = 0
+    chunk_size: int = None
+    autocast_dtype: torch.dtype = None
+    channels_last: bool = False
+    gpu_decoder: object = None
+    skip_unreadable: bool = False
+    allow_mixed_numerics: bool = False
+    uint8_images: bool = False
+    deterministic: bool = False
+    mean: tuple = folders.MEAN
+    std: tuple = folders.STD
+    class_outputs: tuple = None
+
+
+class _Rows:
+    """What the per-batch loop of one process needs: the model, the data, where the rows go, and its clock."""
+
+    def __init__(self, model, conv, ds, ps, chunks, bar):
+        self.model, self.conv, self.ds, self.ps, self.chunks, self.bar = model, conv, ds, ps, chunks, bar
+        device = ps.device
+        self.pinned = _pinned_buffers(ps.batch_size, conv, device)
+        self.mean_std = [torch.tensor(v, dtype=torch.float32, device=device) for v in (ps.mean, ps.std)]
+        self.outputs = None if ps.class_outputs is None else (
+            np.asarray(ps.class_outputs, dtype=np.int64),
+            torch.as_tensor(ps.class_outputs, dtype=torch.int64, device=device))
+        self.clock = []  # (time, rows written so far) after each write
+
+    def write(self, pending):
+        """Write a batch's rows once their copy to the host is done: (rows, ok, targets, _HostCopy)."""
+        rows, ok, targets, copy = pending
+        self.chunks.add(rows, _batch_rows(ok, copy.numpy(), rows, targets))
+        self.bar.update(len(rows))
+        self.clock.append((time.time(), (self.clock[-1][1] if self.clock else 0) + len(rows)))
+
+    def on_device(self, batch):
+        """(images, labels, ok) of a loader batch on the device; ok (B,) numpy bool: the readable images."""
+        if self.ps.gpu_decoder is not None:
+            return batch
+        images, labels = batch
+        ok = (labels != folders.UNREADABLE).numpy()  # read on the host: no device sync
+        images = images.to(self.ps.device, non_blocking=True)
+        labels = labels.to(self.ps.device, non_blocking=True)
+        if self.ps.uint8_images:
+            images = folders.normalize_uint8(images, *self.mean_std)
+        return images, labels, ok
+
+    def results(self, images, labels):
+        """stage1_batch's (A, predictions, P) of the readable images (empty when there is none)."""
+        if self.ps.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if len(labels):
+            return stage1_batch(self.model, self.conv, images, labels, self.ps.autocast_dtype)
+        c_out, c_in, kh, kw = self.conv.weight.shape  # every image of the batch unreadable
+        return (torch.zeros((0, c_out), dtype=torch.float16), torch.zeros(0, dtype=torch.int64),
+                torch.zeros((0, c_in, kh, kw)))
+
+
+def _compute(r, batches, source, loader):
+    """The per-batch loop of ``run_stage1``: images to the device, stage1_batch, results into ``r.chunks``.
     The results of batch b are written while batch b + 1 computes (their copy to the host is awaited then).
-    ``outputs``: (numpy (K,), device (K,)) int64 output index of each class folder, or None (folder y is output
-    y); applied to the labels of the readable images."""
-    c_out, c_in, kh, kw = shape
+    The class folders' output indices (``r.outputs``) apply to the labels of the readable images."""
     pending = None  # (rows, ok, targets, _HostCopy) of the previous batch, written once its copy is done
-    clock = []  # (time, rows written so far) after each write
-
-    def write(p):
-        rows, ok, targets, copy = p
-        chunks.add(rows, _batch_rows(ok, copy.numpy(), rows, targets))
-        bar.update(len(rows))
-        clock.append((time.time(), (clock[-1][1] if clock else 0) + len(rows)))
-
     for b, (rows, batch) in enumerate(zip(batches, source)):
-        if gpu_decoder is not None:
-            images, labels, ok = batch
-        else:
-            images, labels = batch
-            ok = (labels != folders.UNREADABLE).numpy()  # read on the host: no device sync
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            if uint8_images:
-                images = folders.normalize_uint8(images, *mean_std)
-        targets = np.asarray([ds.targets[r] for r in rows], dtype=np.int64)
-        if outputs is not None:  # the model's output index of each folder: the stored target and the logit
-            targets = outputs[0][targets]
+        images, labels, ok = r.on_device(batch)
+        targets = np.asarray([r.ds.targets[i] for i in rows], dtype=np.int64)
+        if r.outputs is not None:  # the model's output index of each folder: the stored target and the logit
+            targets = r.outputs[0][targets]
         if not ok.all():
-            if not skip_unreadable:
+            if not r.ps.skip_unreadable:
                 if pending is not None:
-                    write(pending)  # keep every finished chunk
+                    r.write(pending)  # keep every finished chunk
                 raise loader.error(rows[int(np.flatnonzero(~ok)[0])])
             keep = torch.from_numpy(ok).to(images.device)
             images, labels = images[keep], labels[keep]
-        if outputs is not None:
-            labels = outputs[1][labels]
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        if len(labels):
-            results = stage1_batch(model, conv, images, labels, autocast_dtype)
-        else:  # every image of the batch unreadable
-            results = (torch.zeros((0, c_out), dtype=torch.float16), torch.zeros(0, dtype=torch.int64),
-                       torch.zeros((0, c_in, kh, kw)))
-        copy = _HostCopy(results, pinned[b % 2])
+        if r.outputs is not None:
+            labels = r.outputs[1][labels]
+        copy = _HostCopy(r.results(images, labels), r.pinned[b % 2])
         if pending is not None:
-            write(pending)
+            r.write(pending)
         pending = (rows, ok, targets, copy)
     if pending is not None:
-        write(pending)
-    return clock
+        r.write(pending)
 
 
 def steady_rate(clock):
@@ -235,42 +287,29 @@ def steady_rate(clock):
     return (clock[-1][1] - clock[0][1]) / (clock[-1][0] - clock[0][0])
 
 
-def run_stage1(model, conv, ds, folder, info, batch_size, device, num_workers, chunk_size,
-               autocast_dtype=None, channels_last=False, gpu_decoder=None, skip_unreadable=False,
-               allow_mixed_numerics=False, uint8_images=False, deterministic=False, log=print, mean=folders.MEAN,
-               std=folders.STD, class_outputs=None):
-    """Fill (or finish) the store at ``folder``. Returns the Store.
-
-    ``info``: the store fingerprint (see store.fingerprint) plus autocast/decode settings and ``numerics``.
-    ``chunk_size``: rows per resumable chunk; None keeps an existing store's, else default_chunk_size.
-    ``gpu_decoder``: optional callable turning a loader batch into (images, labels) on the device
-    (labels UNREADABLE where a file could not be decoded); batch b + 1 is decoded in a background thread
-    (on CUDA on a side stream) while batch b computes (overlap.Prefetch), with ``gpu_decoder.decode_batch``
-    where it has one (it also says which images are readable without waiting for the device).
-    ``deterministic``: deterministic algorithms (see ``deterministic_algorithms``) instead of cuDNN's
-    benchmark mode.
-    ``uint8_images``: the dataset yields uint8 images (``folders.eval_transform_uint8``), normalized on the
-    device with ``folders.normalize_uint8`` (bit-identical to the float transform, a quarter of the bytes).
-    ``skip_unreadable``: store an unreadable image as a row of zeros with prediction -1 (its file name goes
-    into the manifest) instead of stopping with a one-line error that names it.
-    ``mean``, ``std``: the transform's normalization (``uint8_images``). ``class_outputs``: (K,) output index of
-    each class folder (``utils/data/classmap.py``), or None when folder y is output y: the logit differentiated and
-    the stored target.
-    Several processes (torchrun): every rank calls this; rank 0 alone takes the store's lock, creates or
-    checks the store and merges the chunks; the ranks agree on each step through the process group.
-    """
-    rank, size = distributed.world()[:2]
-    n = len(ds)
+def _layout(n, conv, folder, info, ps):
+    """(chunk_size, num_chunks, info with the row layout, {array: (shape, dtype)}) of a store of ``n`` rows."""
+    chunk_size = ps.chunk_size
     if chunk_size is None:  # keep the chunking of an unfinished store, so its finished chunks count
         existing = Store.peek(folder)
-        chunk_size = existing["chunk_size"] if existing else default_chunk_size(batch_size)
+        chunk_size = existing["chunk_size"] if existing else default_chunk_size(ps.batch_size)
     num_chunks = math.ceil(n / chunk_size)
-    info = dict(info, num_images=n, chunk_size=chunk_size, num_chunks=num_chunks, batch_size=batch_size)
+    info = dict(info, num_images=n, chunk_size=chunk_size, num_chunks=num_chunks, batch_size=ps.batch_size)
     c_out, c_in, kh, kw = conv.weight.shape
     shapes = {"attributions": ((n, c_out), np.float16), "targets": ((n,), np.int64),
               "predictions": ((n,), np.int64), "patch_sums": ((n, c_in, kh, kw), np.float32)}
+    return chunk_size, num_chunks, info, shapes
 
-    # rank 0 takes the lock and creates or checks the store; every rank learns the outcome
+
+def _stop(lock, message):
+    if lock:
+        lock.release()
+    raise UserError(message)
+
+
+def _open_store(folder, info, shapes, allow_mixed_numerics, rank):
+    """(store, status, lock): rank 0 takes the lock and creates or checks the store, every rank learns the
+    outcome and checks that it sees the same images, model and layer as the manifest rank 0 wrote."""
     lock = store = status = None
     error = None
     if rank == 0:
@@ -282,13 +321,10 @@ def run_stage1(model, conv, ds, folder, info, batch_size, device, num_workers, c
             error = str(e)
     error, status = distributed.from_rank0((error, status))
     if error:
-        if lock:
-            lock.release()
-        raise UserError(error if rank == 0 else f"rank 0 stopped: {error}")
+        _stop(lock, error if rank == 0 else f"rank 0 stopped: {error}")
     if rank != 0:
         store = Store(folder, None)
     store.reload_manifest()
-    # every rank checks that it sees the same images, model and layer as the manifest rank 0 wrote
     mine = None
     diff = describe_mismatch(store.manifest, info, COMPLETE_KEYS if status == "complete" else RESUME_KEYS)
     if diff:
@@ -300,81 +336,108 @@ def run_stage1(model, conv, ds, folder, info, batch_size, device, num_workers, c
                 f"to allow it")
     error = distributed.first_error(mine)
     if error:
-        if lock:
-            lock.release()
-        raise UserError(f"{error} (nothing was written)")
-    if status == "complete":
-        if rank == 0:
-            log(f"store {folder} is already complete ({n} images): nothing to do")
-        distributed.barrier()
-        return store
+        _stop(lock, f"{error} (nothing was written)")
+    return store, status, lock
 
-    # the unfinished chunks as rank 0 sees them, dealt round-robin
+
+def _my_batches(store, n, chunk_size, num_chunks, batch_size):
+    """(chunks done before, this rank's batches): the unfinished chunks as rank 0 sees them, dealt round-robin
+    to the ranks, cut into batches of row indices."""
+    rank, size = distributed.world()[:2]
     done_before = distributed.from_rank0(sorted(store.done_chunks()) if rank == 0 else None)
     todo_all = [i for i in range(num_chunks) if i not in set(done_before)]
-    todo = todo_all[rank::size]
-    if rank == 0:
-        verb = "resuming" if status == "resume" else "writing"
-        log(f"{verb} {folder}: {n} images in {num_chunks} chunks of {chunk_size}"
-            + (f", {len(done_before)} chunks already done" if done_before else "")
-            + (f", {size} processes" if size > 1 else ""))
     batches = []
-    for i in todo:
+    for i in todo_all[rank::size]:
         batches += folders.batches_of(list(range(i * chunk_size, min((i + 1) * chunk_size, n))), batch_size)
+    return done_before, batches
 
-    model = model.to(device)
-    if channels_last:
+
+def _run_batches(model, conv, ds, ps, chunks, batches):
+    """Compute this process's batches into ``chunks`` under a progress bar. Returns the _Rows (its clock)."""
+    rank, size = distributed.world()[:2]
+    model = model.to(ps.device)
+    if ps.channels_last:
         model = model.to(memory_format=torch.channels_last)
     hint = (": replace or remove the file, or pass --skip_unreadable to record it as unreadable and go on "
             "(finished chunks are kept: rerun to resume)")
-    images_todo = sum(len(b) for b in batches)
     # unreadable images come through as label UNREADABLE: the loop decides, after saving what is finished
-    loader = folders.make_loader(ds, batches, num_workers, device, "keep", hint) if batches else []
-    chunks = _ChunkBuffer(store, chunk_size, n, shapes)
-    pinned = _pinned_buffers(batch_size, conv, device)
-    mean_std = [torch.tensor(v, dtype=torch.float32, device=device) for v in (mean, std)]
-    outputs = None if class_outputs is None else (np.asarray(class_outputs, dtype=np.int64),
-                                                  torch.as_tensor(class_outputs, dtype=torch.int64, device=device))
-    bar = tqdm(total=images_todo, unit="img", unit_scale=True, smoothing=0.05, disable=(rank != 0 and size > 1),
-               desc="stage 1" + (f" rank {rank}" if size > 1 else ""), dynamic_ncols=True)
-    start = time.time()
+    loader = folders.make_loader(ds, batches, ps.num_workers, ps.device, "keep", hint) if batches else []
+    bar = tqdm(total=sum(len(b) for b in batches), unit="img", unit_scale=True, smoothing=0.05,
+               disable=(rank != 0 and size > 1), desc="stage 1" + (f" rank {rank}" if size > 1 else ""),
+               dynamic_ncols=True)
+    r = _Rows(model, conv, ds, ps, chunks, bar)
     source = loader
     try:
-        with deterministic_algorithms(device, deterministic):
-            if gpu_decoder is not None and batches:  # decoding of batch b + 1 overlaps batch b's compute
-                source = overlap.Prefetch(loader, gpu_decoder.decode_batch, overlap.streams_for(device))
-            clock = _compute(batches, source, gpu_decoder, device, uint8_images, mean_std, ds, skip_unreadable,
-                             loader, channels_last, model, conv, autocast_dtype, pinned, chunks, bar,
-                             (c_out, c_in, kh, kw), outputs)
+        with deterministic_algorithms(ps.device, ps.deterministic):
+            if ps.gpu_decoder is not None and batches:  # decoding of batch b + 1 overlaps batch b's compute
+                source = overlap.Prefetch(loader, ps.gpu_decoder.decode_batch, overlap.streams_for(ps.device))
+            _compute(r, batches, source, loader)
     finally:
         if source is not loader:
             source.close()  # stops the decoding thread
         bar.close()  # the bar's line ends before any error message
     if chunks.open:
         raise RuntimeError(f"chunks {sorted(chunks.open)} were left incomplete")
+    return r
 
+
+def _merge(store, lock, ds, folder, num_chunks, finished):
+    """Rank 0: merge every chunk into the arrays and mark the store complete, with the file names of the
+    unreadable rows in its manifest."""
+    missing = [i for i in range(num_chunks) if i not in finished and i not in store.done_chunks()]
+    if missing:
+        _stop(lock, f"{len(missing)} chunks of {folder} are not done (first: {missing[0]}); "
+                    f"rerun the same command to finish them")
+    store.merge_chunks(progress=lambda it: tqdm(it, desc="merging chunks", unit="chunk", dynamic_ncols=True,
+                                                disable=len(it) < 8))
+    bad_rows = np.flatnonzero(np.asarray(store.array("predictions")) == UNREADABLE_PREDICTION)
+    store.finish(num_chunks, [folders.relative_name(ds, int(r)) for r in bad_rows])
+
+
+def _done_line(images_all, secs, clock, size):
+    """The closing line: images, seconds, images/s (and after the first batch, on one process)."""
+    steady = steady_rate(clock) if size == 1 else None
+    return (f"done: {images_all} images in {secs:.1f} s ({images_all / max(secs, 1e-9):.1f} images/s"
+            + (f"; {steady:.1f} images/s after the first batch" if steady else "") + ")")
+
+
+def run_stage1(model, conv, ds, folder, info, ps, log=print):
+    """Fill (or finish) the store at ``folder`` with the rows of ``ds``; ``ps``: PassSettings. Returns the Store.
+
+    ``info``: the store fingerprint (see store.fingerprint) plus autocast/decode settings and ``numerics``.
+    Several processes (torchrun): every rank calls this; rank 0 alone takes the store's lock, creates or
+    checks the store and merges the chunks; the ranks agree on each step through the process group.
+    """
+    rank, size = distributed.world()[:2]
+    n = len(ds)
+    chunk_size, num_chunks, info, shapes = _layout(n, conv, folder, info, ps)
+    store, status, lock = _open_store(folder, info, shapes, ps.allow_mixed_numerics, rank)
+    if status == "complete":
+        if rank == 0:
+            log(f"store {folder} is already complete ({n} images): nothing to do")
+        distributed.barrier()
+        return store
+    done_before, batches = _my_batches(store, n, chunk_size, num_chunks, ps.batch_size)
+    if rank == 0:
+        verb = "resuming" if status == "resume" else "writing"
+        log(f"{verb} {folder}: {n} images in {num_chunks} chunks of {chunk_size}"
+            + (f", {len(done_before)} chunks already done" if done_before else "")
+            + (f", {size} processes" if size > 1 else ""))
+    chunks = _ChunkBuffer(store, chunk_size, n, shapes)
+    start = time.time()
+    r = _run_batches(model, conv, ds, ps, chunks, batches)
     # the ranks agree on the finished chunks through the process group (files are only the fallback)
     finished = set(done_before).union(*distributed.gather(chunks.saved))
-    images_all = sum(distributed.gather(images_todo))
+    images_all = sum(distributed.gather(sum(len(b) for b in batches)))
     if rank == 0:
-        missing = [i for i in range(num_chunks) if i not in finished and i not in store.done_chunks()]
-        if missing:
-            lock.release()
-            raise UserError(f"{len(missing)} chunks of {folder} are not done (first: {missing[0]}); "
-                            f"rerun the same command to finish them")
-        store.merge_chunks(progress=lambda it: tqdm(it, desc="merging chunks", unit="chunk", dynamic_ncols=True,
-                                                    disable=len(it) < 8))
-        bad_rows = np.flatnonzero(np.asarray(store.array("predictions")) == UNREADABLE_PREDICTION)
-        store.finish(num_chunks, [folders.relative_name(ds, int(r)) for r in bad_rows])
+        _merge(store, lock, ds, folder, num_chunks, finished)
         secs = time.time() - start
         if images_all:
-            steady = steady_rate(clock) if size == 1 else None
-            log(f"done: {images_all} images in {secs:.1f} s ({images_all / max(secs, 1e-9):.1f} images/s"
-                + (f"; {steady:.1f} images/s after the first batch" if steady else "") + ")")
-        if len(bad_rows):
-            log(f"{len(bad_rows)} unreadable images recorded as invalid rows (prediction -1; file names in "
-                f"the manifest's 'unreadable'): " + ", ".join(store.manifest["unreadable"][:5])
-                + (", ..." if len(bad_rows) > 5 else ""))
+            log(_done_line(images_all, secs, r.clock, size))
+        bad = store.manifest["unreadable"]
+        if bad:
+            log(f"{len(bad)} unreadable images recorded as invalid rows (prediction -1; file names in "
+                f"the manifest's 'unreadable'): " + ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else ""))
         lock.release()
     distributed.barrier()
     return store
