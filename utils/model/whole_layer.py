@@ -13,7 +13,8 @@ import os
 import torch
 import torch.nn as nn
 
-from utils.disentangle import checkpoint_problem, merge_weights
+from utils.disentangle import checkpoint_problem
+from utils.method.split import merge_weights
 from utils.method import whole_layer as wl
 from utils.model import loading
 from utils.run.cli import UserError

@@ -23,7 +23,7 @@ from utils.featurevis.spectrum import load_or_make_spectrum
 from utils.featurevis.transform import CROP_SCALE, NOISE
 from utils.files import atomic, names
 from utils.run.cli import UserError, default_workers
-from utils.stages.stage4 import top_k
+from utils.method.evaluation import top_k
 
 TOP_IMAGES = 12            # val crops around each visualization (the ring of a 4 x 4 grid)
 CELL = 96                  # side of a val crop in the figure, pixels

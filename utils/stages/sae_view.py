@@ -23,7 +23,6 @@ import torch
 
 from utils.data import folders
 from utils.data import scan as image_scan
-from utils.disentangle import filter_maps, positive_mass
 from utils.featurevis.spectrum import files_sha256, spectrum_images
 from utils.files import atomic, names
 from utils.method import sae as S
