@@ -90,6 +90,9 @@ def test_package_map_names_every_sub_package():
     packages = sorted(d for d in os.listdir(utils_dir) if os.path.isfile(os.path.join(utils_dir, d, "__init__.py")))
     assert len(packages) >= 6
     assert [p for p in packages if f"``{p}/``" not in doc] == []
+    modules = [f"{p}.{f[:-3]}" for p in packages for f in os.listdir(os.path.join(utils_dir, p))
+               if f.endswith(".py") and not f.startswith("__")]
+    assert [m for m in modules if f"``{m.split('.')[1]}``" not in doc] == []  # every module on the map
     loose = sorted(f[:-3] for f in os.listdir(utils_dir) if f.endswith(".py") and f != "__init__.py")
     assert loose == ["disentangle"]  # kept at its path: exported model files name utils.disentangle
     assert "``disentangle``" in doc

@@ -1,14 +1,30 @@
 """Channel disentanglement for CNN interpretability (Hesse et al., CVPRW 2025): the package map.
 
-- ``method/``      the method's math, pure functions on tensors (no files, loaders, flags or prints)
-- ``model/``       loading a model and its weights, finding a layer
-- ``data/``        image folders, transforms, loaders, decoding on CPU and GPU, class folders to outputs
-- ``files/``       every file name (``names``), atomic writes and locks, the stage-1 store
-- ``concepts/``    a split's concepts: given as classes (``--triples``) or as clusters (``--concepts_file``)
-- ``stages/``      what each stage does with a model, a store and concepts
-- ``featurevis/``  feature visualizations (MACO)
-- ``report/``      what the user sees: plots and contact sheets
-- ``run/``         command lines, one-line errors, devices, processes, the context a stage runs in
-- ``disentangle``  the disentangled network: surgery, export, ``load_disentangled_model`` (exported files name
-  this path)
+The four stage scripts only parse flags and call ``stages``; ``method`` holds the math, the other packages
+what the math needs around it. The method itself, in words and formulas: docs/method.md.
+
+- ``method/``      the math, pure functions on tensors (no files, loaders, flags or prints; a test enforces it):
+  ``attribution`` (a x g, patch sums), ``similarities`` (stage 2: histograms, ARVs, cosines), ``split`` (the
+  split rule for k concepts, merge weights), ``rho_scores`` (the best-rho scores), ``evaluation`` (stage 4's
+  numbers), ``clustering`` (label-free concepts), ``sae`` (TopK SAE), ``purity``, ``whole_layer`` (every split
+  channel of a layer at once)
+- ``model/``       ``loading`` (models, weights, layers), ``tap`` (a layer's input and output; a forward that stops
+  there), ``whole_layer`` (the whole-layer network: build, export, load)
+- ``data/``        ``folders`` (ImageFolder, transform, loaders), ``scan`` (the one pass over images up to a
+  layer), ``classmap`` (class folders to model outputs), ``cpu_decode``, ``gpu_decode``, ``overlap`` (stage 1)
+- ``files/``       ``names`` (every file name the stages write or read), ``atomic`` (writes, locks), ``store``
+  (stage 1's arrays and manifest), ``rows`` (reading store rows), ``registry`` (stage 4's quantitative runs)
+- ``concepts/``    a split's concepts behind one interface (``base``): by classes (``by_classes``: the flags,
+  ``--triples`` files) or by clusters of a concepts file (``by_clusters``)
+- ``stages/``      what each stage does: ``stage1`` (+ ``stage1_settings``), ``stage2``, ``passes`` (stage 2's
+  chunked passes), ``label_free``, ``stage3``, ``stage4`` (+ ``stage4_checkpoints``, ``stage4_passes``,
+  ``stage4_results``, ``stage4_extras``), ``feature_vis`` and ``sae_view`` (stage 4's extras)
+- ``featurevis/``  feature visualizations (MACO) as lucent's optvis: ``param``, ``transform``, ``objectives``,
+  ``render``, ``spectrum``, ``settings``
+- ``report/``      what the user sees: ``plots``, ``tables``, ``stage3_text``, ``latex``
+- ``atlas/``       the static site of a layer's split channels: ``collect``, ``html``, ``write``
+- ``run/``         ``cli`` (shared flags, one-line errors, devices), ``context`` (what a stage sets up from its
+  flags and the store), ``distributed`` (torchrun), ``call_flags.sh`` (the call scripts' shared flags)
+- ``disentangle``  the disentangled network of one channel: surgery, network check, export,
+  ``load_disentangled_model`` (kept at this path: exported model files name it)
 """

@@ -1,1 +1,1 @@
-"""data"""
+"""Image folders, transforms, loaders, the one scan up to a layer, decoding, class folders to outputs."""

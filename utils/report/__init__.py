@@ -1,1 +1,1 @@
-"""report"""
+"""What the user sees: plots, printed tables and text, LaTeX blocks."""
