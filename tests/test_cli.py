@@ -47,7 +47,7 @@ TINY_VGG = "tests.tiny_models:tiny_vgg"
 TINY_VGG_TAG = "tests_tiny_models_tiny_vgg"
 RUNTIME = ["--num_workers", "0", "--device", "cpu"]
 
-# The published values of rho, written here independently of utils.disentangle.RHOS.
+# The published values of rho, written here independently of utils.method.split.RHOS.
 RHOS = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5,
         0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0]
 ARRAYS = ("attributions", "targets", "predictions", "patch_sums")
