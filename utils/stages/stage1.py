@@ -221,6 +221,7 @@ class _Rows:
             np.asarray(ps.class_outputs, dtype=np.int64),
             torch.as_tensor(ps.class_outputs, dtype=torch.int64, device=device))
         self.clock = []  # (time, rows written so far) after each write
+        self.start = time.time()
 
     def write(self, pending):
         """Write a batch's rows once their copy to the host is done: (rows, ok, targets, _HostCopy)."""
@@ -424,14 +425,13 @@ def run_stage1(model, conv, ds, folder, info, ps, log=print):
             + (f", {len(done_before)} chunks already done" if done_before else "")
             + (f", {size} processes" if size > 1 else ""))
     chunks = _ChunkBuffer(store, chunk_size, n, shapes)
-    start = time.time()
     r = _run_batches(model, conv, ds, ps, chunks, batches)
     # the ranks agree on the finished chunks through the process group (files are only the fallback)
     finished = set(done_before).union(*distributed.gather(chunks.saved))
     images_all = sum(distributed.gather(sum(len(b) for b in batches)))
     if rank == 0:
         _merge(store, lock, ds, folder, num_chunks, finished)
-        secs = time.time() - start
+        secs = time.time() - r.start
         if images_all:
             log(_done_line(images_all, secs, r.clock, size))
         bad = store.manifest["unreadable"]
