@@ -128,7 +128,7 @@ def test_purity_and_share_on_a_hand_built_case():
 def test_virtual_neurons_split_the_channel_by_nearest_centroid():
     arvs = np.array([[2.0, 0, 0], [0, 3, 1], [1, 0, 0.1], [0, 1, 0]])
     centroids = np.array([[1.0, 0, 0], [0, 0.75, 0.25]])
-    from utils.stages.label_free import nearest_centroid
+    from utils.method.clustering import nearest_centroid
     member = nearest_centroid(torch.as_tensor(arvs), torch.as_tensor(centroids)).numpy()
     v = purity.virtual_neurons([4.0, 3, 2, 1], member, len(centroids))
     assert v.tolist() == [[4, 0, 2, 0], [0, 3, 0, 1]]
