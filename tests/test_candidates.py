@@ -182,3 +182,18 @@ def test_bad_input_one_line_nothing_changed(case, capsys, what):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and args[2] in err, err
     assert tree_bytes(case["work"]) == before
+
+
+def test_concepts_file_highest_silhouette_all_clusters(case):
+    import get_cosine_similarities
+    assert call(get_cosine_similarities, [*case["s3"], "--label_free", "--channels", "0", "1", "--top_n", "8",
+                                          "--k", "2"]) == 0
+    path = names.concepts_file(case["store"], NAME, 8)
+    doc = json.load(open(path))
+    sil = {int(c): e["silhouette"] for c, e in doc["channels"].items() if len(e.get("clusters") or []) >= 2}
+    strongest = min(sil, key=lambda c: (-sil[c], c))
+    clean(case)
+    assert call(disentangle_channel, [*case["s3"], "--candidates", path, "--top", "1"]) == 0
+    k = len(doc["channels"][str(strongest)]["clusters"])
+    assert os.listdir(names.checkpoints_dir(case["store"])).count(
+        names.cluster_checkpoint(NAME, strongest, 8, list(range(k)), "best")) == 1
