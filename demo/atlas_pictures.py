@@ -58,7 +58,7 @@ def screenshot(driver, page, width, height):
 
 def save_small(image, path):
     """A PNG of few colours (the pages are mostly text and flat colour): a few tens of KB."""
-    image.quantize(colors=128, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(path, optimize=True)
+    image.quantize(colors=64, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(path, optimize=True)
     return path
 
 
@@ -75,7 +75,7 @@ def main(argv=None):
     try:
         out = [save_small(screenshot(driver, names.atlas_index(args.atlas), args.width, 700),
                           os.path.join(args.docs, "atlas_index.png")),
-               save_small(screenshot(driver, names.atlas_run(args.atlas, pages[0]), args.width, 1600),
+               save_small(screenshot(driver, names.atlas_run(args.atlas, pages[0]), args.width, 1100),
                           os.path.join(args.docs, "atlas_channel.png"))]
     finally:
         driver.quit()
