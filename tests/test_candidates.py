@@ -112,6 +112,22 @@ def test_candidates_equal_one_run_per_channel_and_resume(case, capsys):
     assert "channel 3 [0] vs [1]: its files are complete" in out and "channel 0 [1] vs [2]: its" not in out
     assert os.stat(first).st_mtime_ns == mtime
     assert snapshot(case, 3) == many3
+    # interrupted: chunks of one job, Ctrl-C once the first is written; the rerun resumes and ends the same
+    clean(case)
+    from utils.stages import stage3
+    real, chunks = stage3.split_and_write, []
+
+    def interrupted(*a):
+        if chunks:
+            raise KeyboardInterrupt
+        chunks.append(real(*a))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(stage3, "CHUNK", 1)
+        mp.setattr(stage3, "split_and_write", interrupted)
+        assert call(disentangle_channel, [*case["s3"], "--candidates", case["file"], "--top", "2"]) == 130
+    assert 0 < len(snapshot(case, 3)) < len(many3)
+    assert call(disentangle_channel, [*case["s3"], "--candidates", case["file"], "--top", "2"]) == 0
+    assert snapshot(case, 3) == many3
 
 
 def test_whole_layer_export_equals_original_and_loader(case, capsys):
