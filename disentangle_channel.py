@@ -16,7 +16,14 @@ Three (up to six) concepts, or the clusters of a concepts file (get_cosine_simil
       --classes_for_concept2 938 --classes_for_concept3 409,892
   python disentangle_channel.py ... --channel_disentangle 1660 \
       --concepts_file /data/store/results_get_cosine_similarities/resnet50_concepts_top100.json --clusters 0 2
+
+The 50 strongest channels of stage 2's candidates in one process (resumable; see docs/atlas.md), and one
+network with all of them split:
+  python disentangle_channel.py ... --candidates \
+      /data/store/results_get_cosine_similarities/resnet50_required0.05_p0.75_cossim0.0to1.0_candidates.json \
+      --top 50 --export_model
 """
+from utils.concepts import candidates
 from utils.concepts.by_classes import MORE_CONCEPTS
 from utils.run import cli, context
 from utils.stages import stage3
@@ -48,6 +55,7 @@ def build_parser():
     p.add_argument("--clusters", nargs="+", type=int, default=None,
                    help="with --concepts_file: the cluster indices to use as concepts, in this order "
                         "(default: all the channel's clusters; at least two)")
+    candidates.add_args(p)  # --candidates FILE [--top N] [--all_classes]
     p.add_argument("--rho_score", choices=("published", "robust"), default="published",
                    help="which best-rho score picks the ..._f_best checkpoint: published (sum_j mean q_j, default) "
                         "or robust (bounded; never a rho where a concept's own map is dead on more than half of "
@@ -61,7 +69,9 @@ def build_parser():
                         "last digits as before channels-last became the default (it is about 1.7x faster on CPU)")
     p.add_argument("--export_model", action="store_true",
                    help="also write the whole disentangled network's state dict (…_f_best_model.pth) and how to "
-                        "rebuild it (…_f_best_model.json); utils.disentangle.load_disentangled_model builds it")
+                        "rebuild it (…_f_best_model.json); utils.disentangle.load_disentangled_model builds it. "
+                        "With --candidates: one network with every channel of the selection split "
+                        "(models_disentangled/{model}_top{N}[_all_classes]_whole_layer_model.pth and .json)")
     return p
 
 

@@ -16,7 +16,13 @@ A k-way checkpoint (k is read from it): the same concepts as given to stage 3, e
       --classes_for_concept3 409 892 --get_qualitative --get_quantitative
   python get_results.py ... --channel_of_interest 1660 --concepts_file \
       /data/store/results_get_cosine_similarities/resnet50_concepts_top100.json --clusters 0 2 --get_quantitative
+
+The channels stage 3 split with --candidates, evaluated in one pass, and their atlas (see docs/atlas.md):
+  python get_results.py ... --candidates \
+      /data/store/results_get_cosine_similarities/resnet50_required0.05_p0.75_cossim0.0to1.0_candidates.json \
+      --top 50 --get_qualitative --get_quantitative --get_top_images --atlas atlas
 """
+from utils.concepts import candidates
 from utils.featurevis import settings as fv_settings
 from utils.run import cli, context
 from utils.stages import sae_view, stage4, stage4_extras
@@ -52,6 +58,10 @@ def build_parser():
     p.add_argument("--val_top_n", type=int, default=None,
                    help="with --concepts_file: how many top val images to assign to clusters (default: the file's "
                         "top_n, at most the number of val images)")
+    candidates.add_args(p)  # --candidates FILE [--top N] [--all_classes]
+    p.add_argument("--atlas", default=None,
+                   help="after the runs, write a static site of them into this folder (index.html, one page per "
+                        "channel; opens from file://; a new folder, or one an atlas wrote; see docs/atlas.md)")
     p.add_argument("--f", type=float, default=None, help="rho of the checkpoint to evaluate (default: best)")
     p.add_argument("--get_qualitative", action="store_true", help="density plots and their data files")
     p.add_argument("--get_quantitative", action="store_true",

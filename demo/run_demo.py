@@ -10,6 +10,8 @@ Steps (all on the CPU):
        get_results.py                  (stage 4, on val: --get_qualitative --get_quantitative --get_top_images)
        and, on the same checkpoint, --get_feature_vis (MACO, at the demo's small settings below)
        get_cosine_similarities.py --label_free  (the chosen channel's concepts found without class labels)
+       disentangle_channel.py and get_results.py --candidates --top 3 (the three strongest channels in one
+       run each, small feature visualizations, into OUT/candidates) with --atlas OUT/atlas (skip: --no_atlas)
   4. print a short report and write OUT/report.json
 
 Usage: python -m demo.run_demo [--out demo_out] [--arch cnn|resnet] [--train_per_class 100] [--epochs 20] ...
@@ -29,7 +31,10 @@ MODEL = "demo.model:shapes_cnn"
 MODELS = {"cnn": MODEL, "resnet": "demo.model:shapes_resnet"}  # --arch (the layer: each net's last conv)
 # what the demo writes into OUT (removed at the start of a run, so each run starts clean)
 MADE_HERE = ("data", "store", "plots", "results_disentanglement", "results_quantitative",
-             "results_get_cosine_similarities", "logs", "model.pth", "model_training.json", "report.json")
+             "results_get_cosine_similarities", "logs", "model.pth", "model_training.json", "report.json",
+             "candidates", "atlas")
+ATLAS_TOP = 3  # channels of the atlas step
+ATLAS_FV = (("--fv_size", 64), ("--fv_steps", 8), ("--fv_crops", 2), ("--fv_spectrum_images", 16))  # at most
 
 
 def parse_args(argv=None):
@@ -65,6 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--fv_crops", type=int, default=6, help="stage 4 --fv_crops (default 6)")
     p.add_argument("--fv_spectrum_images", type=int, default=128, help="stage 4 --fv_spectrum_images (default 128)")
     p.add_argument("--no_feature_vis", action="store_true", help="skip the feature visualizations")
+    p.add_argument("--no_atlas", action="store_true",
+                   help="skip the last step (stages 3 and 4 with --candidates --top 3, and the atlas)")
     return p.parse_args(argv)
 
 
@@ -116,6 +123,29 @@ def label_free(r, common, store_dir, tag, channel, top_n=100):
     return {"channel": channel, "top_n": len(rec["top_rows"]), "k": rec["k"], "silhouette": rec["silhouette"],
             "sign": rec["sign"], "purity": rec["purity"], "concepts_json": path,
             "clusters": [{"size": cl["size"], "classes": cl["classes"], "purity": cl["purity"]} for cl in rec["clusters"]]}
+
+
+def atlas_step(r, common, store_dir, out, cand_path, args):
+    """Stages 3 and 4 with ``--candidates`` on the strongest channels (the demo's channel is skipped by stage 3:
+    its files are complete), then the atlas of their runs; the report's entry."""
+    with open(cand_path) as f:
+        top = min(ATLAS_TOP, len({d["channel"] for d in json.load(f)["candidates"]}))
+    print(f"[+] the {top} strongest channels in one run of stages 3 and 4, and their atlas", flush=True)
+    sel = ["--candidates", cand_path, "--top", top]
+    print(_short(r.run("stage3_candidates", "disentangle_channel.py", common + ["--store_dir", store_dir] + sel), 2))
+    fv = [] if args.no_feature_vis else ["--get_feature_vis"] + [
+        str(v) for flag, most in ATLAS_FV for v in (flag, min(most, getattr(args, flag[2:])))]
+    folder, results = os.path.join(out, "atlas"), os.path.join(out, "candidates")
+    text = r.run("stage4_candidates", "get_results.py", common + ["--model_dir", store_dir] + sel + [
+        "--get_qualitative", "--get_quantitative", "--get_top_images", "--top_k", args.top_k,
+        "--proportion_attribution_required", args.quantitative_tau, "--out_dir", results, "--atlas", folder] + fv)
+    print(_short(text, 1))
+    from utils.files import names
+    with open(names.atlas_record(folder)) as f:
+        record = json.load(f)
+    return {"channels": top, "index": names.atlas_index(folder), "results": results,
+            "bytes": sum(os.path.getsize(os.path.join(d, n)) for d, _, fs in os.walk(folder) for n in fs),
+            "runs": len(record["rows"])}
 
 
 def label_free_lines(rep):
@@ -216,6 +246,7 @@ def main(argv=None):
         info = json.load(f)
     print("[+] the same channel's concepts without class labels (stage 2 --label_free)", flush=True)
     free = label_free(r, common, store_dir, tag, c)
+    atlas = None if args.no_atlas else atlas_step(r, common, store_dir, out, cand_path, args)
     seconds.update(r.seconds)
     fv_record = None
     if not args.no_feature_vis:
@@ -249,6 +280,7 @@ def main(argv=None):
         "feature_vis_settings": None if fv_record is None else {
             k: fv_record[k] for k in ("size", "steps", "crops", "seed", "seconds")},
         "label_free": free,
+        **({} if atlas is None else {"atlas": atlas}),
         "summary_json": os.path.join(out, "results_disentanglement", run_name + "_summary.json"),
         "info_json": info_path, "commands": r.commands, "stage_seconds": seconds,
         "seconds": round(time.time() - start, 1),
@@ -287,6 +319,8 @@ def print_report(rep, out):
         *label_free_lines(rep),
         "plots: " + ", ".join(os.path.relpath(p, os.getcwd()) if p.startswith(os.getcwd()) else p
                               for p in rep["plots"].values()),
+        *([] if rep.get("atlas") is None else [f"atlas of the {rep['atlas']['channels']} strongest channels: "
+                                               f"{rep['atlas']['index']} ({rep['atlas']['bytes'] / 1e6:.2f} MB)"]),
         f"report: {os.path.join(out, 'report.json')}",
         "=" * 78,
     ]

@@ -38,7 +38,8 @@ def demo_runs(tmp_path_factory):
         if seed not in done:
             out = str(tmp_path_factory.mktemp(f"demo_out_seed{seed}"))
             env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-            fv = [] if seed == 0 else ["--no_feature_vis"]  # the feature visualizations once: they take a while
+            # the feature visualizations and the atlas step once: they take a while
+            fv = [] if seed == 0 else ["--no_feature_vis", "--no_atlas"]
             proc = subprocess.run([sys.executable, "-m", "demo.run_demo", "--out", out, *SMALL, "--seed", str(seed), *fv],
                                   cwd=ROOT, env=env, capture_output=True, text=True)
             assert proc.returncode == 0, f"demo failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
@@ -257,3 +258,22 @@ def test_demo_reports_label_free_concepts(demo_run):
     hits = sum(max(cl["classes"].values()) for cl in lf["clusters"])
     assert abs(lf["purity"] - hits / lf["top_n"]) < 1e-12
     assert os.path.isfile(lf["concepts_json"]) and "without labels:" in stdout
+
+
+def test_atlas_step_splits_the_strongest_channels(demo_run):
+    """The demo's last step: the atlas has one row per channel of the --top selection (lowest cosine first, a
+    channel once), the demo's own channel among them (stage 3 skipped it: its files were complete)."""
+    out, rep, stdout = demo_run
+    with open(rep["candidates_json"]) as f:
+        cands = json.load(f)["candidates"]
+    lowest = {}
+    for d in cands:
+        lowest[d["channel"]] = min(lowest.get(d["channel"], 2.0), d["cosine_similarity"])
+    top = sorted(lowest, key=lambda c: (lowest[c], c))[:rep["atlas"]["channels"]]
+    from utils.files import names
+    with open(names.atlas_record(os.path.dirname(rep["atlas"]["index"]))) as f:
+        rows = json.load(f)["rows"]
+    assert sorted(r["channel"] for r in rows) == sorted(top) and rep["channel"] in top
+    assert rep["atlas"]["index"] in stdout
+    with open(os.path.join(out, "logs", "stage3_candidates.log")) as f:
+        assert f"channel {rep['channel']} " in f.read().split("skipped")[0]

@@ -28,7 +28,7 @@ def resnet_demo(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("demo_resnet"))
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-m", "demo.run_demo", "--out", out, "--arch", "resnet", *SMALL,
-                           "--no_feature_vis", "--seed", str(SEED), "--num_workers", "0"], cwd=ROOT, env=env,
+                           "--no_feature_vis", "--no_atlas", "--seed", str(SEED), "--num_workers", "0"], cwd=ROOT, env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 0, f"demo failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     with open(os.path.join(out, "report.json")) as f:

@@ -37,6 +37,7 @@ SCRIPTS = {
     "demo.sh": ("argv", "demo.run_demo"),  # plus --data and, with --data fashion_mnist, demo.run_fashion's
     "demo.run_demo": ("argv", "demo.run_demo"),
     "demo.docs_pictures": ("argv", "demo.docs_pictures"),
+    "demo.atlas_pictures": ("argv", "demo.atlas_pictures"),
     "demo.run_fashion": ("argv", "demo.run_fashion"),
     "demo.fashion_model": ("argv", "demo.fashion_model"),
     "demo.fashion_mnist": ("argv", "demo.fashion_mnist"),

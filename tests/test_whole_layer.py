@@ -8,8 +8,8 @@ import torch
 
 from utils import disentangle
 from utils.files import names
-from utils.method import split
 from utils.method import whole_layer as wl
+from utils.method.split import checkpoint_state_dict, merge_weights, split_filters_k
 from utils.model import loading
 from utils.model import whole_layer
 from utils.run.cli import UserError
@@ -39,9 +39,9 @@ def _checkpoints(conv, ks, seed=0):
     out = {}
     for c, k in ks.items():
         arvs = torch.rand((k, conv.in_channels), generator=g)
-        filters = split.split_filters_k(conv.weight.detach()[c], arvs, [0.5])[0]
+        filters = split_filters_k(conv.weight.detach()[c], arvs, [0.5])[0]
         assert all(bool(f.abs().sum() > 0) for f in filters[:k])  # every D_j keeps some input
-        out[c] = split.checkpoint_state_dict(filters, None if conv.bias is None else conv.bias.detach()[c])
+        out[c] = checkpoint_state_dict(filters, None if conv.bias is None else conv.bias.detach()[c])
     return out
 
 
@@ -108,7 +108,7 @@ def test_every_d_j_equals_the_single_channel_network(spec, layer, size):
 def test_sparse_merge_equals_the_dense_one_by_one_conv():
     layout = wl.row_layout(5, {1: 2, 3: 3})
     assert layout == [(0, None), (1, 1), (1, 2), (1, "R"), (2, None), (3, 1), (3, 2), (3, 3), (3, "R"), (4, None)]
-    target, coeff = wl.merge_entries(layout, {1: split.merge_weights(2), 3: split.merge_weights(3)})
+    target, coeff = wl.merge_entries(layout, {1: merge_weights(2), 3: merge_weights(3)})
     assert coeff.tolist() == [1, 1, 1, -1, 1, 1, 1, 1, -2, 1]
     maps = torch.randn(2, len(layout), 4, 3, dtype=torch.float64)
     dense = wl.merge_matrix(target, coeff.double(), 5)

@@ -106,9 +106,16 @@ def load_disentangled_model(model, weights=None, layer="last_conv", channel=None
     row C_out + 1 = R); the Sequential's output, and the logits, equal the original's.
     ``disentangle_channel.py --export_model`` writes this network's state dict (``…_f_best_model.pth``),
     which ``load_state_dict`` accepts on the returned module.
+
+    ``checkpoint`` a dict {channel: checkpoint path or state dict} (int keys; ``channel`` is then not used): the
+    whole-layer network with every one of those channels split at once
+    (``utils.model.whole_layer.load_whole_layer_model``).
     """
     from utils.model import loading
     from utils.run.cli import UserError
+    if isinstance(checkpoint, dict) and checkpoint and all(isinstance(c, int) for c in checkpoint):
+        from utils.model.whole_layer import load_whole_layer_model
+        return load_whole_layer_model(model, weights, layer, checkpoint)
     base, _ = loading.load_model(model, weights)
     path, conv = loading.resolve_layer(base, layer)
     if channel is None or not 0 <= channel < conv.out_channels:

@@ -8,6 +8,7 @@ same batch whatever else is scored, so a job's files are those of a run of it al
 disentangled networks' logits are compared at each job's chosen rho; then, if every job is exact, each
 job's 20 checkpoints, the best one, ``…_info.json`` and ``…_scores.png`` are written (``utils.files.names``).
 """
+import json
 import os
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from utils import disentangle
-from utils.concepts import by_clusters
+from utils.concepts import by_clusters, candidates
 from utils.concepts.by_classes import check_no_classes_with_file, check_triples, class_batches, class_jobs
 from utils.data import folders, scan
 from utils.files import atomic, names, store
@@ -45,7 +46,10 @@ class Settings:
     export_model: bool
     batch_size: int
     num_workers: int
-    header: bool  # --triples: a header line per job
+    header: bool  # --triples, --candidates: a header line per job
+    candidates: str = None  # --candidates FILE: the jobs are its selection (``utils.concepts.candidates``)
+    top: int = None
+    all_classes: bool = False
 
     @classmethod
     def from_args(cls, args):
@@ -53,11 +57,17 @@ class Settings:
         return cls(args.store_dir, args.channel_disentangle, _jobs_of_args(args), args.concepts_file,
                    None if args.clusters is None else tuple(args.clusters), args.rho_score,
                    _exactness_images(args.exactness_images), not args.no_channels_last, args.export_model,
-                   args.batch_size, cli.default_workers(args.num_workers), args.triples is not None)
+                   args.batch_size, cli.default_workers(args.num_workers),
+                   args.triples is not None or args.candidates is not None, args.candidates, args.top,
+                   args.all_classes)
 
 
 def _jobs_of_args(args):
-    """Triples (--triples or the per-triple flags plus --classes_for_concept3..6), or None for --concepts_file."""
+    """Triples (--triples or the per-triple flags plus --classes_for_concept3..6), or None for --concepts_file
+    and --candidates."""
+    candidates.check_flags(args, "--channel_disentangle")
+    if args.candidates is not None:
+        return None
     if args.concepts_file is not None:
         check_no_classes_with_file(args)
         if args.channel_disentangle is None:
@@ -131,12 +141,17 @@ def score_images(ctx, splits, indices, s, desc=None):
                                    ctx.device)
 
 
+def exactness_images(ctx, targets, n):
+    """The first ``n`` readable training images: (their indices, the (n, 3, H, W) batch on the device)."""
+    check = np.flatnonzero(targets >= 0)[:n].tolist()
+    return check, next(iter(folders.make_loader(ctx.dataset, [check], 0, ctx.device, hint=HINT)))[0].to(ctx.device)
+
+
 def check_networks(ctx, targets, jobs, s):
     """The full original and disentangled networks' logits at each job's chosen rho on the first
     ``s.exactness_images`` readable training images: the same images whatever the jobs, so the original's
     logits are computed once and each job's numbers equal those of a run of it alone. Sets each job's ``run``."""
-    check = np.flatnonzero(targets >= 0)[:s.exactness_images].tolist()
-    images = next(iter(folders.make_loader(ctx.dataset, [check], 0, ctx.device, hint=HINT)))[0].to(ctx.device)
+    check, images = exactness_images(ctx, targets, s.exactness_images)
     original = disentangle.logits(ctx.model, images)
     for job in jobs:
         ch = rho_scores.choose(job.res, s.rho_score)
@@ -206,21 +221,75 @@ def export(ctx, folder, job):
 def read_concepts(ctx, s):
     """The store, its training labels (-1 for unreadable images) and the jobs' concepts, every one checked
     against the layer and the data before any work."""
-    if s.jobs is None:
+    if s.candidates is None and s.jobs is None:
         context.check_channel(ctx, s.channel, "--channel_disentangle")
-    else:
+    elif s.candidates is None:
         check_triples(ctx, s.jobs, "--channel_disentangle")
     st = store.Store.open(store.find_folder(s.store_dir, ctx.tag, ctx.name, ctx.layer_path), ctx.fingerprint)
     targets = st.labels()
-    concepts = list(s.jobs) if s.jobs is not None else [
-        by_clusters.read_concepts_file(s.concepts_file, ctx.fingerprint, s.channel, s.clusters, num_rows=len(targets))]
+    if s.candidates is not None:
+        concepts = candidates.read_selection(s.candidates, ctx, st.manifest["classes"], s.top, s.all_classes,
+                                             num_rows=len(targets))
+    elif s.jobs is not None:
+        concepts = list(s.jobs)
+    else:
+        concepts = [by_clusters.read_concepts_file(s.concepts_file, ctx.fingerprint, s.channel, s.clusters,
+                                                   num_rows=len(targets))]
     return st, targets, concepts
+
+
+CHUNK = 8  # --candidates: jobs scored and written together; an interruption loses at most one chunk's work
+
+
+def job_files(ctx, folder, concepts):
+    """Every file stage 3 writes for one job: the 20 checkpoints, the best one, the info file, the plot."""
+    cks = [os.path.join(folder, concepts.checkpoint(ctx.name, rho)) for rho in (*RHOS, "best")]
+    return cks + [names.info_file(cks[-1]), names.scores_plot(cks[-1])]
+
+
+def is_complete(ctx, folder, concepts, rho_score):
+    """Whether a previous run wrote every file of the job, with an info file of the same store, concepts and
+    best-rho score."""
+    files = job_files(ctx, folder, concepts)
+    if not all(os.path.isfile(f) for f in files):
+        return False
+    try:
+        info = atomic.read_json(files[-2])
+    except (OSError, ValueError):
+        return False
+    wanted = json.loads(json.dumps(dict(ctx.fingerprint, channel=concepts.channel, **concepts.info_keys(),
+                                        rho_score=rho_score)))
+    return isinstance(info, dict) and all(info.get(k) == v for k, v in wanted.items())
+
+
+def jobs_to_run(ctx, s, concepts):
+    """--candidates: the jobs without complete files (a line for each one skipped); otherwise every job."""
+    if s.candidates is None:
+        return concepts
+    folder, todo = names.checkpoints_dir(s.store_dir), []
+    for t in concepts:
+        if is_complete(ctx, folder, t, s.rho_score):
+            print(f"channel {t.channel} {t.describe()}: its files are complete in {folder}, skipped")
+        else:
+            todo.append(t)
+    return todo
 
 
 def run(ctx, s):
     """Stage 3 for the settings ``s`` in the context ``ctx`` (model, layer, training data)."""
     st, targets, concepts = read_concepts(ctx, s)
-    rows = [t.training_rows(targets) for t in concepts]  # every job checked before any work
+    todo = jobs_to_run(ctx, s, concepts)
+    rows = [t.training_rows(targets) for t in todo]  # every job checked before any work
+    step = CHUNK if s.candidates is not None else max(1, len(todo))
+    for start in range(0, len(todo), step):
+        split_and_write(ctx, s, (st, targets), todo[start:start + step], rows[start:start + step])
+    if s.candidates is not None and s.export_model:
+        export_whole_layer(ctx, s, targets, concepts)
+
+
+def split_and_write(ctx, s, store_labels, concepts, rows):
+    """Score, check and write the jobs of ``concepts`` (their training ``rows``) in one pass over their images."""
+    st, targets = store_labels
     jobs = make_jobs(ctx.conv, st.array("patch_sums"), concepts, rows)
     # one pass over every concept image of every job, each image once, in batches of one class
     indices = np.unique(np.concatenate([r for rs in rows for r in rs]))  # store rows are ImageFolder indices
@@ -237,7 +306,7 @@ def run(ctx, s):
     for job in jobs:
         if not failed:
             write_job(ctx, folder, job)
-            if s.export_model:
+            if s.export_model and s.candidates is None:
                 export(ctx, folder, job)
         print("\n".join(stage3_text.job_lines(ctx.layer_path, st.manifest["classes"], job, header=s.header)))
         if not failed:
@@ -245,3 +314,25 @@ def run(ctx, s):
     if failed:
         which = "; ".join(f"channel {j.concepts.channel} {j.concepts.describe()}" for j in failed)
         raise cli.UserError(f"the split does not reproduce the original layer and logits ({which}); nothing written")
+
+
+def export_whole_layer(ctx, s, targets, concepts):
+    """--export_model with --candidates: the whole-layer network of every channel of the selection (each at its
+    best rho, read from its checkpoint), checked on the exactness images, then written."""
+    from utils.model import whole_layer
+    folder = names.checkpoints_dir(s.store_dir)
+    best = {t.channel: os.path.join(folder, t.checkpoint(ctx.name, "best")) for t in concepts}
+    net = whole_layer.build_whole_layer_model(ctx.model, ctx.layer_path,
+                                              {c: whole_layer.read_checkpoint(p) for c, p in best.items()})
+    check, images = exactness_images(ctx, targets, s.exactness_images)
+    z, z2 = disentangle.logits(ctx.model, images), disentangle.logits(net, images)
+    diff, zmax = float((z2 - z).abs().max()), float(z.abs().max())
+    if not within_tolerance(diff, zmax):
+        raise cli.UserError(f"the whole-layer network's logits differ from the original's by {diff:.3g} (max |logit| "
+                            f"{zmax:.3g}) on {len(check)} training images; nothing exported")
+    paths = whole_layer.export_whole_layer(names.whole_layer_model(s.store_dir, ctx.name,
+                                                                   candidates.selection_label(concepts, s.all_classes)),
+                                           net, ctx.model_spec, ctx.weights_id, ctx.layer_path, best)
+    print(f"exported the whole-layer network of {len(best)} channels: " + " and ".join(paths))
+    print(f"its logits equal the original's on {len(check)} training images: max difference {diff:.3g} "
+          f"(max |logit| {zmax:.3g}, relative tolerance {TOLERANCE})")

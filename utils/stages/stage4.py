@@ -6,13 +6,15 @@ val images of its concepts (the concepts' interface, ``utils.concepts.base``), o
 images for the per-image numbers of every job (``stage4_passes``), optionally a scan of the whole val split for
 the top images, then each job's files in order (``stage4_results``): what one run per job writes, byte for byte.
 """
+import glob
 from dataclasses import dataclass
 
 import numpy as np
 
-from utils.concepts import by_clusters
+from utils.concepts import by_clusters, candidates
 from utils.concepts.by_classes import check_no_classes_with_file, check_triples, class_jobs
 from utils.data import folders
+from utils.files import names
 from utils.run import cli, context
 from utils.run.cli import UserError
 from utils.stages.stage4_checkpoints import load_checkpoint
@@ -44,6 +46,10 @@ class Settings:
     out_dir: str
     batch_size: int
     num_workers: int
+    candidates: str = None  # --candidates FILE: the jobs are its selection (``utils.concepts.candidates``)
+    top: int = None
+    all_classes: bool = False
+    atlas: str = None       # --atlas DIR: the static site of this invocation's runs (``utils.atlas``)
 
     @classmethod
     def from_args(cls, args):
@@ -62,12 +68,24 @@ class Settings:
                    args.val_top_n, args.triples, "best" if args.f is None else args.f,
                    args.proportion_attribution_required, args.get_qualitative, args.get_quantitative,
                    args.get_top_images, args.top_k, args.top_images_all_val,
-                   "skip" if args.skip_unreadable else "error", args.out_dir, args.batch_size, args.num_workers)
+                   "skip" if args.skip_unreadable else "error", args.out_dir, args.batch_size, args.num_workers,
+                   args.candidates, args.top, args.all_classes, _atlas_dir(args.atlas))
+
+
+def _atlas_dir(folder):
+    """--atlas: refused (one line) before any work where the folder holds anything but a previous atlas."""
+    if folder is not None:
+        from utils.atlas.write import check_atlas_dir
+        check_atlas_dir(folder)
+    return folder
 
 
 def jobs_from_args(args):
     """Triples (classes; --triples, or the per-triple flags with --classes_for_concept3..6), or None when
-    --concepts_file gives the concepts (read once the model is known)."""
+    --concepts_file or --candidates gives the concepts (read once the model is known)."""
+    candidates.check_flags(args, "--channel_of_interest")
+    if args.candidates is not None:
+        return None
     if args.concepts_file is not None:
         check_no_classes_with_file(args)
         if args.channel_of_interest is None:
@@ -81,7 +99,10 @@ def jobs_from_args(args):
 
 def read_jobs(ctx, s):
     """The jobs' concepts, checked against the model and the val split: the command line's Triples, or the
-    channel's clusters of --concepts_file."""
+    channel's clusters of --concepts_file, or the selection of --candidates."""
+    if s.candidates is not None:
+        return candidates.read_selection(s.candidates, ctx, ctx.dataset.classes, s.top, s.all_classes,
+                                         keys=by_clusters.MODEL_KEYS)
     if s.jobs is None:
         context.check_channel(ctx, s.channel, "--channel_of_interest")
         return [by_clusters.read_concepts_file(s.concepts_file, ctx.fingerprint, s.channel, s.clusters,
@@ -126,9 +147,30 @@ def run(ctx, s, check_extras, extras):
         whole = [(scanned, o, m) for o, m in pos]
     concepts = [concept_ids(job, v, r) for job, v, r in zip(jobs, vals, results)]  # all checked before writing
     for e in map(Evaluated, jobs, checkpoints, results, whole, concepts, vals):
-        if s.triples_file is not None:
+        if s.triples_file is not None or s.candidates is not None:
             print(f"=== {e.job.where}: channel {e.job.channel}, classes {e.job.describe()}")
         write_job(ctx, s, e, extras)
+    if s.atlas is not None:
+        write_atlas(s, [names.run_name(c.name) for c in checkpoints])
+
+
+def write_atlas(s, runs):
+    """--atlas: the site of ``runs``, with stage 2's candidates for the cosine column (the --candidates file, or
+    the store's one candidates file where there is exactly one)."""
+    from utils.atlas.write import write_atlas as write
+    from tqdm import tqdm
+    done = write(s.out_dir, s.model_dir, runs, s.atlas, candidates_file(s),
+                 progress=lambda rows: tqdm(rows, desc="atlas pages", unit="page"))
+    print(f"wrote the atlas of {done['runs']} runs to {done['folder']} ({done['bytes'] / 1e6:.2f} MB); open "
+          f"{names.atlas_index(done['folder'])} in a browser")
+
+
+def candidates_file(s):
+    """The stage-2 candidates file for the atlas's cosine column, or None."""
+    if s.candidates is not None and candidates.is_candidates_file(s.candidates):
+        return s.candidates
+    found = glob.glob(names.candidates_json(glob.escape(s.model_dir), "*"))
+    return found[0] if len(found) == 1 else None
 
 
 def concept_ids(job, val, r):
