@@ -1,5 +1,7 @@
 """Shared fixtures: a generated ImageFolder and helpers to run the stage scripts as a user would."""
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -30,6 +32,56 @@ def make_image_folder(root, train_per_class=6, val_per_class=4, num_classes=NUM_
 @pytest.fixture(scope="session")
 def image_root(tmp_path_factory):
     return make_image_folder(str(tmp_path_factory.mktemp("data")))
+
+
+# the demo at the sizes the tests use: tests/test_demo.py (seeds 0, 1, 2) and tests/test_demo_resnet.py
+DEMO_CNN = ["--train_per_class", "60", "--val_per_class", "15"]
+DEMO_RESNET = ["--arch", "resnet", "--train_per_class", "40", "--val_per_class", "10", "--epochs", "8",
+               "--no_feature_vis", "--no_atlas", "--seed", "0", "--num_workers", "0"]
+# arch -> (a copy of the demo's folder as the demo left it, the folder, the flags, stdout): other tests add files
+# to the folder; tests/test_house_plan.py compares the copy with an older tree's run
+PRISTINE = {}
+
+
+def demo_process(out, args, tree=ROOT):
+    """``python -m demo.run_demo --out OUT ARGS`` with the code of ``tree``; returns the CompletedProcess."""
+    env = dict(os.environ, PYTHONPATH=tree + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "demo.run_demo", "--out", out, *args], cwd=tree, env=env,
+                          capture_output=True, text=True)
+
+
+def _demo(out, args, key=None):
+    """The demo into ``out`` (asserting it ran); with ``key``, its folder copied into PRISTINE. (report, stdout)."""
+    proc = demo_process(out, args)
+    assert proc.returncode == 0, f"demo failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    if key is not None:
+        shutil.copytree(out, out + "_pristine", symlinks=True)
+        PRISTINE[key] = (out + "_pristine", out, list(args), proc.stdout)
+    with open(os.path.join(out, "report.json")) as f:
+        return json.load(f), proc.stdout
+
+
+@pytest.fixture(scope="session")
+def demo_runs(tmp_path_factory):
+    """run(seed) -> (out, report, stdout) of the reduced demo, each seed run once per session (seed 0 with the
+    feature visualizations and the atlas)."""
+    done = {}
+
+    def run(seed):
+        if seed not in done:
+            out = str(tmp_path_factory.mktemp(f"demo_out_seed{seed}"))
+            more = [] if seed == 0 else ["--no_feature_vis", "--no_atlas"]  # the feature visualizations once
+            rep, stdout = _demo(out, [*DEMO_CNN, "--seed", str(seed), *more], "cnn" if seed == 0 else None)
+            done[seed] = (out, rep, stdout)
+        return done[seed]
+    return run
+
+
+@pytest.fixture(scope="session")
+def resnet_demo(tmp_path_factory):
+    """(out, report) of the reduced demo in the ResNet layout, once per session."""
+    out = str(tmp_path_factory.mktemp("demo_resnet"))
+    return out, _demo(out, DEMO_RESNET, "resnet")[0]
 
 
 def run_script(script, *args, cwd=None, check=True):

@@ -11,8 +11,6 @@ much as the other's, and the original channel's image beats every val image of t
 """
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,32 +19,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
 
-from tests.conftest import ROOT, run_script
+from tests.conftest import run_script
 
-SMALL = ["--train_per_class", "60", "--val_per_class", "15"]
 SEEDS = (0, 1, 2)
 MIN_SEPARATION = 3.0
 MODEL = "demo.model:shapes_cnn"
-
-
-@pytest.fixture(scope="module")
-def demo_runs(tmp_path_factory):
-    """run(seed) -> (out, report, stdout) of the reduced demo, each seed run once per module."""
-    done = {}
-
-    def run(seed):
-        if seed not in done:
-            out = str(tmp_path_factory.mktemp(f"demo_out_seed{seed}"))
-            env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-            # the feature visualizations and the atlas step once: they take a while
-            fv = [] if seed == 0 else ["--no_feature_vis", "--no_atlas"]
-            proc = subprocess.run([sys.executable, "-m", "demo.run_demo", "--out", out, *SMALL, "--seed", str(seed), *fv],
-                                  cwd=ROOT, env=env, capture_output=True, text=True)
-            assert proc.returncode == 0, f"demo failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-            with open(os.path.join(out, "report.json")) as f:
-                done[seed] = (out, json.load(f), proc.stdout)
-        return done[seed]
-    return run
 
 
 @pytest.fixture(scope="module")

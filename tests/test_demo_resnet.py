@@ -7,32 +7,14 @@ robust best-rho choice (--rho_score robust) separates both concepts at least two
 """
 import json
 import os
-import subprocess
-import sys
 
-import pytest
+from tests.conftest import run_script
 
-from tests.conftest import ROOT, run_script
-
-SMALL = ["--train_per_class", "40", "--val_per_class", "10", "--epochs", "8"]  # about half of test_demo.py's size
-SEED = 0
 MODEL = "demo.model:shapes_resnet"
 MIN_SEPARATION_ROBUST = 2.0
 # the keys that tests/test_demo.py asks of the default demo's report
 KEYS = ("channel", "class1", "class2", "best_rho", "quantitative_concept1", "quantitative_concept2", "sep_concept1",
         "sep_concept2", "max_logit_diff", "plots", "seconds", "candidates_head")
-
-
-@pytest.fixture(scope="module")
-def resnet_demo(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("demo_resnet"))
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "demo.run_demo", "--out", out, "--arch", "resnet", *SMALL,
-                           "--no_feature_vis", "--no_atlas", "--seed", str(SEED), "--num_workers", "0"], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, f"demo failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    with open(os.path.join(out, "report.json")) as f:
-        return out, json.load(f)
 
 
 def common(out):

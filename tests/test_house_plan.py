@@ -20,7 +20,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, make_image_folder
+from tests.conftest import PRISTINE, ROOT, demo_process, make_image_folder
 
 BEFORE_PLAN = "1fdc866"  # main before utils/ moved into sub-packages
 
@@ -188,18 +188,6 @@ def run_case(tree, work, triples_text):
     return proc.stdout
 
 
-def run_demo(tree, out, arch):
-    """The demo, small, with the code of ``tree``."""
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    args = ["--out", out, "--arch", arch, "--train_per_class", "30", "--val_per_class", "8", "--epochs", "3",
-            "--fv_size", "32", "--fv_steps", "3", "--fv_crops", "2", "--fv_spectrum_images", "8"]
-    proc = subprocess.run([sys.executable, "-m", "demo.run_demo", *args], cwd=tree,
-                          env=dict(os.environ, PYTHONPATH=tree), capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
-
-
 # what no two runs share: JSON keys of times and process ids, and the same in printed text
 VOLATILE_KEYS = re.compile(r"(seconds|_s$|^time|_time|created|finished|started|updated|pid|elapsed|per_second|"
                            r"images_per_s|rate|when|date|duration)", re.I)
@@ -232,10 +220,13 @@ def _plain(obj):
     return obj
 
 
-def comparable(path):
-    """A file's bytes, or for JSON, logs and reports its content without the volatile parts (``VOLATILE_*``)."""
+def comparable(path, root=None):
+    """A file's bytes, or for JSON, logs and reports its content without the volatile parts (``VOLATILE_*``);
+    ``root``: the folder the run wrote into, written ``<root>`` wherever a file names it."""
     with open(path, "rb") as f:
         raw = f.read()
+    if root:
+        raw = raw.replace(root.encode(), b"<root>")
     if path.endswith(".json"):
         try:
             return json.dumps(_scrub(json.loads(raw)), sort_keys=True)
@@ -243,7 +234,8 @@ def comparable(path):
             return raw
     if path.endswith(".pt"):  # a cached SAE: its record holds the training time
         import torch
-        return json.dumps(_scrub(_plain(torch.load(path, map_location="cpu", weights_only=True))), sort_keys=True)
+        text = json.dumps(_scrub(_plain(torch.load(path, map_location="cpu", weights_only=True))), sort_keys=True)
+        return text.replace(root, "<root>") if root else text
     if path.endswith((".log", ".md", ".lock")) or os.path.basename(path) == "report.txt":
         return VOLATILE_TEXT.sub("<t>", without_progress_bars(raw.decode(errors="replace")))
     return raw
@@ -253,17 +245,18 @@ def _files(root):
     return {os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs}
 
 
-def differing_files(a, b, extra_ok=()):
+def differing_files(a, b, extra_ok=(), roots=(None, None)):
     """Relative paths below ``a`` and ``b`` that are missing on one side or differ (``comparable``).
 
     extra_ok: files the new tree ``b`` may add (taken as prefixes of the relative path; ``("",)``: any), and
     JSON files the new tree may extend with keys the old one lacks (the new keys are left out of the
-    comparison: ``comparable_as``)."""
+    comparison: ``comparable_as``); roots: the folders the old and the new run wrote into, where ``a`` and ``b``
+    are copies (paths in the files are compared as ``<root>/...``)."""
     fa, fb = _files(a), _files(b)
     out = sorted(f"only in {'old' if p in fa else 'new'}: {p}" for p in fa ^ fb
                  if p in fa or not any(p.startswith(e) for e in extra_ok))
-    out += sorted(p for p in fa & fb if comparable(os.path.join(a, p))
-                  != comparable_as(os.path.join(b, p), os.path.join(a, p), bool(extra_ok)))
+    out += sorted(p for p in fa & fb if comparable(os.path.join(a, p), roots[0])
+                  != comparable_as(os.path.join(b, p), os.path.join(a, p), bool(extra_ok), roots))
     return out
 
 
@@ -279,15 +272,22 @@ def _restricted(new, old):
     return new
 
 
-def comparable_as(path, old_path, extended=False):
-    """``comparable(path)``; with ``extended``, a JSON file less the keys the old file ``old_path`` lacks."""
+def comparable_as(path, old_path, extended=False, roots=(None, None)):
+    """``comparable(path, roots[1])``; with ``extended``, a JSON file less the keys the old file ``old_path`` lacks."""
     if not (extended and path.endswith(".json")):
-        return comparable(path)
+        return comparable(path, roots[1])
     try:
-        new, old = json.load(open(path)), json.load(open(old_path))
+        new = json.loads(_rooted(path, roots[1]))
+        old = json.loads(_rooted(old_path, roots[0]))
     except ValueError:
-        return comparable(path)
+        return comparable(path, roots[1])
     return json.dumps(_scrub(_restricted(new, old)), sort_keys=True)
+
+
+def _rooted(path, root):
+    """A text file's content with ``root`` written ``<root>``."""
+    text = open(path, encoding="utf-8", errors="replace").read()
+    return text.replace(root, "<root>") if root else text
 
 
 def is_subsequence(old_lines, new_lines):
@@ -316,14 +316,22 @@ def test_generated_case_writes_the_same_files_as_before_the_plan(before, tmp_pat
 
 
 @pytest.mark.parametrize("arch", ["cnn", "resnet"])
-def test_demo_writes_the_same_files_as_before_the_plan(before, tmp_path, arch):
-    out = str(tmp_path / "demo")
-    old_report = run_demo(before, out, arch)
-    os.rename(out, str(tmp_path / "demo_old"))
-    new_report = run_demo(ROOT, out, arch)
+def test_demo_writes_the_same_files_as_before_the_plan(before, tmp_path, arch, request):
+    """The demo runs of tests/test_demo.py (seed 0) and tests/test_demo_resnet.py, as they left their folder
+    (conftest.PRISTINE), against the old tree's run with the same flags."""
+    if arch == "cnn":
+        request.getfixturevalue("demo_runs")(0)
+    else:
+        request.getfixturevalue("resnet_demo")
+    pristine, new_root, args, new_report = PRISTINE[arch]
+    old = str(tmp_path / "demo_old")
+    proc = demo_process(old, [a for a in args if a != "--no_atlas"], tree=before)  # no atlas step before the plan
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # the demo's last step (--candidates and the atlas) came after BEFORE_PLAN: its files, its log lines and its
     # report entries are extra; every file of the old run is the same, and its printed lines come in order
-    print("extra in the new run:", extra_files(str(tmp_path / "demo_old"), out))
-    assert differing_files(str(tmp_path / "demo_old"), out, extra_ok=("",)) == []
-    assert is_subsequence(VOLATILE_TEXT.sub("<t>", without_progress_bars(old_report)).splitlines(),
-                          VOLATILE_TEXT.sub("<t>", without_progress_bars(new_report)).splitlines())
+    print("extra in the new run:", extra_files(old, pristine))
+    assert differing_files(old, pristine, extra_ok=("",), roots=(old, new_root)) == []
+
+    def lines(text, root):
+        return VOLATILE_TEXT.sub("<t>", without_progress_bars(text.replace(root, "<root>"))).splitlines()
+    assert is_subsequence(lines(proc.stdout, old), lines(new_report, new_root))
