@@ -24,7 +24,7 @@ network with all of them split:
       --top 50 --export_model
 """
 from utils.concepts import candidates
-from utils.concepts.by_classes import MORE_CONCEPTS
+from utils.concepts import by_classes
 from utils.run import cli, context
 from utils.stages import stage3
 
@@ -35,18 +35,9 @@ def build_parser():
     cli.add_model_args(p, store_aliases=("--model_dir",))
     p.add_argument("--channel_disentangle", "--channel_of_interest", dest="channel_disentangle", type=int, default=None,
                    help="channel of the layer to split (required unless --triples; also --channel_of_interest)")
-    p.add_argument("--classes_for_concept1", nargs="+", default=None,
-                   help="class indices of concept 1 (required unless --triples or --concepts_file)")
-    p.add_argument("--classes_for_concept2", nargs="+", default=None,
-                   help="class indices of concept 2 (required unless --triples or --concepts_file)")
-    for j in MORE_CONCEPTS:
-        p.add_argument(f"--classes_for_concept{j}", nargs="+", default=None,
-                       help=(f"class indices of concept {j}: a split into k = 3 .. 6 concepts (give concepts 3, 4, ... "
-                             f"in order, all disjoint); checkpoints are named ..._classes3[...]_f..." if j == 3
-                             else f"class indices of concept {j} (see --classes_for_concept3)"))
-    p.add_argument("--triples", default=None,
-                   help="file of 'channel classes1 classes2' lines (as paper_triples.txt; several classes as "
-                        "1,2): split every triple in one process, instead of the three flags above")
+    by_classes.add_args(p, concept3=(": a split into k = 3 .. 6 concepts (give concepts 3, 4, ... in order, all "
+                                     "disjoint); checkpoints are named ..._classes3[...]_f..."),
+                        triples="split every triple in one process")
     p.add_argument("--concepts_file", default=None,
                    help="concepts found without labels (get_cosine_similarities.py --label_free writes "
                         "STORE/results_get_cosine_similarities/{model}_concepts_top{N}.json): split "

@@ -26,7 +26,7 @@ from utils.concepts import candidates
 from utils.featurevis import settings as fv_settings
 from utils.run import cli, context
 from utils.stages import sae_view, stage4, stage4_extras
-from utils.concepts.by_classes import MORE_CONCEPTS
+from utils.concepts import by_classes
 
 
 def build_parser():
@@ -37,18 +37,9 @@ def build_parser():
                    help="the --store_dir of stages 1-3 (holding models_disentangled/; required; also --store_dir)")
     p.add_argument("--channel_of_interest", "--channel_disentangle", dest="channel_of_interest", type=int,
                    default=None, help="the disentangled channel (required unless --triples; also --channel_disentangle)")
-    p.add_argument("--classes_for_concept1", nargs="+", default=None,
-                   help="class indices of concept 1 (required unless --triples or --concepts_file)")
-    p.add_argument("--classes_for_concept2", nargs="+", default=None,
-                   help="class indices of concept 2 (required unless --triples or --concepts_file)")
-    for j in MORE_CONCEPTS:
-        p.add_argument(f"--classes_for_concept{j}", nargs="+", default=None,
-                       help=(f"class indices of concept {j} of a k-way checkpoint (k = 3 .. 6, as given to stage 3)"
-                             if j == 3 else f"class indices of concept {j} (see --classes_for_concept3)"))
-    p.add_argument("--triples", default=None,
-                   help="file of 'channel classes1 classes2' lines (as paper_triples.txt; several classes as "
-                        "1,2): evaluate every triple in one process, writing what one run per triple in file "
-                        "order writes, instead of the three flags above")
+    by_classes.add_args(p, concept3=" of a k-way checkpoint (k = 3 .. 6, as given to stage 3)",
+                        triples="evaluate every triple in one process, writing what one run per triple in file "
+                                "order writes")
     p.add_argument("--concepts_file", default=None,
                    help="the concepts file stage 3 split --channel_of_interest by: the val images of concept j are "
                         "those of the channel's top --val_top_n val images (by summed activation) whose ARV is "

@@ -16,7 +16,8 @@ what the math needs around it. The method itself, in words and formulas: docs/me
   (stage 1's arrays and manifest), ``rows`` (reading store rows), ``registry`` (stage 4's quantitative runs)
 - ``concepts/``    a split's concepts behind one interface (``base``): by classes (``by_classes``: the flags,
   ``--triples`` files) or by clusters of a concepts file (``by_clusters``); ``candidates`` (the strongest
-  channels of stage 2's candidates or of a concepts file, ``--candidates``)
+  channels of stage 2's candidates or of a concepts file, ``--candidates``); ``from_flags`` (which of these a
+  command line gives)
 - ``stages/``      what each stage does: ``stage1`` (+ ``stage1_settings``), ``stage2``, ``passes`` (stage 2's
   chunked passes), ``label_free``, ``stage3``, ``stage4`` (+ ``stage4_checkpoints``, ``stage4_passes``,
   ``stage4_results``, ``stage4_extras``), ``feature_vis`` and ``sae_view`` (stage 4's extras)

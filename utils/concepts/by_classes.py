@@ -169,6 +169,21 @@ def read_triples(path):
 MORE_CONCEPTS = range(3, 7)  # --classes_for_concept3 .. --classes_for_concept6 (stages 3 and 4)
 
 
+def add_args(p, concept3, triples):
+    """--classes_for_concept1 .. 6 and --triples (stages 3 and 4); ``concept3`` ends concept 3's help, ``triples``
+    says what the stage does with a triples file."""
+    for j in (1, 2):
+        p.add_argument(f"--classes_for_concept{j}", nargs="+", default=None,
+                       help=f"class indices of concept {j} (required unless --triples or --concepts_file)")
+    for j in MORE_CONCEPTS:
+        p.add_argument(f"--classes_for_concept{j}", nargs="+", default=None,
+                       help=(f"class indices of concept {j}{concept3}" if j == 3
+                             else f"class indices of concept {j} (see --classes_for_concept3)"))
+    p.add_argument("--triples", default=None,
+                   help=f"file of 'channel classes1 classes2' lines (as paper_triples.txt; several classes as "
+                        f"1,2): {triples}, instead of the three flags above")
+
+
 def more_concepts_given(args):
     """The raw values of --classes_for_concept3..6 (None where not given) and the numbers of those given."""
     more = [getattr(args, f"classes_for_concept{j}") for j in MORE_CONCEPTS]

@@ -17,8 +17,8 @@ import torch
 from tqdm import tqdm
 
 from utils import disentangle
-from utils.concepts import by_clusters, candidates
-from utils.concepts.by_classes import check_no_classes_with_file, check_triples, class_batches, class_jobs
+from utils.concepts import by_clusters, candidates, from_flags
+from utils.concepts.by_classes import check_triples, class_batches
 from utils.data import folders, scan
 from utils.files import atomic, names, store
 from utils.method import rho_scores, similarities
@@ -65,17 +65,11 @@ class Settings:
 def _jobs_of_args(args):
     """Triples (--triples or the per-triple flags plus --classes_for_concept3..6), or None for --concepts_file
     and --candidates."""
-    candidates.check_flags(args, "--channel_disentangle")
-    if args.candidates is not None:
-        return None
-    if args.concepts_file is not None:
-        check_no_classes_with_file(args)
-        if args.channel_disentangle is None:
-            raise cli.UserError("--concepts_file needs --channel_disentangle (the channel whose clusters to use)")
-        return None
-    if args.clusters is not None:
-        raise cli.UserError("--clusters selects clusters of --concepts_file: give the file too")
-    return tuple(class_jobs(args, args.channel_disentangle, "--channel_disentangle", "splits"))
+    def clusters_alone(a):
+        return "--clusters selects clusters of --concepts_file: give the file too" if a.clusters is not None else None
+    jobs = from_flags.class_jobs_of_flags(args, "--channel_disentangle", clusters_alone,
+                                          "the channel whose clusters to use", "splits")
+    return None if jobs is None else tuple(jobs)
 
 
 def _exactness_images(n):

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from utils.concepts import by_clusters, candidates
-from utils.concepts.by_classes import check_no_classes_with_file, check_triples, class_jobs
+from utils.concepts import by_clusters, candidates, from_flags
+from utils.concepts.by_classes import check_triples
 from utils.data import folders
 from utils.files import names
 from utils.run import cli, context
@@ -83,18 +83,11 @@ def _atlas_dir(folder):
 def jobs_from_args(args):
     """Triples (classes; --triples, or the per-triple flags with --classes_for_concept3..6), or None when
     --concepts_file or --candidates gives the concepts (read once the model is known)."""
-    candidates.check_flags(args, "--channel_of_interest")
-    if args.candidates is not None:
-        return None
-    if args.concepts_file is not None:
-        check_no_classes_with_file(args)
-        if args.channel_of_interest is None:
-            raise UserError("--concepts_file needs --channel_of_interest (the channel whose clusters were used)")
-        return None
-    if args.clusters is not None or args.val_top_n is not None:
-        raise UserError(f"{'--clusters' if args.clusters is not None else '--val_top_n'} goes with "
-                        f"--concepts_file: give the file too")
-    return class_jobs(args, args.channel_of_interest, "--channel_of_interest", "evaluates")
+    def file_flag_alone(a):
+        flag = "--clusters" if a.clusters is not None else "--val_top_n" if a.val_top_n is not None else None
+        return flag and f"{flag} goes with --concepts_file: give the file too"
+    return from_flags.class_jobs_of_flags(args, "--channel_of_interest", file_flag_alone,
+                                          "the channel whose clusters were used", "evaluates")
 
 
 def read_jobs(ctx, s):
