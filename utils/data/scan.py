@@ -82,7 +82,8 @@ def scan(model, layer, ds, batches, device, num_workers=0, what=INPUT, unreadabl
     desc: the progress bar's text (None: no bar); outputs: (K,) int64 output index of each class folder
     (``utils.data.classmap``; None: folder y is output y), whose logit GRADIENT differentiates;
     channels_last: the images go in channels-last (the model must have been converted by the caller).
-    Returns a ``Scan``.
+    Returns a ``Scan``. (Twelve parameters, the loader's and the forward's: every pass sets a different few, by
+    keyword, and a settings object would only move the same list.)
     """
     loader = folders.make_loader(ds, batches, num_workers, device, unreadable, hint)
     return Scan(model, layer, loader, device, what,
