@@ -109,3 +109,48 @@ def test_segments_cut_the_groups_crops_into_batches_of_the_limit():
     # every crop once, in order, no batch over the limit
     flat = [(g, i) for seg in batches for g, a, b in seg for i in range(a, b)]
     assert flat == [(g, i) for g, n in enumerate([6, 4, 3]) for i in range(n)]
+
+
+def test_runs_of_targets_gather_consecutive_jobs_up_to_the_limit():
+    assert render.runs_of_targets([3, 3, 2, 7, 1], 6) == [[0, 1], [2], [3], [4]]
+    assert render.runs_of_targets([3, 3, 2], 8) == [[0, 1, 2]]
+    assert render.runs_of_targets([3, 3], 0) == [[0], [1]]
+
+
+# ----------------------------------------------------------------------------- stage 4
+def test_stage4_batched_feature_vis_equals_each_jobs_own_run(image_root, tmp_path):
+    import os
+    from tests.test_cli import run_inproc
+    from tests.test_featurevis import FV_SMALL, MODEL, RUNTIME, TAG, red_green_checkpoint
+    from utils.files.names import class_checkpoint
+    store = tmp_path / "store"
+    os.makedirs(store / "models_disentangled")
+    runs = [class_checkpoint(TAG, c, [[0], [1]], "best")[:-4] for c in (0, 1)]
+    channel1 = dict(red_green_checkpoint(), **{"disentangled.weight": torch.tensor(  # D1 + D2 - R = [0.5, -1]
+        [[0.5, 0.0], [0.0, -1.0], [0.0, 0.0]]).view(3, 2, 1, 1)})
+    for run, ck in zip(runs, (red_green_checkpoint(), channel1)):
+        torch.save(ck, store / "models_disentangled" / f"{run}.pth")
+    (tmp_path / "triples.txt").write_text("0 0 1\n1 0 1\n")
+    common = ["--data_dir", image_root, "--model", MODEL, "--model_dir", store, *RUNTIME, *FV_SMALL]
+
+    def stage4(out, *extra):
+        proc = run_inproc("get_results.py", *common, "--out_dir", tmp_path / out, *extra)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    def arrays(out, run):
+        folder = tmp_path / out / "results_disentanglement"
+        return [(folder / f"{run}_feature_vis_{a}.npy").read_bytes() for a in ("images", "transparency")]
+
+    stage4("one", "--channel_of_interest", 0, "--classes_for_concept1", 0, "--classes_for_concept2", 1)
+    stage4("plain", "--triples", tmp_path / "triples.txt")
+    said = stage4("batched", "--triples", tmp_path / "triples.txt", "--fv_batch_targets", 6)
+    assert "up to 6 targets per optimization" in said
+    assert arrays("one", runs[0]) == arrays("plain", runs[0])  # the default: each job alone, byte for byte
+    folder = "results_disentanglement"
+    for run in runs:
+        plain = np.load(tmp_path / "plain" / folder / f"{run}_feature_vis_images.npy")
+        batched = np.load(tmp_path / "batched" / folder / f"{run}_feature_vis_images.npy")
+        assert plain.shape == batched.shape == (3, 3, 24, 24)
+        assert np.abs(plain - batched).max() < TOL
+        assert (tmp_path / "batched" / "plots" / f"feature_vis_{run}.png").is_file()

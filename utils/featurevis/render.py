@@ -76,6 +76,20 @@ def visualize_many(model, conv, groups, magnitude, q, size, steps, crops, lr=1.0
     return [g.result(m, qu) for g in state]
 
 
+def runs_of_targets(counts, limit):
+    """Consecutive jobs of ``counts`` targets each, gathered into optimizations of at most ``limit`` targets (a
+    job over the limit alone; limit 0: every job alone). Returns [[job index, ...] per optimization]."""
+    runs, total = [], 0
+    for i, n in enumerate(counts):
+        if runs and limit and total + n <= limit:
+            runs[-1].append(i)
+            total += n
+        else:
+            runs.append([i])
+            total = n
+    return runs
+
+
 class _Group:
     """One group of ``visualize_many``: its targets, generator, phases (drawn first from the generator), NAdam,
     transparency and loss history; per step its image, the leaf whose gradient the crops fill, its crop boxes,
