@@ -4,7 +4,6 @@ model's batched convolutions."""
 import numpy as np
 import pytest
 import torch
-from tqdm import tqdm
 
 from tests.test_featurevis import natural_spectrum
 from tests.tiny_models import TinyResNet
@@ -17,7 +16,7 @@ from utils.model.tap import layer_input_with_grad
 # batched vs alone: the model's convolutions on another batch may round differently (float32); after the few
 # steps of these tests the images differ by far less than this share of their [0, 1] range
 TOL = 1e-4
-SIZE, STEPS, CROPS, INPUT = 40, 4, 3, 64
+SIZE, STEPS, CROPS, INPUT = 32, 3, 2, 48
 
 
 def _old_visualize(model, conv, weights, bias, magnitude, q, size, steps, crops, seed, lr=1.0, batch_size=None,
@@ -32,7 +31,7 @@ def _old_visualize(model, conv, weights, bias, magnitude, q, size, steps, crops,
     opt = torch.optim.NAdam([phase], lr=lr)
     transparency = torch.zeros((t_count, 3, size, size))
     chunk = t_count * crops if not batch_size else batch_size
-    for _ in tqdm(range(steps), disable=True):
+    for _ in range(steps):
         opt.zero_grad()
         img = maco_image(m, phase, qu)
         leaf = img.detach().requires_grad_(True)
@@ -55,7 +54,7 @@ def _setup():
     conv = model.conv2
     g = torch.Generator().manual_seed(3)
     groups = [(torch.randn(t, *conv.weight.shape[1:], generator=g), None, seed)
-              for t, seed in ((3, 0), (2, 5), (3, 1), (1, 7))]
+              for t, seed in ((3, 0), (2, 5), (1, 7))]
     return model, conv, groups, natural_spectrum(SIZE)
 
 
@@ -81,7 +80,7 @@ def test_one_group_is_bit_identical_to_the_former_loop(batch_size):
     assert torch.equal(_many(model, conv, groups[:1], spec, batch_size)[0]["images"], img)
 
 
-@pytest.mark.parametrize("batch_size", [None, 5])
+@pytest.mark.parametrize("batch_size", [None, 3])
 def test_batched_groups_equal_their_separate_runs(batch_size):
     model, conv, groups, spec = _setup()
     many = _many(model, conv, groups, spec, batch_size)
@@ -93,13 +92,13 @@ def test_batched_groups_equal_their_separate_runs(batch_size):
         assert float(rel) < TOL
         np.testing.assert_allclose(got["history"], alone["history"], rtol=1e-4, atol=1e-6)
     # the groups did not collapse into one: different targets and seeds give different images
-    assert float((many[0]["images"] - many[2]["images"]).abs().max()) > 0.05
+    assert float((many[0]["images"][:1] - many[2]["images"]).abs().max()) > 0.05
 
 
 def test_a_groups_images_do_not_depend_on_its_batch_mates():
     model, conv, groups, spec = _setup()
     first = _many(model, conv, groups[:2], spec)[1]
-    second = _many(model, conv, [groups[3], groups[1], groups[2]], spec)[1]
+    second = _many(model, conv, [groups[2], groups[1]], spec)[1]
     assert float((first["images"] - second["images"]).abs().max()) < TOL
 
 
@@ -145,7 +144,7 @@ def test_stage4_batched_feature_vis_equals_each_jobs_own_run(image_root, tmp_pat
     stage4("one", "--channel_of_interest", 0, "--classes_for_concept1", 0, "--classes_for_concept2", 1)
     stage4("plain", "--triples", tmp_path / "triples.txt")
     said = stage4("batched", "--triples", tmp_path / "triples.txt", "--fv_batch_targets", 6)
-    assert "up to 6 targets per optimization" in said
+    assert "2 checkpoints in runs of up to 6 targets: 1 optimization\n" in said  # both jobs share one
     assert arrays("one", runs[0]) == arrays("plain", runs[0])  # the default: each job alone, byte for byte
     folder = "results_disentanglement"
     for run in runs:

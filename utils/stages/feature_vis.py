@@ -157,14 +157,33 @@ def optimize(ctx, settings, spec, filters):
     return out
 
 
-def visualize_jobs(ctx, settings, runs):
-    """--fv_batch_targets: the visualizations of every job before any job writes. runs = [(run name, channel,
-    state_dict)] -> {run name: prepared} for ``run_for_checkpoint``."""
-    spectrum = _spectrum(settings)
-    filters = [_filters(ctx.conv, channel, sd)[:2] for _, channel, sd in runs]
-    print(f"feature visualization: {len(runs)} checkpoints, up to {settings.batch_targets} targets per optimization")
-    done = optimize(ctx, settings, spectrum[0], filters)
-    return {name: {"vis": vis, "seconds": sec, "spectrum": spectrum} for (name, _, _), (vis, sec) in zip(runs, done)}
+class BatchedJobs:
+    """--fv_batch_targets: the visualizations of consecutive jobs, one ``optimize`` per run of up to
+    ``settings.batch_targets`` targets, made when the first job of a run asks for its own (so at most one run's
+    images are held). runs: [(run name, channel, state_dict)] in the order the jobs write; every checkpoint is
+    checked here, before any job writes."""
+
+    def __init__(self, ctx, settings, runs):
+        self.ctx, self.settings = ctx, settings
+        self.filters = {name: _filters(ctx.conv, channel, sd)[:2] for name, channel, sd in runs}
+        order = [name for name, _, _ in runs]
+        self.plan = [[order[i] for i in run] for run in render.runs_of_targets(
+            [self.filters[n][0].shape[0] for n in order], settings.batch_targets)]
+        self.ready, self.spectrum = {}, None
+        n = len(self.plan)
+        print(f"feature visualization of {len(runs)} checkpoints in runs of up to {settings.batch_targets} targets: "
+              f"{n} optimization{'s' if n != 1 else ''}")
+
+    def take(self, name):
+        """The entry of run ``name`` for ``run_for_checkpoint(prepared=...)``, or None for a run not planned."""
+        if name not in self.filters:
+            return None
+        if name not in self.ready:
+            run = next(r for r in self.plan if name in r)
+            self.spectrum = self.spectrum or _spectrum(self.settings)
+            done = optimize(self.ctx, self.settings, self.spectrum[0], [self.filters[n] for n in run])
+            self.ready = {n: {"vis": vis, "seconds": sec, "spectrum": self.spectrum} for n, (vis, sec) in zip(run, done)}
+        return self.ready[name]
 
 
 def run_for_checkpoint(ctx, settings, state_dict, channel, concepts, run_name, out_dir, val_images=None,
@@ -173,7 +192,7 @@ def run_for_checkpoint(ctx, settings, state_dict, channel, concepts, run_name, o
 
     concepts: the k class lists of the concepts (val images of concept j: those of its classes); val_images:
     instead, (dataset indices, concept ids 1..k) of the val images to rank (concepts given as clusters);
-    prepared: its entry of ``visualize_jobs`` (the images already optimized), None to optimize them here.
+    prepared: its entry of ``BatchedJobs.take`` (the images already optimized), None to optimize them here.
     Returns the record. (Its length is the record's fields; each step is a call.)"""
     start = time.time()
     device, model, conv, tf = ctx.device, ctx.model.to(ctx.device), ctx.conv, ctx.transform
