@@ -8,8 +8,8 @@ so the targets of a run are optimized together and all crops share the model's b
 ``visualize_many`` runs several such groups in one loop, their crops laid end to end in the model's batches,
 each group with its own generator and NAdam (its images: those of its own run, up to float rounding).
 The transparency map is sum over steps of |d loss / d img|; ``faded`` shows the image faded to white by it
-(mean over colours, clipped at its 80th percentile, / max). A target's val crop is a box of the layer's receptive field around its
-map's maximum (``receptive_field``, ``rf_box``).
+(mean over colours, clipped at its 80th percentile, / max). A target's val crop is a box of the layer's
+receptive field around its map's maximum (``receptive_field``, ``rf_box``).
 """
 import numpy as np
 import torch

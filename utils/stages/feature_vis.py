@@ -182,7 +182,8 @@ class BatchedJobs:
             run = next(r for r in self.plan if name in r)
             self.spectrum = self.spectrum or _spectrum(self.settings)
             done = optimize(self.ctx, self.settings, self.spectrum[0], [self.filters[n] for n in run])
-            self.ready = {n: {"vis": vis, "seconds": sec, "spectrum": self.spectrum} for n, (vis, sec) in zip(run, done)}
+            self.ready = {n: {"vis": vis, "seconds": sec, "spectrum": self.spectrum}
+                          for n, (vis, sec) in zip(run, done)}
         return self.ready[name]
 
 
