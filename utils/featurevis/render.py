@@ -4,10 +4,12 @@ val image a target looks.
 Image t serves target t (``objectives``); each step draws random crops of every image (``transform``), sends
 them through the model up to the layer only, and takes one NAdam step on the phases (``param``) against
     loss = - sum_t mean over the crops of image t of T_t,
-so the targets of a run are optimized together and all crops share the model's batches. The transparency map
-is sum over steps of |d loss / d img|; ``faded`` shows the image faded to white by it (mean over colours,
-clipped at its 80th percentile, / max). A target's val crop is a box of the layer's receptive field around its
-map's maximum (``receptive_field``, ``rf_box``).
+so the targets of a run are optimized together and all crops share the model's batches.
+``visualize_many`` runs several such groups in one loop, their crops laid end to end in the model's batches,
+each group with its own generator and NAdam (its images: those of its own run, up to float rounding).
+The transparency map is sum over steps of |d loss / d img|; ``faded`` shows the image faded to white by it
+(mean over colours, clipped at its 80th percentile, / max). A target's val crop is a box of the layer's
+receptive field around its map's maximum (``receptive_field``, ``rf_box``).
 """
 import numpy as np
 import torch
@@ -16,7 +18,7 @@ from tqdm import tqdm
 from utils.data import folders
 from utils.featurevis.objectives import target_values
 from utils.featurevis.param import maco_image, unit_color_matrix
-from utils.featurevis.transform import CROP_SCALE, add_noise, crop_boxes, crops_of, full_view, normalize
+from utils.featurevis.transform import CROP_SCALE, crop_boxes, crops_of, full_view, noise_draws, normalize, with_noise
 from utils.model.tap import layer_input_with_grad
 
 INPUT_SIZE = folders.CROP  # the evaluation transform's crop: what the model is fed
@@ -43,50 +45,142 @@ def visualize(model, conv, weights, bias, magnitude, q, size, steps, crops, seed
     Image t is optimized for target t; at most ``batch_size`` crops (default: all T * crops) go through
     the model at once. Returns dict(images (T, 3, S, S) in [0, 1], transparency (T, 3, S, S) = sum over
     steps of |d loss / d image|, loss (steps,) per-step mean target of each image's own crops (T,)), CPU.
-    (Every setting of a run is a parameter, as callers and benchmarks pass them; the loop body is
-    ``_crops_backward``.)
+    (Every setting of a run is a parameter, as callers and benchmarks pass them; ``visualize_many`` of one group.)
+    """
+    return visualize_many(model, conv, [(weights, bias, seed)], magnitude, q, size, steps, crops, lr, batch_size,
+                          device, input_size, progress, scale, mean, std)[0]
+
+
+def visualize_many(model, conv, groups, magnitude, q, size, steps, crops, lr=1.0, batch_size=None, device="cpu",
+                   input_size=INPUT_SIZE, progress=True, scale=CROP_SCALE, mean=folders.MEAN, std=folders.STD):
+    """``visualize`` of several groups of targets in one loop: groups = [(weights (T_g, C_in, kh, kw), bias (T_g,)
+    or None, seed)]. Each step lays the crops of every group end to end and sends them through the model
+    ``batch_size`` at a time (default: all of them in one batch), so the groups share the model's batches;
+    each group keeps its own generator (phases, crop boxes and noise drawn in the order and shapes of
+    ``visualize`` for that group alone) and its own NAdam. A group's result is therefore that of ``visualize``
+    up to the float rounding of the model's batched convolutions (bit-equal for one group).
+    Returns one dict per group, as ``visualize`` does.
     """
     device = torch.device(device)
-    t_count = weights.shape[0]
-    targets = (weights.to(device, torch.float32), None if bias is None else bias.to(device, torch.float32))
     m = magnitude.to(device, torch.float32)
     qu = unit_color_matrix(q.double()).float().to(device)
-    gen = torch.Generator(device=device).manual_seed(int(seed))
-    phase = torch.randn((t_count,) + tuple(m.shape), generator=gen, device=device).requires_grad_(True)
-    opt = torch.optim.NAdam([phase], lr=lr)
-    transparency = torch.zeros((t_count, 3, size, size), device=device)
-    chunk = t_count * crops if not batch_size else max(1, int(batch_size))
+    state = [_Group(w, b, seed, m, size, lr, device) for w, b, seed in groups]
+    limit = sum(g.count for g in state) * crops if not batch_size else max(1, int(batch_size))
+    forwards = _segments([g.count * crops for g in state], limit)
     view = (input_size, mean, std)
-    history = []
     for _ in tqdm(range(steps), desc="feature visualization", unit="step", disable=not progress, dynamic_ncols=True):
-        opt.zero_grad()
-        img = maco_image(m, phase, qu)
-        leaf = img.detach().requires_grad_(True)
-        boxes = crop_boxes(t_count, crops, size, gen, scale)
-        own_sum = _crops_backward(model, conv, targets, leaf, boxes, chunk, view, gen)
-        transparency += leaf.grad.abs()
-        img.backward(leaf.grad)
-        opt.step()
-        history.append((own_sum / crops).tolist())
-    with torch.no_grad():
-        final = maco_image(m, phase, qu)
-    return {"images": final.detach().cpu(), "transparency": transparency.cpu(), "history": history}
+        for g in state:
+            g.begin_step(m, qu, crops, size, scale, batch_size, input_size)
+        for seg in forwards:
+            _batch_backward(model, conv, state, seg, view, crops)
+        for g in state:
+            g.end_step(crops)
+    return [g.result(m, qu) for g in state]
 
 
-def _crops_backward(model, conv, targets, leaf, boxes, chunk, view, gen):
-    """One step's forward and backward of every crop (``boxes``: the same number for each image), ``chunk``
-    crops at a time: d loss / d leaf accumulates in ``leaf.grad``. targets: (weights, bias); view: (input size,
-    mean, std). Returns each image's sum of its own target over its crops, (T,) float64 on the CPU."""
+def runs_of_targets(counts, limit):
+    """Consecutive jobs of ``counts`` targets each, gathered into optimizations of at most ``limit`` targets (a
+    job over the limit alone; limit 0: every job alone). Returns [[job index, ...] per optimization]."""
+    runs, total = [], 0
+    for i, n in enumerate(counts):
+        if runs and limit and total + n <= limit:
+            runs[-1].append(i)
+            total += n
+        else:
+            runs.append([i])
+            total = n
+    return runs
+
+
+class _Group:
+    """One group of ``visualize_many``: its targets, generator, phases (drawn first from the generator), NAdam,
+    transparency and loss history; per step its image, the leaf whose gradient the crops fill, its crop boxes,
+    the noise of its crops and each image's sum of its own target over its crops."""
+
+    def __init__(self, weights, bias, seed, m, size, lr, device):
+        self.count = weights.shape[0]
+        self.targets = (weights.to(device, torch.float32), None if bias is None else bias.to(device, torch.float32))
+        self.gen = torch.Generator(device=device).manual_seed(int(seed))
+        self.phase = torch.randn((self.count,) + tuple(m.shape), generator=self.gen, device=device).requires_grad_(True)
+        self.opt = torch.optim.NAdam([self.phase], lr=lr)
+        self.transparency = torch.zeros((self.count, 3, size, size), device=device)
+        self.history = []
+
+    def begin_step(self, m, qu, crops, size, scale, batch_size, input_size):
+        self.opt.zero_grad()
+        self.img = maco_image(m, self.phase, qu)
+        self.leaf = self.img.detach().requires_grad_(True)
+        self.boxes = crop_boxes(self.count, crops, size, self.gen, scale)
+        chunk = self.count * crops if not batch_size else max(1, int(batch_size))
+        self.noise = _Noise(self.gen, len(self.boxes), chunk, (3, input_size, input_size), self.leaf.dtype)
+        self.own_sum = torch.zeros(self.count, dtype=torch.float64)
+
+    def end_step(self, crops):
+        self.transparency += self.leaf.grad.abs()
+        self.img.backward(self.leaf.grad)
+        self.opt.step()
+        self.history.append((self.own_sum / crops).tolist())
+
+    def result(self, m, qu):
+        with torch.no_grad():
+            final = maco_image(m, self.phase, qu)
+        return {"images": final.detach().cpu(), "transparency": self.transparency.cpu(), "history": self.history}
+
+
+class _Noise:
+    """A group's noise of one step, drawn from its generator in the pieces of ``chunk`` crops that ``visualize``
+    draws (``transform.noise_draws``), handed out in consecutive ranges of crops whatever the batches are."""
+
+    def __init__(self, gen, n, chunk, shape, dtype):
+        self.gen, self.n, self.chunk, self.shape, self.dtype = gen, n, chunk, shape, dtype
+        self.lo = self.hi = 0
+        self.draws = None
+
+    def take(self, a, b):
+        """(g, u) of crops a..b-1 (a: where the last range ended), each (b - a, *shape)."""
+        parts = []
+        while a < b:
+            if a >= self.hi:
+                self.lo, self.hi = self.hi, min(self.n, self.hi + self.chunk)
+                self.draws = noise_draws((self.hi - self.lo,) + self.shape, self.dtype, self.gen)
+            end = min(b, self.hi)
+            parts.append([d[a - self.lo:end - self.lo] for d in self.draws])
+            a = end
+        return tuple(p[0] if len(parts) == 1 else torch.cat(p) for p in zip(*parts))
+
+
+def _segments(counts, limit):
+    """The forward batches of a step: the groups' crops (``counts`` per group) laid end to end, cut every
+    ``limit`` crops. Returns [[(group, first crop, end crop), ...] per batch]."""
+    batches, seg, room = [], [], limit
+    for gi, n in enumerate(counts):
+        a = 0
+        while a < n:
+            b = min(n, a + room)
+            seg.append((gi, a, b))
+            room, a = room - (b - a), b
+            if room == 0:
+                batches.append(seg)
+                seg, room = [], limit
+    return batches + ([seg] if seg else [])
+
+
+def _batch_backward(model, conv, groups, seg, view, crops):
+    """One forward and backward of the crops of ``seg`` (see ``_segments``): d loss / d leaf accumulates in each
+    group's ``leaf.grad`` and each image's own target over its crops in its ``own_sum``. view: (input size,
+    mean, std)."""
     input_size, mean, std = view
-    crops = len(boxes) // leaf.shape[0]
-    own_sum = torch.zeros(leaf.shape[0], dtype=torch.float64)
-    for lo in range(0, len(boxes), chunk):
-        bx = boxes[lo:lo + chunk]
-        x = layer_input_with_grad(model, conv, normalize(add_noise(crops_of(leaf, bx, input_size), gen), mean, std))
-        own = target_values(x.float(), conv, *targets).gather(1, bx[:, :1].long()).flatten()
-        (-own.sum() / crops).backward()
-        own_sum.index_add_(0, bx[:, 0].long().cpu(), own.detach().double().cpu())
-    return own_sum
+    inputs = [normalize(with_noise(crops_of(groups[gi].leaf, groups[gi].boxes[a:b], input_size),
+                                   *groups[gi].noise.take(a, b)), mean, std) for gi, a, b in seg]
+    x = layer_input_with_grad(model, conv, inputs[0] if len(inputs) == 1 else torch.cat(inputs))
+    losses, lo = [], 0
+    for gi, a, b in seg:
+        g, bx = groups[gi], groups[gi].boxes[a:b]
+        own = target_values(x[lo:lo + b - a].float(), conv, *g.targets).gather(1, bx[:, :1].long()).flatten()
+        losses.append(-own.sum() / crops)
+        g.own_sum.index_add_(0, bx[:, 0].long().cpu(), own.detach().double().cpu())
+        lo += b - a
+    (losses[0] if len(losses) == 1 else torch.stack(losses).sum()).backward()
 
 
 def faded(image, transparency, percentile=80):

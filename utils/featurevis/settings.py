@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from utils.run.cli import at_least
 
-DEFAULTS = {"fv_size": 512, "fv_steps": 256, "fv_crops": 32, "fv_seed": 0, "fv_lr": 1.0, "fv_spectrum_images": 256}
+DEFAULTS = {"fv_size": 512, "fv_steps": 256, "fv_crops": 32, "fv_seed": 0, "fv_lr": 1.0, "fv_spectrum_images": 256,
+            "fv_batch_targets": 0}
 
 
 def add_args(parser):
@@ -32,6 +33,12 @@ def add_args(parser):
                    default=DEFAULTS["fv_spectrum_images"],
                    help="training images that estimate the magnitude spectrum and colour matrix (default 256; "
                         "computed once per data set and size, kept in MODEL_DIR/feature_vis_spectra/)")
+    g.add_argument("--fv_batch_targets", type=at_least("--fv_batch_targets", 0, int),
+                   default=DEFAULTS["fv_batch_targets"],
+                   help="with several jobs (--triples, --candidates): optimize the feature visualizations of "
+                        "consecutive jobs together, up to this many targets (images) in one optimization; each "
+                        "job's images equal those of its own run up to float rounding (default 0: each job "
+                        "alone)")
     return parser
 
 
@@ -39,7 +46,8 @@ def add_args(parser):
 class Settings:
     """One feature-visualization run: image side, steps, crops per image and step, seed, NAdam learning rate,
     training images of the spectrum; images per batch, loader workers (None: the default), what to do with an
-    unreadable val image ("error" or "skip"); the training images' data folder and the store (spectrum cache)."""
+    unreadable val image ("error" or "skip"); the training images' data folder and the store (spectrum cache);
+    how many targets of consecutive jobs share one optimization (0: each job alone)."""
     size: int
     steps: int
     crops: int
@@ -51,9 +59,10 @@ class Settings:
     unreadable: str
     data_dir: str
     store_dir: str
+    batch_targets: int = 0  # targets of consecutive jobs optimized together (0: each job alone)
 
     @classmethod
     def from_args(cls, args):
         return cls(args.fv_size, args.fv_steps, args.fv_crops, args.fv_seed, args.fv_lr, args.fv_spectrum_images,
                    args.batch_size, args.num_workers, "skip" if args.skip_unreadable else "error",
-                   args.data_dir, args.model_dir)
+                   args.data_dir, args.model_dir, args.fv_batch_targets)

@@ -36,8 +36,20 @@ def crops_of(images, boxes, out_size):
 
 def add_noise(images, gen, noise=NOISE):
     """images + N(0, noise^2) + U(-noise/2, noise/2), drawn from ``gen``. Same shape."""
-    g = torch.randn(images.shape, generator=gen, device=gen.device, dtype=images.dtype)
-    u = torch.rand(images.shape, generator=gen, device=gen.device, dtype=images.dtype)
+    return with_noise(images, *noise_draws(images.shape, images.dtype, gen), noise)
+
+
+def noise_draws(shape, dtype, gen):
+    """The standard normal and the uniform [0, 1) draws of ``add_noise`` for images of ``shape``, in this
+    order from ``gen``: (g, u), each of ``shape``."""
+    g = torch.randn(shape, generator=gen, device=gen.device, dtype=dtype)
+    u = torch.rand(shape, generator=gen, device=gen.device, dtype=dtype)
+    return g, u
+
+
+def with_noise(images, g, u, noise=NOISE):
+    """images + noise * g + noise * (u - 0.5): elementwise, so any slice of the draws gives the same numbers
+    as the whole. images, g, u: the same shape."""
     return images + noise * g + noise * (u - 0.5)
 
 

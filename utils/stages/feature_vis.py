@@ -125,27 +125,85 @@ def _print_table(targets, act, record, settings, opt_seconds, files):
           f"{opt_seconds:.1f} s; wrote {files['figure']} and {files['record']}")
 
 
-def run_for_checkpoint(ctx, settings, state_dict, channel, concepts, run_name, out_dir, val_images=None):
+def _filters(conv, channel, state_dict):
+    """``target_filters`` of a checkpoint, refused (UserError, one line) where it does not fit the layer."""
+    try:
+        return target_filters(conv, channel, state_dict)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _spectrum(settings):
+    """(spectrum, its path, whether it was reused) of the run's size and training images."""
+    return load_or_make_spectrum(settings.store_dir, settings.data_dir, settings.size, settings.spectrum_images,
+                                 settings.batch_size, default_workers(settings.num_workers))
+
+
+def optimize(ctx, settings, spec, filters):
+    """The visualizations of jobs: filters = [(weights (T_i, C_in, kh, kw), bias or None)] -> [(vis, seconds)],
+    one per job. Consecutive jobs share one ``render.visualize_many`` up to ``settings.batch_targets`` targets
+    (0: each job alone, ``render.visualize``'s numbers); a job's seconds are its share (by targets) of its
+    optimization's time."""
+    tf, out = ctx.transform, []
+    runs = render.runs_of_targets([w.shape[0] for w, _ in filters], settings.batch_targets)
+    for run in runs:
+        t0 = time.time()
+        vis = render.visualize_many(ctx.model.to(ctx.device), ctx.conv,
+                                    [filters[i] + (settings.seed,) for i in run], spec["magnitude"], spec["q"],
+                                    settings.size, settings.steps, settings.crops, settings.lr, settings.batch_size,
+                                    ctx.device, input_size=tf.crop, mean=tf.mean, std=tf.std)
+        seconds, targets = time.time() - t0, sum(filters[i][0].shape[0] for i in run)
+        out += [(v, seconds * filters[i][0].shape[0] / targets) for i, v in zip(run, vis)]
+    return out
+
+
+class BatchedJobs:
+    """--fv_batch_targets: the visualizations of consecutive jobs, one ``optimize`` per run of up to
+    ``settings.batch_targets`` targets, made when the first job of a run asks for its own (so at most one run's
+    images are held). runs: [(run name, channel, state_dict)] in the order the jobs write; every checkpoint is
+    checked here, before any job writes."""
+
+    def __init__(self, ctx, settings, runs):
+        self.ctx, self.settings = ctx, settings
+        self.filters = {name: _filters(ctx.conv, channel, sd)[:2] for name, channel, sd in runs}
+        order = [name for name, _, _ in runs]
+        self.plan = [[order[i] for i in run] for run in render.runs_of_targets(
+            [self.filters[n][0].shape[0] for n in order], settings.batch_targets)]
+        self.ready, self.spectrum = {}, None
+        n = len(self.plan)
+        print(f"feature visualization of {len(runs)} checkpoints in runs of up to {settings.batch_targets} targets: "
+              f"{n} optimization{'s' if n != 1 else ''}")
+
+    def take(self, name):
+        """The entry of run ``name`` for ``run_for_checkpoint(prepared=...)``, or None for a run not planned."""
+        if name not in self.filters:
+            return None
+        if name not in self.ready:
+            run = next(r for r in self.plan if name in r)
+            self.spectrum = self.spectrum or _spectrum(self.settings)
+            done = optimize(self.ctx, self.settings, self.spectrum[0], [self.filters[n] for n in run])
+            self.ready = {n: {"vis": vis, "seconds": sec, "spectrum": self.spectrum}
+                          for n, (vis, sec) in zip(run, done)}
+        return self.ready[name]
+
+
+def run_for_checkpoint(ctx, settings, state_dict, channel, concepts, run_name, out_dir, val_images=None,
+                       prepared=None):
     """Stage 4's --get_feature_vis for one checkpoint (``settings``: ``utils.featurevis.settings.Settings``).
 
     concepts: the k class lists of the concepts (val images of concept j: those of its classes); val_images:
-    instead, (dataset indices, concept ids 1..k) of the val images to rank (concepts given as clusters).
+    instead, (dataset indices, concept ids 1..k) of the val images to rank (concepts given as clusters);
+    prepared: its entry of ``BatchedJobs.take`` (the images already optimized), None to optimize them here.
     Returns the record. (Its length is the record's fields; each step is a call.)"""
     start = time.time()
     device, model, conv, tf = ctx.device, ctx.model.to(ctx.device), ctx.conv, ctx.transform
-    try:
-        weights, bias, targets = target_filters(conv, channel, state_dict)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    weights, bias, targets = _filters(conv, channel, state_dict)
     workers = default_workers(settings.num_workers)
-    spec, spec_path, reused = load_or_make_spectrum(settings.store_dir, settings.data_dir, settings.size,
-                                                    settings.spectrum_images, settings.batch_size, workers)
+    spec, spec_path, reused = _spectrum(settings) if prepared is None else prepared["spectrum"]
     print(f"feature visualization: {'reusing' if reused else 'computed'} the spectrum {spec_path}")
-    t0 = time.time()
-    vis = render.visualize(model, conv, weights, bias, spec["magnitude"], spec["q"], settings.size, settings.steps,
-                           settings.crops, settings.seed, settings.lr, settings.batch_size, device, input_size=tf.crop,
-                           mean=tf.mean, std=tf.std)
-    opt_seconds = time.time() - t0
+    vis, opt_seconds = (optimize(ctx, settings, spec, [(weights, bias)])[0] if prepared is None else
+                        (prepared["vis"], prepared["seconds"]))
+    start -= 0 if prepared is None else opt_seconds
     act = render.activation_matrix(model, conv, weights, bias, vis["images"].to(device), tf.crop, tf.resize, tf.mean,
                                    tf.std).cpu()
     wanted, of_index = _wanted(ctx.dataset, concepts, val_images)

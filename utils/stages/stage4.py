@@ -109,7 +109,8 @@ def run(ctx, s, check_extras, extras):
 
     check_extras(): refuses the extras' settings (after the concepts are read, before any checkpoint is);
     extras(job, state_dict, run_name, index, concept): the feature visualizations and the SAE view of one job,
-    returning their summary entries (see ``stage4_results.write_job``).
+    returning their summary entries (see ``stage4_results.write_job``); extras.prepare([(run name, channel,
+    state_dict)]): called once before the first job writes (the batched feature visualizations).
     """
     jobs = read_jobs(ctx, s)
     check_extras()
@@ -139,6 +140,7 @@ def run(ctx, s, check_extras, extras):
                                  unreadable=s.unreadable, hint=HINT)
         whole = [(scanned, o, m) for o, m in pos]
     concepts = [concept_ids(job, v, r) for job, v, r in zip(jobs, vals, results)]  # all checked before writing
+    extras.prepare([(names.run_name(c.name), job.channel, c.state_dict) for job, c in zip(jobs, checkpoints)])
     for e in map(Evaluated, jobs, checkpoints, results, whole, concepts, vals):
         if s.triples_file is not None or s.candidates is not None:
             print(f"=== {e.job.where}: channel {e.job.channel}, classes {e.job.describe()}")
