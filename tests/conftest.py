@@ -84,6 +84,28 @@ def resnet_demo(tmp_path_factory):
     return out, _demo(out, DEMO_RESNET, "resnet")[0]
 
 
+# runs (script, args) calls of a tree one after the other in one process (one import of torch):
+# python -c DRIVER TREE JSON_CALLS; each call's command line goes to stdout, its seconds to stderr
+DRIVER = """
+import json, os, runpy, sys
+tree, calls = sys.argv[1], json.loads(sys.argv[2])
+sys.path.insert(0, tree)
+os.chdir(tree)
+import time
+for script, args in calls:
+    print(f"$ {script} {' '.join(args)}", flush=True)
+    start = time.time()
+    sys.argv = [os.path.join(tree, script)] + args
+    try:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    except SystemExit as e:
+        if e.code:
+            raise
+    sys.stdout.flush()
+    print(f"{time.time() - start:.1f} s  {script} {' '.join(args[-6:])}", file=sys.stderr)
+"""
+
+
 def run_script(script, *args, cwd=None, check=True):
     """Run a stage script through its command line; returns the CompletedProcess."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -20,7 +20,7 @@ import sys
 
 import pytest
 
-from tests.conftest import PRISTINE, ROOT, demo_process, make_image_folder
+from tests.conftest import DRIVER, PRISTINE, ROOT, demo_process, make_image_folder
 
 BEFORE_PLAN = "1fdc866"  # main before utils/ moved into sub-packages
 
@@ -140,24 +140,6 @@ def case_calls(data, store, out, triples):
     ]
 
 
-DRIVER = """
-import json, os, runpy, sys
-tree, calls = sys.argv[1], json.loads(sys.argv[2])
-sys.path.insert(0, tree)
-os.chdir(tree)
-import time
-for script, args in calls:
-    print(f"$ {script} {' '.join(args)}", flush=True)
-    start = time.time()
-    sys.argv = [os.path.join(tree, script)] + args
-    try:
-        runpy.run_path(sys.argv[0], run_name="__main__")
-    except SystemExit as e:
-        if e.code:
-            raise
-    sys.stdout.flush()
-    print(f"{time.time() - start:.1f} s  {script} {' '.join(args[-6:])}", file=sys.stderr)
-"""
 
 
 def old_tree(dst):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT, tree_bytes
+from tests.conftest import DRIVER, ROOT, tree_bytes
 from tests.test_cli import run_inproc
 from tests.test_disentangle import max_logit_difference, scan_batches
 from tests.tiny_models import tiny_resnet, tiny_vgg
@@ -420,19 +420,6 @@ def _old_tree(dst):
     return str(dst)
 
 
-DRIVER = """
-import json, os, runpy, sys
-tree, calls = sys.argv[1], json.loads(sys.argv[2])
-sys.path.insert(0, tree)
-os.chdir(tree)
-for script, args in calls:
-    sys.argv = [os.path.join(tree, script)] + args
-    try:
-        runpy.run_path(sys.argv[0], run_name="__main__")
-    except SystemExit as e:
-        if e.code:
-            raise
-"""
 
 
 def _run_old(tree, *calls):
