@@ -1,4 +1,4 @@
-"""The atlas on real stage outputs (the demo at its smallest, plus two more splits of its candidates), opened in
+"""The atlas on real stage outputs (the demo's three strongest channels, split and evaluated), opened in
 a real browser (headless Chromium through selenium): no console error, every image loaded, sorting by a
 column reorders the rows as the numbers in the summaries say, every link resolves; bad atlas folders are
 refused in one line with nothing touched."""
@@ -16,9 +16,6 @@ from utils.atlas import collect, write
 from utils.files import names
 from utils.run.cli import UserError
 
-DEMO = ["--train_per_class", "30", "--val_per_class", "8", "--epochs", "3", "--fv_size", "64", "--fv_steps", "8",
-        "--fv_crops", "2", "--fv_spectrum_images", "16"]
-MODEL = "demo.model:shapes_cnn"
 
 
 def _run(args, cwd=ROOT):
@@ -32,29 +29,13 @@ def _ok(proc):
 
 
 @pytest.fixture(scope="module")
-def stages(tmp_path_factory):
-    """The demo's outputs (one run with feature visualizations and label-free clusters), then stages 3 and 4 on
-    two more of its stage-2 candidates, one of another channel where there is one (no feature visualizations):
-    three runs."""
-    out = str(tmp_path_factory.mktemp("demo"))
-    _ok(_run(["-m", "demo.run_demo", "--out", out, *DEMO]))
-    report = json.load(open(os.path.join(out, "report.json")))
-    head = report["candidates_head"][1:]
-    other = [d for d in head if d["channel"] != report["channel"]][:1]  # another channel where there is one
-    extra = [(d["channel"], d["class1"], d["class2"]) for d in other + [d for d in head if d not in other][:2 - len(other)]]
-    triples = os.path.join(out, "extra_triples.txt")
-    with open(triples, "w") as f:
-        f.write("".join(f"{c} {a} {b}\n" for c, a, b in extra))
-    common = ["--data_dir", os.path.join(out, "data"), "--model", MODEL, "--weights", os.path.join(out, "model.pth"),
-              "--triples", triples, "--num_workers", "0"]
-    store = os.path.join(out, "store")
-    import disentangle_channel  # in this process: two interpreters and torch imports fewer
-    import get_results
-    disentangle_channel.main(disentangle_channel.build_parser().parse_args(common + ["--store_dir", store]))
-    get_results.main(get_results.build_parser().parse_args(common + [
-        "--model_dir", store, "--get_qualitative", "--get_quantitative", "--get_top_images", "--top_k", "8",
-        "--out_dir", out]))
-    return {"out": out, "store": store, "candidates": report["candidates_json"], "runs": 1 + len(extra)}
+def stages(demo_runs):
+    """The demo's atlas step (the session's seed-0 demo, tests/conftest.py): stages 3 and 4 with --candidates on
+    its three strongest channels, with feature visualizations and label-free clusters, in OUT/candidates."""
+    out, report, _ = demo_runs(0)
+    results = os.path.join(out, "candidates")
+    return {"out": results, "store": os.path.join(out, "store"), "candidates": report["candidates_json"],
+            "runs": len(collect.runs_found(results))}
 
 
 @pytest.fixture(scope="module")
@@ -146,14 +127,15 @@ def test_sorting_by_separation_follows_the_summaries(stages, atlas, browser):
 def test_two_channel_pages_in_a_browser(atlas, browser, tmp_path_factory):
     folder, _ = atlas
     record = json.load(open(names.atlas_record(folder)))
-    with_fv = [r for r in record["rows"] if r["files"]["feature_vis"]]
+    with_fv = [r for r in record["rows"] if r["files"]["feature_vis"] and r["label_free"]]  # the demo's channel
+    assert with_fv, "no run with feature visualizations and label-free clusters"
     pages = [with_fv[0]] + [r for r in record["rows"] if r is not with_fv[0]][:1]
     for r in pages:
         n = _check_page(browser, names.atlas_run(folder, r["slug"]))
         expected = r["k"] + sum(1 for key in ("top_images", "feature_vis", "scores", "sae_view") if r["files"][key])
         assert n == expected
     browser.save_screenshot(str(tmp_path_factory.mktemp("screenshots") / "atlas_channel.png"))
-    assert with_fv[0]["label_free"] and "Label-free clusters" in open(names.atlas_run(folder, pages[0]["slug"])).read()
+    assert "Label-free clusters" in open(names.atlas_run(folder, pages[0]["slug"])).read()
 
 
 def _tree(folder):

@@ -1,7 +1,7 @@
 """The no-ImageNet demo at reduced size: a polysemantic channel that training made, found and split.
 
 The demo (demo/run_demo.py) draws the shapes data set, trains the small CNN, and runs the four stage
-scripts through their command lines. Here it runs with fewer images, for seeds 0, 1 and 2; the claims
+scripts through their command lines. Here it runs with fewer images, for seeds 0 and 1; the claims
 checked are the demo's: on held-out val images the two disentangled channels separate the two concepts
 at least threefold each way (for every seed: the split must not hang on one lucky training run), the
 disentangled network computes the same logits, and the contact sheet shows the true top-k images
@@ -21,7 +21,7 @@ from torchvision import transforms
 
 from tests.conftest import run_script
 
-SEEDS = (0, 1, 2)
+SEEDS = (0, 1)
 MIN_SEPARATION = 3.0
 MODEL = "demo.model:shapes_cnn"
 
