@@ -67,15 +67,19 @@ def run_interrupted(launcher, data_root, store_dir, after_chunks=2, tries=3):
         if not manifest["complete"] or attempt == tries - 1:
             break
         shutil.rmtree(os.path.join(store_dir, FOLDER))
-    assert not manifest["complete"] and 0 < done < NUM_CHUNKS, f"the run was not interrupted half-way:\n{out}"
+    assert not manifest["complete"] and 0 < done < NUM_CHUNKS, (f"the run was not interrupted half-way (SIGINT "
+                                                                f"here: {signal.getsignal(signal.SIGINT)}):\n{out}")
     return done
 
 
 def _interrupt_once(launcher, data_root, store_dir, after_chunks):
     """One run, interrupted once ``after_chunks`` chunks are done: (its output, the manifest, chunks done)."""
     progress = os.path.join(store_dir, FOLDER, "progress")
+    # Ctrl-C as the default action in the child, whatever this process does with it: a signal this process
+    # ignores stays ignored in its children, and Python then installs no KeyboardInterrupt handler
     proc = subprocess.Popen(command(launcher, data_root, store_dir), cwd=ROOT, env=env(), start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     try:
         while time.time() < deadline and proc.poll() is None:
