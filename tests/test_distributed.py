@@ -2,7 +2,6 @@
 also when a run is interrupted and resumed under either launcher."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -58,15 +57,9 @@ def chunks_done(progress):
     return [f for f in os.listdir(progress) if f.startswith("chunk_")] if os.path.isdir(progress) else []
 
 
-def run_interrupted(launcher, data_root, store_dir, after_chunks=2, tries=3):
-    """Start a run and press Ctrl-C (SIGINT to the whole process group) once ``after_chunks`` chunks are done.
-    A run that finished before the signal landed (a fast machine: 0.2 s a chunk) is started again on an empty
-    store, at most ``tries`` times."""
-    for attempt in range(tries):
-        out, manifest, done = _interrupt_once(launcher, data_root, store_dir, after_chunks)
-        if not manifest["complete"] or attempt == tries - 1:
-            break
-        shutil.rmtree(os.path.join(store_dir, FOLDER))
+def run_interrupted(launcher, data_root, store_dir, after_chunks=2):
+    """Start a run and press Ctrl-C (SIGINT to the whole process group) once ``after_chunks`` chunks are done."""
+    out, manifest, done = _interrupt_once(launcher, data_root, store_dir, after_chunks)
     assert not manifest["complete"] and 0 < done < NUM_CHUNKS, (f"the run was not interrupted half-way (SIGINT "
                                                                 f"here: {signal.getsignal(signal.SIGINT)}):\n{out}")
     return done
