@@ -20,7 +20,8 @@ what the math needs around it. The method itself, in words and formulas: docs/me
   command line gives)
 - ``stages/``      what each stage does: ``stage1`` (+ ``stage1_settings``), ``stage2``, ``passes`` (stage 2's
   chunked passes), ``label_free``, ``stage3``, ``stage4`` (+ ``stage4_checkpoints``, ``stage4_passes``,
-  ``stage4_results``, ``stage4_extras``), ``feature_vis`` and ``sae_view`` (stage 4's extras)
+  ``stage4_results``, ``stage4_extras``), ``feature_vis`` (+ ``feature_vis_shards``: over torchrun processes)
+  and ``sae_view`` (stage 4's extras)
 - ``featurevis/``  feature visualizations (MACO) as lucent's optvis: ``param``, ``transform``, ``objectives``,
   ``render``, ``spectrum``, ``settings``
 - ``report/``      what the user sees: ``plots``, ``tables``, ``stage3_text``, ``latex``

@@ -1,4 +1,5 @@
 """torchrun support: rank and world size from the environment, process group, barrier."""
+import datetime
 import os
 
 import torch
@@ -11,15 +12,17 @@ def world():
             int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def init(device):
-    """Start the process group when launched by torchrun with several processes (nccl on CUDA, else gloo)."""
+def init(device, timeout_hours=None):
+    """Start the process group when launched by torchrun with several processes (nccl on CUDA, else gloo).
+    timeout_hours: how long a collective waits for the slowest process (None: torch's default)."""
     rank, size, _ = world()
     if size > 1 and not dist.is_initialized():
         backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+        extra = {} if timeout_hours is None else {"timeout": datetime.timedelta(hours=timeout_hours)}
         if backend == "nccl":
-            dist.init_process_group(backend, device_id=torch.device(device))
+            dist.init_process_group(backend, device_id=torch.device(device), **extra)
         else:
-            dist.init_process_group(backend)
+            dist.init_process_group(backend, **extra)
     return rank, size
 
 

@@ -103,8 +103,8 @@ def _panels(ctx, vis, targets, val, rf):
     return panels, top
 
 
-def _write_pictures(ctx, files, channel, panels, vis, targets):
-    """The figure, its copy under the latest run's name, the raw images and the two arrays."""
+def _write_pictures(ctx, files, channel, panels, vis, targets, latest=True):
+    """The figure, its copy under the latest run's name (with ``latest``), the raw images and the two arrays."""
     from utils.report import plots
     title = f"{ctx.tag} {ctx.layer_path} channel {channel}"
     images = vis["images"].numpy()
@@ -112,8 +112,19 @@ def _write_pictures(ctx, files, channel, panels, vis, targets):
     plots.image_row(files["raw"], [im.transpose(1, 2, 0) for im in images], [title_of(n) for n in targets], title)
     atomic.save_npy(files["images"], images.astype(np.float32))
     atomic.save_npy(files["transparency"], vis["transparency"].numpy().astype(np.float32))
+    if latest:
+        copy_as_latest(files)
+
+
+def copy_as_latest(files):
+    """Copy a run's figure (``names.feature_vis_files``) to the name of the latest run's figure."""
     with atomic.atomic_path(files["latest"]) as tmp:
         shutil.copyfile(files["figure"], tmp)
+
+
+def files_of(ctx, out_dir, run_name):
+    """``names.feature_vis_files`` of one run of ``ctx``'s model and layer."""
+    return names.feature_vis_files(out_dir, run_name, names.latest_suffix(ctx.name or ctx.tag, ctx.tag))
 
 
 def _print_table(targets, act, record, settings, opt_seconds, files):
@@ -133,7 +144,7 @@ def _filters(conv, channel, state_dict):
         raise UserError(str(e)) from None
 
 
-def _spectrum(settings):
+def spectrum_of(settings):
     """(spectrum, its path, whether it was reused) of the run's size and training images."""
     return load_or_make_spectrum(settings.store_dir, settings.data_dir, settings.size, settings.spectrum_images,
                                  settings.batch_size, default_workers(settings.num_workers))
@@ -170,9 +181,13 @@ class BatchedJobs:
         self.plan = [[order[i] for i in run] for run in render.runs_of_targets(
             [self.filters[n][0].shape[0] for n in order], settings.batch_targets)]
         self.ready, self.spectrum = {}, None
-        n = len(self.plan)
-        print(f"feature visualization of {len(runs)} checkpoints in runs of up to {settings.batch_targets} targets: "
-              f"{n} optimization{'s' if n != 1 else ''}")
+
+    def describe(self):
+        """One line: how many optimizations make the planned visualizations."""
+        n, jobs = len(self.plan), sum(map(len, self.plan))
+        how = (f"in runs of up to {self.settings.batch_targets} targets" if self.settings.batch_targets else
+               "each alone")
+        return f"feature visualization of {jobs} checkpoints {how}: {n} optimization{'s' if n != 1 else ''}"
 
     def take(self, name):
         """The entry of run ``name`` for ``run_for_checkpoint(prepared=...)``, or None for a run not planned."""
@@ -180,7 +195,7 @@ class BatchedJobs:
             return None
         if name not in self.ready:
             run = next(r for r in self.plan if name in r)
-            self.spectrum = self.spectrum or _spectrum(self.settings)
+            self.spectrum = self.spectrum or spectrum_of(self.settings)
             done = optimize(self.ctx, self.settings, self.spectrum[0], [self.filters[n] for n in run])
             self.ready = {n: {"vis": vis, "seconds": sec, "spectrum": self.spectrum}
                           for n, (vis, sec) in zip(run, done)}
@@ -188,18 +203,18 @@ class BatchedJobs:
 
 
 def run_for_checkpoint(ctx, settings, state_dict, channel, concepts, run_name, out_dir, val_images=None,
-                       prepared=None):
+                       prepared=None, latest=True):
     """Stage 4's --get_feature_vis for one checkpoint (``settings``: ``utils.featurevis.settings.Settings``).
 
     concepts: the k class lists of the concepts (val images of concept j: those of its classes); val_images:
     instead, (dataset indices, concept ids 1..k) of the val images to rank (concepts given as clusters);
-    prepared: its entry of ``BatchedJobs.take`` (the images already optimized), None to optimize them here.
-    Returns the record. (Its length is the record's fields; each step is a call.)"""
+    prepared: its entry of ``BatchedJobs.take`` (the images already optimized), None to optimize them here;
+    latest: also copy the figure to the latest run's name (``copy_as_latest``). Returns the record. (Its length is the record's fields; each step is a call.)"""
     start = time.time()
     device, model, conv, tf = ctx.device, ctx.model.to(ctx.device), ctx.conv, ctx.transform
     weights, bias, targets = _filters(conv, channel, state_dict)
     workers = default_workers(settings.num_workers)
-    spec, spec_path, reused = _spectrum(settings) if prepared is None else prepared["spectrum"]
+    spec, spec_path, reused = spectrum_of(settings) if prepared is None else prepared["spectrum"]
     print(f"feature visualization: {'reusing' if reused else 'computed'} the spectrum {spec_path}")
     vis, opt_seconds = (optimize(ctx, settings, spec, [(weights, bias)])[0] if prepared is None else
                         (prepared["vis"], prepared["seconds"]))
@@ -212,8 +227,8 @@ def run_for_checkpoint(ctx, settings, state_dict, channel, concepts, run_name, o
     rf, _ = render.receptive_field(model, conv, tf.crop, device)
     concept = _concept_of(ctx.dataset, kept, concepts, of_index)
     panels, top = _panels(ctx, vis, targets, (kept, vals, poss, map_size, concept), rf)
-    files = names.feature_vis_files(out_dir, run_name, names.latest_suffix(ctx.name or ctx.tag, ctx.tag))
-    _write_pictures(ctx, files, channel, panels, vis, targets)
+    files = files_of(ctx, out_dir, run_name)
+    _write_pictures(ctx, files, channel, panels, vis, targets, latest)
     record = {"model": ctx.model_spec, "layer": ctx.layer_path, "channel": channel,
               **({f"classes{j}": c for j, c in enumerate(concepts, start=1)} if val_images is None else
                  {f"val_images_concept{j}": int((concept == j).sum()) for j in range(1, len(targets))}),

@@ -5,6 +5,7 @@
 val images of its concepts (the concepts' interface, ``utils.concepts.base``), one pass over the union of those
 images for the per-image numbers of every job (``stage4_passes``), optionally a scan of the whole val split for
 the top images, then each job's files in order (``stage4_results``): what one run per job writes, byte for byte.
+Under torchrun the feature visualizations are shared out over the processes (``feature_vis_shards``).
 """
 import glob
 from dataclasses import dataclass
@@ -15,8 +16,9 @@ from utils.concepts import by_clusters, candidates, from_flags
 from utils.concepts.by_classes import check_triples
 from utils.data import folders
 from utils.files import names
-from utils.run import cli, context
+from utils.run import cli, context, distributed
 from utils.run.cli import UserError
+from utils.stages import feature_vis_shards
 from utils.stages.stage4_checkpoints import load_checkpoint
 from utils.stages.stage4_passes import checkpoint_filters, evaluate_many, scan_arvs, scan_many
 from utils.stages.stage4_results import Evaluated, write_job
@@ -55,6 +57,9 @@ class Settings:
     def from_args(cls, args):
         """The settings of parsed flags; UserError (one line) for a missing or bad one, before anything is read."""
         cli.require(args, "model_dir")
+        if feature_vis_shards.world_size() > 1 and not args.get_feature_vis:
+            raise UserError("under torchrun, stage 4 shares out its feature visualizations (--get_feature_vis) "
+                            "and nothing else: run it as one process without them")
         jobs = jobs_from_args(args)
         if not 0 <= args.proportion_attribution_required <= 1:
             raise UserError(f"--proportion_attribution_required {args.proportion_attribution_required}: tau is "
@@ -110,13 +115,43 @@ def run(ctx, s, check_extras, extras):
     check_extras(): refuses the extras' settings (after the concepts are read, before any checkpoint is);
     extras(job, state_dict, run_name, index, concept): the feature visualizations and the SAE view of one job,
     returning their summary entries (see ``stage4_results.write_job``); extras.prepare([(run name, channel,
-    state_dict)]): called once before the first job writes (the batched feature visualizations).
+    state_dict)]): called once before the val images are read (the batched feature visualizations);
+    extras.share / join / stop: under torchrun, the feature visualizations shared out over the processes
+    (``feature_vis_shards``; rank 0 does everything else).
     """
+    distributed.init(ctx.device, timeout_hours=feature_vis_shards.TIMEOUT_HOURS)  # only under torchrun
+    try:
+        _run(ctx, s, check_extras, extras)
+    finally:  # also after an error: a process group left open aborts the interpreter's exit (gloo's threads)
+        distributed.close()
+
+
+def _run(ctx, s, check_extras, extras):
     jobs = read_jobs(ctx, s)
     check_extras()
-    ds = ctx.dataset
-    summary_of_val = folders.dataset_summary(ds)
+    summary_of_val = folders.dataset_summary(ctx.dataset)
     checkpoints = [load_checkpoint(ctx, s.model_dir, job, s.rho, summary_of_val) for job in jobs]
+    extras.prepare([(names.run_name(c.name), job.channel, c.state_dict) for job, c in zip(jobs, checkpoints)])
+    if distributed.world()[0] != 0:  # another torchrun process: its share of the feature visualizations only
+        return extras.join()
+    try:
+        evaluated = evaluate(ctx, s, jobs, checkpoints)
+    except UserError as e:
+        extras.stop(str(e))
+        raise
+    extras.share({e.run_name: e.job.featurevis_concepts(e.r["index"], e.concept) for e in evaluated})
+    for e in evaluated:
+        if s.triples_file is not None or s.candidates is not None:
+            print(f"=== {e.job.where}: channel {e.job.channel}, classes {e.job.describe()}")
+        write_job(ctx, s, e, extras)
+    if s.atlas is not None:
+        write_atlas(s, [names.run_name(c.name) for c in checkpoints])
+
+
+def evaluate(ctx, s, jobs, checkpoints):
+    """The jobs' val images, one forward and head-only backward over their union (each image once), the scan of
+    the whole val split for --top_images_all_val: [Evaluated] in the jobs' order, every job checked."""
+    ds = ctx.dataset
     workers = cli.default_workers(s.num_workers)
 
     def arvs(channel, indices):  # the pass that chooses val images by activation (concepts as clusters)
@@ -128,7 +163,6 @@ def run(ctx, s, check_extras, extras):
         if vals[-1].note:
             print(vals[-1].note)
     filters = [checkpoint_filters(c.state_dict) for c in checkpoints]
-    # one forward and head-only backward over the val images of every job, each image once
     indices = sorted(set().union(*(v.indices for v in vals)))
     runs = [(job.channel, f, b, v.classes) for job, (f, b), v in zip(jobs, filters, vals)]
     results = evaluate_many(ctx.model, ctx.conv, runs, ds, indices, s.batch_size, ctx.device, workers,
@@ -140,13 +174,7 @@ def run(ctx, s, check_extras, extras):
                                  unreadable=s.unreadable, hint=HINT)
         whole = [(scanned, o, m) for o, m in pos]
     concepts = [concept_ids(job, v, r) for job, v, r in zip(jobs, vals, results)]  # all checked before writing
-    extras.prepare([(names.run_name(c.name), job.channel, c.state_dict) for job, c in zip(jobs, checkpoints)])
-    for e in map(Evaluated, jobs, checkpoints, results, whole, concepts, vals):
-        if s.triples_file is not None or s.candidates is not None:
-            print(f"=== {e.job.where}: channel {e.job.channel}, classes {e.job.describe()}")
-        write_job(ctx, s, e, extras)
-    if s.atlas is not None:
-        write_atlas(s, [names.run_name(c.name) for c in checkpoints])
+    return list(map(Evaluated, jobs, checkpoints, results, whole, concepts, vals))
 
 
 def write_atlas(s, runs):

@@ -1,6 +1,7 @@
 """Stage 4's extras for each job: the feature visualizations (``--get_feature_vis``) and the SAE view
 (``--get_sae_view``), each from its own settings; ``stage4.run`` calls them with each job's checkpoint."""
-from utils.stages import feature_vis, sae_view
+from utils.run.cli import UserError
+from utils.stages import feature_vis, feature_vis_shards, sae_view
 
 
 class Extras:
@@ -10,7 +11,7 @@ class Extras:
 
     def __init__(self, ctx, fv, sae, out_dir):
         self.ctx, self.fv, self.sae, self.out_dir = ctx, fv, sae, out_dir
-        self.batched = None
+        self.batched = self.shares = None
 
     def check(self):
         if self.sae is not None:
@@ -18,13 +19,42 @@ class Extras:
 
     def prepare(self, runs):
         """Before any job writes: with --fv_batch_targets, plan the feature visualizations of the jobs in runs of
-        consecutive jobs (``feature_vis.BatchedJobs``). runs: [(run name, channel, state_dict)] in the jobs' order."""
-        if self.fv is not None and self.fv.batch_targets and len(runs) > 1:
+        consecutive jobs (``feature_vis.BatchedJobs``); under torchrun, this rank's share of them
+        (``feature_vis_shards``). runs: [(run name, channel, state_dict)] in the jobs' order."""
+        if self.fv is not None and feature_vis_shards.world_size() > 1:
+            self.shares = feature_vis_shards.Shares(self.ctx, self.fv, runs, self.out_dir)
+            if self.shares.rank == 0:
+                print(self.shares.batched.describe() + f", shared out over {self.shares.size} processes")
+        elif self.fv is not None and self.fv.batch_targets and len(runs) > 1:
             self.batched = feature_vis.BatchedJobs(self.ctx, self.fv, runs)
+            print(self.batched.describe())
+
+    def share(self, concepts_of):
+        """Rank 0 under torchrun, once every job is checked: tell the other ranks the jobs' concepts
+        ({run name: ``job.featurevis_concepts(...)``}) and draw this rank's share. Nothing without torchrun."""
+        if self.shares is not None:
+            try:
+                self.shares.make_spectrum()
+            except UserError as e:
+                self.stop(str(e))
+                raise
+            feature_vis_shards.send(concepts_of=concepts_of)
+            self.shares.draw(concepts_of)
+
+    def stop(self, error):
+        """Rank 0 under torchrun: tell the other ranks the error that stops the run (before they draw anything)."""
+        if self.fv is not None and feature_vis_shards.world_size() > 1:
+            feature_vis_shards.send(error=error)
+
+    def join(self):
+        """Another rank under torchrun, after ``prepare``: wait for rank 0's word, then draw this rank's share."""
+        self.shares.draw(feature_vis_shards.receive())
 
     def __call__(self, job, state_dict, run_name, index, concept):
         out = {}
-        if self.fv is not None:
+        if self.shares is not None:
+            out["feature_vis"] = self.shares.figures[run_name]
+        elif self.fv is not None:
             concept_lists, val_images = job.featurevis_concepts(index, concept)
             prepared = self.batched.take(run_name) if self.batched else None
             out["feature_vis"] = feature_vis.run_for_checkpoint(self.ctx, self.fv, state_dict, job.channel,
