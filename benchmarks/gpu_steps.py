@@ -8,6 +8,7 @@
   python benchmarks/gpu_steps.py deterministic WORK
   python benchmarks/gpu_steps.py torchrun WORK
   python benchmarks/gpu_steps.py featurevis WORK [--size 512 --steps 256 --crops 32]
+  python benchmarks/gpu_steps.py featurevis_many WORK [--channels 8 --size 512 --steps 16 --crops 32]
 
 WORK holds the generated JPEGs (big/ for throughput, mid/ for reproducibility, few/ for the CPU
 comparison), the ResNet-50 weights (random, seeded: nothing is downloaded) and the stores. Without CUDA
@@ -317,6 +318,30 @@ def featurevis_step(args):
                                  f"{args.crops} crops ({secs / args.steps * 1000:.0f} ms/step, {device.type})")
 
 
+def featurevis_many_step(args):
+    """K channels' visualizations (3 targets each), one optimization per channel against one batched optimization
+    of all K (benchmarks/bench_featurevis_many.py), timed over ``--steps`` and given per channel at 256 steps
+    (the time per step is constant after the warm-up)."""
+    import torch
+    import bench_featurevis_many as bm
+    from bench_featurevis import spectrum, workloads
+    from utils.featurevis import render
+    device = torch.device("cuda", 0) if cuda() else torch.device("cpu")
+    model = workloads(["resnet50"])[0][1].to(device)  # ResNet-50, seed 0, random weights
+    conv = model.get_submodule("layer4.2.conv3")
+    groups = bm.channel_groups(conv, range(args.channels), 0)
+    m, q = spectrum(args.size)
+    kw = dict(batch_size=args.batch_size or None, device=device, progress=False)
+    run = (m, q, args.size, args.steps, args.crops)
+    render.visualize_many(model, conv, groups[:2], m, q, args.size, 1, args.crops, **kw)  # warm-up
+    _, t_alone = bm.timed(lambda: [render.visualize(model, conv, w, b, *run, s, **kw) for w, b, s in groups])
+    _, t_many = bm.timed(lambda: render.visualize_many(model, conv, groups, *run, **kw))
+    per = 256 / args.steps / args.channels
+    row(f"feature visualization, {args.channels} channels",
+        f"one by one {t_alone * per:.2f} s/channel, batched {t_many * per:.2f} s/channel at 256 steps "
+        f"({t_alone / t_many:.2f}x; S={args.size}, {args.crops} crops, timed over {args.steps} steps, {device.type})")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="step", required=True)
@@ -341,11 +366,18 @@ def main():
     a.add_argument("--size", type=int, default=512)
     a.add_argument("--steps", type=int, default=256)
     a.add_argument("--crops", type=int, default=32)
+    a = sub.add_parser("featurevis_many")
+    a.add_argument("--channels", type=int, default=8)
+    a.add_argument("--size", type=int, default=512)
+    a.add_argument("--steps", type=int, default=16)
+    a.add_argument("--crops", type=int, default=32)
+    a.add_argument("--batch_size", type=int, default=256, help="crops per forward (0: all of a step's)")
     for a in sub.choices.values():
         a.add_argument("work")
     args = p.parse_args()
     {"setup": setup, "model": model_step, "stage1": stage1_step, "compare": compare_step,
-     "deterministic": deterministic_step, "torchrun": torchrun_step, "featurevis": featurevis_step}[args.step](args)
+     "deterministic": deterministic_step, "torchrun": torchrun_step, "featurevis": featurevis_step,
+     "featurevis_many": featurevis_many_step}[args.step](args)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@
 # bfloat16), the whole stage 1 with each decoder (CPU workers, torchvision nvJPEG, nvImageCodec) with
 # --tf32 --channels_last and with --autocast_bf16 (and CPU workers with --fast_resize), a CUDA store against a CPU store of the same images,
 # two --deterministic runs (and two default runs), torchrun with one process against a plain run, and
-# the paper-size feature visualization (S=512, 256 steps, 32 crops, 3 targets).
+# the paper-size feature visualization (S=512, 256 steps, 32 crops, 3 targets), and 8 channels' visualizations
+# one by one against batched (per channel at 256 steps, timed over 16).
 # Environment: PYTHON (default python3, or .venv/bin/python where it exists), OUT (a folder: the table
 # goes to $OUT/gpu_suite.txt, the steps' output to $OUT/logs.txt), WORK (scratch folder, default a new
 # one under /tmp, removed at the end unless KEEP=1), SITE (where the wheels go, default /tmp/site), SUITE_SECONDS, ONLY (a space-separated subset of
@@ -156,8 +157,10 @@ want torchrun && step "torchrun" 90 $STEPS torchrun "$WORK"
 if want featurevis; then
   if [ "$SMALL" = 1 ]; then
     step "feature visualization" 120 $STEPS featurevis "$WORK" --size 64 --steps 1 --crops 2
+    step "feature visualization, many channels" 120 $STEPS featurevis_many "$WORK" --channels 2 --size 64 --steps 1 --crops 2
   else
     step "feature visualization" 120 $STEPS featurevis "$WORK" --size 512 --steps 256 --crops 32
+    step "feature visualization, many channels" 120 $STEPS featurevis_many "$WORK" --channels 8 --size 512 --steps 16 --crops 32
   fi
 fi
 
