@@ -21,6 +21,9 @@ The channels stage 3 split with --candidates, evaluated in one pass, and their a
   python get_results.py ... --candidates \
       /data/store/results_get_cosine_similarities/resnet50_required0.05_p0.75_cossim0.0to1.0_candidates.json \
       --top 50 --get_qualitative --get_quantitative --get_top_images --atlas atlas
+
+Several cards: torchrun --nproc_per_node=8 get_results.py ... --get_feature_vis (the feature visualizations are
+shared out over the processes, rank 0 does the rest; see docs/feature_visualization.md).
 """
 from utils.concepts import candidates
 from utils.featurevis import settings as fv_settings
