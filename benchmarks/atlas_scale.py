@@ -91,7 +91,8 @@ def main():
     res = write_atlas(new_out, new_store, None, os.path.join(args.work, "atlas"))
     seconds = time.time() - t
     print(f"atlas of {res['runs']} runs: {seconds:.1f} s, {res['bytes'] / 1e6:.1f} MB "
-          f"({res['bytes'] / 1e3 / res['runs']:.0f} KB per run)")
+          f"({res['bytes'] / 1e3 / res['runs']:.0f} KB per run), {res['own_bytes'] / 1e6:.1f} MB of its own "
+          f"(the rest hard links to the results' files)")
     b = browser_seconds(names.atlas_index(res["folder"]))
     if b:
         print(f"headless Chromium: index loaded in {b[0]:.2f} s, sorted by a column in {b[1]:.3f} s")

@@ -140,11 +140,12 @@ def atlas_step(r, common, store_dir, out, cand_path, args):
         "--get_qualitative", "--get_quantitative", "--get_top_images", "--top_k", args.top_k,
         "--proportion_attribution_required", args.quantitative_tau, "--out_dir", results, "--atlas", folder] + fv)
     print(_short(text, 1))
+    from utils.atlas.write import folder_bytes
     from utils.files import names
     with open(names.atlas_record(folder)) as f:
         record = json.load(f)
     return {"channels": top, "index": names.atlas_index(folder), "results": results,
-            "bytes": sum(os.path.getsize(os.path.join(d, n)) for d, _, fs in os.walk(folder) for n in fs),
+            "bytes": folder_bytes(folder), "own_bytes": folder_bytes(folder, own=True),
             "runs": len(record["rows"])}
 
 
@@ -320,7 +321,8 @@ def print_report(rep, out):
         "plots: " + ", ".join(os.path.relpath(p, os.getcwd()) if p.startswith(os.getcwd()) else p
                               for p in rep["plots"].values()),
         *([] if rep.get("atlas") is None else [f"atlas of the {rep['atlas']['channels']} strongest channels: "
-                                               f"{rep['atlas']['index']} ({rep['atlas']['bytes'] / 1e6:.2f} MB)"]),
+                                               f"{rep['atlas']['index']} ({rep['atlas']['bytes'] / 1e6:.2f} MB, "
+                                               f"{rep['atlas']['own_bytes'] / 1e6:.2f} MB of its own)"]),
         f"report: {os.path.join(out, 'report.json')}",
         "=" * 78,
     ]

@@ -92,10 +92,55 @@ def _check_page(browser, path):
     return n
 
 
-def test_cli_says_the_total_size(atlas):
+def _sources(folder):
+    """{path in the atlas: the results' or store's file it shows} of every placed file (from atlas.json)."""
+    record = json.load(open(names.atlas_record(folder)))
+    out = {}
+    for row in record["rows"]:
+        for key, link in row["href"].items():
+            source = row["files"].get(key)
+            if source and key != "thumb":
+                out[os.path.join(folder, link)] = source
+    return out
+
+
+def _files(*folders):
+    return [os.path.join(d, f) for folder in folders for d, _, fs in os.walk(folder) for f in fs]
+
+
+def test_cli_says_the_total_size_and_what_is_its_own(stages, atlas):
     folder, stdout = atlas
-    total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs)
-    assert f"({total / 1e6:.2f} MB)" in stdout
+    sources = _sources(folder)
+    assert sources and all(os.path.samefile(a, b) for a, b in sources.items())  # hard links, same file system
+    inputs = {(st.st_dev, st.st_ino) for st in map(os.stat, _files(stages["out"], stages["store"]))}
+    total = sum(os.path.getsize(f) for f in _files(folder))
+    own = sum(st.st_size for st in map(os.stat, _files(folder)) if (st.st_dev, st.st_ino) not in inputs)
+    assert f"({total / 1e6:.2f} MB, {own / 1e6:.2f} MB of its own: the rest are hard links" in stdout
+    assert 0 < own < total / 2
+
+
+def test_placed_files_keep_what_they_showed(stages, tmp_path, monkeypatch):
+    """A results file replaced later (the stages rename a new file over it) leaves the atlas's file as it was;
+    where the file system refuses hard links, the files are copies, byte for byte."""
+    out, store = str(tmp_path / "out"), str(tmp_path / "store")
+    shutil.copytree(stages["out"], out)
+    shutil.copytree(stages["store"], store)
+    linked = write.write_atlas(out, store, None, str(tmp_path / "linked"))
+    sources = _sources(linked["folder"])
+    source, placed = sorted((b, a) for a, b in sources.items() if b.endswith(".png"))[0]
+    before = open(placed, "rb").read()
+    from utils.files import atomic
+    with atomic.atomic_path(source) as tmp:
+        open(tmp, "wb").write(b"a newer picture")
+    assert open(placed, "rb").read() == before and not os.path.samefile(source, placed)
+
+    def no_links(a, b):
+        raise OSError(18, "Invalid cross-device link")
+    monkeypatch.setattr(os, "link", no_links)
+    copied = write.write_atlas(out, store, None, str(tmp_path / "copied"))
+    assert copied["own_bytes"] == copied["bytes"] and write.size_text(copied) == f"{copied['bytes'] / 1e6:.2f} MB"
+    for a, b in _sources(copied["folder"]).items():
+        assert open(a, "rb").read() == open(b, "rb").read() and not os.path.samefile(a, b)
 
 
 def test_index_in_a_browser(stages, atlas, browser, tmp_path_factory):

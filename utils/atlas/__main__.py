@@ -18,10 +18,10 @@ def build_parser():
 
 
 def main(args):
-    from utils.atlas.write import write_atlas
+    from utils.atlas.write import size_text, write_atlas
     res = write_atlas(args.results, args.store, args.runs, args.atlas, args.candidates,
                       lambda runs: tqdm(runs, desc="atlas pages", unit="run"))
-    print(f"wrote the atlas of {res['runs']} run(s) into {res['folder']} ({res['bytes'] / 1e6:.2f} MB); "
+    print(f"wrote the atlas of {res['runs']} run(s) into {res['folder']} ({size_text(res)}); "
           f"open {res['folder']}/index.html in a browser")
 
 

@@ -1,6 +1,6 @@
-"""Write the atlas: ``index.html``, one page per run in ``channels/{slug}/`` with copies of its pictures and
-files beside it, shared files (stage 2's candidates, the label-free concepts files) in ``files/``, and
-``atlas.json`` (the rows and where they were read from).
+"""Write the atlas: ``index.html``, one page per run in ``channels/{slug}/`` with its pictures and files beside
+it (hard links where the file system allows, else copies), shared files (stage 2's candidates, the label-free
+concepts files) in ``files/``, and ``atlas.json`` (the rows and where they were read from).
 
 The site is written into a new temporary folder beside ``atlas_dir`` and renamed into place at the end, so
 a failed or interrupted run leaves the previous atlas (or nothing) as it was. A folder that holds anything
@@ -59,8 +59,17 @@ def thumbnail(source, target, height=THUMB_HEIGHT):
         im.resize((w, min(height, im.height)), Image.LANCZOS).save(target)
 
 
+def place(source, target):
+    """Put ``source`` at ``target``: a hard link where the file system allows one (no space taken; the stages
+    replace their files by renaming, never rewrite one, so the atlas keeps what it showed), else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or one without hard links
+        shutil.copyfile(source, target)
+
+
 def copy_run_files(folder, slug, row):
-    """Copy the row's files beside its page; returns {key: file name} of what is there."""
+    """Place the row's files beside its page (``place``); returns {key: file name} of what is there."""
     os.makedirs(names.atlas_run(folder, slug, ""), exist_ok=True)
     keys = [f"density{j}" for j in range(1, row["k"] + 1)] + list(COPIED)
     copies = {}
@@ -68,7 +77,7 @@ def copy_run_files(folder, slug, row):
         src = row["files"].get(key)
         if src:
             copies[key] = copy_name(key, src)
-            shutil.copyfile(src, names.atlas_run(folder, slug, copies[key]))
+            place(src, names.atlas_run(folder, slug, copies[key]))
     if row["files"].get("feature_vis_raw"):
         copies["thumb"] = "thumb.png"
         thumbnail(row["files"]["feature_vis_raw"], names.atlas_run(folder, slug, "thumb.png"))
@@ -76,12 +85,12 @@ def copy_run_files(folder, slug, row):
 
 
 def copy_shared(folder, path, done):
-    """Copy a file every page may link to into ``files/`` once; returns its file name there."""
+    """Place a file every page may link to into ``files/`` once (``place``); returns its file name there."""
     if path not in done:
         base = os.path.basename(path)
         done[path] = base if base not in done.values() else f"{len(done)}_{base}"
         os.makedirs(names.atlas_shared(folder, ""), exist_ok=True)
-        shutil.copyfile(path, names.atlas_shared(folder, done[path]))
+        place(path, names.atlas_shared(folder, done[path]))
     return done[path]
 
 
@@ -110,9 +119,11 @@ def write_pages(folder, rows, candidates_json, progress=None):
         row["href"] = hrefs(folder, slug, copies, shared, folder)
 
 
-def folder_bytes(folder):
-    """Total size of the files under ``folder``."""
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
+def folder_bytes(folder, own=False):
+    """Total size of the files under ``folder``; with ``own``, only of those that no other path shares (the
+    space the folder takes beyond the files it links to)."""
+    stats = [os.stat(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files]
+    return sum(st.st_size for st in stats if not own or st.st_nlink == 1)
 
 
 def intro(rows, out_dir, store_dir):
@@ -150,7 +161,8 @@ def write_atlas(out_dir, store_dir, runs=None, atlas_dir="atlas", candidates_jso
 
     ``out_dir``: stage 4's ``--out_dir``; ``store_dir``: the store folder (checkpoints, info, scores plot,
     concepts files); ``candidates_json``: stage 2's ``…_candidates.json`` for the cosine column (else blank).
-    ``progress``: wraps the list of runs (``tqdm``). Returns {"folder", "runs", "bytes"}."""
+    ``progress``: wraps the list of runs (``tqdm``). Returns {"folder", "runs", "bytes", "own_bytes"} (own: the
+    files not shared with the results by a hard link)."""
     atlas_dir = os.path.abspath(atlas_dir)
     check_atlas_dir(atlas_dir)
     rows = collect.collect(out_dir, store_dir, runs, candidates_json)
@@ -166,4 +178,12 @@ def write_atlas(out_dir, store_dir, runs=None, atlas_dir="atlas", candidates_jso
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)
-    return {"folder": atlas_dir, "runs": len(rows), "bytes": folder_bytes(atlas_dir)}
+    return {"folder": atlas_dir, "runs": len(rows), "bytes": folder_bytes(atlas_dir),
+            "own_bytes": folder_bytes(atlas_dir, own=True)}
+
+
+def size_text(done):
+    """'3.31 MB' of an atlas, with the space it takes of its own where hard links share the rest."""
+    total, own = done["bytes"] / 1e6, done["own_bytes"] / 1e6
+    return f"{total:.2f} MB" + ("" if done["own_bytes"] == done["bytes"] else
+                                f", {own:.2f} MB of its own: the rest are hard links to the results' files")

@@ -180,11 +180,11 @@ def evaluate(ctx, s, jobs, checkpoints):
 def write_atlas(s, runs):
     """--atlas: the site of ``runs``, with stage 2's candidates for the cosine column (the --candidates file, or
     the store's one candidates file where there is exactly one)."""
-    from utils.atlas.write import write_atlas as write
+    from utils.atlas.write import size_text, write_atlas as write
     from tqdm import tqdm
     done = write(s.out_dir, s.model_dir, runs, s.atlas, candidates_file(s),
                  progress=lambda rows: tqdm(rows, desc="atlas pages", unit="page"))
-    print(f"wrote the atlas of {done['runs']} runs to {done['folder']} ({done['bytes'] / 1e6:.2f} MB); open "
+    print(f"wrote the atlas of {done['runs']} runs to {done['folder']} ({size_text(done)}); open "
           f"{names.atlas_index(done['folder'])} in a browser")
 
 
