@@ -334,6 +334,8 @@ def featurevis_many_step(args):
     kw = dict(batch_size=args.batch_size or None, device=device, progress=False)
     run = (m, q, args.size, args.steps, args.crops)
     render.visualize_many(model, conv, groups[:2], m, q, args.size, 1, args.crops, **kw)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     _, t_alone = bm.timed(lambda: [render.visualize(model, conv, w, b, *run, s, **kw) for w, b, s in groups])
     _, t_many = bm.timed(lambda: render.visualize_many(model, conv, groups, *run, **kw))
     per = 256 / args.steps / args.channels
