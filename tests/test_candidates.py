@@ -213,3 +213,42 @@ def test_concepts_file_highest_silhouette_all_clusters(case):
     k = len(doc["channels"][str(strongest)]["clusters"])
     assert os.listdir(names.checkpoints_dir(case["store"])).count(
         names.cluster_checkpoint(NAME, strongest, 8, list(range(k)), "best")) == 1
+
+
+def test_concepts_file_stage4_one_arv_pass_equals_one_run_per_channel(case, monkeypatch):
+    """Stage 4 of several channels' clusters: the val ARVs of all of them from one pass over the val split, and
+    the files of one --concepts_file run per channel, byte for byte."""
+    import get_cosine_similarities
+    from utils.data import scan
+    assert call(get_cosine_similarities, [*case["s3"], "--label_free", "--channels", "0", "1", "3", "--top_n", "8",
+                                          "--k", "2"]) == 0
+    path = names.concepts_file(case["store"], NAME, 8)
+    doc = json.load(open(path))
+    sil = {int(c): e["silhouette"] for c, e in doc["channels"].items() if len(e.get("clusters") or []) >= 2}
+    split = sorted(sil, key=lambda c: (-sil[c], c))  # the selection's order: the last run writes the latest files
+    assert len(split) >= 2, doc["channels"]
+    clean(case)
+    assert call(disentangle_channel, [*case["s3"], "--candidates", path]) == 0
+    passes, real = [], scan.scan
+
+    def counted(*a, **kw):
+        passes.append(kw.get("desc"))
+        return real(*a, **kw)
+    monkeypatch.setattr(scan, "scan", counted)
+    assert call(get_results, [*case["s4"], "--candidates", path, *STAGE4]) == 0
+    assert passes.count("val ARVs") == 1
+    many = snapshot(case, 4)
+    assert sum(f.endswith("_summary.json") for f in many) == len(split)
+    shutil.rmtree(os.path.join(case["work"], "out"))
+    passes.clear()
+    for c in split:
+        assert call(get_results, [*case["s4"], "--channel_of_interest", c, "--concepts_file", path, *STAGE4]) == 0
+    assert passes.count("val ARVs") == len(split)
+    assert snapshot(case, 4) == many
+    # a memory bound of one channel's ARVs: one pass per channel, the same files
+    from utils.stages import stage4_passes
+    monkeypatch.setattr(stage4_passes, "ARV_BYTES", 1)
+    shutil.rmtree(os.path.join(case["work"], "out"))
+    passes.clear()
+    assert call(get_results, [*case["s4"], "--candidates", path, *STAGE4]) == 0
+    assert passes.count("val ARVs") == len(split) and snapshot(case, 4) == many

@@ -40,8 +40,14 @@ def channel_arvs(x, a, conv, channel):
     """Summed activation s (B,) = sum_{h,w} a[:, channel] and per-image ARV r (B, C_in) of ``channel``, float64,
     from the layer's input x (B, C_in, H, W) and output a (B, C_out, H', W') of one forward pass:
     r[n, i] = sum_{kh,kw} W[c, i] P_n[i] with P_n the patch sums of x (``attribution.conv_patch_sums``)."""
+    return channels_arvs(x, a, conv, [channel])[0]
+
+
+def channels_arvs(x, a, conv, channels):
+    """``channel_arvs`` of each of ``channels`` from one batch (the patch sums computed once):
+    [(s (B,), r (B, C_in))], one pair per channel."""
     P = attribution.conv_patch_sums(x, conv)
-    return a[:, channel].double().sum(dim=(1, 2)), similarities.arv(conv.weight[channel].detach(), P)
+    return [(a[:, c].double().sum(dim=(1, 2)), similarities.arv(conv.weight[c].detach(), P)) for c in channels]
 
 
 def column_means(rows, width):

@@ -20,7 +20,7 @@ from utils.run import cli, context, distributed
 from utils.run.cli import UserError
 from utils.stages import feature_vis_shards
 from utils.stages.stage4_checkpoints import load_checkpoint
-from utils.stages.stage4_passes import checkpoint_filters, evaluate_many, scan_arvs, scan_many
+from utils.stages.stage4_passes import checkpoint_filters, evaluate_many, scan_arvs, scan_many, shared_arvs
 from utils.stages.stage4_results import Evaluated, write_job
 
 HINT = ": replace or remove the file, or pass --skip_unreadable to leave it out"
@@ -149,24 +149,32 @@ def _run(ctx, s, check_extras, extras):
 
 
 def evaluate(ctx, s, jobs, checkpoints):
-    """The jobs' val images, one forward and head-only backward over their union (each image once), the scan of
-    the whole val split for --top_images_all_val: [Evaluated] in the jobs' order, every job checked."""
+    """The jobs' val images (for concepts as clusters: one pass over the val split for the ARVs of as many jobs'
+    channels as ``stage4_passes.ARV_BYTES`` holds), one forward and head-only backward over the union of the
+    images of the jobs of classes (each image once) and one over each cluster job's own top images
+    (``pass_groups``), the scan of the whole val split for --top_images_all_val: [Evaluated] in the jobs'
+    order, every job checked."""
     ds = ctx.dataset
     workers = cli.default_workers(s.num_workers)
 
-    def arvs(channel, indices):  # the pass that chooses val images by activation (concepts as clusters)
-        return scan_arvs(ctx.model, ctx.conv, channel, ds, indices, s.batch_size, ctx.device, workers,
+    def scan_channels(channels, indices):  # the pass that chooses val images by activation (concepts as clusters)
+        return scan_arvs(ctx.model, ctx.conv, channels, ds, indices, s.batch_size, ctx.device, workers,
                          s.unreadable, HINT)
+    arvs = shared_arvs(scan_channels, [job.channel for job in jobs], len(ds) * (ctx.conv.weight.shape[1] + 1) * 8)
     vals = []
     for job in jobs:
         vals.append(job.val_images(ds, s.data_dir, s.val_top_n, arvs))
         if vals[-1].note:
             print(vals[-1].note)
     filters = [checkpoint_filters(c.state_dict) for c in checkpoints]
-    indices = sorted(set().union(*(v.indices for v in vals)))
     runs = [(job.channel, f, b, v.classes) for job, (f, b), v in zip(jobs, filters, vals)]
-    results = evaluate_many(ctx.model, ctx.conv, runs, ds, indices, s.batch_size, ctx.device, workers,
-                            unreadable=s.unreadable, hint=HINT, class_outputs=ctx.class_outputs)
+    results = [None] * len(jobs)
+    for group in pass_groups(vals):
+        indices = sorted(set().union(*(vals[i].indices for i in group)))
+        done = evaluate_many(ctx.model, ctx.conv, [runs[i] for i in group], ds, indices, s.batch_size, ctx.device,
+                             workers, unreadable=s.unreadable, hint=HINT, class_outputs=ctx.class_outputs)
+        for i, r in zip(group, done):
+            results[i] = r
     whole = [None] * len(jobs)
     if s.top_images and s.top_images_all_val:
         scanned, pos = scan_many(ctx.model, ctx.conv, [(job.channel, f, b) for job, (f, b) in zip(jobs, filters)],
@@ -175,6 +183,14 @@ def evaluate(ctx, s, jobs, checkpoints):
         whole = [(scanned, o, m) for o, m in pos]
     concepts = [concept_ids(job, v, r) for job, v, r in zip(jobs, vals, results)]  # all checked before writing
     return list(map(Evaluated, jobs, checkpoints, results, whole, concepts, vals))
+
+
+def pass_groups(vals):
+    """The jobs (by position) that share one pass of ``evaluate_many``: every job whose val images are its
+    classes' in one pass; a job whose images were picked one by one (``ValImages.assigned``: concepts as
+    clusters) in a pass of its own, batched as when it runs alone (a pass keeps a run's images by class)."""
+    by_class = [i for i, v in enumerate(vals) if not v.assigned]
+    return ([by_class] if by_class else []) + [[i] for i, v in enumerate(vals) if v.assigned]
 
 
 def write_atlas(s, runs):

@@ -12,7 +12,7 @@ import torch
 from utils.concepts.by_classes import class_batches
 from utils.data import folders, scan
 from utils.method import attribution
-from utils.method.evaluation import channel_arvs, image_numbers
+from utils.method.evaluation import channels_arvs, image_numbers
 from utils.method.split import filter_maps, positive_mass
 from utils.run.cli import UserError
 
@@ -101,19 +101,44 @@ def scan_many(model, conv, runs, ds, indices, batch_size, device, num_workers, u
     return passes.kept(indices), [(p[:, 0], p[:, 1:]) for p in pos]
 
 
-def scan_arvs(model, conv, channel, ds, indices, batch_size, device, num_workers, unreadable="error", hint=""):
-    """``evaluation.channel_arvs`` of the images ``indices`` of ``ds`` from a forward pass up to the layer only.
+ARV_BYTES = 2 ** 31  # the most that the val ARVs of one shared pass may hold (float64), about 2 GB
 
-    Returns the scanned indices (M,) (less the unreadable ones when ``unreadable='skip'``), summed (M,) and
-    arvs (M, C_in) float64 numpy arrays (to pick the val images of concepts given as clusters)."""
+
+def scan_arvs(model, conv, channels, ds, indices, batch_size, device, num_workers, unreadable="error", hint=""):
+    """``evaluation.channel_arvs`` of several channels on the images ``indices`` of ``ds``, from one forward pass up
+    to the layer only.
+
+    Returns the scanned indices (M,) (less the unreadable ones when ``unreadable='skip'``) and {channel: (summed
+    (M,), arvs (M, C_in))} float64 numpy arrays (to pick the val images of concepts given as clusters)."""
     model = model.to(device)
-    sums, arvs = [], []
+    sums, arvs = {c: [] for c in channels}, {c: [] for c in channels}
     passes = scan.scan(model, conv, ds, folders.batches_of(indices, batch_size), device, num_workers,
                        what=scan.INPUT_OUTPUT, unreadable=unreadable, hint=hint, desc="val ARVs")
     for batch in passes:
-        s, r = channel_arvs(batch.x, batch.a.float(), conv, channel)
-        sums.append(s.cpu())
-        arvs.append(r.cpu())
-    if not sums:
+        for c, (s, r) in zip(channels, channels_arvs(batch.x, batch.a.float(), conv, channels)):
+            sums[c].append(s.cpu())
+            arvs[c].append(r.cpu())
+    if not passes.kept(indices):
         raise UserError(f"none of the {len(indices)} val images could be read")
-    return passes.kept(indices), torch.cat(sums).numpy(), torch.cat(arvs).numpy()
+    return passes.kept(indices), {c: (torch.cat(sums[c]).numpy(), torch.cat(arvs[c]).numpy()) for c in channels}
+
+
+def shared_arvs(scan_channels, channels, per_channel_bytes, limit=None):
+    """The ``scan_arvs(channel, indices)`` that the jobs' ``val_images`` call, one after the other, for their
+    ``channels`` (in job order): asked for a channel not at hand, it scans that channel and the next ones, as
+    many as ``limit`` bytes hold, in one pass (``scan_channels(channels, indices)``: ``scan_arvs`` bound to
+    the model and data); only that group is held. per_channel_bytes: the size of one channel's ARVs; limit:
+    None for ``ARV_BYTES``."""
+    order = list(dict.fromkeys(channels))
+    group = max(1, (ARV_BYTES if limit is None else limit) // max(1, per_channel_bytes))
+    held = {}
+
+    def arvs(channel, indices):
+        key = tuple(indices)
+        if (channel, key) not in held:
+            start = order.index(channel)
+            kept, per = scan_channels(order[start:start + group], list(indices))
+            held.clear()
+            held.update({(c, key): (kept, *per[c]) for c in per})
+        return held[(channel, key)]
+    return arvs
