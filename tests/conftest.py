@@ -34,7 +34,7 @@ def image_root(tmp_path_factory):
     return make_image_folder(str(tmp_path_factory.mktemp("data")))
 
 
-# the demo at the sizes the tests use: tests/test_demo.py (seeds 0, 1, 2) and tests/test_demo_resnet.py
+# the demo at the sizes the tests use: tests/test_demo.py (seeds 0 and 1) and tests/test_demo_resnet.py
 DEMO_CNN = ["--train_per_class", "60", "--val_per_class", "15"]
 DEMO_RESNET = ["--arch", "resnet", "--train_per_class", "40", "--val_per_class", "10", "--epochs", "8",
                "--no_feature_vis", "--no_atlas", "--seed", "0", "--num_workers", "0"]

@@ -171,8 +171,8 @@ def run_case(tree, work, triples_text):
 
 
 # what no two runs share: JSON keys of times and process ids, and the same in printed text
-VOLATILE_KEYS = re.compile(r"(seconds|_s$|^time|_time|created|finished|started|updated|pid|elapsed|per_second|"
-                           r"images_per_s|rate|when|date|duration)", re.I)
+VOLATILE_KEYS = re.compile(r"(^|_)(seconds|time|created|finished|started|updated|pid|elapsed|per_second|rate|when|"
+                           r"date|duration)(_|$)|_s$", re.I)  # whole words: not "candidates", "degenerate"
 VOLATILE_TEXT = re.compile(r"\d+(\.\d+)?( ?s\b| ?ms\b| images?/s| img/s)|\d{4}-\d\d-\d\d[T ][\d:.]+|pid \d+")
 
 

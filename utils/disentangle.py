@@ -92,7 +92,12 @@ def network_check(model, layer_path, channel, state_dict, images, original_logit
     z = logits(model, images) if original_logits is None else original_logits
     with disentangled_layer(model, layer_path, channel, state_dict) as dm:
         z2 = logits(dm, images)
-    return float((z2 - z).abs().max()), float(z.abs().max()), z
+    return (*logit_difference(z, z2), z)
+
+
+def logit_difference(z, z2):
+    """(max |z2 - z|, max |z|) of two networks' logits z, z2 (N, classes): what ``split.within_tolerance`` takes."""
+    return float((z2 - z).abs().max()), float(z.abs().max())
 
 
 def load_disentangled_model(model, weights=None, layer="last_conv", channel=None, checkpoint=None):

@@ -319,8 +319,7 @@ def export_whole_layer(ctx, s, targets, concepts):
     net = whole_layer.build_whole_layer_model(ctx.model, ctx.layer_path,
                                               {c: whole_layer.read_checkpoint(p) for c, p in best.items()})
     check, images = exactness_images(ctx, targets, s.exactness_images)
-    z, z2 = disentangle.logits(ctx.model, images), disentangle.logits(net, images)
-    diff, zmax = float((z2 - z).abs().max()), float(z.abs().max())
+    diff, zmax = disentangle.logit_difference(disentangle.logits(ctx.model, images), disentangle.logits(net, images))
     if not within_tolerance(diff, zmax):
         raise cli.UserError(f"the whole-layer network's logits differ from the original's by {diff:.3g} (max |logit| "
                             f"{zmax:.3g}) on {len(check)} training images; nothing exported")
