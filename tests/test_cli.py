@@ -828,3 +828,21 @@ def test_a_reader_that_stops_early_is_not_an_error():
             "cli.run(main)\n")
     proc = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True, timeout=120)
     assert (proc.returncode, proc.stderr, proc.stdout) == (1, "", "line\n")
+
+
+def test_stage1_in_process_leaves_the_thread_count_as_it_was(image_root, tmp_path):
+    """--cpu_threads sets the threads for the run only: a notebook (or a test) that calls main(args) keeps its own
+    count, on which every later CPU computation's rounding depends."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        proc = run_inproc("get_importances_for_classes.py", "--data_dir", image_root, "--store_dir", tmp_path,
+                          "--model", TINY, "--batch_size", 4, "--num_workers", 0, "--device", "cpu",
+                          "--cpu_threads", 1)
+        assert proc.returncode == 0, proc.stderr
+        assert torch.get_num_threads() == 2
+        manifest = json.load(open(tmp_path / f"{TINY_TAG}_channel_importances" / "manifest.json"))
+        assert manifest["numerics"]["cpu_threads"] == 1  # the run itself used one thread
+    finally:
+        torch.set_num_threads(before)

@@ -92,10 +92,12 @@ def run(s, setup):
     # the device (under torchrun: the card of LOCAL_RANK) is chosen and made current in context.setup
     ctx = setup()
     distributed.init(ctx.device)
+    threads = torch.get_num_threads()
     try:
         fill_store(ctx, s, rank)
     finally:  # also after an error: a process group left open aborts the interpreter's exit (gloo's threads)
         distributed.close()
+        torch.set_num_threads(threads)  # main(args) in a notebook or test leaves the process's threads as they were
 
 
 def cpu_threads(ctx, s, folder, rank):
