@@ -10,7 +10,7 @@ job's 20 checkpoints, the best one, ``…_info.json`` and ``…_scores.png`` are
 """
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -97,10 +97,11 @@ class Job:
         return os.path.join(folder, self.concepts.checkpoint(ctx.name, rho))
 
 
-def make_jobs(conv, patch_sums, concepts, rows):
+def make_jobs(conv, patch_sums, concepts, rows, means=None):
     """The Job of each ``Concepts``: its ARVs v_1 .. v_k (closed form from the store's patch sums, one read per
-    distinct set of rows) and the split filters of every rho."""
-    means, jobs = {}, []
+    distinct set of rows; ``means``: {rows: mean patch sums} kept across calls) and the split filters of every
+    rho."""
+    means, jobs = {} if means is None else means, []
     for t, rs in zip(concepts, rows):
         w_c = conv.weight[t.channel].detach()
         v = []
@@ -141,12 +142,29 @@ def exactness_images(ctx, targets, n):
     return check, next(iter(folders.make_loader(ctx.dataset, [check], 0, ctx.device, hint=HINT)))[0].to(ctx.device)
 
 
-def check_networks(ctx, targets, jobs, s):
+@dataclass
+class Shared:
+    """What the chunks of one run share: the store's ``targets``, ``means`` (``make_jobs``), ``exact``: (indices,
+    images, the original network's logits) of the exactness images, made at the first check (after the model's
+    first scan, which may have made it channels-last), and whether the unreadable images were reported."""
+    targets: object
+    means: dict = field(default_factory=dict)
+    exact: tuple = None
+    said_unreadable: bool = False
+
+    def exactness(self, ctx, n):
+        if self.exact is None:
+            check, images = exactness_images(ctx, self.targets, n)
+            self.exact = check, images, disentangle.logits(ctx.model, images)
+        return self.exact
+
+
+def check_networks(ctx, shared, jobs, s):
     """The full original and disentangled networks' logits at each job's chosen rho on the first
     ``s.exactness_images`` readable training images: the same images whatever the jobs, so the original's
-    logits are computed once and each job's numbers equal those of a run of it alone. Sets each job's ``run``."""
-    check, images = exactness_images(ctx, targets, s.exactness_images)
-    original = disentangle.logits(ctx.model, images)
+    logits are computed once (``Shared.exactness``) and each job's numbers equal those of a run of it alone.
+    Sets each job's ``run``."""
+    check, images, original = shared.exactness(ctx, s.exactness_images)
     for job in jobs:
         ch = rho_scores.choose(job.res, s.rho_score)
         best_sd = checkpoint_state_dict(job.split.filters[ch["best"]], job.split.bias_c)
@@ -275,26 +293,29 @@ def run(ctx, s):
     todo = jobs_to_run(ctx, s, concepts)
     rows = [t.training_rows(targets) for t in todo]  # every job checked before any work
     step = CHUNK if s.candidates is not None else max(1, len(todo))
+    shared = Shared(targets)
     for start in range(0, len(todo), step):
-        split_and_write(ctx, s, (st, targets), todo[start:start + step], rows[start:start + step])
+        split_and_write(ctx, s, (st, shared), todo[start:start + step], rows[start:start + step])
     if s.candidates is not None and s.export_model:
-        export_whole_layer(ctx, s, targets, concepts)
+        export_whole_layer(ctx, s, shared, concepts)
 
 
-def split_and_write(ctx, s, store_labels, concepts, rows):
-    """Score, check and write the jobs of ``concepts`` (their training ``rows``) in one pass over their images."""
-    st, targets = store_labels
-    jobs = make_jobs(ctx.conv, st.array("patch_sums"), concepts, rows)
+def split_and_write(ctx, s, store_shared, concepts, rows):
+    """Score, check and write the jobs of ``concepts`` (their training ``rows``) in one pass over their images.
+    store_shared: the store and what the run's chunks share (``Shared``)."""
+    st, shared = store_shared
+    jobs = make_jobs(ctx.conv, st.array("patch_sums"), concepts, rows, shared.means)
     # one pass over every concept image of every job, each image once, in batches of one class
     indices = np.unique(np.concatenate([r for rs in rows for r in rs]))  # store rows are ImageFolder indices
     found = score_images(ctx, [job.split for job in jobs], indices, s,
                          "scoring 20 rho" + (f" of {len(jobs)} triples" if len(jobs) > 1 else ""))
     for job, res in zip(jobs, found):
         job.res = res
-    check_networks(ctx, targets, jobs, s)
+    check_networks(ctx, shared, jobs, s)
     unreadable = st.unreadable_rows()
-    if len(unreadable):
+    if len(unreadable) and not shared.said_unreadable:  # once per run
         print(f"{len(unreadable)} unreadable training images recorded by stage 1 are left out of every count")
+        shared.said_unreadable = True
     failed = [job for job in jobs if not (job.run["maps_ok"] and job.run["logits_ok"])]
     folder = names.checkpoints_dir(s.store_dir)
     for job in jobs:
@@ -310,7 +331,7 @@ def split_and_write(ctx, s, store_labels, concepts, rows):
         raise cli.UserError(f"the split does not reproduce the original layer and logits ({which}); nothing written")
 
 
-def export_whole_layer(ctx, s, targets, concepts):
+def export_whole_layer(ctx, s, shared, concepts):
     """--export_model with --candidates: the whole-layer network of every channel of the selection (each at its
     best rho, read from its checkpoint), checked on the exactness images, then written."""
     from utils.model import whole_layer
@@ -318,8 +339,8 @@ def export_whole_layer(ctx, s, targets, concepts):
     best = {t.channel: os.path.join(folder, t.checkpoint(ctx.name, "best")) for t in concepts}
     net = whole_layer.build_whole_layer_model(ctx.model, ctx.layer_path,
                                               {c: whole_layer.read_checkpoint(p) for c, p in best.items()})
-    check, images = exactness_images(ctx, targets, s.exactness_images)
-    diff, zmax = disentangle.logit_difference(disentangle.logits(ctx.model, images), disentangle.logits(net, images))
+    check, images, original = shared.exactness(ctx, s.exactness_images)
+    diff, zmax = disentangle.logit_difference(original, disentangle.logits(net, images))
     if not within_tolerance(diff, zmax):
         raise cli.UserError(f"the whole-layer network's logits differ from the original's by {diff:.3g} (max |logit| "
                             f"{zmax:.3g}) on {len(check)} training images; nothing exported")
