@@ -9,7 +9,6 @@ script in this process by default (``runpy`` with ``sys.argv`` set, stdout/stder
 ``import torch`` per case. A handful of cases always run as a subprocess, and
 ``CLI_TESTS_SUBPROCESS=1`` runs every case as a subprocess.
 """
-import ast
 import contextlib
 import io
 import json

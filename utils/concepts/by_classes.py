@@ -269,8 +269,3 @@ def class_batches(indices, labels, batch_size):
         batches[-1].append(int(i))
         prev = y
     return batches
-
-
-def union_classes(triples):
-    """Sorted classes used by any of ``triples``."""
-    return sorted({y for t in triples for y in t.classes})

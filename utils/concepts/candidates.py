@@ -23,7 +23,6 @@ from utils.files import store
 from utils.run.cli import UserError
 
 MAX_K = MORE_CONCEPTS[-1]  # a split takes at most six concepts
-CLASH = ("triples", "channel", "classes_for_concept1", "classes_for_concept2", "concepts_file", "clusters")
 
 
 def add_args(p):

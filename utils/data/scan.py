@@ -21,16 +21,14 @@ INPUT, INPUT_OUTPUT, GRADIENT = "input", "input_output", "gradient"
 
 @dataclass
 class ScanBatch:
-    """One batch of a scan. images (B, 3, H, W) and labels (B,) as loaded (images on the device); indices (B,)
-    int64: the dataset index of each image; x (B, C_in, H, W) float32: the layer's input; a (B, C_out, H', W'):
-    its output (INPUT_OUTPUT, GRADIENT); g (like a) and logits (B, K) (GRADIENT)."""
-    images: torch.Tensor
+    """One batch of a scan. labels (B,) as loaded; indices (B,) int64: the dataset index of each image;
+    x (B, C_in, H, W) float32: the layer's input; a (B, C_out, H', W'): its output (INPUT_OUTPUT, GRADIENT);
+    g (like a): the gradient of each image's class logit (GRADIENT)."""
     labels: torch.Tensor
     indices: torch.Tensor
     x: torch.Tensor
     a: torch.Tensor = None
     g: torch.Tensor = None
-    logits: torch.Tensor = None
 
 
 class Scan:
@@ -65,13 +63,13 @@ class Scan:
             images = images.contiguous(memory_format=torch.channels_last)
         if self.what == GRADIENT:
             logit_of = labels if self.outputs is None else self.outputs[labels]  # each image's class's output
-            x, a, g, logits = tap.logits_and_layer_grad(self.model, self.layer, images,
-                                                        logit_of.to(self.device, non_blocking=True))
-            return ScanBatch(images, labels, indices, x.float(), a, g, logits)
+            x, a, g, _ = tap.logits_and_layer_grad(self.model, self.layer, images,
+                                                   logit_of.to(self.device, non_blocking=True))
+            return ScanBatch(labels, indices, x.float(), a, g)
         if self.what == INPUT_OUTPUT:
             x, a = tap.layer_input_output(self.model, self.layer, images)
-            return ScanBatch(images, labels, indices, x.float(), a)
-        return ScanBatch(images, labels, indices, tap.layer_input(self.model, self.layer, images).float())
+            return ScanBatch(labels, indices, x.float(), a)
+        return ScanBatch(labels, indices, tap.layer_input(self.model, self.layer, images).float())
 
 
 def scan(model, layer, ds, batches, device, num_workers=0, what=INPUT, unreadable="error", hint="", desc=None,

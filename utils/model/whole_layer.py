@@ -13,8 +13,7 @@ import os
 import torch
 import torch.nn as nn
 
-from utils.disentangle import checkpoint_problem
-from utils.method.split import merge_weights
+from utils.disentangle import checkpoint_problem, concepts_of_checkpoint
 from utils.method import whole_layer as wl
 from utils.model import loading
 from utils.run.cli import UserError
@@ -87,10 +86,10 @@ def check_checkpoints(conv, layer_path, checkpoints):
 def whole_layer_conv(conv, checkpoints, layer_path="the layer"):
     """The ``WholeLayer`` replacing ``conv`` for {channel: checkpoint state dict}; same function as ``conv``."""
     check_checkpoints(conv, layer_path, checkpoints)
-    ks = {c: int(sd["disentangled.weight"].shape[0]) - 1 for c, sd in checkpoints.items()}
+    ks = {c: concepts_of_checkpoint(sd) for c, sd in checkpoints.items()}
     layout = wl.row_layout(conv.out_channels, ks)
     splits = {c: (sd["disentangled.weight"], sd.get("disentangled.bias")) for c, sd in checkpoints.items()}
-    merges = {c: sd.get("merged.weight", merge_weights(ks[c])) for c, sd in checkpoints.items()}
+    merges = {c: sd["merged.weight"] for c, sd in checkpoints.items()}  # checked: every checkpoint has one
     weight, bias = wl.wide_filters(conv.weight.detach(), None if conv.bias is None else conv.bias.detach(),
                                    splits, layout)
     target, coeff = wl.merge_entries(layout, merges, conv.weight.dtype)

@@ -193,11 +193,6 @@ def fill_class_outputs(ctx, manifest, index_map, defer_class_error):
     return None
 
 
-def open_store(args, ctx):
-    """The store of ``ctx`` in --store_dir, checked against its fingerprint (stages 2 and 3)."""
-    return store.Store.open(store.find_folder(args.store_dir, ctx.tag, ctx.name, ctx.layer_path), ctx.fingerprint)
-
-
 def list_layers(args):
     """--list_layers: the model's Conv2d layers with their weight shapes (the default layer marked). Without
     --model: the model of the stores in --store_dir / --model_dir when they are all of one model, else resnet50."""
@@ -231,13 +226,9 @@ def check_channel(ctx, channel, flag):
                             f"{ctx.conv.out_channels} channels (0..{ctx.conv.out_channels - 1})")
 
 
-def check_concepts(ds, classes1, classes2, names=("--classes_for_concept1", "--classes_for_concept2")):
-    """Refuse classes that do not exist and a class in both concepts; ``names`` name the concepts in errors."""
-    check_concepts_k(ds, [classes1, classes2], names)
-
-
 def check_concepts_k(ds, concepts, names):
-    """``check_concepts`` for k >= 2 class lists: every class exists, no class in two concepts."""
+    """Refuse k >= 2 class lists where a class does not exist or is in two concepts; ``names`` name the concepts
+    in errors."""
     if len(concepts) < 2:
         raise cli.UserError(f"a split needs at least two concepts (got {len(concepts)})")
     for classes, name in zip(concepts, names):

@@ -237,7 +237,7 @@ def read_concepts(ctx, s):
         context.check_channel(ctx, s.channel, "--channel_disentangle")
     elif s.candidates is None:
         check_triples(ctx, s.jobs, "--channel_disentangle")
-    st = store.Store.open(store.find_folder(s.store_dir, ctx.tag, ctx.name, ctx.layer_path), ctx.fingerprint)
+    st = store.open_in(s.store_dir, ctx)
     targets = st.labels()
     if s.candidates is not None:
         concepts = candidates.read_selection(s.candidates, ctx, st.manifest["classes"], s.top, s.all_classes,
