@@ -169,10 +169,11 @@ def optimize(ctx, settings, spec, filters):
 
 
 class BatchedJobs:
-    """--fv_batch_targets: the visualizations of consecutive jobs, one ``optimize`` per run of up to
-    ``settings.batch_targets`` targets, made when the first job of a run asks for its own (so at most one run's
-    images are held). runs: [(run name, channel, state_dict)] in the order the jobs write; every checkpoint is
-    checked here, before any job writes."""
+    """The visualizations of several jobs, one ``optimize`` per run of consecutive jobs of up to
+    ``settings.batch_targets`` targets (0: each job alone, as ``run_for_checkpoint`` would), made when the first
+    job of a run asks for its own (so at most one run's images are held), with one read of the spectrum.
+    runs: [(run name, channel, state_dict)] in the order the jobs write; every checkpoint is checked here,
+    before any job writes."""
 
     def __init__(self, ctx, settings, runs):
         self.ctx, self.settings = ctx, settings
@@ -195,10 +196,10 @@ class BatchedJobs:
             return None
         if name not in self.ready:
             run = next(r for r in self.plan if name in r)
-            self.spectrum = self.spectrum or spectrum_of(self.settings)
-            done = optimize(self.ctx, self.settings, self.spectrum[0], [self.filters[n] for n in run])
-            self.ready = {n: {"vis": vis, "seconds": sec, "spectrum": self.spectrum}
-                          for n, (vis, sec) in zip(run, done)}
+            spectrum = self.spectrum or spectrum_of(self.settings)
+            done = optimize(self.ctx, self.settings, spectrum[0], [self.filters[n] for n in run])
+            self.ready = {n: {"vis": vis, "seconds": sec, "spectrum": spectrum} for n, (vis, sec) in zip(run, done)}
+            self.spectrum = spectrum[:2] + (True,)  # the later runs reuse it, as each job's own read would say
         return self.ready[name]
 
 

@@ -18,16 +18,17 @@ class Extras:
             sae_view.check(self.sae, self.ctx.conv)
 
     def prepare(self, runs):
-        """Before any job writes: with --fv_batch_targets, plan the feature visualizations of the jobs in runs of
-        consecutive jobs (``feature_vis.BatchedJobs``); under torchrun, this rank's share of them
+        """Before any job writes: plan the feature visualizations of several jobs (``feature_vis.BatchedJobs``:
+        consecutive jobs together up to --fv_batch_targets, else each alone); under torchrun, this rank's share of them
         (``feature_vis_shards``). runs: [(run name, channel, state_dict)] in the jobs' order."""
         if self.fv is not None and feature_vis_shards.world_size() > 1:
             self.shares = feature_vis_shards.Shares(self.ctx, self.fv, runs, self.out_dir)
             if self.shares.rank == 0:
                 print(self.shares.batched.describe() + f", shared out over {self.shares.size} processes")
-        elif self.fv is not None and self.fv.batch_targets and len(runs) > 1:
+        elif self.fv is not None and len(runs) > 1:  # also each job alone: one spectrum read for all of them
             self.batched = feature_vis.BatchedJobs(self.ctx, self.fv, runs)
-            print(self.batched.describe())
+            if self.fv.batch_targets:
+                print(self.batched.describe())
 
     def share(self, concepts_of):
         """Rank 0 under torchrun, once every job is checked: tell the other ranks the jobs' concepts
