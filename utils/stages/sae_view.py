@@ -294,14 +294,15 @@ def _print_view(record, channel, n_top, files):
     print(f"wrote {files['figure']} and {files['record']}")
 
 
-def run_for_channel(ctx, settings, channel, classes, run_name, out_dir):
+def run_for_channel(ctx, settings, channel, classes, run_name, out_dir, trained=None):
     """Stage 4's --get_sae_view for one channel: the SAE (trained or reused), the features that drive the
     channel on its top val images (among those of ``classes``; None or ``settings.all_val``: all val images),
-    the figure and ``results_disentanglement/{run}_sae_view.json``."""
+    the figure and ``results_disentanglement/{run}_sae_view.json``. trained: ``load_or_train``'s answer where
+    the caller has it already (several jobs of one run), else None."""
     start = time.time()
     ds = ctx.dataset
     ctx.model.to(ctx.device)
-    sae, info, path, reused = load_or_train(ctx, settings, ctx.device)
+    sae, info, path, reused = load_or_train(ctx, settings, ctx.device) if trained is None else trained
     print(f"SAE view: {'reusing' if reused else 'trained'} the SAE {path}")
     whole = settings.all_val or classes is None
     indices = list(range(len(ds))) if whole else folders.indices_of_classes(ds, classes)

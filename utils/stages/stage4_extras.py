@@ -11,7 +11,7 @@ class Extras:
 
     def __init__(self, ctx, fv, sae, out_dir):
         self.ctx, self.fv, self.sae, self.out_dir = ctx, fv, sae, out_dir
-        self.batched = self.shares = None
+        self.batched = self.shares = self.trained = None
 
     def check(self):
         if self.sae is not None:
@@ -62,7 +62,9 @@ class Extras:
                                                                 concept_lists, run_name, self.out_dir,
                                                                 val_images=val_images,
                                                                 prepared=prepared)["figure"]
-        if self.sae is not None:
+        if self.sae is not None:  # the SAE read (or trained) once for all the jobs
+            self.trained = self.trained or sae_view.load_or_train(self.ctx, self.sae, self.ctx.device)
             out["sae_view"] = sae_view.run_for_channel(self.ctx, self.sae, job.channel, job.sae_classes(), run_name,
-                                                       self.out_dir)["figure"]
+                                                       self.out_dir, trained=self.trained)["figure"]
+            self.trained = self.trained[:3] + (True,)  # the later jobs reuse it, as their own read would say
         return out
