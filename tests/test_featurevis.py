@@ -338,9 +338,11 @@ def _imports(source):
 
 
 def _impure(source):
-    """Imported modules outside torch/numpy/math, torchvision's tensor ops and utils.featurevis's pure modules."""
+    """Imported modules outside torch/numpy/math, torchvision's tensor ops, utils.featurevis's pure modules and
+    the method's (``utils.method``, pure by tests/test_house_plan.py's rule)."""
     pure = {"torchvision.ops"} | {f"utils.featurevis.{m}" for m in ("param", "transform", "objectives")}
-    return {n for n in _imports(source) if n.split(".")[0] not in {"torch", "numpy", "math"} and n not in pure}
+    return {n for n in _imports(source) if n.split(".")[0] not in {"torch", "numpy", "math"} and n not in pure
+            and not n.startswith("utils.method.")}
 
 
 def test_pure_feature_vis_modules_import_no_files_loaders_flags_or_progress():

@@ -22,6 +22,7 @@ from utils.files import names as file_names
 from utils.files import store
 from utils.run.cli import UserError
 from utils.method.clustering import nearest_centroid
+from utils.method.evaluation import top_k
 
 # the fingerprint keys that say which model, layer and data made the file (the training split for stage 3)
 MODEL_KEYS = ("model", "weights_sha256", "layer", "layer_geometry", "classes")
@@ -193,8 +194,7 @@ def _cluster_rows(all_clusters, chosen, channel, flag, num_rows):
 
 def top_positions(summed, sign, n):
     """Positions of the n strongest images: largest sign * summed first, ties by position. (M,) -> (min(n, M),)."""
-    s = np.asarray(summed, dtype=np.float64) * sign
-    return np.lexsort((np.arange(len(s)), -s))[:n]
+    return top_k(np.asarray(summed, dtype=np.float64) * sign, n)
 
 
 def assign_val_concepts(summed, arvs, sign, n, centroids, clusters):

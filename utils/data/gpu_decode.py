@@ -28,7 +28,7 @@ from torchvision.transforms import functional as TF
 
 from utils.data import folders
 
-RESIZE, CROP = 256, 224
+RESIZE, CROP = folders.RESIZE, folders.CROP
 FALLBACK_MESSAGE = "--gpu_decode needs CUDA; decoding on the CPU"
 DECODERS = ("nvjpeg", "nvimgcodec")
 

@@ -6,7 +6,8 @@ x is the layer's input on the image (one forward pass up to L, nothing above it 
 [D_1, ..., D_k, R] as ``disentangled.weight``. Pure functions on tensors.
 """
 import torch
-import torch.nn.functional as F
+
+from utils.method.split import filter_maps
 
 
 def target_filters(conv, channel, state_dict):
@@ -32,8 +33,7 @@ def target_filters(conv, channel, state_dict):
 
 def target_maps(x, conv, weights, bias):
     """max(conv(x, weights) + bias, 0) with the layer's geometry: (N, C_in, H, W) -> (N, T, H', W')."""
-    maps = F.conv2d(x, weights.to(x), None if bias is None else bias.to(x), conv.stride, conv.padding, conv.dilation)
-    return maps.clamp_min(0)
+    return filter_maps(x, conv, weights, bias).clamp_min(0)
 
 
 def target_values(x, conv, weights, bias):

@@ -11,6 +11,8 @@ Top-N purity alone misleads: a polysemantic channel's top images can all come fr
 """
 import numpy as np
 
+from utils.method.evaluation import top_k
+
 
 def activation_purity(pos, groups):
     """(purity, heaviest group) of masses pos (N,) >= 0 over groups (N,) ints; (nan, -1) if all pos are 0."""
@@ -27,7 +29,7 @@ def activation_purity(pos, groups):
 def top_n_purity(pos, groups, n):
     """Share of the n images with the largest pos (ties: lower position first) in their most common group."""
     pos, groups = np.asarray(pos, dtype=np.float64), np.asarray(groups)
-    order = np.lexsort((np.arange(len(pos)), -pos))[:n]
+    order = top_k(pos, n)
     if len(order) == 0:
         return float("nan")
     return float(np.bincount(np.unique(groups[order], return_inverse=True)[1]).max() / len(order))
