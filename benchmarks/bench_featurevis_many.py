@@ -44,6 +44,21 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
+def compare(channels, size, steps, crops, layer="layer4.2.conv3", batch_size=0, device="cpu"):
+    """The visualizations of ``channels`` channels of ResNet-50 (seed 0, random weights) one by one and batched,
+    on the same work after a warm-up: (seconds one by one, seconds batched, max |image difference|)."""
+    model = workloads(["resnet50"])[0][1].to(device)
+    conv = model.get_submodule(layer)
+    groups = channel_groups(conv, range(channels), 0)
+    m, q = spectrum(size)
+    kw = dict(batch_size=batch_size or None, device=device, progress=False)
+    run = (m, q, size, steps, crops)
+    timed(lambda: render.visualize(model, conv, *groups[0][:2], m, q, size, 1, crops, 0, **kw))  # warm-up, waited for
+    alone, t_alone = timed(lambda: [render.visualize(model, conv, w, b, *run, s, **kw) for w, b, s in groups])
+    many, t_many = timed(lambda: render.visualize_many(model, conv, groups, *run, **kw))
+    return t_alone, t_many, max(float((a["images"] - b["images"]).abs().max()) for a, b in zip(alone, many))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--channels", type=int, default=4, help="K: channels visualized")
@@ -54,16 +69,8 @@ def main():
     p.add_argument("--batch_size", type=int, default=0, help="crops per forward (0: all of a run's crops)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
-    model = workloads(["resnet50"])[0][1].to(args.device)  # ResNet-50, seed 0, random weights
-    conv = model.get_submodule(args.layer)
-    groups = channel_groups(conv, range(args.channels), 0)
-    m, q = spectrum(args.size)
-    kw = dict(batch_size=args.batch_size or None, device=args.device, progress=False)
-    run = (m, q, args.size, args.steps, args.crops)
-    render.visualize(model, conv, *groups[0][:2], m, q, args.size, 1, args.crops, 0, **kw)  # warm-up
-    alone, t_alone = timed(lambda: [render.visualize(model, conv, w, b, *run, s, **kw) for w, b, s in groups])
-    many, t_many = timed(lambda: render.visualize_many(model, conv, groups, *run, **kw))
-    diff = max(float((a["images"] - b["images"]).abs().max()) for a, b in zip(alone, many))
+    t_alone, t_many, diff = compare(args.channels, args.size, args.steps, args.crops, args.layer, args.batch_size,
+                                    args.device)
     k = args.channels
     print(f"{args.device}, {torch.get_num_threads()} threads; ResNet-50 (random weights) {args.layer}; K = {k} "
           f"channels x 3 targets; S = {args.size}, {args.steps} steps, {args.crops} crops per image per step")

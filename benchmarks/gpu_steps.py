@@ -322,26 +322,14 @@ def featurevis_many_step(args):
     """K channels' visualizations (3 targets each), one optimization per channel against one batched optimization
     of all K (benchmarks/bench_featurevis_many.py), timed over ``--steps`` and given per channel at 256 steps
     (the time per step is constant after the warm-up)."""
-    import torch
     import bench_featurevis_many as bm
-    from bench_featurevis import spectrum, workloads
-    from utils.featurevis import render
-    device = torch.device("cuda", 0) if cuda() else torch.device("cpu")
-    model = workloads(["resnet50"])[0][1].to(device)  # ResNet-50, seed 0, random weights
-    conv = model.get_submodule("layer4.2.conv3")
-    groups = bm.channel_groups(conv, range(args.channels), 0)
-    m, q = spectrum(args.size)
-    kw = dict(batch_size=args.batch_size or None, device=device, progress=False)
-    run = (m, q, args.size, args.steps, args.crops)
-    render.visualize_many(model, conv, groups[:2], m, q, args.size, 1, args.crops, **kw)  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    _, t_alone = bm.timed(lambda: [render.visualize(model, conv, w, b, *run, s, **kw) for w, b, s in groups])
-    _, t_many = bm.timed(lambda: render.visualize_many(model, conv, groups, *run, **kw))
+    device = "cuda" if cuda() else "cpu"
+    t_alone, t_many, _ = bm.compare(args.channels, args.size, args.steps, args.crops, batch_size=args.batch_size,
+                                    device=device)
     per = 256 / args.steps / args.channels
     row(f"feature visualization, {args.channels} channels",
         f"one by one {t_alone * per:.2f} s/channel, batched {t_many * per:.2f} s/channel at 256 steps "
-        f"({t_alone / t_many:.2f}x; S={args.size}, {args.crops} crops, timed over {args.steps} steps, {device.type})")
+        f"({t_alone / t_many:.2f}x; S={args.size}, {args.crops} crops, timed over {args.steps} steps, {device})")
 
 
 def main():
