@@ -52,17 +52,11 @@ def copy_run(out, store, run, summary, new_out, new_store, channel):
 
 def browser_seconds(index):
     """(seconds to load the index, seconds to sort it by 'sep concept 1') in headless Chromium, or None."""
+    from demo.atlas_pictures import browser
     try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
+        d = browser()
+    except SystemExit:
         return None
-    if not shutil.which("chromium") or not shutil.which("chromedriver"):
-        return None
-    opts = webdriver.ChromeOptions()
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
-        opts.add_argument(a)
-    d = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
     try:
         t = time.time()
         d.get("file://" + os.path.abspath(index))

@@ -27,8 +27,10 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def browser():
-    """Headless Chromium; SystemExit with the reason where selenium, chromium or chromedriver is missing."""
+def browser(window=WINDOW, log=False):
+    """Headless Chromium (Debian's chromium and chromedriver through selenium) with a ``window`` (width, height)
+    and, with ``log``, the page's console kept for ``get_log("browser")``; SystemExit with the reason where
+    selenium, chromium or chromedriver is missing. Used by the tests and benchmarks/atlas_scale.py too."""
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
@@ -39,9 +41,11 @@ def browser():
         raise SystemExit("Debian's chromium and chromium-driver are needed (apt-get install chromium chromium-driver)")
     opts = webdriver.ChromeOptions()
     for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-              f"--window-size={WINDOW[0]},{WINDOW[1]}", "--hide-scrollbars"):
+              f"--window-size={window[0]},{window[1]}", "--hide-scrollbars"):
         opts.add_argument(a)
     opts.binary_location = chromium
+    if log:
+        opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     return webdriver.Chrome(service=Service(driver), options=opts)
 
 

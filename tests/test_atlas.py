@@ -11,7 +11,7 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, tree_bytes
 from utils.atlas import collect, write
 from utils.files import names
 from utils.run.cli import UserError
@@ -47,17 +47,11 @@ def atlas(stages, tmp_path_factory):
 
 
 def _driver():
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not chromium or not driver:
-        pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them with apt-get)")
-    from selenium.webdriver.chrome.service import Service
-    opts = webdriver.ChromeOptions()
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,900"):
-        opts.add_argument(a)
-    opts.binary_location = chromium
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(service=Service(driver), options=opts)
+    from demo.atlas_pictures import browser
+    try:
+        return browser(window=(1400, 900), log=True)
+    except SystemExit as e:  # selenium, chromium or chromedriver missing (.ci/run installs them with apt-get)
+        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="module")
@@ -183,21 +177,16 @@ def test_two_channel_pages_in_a_browser(atlas, browser, tmp_path_factory):
     assert "Label-free clusters" in open(names.atlas_run(folder, pages[0]["slug"])).read()
 
 
-def _tree(folder):
-    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
-            for d, _, fs in os.walk(folder) for f in fs}
-
-
 def test_folder_with_other_files_is_refused_untouched(stages, tmp_path):
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "notes.txt").write_text("my notes")
     (folder / "index.html").write_text("my page")
-    before = _tree(str(folder))
+    before = tree_bytes(str(folder))
     proc = _run(["-m", "utils.atlas", "--results", stages["out"], "--store", stages["store"], "--atlas", str(folder)])
     assert proc.returncode == 2 and proc.stdout == ""
     assert len(proc.stderr.strip().splitlines()) == 1 and "notes.txt" in proc.stderr
-    assert _tree(str(folder)) == before
+    assert tree_bytes(str(folder)) == before
     assert sorted(os.listdir(tmp_path)) == ["mine"]  # no temporary folder left beside it
 
 
