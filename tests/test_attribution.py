@@ -79,6 +79,7 @@ def test_stage1_attributions_equal_captum_and_predictions_equal_argmax(which):
 
     # the patch sums stage 1 stores are those of the layer's actual input (unfold, summed over positions)
     x = tap.layer_input(model, conv, images)
+    assert torch.equal(x, tap.layer_input_output(model, conv, images)[0])  # the input whether the layer runs or not
     cols = F.unfold(x.double(), conv.kernel_size, conv.dilation, conv.padding, conv.stride)
     expect_P = cols.sum(dim=2).reshape(P.shape)
     torch.testing.assert_close(P.double(), expect_P, rtol=1e-5, atol=1e-5 * float(expect_P.abs().max()))

@@ -72,8 +72,10 @@ def layer_input_with_grad(model, layer, images):
 
 
 def layer_input(model, layer, images):
-    """Run ``model`` up to ``layer`` only. Returns its input x: (N, C_in, H_in, W_in)."""
-    return layer_input_output(model, layer, images)[0]
+    """Run ``model`` up to ``layer``, the layer itself not run (no gradients). Returns its input x:
+    (N, C_in, H_in, W_in)."""
+    with torch.no_grad():
+        return layer_input_with_grad(model, layer, images)
 
 
 def layer_input_output(model, layer, images):
