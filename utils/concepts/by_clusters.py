@@ -126,20 +126,36 @@ def read_concepts_file(path, fingerprint, channel, clusters=None, keys=store.MAT
     clusters: the cluster indices to use (default all, in file order); num_rows: the store's row count, to
     refuse rows outside it. Returns a ClusterConcepts.
     """
-    flag = f"--concepts_file {path}"
-    doc = _document(path, flag)
-    diff = store.describe_mismatch(doc["fingerprint"], fingerprint, keys)
-    if diff:
-        raise UserError(f"{flag} was made from another store or model: {diff}")
-    entry = _channel_entry(doc["channels"], channel, flag)
-    all_clusters = entry.get("clusters") or []
-    chosen = _chosen_clusters(len(all_clusters), clusters, channel, path)
-    rows = _cluster_rows(all_clusters, chosen, channel, flag, num_rows)
-    centroids = torch.tensor([cl["centroid"] for cl in all_clusters], dtype=torch.float64)
-    return ClusterConcepts(channel=channel, clusters=chosen, rows=rows, centroids=centroids,
-                           sign=int(entry.get("sign", 1)), top_n=int(doc.get("top_n", entry.get("top_n", 0))),
-                           path=path, sha256=file_sha256(path),
-                           class_counts=[all_clusters[j].get("class_counts", []) for j in chosen])
+    return ConceptsFile.read(path).concepts(fingerprint, channel, clusters, keys, num_rows)
+
+
+@dataclass
+class ConceptsFile:
+    """A concepts file read once (its JSON ``doc`` and ``sha256``), for the concepts of any of its channels."""
+    path: str
+    doc: dict
+    sha256: str
+
+    @classmethod
+    def read(cls, path):
+        return cls(path, _document(path, f"--concepts_file {path}"), file_sha256(path))
+
+    def concepts(self, fingerprint, channel, clusters=None, keys=store.MATCH_KEYS, num_rows=None):
+        """``read_concepts_file``'s ClusterConcepts of ``channel``, checked as there."""
+        path, doc = self.path, self.doc
+        flag = f"--concepts_file {path}"
+        diff = store.describe_mismatch(doc["fingerprint"], fingerprint, keys)
+        if diff:
+            raise UserError(f"{flag} was made from another store or model: {diff}")
+        entry = _channel_entry(doc["channels"], channel, flag)
+        all_clusters = entry.get("clusters") or []
+        chosen = _chosen_clusters(len(all_clusters), clusters, channel, path)
+        rows = _cluster_rows(all_clusters, chosen, channel, flag, num_rows)
+        centroids = torch.tensor([cl["centroid"] for cl in all_clusters], dtype=torch.float64)
+        return ClusterConcepts(channel=channel, clusters=chosen, rows=rows, centroids=centroids,
+                               sign=int(entry.get("sign", 1)), top_n=int(doc.get("top_n", entry.get("top_n", 0))),
+                               path=path, sha256=self.sha256,
+                               class_counts=[all_clusters[j].get("class_counts", []) for j in chosen])
 
 
 def _document(path, flag):

@@ -139,9 +139,9 @@ def read_selection(path, ctx, classes, top=None, all_classes=False, keys=store.M
     silhouette = {int(c): float(e.get("silhouette") or float("-inf")) for c, e in doc["channels"].items()
                   if len(e.get("clusters") or []) >= 2}
     chosen = _top(sorted(silhouette, key=lambda c: (-silhouette[c], c)), top, path)
-    out = []
+    file, out = by_clusters.ConceptsFile(path, doc, by_clusters.file_sha256(path)), []  # one read, one hash
     for c in chosen:
-        concepts = by_clusters.read_concepts_file(path, ctx.fingerprint, c, keys=keys, num_rows=num_rows)
+        concepts = file.concepts(ctx.fingerprint, c, keys=keys, num_rows=num_rows)
         concepts.where = f"{path} channel {c}"
         out.append(concepts)
     return out
