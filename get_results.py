@@ -87,7 +87,7 @@ def main(args):
 
     extras = stage4_extras.Extras(ctx, fv_settings.Settings.from_args(args) if args.get_feature_vis else None,
                                   sae_view.Settings.from_args(args) if args.get_sae_view else None, settings.out_dir)
-    stage4.run(ctx, settings, extras.check, extras)
+    stage4.run(ctx, settings, extras)
 
 
 if __name__ == "__main__":

@@ -137,7 +137,7 @@ def summary_of_clusters(rec):
     return {"k": rec.get("k"), "silhouette": rec.get("silhouette"), "purity": rec.get("purity"), "clusters": clusters}
 
 
-def collect(out_dir, store_dir, runs=None, candidates_json=None, progress=None):
+def collect(out_dir, store_dir, runs=None, candidates_json=None):
     """The rows of ``runs`` (None: every summary under ``out_dir``), sorted by channel then run name."""
     if not os.path.isdir(names.result(out_dir, "")):
         raise UserError(f"{out_dir}: no {names.RESULTS_DIR}/ folder; pass stage 4's --out_dir")
@@ -148,5 +148,5 @@ def collect(out_dir, store_dir, runs=None, candidates_json=None, progress=None):
     if missing:
         raise UserError(f"run {missing[0]}: no summary {names.summary(out_dir, missing[0])}")
     cosines, cache = cosine_lookup(candidates_json), {}
-    rows = [read_run(out_dir, store_dir, r, cosines, cache) for r in (progress(runs) if progress else runs)]
+    rows = [read_run(out_dir, store_dir, r, cosines, cache) for r in runs]
     return sorted(rows, key=lambda row: (row["channel"], row["run"]))

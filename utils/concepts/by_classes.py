@@ -75,10 +75,12 @@ class Triple(Concepts):
 
     def val_images(self, ds, data_dir, val_top_n, scan_arvs):
         """The val images of the concepts' classes; UserError where a concept has none."""
+        indices = folders.indices_of_classes(ds, self.classes)  # one walk over the labels
+        present = {ds.targets[i] for i in indices}
         for j, classes in enumerate(self.concepts, start=1):
-            if not folders.indices_of_classes(ds, classes):
+            if not present & set(classes):
                 raise UserError(f"{self._flag(j)}: no val images of classes {classes} under {data_dir}/val")
-        return ValImages(folders.indices_of_classes(ds, self.classes), self.classes)
+        return ValImages(indices, self.classes)
 
     def val_ids(self, val, labels, indices):
         return class_ids(labels, self.concepts)

@@ -50,6 +50,11 @@ def exactness_lines(channel, k, res, run):
             f"{'OK, same function' if run['logits_ok'] else 'FAILED'}"]
 
 
+def header_line(concepts):
+    """``=== FILE line 3: channel c, classes ...``: the line that opens a job's output in a run of several jobs."""
+    return f"=== {concepts.where}: channel {concepts.channel}, classes {concepts.describe()}"
+
+
 def job_lines(layer_path, names, job, header=False):
     """Everything printed for a job of stage 3 (``utils.stages.stage3.Job``: its concepts, counts (training
     images per concept), res (SplitScores), run (the ``choose`` dict with the network check) and arvs (k ARVs));
@@ -57,7 +62,7 @@ def job_lines(layer_path, names, job, header=False):
     t, counts, res, run, v = job.concepts, job.counts, job.res, job.run, job.arvs
     c, best, k = t.channel, run["best"], len(counts)
     src = split_sources_k(torch.stack(v), RHOS[best])
-    lines = [f"=== {t.where}: channel {c}, classes {t.describe()}"] if header else []
+    lines = [header_line(t)] if header else []
     lines.append(f"channel {c} of layer '{layer_path}': " + ", ".join(
         f"concept {j} = {t.label(names, j)} ({counts[j - 1]} train images)" for j in range(1, k + 1)))
     lines += score_table(RHOS, res.scores.tolist(), run["robust"].tolist())

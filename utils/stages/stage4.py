@@ -18,6 +18,7 @@ from utils.data import folders
 from utils.files import names
 from utils.run import cli, context, distributed
 from utils.run.cli import UserError
+from utils.report import stage3_text
 from utils.stages import feature_vis_shards
 from utils.stages.stage4_checkpoints import load_checkpoint
 from utils.stages.stage4_passes import checkpoint_filters, evaluate_many, scan_arvs, scan_many, shared_arvs
@@ -109,10 +110,10 @@ def read_jobs(ctx, s):
     return s.jobs
 
 
-def run(ctx, s, check_extras, extras):
+def run(ctx, s, extras):
     """Stage 4 with the model, data and layer of ``ctx`` and the Settings ``s``.
 
-    check_extras(): refuses the extras' settings (after the concepts are read, before any checkpoint is);
+    extras.check(): refuses the extras' settings (after the concepts are read, before any checkpoint is);
     extras(job, state_dict, run_name, index, concept): the feature visualizations and the SAE view of one job,
     returning their summary entries (see ``stage4_results.write_job``); extras.prepare([(run name, channel,
     state_dict)]): called once before the val images are read (the batched feature visualizations);
@@ -121,14 +122,14 @@ def run(ctx, s, check_extras, extras):
     """
     distributed.init(ctx.device, timeout_hours=feature_vis_shards.TIMEOUT_HOURS)  # only under torchrun
     try:
-        _run(ctx, s, check_extras, extras)
+        _run(ctx, s, extras)
     finally:  # also after an error: a process group left open aborts the interpreter's exit (gloo's threads)
         distributed.close()
 
 
-def _run(ctx, s, check_extras, extras):
+def _run(ctx, s, extras):
     jobs = read_jobs(ctx, s)
-    check_extras()
+    extras.check()
     summary_of_val = folders.dataset_summary(ctx.dataset)
     checkpoints = [load_checkpoint(ctx, s.model_dir, job, s.rho, summary_of_val) for job in jobs]
     extras.prepare([(names.run_name(c.name), job.channel, c.state_dict) for job, c in zip(jobs, checkpoints)])
@@ -142,7 +143,7 @@ def _run(ctx, s, check_extras, extras):
     extras.share({e.run_name: e.job.featurevis_concepts(e.r["index"], e.concept) for e in evaluated})
     for e in evaluated:
         if s.triples_file is not None or s.candidates is not None:
-            print(f"=== {e.job.where}: channel {e.job.channel}, classes {e.job.describe()}")
+            print(stage3_text.header_line(e.job))
         write_job(ctx, s, e, extras)
     if s.atlas is not None:
         write_atlas(s, [names.run_name(c.name) for c in checkpoints])
