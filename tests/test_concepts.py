@@ -18,6 +18,7 @@ from tests.test_cli import load_split, run_inproc
 from utils.method import attribution
 from utils.files.rows import gather_rows
 from utils.method import clustering
+from utils.model import loading
 from utils.stages import label_free
 from utils.method import similarities
 
@@ -72,7 +73,7 @@ def test_store_closed_forms_equal_model_pass(image_root, tmp_path, kind):
     W = conv.weight.detach()
     b = None if conv.bias is None else conv.bias.detach()
 
-    signs, positions, bn = label_free.layer_signs_and_positions(model, conv, torch.zeros(1, 3, 224, 224))
+    signs, positions, bn = loading.layer_signs_and_positions(model, conv, torch.zeros(1, 3, 224, 224))
     assert positions == a.shape[2] * a.shape[3]
     if kind == "vgg":
         assert bn is None and (signs == 1).all()

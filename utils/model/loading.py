@@ -262,3 +262,29 @@ def batchnorm_affine(bn):
     bias = bn.bias.double() if bn.bias is not None else torch.zeros_like(var)
     scale = weight / torch.sqrt(var + bn.eps)
     return scale, bias - scale * bn.running_mean.double()
+
+
+def blank(crop):
+    """A blank (1, 3, crop, crop) image: forwards of it find the BatchNorm after a layer and the layer's H' x W'."""
+    return torch.zeros(1, 3, crop, crop)
+
+
+def layer_signs_and_positions(model, conv, example):
+    """Per-channel sign of "strong" and the layer's number of output positions, from forwards on ``example``.
+
+    example: a small (n, 3, H, W) batch of the data's input size (no image is needed: zeros do).
+    Returns (signs, positions, bn_name): signs (C_out,) int64, -1 where the BatchNorm that directly takes
+    the layer's output (``batchnorm_after``) has a negative scale for the channel, else +1;
+    positions = H' * W'; bn_name the BatchNorm's module path or None.
+    """
+    from utils.model.tap import layer_input_output
+    _, a = layer_input_output(model, conv, example)
+    positions = int(a.shape[-2] * a.shape[-1])
+    bn = batchnorm_after(model, conv, example)
+    signs = torch.ones(conv.out_channels, dtype=torch.int64)
+    if bn is None:
+        return signs, positions, None
+    scale, _ = batchnorm_affine(bn)
+    signs[scale < 0] = -1
+    name = next(n for n, m in model.named_modules() if m is bn)
+    return signs, positions, name

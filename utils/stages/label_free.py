@@ -44,6 +44,7 @@ from utils.files import atomic, names, store
 from utils.files.rows import chunks, gather_rows, read_rows
 from utils.method.clustering import AUTO_KS, N_INIT, SEED, channel_record, exact_top_rows
 from utils.method.similarities import DEFAULT_CHUNK_ROWS, arv
+from utils.model import loading
 from utils.report import tables
 from utils.run import cli, context
 
@@ -141,37 +142,6 @@ def discover(patch_sums, labels, weight, channels, class_names, top_n=100, k=Non
     return out
 
 
-# ---------------------------------------------------------------------------- what the model adds (one tiny forward)
-
-def blank(ctx):
-    """A blank image of the transform's crop size: forwards of it find the BatchNorm and H' x W'."""
-    return torch.zeros(1, 3, ctx.transform.crop, ctx.transform.crop)
-
-
-def layer_signs_and_positions(model, conv, example):
-    """Per-channel sign of "strong" and the layer's number of output positions, from forwards on ``example``.
-
-    example: a small (n, 3, H, W) batch of the data's input size (no image is needed: zeros do).
-    Returns (signs, positions, bn_name): signs (C_out,) int64, -1 where the BatchNorm that directly takes
-    the layer's output (models.batchnorm_after) has a negative scale for the channel, else +1;
-    positions = H' * W'; bn_name the BatchNorm's module path or None.
-    """
-    from utils.model.tap import layer_input_output
-    from utils.model.loading import batchnorm_affine, batchnorm_after
-    _, a = layer_input_output(model, conv, example)
-    positions = int(a.shape[-2] * a.shape[-1])
-    bn = batchnorm_after(model, conv, example)
-    signs = torch.ones(conv.out_channels, dtype=torch.int64)
-    if bn is None:
-        return signs, positions, None
-    scale, _ = batchnorm_affine(bn)
-    signs[scale < 0] = -1
-    name = next(n for n, m in model.named_modules() if m is bn)
-    return signs, positions, name
-
-
-
-
 # ---------------------------------------------------------------------------- the stage: flags, run, concepts file
 
 def add_args(p):
@@ -252,7 +222,7 @@ def run(ctx, s):
     st = store.open_in(s.store_dir, ctx)
     labels = st.labels()
     check_top_n(s.top_n, s.k, labels)
-    signs, positions, bn = layer_signs_and_positions(ctx.model, ctx.conv, blank(ctx))
+    signs, positions, bn = loading.layer_signs_and_positions(ctx.model, ctx.conv, loading.blank(ctx.transform.crop))
     bias = None if ctx.conv.bias is None else ctx.conv.bias.detach()
     recs = discover(st.array("patch_sums"), labels, ctx.conv.weight.detach(), channels, st.manifest["classes"],
                     s.top_n, s.k, signs=signs, bias=bias, positions=positions, chunk_rows=s.chunk_rows, progress=True)

@@ -19,7 +19,6 @@ from utils.model import loading
 from utils.report import tables
 from utils.run import cli
 from utils.stages import passes
-from utils.stages.label_free import blank, layer_signs_and_positions
 
 
 def add_args(p):
@@ -176,7 +175,7 @@ def positive_activation_histogram(ctx, s, arrays, counts):
     The BatchNorm after the layer and the layer's output size come from forwards of a blank image (the
     store's transform makes every image the crop size). Returns (hist, report dict); prints the report.
     """
-    _, positions, bn_name = layer_signs_and_positions(ctx.model, ctx.conv, blank(ctx))
+    _, positions, bn_name = loading.layer_signs_and_positions(ctx.model, ctx.conv, loading.blank(ctx.transform.crop))
     bn = None if bn_name is None else ctx.model.get_submodule(bn_name)
     if bn is None:
         print(tables.no_batchnorm_note(ctx.layer_path))
