@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from utils import disentangle
 from utils.concepts import by_clusters, candidates, from_flags
@@ -78,6 +77,11 @@ def _exactness_images(n):
     return n
 
 
+def checkpoint_path(ctx, folder, concepts, rho):
+    """The path in ``folder`` of the checkpoint at ``rho`` (a float or "best") of a job's ``concepts``."""
+    return os.path.join(folder, concepts.checkpoint(ctx.name, rho))
+
+
 @dataclass
 class Job:
     """One split: its concepts (a ``Concepts``), their training rows (k arrays), ARVs (k (C_in,) float32), the
@@ -94,7 +98,7 @@ class Job:
         return [len(r) for r in self.rows]
 
     def checkpoint(self, ctx, folder, rho):
-        return os.path.join(folder, self.concepts.checkpoint(ctx.name, rho))
+        return checkpoint_path(ctx, folder, self.concepts, rho)
 
 
 def make_jobs(conv, patch_sums, concepts, rows, means=None):
@@ -131,9 +135,8 @@ def score_images(ctx, splits, indices, s, desc=None):
     if s.channels_last:
         model = model.to(memory_format=torch.channels_last)
     images = scan.scan(model, ctx.conv, ds, batches, ctx.device, s.num_workers, what=scan.INPUT_OUTPUT, hint=HINT,
-                       channels_last=s.channels_last)
-    return rho_scores.score_splits(ctx.conv, splits, tqdm(images, desc=desc, unit="batch", disable=desc is None),
-                                   ctx.device)
+                       desc=desc, channels_last=s.channels_last)
+    return rho_scores.score_splits(ctx.conv, splits, images, ctx.device)
 
 
 def exactness_images(ctx, targets, n):
@@ -255,7 +258,7 @@ CHUNK = 8  # --candidates: jobs scored and written together; an interruption los
 
 def job_files(ctx, folder, concepts):
     """Every file stage 3 writes for one job: the 20 checkpoints, the best one, the info file, the plot."""
-    cks = [os.path.join(folder, concepts.checkpoint(ctx.name, rho)) for rho in (*RHOS, "best")]
+    cks = [checkpoint_path(ctx, folder, concepts, rho) for rho in (*RHOS, "best")]
     return cks + [names.info_file(cks[-1]), names.scores_plot(cks[-1])]
 
 
@@ -336,7 +339,7 @@ def export_whole_layer(ctx, s, shared, concepts):
     best rho, read from its checkpoint), checked on the exactness images, then written."""
     from utils.model import whole_layer
     folder = names.checkpoints_dir(s.store_dir)
-    best = {t.channel: os.path.join(folder, t.checkpoint(ctx.name, "best")) for t in concepts}
+    best = {t.channel: checkpoint_path(ctx, folder, t, "best") for t in concepts}
     net = whole_layer.build_whole_layer_model(ctx.model, ctx.layer_path,
                                               {c: whole_layer.read_checkpoint(p) for c, p in best.items()})
     check, images, original = shared.exactness(ctx, s.exactness_images)
