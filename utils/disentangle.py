@@ -154,6 +154,17 @@ def checkpoint_problem(sd, conv):
     return None
 
 
+def conv_geometry(conv):
+    """A Conv2d's geometry as an exported network's record writes it (``kernel_size=(1, 1), stride=...``)."""
+    return (f"kernel_size={tuple(conv.kernel_size)}, stride={tuple(conv.stride)}, padding={tuple(conv.padding)}, "
+            f"dilation={tuple(conv.dilation)}, bias={conv.bias is not None}")
+
+
+def exported_weights(weights_id):
+    """The --weights an exported network's record names (None for a factory's own weights)."""
+    return None if weights_id == "factory" else weights_id
+
+
 def exported_state_dict(dmodel):
     """The disentangled network's state dict as plain, contiguous CPU tensors (nothing shared, no views)."""
     return {k: v.detach().cpu().clone().contiguous() for k, v in dmodel.state_dict().items()}
@@ -168,9 +179,7 @@ def export_model(dmodel, model_spec, weights_id, layer_path, channel, checkpoint
     c_out = merge.out_channels
     k = conv.out_channels - c_out
     rows = {"D1": channel, **{f"D{j}": c_out + j - 2 for j in range(2, k + 1)}, "R": c_out + k - 1}
-    geometry = (f"kernel_size={tuple(conv.kernel_size)}, stride={tuple(conv.stride)}, padding={tuple(conv.padding)}, "
-                f"dilation={tuple(conv.dilation)}, bias={conv.bias is not None}")
-    weights = None if weights_id == "factory" else weights_id
+    geometry, weights = conv_geometry(conv), exported_weights(weights_id)
     pth, js = names.exported_model(checkpoint_path)
     atomic.save_torch(pth, exported_state_dict(dmodel))
     atomic.write_json(js, {

@@ -13,7 +13,8 @@ import os
 import torch
 import torch.nn as nn
 
-from utils.disentangle import checkpoint_problem, concepts_of_checkpoint
+from utils.disentangle import (checkpoint_problem, concepts_of_checkpoint, conv_geometry, exported_state_dict,
+                               exported_weights)
 from utils.method import whole_layer as wl
 from utils.model import loading
 from utils.run.cli import UserError
@@ -137,27 +138,21 @@ def load_whole_layer_model(model, weights=None, layer="last_conv", checkpoints=N
     return build_whole_layer_model(base, path, sds).eval()
 
 
-def _geometry(conv):
-    return (f"kernel_size={tuple(conv.kernel_size)}, stride={tuple(conv.stride)}, padding={tuple(conv.padding)}, "
-            f"dilation={tuple(conv.dilation)}, bias={conv.bias is not None}")
-
-
 def export_whole_layer(paths, net, model_spec, weights_id, layer_path, checkpoint_names):
     """Write ``paths`` = (state dict ``.pth``, ``.json``) of the whole-layer network ``net``: its state dict and
     how to rebuild it (the keys of stage 3's exported single-channel network where they apply).
     ``checkpoint_names``: {channel: checkpoint file name}. Returns ``paths``."""
-    from utils.disentangle import exported_state_dict
     from utils.files import atomic
     pth, js = paths
     layer = net.get_submodule(layer_path)
     wide, c_out, m = layer[0], layer[1].c_out, len(layer.layout)
-    weights = None if weights_id == "factory" else weights_id
+    weights = exported_weights(weights_id)
     atomic.save_torch(pth, exported_state_dict(net))
     atomic.write_json(js, {
         "model": model_spec, "weights": weights, "layer": layer_path,
         "channels": {str(c): os.path.basename(str(n)) for c, n in sorted(checkpoint_names.items())},
         "state_dict": os.path.basename(pth),
-        "layer_replaced_by": [f"Conv2d({wide.in_channels}, {m}, {_geometry(wide)})",
+        "layer_replaced_by": [f"Conv2d({wide.in_channels}, {m}, {conv_geometry(wide)})",
                               f"SparseMerge({m} -> {c_out}): out[:, target[m]] += coeff[m] * maps[:, m]"],
         "rows_of_first_conv": [[c, part] for c, part in layer.layout],
         "units": len(wl.units(layer.layout)),
