@@ -425,8 +425,10 @@ def _old_tree(dst):
 def _run_old(tree, *calls):
     """Run (script, args) calls of the old code one after the other in one process (one import of torch)."""
     calls = [(script, [str(a) for a in args]) for script, args in calls]
-    proc = subprocess.run([sys.executable, "-c", DRIVER, tree, json.dumps(calls)], cwd=tree,
-                          env=dict(os.environ, PYTHONPATH=tree), capture_output=True, text=True)
+    # the threads of this process, which runs the new code: CPU convolutions round by their thread count
+    env = dict(os.environ, PYTHONPATH=tree, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    proc = subprocess.run([sys.executable, "-c", DRIVER, tree, json.dumps(calls)], cwd=tree, env=env,
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
 

@@ -15,7 +15,16 @@ from utils.method import purity
 from utils.method import sae as S
 from utils.files.names import class_checkpoint
 
-torch.set_num_threads(1)  # tiny matrices: one thread is fastest on a shared machine
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: one thread is fastest on a shared machine; the count is given back after this module (set at
+    import, it held for every test of the session, whose in-process runs then rounded otherwise)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 SAE_SMALL = ["--get_sae_view", "--sae_steps", 30, "--sae_positions_per_image", 3, "--sae_batch_size", 64]
 
