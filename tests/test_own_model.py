@@ -297,11 +297,12 @@ def test_stage2_bounds(tmp_path, flags, words):
 def test_list_layers_on_every_script():
     for script in (S1, S2, S3, S4):
         r = ok(script, "--list_layers", "--model", "tests.tiny_models:tiny_resnet")
-        lines = [x.split() for x in r.stdout.splitlines()[1:]]
+        lines = r.stdout.splitlines()[1:]
         model = tiny_models.tiny_resnet()
-        convs = [(n, tuple(m.weight.shape)) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
-        assert [(x[0], eval("".join(x[1:5]))) for x in lines] == convs
-        assert "last_conv" in r.stdout.splitlines()[-1]
+        layers = [(n, tuple(m.weight.shape)) for n, m in model.named_modules()
+                  if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+        assert [(x.split()[0], eval(x[x.index("("):x.index(")") + 1])) for x in lines] == layers
+        assert [x.split()[0] for x in lines if "last_conv" in x] == ["conv3"]  # the last conv, not the fc head
 
 
 def test_stage3_and_4_take_each_others_flag_names_and_refuse_abbreviations():

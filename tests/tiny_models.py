@@ -51,6 +51,29 @@ class GroupedNet(nn.Module):
         return self.fc(self.conv(x).mean(dim=(2, 3)))
 
 
+class Mixed(nn.Module):
+    """conv -> grouped conv (groups 2) -> depthwise conv -> Linear on (N, H, W, C) -> tokens -> MLP on (N, T, C)
+    -> mean over tokens -> Linear feature -> Linear logits."""
+
+    def __init__(self, num_classes=4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.grouped = nn.Conv2d(8, 12, 3, padding=1, groups=2)
+        self.bn = nn.BatchNorm2d(12)
+        self.dw = nn.Conv2d(12, 12, 3, padding=1, groups=12)
+        self.pw = nn.Linear(12, 10)
+        self.mlp = nn.Sequential(nn.Linear(10, 14), nn.GELU(), nn.Linear(14, 10))
+        self.head = nn.Linear(10, 6)
+        self.fc = nn.Linear(6, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.grouped(torch.relu(self.stem(x)))))
+        x = self.pw(self.dw(x).permute(0, 2, 3, 1))                  # (N, H, W, 10)
+        t = x.flatten(1, 2)                                            # (N, T, 10)
+        t = t + self.mlp(t)
+        return self.fc(torch.tanh(self.head(t.mean(dim=1))))
+
+
 def _randomize_bn(model, seed):
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
@@ -105,3 +128,10 @@ def ten_outputs():
     """The tiny ResNet with 10 outputs (for class folders that do not fit its outputs)."""
     torch.manual_seed(0)
     return TinyResNet(num_classes=10).eval()
+
+
+def mixed_net():
+    """Every layer kind of utils.model.layer_view: grouped conv, depthwise conv, Linear over (N, H, W, C), MLP on
+    (N, T, C), Linear head; BatchNorm statistics randomized."""
+    torch.manual_seed(0)
+    return _randomize_bn(Mixed(), 5).eval()

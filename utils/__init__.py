@@ -8,8 +8,10 @@ what the math needs around it. The method itself, in words and formulas: docs/me
   split rule for k concepts, merge weights), ``rho_scores`` (the best-rho scores), ``evaluation`` (stage 4's
   numbers), ``clustering`` (label-free concepts), ``sae`` (TopK SAE), ``purity``, ``whole_layer`` (every split
   channel of a layer at once)
-- ``model/``       ``loading`` (models, weights, layers), ``tap`` (a layer's input and output; a forward that stops
-  there), ``whole_layer`` (the whole-layer network: build, export, load)
+- ``model/``       ``loading`` (models, weights, layers), ``layer_view`` (a conv, grouped conv or Linear as one kind of
+  layer: a unit is a weighted sum of input channels over positions), ``layer_survey`` (which layers are
+  supported, the default layer, why the others are refused), ``tap`` (a layer's input and output; a forward
+  that stops there), ``whole_layer`` (the whole-layer network: build, export, load)
 - ``data/``        ``folders`` (ImageFolder, transform, loaders), ``scan`` (the one pass over images up to a
   layer), ``classmap`` (class folders to model outputs), ``cpu_decode``, ``gpu_decode``, ``overlap`` (stage 1)
 - ``files/``       ``names`` (every file name the stages write or read), ``atomic`` (writes, locks), ``store``

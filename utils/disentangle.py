@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from utils.files import names
+from utils.model.layer_view import as_view, describe, out_units, set_weight
 from utils.model.loading import replace_module
 
 
@@ -28,29 +29,33 @@ def disentangled_conv(conv, channel, state_dict):
     """``Sequential(L', M)`` replacing ``conv``, for k = (filters in the checkpoint) - 1 concepts: L' has
     C_out + k output channels (row ``channel`` = D_1, rows C_out .. C_out+k-2 = D_2 .. D_k, row C_out+k-1 = R),
     M is a bias-free 1x1 conv C_out + k -> C_out adding D_2 + ... + D_k - (k-1) R back into ``channel``
-    (k = 2: rows C_out = D2, C_out + 1 = R). Same function as ``conv``."""
-    c_out = conv.out_channels
-    D = state_dict["disentangled.weight"].to(conv.weight)
+    (k = 2: rows C_out = D2, C_out + 1 = R). Same function as ``conv``.
+
+    ``conv``: a Conv2d, grouped Conv2d or Linear, or its LayerView (``utils.model.layer_view``): a grouped conv's
+    L' is a dense Conv2d (its rows zero outside their group), a Linear's L' and M are Linear layers."""
+    view = as_view(conv)
+    weight = view.weight
+    c_out = view.out_channels
+    D = state_dict["disentangled.weight"].to(weight)
     k = D.shape[0] - 1
-    new = nn.Conv2d(conv.in_channels, c_out + k, conv.kernel_size, conv.stride, conv.padding,
-                    conv.dilation, bias=conv.bias is not None).to(conv.weight.device)
-    merge = nn.Conv2d(c_out + k, c_out, 1, bias=False).to(conv.weight.device)
+    new = view.wide_layer(c_out + k)
+    merge = view.merge_layer(c_out + k)
     with torch.no_grad():
-        w = torch.cat([conv.weight, D[1:k + 1]])
+        w = torch.cat([weight, D[1:k + 1]])
         w[channel] = D[0]
-        new.weight.copy_(w)
-        if conv.bias is not None:
-            bk = state_dict["disentangled.bias"].to(conv.bias)
-            b = torch.cat([conv.bias, bk[1:k + 1]])
+        set_weight(new, w)
+        if view.bias is not None:
+            bk = state_dict["disentangled.bias"].to(view.bias)
+            b = torch.cat([view.bias, bk[1:k + 1]])
             b[channel] = bk[0]
             new.bias.copy_(b)
-        m = torch.zeros(c_out, c_out + k, 1, 1, dtype=conv.weight.dtype, device=conv.weight.device)
+        m = torch.zeros(c_out, c_out + k, 1, 1, dtype=weight.dtype, device=weight.device)
         m[torch.arange(c_out), torch.arange(c_out)] = 1
         mw = state_dict["merged.weight"].flatten().to(m)
         m[channel, channel] = mw[0]
         for i in range(k):
             m[channel, c_out + i] = mw[i + 1]
-        merge.weight.copy_(m)
+        set_weight(merge, m)
     seq = nn.Sequential(new, merge)
     for prm in seq.parameters():
         prm.requires_grad_(False)
@@ -139,7 +144,7 @@ def checkpoint_problem(sd, conv):
     None: disentangled.weight (k+1, C_in, kh, kw), merged.weight (1, k+1, 1, 1), disentangled.bias (k+1,)
     exactly when the layer has a bias."""
     d = sd.get("disentangled.weight") if isinstance(sd, dict) else None
-    shape = tuple(conv.weight.shape[1:])
+    shape = tuple(as_view(conv).weight.shape[1:])
     if d is None or d.dim() != 4 or d.shape[0] < 3 or tuple(d.shape[1:]) != shape:
         return (f"disentangled.weight has shape {None if d is None else tuple(d.shape)}, expected (k+1, "
                 f"{', '.join(map(str, shape))}) with k >= 2 concepts")
@@ -176,17 +181,17 @@ def export_model(dmodel, model_spec, weights_id, layer_path, channel, checkpoint
     Returns the two paths."""
     from utils.files import atomic
     conv, merge = dmodel.get_submodule(layer_path)  # L' has the layer's geometry, M its output channels
-    c_out = merge.out_channels
-    k = conv.out_channels - c_out
+    c_out = out_units(merge)
+    k = out_units(conv) - c_out
     rows = {"D1": channel, **{f"D{j}": c_out + j - 2 for j in range(2, k + 1)}, "R": c_out + k - 1}
-    geometry, weights = conv_geometry(conv), exported_weights(weights_id)
+    geometry = None if isinstance(conv, nn.Linear) else conv_geometry(conv)
+    weights = exported_weights(weights_id)
     pth, js = names.exported_model(checkpoint_path)
     atomic.save_torch(pth, exported_state_dict(dmodel))
     atomic.write_json(js, {
         "model": model_spec, "weights": weights, "layer": layer_path, "channel": channel,
         "checkpoint": os.path.basename(checkpoint_path), "state_dict": os.path.basename(pth),
-        "layer_replaced_by": [f"Conv2d({conv.in_channels}, {c_out + k}, {geometry})",
-                              f"Conv2d({c_out + k}, {c_out}, kernel_size=(1, 1), bias=False)"],
+        "layer_replaced_by": [describe(conv, geometry), describe(merge, "kernel_size=(1, 1), bias=False")],
         "rows_of_first_conv": rows,
         "rebuild": (f"from utils.disentangle import load_disentangled_model; "
                     f"net = load_disentangled_model({model_spec!r}, {weights!r}, {layer_path!r}, {channel}, "

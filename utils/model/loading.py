@@ -20,18 +20,22 @@ def model_tag(model_spec):
     return re.sub(r"[^A-Za-z0-9_-]+", "_", model_spec).strip("_")
 
 
-def default_layer(model):
-    """Module path of the model's last Conv2d (``--layer_of_interest last_conv``), or None."""
-    convs = conv_layers(model)
-    return convs[-1][0] if convs else None
+def default_layer(model, crop=None):
+    """Module path of the model's default layer (``--layer_of_interest last_conv``), or None: the last layer on
+    the main path that the method splits and whose channels are features (``layer_survey.default_layer``: the
+    last Conv2d of a CNN, not a classifier conv whose channels are the class scores; ConvNeXt's last pointwise
+    Linear; the last MLP's first Linear of a transformer). ``crop``: the input size for the one forward pass that
+    tells which Linear layers run over positions (default 224)."""
+    from utils.model import layer_survey
+    return layer_survey.default_layer(model, crop)
 
 
-def file_tag(model, model_spec, layer_path):
+def file_tag(model, model_spec, layer_path, crop=None):
     """What names a run's files: the model tag for its last conv (the default layer: the published names,
     ``resnet50`` for layer4.2.conv3), else the tag and the layer (``resnet18_layer3.1.conv2``), so that
     the files of two layers of one model never collide."""
     tag = model_tag(model_spec)
-    if layer_path == default_layer(model):
+    if layer_path == default_layer(model, crop):
         return tag
     return f"{tag}_{re.sub(r'[^A-Za-z0-9_.-]+', '_', layer_path).strip('_')}"
 
@@ -178,41 +182,59 @@ def conv_layers(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
 
 
-def resolve_layer(model, layer_path):
-    """Return ``(path, conv)`` for a module path or ``last_conv``; refuse non-Conv2d and grouped convs."""
+def resolve_layer(model, layer_path, crop=None):
+    """Return ``(path, LayerView)`` for a module path or ``last_conv`` (the default layer, ``default_layer``).
+
+    Refused with one line: no such module, a module that is neither a Conv2d nor a Linear, a depthwise conv
+    (nothing to split; the nearest supported layer after it is named), a conv with another padding mode or
+    string padding, a Linear the forward pass never calls as a module (``crop``: the input size of that pass)."""
+    from utils.model import layer_survey
+    from utils.model.layer_view import LayerView
     if layer_path == "last_conv":
-        convs = conv_layers(model)
-        if not convs:
-            raise UserError("--layer_of_interest last_conv: the model has no Conv2d")
-        layer_path = convs[-1][0]
+        layer_path = default_layer(model, crop)
+        if layer_path is None:
+            raise UserError("--layer_of_interest last_conv: the model has no Conv2d or Linear layer the method "
+                            "splits (--list_layers shows them)")
     try:
         module = model.get_submodule(layer_path)
     except AttributeError:
         convs = [n for n, _ in conv_layers(model)]
         hint = f" (last convs: {', '.join(convs[-3:])})" if convs else ""
         raise UserError(f"--layer_of_interest {layer_path}: no such module in the model{hint}")
-    if not isinstance(module, nn.Conv2d):
-        raise UserError(f"--layer_of_interest {layer_path}: is a {type(module).__name__}, not a Conv2d")
-    if module.groups != 1:
-        raise UserError(f"--layer_of_interest {layer_path}: grouped convolutions (groups={module.groups}) "
-                        f"are not supported; choose a conv with groups=1")
-    if module.padding_mode != "zeros":
-        raise UserError(f"--layer_of_interest {layer_path}: padding_mode '{module.padding_mode}' is not "
-                        f"supported (only zero padding)")
-    if isinstance(module.padding, str):
-        raise UserError(f"--layer_of_interest {layer_path}: string padding '{module.padding}' is not supported")
-    return layer_path, module
+    if not isinstance(module, (nn.Conv2d, nn.Linear)):
+        raise UserError(f"--layer_of_interest {layer_path}: is a {type(module).__name__}, not a Conv2d or Linear")
+    why = layer_survey.refusal(model, layer_path, module, crop)
+    if why:
+        raise UserError(f"--layer_of_interest {layer_path}: {why}")
+    return layer_path, LayerView(module)
+
+
+def check_input_size(model, model_spec, crop):
+    """Refuse (one line) a --crop the model cannot take: a model with a fixed input size (torchvision's ViT:
+    ``image_size``) and any other crop."""
+    size = getattr(model, "image_size", None)
+    if isinstance(size, int) and crop is not None and crop != size:
+        raise UserError(f"--crop {crop}: --model {model_spec} takes only {size} x {size} inputs (its position "
+                        f"embedding is fixed); pass --crop {size} (and a --resize of at least {size})")
 
 
 def layer_geometry(conv):
-    """JSON-friendly description of a Conv2d: shapes, stride, padding, dilation, bias."""
-    return {
-        "weight_shape": list(conv.weight.shape),
-        "stride": list(conv.stride),
-        "padding": list(conv.padding),
-        "dilation": list(conv.dilation),
-        "bias": conv.bias is not None,
+    """JSON-friendly description of the layer: shapes, stride, padding, dilation, bias (a Conv2d); a grouped
+    conv adds ``groups``; a Linear is ``{"linear": true, "weight_shape": [out, in], "bias": ...}``."""
+    from utils.model.layer_view import as_view
+    view = as_view(conv)
+    if view.kind == "linear":
+        return {"linear": True, "weight_shape": list(view.module.weight.shape), "bias": view.bias is not None}
+    geometry = {
+        "weight_shape": list(view.module.weight.shape),
+        "stride": list(view.stride),
+        "padding": list(view.padding),
+        "dilation": list(view.dilation),
+        "bias": view.bias is not None,
     }
+    if view.kind == "grouped":
+        geometry["groups"] = view.groups
+    return geometry
 
 
 def check_nr_channels(conv, nr_channels, layer_path):
@@ -244,7 +266,8 @@ def batchnorm_after(model, conv, example):
         if "out" in seen and inputs[0] is seen["out"] and inputs[0]._version == seen["version"]:
             found.append(module)
 
-    hooks = [conv.register_forward_hook(on_conv)]
+    from utils.model.layer_view import as_view
+    hooks = [as_view(conv).module.register_forward_hook(on_conv)]
     hooks += [m.register_forward_pre_hook(on_bn) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     try:
         with torch.no_grad():

@@ -1,7 +1,8 @@
 """Taps on a layer: what goes into and out of it during a forward pass, and a forward that stops there.
 
-Every pass of the stages reads a conv layer's input x (N, C_in, H, W) and output a (N, C_out, H', W') through
-``LayerTap`` (a forward hook); passes that need no logits stop the forward right after the layer (``stop=True``),
+Every pass of the stages reads a layer's input x (N, C_in, H, W) and output a (N, C_out, H', W') through
+``LayerTap`` (a forward hook), channel-first whatever the layer (``utils.model.layer_view``: a Linear's
+(N, T, C) is seen as (N, C, T, 1)); passes that need no logits stop the forward right after the layer (``stop=True``),
 and the feature visualization, which differentiates through the layer's input, stops right before it
 (``before=True``). Gradients of ``logits_and_layer_grad`` flow only from the logits down to the layer's output:
 the hook replaces ``a`` by a detached leaf that requires grad, so no graph is built below the layer.
@@ -9,6 +10,8 @@ the hook replaces ``a`` by a detached leaf that requires grad, so no graph is bu
 import contextlib
 
 import torch
+
+from utils.model.layer_view import as_view
 
 
 class StopForward(Exception):
@@ -22,23 +25,28 @@ class LayerTap:
     ``stop=True``: the forward pass is aborted right after the layer (only ``x``/``a`` are wanted).
     ``before=True``: the forward pass is aborted right before the layer, and ``x`` keeps its graph (a function of
     the images, for a gradient through it); ``a`` stays None.
+
+    ``layer``: a module the method splits or its ``LayerView``; ``x`` and ``a`` are channel-first, and with
+    ``leaf=True`` ``a_leaf`` is the leaf itself in the layer's own layout (what gradients are taken against).
     """
 
     def __init__(self, layer, leaf=False, stop=False, before=False):
-        self.layer, self.leaf, self.stop, self.before = layer, leaf, stop, before
-        self.x = self.a = None
+        self.view = as_view(layer)
+        self.layer, self.leaf, self.stop, self.before = self.view.module, leaf, stop, before
+        self.x = self.a = self.a_leaf = None
 
     def _pre_hook(self, module, inputs):
-        self.x = inputs[0]
+        self.x = self.view.channel_first(inputs[0])
         raise StopForward
 
     def _hook(self, module, inputs, output):
-        self.x = inputs[0].detach()
+        self.x = self.view.channel_first(inputs[0].detach())
         if self.leaf:
-            self.a = output.detach().float().requires_grad_(True)
-            output = self.a.clone()  # a non-leaf copy: an in-place op after the layer (ReLU(inplace=True)) is fine
+            self.a_leaf = output.detach().float().requires_grad_(True)
+            self.a = self.view.channel_first(self.a_leaf)
+            output = self.a_leaf.clone()  # a non-leaf copy: an in-place op after the layer (ReLU(inplace=True)) is fine
         else:
-            self.a = output
+            self.a = self.view.channel_first(output)
         if self.stop:
             raise StopForward
         return output
@@ -101,5 +109,5 @@ def logits_and_layer_grad(model, layer, images, labels, autocast_dtype=None):
     if tap.a is None:
         raise RuntimeError("the layer of interest was not reached in the forward pass")
     logits = logits.float()
-    (g,) = torch.autograd.grad(logits.gather(1, labels[:, None]).sum(), tap.a)
-    return tap.x, tap.a.detach(), g, logits.detach()
+    (g,) = torch.autograd.grad(logits.gather(1, labels[:, None]).sum(), tap.a_leaf)
+    return tap.x, tap.a.detach(), tap.view.channel_first(g), logits.detach()

@@ -17,6 +17,7 @@ from utils.disentangle import (checkpoint_problem, concepts_of_checkpoint, conv_
                                exported_weights)
 from utils.method import whole_layer as wl
 from utils.model import loading
+from utils.model.layer_view import as_view, describe, set_weight
 from utils.run.cli import UserError
 
 
@@ -26,9 +27,9 @@ class SparseMerge(nn.Module):
     ``target`` (M,) int64 and ``coeff`` (M,) are buffers, so that the state dict holds them; the passes of the
     merge (``merge_passes``) are computed once per ``target`` and device."""
 
-    def __init__(self, target, coeff, c_out):
+    def __init__(self, target, coeff, c_out, channel_last=False):
         super().__init__()
-        self.c_out = c_out
+        self.c_out, self.channel_last = c_out, channel_last
         self.register_buffer("target", target.clone())
         self.register_buffer("coeff", coeff.clone())
         self._passes = (None, None)
@@ -40,6 +41,8 @@ class SparseMerge(nn.Module):
         return self._passes[1]
 
     def forward(self, maps):
+        if self.channel_last:  # after a Linear: (N, ..., M) -> (N, ..., C_out)
+            return wl.merge_maps(maps.movedim(-1, 1), self.target, self.coeff, self.c_out, self.passes()).movedim(1, -1)
         return wl.merge_maps(maps, self.target, self.coeff, self.c_out, self.passes())
 
     def extra_repr(self):
@@ -55,17 +58,16 @@ class WholeLayer(nn.Sequential):
         self.layout = [tuple(r) for r in layout]
 
 
-def _wide_conv(conv, rows):
-    """An empty Conv2d with ``conv``'s geometry and ``rows`` output channels, on its device, frozen."""
-    return nn.Conv2d(conv.in_channels, rows, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                     bias=conv.bias is not None, padding_mode=conv.padding_mode).to(conv.weight)
-
-
 def empty_whole_layer(conv, layout):
-    """A ``WholeLayer`` of ``layout`` for ``conv`` with zero weights (``load_state_dict`` fills it)."""
+    """A ``WholeLayer`` of ``layout`` for ``conv`` (a Conv2d, grouped Conv2d or Linear, or its LayerView) with
+    zero weights (``load_state_dict`` fills it): L' with ``conv``'s geometry and one row per entry of ``layout``
+    (``LayerView.wide_layer``: a Linear for a Linear, a dense Conv2d for a grouped conv), on its device, frozen."""
+    view = as_view(conv)
     m = len(layout)
-    merge = SparseMerge(torch.zeros(m, dtype=torch.int64), torch.zeros(m, dtype=conv.weight.dtype), conv.out_channels)
-    layer = WholeLayer(_wide_conv(conv, m), merge.to(conv.weight.device), layout)
+    weight = view.module.weight
+    merge = SparseMerge(torch.zeros(m, dtype=torch.int64), torch.zeros(m, dtype=weight.dtype), view.out_channels,
+                        channel_last=view.kind == "linear")
+    layer = WholeLayer(view.wide_layer(m, dtype_too=True), merge.to(weight.device), layout)
     for p in layer.parameters():
         p.requires_grad_(False)
     return layer
@@ -86,6 +88,7 @@ def check_checkpoints(conv, layer_path, checkpoints):
 
 def whole_layer_conv(conv, checkpoints, layer_path="the layer"):
     """The ``WholeLayer`` replacing ``conv`` for {channel: checkpoint state dict}; same function as ``conv``."""
+    conv = as_view(conv)
     check_checkpoints(conv, layer_path, checkpoints)
     ks = {c: concepts_of_checkpoint(sd) for c, sd in checkpoints.items()}
     layout = wl.row_layout(conv.out_channels, ks)
@@ -96,7 +99,7 @@ def whole_layer_conv(conv, checkpoints, layer_path="the layer"):
     target, coeff = wl.merge_entries(layout, merges, conv.weight.dtype)
     layer = empty_whole_layer(conv, layout)
     with torch.no_grad():
-        layer[0].weight.copy_(weight)
+        set_weight(layer[0], weight)
         if bias is not None:
             layer[0].bias.copy_(bias)
         layer[1].target.copy_(target)
@@ -152,7 +155,7 @@ def export_whole_layer(paths, net, model_spec, weights_id, layer_path, checkpoin
         "model": model_spec, "weights": weights, "layer": layer_path,
         "channels": {str(c): os.path.basename(str(n)) for c, n in sorted(checkpoint_names.items())},
         "state_dict": os.path.basename(pth),
-        "layer_replaced_by": [f"Conv2d({wide.in_channels}, {m}, {conv_geometry(wide)})",
+        "layer_replaced_by": [describe(wide, None if isinstance(wide, nn.Linear) else conv_geometry(wide)),
                               f"SparseMerge({m} -> {c_out}): out[:, target[m]] += coeff[m] * maps[:, m]"],
         "rows_of_first_conv": [[c, part] for c, part in layer.layout],
         "units": len(wl.units(layer.layout)),
@@ -160,7 +163,11 @@ def export_whole_layer(paths, net, model_spec, weights_id, layer_path, checkpoin
                     f"net = load_exported_whole_layer({os.path.basename(js)!r})"),
         "without_this_code": (f"replace {layer_path} by torch.nn.Sequential(the Conv2d above, Conv2d({m}, {c_out}, "
                               f"kernel_size=1, bias=False)); load {layer_path}.0.* from the state dict; the 1x1 "
-                              f"conv's weight[target[m], m] = coeff[m] ({layer_path}.1.target and .coeff), 0 elsewhere")})
+                              f"conv's weight[target[m], m] = coeff[m] ({layer_path}.1.target and .coeff), 0 elsewhere"
+                              if not isinstance(wide, nn.Linear) else
+                              f"replace {layer_path} by torch.nn.Sequential(the Linear above, Linear({m}, {c_out}, "
+                              f"bias=False)); load {layer_path}.0.* from the state dict; the second Linear's "
+                              f"weight[target[m], m] = coeff[m] ({layer_path}.1.target and .coeff), 0 elsewhere")})
     return paths
 
 

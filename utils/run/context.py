@@ -25,7 +25,7 @@ class Context:
     weights_id: str
     weights_sha256: str
     layer_path: str
-    conv: nn.Conv2d
+    conv: object                     # the layer of interest as a utils.model.layer_view.LayerView
     dataset: object = None
     fingerprint: dict = None
     name: str = None                 # the model (and, for a layer other than the last conv, layer) in file names
@@ -143,7 +143,8 @@ def setup(args, split="train", need_data=True, store_flag=None, defer_class_erro
     device = cli.select_device(args.device, args.gpu)
     # stage 1 (no store to read) makes sure that a later stage can build the same weights again
     model, weights_id = loading.load_model(args.model, args.weights, check_repeatable=store_flag is None)
-    layer_path, conv = loading.resolve_layer(model, args.layer_of_interest)
+    loading.check_input_size(model, args.model, transform.crop)
+    layer_path, conv = loading.resolve_layer(model, args.layer_of_interest, transform.crop)
     if missing:  # the layer exists, but the store folder has no store of it
         raise cli.UserError(missing)
     loading.check_nr_channels(conv, args.nr_channels_in_layer_of_interest, layer_path)
@@ -154,7 +155,7 @@ def setup(args, split="train", need_data=True, store_flag=None, defer_class_erro
     tag = loading.model_tag(args.model)
     ctx = Context(device=device, model=model, model_spec=args.model, tag=tag,
                   weights_id=weights_id, weights_sha256=loading.weights_sha256(model),
-                  layer_path=layer_path, conv=conv, name=loading.file_tag(model, args.model, layer_path),
+                  layer_path=layer_path, conv=conv, name=loading.file_tag(model, args.model, layer_path, transform.crop),
                   transform=transform)
     if need_data:
         ctx.dataset = folders.image_folder(args.data_dir, split, transform=folders.eval_transform(transform))
@@ -208,15 +209,16 @@ def list_layers(args):
     if weights is None and ":" not in spec:
         weights = "none"  # the shapes do not depend on the weights: nothing to download
     model, _ = loading.load_model(spec, weights)
-    convs = loading.conv_layers(model)
-    if not convs:
-        raise cli.UserError(f"--model {spec}: the model has no Conv2d layer")
-    width = max(len(n) for n, _ in convs)
-    print(f"Conv2d layers of {spec} (--layer_of_interest NAME; weight shape = out, in, kh, kw):")
-    for i, (name, conv) in enumerate(convs):
-        note = "   <- last_conv (the default)" if i == len(convs) - 1 else ""
-        groups = f", groups {conv.groups} (not supported)" if conv.groups != 1 else ""
-        print(f"  {name:<{width}}  {tuple(conv.weight.shape)}{groups}{note}")
+    from utils.model import layer_survey
+    crop = getattr(args, "crop", None)
+    rows = layer_survey.listing(model, crop)
+    if not rows:
+        raise cli.UserError(f"--model {spec}: the model has no Conv2d or Linear layer")
+    width = max(len(n) for n, _, _ in rows)
+    shape_width = max(len(str(s)) for _, s, _ in rows)
+    print(f"Conv2d and Linear layers of {spec} (--layer_of_interest NAME; weight shape = out, in[, kh, kw]):")
+    for name, shape, note in rows:
+        print(f"  {name:<{width}}  {str(shape):<{shape_width}}  {note}")
     return 0
 
 
