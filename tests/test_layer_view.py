@@ -201,3 +201,49 @@ def test_stages_1_to_4_on_a_grouped_conv_and_the_default_linear(image_root, tmp_
     js = [os.path.join(r, f) for r, _, fs in os.walk(store) for f in fs if f.endswith("_whole_layer_model.json")]
     net, x = load_exported_whole_layer(js[0]), images(3)
     torch.testing.assert_close(net(x), mixed_net()(x), rtol=1e-4, atol=1e-5)
+
+
+def tiny_torchvision(family):
+    """Reduced members of torchvision's families (their own classes at tiny widths): (model, input size)."""
+    import torchvision
+    from torchvision.models import ConvNeXt, MaxVit, ResNet, SwinTransformer, VisionTransformer
+    from torchvision.models.convnext import CNBlockConfig
+    from torchvision.models.resnet import Bottleneck
+    torch.manual_seed(0)
+    m, size = {
+        "vit": lambda: (VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16,
+                                          mlp_dim=32, num_classes=5), 32),
+        "swin": lambda: (SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[1, 1], num_heads=[1, 1],
+                                         window_size=[2, 2], num_classes=5), 32),
+        "convnext": lambda: (ConvNeXt([CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)], num_classes=5), 32),
+        "maxvit": lambda: (MaxVit(input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[8, 16],
+                                  block_layers=[1, 1], head_dim=4, stochastic_depth_prob=0.0, num_classes=5), 32),
+        "resnext": lambda: (ResNet(Bottleneck, [1, 1, 1, 1], groups=4, width_per_group=2, num_classes=5), 32),
+        "squeezenet": lambda: (torchvision.models.squeezenet1_1(num_classes=5), 64),
+    }[family]()
+    m.eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m, size
+
+
+@pytest.mark.parametrize("family,layer", [
+    ("vit", "encoder.layers.encoder_layer_1.mlp.0"),                       # the last MLP's first Linear
+    ("swin", "features.3.0.mlp.0"),
+    ("maxvit", "blocks.1.layers.0.layers.grid_attention.mlp_layer.1"),
+    ("convnext", "features.3.0.block.5"),                                   # the last pointwise Linear
+    ("squeezenet", "features.12.expand3x3"),                                # not the classifier conv (the logits)
+    ("resnext", "layer4.0.conv2")])                                         # a grouped conv (not the default)
+def test_torchvision_families_reduced(family, layer):
+    """The default layer of each transformer family and SqueezeNet, and on it (ResNeXt: its grouped conv) the
+    split of channel 1 gives the original's logits."""
+    model, size = tiny_torchvision(family)
+    if family != "resnext":
+        assert layer_survey.default_layer(model, size) == layer
+    path, view = loading.resolve_layer(model, layer, size)
+    assert view.kind == ("grouped" if family == "resnext" else "conv" if family == "squeezenet" else "linear")
+    arvs = torch.rand(2, view.in_channels, generator=torch.Generator().manual_seed(0))
+    sd = split.checkpoint_state_dict(split.split_filter_k(view.weight[1], arvs, 0.5),
+                                     None if view.bias is None else view.bias[1])
+    x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(disentangled_model(model, path, 1, sd)(x), model(x), rtol=1e-4, atol=1e-5)
