@@ -44,9 +44,10 @@ Every stage script takes the same model flags, so one set can be pasted into all
 - `--weights`: a torchvision weights name (default `IMAGENET1K_V1` where torchvision has it, else
   `DEFAULT`), the path of a state-dict file (a torchvision architecture takes its number of classes from
   the file, so fine-tuned models load), or `none`.
-- `--layer_of_interest`: `last_conv` (default) or a module path such as `layer3.5.conv2` or
-  `features.28`: any `Conv2d` with `groups=1`, any kernel size, stride, padding, dilation, with or
-  without bias.
+- `--layer_of_interest`: `last_conv` (default: the model's default layer, the last `Conv2d` of a CNN) or a
+  module path such as `layer3.5.conv2` or `features.28`: any `Conv2d` (any kernel size, stride, padding,
+  dilation, with or without bias), a grouped `Conv2d` with several input channels per group, or a `Linear`
+  on (N, C), (N, T, C) or (N, H, W, C); depthwise convs are refused ([models.md](models.md)).
 
 The store's manifest records the weights' sha256, and every later stage refuses a store made with other
 weights, another layer or other data.

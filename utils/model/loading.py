@@ -211,11 +211,16 @@ def resolve_layer(model, layer_path, crop=None):
 
 def check_input_size(model, model_spec, crop):
     """Refuse (one line) a --crop the model cannot take: a model with a fixed input size (torchvision's ViT:
-    ``image_size``) and any other crop."""
+    ``image_size``) and any other crop, or a torchvision model whose forward pass fails at that size (MaxViT,
+    built for 224 x 224)."""
     size = getattr(model, "image_size", None)
     if isinstance(size, int) and crop is not None and crop != size:
         raise UserError(f"--crop {crop}: --model {model_spec} takes only {size} x {size} inputs (its position "
                         f"embedding is fixed); pass --crop {size} (and a --resize of at least {size})")
+    from utils.model import layer_survey
+    if ":" not in model_spec and crop is not None and layer_survey.survey(model, crop) is None:
+        raise UserError(f"--crop {crop}: --model {model_spec} does not run on {crop} x {crop} inputs (torchvision "
+                        f"builds it for 224 x 224); pass --crop 224")
 
 
 def layer_geometry(conv):

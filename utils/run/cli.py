@@ -35,13 +35,14 @@ def add_model_args(parser, store=True, data=True, store_aliases=()):
                         "else DEFAULT), a path to a state-dict file, or 'none' for the model as built "
                         "(initialised with a fixed seed, the same weights in every run)")
     g.add_argument("--layer_of_interest", default=None,
-                   help="module path of the Conv2d to study (e.g. layer4.2.conv3) or last_conv "
-                        "(default: the store's, else last_conv, which is layer4.2.conv3 for resnet50); "
-                        "--list_layers shows them")
+                   help="module path of the Conv2d, grouped Conv2d or Linear to study (e.g. layer4.2.conv3) or "
+                        "last_conv, the model's default layer (default: the store's, else last_conv, which is "
+                        "layer4.2.conv3 for resnet50; see docs/models.md); --list_layers shows them")
     g.add_argument("--nr_channels_in_layer_of_interest", type=int, default=None,
                    help="published flag; redundant with the layer, checked against its output channels")
     g.add_argument("--list_layers", action="store_true",
-                   help="print the model's Conv2d layers with their weight shapes, then exit")
+                   help="print the model's Conv2d and Linear layers with their weight shapes (the default "
+                        "marked, each refused one with why), then exit")
     g.add_argument("--class_index_map", default=None,
                    help="file mapping each class folder to the model's output index: JSON {\"folder\": index} "
                         "or lines 'folder index'. Needed when the model has more outputs than there are class "
