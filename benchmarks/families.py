@@ -2,6 +2,7 @@
 seconds per image on this machine: the table of docs/models.md.
 
   python benchmarks/families.py [--models resnet18 vit_b_16 ...] [--per_class 2] [--json FILE] [--threads N]
+      [--per_image_only MODEL ...]
 
 For every model: its default layer (``--list_layers``' ``last_conv``), then stages 1 to 4 on it as a user runs
 them (each script in its own process: stage 1 into a fresh store, stage 2 with --p 0.5, stage 3 on channel 0
@@ -84,7 +85,7 @@ def per_image_seconds(spec, layer, repeats=3, n=8):
     return best / n, view
 
 
-def one(family, spec, layer, data, work):
+def one(family, spec, layer, data, work, stages=True):
     from utils.model import loading
     store, out = os.path.join(work, "store"), os.path.join(work, "out")
     pick = [] if layer is None else ["--layer_of_interest", layer]
@@ -101,7 +102,7 @@ def one(family, spec, layer, data, work):
                            "--classes_for_concept2", 1, *pick]),
              (SCRIPTS[3], ["--model_dir", store, "--channel_of_interest", 0, "--classes_for_concept1", 0,
                            "--classes_for_concept2", 1, "--get_quantitative", "--out_dir", out, *pick])]
-    for i, (script, args) in enumerate(steps, 1):
+    for i, (script, args) in enumerate(steps if stages else [], 1):
         good, secs, line = run(script, *args, *RUN)
         row[f"stage{i}"] = "ok" if good else line
         row[f"stage{i}_s"] = round(secs, 1)
@@ -112,30 +113,37 @@ def one(family, spec, layer, data, work):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=None, help="torchvision names (default: one per family)")
+    p.add_argument("--models", nargs="+", default=None,
+                   help="torchvision names, or NAME:LAYER for one layer (default: one per family and EXTRA)")
     p.add_argument("--per_class", type=int, default=2, help="training images per class (4 classes)")
     p.add_argument("--json", default=None, help="write the rows here")
     p.add_argument("--threads", type=int, default=None, help="torch threads of this process (the per-image time)")
+    p.add_argument("--per_image_only", nargs="*", default=[],
+                   help="entries of --models to time without running the stages (the per-image seconds only)")
     a = p.parse_args()
     import torch
     if a.threads:
         torch.set_num_threads(a.threads)
-    fams = [(f, m) for f, m in FAMILIES if a.models is None or m in a.models]
-    fams += [(m, m) for m in (a.models or []) if m not in dict((m2, f) for f, m2 in FAMILIES)]
+    family_of = {m: f for f, m in FAMILIES}
+    # --models in the order given; MODEL:LAYER runs that layer only (no default-layer row)
+    wanted = a.models or [m for _, m in FAMILIES]
+    jobs = []
+    for entry in wanted:
+        spec, _, layer = entry.partition(":")
+        layers = [layer] if layer else [None] + ([EXTRA[spec]] if spec in EXTRA else [])
+        jobs += [(family_of.get(spec, spec), spec, x, entry not in a.per_image_only) for x in layers]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data = make_data(os.path.join(tmp, "data"), a.per_class)
-        for family, spec in fams:
-            for layer in [None] + ([EXTRA[spec]] if spec in EXTRA else []):
-                rows.append(one(family, spec, layer, data, tempfile.mkdtemp(dir=tmp)))
-                r = rows[-1]
-                print(f"| {r['family']} | `{r['model']}` | `{r['layer']}` | {r['kind']} {tuple(r['shape'])} | "
-                      f"{r['s_per_image']} | " + " | ".join(f"{r.get(f'stage{i}', '-')} ({r.get(f'stage{i}_s', '-')} s)"
-                                                           for i in range(1, 5)) + " |", flush=True)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"torch_threads": torch.get_num_threads(), "rows": rows}, f, indent=1)
-
+        for family, spec, layer, stages in jobs:
+            rows.append(one(family, spec, layer, data, tempfile.mkdtemp(dir=tmp), stages))
+            r = rows[-1]
+            print(f"| {r['family']} | `{r['model']}` | `{r['layer']}` | {r['kind']} {tuple(r['shape'])} | "
+                  f"{r['s_per_image']} | " + " | ".join(f"{r.get(f'stage{i}', '-')} ({r.get(f'stage{i}_s', '-')} s)"
+                                                       for i in range(1, 5)) + " |", flush=True)
+            if a.json:  # after every row: a partial run keeps what it measured
+                with open(a.json, "w") as f:
+                    json.dump({"torch_threads": torch.get_num_threads(), "rows": rows}, f, indent=1)
 
 if __name__ == "__main__":
     main()

@@ -15,6 +15,10 @@ sys.path.insert(0, ROOT)
 NUM_CLASSES = 4
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a long test (deselect with -m 'not slow')")
+
+
 def make_image_folder(root, train_per_class=6, val_per_class=4, num_classes=NUM_CLASSES, seed=0, size=(40, 48)):
     """ImageFolder with train/ and val/ of ``num_classes`` classes of random JPEG images (class-dependent tint)."""
     rng = np.random.default_rng(seed)

@@ -164,7 +164,7 @@ def ok(script, *args):
     return r
 
 
-@pytest.mark.parametrize("layer", ["grouped", None])
+@pytest.mark.parametrize("layer", [pytest.param("grouped", marks=pytest.mark.slow), None])
 def test_stages_1_to_4_on_a_grouped_conv_and_the_default_linear(image_root, tmp_path, layer):
     """The four stages on the grouped conv and on the default layer (the MLP's first Linear, over tokens): stage 3
     writes its checkpoint only when the split network's logits equal the original's (it says so), stage 4 reads
