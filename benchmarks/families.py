@@ -2,7 +2,7 @@
 seconds per image on this machine: the table of docs/models.md.
 
   python benchmarks/families.py [--models resnet18 vit_b_16 ...] [--per_class 2] [--json FILE] [--threads N]
-      [--per_image_only MODEL ...]
+      [--repeats 3] [--per_image_only MODEL ...]
 
 For every model: its default layer (``--list_layers``' ``last_conv``), then stages 1 to 4 on it as a user runs
 them (each script in its own process: stage 1 into a fresh store, stage 2 with --p 0.5, stage 3 on channel 0
@@ -12,7 +12,7 @@ logits equal the original's, so "ok" in the stage 3 column is the exactness chec
 
 Seconds per image: stage 1's own work on a batch of 8 images at 224 x 224 (the forward pass, the head-only
 backward, the channel attributions and the patch sums: ``tap.logits_and_layer_grad`` and
-``attribution.conv_patch_sums``), the best of 3 runs after one warm-up, divided by 8; decoding and model
+``attribution.conv_patch_sums``), the best of --repeats runs (3) after one warm-up, divided by 8; decoding and model
 building are not in it (the stage 1 column is the script's whole wall time, start-up included).
 """
 import argparse
@@ -66,11 +66,10 @@ def run(script, *args):
     return r.returncode == 0, time.perf_counter() - t, line
 
 
-def per_image_seconds(spec, layer, repeats=3, n=8):
+def per_image_seconds(model, layer, repeats=3, n=8):
     import torch
     from utils.method import attribution
     from utils.model import loading, tap
-    model, _ = loading.load_model(spec, "none")
     _, view = loading.resolve_layer(model, layer, 224)
     x = torch.randn(n, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(n) % 4
@@ -85,16 +84,16 @@ def per_image_seconds(spec, layer, repeats=3, n=8):
     return best / n, view
 
 
-def one(family, spec, layer, data, work, stages=True):
+def one(family, spec, layer, data, work, stages=True, repeats=3):
     from utils.model import loading
     store, out = os.path.join(work, "store"), os.path.join(work, "out")
     pick = [] if layer is None else ["--layer_of_interest", layer]
     row = {"family": family, "model": spec}
+    model, _ = loading.load_model(spec, "none")
     if layer is None:
-        model, _ = loading.load_model(spec, "none")
         layer = loading.default_layer(model, 224)
     row["layer"] = layer
-    sec, view = per_image_seconds(spec, layer)
+    sec, view = per_image_seconds(model, layer, repeats)
     row.update(kind=view.kind, shape=list(view.module.weight.shape), s_per_image=round(sec, 3))
     steps = [(SCRIPTS[0], ["--data_dir", data, "--model", spec, "--weights", "none", "--store_dir", store, *pick]),
              (SCRIPTS[1], ["--store_dir", store, "--out_dir", out, "--p", 0.5, *pick]),
@@ -118,6 +117,7 @@ def main():
     p.add_argument("--per_class", type=int, default=2, help="training images per class (4 classes)")
     p.add_argument("--json", default=None, help="write the rows here")
     p.add_argument("--threads", type=int, default=None, help="torch threads of this process (the per-image time)")
+    p.add_argument("--repeats", type=int, default=3, help="timed passes after the warm-up (the best is kept)")
     p.add_argument("--per_image_only", nargs="*", default=[],
                    help="entries of --models to time without running the stages (the per-image seconds only)")
     a = p.parse_args()
@@ -136,7 +136,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         data = make_data(os.path.join(tmp, "data"), a.per_class)
         for family, spec, layer, stages in jobs:
-            rows.append(one(family, spec, layer, data, tempfile.mkdtemp(dir=tmp), stages))
+            rows.append(one(family, spec, layer, data, tempfile.mkdtemp(dir=tmp), stages, a.repeats))
             r = rows[-1]
             print(f"| {r['family']} | `{r['model']}` | `{r['layer']}` | {r['kind']} {tuple(r['shape'])} | "
                   f"{r['s_per_image']} | " + " | ".join(f"{r.get(f'stage{i}', '-')} ({r.get(f'stage{i}_s', '-')} s)"

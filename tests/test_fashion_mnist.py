@@ -179,7 +179,7 @@ def test_layer_of_interest_is_the_last_conv_followed_by_batchnorm_and_the_add():
     for name, factory in M.ARCHS.items():
         net = factory().eval()
         path, conv = loading.resolve_layer(net, "last_conv")
-        assert path == M.LAYER and conv is net.layer_of_interest
+        assert path == M.LAYER and conv.module is net.layer_of_interest  # a LayerView of the conv
         x = torch.randn(2, 3, 28, 28)
         bn = loading.batchnorm_after(net, conv, x)
         assert (bn is net.layer3[1].bn3) if "resnet" in name else bn is None
