@@ -172,7 +172,8 @@ Beside them: `…_info.json` (the scores of every ρ under both best-ρ scores, 
 both exactness checks `max_map_diff`/`max_abs_map` and `max_logit_diff`/`max_abs_logit`, what made it; for
 a clusters split the concepts file's path and sha256) and `…_scores.png` (score against ρ). If either
 exactness check exceeds 1e-4 relative (of max(1, largest value)) the stage stops in one line and writes
-nothing.
+nothing (with `--candidates`: nothing of the failing chunk of 8 jobs; the chunks before it stay written;
+[method](method.md#splitting-a-channel)).
 
 `--export_model` also writes the whole disentangled network's state dict (`…_f_best_model.pth`, plain
 tensors) and `…_f_best_model.json` (how to rebuild it without this code, `rows_of_first_conv`). From
