@@ -1,4 +1,4 @@
-"""utils/api.py: keywords to flags through the scripts' own parsers, one-line errors, the files a call wrote and
+"""utils.api: keywords to flags through the scripts' own parsers, one-line errors, the files a call wrote and
 the records among them. (tests/test_api_walkthrough.py runs docs/python.md against the scripts.)"""
 import json
 import os
@@ -18,7 +18,8 @@ TINY = dict(model="tests.tiny_models:tiny_resnet", batch_size=4, num_workers=0, 
 
 def test_keywords_give_the_namespace_of_the_command_line():
     _, args, argv = api.parse("cosine_similarities", store_dir="s", proportion_attribution_required=0.1, p=0.5,
-                              cos_sim_low=-0.25, label_free=True, channels=[3, "7"], top_n=None, mean=(0.5, 0.5, 0.5))
+                              cos_sim_low=-0.25, label_free=True, channels=[3, "7"], top_n=None,
+                              mean=(0.5, 0.5, 0.5))
     by_hand = get_cosine_similarities.build_parser().parse_args(
         ["--store_dir", "s", "--proportion_attribution_required", "0.1", "--p", "0.5", "--cos_sim_low", "-0.25",
          "--label_free", "--channels", "3", "7", "--mean", "0.5", "0.5", "0.5"])
@@ -108,7 +109,8 @@ def test_stages_1_and_2_return_their_files_and_records(tmp_path):
     assert r0.value == 0 and r0.files == ()
     r1 = api.importances(data_dir=data, store_dir=store, crop=32, resize=32, **TINY)
     folder = names.store_folder(store, "tests_tiny_models_tiny_resnet")
-    assert set(r1.files) == {os.path.join(folder, f) for f in os.listdir(folder) if f != os.path.basename(names.store_lock(folder))}
+    lock = os.path.basename(names.store_lock(folder))
+    assert set(r1.files) == {os.path.join(folder, f) for f in os.listdir(folder) if f != lock}
     assert r1.manifest == atomic.read_json(names.manifest(folder))
     assert r1.command[:2] == ("python", "get_importances_for_classes.py") and "--crop=32" in r1.command
     assert api.importances(data_dir=data, store_dir=store, crop=32, resize=32, **TINY).files == ()  # done before
@@ -127,3 +129,10 @@ def test_stages_1_and_2_return_their_files_and_records(tmp_path):
         r2.summary
     with pytest.raises(Exception):
         r2.files = ()  # frozen
+
+
+def test_a_result_shows_in_one_line():
+    r = api.Result(stage="results", command=("python", "get_results.py"), files=("/o/a_summary.json", "/o/b.png"),
+                   records={"/o/a_summary.json": {"sep_concept1": 2.0}})
+    assert repr(r) == "<api.Result results: 2 file(s) written; records: summary>"
+    assert r.summary == {"sep_concept1": 2.0} and r.summaries == [r.summary]
