@@ -102,7 +102,7 @@ def test_record_kinds_of_the_names_the_stages_write():
     assert ckpt.endswith(api.BEST_CHECKPOINT)
 
 
-def test_stages_1_and_2_return_their_files_and_records(tmp_path):
+def test_the_stages_return_their_files_and_records(tmp_path):
     data, store, out = (str(tmp_path / d) for d in ("data", "store", "out"))
     make_image_folder(data, train_per_class=3, val_per_class=1, size=(24, 24))
     r0 = api.importances(store_dir=store, list_layers=True, **TINY)
@@ -129,6 +129,23 @@ def test_stages_1_and_2_return_their_files_and_records(tmp_path):
         r2.summary
     with pytest.raises(Exception):
         r2.files = ()  # frozen
+
+    # stages 3 and 4 with every extra (caches in the store included): the calls list every file there is
+    c = r2.candidates[0]
+    pair = dict(classes_for_concept1=c["class1"], classes_for_concept2=c["class2"])
+    r3 = api.disentangle(store_dir=store, channel_disentangle=c["channel"], export_model=True, **pair, **TINY)
+    assert r3.best_checkpoint.startswith(names.checkpoints_dir(store)) and r3.info["channel"] == c["channel"]
+    r4 = api.results(model_dir=store, out_dir=out, channel_of_interest=c["channel"], atlas=str(tmp_path / "atlas"),
+                     get_qualitative=True, get_quantitative=True, get_top_images=True, top_k=2,
+                     get_feature_vis=True, fv_size=32, fv_steps=2, fv_crops=1, fv_spectrum_images=4,
+                     get_sae_view=True, sae_expansion=2, sae_k=2, sae_steps=5, sae_positions_per_image=2,
+                     **pair, **TINY)
+    assert r4.summary["channel"] == c["channel"] and [row["channel"] for row in r4.atlas["rows"]] == [c["channel"]]
+    every = {os.path.join(d, f) for top in (store, out, str(tmp_path / "atlas")) for d, _, fs in os.walk(top)
+             for f in fs if not f.startswith(".")}
+    listed = set(r1.files + r2.files + r3.files + r4.files)
+    assert listed == every
+    assert any("feature_vis_spectra" in p for p in r4.files) and any("/sae/" in p for p in r4.files)
 
 
 def test_a_result_shows_in_one_line():
