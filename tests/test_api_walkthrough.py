@@ -1,6 +1,7 @@
 """docs/python.md, run as written: its code blocks in one Python process (a notebook session), then the stage
 scripts with the same flags in another; both write the same files, byte for byte (JSON less its times), and
-the calls' ``.files`` are every file written."""
+the calls' ``.files`` are every file written; the output the page shows is what it prints (the lines without
+decimals)."""
 import json
 import os
 import re
@@ -44,6 +45,15 @@ def page_code(path=PAGE):
     """The page's ```python blocks, in order, as one program."""
     with open(path) as f:
         return "\n".join(re.findall(r"^```python\n(.*?)^```", f.read(), re.S | re.M))
+
+
+def shown_lines(path=PAGE):
+    """The lines of the session's ```text blocks that no machine prints otherwise: without decimals (which the
+    CPU's rounding may change), tensors or an ellipsis."""
+    with open(path) as f:
+        session = f.read().split("## A notebook session", 1)[1]
+    lines = [line for block in re.findall(r"^```text\n(.*?)^```", session, re.S | re.M) for line in block.splitlines()]
+    return [line for line in lines if not re.search(r"\d\.\d|tensor\(|\.\.\.", line)]
 
 
 def python(args, cwd):
@@ -95,6 +105,8 @@ def test_python_page_writes_what_the_scripts_write(tmp_path):
     os.makedirs(work)
     printed = python(["-c", page_code() + EPILOGUE], work)
     assert "did you mean channel_disentangle?" in printed  # the page's last block
+    shown = shown_lines()
+    assert len(shown) >= 5 and [line for line in shown if line not in printed.splitlines()] == []
     with open(os.path.join(work, "results.json")) as f:
         results = json.load(f)
     assert set(results) == {"r1", "r2", "r3", "r4", "r3s", "r4s", "site"}
