@@ -16,7 +16,10 @@ them, parsed. The files are found by comparing the folders the stage writes into
 utils/files/names.py; not the whole store or output folder) before and after the call: every file that is
 new or was replaced (another inode, time or size). A rerun that finds its work done (a finished store, a
 checkpoint already written by an earlier ``--candidates`` run) writes nothing, and returns no files for it.
-Hidden files (locks, temporary files) are not listed. See docs/python.md.
+Hidden files (locks, temporary files) are not listed. (The names of stage 3's and 4's files depend on what
+the stage resolves from the store and on the jobs it skips, so the folders are listed rather than the names
+rebuilt.) Like the scripts, this package reads the parsed flags; nothing else outside ``utils/run/`` does.
+See docs/python.md.
 """
 from utils.api.calls import atlas, cosine_similarities, disentangle, importances, results, run
 from utils.api.keywords import SCRIPTS, argv_of, flags, parse
