@@ -125,3 +125,7 @@ def tree_bytes(folder):
             with open(p, "rb") as fh:
                 out[os.path.relpath(p, folder)] = fh.read()
     return out
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a test of more than about 30 s (deselect with -m 'not slow')")

@@ -30,4 +30,6 @@ what the math needs around it. The method itself, in words and formulas: docs/me
   flags and the store), ``distributed`` (torchrun), ``call_flags.sh`` (the call scripts' shared flags)
 - ``disentangle``  the disentangled network of one channel: surgery, network check, export,
   ``load_disentangled_model`` (kept at this path: exported model files name it)
+- ``api/``         the stages from Python (a notebook; docs/python.md): ``calls`` (one call per stage script),
+  ``keywords`` (keywords to the script's flags), ``written`` (the files a call wrote), ``result`` (what it returns)
 """
