@@ -3,7 +3,8 @@ it (hard links where the file system allows, else copies), shared files (stage 2
 concepts files) in ``files/``, and ``atlas.json`` (the rows and where they were read from).
 
 The site is written into a new temporary folder beside ``atlas_dir`` and renamed into place at the end, so
-a failed or interrupted run leaves the previous atlas (or nothing) as it was. A folder that is not empty and
+a failed or interrupted run leaves the previous atlas (or nothing) as it was (the next run removes a killed
+run's temporary folder: ``utils.files.leftovers``). A folder that is not empty and
 not a previous atlas is refused before anything is written.
 
 Own files only: ``.atlas_files.json`` lists every file the atlas wrote (relative paths). A rewrite over a
@@ -17,7 +18,7 @@ import shutil
 import tempfile
 
 from utils.atlas import collect, html
-from utils.files import atomic, names
+from utils.files import atomic, leftovers, names
 from utils.run.cli import UserError
 
 THUMB_HEIGHT = 48  # pixels of the index's feature-visualization thumbnails
@@ -244,7 +245,9 @@ def write_atlas(out_dir, store_dir, runs=None, atlas_dir="atlas", candidates_jso
     rows = collect.collect(out_dir, store_dir, runs, candidates_json)
     parent = os.path.dirname(atlas_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp_atlas_", dir=parent)
+    leftovers.remove_stale(parent)  # the temporary folder of a killed atlas run
+    tmp = tempfile.mkdtemp(prefix=leftovers.temp_prefix(os.path.basename(atlas_dir)), dir=parent)
+    held = leftovers.hold(tmp)
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -256,6 +259,7 @@ def write_atlas(out_dir, store_dir, runs=None, atlas_dir="atlas", candidates_jso
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)
+        os.close(held)
     return {"folder": atlas_dir, "runs": len(rows), "bytes": folder_bytes(atlas_dir),
             "own_bytes": folder_bytes(atlas_dir, own=True)}
 
