@@ -88,7 +88,7 @@ def atomic_path(path, durable=False):
     os.makedirs(folder, exist_ok=True)
     leftovers.sweep_once(folder)
     held, tmp = tempfile.mkstemp(prefix=leftovers.temp_prefix(os.path.basename(path)), dir=folder)
-    fcntl.flock(held, fcntl.LOCK_EX)  # held until the rename: the file's writer is alive
+    leftovers.lock(held)  # held until the rename: the file's writer is alive
     umask = os.umask(0)
     os.umask(umask)
     try:

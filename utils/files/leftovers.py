@@ -54,11 +54,19 @@ def final_name(temp_name):
     return m.group("name") if m else None
 
 
+def lock(fd):
+    """An exclusive ``flock`` on ``fd``, where the file system has locks (elsewhere the pid rule alone holds)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        pass
+
+
 def hold(path):
     """An open descriptor of ``path`` (a file or a folder) with an exclusive ``flock``: the writer keeps it
     until the rename, and closes it then."""
     fd = os.open(path, os.O_RDONLY)
-    fcntl.flock(fd, fcntl.LOCK_EX)
+    lock(fd)
     return fd
 
 
@@ -83,10 +91,8 @@ def unheld(path):
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
-    except OSError as e:
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            return False
-        raise
+    except OSError as e:  # held; other errors: a file system without locks, where the pid rule alone decides
+        return e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
     finally:
         os.close(fd)  # drops the lock, if taken
 
