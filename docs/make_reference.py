@@ -122,7 +122,7 @@ stops at once with `error: another run (pid … on …, since …) is writing th
 its process (also `kill -9`), and the next run takes it over.
 
 **Temporary files.** Every stage writes a file under a temporary name beside it,
-`.tmp_{name}.{pid}-{host}.{8 random characters}` (host: 8 hex digits of the host name's sha256), holds a
+`.tmp_{name}.{pid}-{host}-{8 random characters}` (host: 8 hex digits of the host name's sha256), holds a
 `flock` on it and renames it into place. A run killed mid-write leaves that file; the next run that writes
 into the same folder removes it (stage 1 on its store when it takes the lock, stage 3 on
 `models_disentangled/`, stage 4 on `plots/`, `results_disentanglement/`, `results_quantitative/` and its

@@ -40,10 +40,10 @@ def test_only_a_dead_writers_file_is_removed(tmp_path):
     folder.mkdir()
     (folder / "feature_vis_run.png").write_bytes(b"the picture of the last run")
     pid, left = killed_writer(str(folder / "feature_vis_run.png"))
-    assert leftovers.final_name(left) == "feature_vis_run.png" and f".{pid}-{leftovers.host_tag()}." in left
+    assert leftovers.final_name(left) == "feature_vis_run.png" and f".{pid}-{leftovers.host_tag()}-" in left
     other_host = "0" * 8 if leftovers.host_tag() != "0" * 8 else "1" * 8
-    held = f".tmp_held.png.{pid}-{leftovers.host_tag()}.abcdefgh"  # a dead pid, but held: a live writer
-    foreign = {held, f".tmp_far.png.{pid}-{other_host}.abcdefgh",  # another machine's: never judged here
+    held = f".tmp_held.png.{pid}-{leftovers.host_tag()}-abcdefgh"  # a dead pid, but held: a live writer
+    foreign = {held, f".tmp_far.png.{pid}-{other_host}-abcdefgh",  # another machine's: never judged here
                ".tmp_old.png.abcdefgh", ".tmp_notes.txt", "notes.txt"}  # other names
     for name in foreign:
         (folder / name).write_text("keep me")
@@ -67,8 +67,17 @@ def test_only_a_dead_writers_file_is_removed(tmp_path):
 
 def test_long_names_fit():
     prefix = leftovers.temp_prefix("x" * 250)
-    assert len((prefix + "abcdefgh").encode()) == 255 and leftovers.final_name(prefix + "abcdefgh") == "x" * (
-        255 - len(f".tmp_.{os.getpid()}-{leftovers.host_tag()}.abcdefgh"))
+    assert len((prefix + "abcdefgh").encode()) <= 255 and leftovers.final_name(prefix + "abcdefgh") == "x" * 224
+
+
+def test_checkpoints_do_not_hold_the_writers_pid(tmp_path):
+    """torch.save names the archive inside the file after the file's name up to its last dot: that part of a
+    temporary name is the same on every run, so a checkpoint's bytes do not depend on the writer's pid."""
+    import zipfile
+    import torch
+    path = str(tmp_path / "x_unnormalized.pth")
+    atomic.save_torch(path, {"w": torch.zeros(2)})
+    assert {n.split("/")[0] for n in zipfile.ZipFile(path).namelist()} == {".tmp_x_unnormalized.pth"}
 
 
 def test_a_rerun_of_the_atlas_removes_a_killed_runs_folder(tmp_path):

@@ -3,9 +3,11 @@ r"""Temporary files of a killed run: named so that the next run can tell them fr
 Every file is written under a temporary name beside its final one and renamed into place (``atomic``); a
 run killed mid-write (SIGKILL, power cut) leaves that temporary file behind. Its name says who wrote it:
 
-    .tmp_{final name}.{pid}-{host}.{8 random characters}      host: 8 hex digits of sha256(host name)
+    .tmp_{final name}.{pid}-{host}-{8 random characters}      host: 8 hex digits of sha256(host name)
 
-(a final name is cut short there where the whole would pass the file system's 255 bytes)
+(a final name is cut to 224 bytes there, so that the whole fits the file system's 255 bytes with any pid). The pid and host
+follow the last dot, with the random characters: what precedes it, ``.tmp_{final name}``, is the same on every
+run, and ``torch.save`` writes it into the file (its archive's folder name), which stays byte for byte the same.
 and the writer holds an exclusive ``flock`` on it (on the descriptor that created it) until the rename.
 ``remove_stale(folder)`` removes, in ``folder`` only (not below), each temporary file (or folder: the atlas's)
 whose name has that form and whose writer is gone:
@@ -30,7 +32,7 @@ import re
 import shutil
 import socket
 
-PATTERN = re.compile(r"^\.tmp_(?P<name>.+)\.(?P<pid>\d+)-(?P<host>[0-9a-f]{8})\.[a-z0-9_]{8}$")
+PATTERN = re.compile(r"^\.tmp_(?P<name>.+)\.(?P<pid>\d+)-(?P<host>[0-9a-f]{8})-[a-z0-9_]{8}$")
 _swept = set()  # (pid, folder) already swept by this process
 
 
@@ -42,8 +44,8 @@ def host_tag():
 def temp_prefix(final_name):
     """The prefix of a temporary name for ``final_name`` (``tempfile`` adds 8 random characters); a final name
     too long for the file system's 255 bytes is cut short in it."""
-    tail = f".{os.getpid()}-{host_tag()}."
-    room = 255 - len(".tmp_") - len(tail) - 8
+    tail = f".{os.getpid()}-{host_tag()}-"  # after the last dot: torch.save names its archive by what precedes
+    room = 255 - len(".tmp_") - len(".4194304-12345678-") - 8  # the longest pid: the same cut for every pid
     name = final_name.encode()[:room].decode(errors="ignore")
     return f".tmp_{name}{tail}"
 
