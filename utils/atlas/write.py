@@ -4,8 +4,8 @@ concepts files) in ``files/``, and ``atlas.json`` (the rows and where they were 
 
 The site is written into a new temporary folder beside ``atlas_dir`` and renamed into place at the end, so
 a failed or interrupted run leaves the previous atlas (or nothing) as it was (the next run removes a killed
-run's temporary folder: ``utils.files.leftovers``). A folder that is not empty and
-not a previous atlas is refused before anything is written.
+run's temporary folder: ``utils.files.leftovers``). A folder that is not empty and not a previous atlas is
+refused before anything is written.
 
 Own files only: ``.atlas_files.json`` lists every file the atlas wrote (relative paths). A rewrite over a
 previous atlas replaces those files and keeps every other one, anywhere in the folder (a user's notes at the
@@ -142,7 +142,8 @@ def previous_own_files(folder):
     before the list existed) its index, its ``atlas.json`` and every page and file its rows link to."""
     own_list = names.atlas_own_files(folder)
     if os.path.isfile(own_list):
-        files = collect.read_json(own_list, "the atlas's list of its own files").get("files")
+        record = collect.read_json(own_list, "the atlas's list of its own files")
+        files = record.get("files") if isinstance(record, dict) else None
         if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
             raise UserError(f"{own_list}: not a list of the atlas's files; move the files you keep out of "
                             f"{folder} and remove it")
