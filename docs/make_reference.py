@@ -121,6 +121,15 @@ equal those of an uninterrupted run. `.lock` is the writer's lock: a second stag
 stops at once with `error: another run (pid … on …, since …) is writing the store …`; the lock dies with
 its process (also `kill -9`), and the next run takes it over.
 
+**Temporary files.** Every stage writes a file under a temporary name beside it,
+`.tmp_{name}.{pid}-{host}-{8 random characters}` (host: 8 hex digits of the host name's sha256), holds a
+`flock` on it and renames it into place. A run killed mid-write leaves that file; the next run that writes
+into the same folder removes it (stage 1 on its store when it takes the lock, stage 3 on
+`models_disentangled/`, stage 4 on `plots/`, `results_disentanglement/`, `results_quantitative/` and its
+caches, at their start; the atlas beside its folder), when the host in the name is this machine's, no
+process of that pid is alive here and nobody holds its lock. A live writer's file, another machine's, and
+any other name are left alone (`utils/files/leftovers.py`, `tests/test_leftovers.py`).
+
 Size for ImageNet and ResNet-50 `layer4.2.conv3`: 1.28 M × (4096 + 2048 + 16) bytes ≈ 7.9 GB.
 
 Why patch sums: the activation relevance vector of channel c for image n is linear in the layer's input,

@@ -110,12 +110,13 @@ def logged_tiny_resnet():
 def written(log_base, rank):
     with open(f"{log_base}.rank{rank}") as f:
         names = {line.strip() for line in f if line.strip()}
-    # a file written under a temporary name (".tmp_" + name + "." + random) and renamed: its final name
+    # a file written under a temporary name (utils.files.leftovers) and renamed: its final name
+    from utils.files.leftovers import final_name
     out = set()
     for n in names:
         base = os.path.basename(n)
         if base.startswith(".tmp_"):
-            base = base[len(".tmp_"):].rsplit(".", 1)[0]
+            base = final_name(base)
         out.add(os.path.join(os.path.dirname(n), base))
     return out
 

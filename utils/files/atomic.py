@@ -3,7 +3,8 @@
 A crash or Ctrl-C mid-write never leaves a half-written file under the final name, and a
 file written by an earlier run stays intact until the new one is complete. ``FileLock`` keeps two
 processes from writing the same files at once (an advisory POSIX lock, released when its holder
-exits or is killed).
+exits or is killed). The temporary name says which process wrote it, and a killed writer's is removed by the
+next run that writes into the same folder (``leftovers``).
 """
 import fcntl
 import json
@@ -12,6 +13,8 @@ import socket
 import tempfile
 import time
 from contextlib import contextmanager
+
+from utils.files import leftovers
 
 
 class LockHeld(Exception):
@@ -77,12 +80,15 @@ def atomic_path(path, durable=False):
     """Yield a temporary path next to ``path``; on success rename it to ``path``.
 
     ``durable``: the file's data and its new name are flushed to disk before returning (a marker that
-    must survive a power cut)."""
+    must survive a power cut). The temporary name is ``leftovers.temp_prefix`` + 8 random characters, held
+    with a ``flock`` until the rename; the first write of this process into a folder removes the temporary
+    files that killed writers left there (``leftovers.remove_stale``)."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_" + os.path.basename(path) + ".", dir=folder)
-    os.close(fd)
+    leftovers.sweep_once(folder)
+    held, tmp = tempfile.mkstemp(prefix=leftovers.temp_prefix(os.path.basename(path)), dir=folder)
+    leftovers.lock(held)  # held until the rename: the file's writer is alive
     umask = os.umask(0)
     os.umask(umask)
     try:
@@ -100,6 +106,7 @@ def atomic_path(path, durable=False):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+        os.close(held)
 
 
 def write_text(path, text):

@@ -257,7 +257,8 @@ ATLAS_RECORD = "atlas.json"
 ATLAS_INDEX = "index.html"
 ATLAS_RUNS = "channels"
 ATLAS_SHARED = "files"
-ATLAS_ENTRIES = (ATLAS_RECORD, ATLAS_INDEX, ATLAS_RUNS, ATLAS_SHARED)  # what a folder the atlas wrote holds
+ATLAS_OWN_FILES = ".atlas_files.json"  # the files the atlas wrote itself (a rewrite replaces those, keeps others)
+ATLAS_ENTRIES = (ATLAS_RECORD, ATLAS_INDEX, ATLAS_RUNS, ATLAS_SHARED, ATLAS_OWN_FILES)  # what an atlas writes
 
 
 def all_summaries(out_dir):
@@ -278,6 +279,11 @@ def all_concepts_files(store_dir, name):
 def atlas_record(folder):
     """``{atlas}/atlas.json``: the rows the index shows, and what the atlas was written from."""
     return os.path.join(folder, ATLAS_RECORD)
+
+
+def atlas_own_files(folder):
+    """``{atlas}/.atlas_files.json``: every file the atlas wrote (paths relative to the folder)."""
+    return os.path.join(folder, ATLAS_OWN_FILES)
 
 
 def atlas_index(folder):

@@ -20,7 +20,7 @@ import shutil
 
 import numpy as np
 
-from utils.files import atomic, names
+from utils.files import atomic, leftovers, names
 from utils.files.names import store_folder
 from utils.run.cli import UserError
 
@@ -188,10 +188,12 @@ class Store:
         """
         os.makedirs(folder, exist_ok=True)
         try:
-            return atomic.FileLock(names.store_lock(folder))
+            lock = atomic.FileLock(names.store_lock(folder))
         except atomic.LockHeld as e:
             raise UserError(f"another run ({e.holder}) is writing the store {folder}: wait for it to finish "
                             f"or stop it (nothing was changed)")
+        leftovers.sweep(folder)  # what a killed run left (``utils.files.leftovers``)
+        return lock
 
     @classmethod
     def create_or_resume(cls, folder, info, shapes, allow_mixed_numerics=False):

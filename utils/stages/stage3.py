@@ -19,7 +19,7 @@ from utils import disentangle
 from utils.concepts import by_clusters, candidates, from_flags
 from utils.concepts.by_classes import check_triples, class_batches
 from utils.data import folders, scan
-from utils.files import atomic, names, store
+from utils.files import atomic, leftovers, names, store
 from utils.method import rho_scores, similarities
 from utils.method.split import (RHOS, TOLERANCE, checkpoint_state_dict, split_filters_k, split_sources_k,
                                 within_tolerance)
@@ -292,6 +292,7 @@ def jobs_to_run(ctx, s, concepts):
 
 def run(ctx, s):
     """Stage 3 for the settings ``s`` in the context ``ctx`` (model, layer, training data)."""
+    leftovers.sweep(names.checkpoints_dir(s.store_dir))  # what a killed run left (``utils.files.leftovers``)
     st, targets, concepts = read_concepts(ctx, s)
     todo = jobs_to_run(ctx, s, concepts)
     rows = [t.training_rows(targets) for t in todo]  # every job checked before any work

@@ -8,6 +8,7 @@ the top images, then each job's files in order (``stage4_results``): what one ru
 Under torchrun the feature visualizations are shared out over the processes (``feature_vis_shards``).
 """
 import glob
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +16,7 @@ import numpy as np
 from utils.concepts import by_clusters, candidates, from_flags
 from utils.concepts.by_classes import check_triples
 from utils.data import folders
-from utils.files import names
+from utils.files import leftovers, names
 from utils.run import cli, context, distributed
 from utils.run.cli import UserError
 from utils.report import stage3_text
@@ -128,6 +129,9 @@ def run(ctx, s, extras):
 
 
 def _run(ctx, s, extras):
+    leftovers.sweep(names.plot(s.out_dir, ""), names.result(s.out_dir, ""), names.quantitative_dir(s.out_dir),
+                    os.path.dirname(names.spectrum_cache(s.model_dir, 0, "")),
+                    os.path.dirname(names.sae_cache(s.model_dir, "")))  # what a killed run left (leftovers)
     jobs = read_jobs(ctx, s)
     extras.check()
     summary_of_val = folders.dataset_summary(ctx.dataset)
