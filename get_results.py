@@ -82,6 +82,7 @@ def main(args):
     """Run the stage with the parsed flags ``args`` (callable from a notebook)."""
     if args.list_layers:
         return context.list_layers(args)
+    args.model_dir = context.checkpoints_parent(args.model_dir)  # STORE/models_disentangled is STORE
     settings = stage4.Settings.from_args(args)
     ctx = context.setup(args, split="val", store_flag="model_dir")
 

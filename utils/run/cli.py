@@ -1,5 +1,6 @@
 """Flags shared by the four stage scripts, device selection, and one-line error reporting."""
 import argparse
+import difflib
 import os
 import sys
 
@@ -14,7 +15,23 @@ class Parser(argparse.ArgumentParser):
     """ArgumentParser whose errors are one line (the flag and what is wrong, then where the flags are listed)."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+        self.exit(2, f"{self.prog}: error: {message}{self.suggestion(message)} (--help lists the flags)\n")
+
+    def suggestion(self, message):
+        """'; did you mean --x?' for the unrecognized flags of ``message`` that are close to one of the parser's
+        (difflib), else ''."""
+        if not message.startswith("unrecognized arguments:"):
+            return ""
+        flags = [f for f in self._option_string_actions if f.startswith("--")]
+        hints = []
+        for word in message.split(":", 1)[1].split():
+            if word.startswith("--"):
+                word = word.split("=", 1)[0]  # abbreviations are refused: name the flags they begin
+                close = ([f for f in flags if f.startswith(word)][:3]
+                         or difflib.get_close_matches(word, flags, n=2, cutoff=0.75))
+                if close:
+                    hints.append(f"{word}: did you mean {' or '.join(close)}?")
+        return ("; " + "; ".join(hints)) if hints else ""
 
 
 def parser(description):
