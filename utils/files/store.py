@@ -112,7 +112,8 @@ def describe_dataset_change(found, expected):
         counts = zip(a, found.get("images_per_class") or [], expected.get("images_per_class") or [])
         changed = [f"{c!r} {x} stored, {y} now" for c, x, y in counts if x != y]
         if changed:
-            parts.append("images per class: " + some(changed))
+            parts.append("images per class: " + some(changed) + f" ({sum(found.get('images_per_class') or [])} "
+                         f"in all stored, {sum(expected.get('images_per_class') or [])} now)")
         elif found.get("files_sha256") != expected.get("files_sha256"):
             parts.append("the same classes and counts, but other image file names")
     if not parts:
