@@ -37,7 +37,8 @@ def build_parser():
     p = cli.parser(__doc__)
     cli.add_model_args(p, store=False)
     p.add_argument("--model_dir", "--store_dir", dest="model_dir", default=None,
-                   help="the --store_dir of stages 1-3 (holding models_disentangled/; required; also --store_dir)")
+                   help="the --store_dir of stages 1-3 (holding models_disentangled/; STORE/models_disentangled "
+                        "finds the store in STORE; required; also --store_dir)")
     p.add_argument("--channel_of_interest", "--channel_disentangle", dest="channel_of_interest", type=int,
                    default=None, help="the disentangled channel (required unless --triples; also --channel_disentangle)")
     by_classes.add_args(p, concept3=" of a k-way checkpoint (k = 3 .. 6, as given to stage 3)",
