@@ -324,9 +324,10 @@ def _open_store(folder, info, shapes, allow_mixed_numerics, rank, ds=None, class
     error = None
     if rank == 0:
         try:
-            if not (Store.peek(folder) or {}).get("complete"):  # a complete store is only read: no lock
+            complete = (Store.peek(folder) or {}).get("complete")
+            if not complete:  # a complete store is only read: no lock
                 lock = Store.lock(folder)
-            names = None if ds is None else row_names(ds, class_outputs)
+            names = None if ds is None or complete else row_names(ds, class_outputs)
             store, status = Store.create_or_resume(folder, info, shapes, allow_mixed_numerics, names, log)
         except UserError as e:
             error = str(e)
