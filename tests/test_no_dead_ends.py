@@ -134,6 +134,19 @@ def test_stage1_rerun_after_a_bad_image_was_removed_equals_a_clean_run(tmp_path)
     assert raw_bytes(store) == raw_bytes(ref)
 
 
+def test_stage1_rerun_after_a_bad_image_was_replaced_equals_a_clean_run(tmp_path):
+    data = make_image_folder(str(tmp_path / "data"), train_per_class=3, val_per_class=1, seed=5)
+    good = (tmp_path / "data" / "train" / "class3" / "img001.jpg").read_bytes()
+    (tmp_path / "data" / "train" / "class3" / "img001.jpg").write_text("not an image\n")
+    store, ref = str(tmp_path / "store"), str(tmp_path / "ref")
+    one_line_error(stage1(data, store))
+    (tmp_path / "data" / "train" / "class3" / "img001.jpg").write_bytes(good)
+    r = stage1(data, store)
+    assert r.returncode == 0 and "resuming" in r.stdout and "1 chunks already done" in r.stdout, r.stdout + r.stderr
+    assert stage1(data, ref).returncode == 0
+    assert raw_bytes(store) == raw_bytes(ref)
+
+
 def test_stage1_starts_afresh_when_no_finished_chunk_is_worth_keeping(tmp_path):
     data = make_image_folder(str(tmp_path / "data"), train_per_class=6, val_per_class=1, seed=4)
     (tmp_path / "data" / "train" / "class0" / "img001.png").write_text("not an image\n")
