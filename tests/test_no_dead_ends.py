@@ -210,6 +210,10 @@ def test_stage4_finds_a_class_index_map_store_from_models_disentangled(tmp_path)
         assert len(found) == 1
         summaries.append(json.load(open(found[0])))
     assert summaries[0] == summaries[1]
+    shutil.rmtree(os.path.join(data, "val", "c07"))  # a store made before stage 1 checked val/: stage 4 says so
+    line = one_line_error(run_inproc(S4, "--model_dir", store, *model, "--channel_of_interest", 3, *job,
+                                     "--get_quantitative", "--out_dir", str(tmp_path / "out2"), *RUN))
+    assert "val/ lacks 1 class folder: 'c07'" in line and line.startswith(f"error: --data_dir {data}"), line
 
 
 def two_stores(tmp_path):
