@@ -117,10 +117,11 @@ def store_of_args(args, store_dir, flag):
     where = f"the store in {flag} {store_dir}"
     if args.model is not None and found and not any(m.get("model") == args.model for _, m in found):
         models = sorted({str(m.get("model")) for _, m in found})
+        leave = "" if any(is_factory(m) for m in models) else "leave --model out or "
         raise cli.UserError(f"--model {shown(args.model)}: {flag} {store_dir} holds stores of --model "
                             + " and ".join(shown(m) for m in models)
-                            + " only; leave --model out or pass the store's (or run stage 1 with this --model "
-                              "into another --store_dir)")
+                            + f" only; {leave}pass the store's (or run stage 1 with this --model into another "
+                              "--store_dir)")
     fits = [(f, m) for f, m in found if args.model is None or m.get("model") == args.model]
     layer = args.layer_of_interest
     if layer not in (None, "last_conv"):
