@@ -92,15 +92,15 @@ def fingerprint(model_spec, weights_id, weights_sha, layer_path, geometry, summa
             "files_sha256": summary["files_sha256"], "transform": transform}
 
 
-def describe_dataset_change(found, expected):
+def describe_dataset_change(found, expected, keys=("classes", "images_per_class", "files_sha256")):
     """What differs between the data of a stored manifest and the current one, in one phrase (None: the same):
-    class folders added or gone, else the classes whose image counts changed, else other file names; the data
-    folder only when it moved."""
+    class folders added or gone, else the classes whose image counts changed, else other file names (each only
+    where ``keys`` holds its key); the data folder only when it moved."""
     def some(items):
         return ", ".join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "")
     a, b = found.get("classes") or [], expected.get("classes") or []
     parts = []
-    if a != b:
+    if a != b and "classes" in keys:
         gone, new = [c for c in a if c not in b], [c for c in b if c not in a]
         if gone:
             parts.append(f"class folder{'s' if len(gone) > 1 else ''} {some([repr(c) for c in gone])} gone")
@@ -108,13 +108,13 @@ def describe_dataset_change(found, expected):
             parts.append(f"new class folder{'s' if len(new) > 1 else ''} {some([repr(c) for c in new])}")
         if not gone and not new:
             parts.append("the class folders in another order")
-    else:
+    elif a == b:
         counts = zip(a, found.get("images_per_class") or [], expected.get("images_per_class") or [])
-        changed = [f"{c!r} {x} stored, {y} now" for c, x, y in counts if x != y]
+        changed = [f"{c!r} {x} stored, {y} now" for c, x, y in counts if x != y] if "images_per_class" in keys else []
         if changed:
             parts.append("images per class: " + some(changed) + f" ({sum(found.get('images_per_class') or [])} "
                          f"in all stored, {sum(expected.get('images_per_class') or [])} now)")
-        elif found.get("files_sha256") != expected.get("files_sha256"):
+        elif found.get("files_sha256") != expected.get("files_sha256") and "files_sha256" in keys:
             parts.append("the same classes and counts, but other image file names")
     if not parts:
         return None
@@ -127,14 +127,13 @@ def describe_mismatch(found, expected, keys):
     """One line naming the keys that differ between a stored manifest and the current flags (the data's keys as
     one phrase: ``describe_dataset_change``)."""
     diffs = []
-    data = describe_dataset_change(found, expected) if set(keys) & {"classes", "images_per_class",
-                                                                        "files_sha256"} else None
+    data = describe_dataset_change(found, expected, keys)
     if data:
         diffs.append(f"dataset ({data})")
     for k in keys:
         a, b = found.get(k), expected.get(k)
         if a != b:
-            if k in ("classes", "images_per_class", "files_sha256"):
+            if k in ("classes", "images_per_class", "files_sha256") and data:
                 continue  # described above
             elif k == "num_images" and data:
                 continue  # follows from the data's change
