@@ -252,3 +252,17 @@ def test_did_you_mean():
     assert p.suggestion("unrecognized arguments: --cos_sim_hig 0.5 --layer x") == (
         "; --cos_sim_hig: did you mean --cos_sim_high?; --layer: did you mean --layer_of_interest?")
     assert p.suggestion("unrecognized arguments: --zzz") == ""
+
+
+def test_the_data_mismatch_says_what_differs_among_the_keys_compared():
+    from utils.files.store import describe_mismatch
+    a = {"classes": ["a", "b"], "images_per_class": [3, 3], "files_sha256": "x", "num_images": 6, "model": "m",
+         "data_dir": "/d"}
+    fewer = dict(a, images_per_class=[3, 2], files_sha256="y", num_images=5)
+    every = ("model", "classes", "images_per_class", "files_sha256", "num_images")
+    assert describe_mismatch(a, fewer, every) == "dataset (images per class: 'b' 3 stored, 2 now (6 in all stored, 5 now))"
+    assert describe_mismatch(a, fewer, ("model", "classes")) == ""  # stage 4's val split against train's counts
+    assert describe_mismatch(a, dict(a, files_sha256="y"), every) == (
+        "dataset (the same classes and counts, but other image file names)")
+    assert describe_mismatch(a, dict(a, classes=["a", "c"], data_dir="/e"), every) == (
+        "dataset (class folder 'b' gone; new class folder 'c'; data folder stored /d, now /e)")
