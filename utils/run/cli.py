@@ -46,7 +46,8 @@ def add_model_args(parser, store=True, data=True, store_aliases=()):
     g = parser.add_argument_group("model and layer (stages 2-4: taken from the store when not given)")
     g.add_argument("--model", default=None,
                    help="torchvision classification model name (resnet50, vgg16, ...) or an import "
-                        "path package.module:factory returning an nn.Module (default: the store's, else resnet50)")
+                        "path package.module:factory returning an nn.Module (default: the store's torchvision "
+                        "name, else resnet50; a factory is code and is never taken from a store: give it here)")
     g.add_argument("--weights", default=None,
                    help="torchvision weights name (default IMAGENET1K_V1 where torchvision has it, "
                         "else DEFAULT), a path to a state-dict file, or 'none' for the model as built "
