@@ -379,8 +379,11 @@ class Store:
             log(f"{where}: keeping the {len(keep)} finished chunk{'s' if len(keep) > 1 else ''} whose images are "
                 f"unchanged, computing the other {-(-len(row_names) // chunk_size) - len(keep)} chunk(s)")
             return self, "resume"
-        log(f"{where}: " + (f"none of its {len(done)} finished chunk{'s' if len(done) > 1 else ''} holds the "
-                            f"same images" if done else "it has no finished chunk") + ": starting afresh")
+        why = ("it has no finished chunk" if not done else
+               f"its {len(done)} finished chunk{'s' if len(done) > 1 else ''} cannot be checked (no record of their "
+               f"images: a store started by an older version)" if not old else
+               f"none of its {len(done)} finished chunk{'s' if len(done) > 1 else ''} holds the same images")
+        log(f"{where}: {why}: starting afresh")
         return self, "new"
 
     def reload_manifest(self):
