@@ -37,7 +37,8 @@ def build_parser():
     p = cli.parser(__doc__)
     cli.add_model_args(p, store=False)
     p.add_argument("--model_dir", "--store_dir", dest="model_dir", default=None,
-                   help="the --store_dir of stages 1-3 (holding models_disentangled/; required; also --store_dir)")
+                   help="the --store_dir of stages 1-3 (holding models_disentangled/; STORE/models_disentangled "
+                        "finds the store in STORE; required; also --store_dir)")
     p.add_argument("--channel_of_interest", "--channel_disentangle", dest="channel_of_interest", type=int,
                    default=None, help="the disentangled channel (required unless --triples; also --channel_disentangle)")
     by_classes.add_args(p, concept3=" of a k-way checkpoint (k = 3 .. 6, as given to stage 3)",
@@ -82,6 +83,7 @@ def main(args):
     """Run the stage with the parsed flags ``args`` (callable from a notebook)."""
     if args.list_layers:
         return context.list_layers(args)
+    args.model_dir = context.checkpoints_parent(args.model_dir)  # STORE/models_disentangled is STORE
     settings = stage4.Settings.from_args(args)
     ctx = context.setup(args, split="val", store_flag="model_dir")
 

@@ -117,7 +117,11 @@ While stage 1 runs, `progress/` holds one file per finished chunk of rows (`chun
 the process that computed it under a temporary name and renamed); at the end the main process merges
 them into the arrays (leaving an empty `chunk_{i}` per merged chunk, so that a crash during the merge
 resumes too), sets `complete` and removes `progress/`. Rerunning the same command resumes; the arrays
-equal those of an uninterrupted run. `.lock` is the writer's lock: a second stage-1 run on the same store
+equal those of an uninterrupted run. `progress/rows.json` holds, per chunk, the SHA-256 of its images' paths
+and labels: when the data changed before the store was complete (a bad image removed or a file added after
+a stop), the rerun keeps the finished chunks whose images are the same, recomputes the others and says so in
+one line (or starts afresh when no finished chunk is left), and the store equals a fresh run's on the new
+data; a complete store of other data is refused with one line saying what differs. `.lock` is the writer's lock: a second stage-1 run on the same store
 stops at once with `error: another run (pid … on …, since …) is writing the store …`; the lock dies with
 its process (also `kill -9`), and the next run takes it over.
 

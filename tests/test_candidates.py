@@ -146,7 +146,7 @@ def test_whole_layer_export_equals_original_and_loader(case, capsys):
     original, _ = loading.load_model(TINY, None)
     with torch.no_grad():
         z = original.eval()(x)
-        z_export = load_exported_whole_layer(js)(x)
+        z_export = load_exported_whole_layer(js, model=TINY)(x)
         z_loader = load_disentangled_model(TINY, None, "last_conv", checkpoint=best)(x)
     assert (z_export - z).abs().max() <= 1e-4 * z.abs().max()
     assert torch.equal(z_export, z_loader)

@@ -662,7 +662,7 @@ def _mismatch_args(tiny, bad, variant):
         "layer": (tiny.store, ["--model", TINY, "--layer_of_interest", "conv2"], tiny.data, "layer"),
         "image_count": (tiny.store, ["--model", TINY], bad.data_count, "dataset"),
         "class_folders": (tiny.store, ["--model", TINY], bad.data_classes, "dataset"),
-        "file_names": (tiny.store, ["--model", TINY], bad.data_renamed, "dataset files"),
+        "file_names": (tiny.store, ["--model", TINY], bad.data_renamed, "other image file names"),
     }[variant]
 
 

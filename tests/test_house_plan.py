@@ -109,14 +109,16 @@ STAGE4 = ["--get_qualitative", "--get_quantitative", "--get_top_images", "--top_
 
 def case_calls(data, store, out, triples):
     """(script, args) of the generated case: every stage and the paths between them."""
-    s1 = ["--data_dir", data, "--store_dir", store, *MODEL]
-    s4 = ["--data_dir", data, "--model_dir", store, *MODEL, "--out_dir", out, "--proportion_attribution_required",
-          "0.0"]
+    s0 = ["--data_dir", data, "--store_dir", store, *MODEL]
+    # two layers' stores in one folder: stages 2-4 name the layer (a later --layer_of_interest conv2 wins)
+    s1 = [*s0, "--layer_of_interest", "last_conv"]
+    s4 = ["--data_dir", data, "--model_dir", store, *MODEL, "--layer_of_interest", "last_conv", "--out_dir", out,
+          "--proportion_attribution_required", "0.0"]
     s2 = [*s1, "--out_dir", out, "--proportion_attribution_required", "0.05", "--p", "0.5", "--cos_sim_high", "1.0"]
     concepts = os.path.join(store, "results_get_cosine_similarities", "tests_tiny_models_tiny_resnet_concepts_top8.json")
     return [
-        ("get_importances_for_classes.py", s1),
-        ("get_importances_for_classes.py", [*s1, "--layer_of_interest", "conv2"]),
+        ("get_importances_for_classes.py", s0),
+        ("get_importances_for_classes.py", [*s0, "--layer_of_interest", "conv2"]),
         ("get_cosine_similarities.py", s2),
         ("get_cosine_similarities.py", [*s2, "--importance_sign", "positive_activation"]),
         ("get_cosine_similarities.py", [*s2, "--layer_of_interest", "conv2"]),

@@ -82,9 +82,10 @@ def newcomer(tmp_path_factory):
     for layer in ("conv2", "conv1"):
         run_script(S1, *full, "--layer_of_interest", layer, "--store_dir", store, *RUN)
         pick = [] if layer == "conv2" else ["--layer_of_interest", layer]  # two stores now: say which
-        s2 = ok(S2, "--store_dir", store, "--out_dir", out, *FLAGS2, *pick, *RUN)
-        s3 = ok(S3, "--store_dir", store, "--channel_disentangle", 1, *JOB, *pick, *RUN)
-        s4 = ok(S4, "--model_dir", store, "--channel_of_interest", 1, *JOB, *pick, "--get_quantitative",
+        # a factory (code) comes from the command line only, never from the store's manifest
+        s2 = ok(S2, "--store_dir", store, "--model", FACTORY, "--out_dir", out, *FLAGS2, *pick, *RUN)
+        s3 = ok(S3, "--store_dir", store, "--model", FACTORY, "--channel_disentangle", 1, *JOB, *pick, *RUN)
+        s4 = ok(S4, "--model_dir", store, "--model", FACTORY, "--channel_of_interest", 1, *JOB, *pick, "--get_quantitative",
                 "--get_qualitative", "--out_dir", out, *RUN)
         snaps[layer] = (files(store), files(out), s2, s3, s4)
     return dict(base=str(base), data=d, store=store, out=out, full=full, snaps=snaps)
@@ -154,11 +155,12 @@ def test_newcomer_numbers_equal_a_run_with_the_full_flags(newcomer):
 def test_stage_refuses_flags_that_disagree_with_the_store(newcomer):
     store = newcomer["store"]
     before = files(store)
-    line = refused(S2, "--store_dir", store, "--layer_of_interest", "conv2", "--crop", "224", *RUN)
+    line = refused(S2, "--store_dir", store, "--model", FACTORY, "--layer_of_interest", "conv2", "--crop", "224", *RUN)
     assert "--crop 224" in line and "--crop 160" in line
-    line = refused(S2, "--store_dir", store, *RUN)  # two layers' stores: which one?
+    line = refused(S2, "--store_dir", store, "--model", FACTORY, *RUN)  # two layers' stores: which one?
     assert "conv1" in line and "conv2" in line and "--layer_of_interest" in line
-    line = refused(S3, "--store_dir", store, "--layer_of_interest", "stem.0", "--channel_disentangle", 1, *JOB, *RUN)
+    line = refused(S3, "--store_dir", store, "--model", FACTORY, "--layer_of_interest", "stem.0", "--channel_disentangle",
+                   1, *JOB, *RUN)
     assert "stem.0" in line and "conv2" in line
     assert files(store) == before
 
@@ -241,12 +243,13 @@ def test_wnid_folders_with_a_1000_output_model(tmp_path):
         A = np.load(os.path.join(folder, "attributions.npy")).astype(np.float64)[2:]
         A_ref = (ref.a * ref.g).sum(dim=(2, 3)).numpy()
         np.testing.assert_allclose(A, A_ref, rtol=2e-3, atol=2e-3 * np.abs(A_ref).max())
-        ok(S2, "--store_dir", store, "--out_dir", out, "--p", "0.5", *RUN)  # labels read back as folder indices
+        ok(S2, "--store_dir", store, "--model", "wnidnet:make", "--out_dir", out, "--p", "0.5", *RUN)  # folder indices
         hist = json.load(open(os.path.join(store, "results_get_cosine_similarities",
                                            "wnidnet_make_required0.05_histograms.json")))
         assert hist["images_per_class"] == [2, 2] and len(hist["histogram_class_by_channel"]) == 2
-        ok(S3, "--store_dir", store, "--channel_disentangle", 2, *JOB, *RUN)
-        ok(S4, "--model_dir", store, "--channel_of_interest", 2, *JOB, "--get_quantitative", "--out_dir", out, *RUN)
+        ok(S3, "--store_dir", store, "--model", "wnidnet:make", "--channel_disentangle", 2, *JOB, *RUN)
+        ok(S4, "--model_dir", store, "--model", "wnidnet:make", "--channel_of_interest", 2, *JOB, "--get_quantitative",
+           "--out_dir", out, *RUN)
         # stage 4's relative attributions differentiate the standard outputs (0 and 999), not logits 0 and 1
         from utils.stages import stage4
         ds = folders.image_folder(d, "val")
@@ -331,9 +334,9 @@ def test_store_written_before_the_new_names_and_fields_still_works(image_root, t
     del man["input_transform"]
     json.dump(man, open(os.path.join(old, "manifest.json"), "w"))
     os.remove(os.path.join(out, "results_get_cosine_similarities", name))
-    ok(S2, "--store_dir", store, "--out_dir", out, *FLAGS2, *RUN)  # and with the store's flags alone
+    ok(S2, "--store_dir", store, "--model", flags[3], "--out_dir", out, *FLAGS2, *RUN)  # and the store's other flags
     assert open(os.path.join(out, "results_get_cosine_similarities", name)).read() == now
-    line = refused(S2, "--store_dir", store, "--crop", "200", *RUN)  # missing field: the default transform
+    line = refused(S2, "--store_dir", store, "--model", flags[3], "--crop", "200", *RUN)  # missing: the default
     assert "--crop 224" in line
 
 
@@ -342,7 +345,8 @@ def test_feature_visualization_sees_the_store_crop(newcomer):
     matrix is that of the images seen through this transform, and every val crop box lies inside 160 x 160."""
     from utils.featurevis import objectives, render
     out = os.path.join(newcomer["base"], "fv_out")
-    ok(S4, "--model_dir", newcomer["store"], "--layer_of_interest", "conv2", "--channel_of_interest", 1, *JOB,
+    ok(S4, "--model_dir", newcomer["store"], "--model", FACTORY, "--layer_of_interest", "conv2", "--channel_of_interest",
+       1, *JOB,
        "--get_feature_vis", "--fv_size", 48, "--fv_steps", 2, "--fv_crops", 2, "--fv_spectrum_images", 8,
        "--out_dir", out, *RUN)
     run = f"{TAG}_conv2_channel1_classes1[0]_classes2[1]_f_best_unnormalized"

@@ -157,6 +157,38 @@ def dataset_summary(ds):
             "files_sha256": hashlib.sha256(names.encode()).hexdigest()}
 
 
+def class_folders(root):
+    """ImageFolder's class folders of ``root`` (its sub-folders, sorted), or None when ``root`` is not a folder."""
+    if not os.path.isdir(root):
+        return None
+    return sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+
+
+def split_class_difference(train, val):
+    """What differs between the class folders ``train`` and ``val`` (two sorted lists of names): one phrase
+    naming the folders missing from each side (the first five), or None when they are the same."""
+    def some(names):
+        return ", ".join(repr(n) for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    parts = []
+    for side, missing in (("val/", sorted(set(train) - set(val))), ("train/", sorted(set(val) - set(train)))):
+        if missing:
+            parts.append(f"{side} lacks {len(missing)} class folder{'s' if len(missing) > 1 else ''}: {some(missing)}")
+    return "; ".join(parts) or None
+
+
+def check_split_classes(data_dir):
+    """Refuse (one line) a --data_dir whose val/ holds other class folders than its train/: a class index is a
+    folder's position among the sorted folders, so every later stage needs both splits to have the same ones.
+    A data folder without val/ is left to the stage that reads it."""
+    train, val = (class_folders(os.path.join(data_dir, split)) for split in ("train", "val"))
+    if train is None or val is None:
+        return
+    diff = split_class_difference(train, val)
+    if diff:
+        raise UserError(f"--data_dir {data_dir}: {diff}; train/ and val/ need the same class folders (a class "
+                        f"index is the position of its folder in sorted order)")
+
+
 def check_classes(ds, classes, flag):
     for y in classes:
         if not 0 <= y < len(ds.classes):

@@ -53,6 +53,12 @@ def progress_chunk(folder, i, merged=False):
     return os.path.join(progress_dir(folder), f"chunk_{i:07d}" + ("" if merged else ".npz"))
 
 
+def progress_rows(folder):
+    """``progress/rows.json`` of an unfinished stage 1: the SHA-256 of each chunk's image names and labels, so
+    that a rerun on changed data keeps the finished chunks whose images are the same."""
+    return os.path.join(progress_dir(folder), "rows.json")
+
+
 def progress_chunk_index(file):
     """The chunk index of a file name in ``progress/`` (``chunk_0000003`` or ``chunk_0000003.npz``), else None."""
     return int(file[6:13]) if file.startswith("chunk_") else None

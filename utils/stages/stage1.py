@@ -308,16 +308,29 @@ def _stop(lock, message):
     raise UserError(message)
 
 
-def _open_store(folder, info, shapes, allow_mixed_numerics, rank):
-    """(store, status, lock): rank 0 takes the lock and creates or checks the store, every rank learns the
-    outcome and checks that it sees the same images, model and layer as the manifest rank 0 wrote."""
+def row_names(ds, class_outputs=None):
+    """One string per row of the store: the image's path below the split's folder and the label stored for it
+    (the class folder's index, or its model output with ``class_outputs``); hashed per chunk, they tell which
+    finished chunks a rerun on changed data can keep (``Store.restart_on_new_data``)."""
+    root = os.path.join(ds.root, "")
+    cut = len(root)  # ImageFolder's paths start with the root: cutting it is relpath's answer, 100x faster
+    return [f"{path[cut:] if path.startswith(root) else os.path.relpath(path, ds.root)}\t"
+            f"{y if class_outputs is None else class_outputs[y]}" for path, y in ds.samples]
+
+
+def _open_store(folder, info, shapes, allow_mixed_numerics, rank, ds=None, class_outputs=None, log=print):
+    """(store, status, lock): rank 0 takes the lock and creates or checks the store (an unfinished store whose
+    data changed keeps its chunks of unchanged images, given ``ds``), every rank learns the outcome and checks
+    that it sees the same images, model and layer as the manifest rank 0 wrote."""
     lock = store = status = None
     error = None
     if rank == 0:
         try:
-            if not (Store.peek(folder) or {}).get("complete"):  # a complete store is only read: no lock
+            complete = (Store.peek(folder) or {}).get("complete")
+            if not complete:  # a complete store is only read: no lock
                 lock = Store.lock(folder)
-            store, status = Store.create_or_resume(folder, info, shapes, allow_mixed_numerics)
+            names = None if ds is None or complete else row_names(ds, class_outputs)
+            store, status = Store.create_or_resume(folder, info, shapes, allow_mixed_numerics, names, log)
         except UserError as e:
             error = str(e)
     error, status = distributed.from_rank0((error, status))
@@ -412,7 +425,7 @@ def run_stage1(model, conv, ds, folder, info, ps, log=print):
     rank, size = distributed.world()[:2]
     n = len(ds)
     chunk_size, num_chunks, info, shapes = _layout(n, conv, folder, info, ps)
-    store, status, lock = _open_store(folder, info, shapes, ps.allow_mixed_numerics, rank)
+    store, status, lock = _open_store(folder, info, shapes, ps.allow_mixed_numerics, rank, ds, ps.class_outputs, log)
     if status == "complete":
         if rank == 0:
             log(f"store {folder} is already complete ({n} images): nothing to do")

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from utils import disentangle
+from utils.data import folders
 from utils.files import atomic, names, store
 from utils.run.cli import UserError
 
@@ -76,10 +77,11 @@ def check_info(ctx, path, val_summary, concepts_sha256=None):
     diff = store.describe_mismatch(info, expected, ("model", "weights_sha256", "layer", "layer_geometry"))
     if info.get("classes") != val_summary["classes"]:  # train classes of the store against the val folders
         stored, now = info.get("classes") or [], val_summary["classes"]
-        odd = sorted(set(stored) ^ set(now))
-        diff = "; ".join(x for x in (diff, f"classes (the store's training split has {len(stored)} class folders, "
-                                           f"the val split {len(now)}; first differing folder: "
-                                           f"{odd[0] if odd else 'same names, other order'})") if x)
+        split = folders.split_class_difference(stored, now) or "the same class folders in another order"
+        if not diff:  # the data's fault, not the checkpoint's
+            raise UserError(f"--data_dir {val_summary['data_dir']}: {split} (train/ as the store recorded it); "
+                            f"train/ and val/ need the same class folders")
+        diff = f"{diff}; classes ({split})"
     if diff:
         raise UserError(f"{path} was made with other settings: {diff}")
     if concepts_sha256 is not None and info.get("concepts_sha256") not in (None, concepts_sha256):
