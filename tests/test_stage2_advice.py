@@ -92,28 +92,40 @@ def test_suggestion_prefers_the_strictest_cell_with_enough_pairs():
     assert stage2_advice.grid_values(0.02, 0.75) == ((0.01, 0.02, 0.03, 0.05), (0.5, 0.75))
 
 
-def test_stage2_script_top_and_advice(tmp_path, capsys):
-    """--top 3 on the tiny ResNet's store lists the 3 lowest cosines of the full list, says so in its record and
-    its file name; a run with fewer than 5 candidates prints the grid and a command line."""
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny ResNet's store (stage 1 on 4 classes of 4 training images) and stage 2 at tau 0.01, p 0.5 with
+    every pair listed (cosine window [-1, 1))."""
     import get_cosine_similarities
     import get_importances_for_classes
     from tests.conftest import make_image_folder
     from tests.test_candidates import MODEL, NAME, call
     from utils.files import names
-    data, store = make_image_folder(str(tmp_path / "data"), 6, 2), str(tmp_path / "store")
+    work = tmp_path_factory.mktemp("advice")
+    data, store = make_image_folder(str(work / "data"), 4, 2), str(work / "store")
     s1 = ["--data_dir", data, "--store_dir", store, *MODEL]
     assert call(get_importances_for_classes, s1) == 0
-    s2 = [*s1, "--out_dir", str(tmp_path), "--proportion_attribution_required", 0.01, "--p", 0.5]
+    s2 = [*s1, "--out_dir", str(work), "--proportion_attribution_required", 0.01, "--p", 0.5]
     assert call(get_cosine_similarities, [*s2, "--cos_sim_low", -1, "--cos_sim_high", 1]) == 0
     every = json.load(open(names.candidates_json(store, names.candidates_base(NAME, 0.01, 0.5, -1.0, 1.0))))
-    assert len(every["candidates"]) > 3
+    return dict(work=str(work), data=data, store=store, s1=s1, s2=s2, every=every["candidates"])
+
+
+def test_stage2_script_top_and_advice(tiny, capsys):
+    """--top 3 on the tiny ResNet's store lists the 3 lowest cosines of the full list, says so in its record and
+    its file name; a run with fewer than 5 candidates prints the grid and a command line."""
+    import get_cosine_similarities
+    from tests.test_candidates import NAME, call
+    from utils.files import names
+    s2, every, store = tiny["s2"], tiny["every"], tiny["store"]
+    assert len(every) > 3
     capsys.readouterr()
     assert call(get_cosine_similarities, [*s2, "--top", 3]) == 0
     out = capsys.readouterr().out
     doc = json.load(open(names.candidates_json(store, names.candidates_base(NAME, 0.01, 0.5, 0, 1, top=3))))
     assert doc["top"] == 3 and doc["cos_sim_low"] is None and "--top" in doc["selection"]
     key = lambda d: (d["cosine_similarity"], d["channel"], d["class1"], d["class2"])  # noqa: E731
-    assert doc["candidates"] == sorted(sorted(every["candidates"], key=key)[:3], key=lambda d: (-key(d)[0],) + key(d)[1:])
+    assert doc["candidates"] == sorted(sorted(every, key=key)[:3], key=lambda d: (-key(d)[0],) + key(d)[1:])
     assert "3 candidates (channel, class1, class2) of lowest cosine (--top 3" in out
     assert "fewer than 5 candidates" not in out  # --top 3 asked for 3
     # the paper's window [0, 0.5) at tau 0.01, p 0.5: fewer than 5 candidates, the grid and a command follow
@@ -121,7 +133,28 @@ def test_stage2_script_top_and_advice(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "fewer than 5 candidates" in out and "tau     p  channels" in out
     cell = next(line for line in out.splitlines() if line.endswith("<- this run"))
-    in_window = sum(0 <= d["cosine_similarity"] < 0.5 for d in every["candidates"])
-    assert in_window < 5 and cell.split()[:5] == ["0.01", "0.5", str(len({d["channel"] for d in every["candidates"]})),
-                                                  str(in_window), str(len(every["candidates"]))]
+    in_window = sum(0 <= d["cosine_similarity"] < 0.5 for d in every)
+    assert in_window < 5 and cell.split()[:5] == ["0.01", "0.5", str(len({d["channel"] for d in every})),
+                                                  str(in_window), str(len(every))]
     assert "for a list: python get_cosine_similarities.py --store_dir" in out
+
+
+def test_stage4_script_takes_stage2_tau(tiny, capsys):
+    """Stage 4 without the flag on a store whose stage-2 records say tau 0.01 counts at 0.01 (its files say
+    required0.01) and says so; with the flag, the flag's tau, nothing said."""
+    import disentangle_channel
+    import get_results
+    from tests.test_candidates import MODEL, call
+    data, store, out = tiny["data"], tiny["store"], os.path.join(tiny["work"], "o")
+    pair = ["--classes_for_concept1", 0, "--classes_for_concept2", 1]
+    assert call(disentangle_channel, [*tiny["s1"], "--channel_disentangle", 2, *pair]) == 0
+    s4 = ["--data_dir", data, "--model_dir", store, *MODEL, "--channel_of_interest", 2, *pair, "--get_quantitative"]
+    capsys.readouterr()
+    assert call(get_results, [*s4, "--out_dir", out]) == 0
+    assert "relative attribution >= tau=0.01 (p=0.5) from stage 2's record" in capsys.readouterr().out
+    found = [f for f in os.listdir(os.path.join(out, "results_quantitative")) if "required" in f]
+    assert found and all("required0.01" in f for f in found)
+    assert call(get_results, [*s4, "--out_dir", out + "2", "--proportion_attribution_required", 0.03]) == 0
+    assert "from stage 2's record" not in capsys.readouterr().out
+    found = [f for f in os.listdir(os.path.join(out + "2", "results_quantitative")) if "required" in f]
+    assert found and all("required0.03" in f for f in found)
