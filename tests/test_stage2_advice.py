@@ -158,3 +158,9 @@ def test_stage4_script_takes_stage2_tau(tiny, capsys):
     assert "from stage 2's record" not in capsys.readouterr().out
     found = [f for f in os.listdir(os.path.join(out + "2", "results_quantitative")) if "required" in f]
     assert found and all("required0.03" in f for f in found)
+
+
+def test_top_with_label_free_is_one_line():
+    import get_cosine_similarities
+    from tests.test_candidates import call
+    assert call(get_cosine_similarities, ["--store_dir", "S", "--label_free", "--top", 3]) == 2
