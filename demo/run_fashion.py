@@ -17,12 +17,12 @@ Steps (all on the CPU; every stage through its command line, as a user would run
   7. OUT/report.json: every number, every command, seconds per part
 
 Two recipes (the flags below override either):
-  quick (default, a few minutes on a busy 2-core CPU): the net trained 3 epochs on 1,000 training images per
-        class with 1 thread; stage 1 on 300 per class, stage 4 on 200 test images per class; 2 strong splits
-        and 1 weak one; SAE 500 steps on 1,000 images
+  quick (default, about 10 minutes on a busy 2-core CPU): the net trained 2 epochs on 1,000 training images
+        per class with 1 thread; stage 1 on 200 per class, stage 4 on 100 test images per class; 2 strong
+        splits; feature visualizations of 32 steps; SAE 300 steps on 500 images
   --full (the run docs/real_images.md reports): 5 epochs on all 60,000 training images with 1 thread;
         stage 1 on 1,000 per class, stage 4 on all 10,000 test images; 3 strong splits and 2 weak ones;
-        SAE 1,000 steps on 2,000 images
+        feature visualizations of 64 steps; SAE 1,000 steps on 2,000 images
 Everything goes inside --out: the ImageFolder (OUT/data_<stage-1 per class>_<val per class>, kept when it
 already holds the same images), the model, the store, the results and report.json.
 
@@ -50,10 +50,12 @@ THRESHOLDS = (0.5, 0.7, 0.9)   # the report counts candidate pairs below each co
 SIZE = 28                      # --resize and --crop: the images' own size
 # the two recipes (None: all the images of the split); a flag given on the command line wins
 RECIPES = {
-    "quick": {"epochs": 3, "train_per_class": 1000, "store_per_class": 300, "val_per_class": 200, "train_threads": 1,
-              "splits": 2, "weakest": 1, "sae_steps": 500, "sae_train_images": 1000},
+    "quick": {"epochs": 2, "train_per_class": 1000, "store_per_class": 200, "val_per_class": 100, "train_threads": 1,
+              "splits": 2, "weakest": 0, "fv_steps": 32, "fv_spectrum_images": 128, "sae_steps": 300,
+              "sae_train_images": 500},
     "full": {"epochs": 5, "train_per_class": None, "store_per_class": 1000, "val_per_class": None, "train_threads": 1,
-             "splits": 3, "weakest": 2, "sae_steps": 1000, "sae_train_images": 2000},
+             "splits": 3, "weakest": 2, "fv_steps": 64, "fv_spectrum_images": 256, "sae_steps": 1000,
+             "sae_train_images": 2000},
 }
 MADE_HERE = ("plots", "results_disentanglement", "results_quantitative", "results_get_cosine_similarities",
              "logs", "report.json")
@@ -107,9 +109,10 @@ def parse_args(argv=None):
     p.add_argument("--quantitative_tau", type=float, default=0.03, help="stage 4 tau (default 0.03)")
     p.add_argument("--top_n", type=int, default=100, help="stage 2 --label_free --top_n (default 100)")
     p.add_argument("--fv_size", type=int, default=56, help="stage 4 --fv_size (default 56)")
-    p.add_argument("--fv_steps", type=int, default=64, help="stage 4 --fv_steps (default 64)")
+    p.add_argument("--fv_steps", type=int, default=argparse.SUPPRESS, help=f"stage 4 --fv_steps {recipe('fv_steps')}")
     p.add_argument("--fv_crops", type=int, default=4, help="stage 4 --fv_crops (default 4)")
-    p.add_argument("--fv_spectrum_images", type=int, default=256, help="stage 4 --fv_spectrum_images (default 256)")
+    p.add_argument("--fv_spectrum_images", type=int, default=argparse.SUPPRESS,
+                   help=f"stage 4 --fv_spectrum_images {recipe('fv_spectrum_images')}")
     p.add_argument("--sae_steps", type=int, default=argparse.SUPPRESS, help=f"stage 4 --sae_steps {recipe('sae_steps')}")
     p.add_argument("--sae_train_images", type=int, default=argparse.SUPPRESS,
                    help=f"stage 4 --sae_train_images {recipe('sae_train_images')}; 0: all training images")
