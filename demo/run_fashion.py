@@ -19,7 +19,7 @@ Steps (all on the CPU; every stage through its command line, as a user would run
 Two recipes (the flags below override either):
   quick (default, about 10 minutes on a busy 2-core CPU): the net trained 2 epochs on 1,000 training images
         per class with 1 thread; stage 1 on 200 per class, stage 4 on 100 test images per class; 2 strong
-        splits; feature visualizations of 32 steps; SAE 300 steps on 500 images
+        splits; feature visualizations of 32 steps; SAE 100 steps on 500 images
   --full (the run docs/real_images.md reports): 5 epochs on all 60,000 training images with 1 thread;
         stage 1 on 1,000 per class, stage 4 on all 10,000 test images; 3 strong splits and 2 weak ones;
         feature visualizations of 64 steps; SAE 1,000 steps on 2,000 images
@@ -51,7 +51,7 @@ SIZE = 28                      # --resize and --crop: the images' own size
 # the two recipes (None: all the images of the split); a flag given on the command line wins
 RECIPES = {
     "quick": {"epochs": 2, "train_per_class": 1000, "store_per_class": 200, "val_per_class": 100, "train_threads": 1,
-              "splits": 2, "weakest": 0, "fv_steps": 32, "fv_spectrum_images": 128, "sae_steps": 300,
+              "splits": 2, "weakest": 0, "fv_steps": 32, "fv_spectrum_images": 128, "sae_steps": 100,
               "sae_train_images": 500},
     "full": {"epochs": 5, "train_per_class": None, "store_per_class": 1000, "val_per_class": None, "train_threads": 1,
              "splits": 3, "weakest": 2, "fv_steps": 64, "fv_spectrum_images": 256, "sae_steps": 1000,

@@ -3,7 +3,8 @@
 From the store: the class histograms H[y, c] (how many images of class y find channel c important), the
 classes each channel uses (H[y, c] >= p N_y), the class means of the patch sums, and for every channel the
 cosine of the closed-form ARVs of each pair of its classes; the pairs with low <= cosine < high are the
-candidates. ``--importance_sign positive_activation`` counts an image for a channel only where the channel's
+candidates (``--top N``: the N pairs of lowest cosine, whatever the window; fewer than 5 candidates: the
+advice of ``stage2_advice``, the layer at other tau and p). ``--importance_sign positive_activation`` counts an image for a channel only where the channel's
 summed activation after the BatchNorm that follows the layer is positive, and reports what that changes.
 Writes the published table under ``--out_dir`` and the candidates and histograms in the store folder
 (names: utils/files/names.py).
