@@ -23,8 +23,8 @@ Sets up .venv (created if missing, requirements.txt installed) and runs one of t
 
   --data fashion_mnist (OUT_DIR default ./fmnist_out/run; needs apt-get install dataset-fashion-mnist):
       real images, a small ResNet trained here, the whole method on its strongest candidates, label-free
-      concepts and the SAE view. Default: the quick recipe (2 epochs on 10,000 training images; about 10 minutes
-      on a busy 2-core CPU). Options go to demo/run_fashion.py, e.g.
+      concepts and the SAE view. Default: the quick recipe (2 epochs on 10,000 training images; 4.3 CPU-minutes, 18 minutes
+      on a 2-core CPU at load 15). Options go to demo/run_fashion.py, e.g.
         --full              the larger recipe of docs/real_images.md (all 60,000 images, 5 epochs)
         --epochs N, --train_per_class N, --val_per_class N, --splits N, --train_threads N, --no_feature_vis
       Everything, the converted images included, goes inside OUT_DIR.
