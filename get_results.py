@@ -61,9 +61,10 @@ def build_parser():
     p.add_argument("--get_qualitative", action="store_true", help="density plots and their data files")
     p.add_argument("--get_quantitative", action="store_true",
                    help="D1/orig, D2/orig, R/orig per image (D1/orig .. Dk/orig, R/orig for k concepts)")
-    p.add_argument("--proportion_attribution_required", type=float, default=0.03,
-                   help="tau: images whose relative attribution to the channel is >= tau count (default 0.03, "
-                        "the paper's quantitative tau; stage 2's default is 0.05)")
+    p.add_argument("--proportion_attribution_required", type=float, default=None,
+                   help="tau: images whose relative attribution to the channel is >= tau count (default: stage 2's "
+                        "tau, from the --candidates file or the store's stage-2 records of the layer where they "
+                        "agree, else 0.03, the paper's quantitative tau; the line printed says which)")
     p.add_argument("--get_top_images", action="store_true",
                    help="contact sheet of the val images activating the original channel and each D_j the most")
     p.add_argument("--top_k", type=int, default=8, help="images per row of the contact sheet (default 8)")

@@ -296,7 +296,9 @@ def test_generated_case_writes_the_same_files_as_before_the_plan(before, tmp_pat
     n_files = sum(len(fs) for _, _, fs in os.walk(work))
     assert n_files > 100  # every stage wrote
     assert differing_files(str(tmp_path / "case_old"), work) == []
-    assert VOLATILE_TEXT.sub("<t>", new_out) == VOLATILE_TEXT.sub("<t>", old_out)
+    # every printed line of the old run, in order; lines added since (stage 2's advice with few candidates, the
+    # feature visualizations' plan and estimate) may come between them
+    assert is_subsequence(VOLATILE_TEXT.sub("<t>", old_out).splitlines(), VOLATILE_TEXT.sub("<t>", new_out).splitlines())
 
 
 @pytest.mark.parametrize("arch", ["cnn", "resnet"])

@@ -20,10 +20,11 @@ what the math needs around it. The method itself, in words and formulas: docs/me
   ``--triples`` files) or by clusters of a concepts file (``by_clusters``); ``candidates`` (the strongest
   channels of stage 2's candidates or of a concepts file, ``--candidates``); ``from_flags`` (which of these a
   command line gives)
-- ``stages/``      what each stage does: ``stage1`` (+ ``stage1_settings``), ``stage2``, ``passes`` (stage 2's
-  chunked passes), ``label_free``, ``stage3``, ``stage4`` (+ ``stage4_checkpoints``, ``stage4_passes``,
-  ``stage4_results``, ``stage4_extras``), ``feature_vis`` (+ ``feature_vis_shards``: over torchrun processes)
-  and ``sae_view`` (stage 4's extras)
+- ``stages/``      what each stage does: ``stage1`` (+ ``stage1_settings``), ``stage2`` (+ ``stage2_advice``: the
+  layer at other tau and p when few candidates pass), ``passes`` (stage 2's chunked passes), ``label_free``,
+  ``stage3``, ``stage4`` (+ ``stage4_checkpoints``, ``stage4_passes``, ``stage4_results``, ``stage4_extras``,
+  ``stage4_tau``: stage 2's tau), ``feature_vis`` (+ ``feature_vis_shards``: over torchrun processes;
+  ``feature_vis_estimate``: the plan and time) and ``sae_view`` (stage 4's extras)
 - ``featurevis/``  feature visualizations (MACO) as lucent's optvis: ``param``, ``transform``, ``objectives``,
   ``render``, ``spectrum``, ``settings``
 - ``report/``      what the user sees: ``plots``, ``tables``, ``stage3_text``, ``latex``

@@ -74,9 +74,11 @@ def stage2_dir(root):
     return os.path.join(root, STAGE2_DIR)
 
 
-def candidates_base(name, tau, p, low, high, sign="published"):
-    """``{name}_required{tau}_p{p}_cossim{low}to{high}[_positive_activation]``: the stem of stage 2's files."""
-    return f"{name}_required{tau}_p{p}_cossim{low}to{high}{SIGN_SUFFIX[sign]}"
+def candidates_base(name, tau, p, low, high, sign="published", top=None):
+    """``{name}_required{tau}_p{p}_cossim{low}to{high}[_positive_activation]``: the stem of stage 2's files;
+    with stage 2's ``--top N`` (the window not used): ``{name}_required{tau}_p{p}_top{N}[_positive_activation]``."""
+    window = f"cossim{low}to{high}" if top is None else f"top{top}"
+    return f"{name}_required{tau}_p{p}_{window}{SIGN_SUFFIX[sign]}"
 
 
 def candidates_table(out_dir, base):

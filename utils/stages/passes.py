@@ -39,6 +39,16 @@ def class_histogram(attributions, targets, num_classes, tau, chunk_rows=DEFAULT_
     return hist
 
 
+def class_histograms(attributions, targets, num_classes, taus, chunk_rows=DEFAULT_CHUNK_ROWS, progress=False):
+    """``class_histogram`` at several tau from one read of the attributions: {tau: (num_classes, C) int64}."""
+    n, c = attributions.shape
+    hists = {t: torch.zeros(num_classes, c, dtype=torch.int64) for t in taus}
+    for lo, hi in _chunks_shown(n, chunk_rows, "histograms (grid)", progress):
+        hists = similarities.add_class_histograms(hists, _attributions(attributions, lo, hi),
+                                                  _targets(targets, lo, hi), taus)
+    return hists
+
+
 def sign_histograms(attributions, targets, patch_sums, num_classes, tau, weight, bias=None, positions=1,
                     affine=None, chunk_rows=DEFAULT_CHUNK_ROWS, progress=False):
     """Class histograms of the published importance rule and of the sign-aware one, from one read of the store.
