@@ -167,12 +167,13 @@ def check_networks(ctx, shared, jobs, s):
     ``s.exactness_images`` readable training images: the same images whatever the jobs, so the original's
     logits are computed once (``Shared.exactness``) and each job's numbers equal those of a run of it alone.
     Sets each job's ``run``."""
-    check, images, original = shared.exactness(ctx, s.exactness_images)
-    for job in jobs:
+    for job in jobs:  # a NaN score has no maximum: one line, not an IndexError in best_rho_index
         finite.refuse_nonfinite(job.res.scores, f"the 20 rho scores of channel {job.concepts.channel} "
                                                 f"{job.concepts.describe()}",
                                 "the layer's input or the channel's maps are not finite on its training images "
                                 "(check the model and the store): no rho can be chosen, nothing written")
+    check, images, original = shared.exactness(ctx, s.exactness_images)
+    for job in jobs:
         ch = rho_scores.choose(job.res, s.rho_score)
         best_sd = checkpoint_state_dict(job.split.filters[ch["best"]], job.split.bias_c)
         diff, zmax, _ = disentangle.network_check(ctx.model, ctx.layer_path, job.concepts.channel, best_sd, images,
