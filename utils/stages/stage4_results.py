@@ -127,9 +127,9 @@ def write_quantitative(ctx, s, e, summary):
         m = evaluation.column_means(rows[j], k + 1)
         out[f"quantitative_concept{j}"] = {"images": len(rows[j]), **{col: float(v) for col, v in zip(columns, m)}}
         if not len(rows[j]):  # strict JSON: null, and why
-            out[f"quantitative_concept{j}"] = {"images": 0, **{col: None for col in columns},
-                                               "reason": f"no val image of concept {j} has relative attribution "
-                                                         f">= {tau}: the means are undefined"}
+            out[f"quantitative_concept{j}"] = {"images": 0, **{col: None for col in columns}}
+            out[f"quantitative_concept{j}_reason"] = (f"no val image of concept {j} has relative attribution >= "
+                                                      f"{tau}: the means are undefined")
         om, on = overall[j]
         print(f"concept {j}: {len(rows[j])} of {summary[f'val_images_concept{j}']} val images have relative "
               f"attribution >= {tau}; column means " + " ".join(f"{col}={v:.4f}" for col, v in zip(columns, m))
