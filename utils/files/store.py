@@ -11,8 +11,8 @@ Layout of ``STORE/{model}_channel_importances/`` (one row per training image, Im
   .lock             the stage-1 writer's lock (pid and host of the run holding it)
 
 The manifest is the commit point: later stages refuse a store whose manifest is missing,
-incomplete, or made by another model, weights, layer or dataset. A complete manifest records each array's size,
-modification time and sha256 (``digests``, computed when stage 1 finishes: rows are merged out of order, so the
+incomplete, or made by another model, weights, layer or dataset. A complete manifest records each array's size and
+sha256 (``digests``, computed when stage 1 finishes: rows are merged out of order, so the
 file is hashed once, read back, not while written). Opening a store checks every array's header and length
 against the manifest (a few bytes read) and its sha256 under ``FULL_CHECK`` (``check_arrays``); a store written
 before digests were kept is read as before.
@@ -38,8 +38,8 @@ MATCH_KEYS = ("model", "weights_sha256", "layer", "layer_geometry", "classes", "
 COMPLETE_KEYS = MATCH_KEYS + ("autocast", "decode", "class_outputs")
 RESUME_KEYS = COMPLETE_KEYS + ("num_images", "chunk_size")
 # The arrays' sha256 is verified on every open when they hold at most this many bytes together (about 1 s of
-# sha256 on one core); a larger store verifies the sha256 of an array whose modification time is not the one
-# recorded (rewritten, replaced, or copied without keeping times), and the header and length of every array.
+# sha256 on one core); a larger store verifies the sha256 of an array modified after its manifest was written
+# (rewritten, replaced, or copied without keeping times), and the header and length of every array.
 FULL_CHECK = 1 << 30
 
 
@@ -172,7 +172,7 @@ class Store:
         """Refuse (one line, ``reading.Damaged``) an array whose header, length or sha256 is not what stage 1
         wrote. Always: the header against the manifest's shape and dtype, the length against the header.
         The sha256 (``digests.problem``): every time when the arrays hold at most ``FULL_CHECK`` bytes together
-        (or ``full``), else for an array whose modification time is not the recorded one. A manifest without
+        (or ``full``), else for an array modified after the manifest was written. A manifest without
         ``digests`` (written before they were kept) is checked for headers and lengths only."""
         arrays, records = self.manifest.get("arrays") or {}, self.manifest.get("digests") or {}
         hint = rewrite_hint(self.folder)
@@ -181,8 +181,9 @@ class Store:
             self.array(name, want.get("shape"), want.get("dtype"))
         if full is None:
             full = sum(os.path.getsize(self.path(n)) for n in ARRAYS) <= FULL_CHECK
+        written = os.stat(names.manifest(self.folder)).st_mtime_ns
         for name in ARRAYS:
-            problem = digests.problem(self.path(name), records.get(f"{name}.npy"), full)
+            problem = digests.problem(self.path(name), records.get(f"{name}.npy"), full, written)
             if problem:
                 raise reading.Damaged(self.path(name), problem, hint)
 
