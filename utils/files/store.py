@@ -37,10 +37,11 @@ MATCH_KEYS = ("model", "weights_sha256", "layer", "layer_geometry", "classes", "
 # later stages take the store's (they never differ there), stage 1 compares its --class_index_map.
 COMPLETE_KEYS = MATCH_KEYS + ("autocast", "decode", "class_outputs")
 RESUME_KEYS = COMPLETE_KEYS + ("num_images", "chunk_size")
-# The arrays' sha256 is verified on every open when they hold at most this many bytes together (about 1 s of
-# sha256 on one core); a larger store verifies the sha256 of an array modified after its manifest was written
-# (rewritten, replaced, or copied without keeping times), and the header and length of every array.
-FULL_CHECK = 1 << 30
+# The arrays' sha256 is verified on every open when they hold at most this many bytes together (256 MiB: 0.93 s
+# on a shared, loaded 2-core machine; benchmarks/store_check.py --gib 0.25); a larger store
+# verifies the sha256 of an array modified after its manifest was written (rewritten, replaced, or copied without
+# keeping times), and the header and length of every array (about 2 ms).
+FULL_CHECK = 1 << 28
 
 
 def rewrite_hint(folder):
