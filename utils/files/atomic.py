@@ -139,7 +139,7 @@ def write_text(path, text):
             f.write(text)
 
 
-def _finite(obj, reasons_at=None):
+def _finite(obj):
     """``obj`` with every float that is not finite replaced by None; in a dict, ``key: nan`` also gets
     ``key_reason`` (unless the dict has one) saying what the value was."""
     if isinstance(obj, float):
