@@ -82,19 +82,21 @@ def open_npy(path, shape=None, dtype=None, remedy=None):
 
 
 def load_npz(path, remedy=None):
-    """{name: array} of an ``.npz`` archive, read whole (no pickles); Damaged for one cut short or garbled."""
+    """{name: array} of an ``.npz`` archive, read whole (no pickles); Damaged for one cut short or garbled, or a
+    file that is not an archive."""
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            head = f.read(6)
+        what = "a single .npy array" if head == b"\x93NUMPY" else "cut short or garbled"
+        raise Damaged(path, f"not a complete .npz archive ({what}, {os.path.getsize(path)} bytes)", remedy)
     try:
         with np.load(path) as z:
-            if not isinstance(z, np.lib.npyio.NpzFile):
-                raise Damaged(path, "a single array, not an .npz archive", remedy)
             return {k: z[k] for k in z.files}
     except (zipfile.BadZipFile, EOFError, ValueError, KeyError, OSError) as e:
-        if isinstance(e, Damaged):
-            raise
-        if isinstance(e, OSError) and not os.path.isfile(path):
-            raise
-        raise Damaged(path, f"not a complete .npz archive ({type(e).__name__}: {str(e).splitlines()[0][:80]})",
-                      remedy) from None
+        text = str(e).splitlines()[0][:80] if str(e) else ""
+        if "allow_pickle" in text:
+            text = "it holds Python objects, never unpickled"
+        raise Damaged(path, f"not a complete .npz archive ({type(e).__name__}: {text})", remedy) from None
 
 
 def _kind_of(path):
