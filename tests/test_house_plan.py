@@ -294,8 +294,21 @@ def test_generated_case_writes_the_same_files_as_before_the_plan(before, tmp_pat
     new_out = run_case(ROOT, work, TRIPLES)
     n_files = sum(len(fs) for _, _, fs in os.walk(work))
     assert n_files > 100  # every stage wrote
-    assert differing_files(str(tmp_path / "case_old"), work, new_keys=True) == []
-    assert VOLATILE_TEXT.sub("<t>", new_out) == VOLATILE_TEXT.sub("<t>", old_out)
+    # the one change on purpose: channel 2's concept 1 has mean pos(D2) = 0, so its separation, once divided by
+    # the 1e-12 floor (3.4e13), is now unbounded: null with a reason, and a printed reason
+    unbounded = ("out/results_disentanglement/tests_tiny_models_tiny_resnet_channel2_classes1[1, 2]_classes2[3]_"
+                 "f_best_unnormalized_summary.json")
+    assert differing_files(str(tmp_path / "case_old"), work, new_keys=True) == [unbounded]
+    was, now = (json.load(open(os.path.join(root, unbounded))) for root in (str(tmp_path / "case_old"), work))
+    assert was["sep_concept1"] == pytest.approx(was["mean_pos_concept1"]["D1"] / 1e-12, rel=1e-6)
+    assert was["mean_pos_concept1"]["D2"] == 0
+    assert now["sep_concept1"] is None and now["sep_concept1_reason"].startswith("unbounded: mean pos(D2)")
+    assert {k: v for k, v in now.items() if k in was and k != "sep_concept1"} == \
+        {k: v for k, v in was.items() if k != "sep_concept1"}
+    old_lines, new_lines = (VOLATILE_TEXT.sub("<t>", o).splitlines() for o in (old_out, new_out))
+    changed = [(a, b) for a, b in zip(old_lines, new_lines) if a != b]
+    assert len(old_lines) == len(new_lines) and len(changed) == 1, changed
+    assert changed[0][0].endswith("= 3.44e+13") and "= unbounded: mean pos(D2)" in changed[0][1], changed
 
 
 @pytest.mark.parametrize("arch", ["cnn", "resnet"])
