@@ -229,18 +229,19 @@ def _files(root):
     return {os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs}
 
 
-def differing_files(a, b, extra_ok=(), roots=(None, None)):
+def differing_files(a, b, extra_ok=(), roots=(None, None), new_keys=False):
     """Relative paths below ``a`` and ``b`` that are missing on one side or differ (``comparable``).
 
     extra_ok: files the new tree ``b`` may add (taken as prefixes of the relative path; ``("",)``: any), and
     JSON files the new tree may extend with keys the old one lacks (the new keys are left out of the
     comparison: ``comparable_as``); roots: the folders the old and the new run wrote into, where ``a`` and ``b``
-    are copies (paths in the files are compared as ``<root>/...``)."""
+    are copies (paths in the files are compared as ``<root>/...``); new_keys: JSON files may add keys without
+    ``extra_ok`` (the store's ``digests``, stage 3's ``checkpoint_sha256``)."""
     fa, fb = _files(a), _files(b)
     out = sorted(f"only in {'old' if p in fa else 'new'}: {p}" for p in fa ^ fb
                  if p in fa or not any(p.startswith(e) for e in extra_ok))
     out += sorted(p for p in fa & fb if comparable(os.path.join(a, p), roots[0])
-                  != comparable_as(os.path.join(b, p), os.path.join(a, p), bool(extra_ok), roots))
+                  != comparable_as(os.path.join(b, p), os.path.join(a, p), bool(extra_ok) or new_keys, roots))
     return out
 
 
@@ -295,10 +296,25 @@ def test_generated_case_writes_the_same_files_as_before_the_plan(before, tmp_pat
     new_out = run_case(ROOT, work, TRIPLES)
     n_files = sum(len(fs) for _, _, fs in os.walk(work))
     assert n_files > 100  # every stage wrote
-    assert differing_files(str(tmp_path / "case_old"), work) == []
-    # every printed line of the old run, in order; lines added since (stage 2's advice with few candidates, the
-    # feature visualizations' plan and estimate) may come between them
-    assert is_subsequence(VOLATILE_TEXT.sub("<t>", old_out).splitlines(), VOLATILE_TEXT.sub("<t>", new_out).splitlines())
+    # the one change on purpose: channel 2's concept 1 has mean pos(D2) = 0, so its separation, once divided by
+    # the 1e-12 floor (3.4e13), is now unbounded: null with a reason, and a printed reason
+    unbounded = ("out/results_disentanglement/tests_tiny_models_tiny_resnet_channel2_classes1[1, 2]_classes2[3]_"
+                 "f_best_unnormalized_summary.json")
+    assert differing_files(str(tmp_path / "case_old"), work, new_keys=True) == [unbounded]
+    was, now = (json.load(open(os.path.join(root, unbounded))) for root in (str(tmp_path / "case_old"), work))
+    assert was["sep_concept1"] == pytest.approx(was["mean_pos_concept1"]["D1"] / 1e-12, rel=1e-6)
+    assert was["mean_pos_concept1"]["D2"] == 0
+    assert now["sep_concept1"] is None and now["sep_concept1_reason"].startswith("unbounded: mean pos(D2)")
+    assert {k: v for k, v in now.items() if k in was and k != "sep_concept1"} == \
+        {k: v for k, v in was.items() if k != "sep_concept1"}
+    # every printed line of the old run, in order, the separation's line now unbounded; lines added since (stage
+    # 2's advice with few candidates, the feature visualizations' plan and estimate) may come between them
+    old_lines, new_lines = (VOLATILE_TEXT.sub("<t>", o).splitlines() for o in (old_out, new_out))
+    was_line = [i for i, line in enumerate(old_lines) if line.endswith("= 3.44e+13")]
+    now_line = [line for line in new_lines if "= unbounded: mean pos(D2)" in line]
+    assert len(was_line) == 1 and len(now_line) == 1, (was_line, now_line)
+    old_lines[was_line[0]] = now_line[0]
+    assert is_subsequence(old_lines, new_lines)
 
 
 @pytest.mark.parametrize("arch", ["cnn", "resnet"])

@@ -87,6 +87,25 @@ def purities(summary, k):
     return top_purity(top.get("Original")), [top_purity(top.get(f"Disentangled {j}")) for j in range(1, k + 1)]
 
 
+def separations(summary, k):
+    """([sep_j or None], [why sep_j is None, or None]). A separation is None where its denominator is 0
+    (unbounded): stage 4 writes null and ``sep_concept{j}_reason``; a summary written before that holds the
+    quotient by 1e-12 (about 1e13), recognised here by its means (``mean_pos_concept{j}``) and read as None, so
+    that it neither shows nor sorts as a number."""
+    seps, reasons = [], []
+    for j in range(1, k + 1):
+        sep, reason = summary.get(f"sep_concept{j}"), summary.get(f"sep_concept{j}_reason")
+        means = summary.get(f"mean_pos_concept{j}") or {}
+        others = [means.get(f"D{m}") for m in range(1, k + 1) if m != j]
+        if sep is not None and others and all(isinstance(v, (int, float)) and v == 0 for v in others):
+            sep, reason = None, f"unbounded: the mean of the other maps over concept {j}'s val images is 0"
+        if not isinstance(sep, (int, float)) or isinstance(sep, bool):
+            sep = None
+        seps.append(sep)
+        reasons.append(None if sep is not None else (str(reason) if reason else None))
+    return seps, reasons
+
+
 def own_quantitative(summary, k):
     """[mean of D_j/orig over concept j's val images] (None where stage 4 computed none)."""
     return [(summary.get(f"quantitative_concept{j}") or {}).get(f"D{j}/orig") for j in range(1, k + 1)]
@@ -162,10 +181,11 @@ def read_run(out_dir, store_dir, run, cosines, label_free_cache):
     match = RUN_NAME.match(run)
     lf = label_free_records(store_dir, match.group("name"), label_free_cache).get(summary["channel"]) if match else None
     purity_original, purity_parts = purities(summary, k)
+    sep, sep_reason = separations(summary, k)
     return {"run": run, "channel": summary["channel"], "layer": summary.get("layer"), "k": k,
             "concepts": concept_labels(summary, k), "cosine": cosine_of(summary, cosines),
             "rho": summary.get("rho"), "max_logit_diff": summary.get("max_logit_diff"),
-            "exact": info.get("exact"), "sep": [summary.get(f"sep_concept{j}") for j in range(1, k + 1)],
+            "exact": info.get("exact"), "sep": sep, "sep_reason": sep_reason,
             "val_images": [summary.get(f"val_images_concept{j}") for j in range(1, k + 1)],
             "quantitative": own_quantitative(summary, k),
             "quantitative_all": [summary.get(f"quantitative_concept{j}") for j in range(1, k + 1)],

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from utils.data import folders
 from utils.featurevis.param import color_covariance, color_matrix, color_moments, magnitudes
-from utils.files import atomic, cache, names
+from utils.files import atomic, cache, names, reading
 from utils.run.cli import UserError
 
 
@@ -80,10 +80,16 @@ def load_or_make_spectrum(store_dir, data_dir, size, n_images, batch_size, num_w
     meta, key = spectrum_key(folders.dataset_summary(ds), size, n_images, files_sha256(ds.samples[i][0] for i in idx))
     path = names.spectrum_cache(store_dir, size, key)
     for found in cache.candidates(path, store_dir):  # the store's, else the user's cache folder's
-        if os.path.isfile(found):
-            with np.load(found) as z:
-                if json.loads(str(z["meta"])) == meta:
-                    return {k: torch.from_numpy(z[k]) for k in ("magnitude", "q", "mean", "cov")}, found, True
+        if not os.path.isfile(found):
+            continue
+        try:
+            z = reading.load_npz(found)
+            if "meta" not in z:
+                raise reading.Damaged(found, "not a spectrum cache (no record of what made it)")
+            if json.loads(str(z["meta"])) == meta:
+                return {k: torch.from_numpy(z[k]) for k in ("magnitude", "q", "mean", "cov")}, found, True
+        except (reading.Damaged, KeyError, ValueError) as e:  # a cache: compute it again, and say so
+            print(f"{found}: a damaged spectrum cache ({getattr(e, 'problem', e)}): computing it again")
     batches = folders.batches_of(idx, max(1, batch_size))
 
     def iterate():

@@ -12,7 +12,11 @@ Layout of ``STORE/{model}_channel_importances/`` (one row per training image, Im
   .lock             the stage-1 writer's lock (pid and host of the run holding it)
 
 The manifest is the commit point: later stages refuse a store whose manifest is missing,
-incomplete, or made by another model, weights, layer or dataset.
+incomplete, or made by another model, weights, layer or dataset. A complete manifest records each array's size and
+sha256 (``digests``, computed when stage 1 finishes: rows are merged out of order, so the
+file is hashed once, read back, not while written). Opening a store checks every array's header and length
+against the manifest (a few bytes read) and its sha256 under ``FULL_CHECK`` (``check_arrays``); a store written
+before digests were kept is read as before.
 """
 import datetime
 import hashlib
@@ -22,7 +26,7 @@ import shutil
 
 import numpy as np
 
-from utils.files import atomic, leftovers, names
+from utils.files import atomic, digests, leftovers, names, reading
 from utils.files.names import store_folder
 from utils.run.cli import UserError
 
@@ -38,6 +42,17 @@ RESUME_KEYS = COMPLETE_KEYS + ("num_images", "chunk_size")
 # Keys that describe the data: when only these differ, an unfinished store keeps the finished chunks whose images
 # (names and labels) are unchanged and recomputes the rest (``Store.restart_on_new_data``).
 DATASET_KEYS = ("classes", "images_per_class", "files_sha256", "num_images", "class_outputs")
+# The arrays' sha256 is verified on every open when they hold at most this many bytes together (256 MiB: 0.93 s
+# on a shared, loaded 2-core machine; benchmarks/store_check.py --gib 0.25); a larger store
+# verifies the sha256 of an array modified after its manifest was written (rewritten, replaced, or copied without
+# keeping times), and the header and length of every array (about 2 ms).
+FULL_CHECK = 1 << 28
+
+
+def rewrite_hint(folder):
+    """What to do about a damaged store: the command that writes it again."""
+    return (f"the store is damaged: delete {folder} and rerun get_importances_for_classes.py with the flags it was "
+            f"made with (its manifest.json lists them)")
 
 
 def find_folder(store_dir, tag, name, layer):
@@ -67,7 +82,7 @@ def find_stores(store_dir):
         folder = os.path.join(store_dir, name)
         if names.is_store_folder_name(name) and os.path.isfile(names.manifest(folder)):
             try:
-                out.append((folder, atomic.read_json(names.manifest(folder))))
+                out.append((folder, atomic.read_json(names.manifest(folder), rewrite_hint(folder))))
             except ValueError:
                 continue
     return out
@@ -194,7 +209,9 @@ class Store:
         if not os.path.isfile(mpath):
             raise UserError(f"no store at {folder} (manifest.json missing): run get_importances_for_classes.py "
                             f"with the same --store_dir, --model, --weights and --layer_of_interest first")
-        manifest = atomic.read_json(mpath)
+        manifest = atomic.read_json(mpath, rewrite_hint(folder))
+        if not isinstance(manifest, dict):
+            raise reading.Damaged(mpath, "not a store manifest (no JSON object)", rewrite_hint(folder))
         if expected is not None:
             diff = describe_mismatch(manifest, expected, MATCH_KEYS)
             if diff:
@@ -207,11 +224,33 @@ class Store:
         for name in ARRAYS:
             if not os.path.isfile(names.store_array(folder, name)):
                 raise UserError(f"the store at {folder} lacks {name}.npy: rerun stage 1 into a new --store_dir")
-        return cls(folder, manifest)
+        st = cls(folder, manifest)
+        st.check_arrays()
+        return st
 
-    def array(self, name):
-        """Memory-mapped read-only array (numpy.load(..., mmap_mode='r'))."""
-        return np.load(self.path(name), mmap_mode="r")
+    def check_arrays(self, full=None):
+        """Refuse (one line, ``reading.Damaged``) an array whose header, length or sha256 is not what stage 1
+        wrote. Always: the header against the manifest's shape and dtype, the length against the header.
+        The sha256 (``digests.problem``): every time when the arrays hold at most ``FULL_CHECK`` bytes together
+        (or ``full``), else for an array modified after the manifest was written. A manifest without
+        ``digests`` (written before they were kept) is checked for headers and lengths only."""
+        arrays, records = self.manifest.get("arrays") or {}, self.manifest.get("digests") or {}
+        hint = rewrite_hint(self.folder)
+        for name in ARRAYS:
+            want = arrays.get(name) or {}
+            self.array(name, want.get("shape"), want.get("dtype"))
+        if full is None:
+            full = sum(os.path.getsize(self.path(n)) for n in ARRAYS) <= FULL_CHECK
+        written = os.stat(names.manifest(self.folder)).st_mtime_ns
+        for name in ARRAYS:
+            problem = digests.problem(self.path(name), records.get(f"{name}.npy"), full, written)
+            if problem:
+                raise reading.Damaged(self.path(name), problem, hint)
+
+    def array(self, name, shape=None, dtype=None):
+        """Memory-mapped read-only array (numpy.load(..., mmap_mode='r')); its header and length are checked
+        first (``reading.open_npy``: one line for a file cut short or garbled)."""
+        return reading.open_npy(self.path(name), shape, dtype, rewrite_hint(self.folder))
 
     def unreadable_rows(self):
         """(M,) int64 rows of images stage 1 could not read (``--skip_unreadable``): prediction -1."""
@@ -235,7 +274,7 @@ class Store:
     def peek(folder):
         """The manifest of ``folder`` if there is one, else None."""
         mpath = names.manifest(folder)
-        return atomic.read_json(mpath) if os.path.isfile(mpath) else None
+        return atomic.read_json(mpath, rewrite_hint(folder)) if os.path.isfile(mpath) else None
 
     @staticmethod
     def lock(folder):
@@ -269,7 +308,7 @@ class Store:
         """
         mpath = names.manifest(folder)
         if os.path.isfile(mpath):
-            manifest = atomic.read_json(mpath)
+            manifest = atomic.read_json(mpath, rewrite_hint(folder))
             keys = COMPLETE_KEYS if manifest.get("complete") else RESUME_KEYS
             diff = describe_mismatch(manifest, info, keys)
             store = cls(folder, manifest)
@@ -389,7 +428,7 @@ class Store:
         return self, "new"
 
     def reload_manifest(self):
-        self.manifest = atomic.read_json(names.manifest(self.folder))
+        self.manifest = atomic.read_json(names.manifest(self.folder), rewrite_hint(self.folder))
 
     # A finished chunk of rows is first saved as progress/chunk_{i}.npz by the process that computed it
     # (each file has exactly one writer, so processes on several machines never share a file page); the
@@ -422,14 +461,19 @@ class Store:
             return
         with RowWriter({name: self.path(name) for name in ARRAYS}) as writer:
             for i in (progress(pending) if progress else pending):
-                with np.load(self._chunk_file(i)) as z:
-                    lo = int(z["lo"])
-                    for name in ARRAYS:
-                        writer.write(name, lo, z[name])
+                z = reading.load_npz(self._chunk_file(i), "delete it and rerun the same stage-1 command (its rows "
+                                                          "are computed again)")
+                lo = int(z["lo"])
+                for name in ARRAYS:
+                    writer.write(name, lo, z[name])
                 writer.sync()
                 with open(self._chunk_file(i, merged=True), "w"):
                     pass
                 os.remove(self._chunk_file(i))
+
+    def array_digests(self):
+        """{file name: digests.record} of every array as it is now (read back once, when the store is finished)."""
+        return {f"{name}.npy": digests.record(self.path(name)) for name in ARRAYS}
 
     def finish(self, num_chunks, unreadable_names=()):
         """Mark the store complete once every chunk is merged (main process only)."""
@@ -438,7 +482,7 @@ class Store:
             raise UserError(f"{len(missing)} chunks of {self.folder} are not done (first: {missing[0]}); "
                             f"rerun the same command to finish them")
         manifest = dict(self.manifest, complete=True, rows_complete=self.manifest["num_images"],
-                        unreadable=list(unreadable_names), finished=now())
+                        unreadable=list(unreadable_names), finished=now(), digests=self.array_digests())
         atomic.write_json(names.manifest(self.folder), manifest)
         self.manifest = manifest
         shutil.rmtree(self.progress_dir, ignore_errors=True)

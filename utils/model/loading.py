@@ -98,10 +98,12 @@ def _load_state_dict_file(model_spec, path):
     if not os.path.isfile(path):
         raise UserError(f"--weights {path}: file not found; pass an existing state-dict file "
                         f"or a torchvision weights name")
+    from utils.files import reading
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"--weights {path}: cannot read it as a state dict ({type(e).__name__}: {e})")
+        state = reading.load_state_dict(path, "state dict", "pass a file saved with torch.save(model.state_dict(), "
+                                                           "path) or a torchvision weights name")
+    except reading.Damaged as e:
+        raise UserError(f"--weights {e}")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -190,6 +192,8 @@ def load_model(model_spec, weights=None, check_repeatable=False):
     model.eval()
     for prm in model.parameters():
         prm.requires_grad_(False)
+    from utils.run.finite import refuse_nonfinite_weights
+    refuse_nonfinite_weights(model, f"--model {model_spec}, weights {weights_id}")
     return model, weights_id
 
 

@@ -122,10 +122,10 @@ def read_checkpoint(checkpoint):
     """A checkpoint path (read to a state dict; a missing or unreadable file is a UserError) or a state dict."""
     if isinstance(checkpoint, dict):
         return checkpoint
-    try:
-        return torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError) as e:
-        raise UserError(f"{checkpoint}: cannot read it as a checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
+    from utils.files import reading
+    if not os.path.isfile(checkpoint):
+        raise UserError(f"{checkpoint}: no such checkpoint file")
+    return reading.load_state_dict(checkpoint, "checkpoint", "pass a checkpoint that disentangle_channel.py wrote")
 
 
 def load_whole_layer_model(model, weights=None, layer="last_conv", checkpoints=None):

@@ -1,6 +1,7 @@
 """Flags shared by the four stage scripts, device selection, and one-line error reporting."""
 import argparse
 import difflib
+import errno
 import os
 import sys
 
@@ -233,6 +234,10 @@ def run(main):
         sys.exit(1)
     except OSError as e:  # the file system said no: not a directory, permission denied, disk full, ...
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            print(f"error: no space left on device writing{where.lstrip(':') or ' a file'}; free space and rerun: "
+                  f"finished work is kept", file=sys.stderr)
+            sys.exit(2)
         print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -25,7 +25,7 @@ from utils.model import tap
 
 from utils.method import attribution
 from utils.data import folders
-from utils.run import distributed
+from utils.run import distributed, finite
 from utils.data import overlap
 from utils.run.cli import UserError
 from utils.files.store import COMPLETE_KEYS, RESUME_KEYS, UNREADABLE_PREDICTION, Store, describe_mismatch
@@ -226,7 +226,12 @@ class _Rows:
     def write(self, pending):
         """Write a batch's rows once their copy to the host is done: (rows, ok, targets, _HostCopy)."""
         rows, ok, targets, copy = pending
-        self.chunks.add(rows, _batch_rows(ok, copy.numpy(), rows, targets))
+        results = copy.numpy()
+        for values, what in ((results[0], "attributions"), (results[2], "patch sums")):
+            finite.refuse_nonfinite(values, f"the {what} of training images {rows[0]}..{rows[-1]}",
+                                    "the layer's activations or gradients are not finite or exceed float16's range "
+                                    "(65504): the store is not marked complete")
+        self.chunks.add(rows, _batch_rows(ok, results, rows, targets))
         self.bar.update(len(rows))
         self.clock.append((time.time(), (self.clock[-1][1] if self.clock else 0) + len(rows)))
 
