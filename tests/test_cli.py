@@ -821,11 +821,11 @@ def test_torchvision_weights_offline_say_what_to_pass(tiny, bad, tmp_path, stage
 def test_a_reader_that_stops_early_is_not_an_error():
     """``--list_layers | head -1``: the reader closes the pipe; the script ends with status 1 and says nothing
     (as other command-line tools), instead of 'error: Broken pipe'."""
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); from utils.run import cli\n"
+    code = ("import sys; from utils.run import cli\n"
             "def main():\n"
             "    print('line'); sys.stdout.flush(); raise BrokenPipeError(32, 'Broken pipe')\n"
             "cli.run(main)\n")
-    proc = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert (proc.returncode, proc.stderr, proc.stdout) == (1, "", "line\n")
 
 

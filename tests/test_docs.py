@@ -18,7 +18,6 @@ import importlib.util
 import os
 import re
 import shlex
-import sys
 
 import pytest
 
@@ -78,8 +77,6 @@ def parser_of(script):
     kind, target = SCRIPTS[script]
     key = (kind, target)
     if key not in _cache:
-        if ROOT not in sys.path:
-            sys.path.insert(0, ROOT)
         if kind == "stage":
             _cache[key] = importlib.import_module(target).build_parser()
         elif kind == "argv":

@@ -206,7 +206,7 @@ def wnid_folder(root, wnids, per_class=2):
     return root
 
 
-def test_wnid_folders_with_a_1000_output_model(tmp_path):
+def test_wnid_folders_with_a_1000_output_model(tmp_path, monkeypatch):
     """Folders named by ImageNet ids: the stored targets are the standard indices (first and last id of the list),
     stage 4's gradients are those of these outputs, and stages 2-4 read the store with folder indices."""
     w = classmap.imagenet_wnids()
@@ -223,8 +223,7 @@ def test_wnid_folders_with_a_1000_output_model(tmp_path):
         "torch.nn.Conv2d(4, 6, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), "
         "torch.nn.Linear(6, 1000))\n")
     store, out = str(tmp_path / "store"), str(tmp_path / "out")
-    env_path = sys.path[:]
-    sys.path.insert(0, str(tmp_path))
+    monkeypatch.syspath_prepend(str(tmp_path))  # the user's module, importable as from the folder they run in
     try:
         model_flags = ["--model", "wnidnet:make", "--weights", wfile]
         ok(S1, "--data_dir", d, "--store_dir", store, *model_flags, *RUN)
@@ -264,7 +263,6 @@ def test_wnid_folders_with_a_1000_output_model(tmp_path):
         np.testing.assert_allclose(r["rel"], rel([0, 0, 999, 999]), rtol=1e-4, atol=1e-6)
         assert not np.allclose(r["rel"], rel([0, 0, 1, 1]), rtol=1e-3)  # the wrong logits give other numbers
     finally:
-        sys.path[:] = env_path
         sys.modules.pop("wnidnet", None)
 
 
