@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, make_image_folder
+from tests.digests import comparable
 from tests.test_cli import run_inproc
 from tests.test_featurevis import FV_SMALL, MODEL, TAG, red_green_checkpoint
-from tests.test_house_plan import comparable
 from utils.featurevis.spectrum import load_or_make_spectrum
 from utils.files.names import class_checkpoint
 from utils.stages.feature_vis_shards import deal
