@@ -126,6 +126,17 @@ class Workload:
         with open(os.path.join(workdir, "config.json")) as f:
             return cls(**json.load(f))
 
+    def flags(self):
+        """The command-line flags of this workload (``add_args``'s)."""
+        out = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "naive":
+                out += [] if value else ["--no_naive"]
+            elif value is not None:
+                out += [f"--{f.name}", str(value)]
+        return out
+
     @classmethod
     def from_args(cls, args):
         """From the flags of ``add_args`` (a flag left out or None: the default)."""
@@ -134,9 +145,10 @@ class Workload:
 
 
 DEFAULT = Workload()
-# the least work through every step: two classes of two train and two val images, 32-pixel crops, one run each
+# the least work through every step: two classes of two train and two val images, 32-pixel crops, one run each;
+# tau 0.005 leaves 40 used (channel, class) pairs, two channels used by both classes (stage 2 has candidates)
 SMALLEST = Workload(classes=2, train_per_class=2, val_per_class=2, batch_size=4, resize=40, crop=32, threads=1,
-                    workers=0, repeat=1)
+                    workers=0, tau=0.005, repeat=1)
 
 
 def data_root(workdir):

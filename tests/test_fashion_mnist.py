@@ -99,6 +99,7 @@ def test_missing_package_says_how_to_install_it(tmp_path, monkeypatch):
     assert str(e.value).endswith("apt-get install dataset-fashion-mnist") and "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_command_line_error_is_one_line_and_exit_status_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "demo.fashion_mnist", str(tmp_path / "out"), "--source",
                            str(tmp_path)], cwd=ROOT, capture_output=True, text=True)

@@ -222,6 +222,7 @@ def _independent_val_max(root):
     return best
 
 
+@pytest.mark.slow
 def test_stage4_feature_vis_writes_figure_json_and_arrays(fv_run, image_root):
     store, out, stdout = fv_run
     run = class_checkpoint(TAG, 0, [[0], [1]], "best")[:-4]
@@ -248,6 +249,7 @@ def test_stage4_feature_vis_writes_figure_json_and_arrays(fv_run, image_root):
         assert json.load(f)["feature_vis"].endswith(f"feature_vis_{run}.png")
 
 
+@pytest.mark.slow
 def test_stage4_rerun_reuses_the_spectrum_and_draws_the_same_images(fv_run, image_root):
     store, out, _ = fv_run
     run = class_checkpoint(TAG, 0, [[0], [1]], "best")[:-4]
@@ -278,6 +280,7 @@ def test_spectrum_of_another_data_set_is_not_reused(tmp_path, image_root):
     assert p4 not in (p1, p2) and not r4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag,value", [("--fv_size", 0), ("--fv_steps", 0), ("--fv_steps", -3), ("--fv_crops", 0)])
 def test_bad_feature_vis_flags_are_refused(fv_run, image_root, flag, value):
     store, out, _ = fv_run
@@ -287,6 +290,7 @@ def test_bad_feature_vis_flags_are_refused(fv_run, image_root, flag, value):
     assert tree_bytes(out) == before
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_layer_is_refused_and_nothing_is_damaged(fv_run, image_root, tmp_path):
     store, out, _ = fv_run
     bad_store = str(tmp_path / "bad")
@@ -301,6 +305,7 @@ def test_checkpoint_of_another_layer_is_refused_and_nothing_is_damaged(fv_run, i
         objectives.target_filters(colour_net().conv_out, 0, sd)
 
 
+@pytest.mark.slow
 def test_stage3_export_model_rebuilds_the_disentangled_network(image_root, tmp_path):
     store = str(tmp_path / "store")
     common = ["--data_dir", image_root, "--model", MODEL, "--store_dir", store, *RUNTIME]

@@ -23,6 +23,8 @@ import pytest
 from tests.conftest import ROOT, make_image_folder
 from tests.test_unreadable import one_line_error
 
+pytestmark = pytest.mark.slow  # subprocesses or demo runs: pytest -m "not slow" leaves them out
+
 SCRIPT = os.path.join(ROOT, "get_importances_for_classes.py")
 SLOW = "tests.test_distributed:slow_tiny_resnet"
 LOGGED = "tests.test_store_safety:logged_tiny_resnet"
