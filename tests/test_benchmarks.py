@@ -86,7 +86,7 @@ def test_stage_benchmarks_on_the_smallest_workload_agree(tmp_path, capsys):
     assert one["store_bytes_per_image_published"] > one["store_bytes_per_image_ours"]
     assert two["used_pairs"] > two["arv_pairs"] > 0  # channels used by both classes: stage 2 has candidates
     assert two["naive_check"]["candidates_common"] == two["naive_check"]["candidates_ours"] > 0
-    assert two["naive_check"]["max_cos_diff"] < 1e-3
+    assert two["naive_check"]["max_cos_diff"] < 1e-2  # the naive ARVs: float16 per image
     assert three["naive_check"]["same_best_rho"] and three["naive_check"]["max_rel_score_diff"] < 1e-3
     assert three["published_check"]["max_rel_score_diff"] < 1e-2  # float16 ARVs
     assert four["published_check"]["same_images"] and four["published_check"]["max_rel_diff"] < 1e-3
