@@ -80,6 +80,7 @@ def test_selection_lowest_cosine_first_each_channel_once():
         candidates.strongest_channels(cands, 4, "F")
 
 
+@pytest.mark.slow
 def test_candidates_equal_one_run_per_channel_and_resume(case, capsys):
     clean(case)
     assert call(disentangle_channel, [*case["s3"], "--candidates", case["file"], "--top", "2"]) == 0
