@@ -10,15 +10,20 @@ JSON its content less what no two runs share (keys of times and process ids, ``V
 strings, ``VOLATILE_TEXT``), keys sorted; for logs and reports the text less times and progress bars; for a
 cached SAE (``.pt``) its tensors' bytes and its record less the training time. Where today's code may add JSON
 keys (the demo's report and summaries gained keys after the older commit), a digest also keeps the file's key
-tree (``key_tree``), and today's file is compared less the keys the older file lacked (``restricted``).
+tree (``key_tree``), and today's file is compared less the keys the older file lacked (``restricted``). Where a
+file records the sha256 of another file that names the run's folder (stage 3 and 4's ``concepts_sha256``), only a
+run in the same folder agrees: the generated case's digest keeps its folder (``root``), and the test runs there.
 
 CPU convolutions round by their thread count and by the CPU: every run behind a digest uses 2 torch threads
 (``THREADS``; the tests set the same count), on the CPU family named in the digest file.
 """
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
+import shutil
 
 DIGEST_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digests")
 THREADS = 2  # torch's intra-op threads of every run behind a digest and of the tests that compare with one
@@ -144,6 +149,20 @@ def differing_files(folder, digest, root=None, extra_ok=False, skip=()):
     out += [p for p in sorted(set(have) & set(digest))
             if sha256(comparable(os.path.join(folder, p), root, digest[p].get("keys"))) != digest[p]["sha256"]]
     return out
+
+
+@contextlib.contextmanager
+def folder_of_its_own(folder):
+    """``folder`` (made anew, removed at the end) for this process alone: an exclusive lock on ``folder``.lock
+    waits for another test session that uses the same folder."""
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    with open(folder + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def path_of(commit):
