@@ -227,6 +227,7 @@ def small_run(tmp_path_factory):
     return out, report
 
 
+@pytest.mark.slow
 @NEEDS_DATA
 def test_small_run_report_has_every_field(small_run):
     out, report = small_run
@@ -254,6 +255,7 @@ def test_strongest_and_weakest_candidates_hand_built():
                                    "0.9": {"pairs": 4, "channels": 3}}
 
 
+@pytest.mark.slow
 @NEEDS_DATA
 def test_small_run_candidate_counts_and_the_strongest_pairs(small_run):
     """The counts below 0.5, 0.7, 0.9 against the candidate file, and the split pair is the lowest cosine."""
@@ -268,6 +270,7 @@ def test_small_run_candidate_counts_and_the_strongest_pairs(small_run):
         (lowest["channel"], lowest["class1"], lowest["class2"])
 
 
+@pytest.mark.slow
 @NEEDS_DATA
 def test_small_run_stages_see_the_training_pixels_and_the_split_is_exact(small_run):
     """The stage scripts' transform (--resize 28 --crop 28 --mean --std) gives the net the tensors it was trained
