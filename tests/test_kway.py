@@ -466,6 +466,7 @@ def test_k2_files_are_byte_identical_to_the_code_before_kway(tmp_path, digest_th
                .read().splitlines()) == 8  # every val image of classes 0 and 2
 
 
+@pytest.mark.slow
 def test_three_concepts_by_classes_and_by_a_concepts_file(case, tmp_path):
     """k = 3 through both stages: checkpoints of the published pattern, exact, stage 4 with 4 maps; and the
     same three concepts given as clusters of a concepts file give the same split."""
