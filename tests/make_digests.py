@@ -125,9 +125,13 @@ def make(commit):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("commits", nargs="*", default=sorted(MAKERS), choices=sorted(MAKERS),
-                   help="the commits whose digests to write (default: all)")
-    for commit in p.parse_args(argv).commits:
+    p.add_argument("commits", nargs="*", metavar="COMMIT",
+                   help=f"the commits whose digests to write: {', '.join(sorted(MAKERS))} (default: all)")
+    commits = p.parse_args(argv).commits or sorted(MAKERS)
+    unknown = [c for c in commits if c not in MAKERS]
+    if unknown:
+        p.error(f"no digests are made for {', '.join(unknown)}: the commits are {', '.join(sorted(MAKERS))}")
+    for commit in commits:
         make(commit)
 
 
