@@ -8,6 +8,8 @@ import pytest
 
 from tests.conftest import ROOT, run_script
 
+pytestmark = pytest.mark.slow  # subprocesses or demo runs: pytest -m "not slow" leaves them out
+
 PAPER_TRIPLES = [(522, 62, 687), (1404, 385, 834), (895, 631, 946), (242, 515, 619), (522, 61, 687),
                  (1660, 530, 938), (242, 515, 846), (242, 619, 808), (895, 467, 946), (242, 808, 846),
                  (1349, 27, 889), (1832, 852, 984), (1773, 791, 958), (1349, 27, 486), (1698, 57, 515),

@@ -80,6 +80,7 @@ def test_selection_lowest_cosine_first_each_channel_once():
         candidates.strongest_channels(cands, 4, "F")
 
 
+@pytest.mark.slow
 def test_candidates_equal_one_run_per_channel_and_resume(case, capsys):
     clean(case)
     assert call(disentangle_channel, [*case["s3"], "--candidates", case["file"], "--top", "2"]) == 0
@@ -215,6 +216,7 @@ def test_concepts_file_highest_silhouette_all_clusters(case):
         names.cluster_checkpoint(NAME, strongest, 8, list(range(k)), "best")) == 1
 
 
+@pytest.mark.slow
 def test_concepts_file_stage4_one_arv_pass_equals_one_run_per_channel(case, monkeypatch):
     """Stage 4 of several channels' clusters: the val ARVs of all of them from one pass over the val split, and
     the files of one --concepts_file run per channel, byte for byte."""

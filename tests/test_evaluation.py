@@ -298,6 +298,7 @@ def test_top_k_against_sort():
     assert evaluation.top_k([-1.0, -1.0], 1).tolist() == [0]
 
 
+@pytest.mark.slow
 def test_evaluate_many_gives_each_run_bit_for_bit_what_evaluate_gives(image_root):
     """One pass for three (channel, checkpoint, classes) runs over the union of their classes' val images:
     each run's arrays equal ``evaluate`` of that run alone, bit for bit (batches of one class each)."""

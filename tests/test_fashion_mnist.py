@@ -99,6 +99,7 @@ def test_missing_package_says_how_to_install_it(tmp_path, monkeypatch):
     assert str(e.value).endswith("apt-get install dataset-fashion-mnist") and "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_command_line_error_is_one_line_and_exit_status_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "demo.fashion_mnist", str(tmp_path / "out"), "--source",
                            str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
@@ -238,6 +239,7 @@ def small_run(tmp_path_factory):
     return out, report
 
 
+@pytest.mark.slow
 @NEEDS_DATA
 def test_small_run_report_has_every_field(small_run):
     out, report = small_run
@@ -266,6 +268,7 @@ def test_strongest_and_weakest_candidates_hand_built():
                                    "0.9": {"pairs": 4, "channels": 3}}
 
 
+@pytest.mark.slow
 @NEEDS_DATA
 def test_small_run_candidate_counts_and_the_strongest_pairs(small_run):
     """The counts below 0.5, 0.7, 0.9 against the candidate file, and the split pair is the lowest cosine."""
@@ -280,6 +283,7 @@ def test_small_run_candidate_counts_and_the_strongest_pairs(small_run):
         (lowest["channel"], lowest["class1"], lowest["class2"])
 
 
+@pytest.mark.slow
 @NEEDS_DATA
 def test_small_run_stages_see_the_training_pixels_and_the_split_is_exact(small_run):
     """The stage scripts' transform (--resize 28 --crop 28 --mean --std) gives the net the tensors it was trained

@@ -91,6 +91,7 @@ def newcomer(tmp_path_factory):
     return dict(base=str(base), data=d, store=store, out=out, full=full, snaps=snaps)
 
 
+@pytest.mark.slow
 def test_newcomer_second_layer_overwrites_nothing(newcomer):
     store1, out1 = newcomer["snaps"]["conv2"][:2]
     store2, out2 = newcomer["snaps"]["conv1"][:2]
@@ -110,6 +111,7 @@ def test_newcomer_second_layer_overwrites_nothing(newcomer):
     assert not [k for k in out2 if k.startswith("results_quantitative/means_required")]  # no mixed registry
 
 
+@pytest.mark.slow
 def test_newcomer_store_holds_the_seeded_model_at_the_given_crop(newcomer):
     """Stage 1 ran in its own process: its rows are those of the factory built here under the fixed seed, on
     images resized to RESIZE and cropped to CROP (an independent torchvision pipeline)."""
@@ -133,6 +135,7 @@ def test_newcomer_store_holds_the_seeded_model_at_the_given_crop(newcomer):
     check_store(os.path.join(newcomer["store"], f"{TAG}_conv2_channel_importances"), ref, model.conv2, 4)
 
 
+@pytest.mark.slow
 def test_newcomer_numbers_equal_a_run_with_the_full_flags(newcomer):
     """Stages 2-4 with every flag given (into another store and output folder) write the same files, byte for
     byte, as the newcomer's runs with the store alone (layer conv2)."""
@@ -152,6 +155,7 @@ def test_newcomer_numbers_equal_a_run_with_the_full_flags(newcomer):
     assert any(k.endswith("attributions.npy") for k in mine) and any(k.endswith("_info.json") for k in mine)
 
 
+@pytest.mark.slow
 def test_stage_refuses_flags_that_disagree_with_the_store(newcomer):
     store = newcomer["store"]
     before = files(store)
@@ -208,7 +212,7 @@ def wnid_folder(root, wnids, per_class=2):
     return root
 
 
-def test_wnid_folders_with_a_1000_output_model(tmp_path):
+def test_wnid_folders_with_a_1000_output_model(tmp_path, monkeypatch):
     """Folders named by ImageNet ids: the stored targets are the standard indices (first and last id of the list),
     stage 4's gradients are those of these outputs, and stages 2-4 read the store with folder indices."""
     w = classmap.imagenet_wnids()
@@ -225,8 +229,7 @@ def test_wnid_folders_with_a_1000_output_model(tmp_path):
         "torch.nn.Conv2d(4, 6, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), "
         "torch.nn.Linear(6, 1000))\n")
     store, out = str(tmp_path / "store"), str(tmp_path / "out")
-    env_path = sys.path[:]
-    sys.path.insert(0, str(tmp_path))
+    monkeypatch.syspath_prepend(str(tmp_path))  # the user's module, importable as from the folder they run in
     try:
         model_flags = ["--model", "wnidnet:make", "--weights", wfile]
         ok(S1, "--data_dir", d, "--store_dir", store, *model_flags, *RUN)
@@ -267,7 +270,6 @@ def test_wnid_folders_with_a_1000_output_model(tmp_path):
         np.testing.assert_allclose(r["rel"], rel([0, 0, 999, 999]), rtol=1e-4, atol=1e-6)
         assert not np.allclose(r["rel"], rel([0, 0, 1, 1]), rtol=1e-3)  # the wrong logits give other numbers
     finally:
-        sys.path[:] = env_path
         sys.modules.pop("wnidnet", None)
 
 
@@ -307,6 +309,7 @@ def test_list_layers_on_every_script():
         assert "last_conv" in r.stdout.splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_stage3_and_4_take_each_others_flag_names_and_refuse_abbreviations():
     import disentangle_channel
     import get_results
@@ -340,6 +343,7 @@ def test_store_written_before_the_new_names_and_fields_still_works(image_root, t
     assert "--crop 224" in line
 
 
+@pytest.mark.slow
 def test_feature_visualization_sees_the_store_crop(newcomer):
     """Stage 4's feature visualizations at the store's transform (crop 160 after resize 176): their activation
     matrix is that of the images seen through this transform, and every val crop box lies inside 160 x 160."""

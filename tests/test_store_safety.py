@@ -23,6 +23,8 @@ import pytest
 from tests.conftest import ROOT, make_image_folder
 from tests.test_unreadable import one_line_error
 
+pytestmark = pytest.mark.slow  # subprocesses or demo runs: pytest -m "not slow" leaves them out
+
 SCRIPT = os.path.join(ROOT, "get_importances_for_classes.py")
 SLOW = "tests.test_distributed:slow_tiny_resnet"
 LOGGED = "tests.test_store_safety:logged_tiny_resnet"
@@ -215,12 +217,12 @@ def test_mixed_numerics_allowed_is_recorded(data_root, single, tmp_path):
 
 def test_concurrent_quantitative_updates_keep_every_run(tmp_path):
     """Four processes record their rows at once; the record and the text files hold all of them."""
-    code = ("import sys, numpy as np; sys.path.insert(0, {root!r}); from utils.files import registry; "
+    code = ("import sys, numpy as np; from utils.files import registry; "
             "k = int(sys.argv[1]); "
             "rows = {{1: np.full((k + 1, 3), k, float), 2: np.full((1, 3), -k, float)}}; "
             "registry.update_quantitative({folder!r}, '', 0.03, f'run{{k}}', rows, {{}})")
     folder = str(tmp_path / "results_quantitative")
-    procs = [subprocess.Popen([sys.executable, "-c", code.format(root=ROOT, folder=folder), str(k)], env=env())
+    procs = [subprocess.Popen([sys.executable, "-c", code.format(folder=folder), str(k)], env=env())
              for k in range(4)]
     assert all(p.wait(timeout=120) == 0 for p in procs)
     runs = json.load(open(os.path.join(folder, "runs_required0.03.json")))

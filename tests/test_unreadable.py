@@ -19,6 +19,8 @@ from PIL import Image
 from tests.conftest import make_image_folder, run_script
 from tests.test_cli import run_inproc
 
+pytestmark = pytest.mark.slow  # subprocesses or demo runs: pytest -m "not slow" leaves them out
+
 TINY = "tests.tiny_models:tiny_resnet"
 FOLDER = "tests_tiny_models_tiny_resnet_channel_importances"
 ARRAYS = ("attributions", "targets", "predictions", "patch_sums")

@@ -18,7 +18,7 @@ import torch
 
 from utils.method.attribution import important_channels
 
-DEFAULT_CHUNK_ROWS = 16384  # about 0.7 GB of working memory for 2048 channels (measured: benchmarks/stage2_memory.py)
+DEFAULT_CHUNK_ROWS = 16384  # about 0.7 GB of working memory for 2048 channels (measured: benchmarks/studies/stage2_memory.py)
 
 
 def add_class_histogram(hist, A, y, tau):
