@@ -1,7 +1,7 @@
 """Stage 2's advice when few or no candidates pass: what the layer offers at other thresholds, and a command.
 
-The paper's thresholds (tau = 0.05, p = 0.75, cosine below 0.5) were chosen for ResNet-50's last conv on
-ImageNet (1000 classes, 2048 channels). Another layer, model or data set can give no candidate at all there
+Stage 2's thresholds (tau = 0.05 by default, the published code's, or the paper's 0.03; p = 0.75; the paper's
+cosine below 0.5) were chosen for ResNet-50's last conv on ImageNet (1000 classes, 2048 channels). Another layer, model or data set can give no candidate at all there
 while holding many at a lower tau or p. When fewer than ``FEW`` candidates pass, stage 2 prints one table over
 a small grid (tau in ``GRID_TAUS``, p in ``GRID_PS``, and the user's own values):
 
