@@ -4,6 +4,12 @@ Example (the paper's values):
   python get_cosine_similarities.py --data_dir /data/imagenet --store_dir /data/store --model resnet50 \
       --proportion_attribution_required 0.03 --p 0.75 --cos_sim_low 0 --cos_sim_high 0.5
 
+The defaults (tau 0.05, p 0.75; the paper's cosine bound 0.5) were chosen for ResNet-50's last conv on
+ImageNet. With fewer than 5 candidates, stage 2 prints what the layer has at tau 0.01, 0.03, 0.05 and p 0.5,
+0.75 (channels used by two or more classes, pairs, lowest cosine) and a command line that gives a list
+(utils/stages/stage2_advice.py). --top N lists the N pairs of lowest cosine, whatever their cosine:
+  python get_cosine_similarities.py --store_dir /data/store --proportion_attribution_required 0.01 --p 0.5 --top 20
+
 With --label_free it finds each channel's concepts without class labels instead (utils/stages/label_free.py):
 its top --top_n training images by summed activation, k-means on their L1-normalised per-image ARVs,
 k by silhouette over 2..5 (or --k); writes STORE/results_get_cosine_similarities/{model}_concepts_top{N}.json:
@@ -36,6 +42,8 @@ def main(args):
     if args.list_layers:
         return context.list_layers(args)
     cli.require(args, "store_dir")
+    if args.label_free and args.top is not None:
+        raise cli.UserError("--top N lists stage 2's candidate pairs; --label_free takes --top_n (its top images)")
     stage = label_free if args.label_free else stage2
     settings = stage.Settings.from_args(args)  # bad thresholds or --k: one line before the model loads
     ctx = context.setup(args, split="train", store_flag="store_dir")

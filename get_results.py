@@ -37,7 +37,8 @@ def build_parser():
     p = cli.parser(__doc__)
     cli.add_model_args(p, store=False)
     p.add_argument("--model_dir", "--store_dir", dest="model_dir", default=None,
-                   help="the --store_dir of stages 1-3 (holding models_disentangled/; required; also --store_dir)")
+                   help="the --store_dir of stages 1-3 (holding models_disentangled/; STORE/models_disentangled "
+                        "finds the store in STORE; required; also --store_dir)")
     p.add_argument("--channel_of_interest", "--channel_disentangle", dest="channel_of_interest", type=int,
                    default=None, help="the disentangled channel (required unless --triples; also --channel_disentangle)")
     by_classes.add_args(p, concept3=" of a k-way checkpoint (k = 3 .. 6, as given to stage 3)",
@@ -60,9 +61,10 @@ def build_parser():
     p.add_argument("--get_qualitative", action="store_true", help="density plots and their data files")
     p.add_argument("--get_quantitative", action="store_true",
                    help="D1/orig, D2/orig, R/orig per image (D1/orig .. Dk/orig, R/orig for k concepts)")
-    p.add_argument("--proportion_attribution_required", type=float, default=0.03,
-                   help="tau: images whose relative attribution to the channel is >= tau count (default 0.03, "
-                        "the paper's quantitative tau; stage 2's default is 0.05)")
+    p.add_argument("--proportion_attribution_required", type=float, default=None,
+                   help="tau: images whose relative attribution to the channel is >= tau count (default: stage 2's "
+                        "tau, from the --candidates file or the store's stage-2 records of the layer where they "
+                        "agree, else 0.03, the paper's quantitative tau; the line printed says which)")
     p.add_argument("--get_top_images", action="store_true",
                    help="contact sheet of the val images activating the original channel and each D_j the most")
     p.add_argument("--top_k", type=int, default=8, help="images per row of the contact sheet (default 8)")
@@ -82,6 +84,7 @@ def main(args):
     """Run the stage with the parsed flags ``args`` (callable from a notebook)."""
     if args.list_layers:
         return context.list_layers(args)
+    args.model_dir = context.checkpoints_parent(args.model_dir)  # STORE/models_disentangled is STORE
     settings = stage4.Settings.from_args(args)
     ctx = context.setup(args, split="val", store_flag="model_dir")
 

@@ -9,8 +9,9 @@
 # Your own model: TRIPLES=mine.txt bash quantitative_evaluation_calls.sh DATA STORE --model pkg.mod:factory --weights W
 # The paper's --nr_channels_in_layer_of_interest 2048 --layer_of_interest layer4.2.conv3 are passed only for
 # --model resnet50 (the default) without a --layer_of_interest of your own.
-# After stage 1 of your own model into STORE_DIR (with no resnet50 store there), --model and the layer flags may be left
-# out: the stage scripts read them from the store's manifest.
+# After stage 1 of your own model into STORE_DIR (with no resnet50 store there), the weights and layer flags may be left
+# out: the stage scripts read them from the store's manifest. So may --model when it is a torchvision name; a factory
+# (pkg.mod:factory, code) is never imported on a manifest's word: pass --model pkg.mod:factory.
 # Python: $PYTHON if set, else the project's .venv/bin/python next to this script when present, else python3
 #   (e.g. PYTHON=/path/to/env/bin/python bash ...).
 # PER_TRIPLE=1: one process per triple (the published loop), stopping at the first failure.

@@ -7,14 +7,14 @@ and its 8 DataLoader workers.
 
 naive (extra row): back-propagation to the image with frozen parameters, three .pt files per image.
 
-  python benchmarks/bench_stage1.py [--workdir DIR] [workload flags, see --help]
+  python -m benchmarks.bench_stage1 [--workdir DIR] [workload flags, see --help]
 """
 import os
 import shutil
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from benchmarks import measure, published_code, workload
+
+MODULE = "benchmarks.bench_stage1"  # run as python -m MODULE (its children too)
 
 STORE_TAG = "bench_resnet50"
 
@@ -38,29 +38,29 @@ def published_file(folder, n, what):
     return os.path.join(folder, f"img{n}_{what}.pt")
 
 
-def published_done(workdir):
-    return published_file(published_folder(workdir), common.CLASSES * common.TRAIN_PER_CLASS - 1, "prediction")
+def published_done(wl, workdir):
+    return published_file(published_folder(workdir), wl.train_images - 1, "prediction")
 
 
-def ours(workdir, timer, keep=True):
+def ours(wl, workdir, timer, keep=True):
     import torch
 
     from utils.data import folders
     from utils.stages import stage1
     from utils.model import loading
-    model, conv = common.build_model()
-    ds = common.dataset(workdir, "train")
+    model, conv = workload.build_model()
+    ds = wl.dataset(workdir, "train")
     folder = ours_folder(workdir)
     info = dict(model=STORE_TAG, weights="random seed 0", weights_sha256=loading.weights_sha256(model),
-                layer=common.LAYER, layer_geometry=loading.layer_geometry(conv), transform=str(common.transform()),
+                layer=workload.LAYER, layer_geometry=loading.layer_geometry(conv), transform=str(wl.transform()),
                 autocast=None, decode="cpu", **folders.dataset_summary(ds))
     for _ in timer.runs():
         shutil.rmtree(folder, ignore_errors=True)
         with timer:
             stage1.run_stage1(model, conv, ds, folder, info,
-                              stage1.PassSettings(common.BATCH_SIZE, torch.device("cpu"), common.workers_ours()),
+                              stage1.PassSettings(wl.batch_size, torch.device("cpu"), wl.workers_ours()),
                               log=lambda *a: None)
-    size, files = common.folder_bytes(folder)
+    size, files = workload.folder_bytes(folder)
     return {"images": len(ds), "store_bytes": size, "store_files": files}
 
 
@@ -95,15 +95,15 @@ def naive_stage1(model, conv, ds, out, batch_size):
     return n
 
 
-def published_stage1(model, conv, train_dir, out, batch_size, workers):
+def published_stage1(wl, model, conv, train_dir, out, batch_size, workers):
     """The published stage 1 on the CPU (algorithm of its get_importances_for_classes.py)."""
     import torch
     from torchvision import datasets
-    ds = datasets.ImageFolder(train_dir, common.transform())
+    ds = datasets.ImageFolder(train_dir, wl.transform())
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
                                          pin_memory=False)  # pin_memory=True on its GPU; a no-op on the CPU
     os.makedirs(out, exist_ok=True)
-    kept, handles = common.published_hooks(conv, want_input=True, want_output=True, want_grad=True)
+    kept, handles = published_code.hooks(conv, want_input=True, want_output=True, want_grad=True)
     for it, (images, targets) in enumerate(loader):
         images.requires_grad = True
         outputs = model(images)
@@ -125,37 +125,37 @@ def published_stage1(model, conv, train_dir, out, batch_size, workers):
     return len(ds)
 
 
-def published(workdir, timer):
-    model, conv = common.build_model(requires_grad=True)
+def published(wl, workdir, timer):
+    model, conv = workload.build_model(requires_grad=True)
     out = published_folder(workdir)
-    train_dir = os.path.join(common.data_root(workdir), "train")
+    train_dir = os.path.join(workload.data_root(workdir), "train")
     for _ in timer.runs():
         shutil.rmtree(out, ignore_errors=True)
         with timer:
-            n = published_stage1(model, conv, train_dir, out, common.BATCH_SIZE,
-                                 common.workers_published(common.PUBLISHED_WORKERS))
-    size, files = common.folder_bytes(out)
+            n = published_stage1(wl, model, conv, train_dir, out, wl.batch_size,
+                                 wl.workers_published(workload.PUBLISHED_WORKERS))
+    size, files = workload.folder_bytes(out)
     return {"images": n, "store_bytes": size, "store_files": files}
 
 
-def naive(workdir, timer):
-    model, conv = common.build_model()
-    ds = common.dataset(workdir, "train")
+def naive(wl, workdir, timer):
+    model, conv = workload.build_model()
+    ds = wl.dataset(workdir, "train")
     out = naive_folder(workdir)
     for _ in timer.runs():
         shutil.rmtree(out, ignore_errors=True)
         with timer:
-            n = naive_stage1(model, conv, ds, out, common.BATCH_SIZE)
-    size, files = common.folder_bytes(out)
+            n = naive_stage1(model, conv, ds, out, wl.batch_size)
+    size, files = workload.folder_bytes(out)
     return {"images": n, "store_bytes": size, "store_files": files}
 
 
-def load_published(workdir):
+def load_published(wl, workdir):
     """(attributions, targets, predictions) of the published store, float32 / int64 numpy."""
     import numpy as np
     import torch
     folder = published_folder(workdir)
-    n = common.CLASSES * common.TRAIN_PER_CLASS
+    n = wl.train_images
     A = np.stack([torch.load(published_file(folder, i, "channel_importance_layer_wrt_class")).float().numpy()
                   for i in range(n)])
     t = np.array([int(torch.load(published_file(folder, i, "target"))) for i in range(n)])
@@ -163,15 +163,15 @@ def load_published(workdir):
     return A, t, p
 
 
-def check_published(workdir):
+def check_published(wl, workdir):
     """Our store against the published files: attributions (float16 in both), labels, predictions, and
     the importance decisions at the benchmark's tau."""
     import numpy as np
-    st = common.open_store(workdir)
+    st = open_store(workdir)
     A = np.asarray(st["attributions"]).astype(np.float32)
     preds = np.load(os.path.join(ours_folder(workdir), "predictions.npy"))
-    B, t, p = load_published(workdir)
-    imp = lambda X: X >= common.TAU * np.clip(X, 0, None).sum(axis=1, keepdims=True)  # noqa: E731
+    B, t, p = load_published(wl, workdir)
+    imp = lambda X: X >= wl.tau * np.clip(X, 0, None).sum(axis=1, keepdims=True)  # noqa: E731
     return {"max_rel_diff": float(np.abs(A - B).max() / max(np.abs(A).max(), 1e-30)),
             "same_targets": bool((np.asarray(st["targets"]) == t).all()),
             "same_predictions": bool((preds == p).all()),
@@ -188,29 +188,50 @@ def check_naive(workdir):
     return float(np.abs(A - B).max() / max(np.abs(A).max(), 1e-30))
 
 
-def run(workdir):
+def open_store(workdir):
+    """Our store's attributions, targets and patch sums (memory-mapped)."""
+    import numpy as np
+    folder = ours_folder(workdir)
+    return {name: np.load(os.path.join(folder, name + ".npy"), mmap_mode="r")
+            for name in ("attributions", "targets", "patch_sums")}
+
+
+def ensure_stage1(wl, workdir):
+    """Make the stage-1 outputs (untimed) that a later stage reads if this benchmark has not run."""
+    if not os.path.isfile(os.path.join(ours_folder(workdir), "manifest.json")):
+        measure.run_child(MODULE, "ours", workdir)
+    if not os.path.isfile(published_done(wl, workdir)):
+        measure.run_child(MODULE, "published", workdir)
+    if wl.naive and not os.path.isdir(naive_folder(workdir)):
+        measure.run_child(MODULE, "naive", workdir)
+
+
+def run(wl, workdir):
     def per_image(r):
         return {"bytes_per_image": r["store_bytes"] / r["images"], "files_per_image": r["store_files"] / r["images"]}
-    row = common.compare("1", __file__, workdir,
+    row = measure.compare(wl, "1", MODULE, workdir,
                          "attributions (+ our patch sums) of the {ours[images]} train images (published: backward "
                          "to the image, 3 .pt files per image)")
     row["store_bytes_per_image_ours"] = per_image(row["ours"])["bytes_per_image"]
     row["store_bytes_per_image_published"] = per_image(row["published"])["bytes_per_image"]
     row["store_files_per_image_published"] = per_image(row["published"])["files_per_image"]
-    row["published_check"] = check_published(workdir)
+    row["published_check"] = check_published(wl, workdir)
     pc = row["published_check"]
     print(f"       store bytes/image: ours {row['store_bytes_per_image_ours']:.0f}, published "
           f"{row['store_bytes_per_image_published']:.0f} ({row['store_files_per_image_published']:.0f} files/image, "
-          f"batch {common.BATCH_SIZE})")
+          f"batch {wl.batch_size})")
     print(f"       check vs published: max |A_ours - A_published| / max|A| = {pc['max_rel_diff']:.2g}, same labels: "
           f"{pc['same_targets']}, same predictions: {pc['same_predictions']}, importance decisions flipped at "
-          f"tau={common.TAU}: {pc['importance_flips']}")
+          f"tau={wl.tau}: {pc['importance_flips']}")
     if "naive" in row:
         row["naive_check"] = {"max_rel_diff": check_naive(workdir)}
         print(f"       check vs naive: max |A_ours - A_naive| / max|A| = {row['naive_check']['max_rel_diff']:.2g}")
     return row
 
 
+def main(argv=None):
+    return measure.main({"ours": ours, "published": published, "naive": naive}, run, __doc__, argv)
+
+
 if __name__ == "__main__":
-    if not common.child_main({"ours": ours, "published": published, "naive": naive}):
-        common.standalone(run, __doc__)
+    main()

@@ -12,27 +12,27 @@ published: the published script's algorithm: three torch.load per image of the p
 naive:     (extra row) reload the naive stage-1 .pt files, one forward and backward pass per used
            (channel, class) pair.
 
-  python benchmarks/bench_stage2.py [--workdir DIR] [workload flags, see --help]
+  python -m benchmarks.bench_stage2 [--workdir DIR] [workload flags, see --help]
 """
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from benchmarks import bench_stage1, measure, published_code, workload
+
+MODULE = "benchmarks.bench_stage2"  # run as python -m MODULE (its children too)
 
 
-def ours(workdir, timer):
+def ours(wl, workdir, timer):
     from utils.method import similarities
     from utils.stages import passes
-    model, conv = common.build_model()
+    model, conv = workload.build_model()
     w = conv.weight.detach()
     for _ in timer.runs():
         with timer:
-            st = common.open_store(workdir)
-            hist = passes.class_histogram(st["attributions"], st["targets"], common.CLASSES, common.TAU)
-            used = similarities.used_classes(hist, similarities.class_counts(st["targets"], common.CLASSES), common.P_USE)
-            means = passes.class_mean_patch_sums(st["patch_sums"], st["targets"], common.CLASSES)
-            cands = similarities.candidate_pairs(w, means, used, common.COS_LOW, common.COS_HIGH)
+            st = bench_stage1.open_store(workdir)
+            hist = passes.class_histogram(st["attributions"], st["targets"], wl.classes, wl.tau)
+            used = similarities.used_classes(hist, similarities.class_counts(st["targets"], wl.classes), workload.P_USE)
+            means = passes.class_mean_patch_sums(st["patch_sums"], st["targets"], wl.classes)
+            cands = similarities.candidate_pairs(w, means, used, workload.COS_LOW, workload.COS_HIGH)
     multi = used.sum(dim=0) >= 2
     return {"used_pairs": int(used.sum()), "arv_pairs": int(used[:, multi].sum()), "candidates": cands}
 
@@ -56,7 +56,6 @@ class PublishedImportances:
         return self.n  # the published code returns ImageNet's 1281167 here
 
     def __getitem__(self, i):
-        import bench_stage1
         import torch
         f = lambda what: bench_stage1.published_file(self.folder, i, what)  # noqa: E731
         return {"target": torch.load(f("target")), "prediction": torch.load(f("prediction")),
@@ -64,12 +63,12 @@ class PublishedImportances:
                 "channel_importance_before_layer_wrt_each_channel": 0}
 
 
-def published_class_arv(model, layer_copy, kept, train_dir, c, y, batch_size, workers):
+def published_class_arv(wl, model, layer_copy, kept, train_dir, c, y, batch_size, workers):
     """The published ARV of channel c for class y: (1, C_in) float16, the float16 mean of float16 per-image
     ARVs. ``kept``: the published forward hooks on the layer (its input as ``x``); ``layer_copy``: the
     layer of a deep copy of the model."""
     import torch
-    loader = torch.utils.data.DataLoader(common.published_subset(train_dir, [y]), batch_size=batch_size,
+    loader = torch.utils.data.DataLoader(published_code.subset(wl, train_dir, [y]), batch_size=batch_size,
                                          shuffle=False, num_workers=workers)
     per_image = []
     for images, targets in loader:
@@ -84,19 +83,18 @@ def published_class_arv(model, layer_copy, kept, train_dir, c, y, batch_size, wo
     return torch.cat(per_image, dim=0).mean(dim=0, keepdim=True)
 
 
-def published_stage2(model, conv, workdir, num_classes, tau, p, low, high, batch_size, workers):
+def published_stage2(wl, model, conv, workdir, num_classes, tau, p, low, high, batch_size, workers):
     """The published stage 2 on the CPU (algorithm of its get_cosine_similarities.py; its 1000 classes
     and ImageNet's image count patched to the workload's). Returns (pairs whose ARVs it computed, list)."""
     import copy
     import pickle
 
-    import bench_stage1
     import numpy as np
     import torch
     out = published_dir(workdir)
     os.makedirs(out, exist_ok=True)
-    train_dir = os.path.join(common.data_root(workdir), "train")
-    n_images = common.CLASSES * common.TRAIN_PER_CLASS
+    train_dir = os.path.join(workload.data_root(workdir), "train")
+    n_images = wl.train_images
     c_out = conv.out_channels
 
     hist = [[0] * c_out for _ in range(num_classes)]
@@ -115,13 +113,13 @@ def published_stage2(model, conv, workdir, num_classes, tau, p, low, high, batch
     with open(os.path.join(out, f"bench_resnet50_required{tau}_class_histograms.pkl"), "wb") as fp:
         pickle.dump(hist, fp)
     channel_hist = [[hist[y][c] for y in range(num_classes)] for c in range(c_out)]
-    per_class = common.published_class_counts(train_dir)
+    per_class = published_code.class_counts(train_dir)
     classes_for_channel = [[y for y in range(num_classes) if channel_hist[c][y] >= p * per_class[y]]
                            for c in range(c_out)]
 
     model_copy = copy.deepcopy(model).eval()
-    layer_copy = model_copy.get_submodule(common.LAYER)
-    kept, handles = common.published_hooks(conv, want_input=True, want_output=True, want_grad=True)
+    layer_copy = model_copy.get_submodule(workload.LAYER)
+    kept, handles = published_code.hooks(conv, want_input=True, want_output=True, want_grad=True)
     arvs, pairs = {}, 0
     for c in range(c_out):
         ys = classes_for_channel[c]
@@ -129,7 +127,7 @@ def published_stage2(model, conv, workdir, num_classes, tau, p, low, high, batch
             continue
         arvs[c] = {}
         for y in ys:
-            arvs[c][y] = published_class_arv(model, layer_copy, kept, train_dir, c, y, batch_size, workers)
+            arvs[c][y] = published_class_arv(wl, model, layer_copy, kept, train_dir, c, y, batch_size, workers)
             pairs += 1
     for h in handles:
         h.remove()
@@ -160,15 +158,15 @@ def published_stage2(model, conv, workdir, num_classes, tau, p, low, high, batch
     return pairs, as_float(below), as_float(final)
 
 
-def published(workdir, timer):
+def published(wl, workdir, timer):
     import shutil
-    model, conv = common.build_model(requires_grad=True)
+    model, conv = workload.build_model(requires_grad=True)
     for _ in timer.runs():
         shutil.rmtree(published_dir(workdir), ignore_errors=True)  # its caches would skip the work
         with timer:
             pairs, cands, before_window = published_stage2(
-                model, conv, workdir, common.CLASSES, common.TAU, common.P_USE, common.COS_LOW, common.COS_HIGH,
-                common.BATCH_SIZE, common.workers_published(common.PUBLISHED_WORKERS))
+                wl, model, conv, workdir, wl.classes, wl.tau, workload.P_USE, workload.COS_LOW, workload.COS_HIGH,
+                wl.batch_size, wl.workers_published(workload.PUBLISHED_WORKERS))
     return {"arv_pairs": pairs, "candidates": cands, "class_pairs": len(before_window),
             "before_window": before_window}
 
@@ -190,12 +188,11 @@ def naive_arv(model, conv, images, channel):
     return (kept["x"] * g).sum(dim=(2, 3)).detach().half().float().sum(dim=0), len(images)
 
 
-def naive(workdir, timer):
-    import bench_stage1
+def naive(wl, workdir, timer):
     import torch
     from torch.utils.data import DataLoader
-    model, conv = common.build_model()
-    ds = common.dataset(workdir, "train")
+    model, conv = workload.build_model()
+    ds = wl.dataset(workdir, "train")
     folder = bench_stage1.naive_folder(workdir)
     for _ in timer.runs(1):  # dozens of passes: one-off costs are amortized already
         with timer:
@@ -206,17 +203,17 @@ def naive(workdir, timer):
                 targets.append(int(torch.load(os.path.join(folder, f"{i:07d}_target.pt"))))
                 torch.load(os.path.join(folder, f"{i:07d}_prediction.pt"))
             A, targets = torch.stack(A), torch.tensor(targets)
-            important = A >= common.TAU * A.clamp_min(0).sum(dim=1, keepdim=True)
+            important = A >= wl.tau * A.clamp_min(0).sum(dim=1, keepdim=True)
             used = []  # (channel, class)
-            for y in range(common.CLASSES):
+            for y in range(wl.classes):
                 n_y = int((targets == y).sum())
                 counts = important[targets == y].sum(dim=0)
-                used += [(c, y) for c in torch.nonzero(counts >= common.P_USE * n_y).flatten().tolist() if n_y]
+                used += [(c, y) for c in torch.nonzero(counts >= workload.P_USE * n_y).flatten().tolist() if n_y]
             arvs = {}
             for c, y in used:
                 rows = [i for i in range(len(ds)) if ds.targets[i] == y]
                 total, count = 0, 0
-                for images, _ in DataLoader(torch.utils.data.Subset(ds, rows), batch_size=common.BATCH_SIZE):
+                for images, _ in DataLoader(torch.utils.data.Subset(ds, rows), batch_size=wl.batch_size):
                     s, k = naive_arv(model, conv, images, c)
                     total, count = total + s, count + k
                 arvs[(c, y)] = total / count
@@ -226,7 +223,7 @@ def naive(workdir, timer):
                 for i, y1 in enumerate(ys):
                     for y2 in ys[i + 1:]:
                         cos = float(torch.nn.functional.cosine_similarity(arvs[(c, y1)], arvs[(c, y2)], dim=0))
-                        if common.COS_LOW <= cos < common.COS_HIGH:
+                        if workload.COS_LOW <= cos < workload.COS_HIGH:
                             cands.append({"channel": c, "class1": y1, "class2": y2, "cosine_similarity": cos})
             cands.sort(key=lambda d: -d["cosine_similarity"])
     return {"used_pairs": len(used), "candidates": cands}
@@ -244,17 +241,17 @@ def check(o, other):
             "max_cos_diff": max((abs(a[k] - b[k]) for k in both if not math.isnan(b[k])), default=0.0)}
 
 
-def check_published_arvs(workdir, ours_candidates):
+def check_published_arvs(wl, workdir, ours_candidates):
     """The published ARVs (float16, from its pickle) against ours (closed form from the store), and the
     cosines of its ARVs taken in float64 against ours: what its list would be without the float16 cosine."""
     import pickle
-    model, conv = common.build_model()
+    model, conv = workload.build_model()
     with open(published_arv_pickle(workdir), "rb") as fp:
         arvs = pickle.load(fp)
     rel, norms = [], []
     for c, per_class in arvs.items():
         for y, v in per_class.items():
-            ours = common.concept_arvs(workdir, conv, c, [y], [y])[0].double()
+            ours = concept_arvs(workdir, conv, c, [y], [y])[0].double()
             theirs = v[0].double()
             rel.append(float((theirs - ours).abs().max() / ours.abs().max()))
             norms.append(float(ours.norm()))
@@ -269,10 +266,30 @@ def check_published_arvs(workdir, ours_candidates):
             "max_cos_diff_float64": max(diffs, default=0.0), "cos_compared": len(diffs)}
 
 
-def run(workdir):
+def concept_arvs(workdir, conv, c, s1, s2):
+    """v1, v2: ARVs of channel c for the two concepts, in closed form from the store."""
+    import numpy as np
+
+    from utils.method import similarities
+    st = bench_stage1.open_store(workdir)
+    targets = np.asarray(st["targets"])
+    w = conv.weight[c].detach()
+    return [similarities.arv(w, similarities.rows_mean_patch_sums(st["patch_sums"],
+                                                                   np.flatnonzero(np.isin(targets, s)))).float()
+            for s in (s1, s2)]
+
+
+def ensure_published_stage2(wl, workdir):
+    """The published stage 2's ARV pickle (untimed), which the published stage 3 reads."""
+    bench_stage1.ensure_stage1(wl, workdir)
+    if not os.path.isfile(published_arv_pickle(workdir)):
+        measure.run_child(MODULE, "published", workdir)
+
+
+def run(wl, workdir):
     import math
-    common.ensure_stage1(workdir)
-    row = common.compare("2", __file__, workdir, "{ours[used_pairs]} used (channel, class) pairs, "
+    bench_stage1.ensure_stage1(wl, workdir)
+    row = measure.compare(wl, "2", MODULE, workdir, "{ours[used_pairs]} used (channel, class) pairs, "
                          "{ours[arv_pairs]} of them in channels used by 2+ classes (published: one fwd+bwd pass "
                          "over the class's images for each of these)", check)
     row["used_pairs"], row["arv_pairs"] = row["ours"]["used_pairs"], row["ours"]["arv_pairs"]
@@ -280,8 +297,8 @@ def run(workdir):
     before = row["published"]["before_window"]
     pc["published_pairs_before_window"] = len(before)
     pc["published_nan_before_window"] = sum(1 for d in before if not math.isfinite(d["cosine_similarity"]))
-    pc.update(check_published_arvs(workdir, row["ours"]["candidates"]))
-    print(f"       tau={common.TAU}, p={common.P_USE}: ARV pairs ours {row['arv_pairs']}, published "
+    pc.update(check_published_arvs(wl, workdir, row["ours"]["candidates"]))
+    print(f"       tau={wl.tau}, p={workload.P_USE}: ARV pairs ours {row['arv_pairs']}, published "
           f"{row['published']['arv_pairs']}; candidates ours {pc['candidates_ours']}, published "
           f"{pc['candidates_other']} ({len(before)} before its cosine window, {pc['published_nan_before_window']} "
           f"of them NaN/inf), in both {pc['candidates_common']}, max |cos difference| {pc['max_cos_diff']:.2g} "
@@ -297,6 +314,9 @@ def run(workdir):
     return row
 
 
+def main(argv=None):
+    return measure.main({"ours": ours, "published": published, "naive": naive}, run, __doc__, argv)
+
+
 if __name__ == "__main__":
-    if not common.child_main({"ours": ours, "published": published, "naive": naive}):
-        common.standalone(run, __doc__)
+    main()

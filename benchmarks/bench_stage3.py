@@ -15,29 +15,29 @@ published: the published script's algorithm: per rho, its ARV pickle loaded, the
 naive:     (extra row) 20 passes over the images, one per rho, each running the whole disentangled
            network and reading D1 and D2 at the split layer.
 
-  python benchmarks/bench_stage3.py [--workdir DIR] [workload flags, see --help]
+  python -m benchmarks.bench_stage3 [--workdir DIR] [workload flags, see --help]
 """
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from benchmarks import bench_stage1, bench_stage2, measure, published_code, workload
+
+MODULE = "benchmarks.bench_stage3"  # run as python -m MODULE (its children too)
 
 
 EXACTNESS_IMAGES = 4  # disentangle_channel.py --exactness_images
 
 
-def setup(workdir):
+def setup(wl, workdir):
     from utils.data import folders
-    model, conv = common.build_model()
-    c, s1, s2 = common.pick_concepts(workdir)
-    v1, v2 = common.concept_arvs(workdir, conv, c, s1, s2)
-    ds = common.dataset(workdir, "train")
+    model, conv = workload.build_model()
+    c, s1, s2 = pick_concepts(wl, workdir)
+    v1, v2 = bench_stage2.concept_arvs(workdir, conv, c, s1, s2)
+    ds = wl.dataset(workdir, "train")
     indices = folders.indices_of_classes(ds, s1 + s2)
     return model, conv, c, s1, s2, v1, v2, ds, indices
 
 
-def ours(workdir, timer):
+def ours(wl, workdir, timer):
     import shutil
     from types import SimpleNamespace
 
@@ -48,14 +48,14 @@ def ours(workdir, timer):
     from utils.files import atomic, names
     from utils.method import rho_scores, split
     from utils.stages import stage3
-    model, conv, c, s1, s2, v1, v2, ds, indices = setup(workdir)
+    model, conv, c, s1, s2, v1, v2, ds, indices = setup(wl, workdir)
     ctx = SimpleNamespace(model=model, conv=conv, dataset=ds, device=torch.device("cpu"))
-    settings = SimpleNamespace(batch_size=common.BATCH_SIZE, num_workers=common.workers_ours(), channels_last=True)
+    settings = SimpleNamespace(batch_size=wl.batch_size, num_workers=wl.workers_ours(), channels_last=True)
     folder = os.path.join(workdir, "store_ours", "models_disentangled")
     for _ in timer.runs():
         shutil.rmtree(folder, ignore_errors=True)
         with timer:
-            v1, v2 = common.concept_arvs(workdir, conv, c, s1, s2)  # closed form, from the store
+            v1, v2 = bench_stage2.concept_arvs(workdir, conv, c, s1, s2)  # closed form, from the store
             filters = split.split_filters_k(conv.weight[c].detach(), torch.stack([v1, v2]))
             rows = [folders.indices_of_classes(ds, s1), folders.indices_of_classes(ds, s2)]
             found, = stage3.score_images(ctx, [rho_scores.Split(c, filters, None, rows)], indices, settings)
@@ -63,7 +63,7 @@ def ours(workdir, timer):
             best = rho_scores.best_rho_index(scores)
             # the script's full-network check: both networks' logits on the first EXACTNESS_IMAGES images
             check = next(iter(folders.make_loader(ds, [indices[:EXACTNESS_IMAGES]], 0, "cpu")))[0]
-            diff, zmax, _ = disentangle.network_check(model, common.LAYER, c,
+            diff, zmax, _ = disentangle.network_check(model, workload.LAYER, c,
                                                       split.checkpoint_state_dict(filters[best]), check)
             assert split.within_tolerance(found.max_map_diff, found.max_abs_map)
             assert split.within_tolerance(diff, zmax)
@@ -95,29 +95,28 @@ def three_filter_module(c_in, kernel_size):
     return ThreeFilters()
 
 
-def published_arvs(workdir, model, conv, c, y1, y2):
+def published_arvs(wl, workdir, model, conv, c, y1, y2):
     """(v1, v2, from_pickle): the published stage 2's float16 ARVs of (c, y1), (c, y2); when its pickle
     lacks the pair (the published histograms differ from ours at the threshold), the published ARV pass."""
     import copy
     import pickle
 
-    import bench_stage2
-    common.ensure_published_stage2(workdir)
+    bench_stage2.ensure_published_stage2(wl, workdir)
     with open(bench_stage2.published_arv_pickle(workdir), "rb") as fp:
         arvs = pickle.load(fp)
     if c in arvs and y1 in arvs[c] and y2 in arvs[c]:
         return arvs[c][y1][0], arvs[c][y2][0], True
-    kept, handles = common.published_hooks(conv, want_input=True)
-    layer_copy = copy.deepcopy(model).get_submodule(common.LAYER)
-    train_dir = os.path.join(common.data_root(workdir), "train")
-    v = [bench_stage2.published_class_arv(model, layer_copy, kept, train_dir, c, y, common.BATCH_SIZE, 0)[0]
+    kept, handles = published_code.hooks(conv, want_input=True)
+    layer_copy = copy.deepcopy(model).get_submodule(workload.LAYER)
+    train_dir = os.path.join(workload.data_root(workdir), "train")
+    v = [bench_stage2.published_class_arv(wl, model, layer_copy, kept, train_dir, c, y, wl.batch_size, 0)[0]
          for y in (y1, y2)]
     for h in handles:
         h.remove()
     return v[0], v[1], False
 
 
-def published_stage3(model, conv, workdir, c, y1, y2, pickle_path, batch_size):
+def published_stage3(wl, model, conv, workdir, c, y1, y2, pickle_path, batch_size):
     """The published stage 3 on the CPU (algorithm of its disentangle_channel.py). Returns the scores."""
     import copy
     import pickle
@@ -140,7 +139,7 @@ def published_stage3(model, conv, workdir, c, y1, y2, pickle_path, batch_size):
         for i in range(c_out):
             identity[i, i, 0, 0] = 1.0
         seq[1].weight = nn.Parameter(identity)
-        parent, attr = common.LAYER.rsplit(".", 1)
+        parent, attr = workload.LAYER.rsplit(".", 1)
         setattr(dmodel.get_submodule(parent), attr, seq)
         with open(pickle_path, "rb") as fp:  # loaded again for every rho, as published
             v = pickle.load(fp)[c]
@@ -170,7 +169,7 @@ def published_stage3(model, conv, workdir, c, y1, y2, pickle_path, batch_size):
         merge[c, c_out] = 1.0
         merge[c, c_out + 1] = -1.0
         seq[1].weight = nn.Parameter(merge)
-        x = torch.randn((1, 3, common.CROP, common.CROP))
+        x = torch.randn((1, 3, wl.crop, wl.crop))
         same = bool(torch.isclose(model(x), dmodel(x), atol=1e-03).all())
         assert same
         mod = three_filter_module(c_in, k)
@@ -180,12 +179,12 @@ def published_stage3(model, conv, workdir, c, y1, y2, pickle_path, batch_size):
         torch.save(mod.state_dict(), name(f))
         small[f] = mod
 
-    kept, handles = common.published_hooks(conv, want_input=True)
-    train_dir = os.path.join(common.data_root(workdir), "train")
+    kept, handles = published_code.hooks(conv, want_input=True)
+    train_dir = os.path.join(workload.data_root(workdir), "train")
     ratios = {}
-    for concept, y, bs in ((1, y1, batch_size), (2, y2, common.PUBLISHED_BATCH_CONCEPT2)):
-        loader = torch.utils.data.DataLoader(common.published_subset(train_dir, [y]), batch_size=bs, shuffle=False,
-                                             num_workers=common.workers_published(0))
+    for concept, y, bs in ((1, y1, batch_size), (2, y2, workload.PUBLISHED_BATCH_CONCEPT2)):
+        loader = torch.utils.data.DataLoader(published_code.subset(wl, train_dir, [y]), batch_size=bs, shuffle=False,
+                                             num_workers=wl.workers_published(0))
         parts = {f: [] for f in split.RHOS}
         for images, targets in loader:
             _ = model(images)
@@ -203,13 +202,12 @@ def published_stage3(model, conv, workdir, c, y1, y2, pickle_path, batch_size):
     return [final[f] for f in split.RHOS], best
 
 
-def published(workdir, timer):
+def published(wl, workdir, timer):
     import shutil
 
-    import bench_stage2
-    model, conv = common.build_model(requires_grad=True)
-    c, s1, s2 = common.pick_concepts(workdir)
-    v1, v2, from_pickle = published_arvs(workdir, model, conv, c, s1[0], s2[0])
+    model, conv = workload.build_model(requires_grad=True)
+    c, s1, s2 = pick_concepts(wl, workdir)
+    v1, v2, from_pickle = published_arvs(wl, workdir, model, conv, c, s1[0], s2[0])
     pickle_path = bench_stage2.published_arv_pickle(workdir)
     if not from_pickle:  # add the pair to a copy of the pickle (untimed): the timed part reads it as published
         import pickle
@@ -220,37 +218,37 @@ def published(workdir, timer):
         with open(pickle_path, "wb") as fp:
             pickle.dump(arvs, fp)
     folder = os.path.join(workdir, "store_published", "models_disentangled")
-    ds = common.dataset(workdir, "train")
+    ds = wl.dataset(workdir, "train")
     from utils.data import folders
     images = len(folders.indices_of_classes(ds, s1 + s2))
     for _ in timer.runs():
         shutil.rmtree(folder, ignore_errors=True)
         with timer:
-            scores, best = published_stage3(model, conv, workdir, c, s1[0], s2[0], pickle_path, common.BATCH_SIZE)
+            scores, best = published_stage3(wl, model, conv, workdir, c, s1[0], s2[0], pickle_path, wl.batch_size)
     return {"channel": c, "classes": [s1, s2], "images": images, "scores": scores, "best_rho": best,
             "arvs_from_published_stage2": from_pickle}
 
 
-def naive(workdir, timer):
+def naive(wl, workdir, timer):
     import torch
 
     from utils import disentangle
     from utils.data import folders
     from utils.method import rho_scores, split
-    model, conv, c, s1, s2, v1, v2, ds, indices = setup(workdir)
+    model, conv, c, s1, s2, v1, v2, ds, indices = setup(wl, workdir)
     c_out = conv.out_channels
     for _ in timer.runs(1):  # dozens of passes: one-off costs are amortized already
         with timer:
             scores = []
             for rho in split.RHOS:
                 sd = split.checkpoint_state_dict(split.split_filter(conv.weight[c].detach(), v1, v2, rho))
-                dmodel = disentangle.disentangled_model(model, common.LAYER, c, sd)
-                lp = dmodel.get_submodule(common.LAYER)[0]
+                dmodel = disentangle.disentangled_model(model, workload.LAYER, c, sd)
+                lp = dmodel.get_submodule(workload.LAYER)[0]
                 kept = {}
                 h = lp.register_forward_hook(lambda m, i, o: kept.__setitem__("maps", o))
                 sums, counts = {1: 0.0, 2: 0}, {1: 0, 2: 0}
                 sums[2] = 0.0
-                loader = folders.make_loader(ds, folders.batches_of(indices, common.BATCH_SIZE), 0, "cpu")
+                loader = folders.make_loader(ds, folders.batches_of(indices, wl.batch_size), 0, "cpu")
                 with torch.no_grad():
                     for images, labels in loader:
                         dmodel(images)
@@ -276,9 +274,31 @@ def check(o, other):
             "same_best_rho": int(np.argmax(a)) == int(np.argmax(b))}
 
 
-def run(workdir):
-    common.ensure_published_stage2(workdir)
-    row = common.compare("3", __file__, workdir, "20 rho for channel {ours[channel]}, concepts {ours[classes]}, "
+def pick_concepts(wl, workdir):
+    """Stage 3/4 workload, from our store at the workload's tau and P_USE: among the channels used by at least two
+    classes (those whose ARVs the published stage 2 computes), the one whose two most frequent used
+    classes are the most frequent overall, and those two classes as concept 1 and concept 2. Without such
+    a channel: the same rule over all channels and classes."""
+    import torch
+
+    from utils.method import similarities
+    from utils.stages import passes
+    st = bench_stage1.open_store(workdir)
+    hist = passes.class_histogram(st["attributions"], st["targets"], wl.classes, wl.tau).double()
+    used = similarities.used_classes(hist, similarities.class_counts(st["targets"], wl.classes), workload.P_USE)
+    masked = torch.where(used, hist, torch.full_like(hist, -1.0))
+    if (used.sum(dim=0) >= 2).any():
+        hist = masked
+        hist[:, used.sum(dim=0) < 2] = -1.0
+    top2 = torch.topk(hist, 2, dim=0)
+    c = int(torch.argmax(top2.values.sum(dim=0)))
+    y1, y2 = sorted(top2.indices[:, c].tolist())
+    return c, [y1], [y2]
+
+
+def run(wl, workdir):
+    bench_stage2.ensure_published_stage2(wl, workdir)
+    row = measure.compare(wl, "3", MODULE, workdir, "20 rho for channel {ours[channel]}, concepts {ours[classes]}, "
                          "{ours[images]} train images (published: a deep copy of the network per rho, one "
                          "full forward per batch)", check)
     row.update(channel=row["ours"]["channel"], concept_classes=row["ours"]["classes"], images=row["ours"]["images"])
@@ -294,6 +314,9 @@ def run(workdir):
     return row
 
 
+def main(argv=None):
+    return measure.main({"ours": ours, "published": published, "naive": naive}, run, __doc__, argv)
+
+
 if __name__ == "__main__":
-    if not common.child_main({"ours": ours, "published": published, "naive": naive}):
-        common.standalone(run, __doc__)
+    main()

@@ -12,39 +12,39 @@ published: the published script's algorithm: the checkpoint loaded into its smal
 naive:     (extra row) the original network (graph down to the image, frozen parameters) for the
            relative attribution, then the whole disentangled network for D1, D2, R.
 
-  python benchmarks/bench_stage4.py [--workdir DIR] [workload flags, see --help]
+  python -m benchmarks.bench_stage4 [--workdir DIR] [workload flags, see --help]
 """
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from benchmarks import bench_stage1, bench_stage2, bench_stage3, measure, published_code, workload
+
+MODULE = "benchmarks.bench_stage4"  # run as python -m MODULE (its children too)
 
 RHO = 0.5
 
 
-def setup(workdir):
+def setup(wl, workdir):
     from utils.data import folders
     from utils.method import split
-    model, conv = common.build_model()
-    c, s1, s2 = common.pick_concepts(workdir)
-    v1, v2 = common.concept_arvs(workdir, conv, c, s1, s2)
+    model, conv = workload.build_model()
+    c, s1, s2 = bench_stage3.pick_concepts(wl, workdir)
+    v1, v2 = bench_stage2.concept_arvs(workdir, conv, c, s1, s2)
     sd = split.checkpoint_state_dict(split.split_filter(conv.weight[c].detach(), v1, v2, RHO))
-    ds = common.dataset(workdir, "val")
+    ds = wl.dataset(workdir, "val")
     return model, conv, c, sd, ds, folders.indices_of_classes(ds, s1 + s2)
 
 
-def ours(workdir, timer):
+def ours(wl, workdir, timer):
     import torch
 
     from utils.stages import stage4
-    model, conv, c, sd, ds, indices = setup(workdir)
+    model, conv, c, sd, ds, indices = setup(wl, workdir)
     path = checkpoint_path(workdir, sd)
     for _ in timer.runs():
         with timer:
             filters, bias = stage4.checkpoint_filters(torch.load(path))
             (r,) = stage4.evaluate_many(model, conv, [(c, filters, bias, {ds.targets[i] for i in indices})], ds,
-                                        indices, common.BATCH_SIZE, "cpu", common.workers_ours())
+                                        indices, wl.batch_size, "cpu", wl.workers_ours())
     return {"channel": c, "images": len(indices), "rel": r["rel"].tolist(), "orig": r["orig"].tolist(),
             "maps": r["maps"].tolist()}
 
@@ -57,12 +57,11 @@ def checkpoint_path(workdir, sd):
     return path
 
 
-def published_stage4(model, conv, c, path, val_dir, classes1, classes2):
+def published_stage4(wl, model, conv, c, path, val_dir, classes1, classes2):
     """The published stage 4 on the CPU (algorithm of its get_results.py, without the plots and tables):
     per-image rel, orig and (D1, D2, R) sums in the order concept 1's images, then concept 2's."""
     import copy
 
-    import bench_stage3
     import torch
     import torch.nn as nn
     c_out, c_in, k, _ = conv.weight.shape
@@ -82,15 +81,15 @@ def published_stage4(model, conv, c, path, val_dir, classes1, classes2):
     identity[c, c_out, 0, 0] = 1.0
     identity[c, c_out + 1, 0, 0] = -1.0
     seq[1].weight = nn.Parameter(identity)
-    parent, attr = common.LAYER.rsplit(".", 1)
+    parent, attr = workload.LAYER.rsplit(".", 1)
     setattr(dmodel.get_submodule(parent), attr, seq)
-    kept, handles = common.published_hooks(conv, want_output=True, want_grad=True)
-    kept_d, handles_d = common.published_hooks(seq[0], want_output=True, want_grad=True)
+    kept, handles = published_code.hooks(conv, want_output=True, want_grad=True)
+    kept_d, handles_d = published_code.hooks(seq[0], want_output=True, want_grad=True)
     rel, orig, maps = [], [], []
     for classes in (classes1, classes2):
-        loader = torch.utils.data.DataLoader(common.published_subset(val_dir, classes),
-                                             batch_size=common.PUBLISHED_BATCH_STAGE4, shuffle=False,
-                                             num_workers=common.workers_published(0))
+        loader = torch.utils.data.DataLoader(published_code.subset(wl, val_dir, classes),
+                                             batch_size=workload.PUBLISHED_BATCH_STAGE4, shuffle=False,
+                                             num_workers=wl.workers_published(0))
         for images, targets in loader:
             images.requires_grad = True
             outputs = model(images)
@@ -108,33 +107,33 @@ def published_stage4(model, conv, c, path, val_dir, classes1, classes2):
     return np.concatenate(rel), np.concatenate(orig), np.concatenate(maps)
 
 
-def published(workdir, timer):
-    model, conv = common.build_model(requires_grad=True)
-    c, s1, s2 = common.pick_concepts(workdir)
-    v1, v2 = common.concept_arvs(workdir, conv, c, s1, s2)
+def published(wl, workdir, timer):
+    model, conv = workload.build_model(requires_grad=True)
+    c, s1, s2 = bench_stage3.pick_concepts(wl, workdir)
+    v1, v2 = bench_stage2.concept_arvs(workdir, conv, c, s1, s2)
     from utils.method import split
     sd = split.checkpoint_state_dict(split.split_filter(conv.weight[c].detach(), v1, v2, RHO))
     path = checkpoint_path(workdir, sd)
-    val_dir = os.path.join(common.data_root(workdir), "val")
+    val_dir = os.path.join(workload.data_root(workdir), "val")
     for _ in timer.runs():
         with timer:
-            rel, orig, maps = published_stage4(model, conv, c, path, val_dir, s1, s2)
+            rel, orig, maps = published_stage4(wl, model, conv, c, path, val_dir, s1, s2)
     return {"channel": c, "images": len(rel), "rel": rel.tolist(), "orig": orig.tolist(), "maps": maps.tolist()}
 
 
-def naive(workdir, timer):
+def naive(wl, workdir, timer):
     import torch
 
     from utils.data import folders
     from utils import disentangle
-    model, conv, c, sd, ds, indices = setup(workdir)
+    model, conv, c, sd, ds, indices = setup(wl, workdir)
     c_out = conv.out_channels
-    dmodel = disentangle.disentangled_model(model, common.LAYER, c, sd)
-    split = dmodel.get_submodule(common.LAYER)[0]
+    dmodel = disentangle.disentangled_model(model, workload.LAYER, c, sd)
+    split = dmodel.get_submodule(workload.LAYER)[0]
     for _ in timer.runs():
         rel, orig, maps = [], [], []
         with timer:
-            loader = folders.make_loader(ds, folders.batches_of(indices, common.BATCH_SIZE), 0, "cpu")
+            loader = folders.make_loader(ds, folders.batches_of(indices, wl.batch_size), 0, "cpu")
             for images, labels in loader:
                 # the original network with its autograd graph down to the image, as captum's
                 # LayerGradientXActivation builds it; the gradient is taken at the layer's output only
@@ -169,9 +168,9 @@ def check(o, other):
     return {"max_rel_diff": max(diffs.values()), "diffs": diffs, "same_images": o["images"] == other["images"]}
 
 
-def run(workdir):
-    common.ensure_stage1(workdir)
-    row = common.compare("4", __file__, workdir, "rel. attribution, orig/D1/D2/R sums of {ours[images]} val images "
+def run(wl, workdir):
+    bench_stage1.ensure_stage1(wl, workdir)
+    row = measure.compare(wl, "4", MODULE, workdir, "rel. attribution, orig/D1/D2/R sums of {ours[images]} val images "
                          "of channel {ours[channel]} (published: the whole original network with backward to "
                          "the image, and the whole disentangled network)", check)
     row.update(channel=row["ours"]["channel"], images=row["ours"]["images"])
@@ -184,6 +183,9 @@ def run(workdir):
     return row
 
 
+def main(argv=None):
+    return measure.main({"ours": ours, "published": published, "naive": naive}, run, __doc__, argv)
+
+
 if __name__ == "__main__":
-    if not common.child_main({"ours": ours, "published": published, "naive": naive}):
-        common.standalone(run, __doc__)
+    main()

@@ -10,7 +10,7 @@ layer layer4.2.conv3, the paper's 20 triples with their channels and their 24 cl
 in sorted order, generated JPEGs (--train_per_class, --val_per_class) at the paper's 224 x 224 crops;
 stage 1 (untimed) writes the store first. CPU.
 
-  python benchmarks/bench_triples.py [--workdir DIR] [--train_per_class 8] [--val_per_class 4] [--json FILE]
+  python -m benchmarks.bench_triples [--workdir DIR] [--train_per_class 8] [--val_per_class 4] [--json FILE]
 """
 import argparse
 import json
@@ -23,10 +23,8 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from benchmarks.measure import ROOT
 
-ROOT = common.ROOT
 TAG = "resnet50"
 
 

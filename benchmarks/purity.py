@@ -77,7 +77,7 @@ def fashion_run(args, folder, seed):
     path = os.path.join(folder, "report.json")
     if not os.path.isfile(path):
         from demo import run_fashion
-        argv = ["--out", folder, "--seed", str(seed), "--epochs", str(args.epochs), "--train_threads",
+        argv = ["--out", folder, "--full", "--seed", str(seed), "--epochs", str(args.epochs), "--train_threads",
                 str(args.train_threads), "--splits", str(args.splits), "--weakest", "0", "--no_feature_vis",
                 "--no_sae_view", "--data_dir", os.path.join(args.out, "data")]
         for flag in ("train_per_class", "store_per_class", "val_per_class"):

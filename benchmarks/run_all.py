@@ -1,14 +1,14 @@
 """Run the four stage benchmarks (ours against the published algorithm, plus the older naive baselines)
 and print one table with the end-to-end ratio.
 
-  python benchmarks/run_all.py [--json FILE] [--workdir DIR] [workload flags]
+  python -m benchmarks.run_all [--json FILE] [--workdir DIR] [workload flags]
 
 The issue's 600-train / 100-val case at the paper's resolution (many minutes on 2 CPU cores):
 
-  nice python benchmarks/run_all.py --classes 6 --train_per_class 100 --val_per_class 17 \\
+  nice python -m benchmarks.run_all --classes 6 --train_per_class 100 --val_per_class 17 \\
       --resize 256 --crop 224 --repeat 1 --no_naive --json bench_600.json
 
-Each implementation runs in a fresh child process on the same generated workload (see common.py) with
+Each implementation runs in a fresh child process on the same generated workload (benchmarks/workload.py) with
 the same torch thread count (--threads, default os.cpu_count()): seconds = wall time of the stage's
 work (imports and base-model construction excluded, on all sides; the fastest of --repeat runs in the
 same process, one run for the naive stages 2 and 3, which make dozens of passes); peak MB = the child's
@@ -31,27 +31,21 @@ against three separate full-network runs of the same optimization, as a generic 
 library does it (benchmarks/bench_featurevis.py); its "published" column is that separate baseline.
 """
 import argparse
+import dataclasses
 import json
 import os
 import platform
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_stage1  # noqa: E402
-import bench_stage2  # noqa: E402
-import bench_stage3  # noqa: E402
-import bench_stage4  # noqa: E402
-import bench_featurevis  # noqa: E402
-import bench_triples  # noqa: E402
-import common  # noqa: E402
+from benchmarks import bench_featurevis, bench_stage1, bench_stage2, bench_stage3, bench_stage4, bench_triples
+from benchmarks import measure, workload
 
 # the issue's goals against the published algorithm on the 600-image case (published / ours)
 GOALS = {"1": 1.6, "2": 50.0, "3": 2.0, "4": 1.5, "end to end": 4.0}
 GOAL_TRIPLES = 3.0  # the 20 triples in one process against one process per triple
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", default=None, help="write the results to this file")
     p.add_argument("--workdir", default=None, help="keep the workload here (default: a temporary folder)")
@@ -63,19 +57,19 @@ def main():
                    help="train images per class of the triples rows' 24 classes (default 8)")
     p.add_argument("--triples_val", type=int, default=4,
                    help="val images per class of the triples rows' 24 classes (default 4)")
-    common.add_workload_args(p)
-    args = p.parse_args()
-    common.configure_from_args(args)
+    workload.add_args(p)
+    args = p.parse_args(argv)
+    wl = workload.Workload.from_args(args)
     import torch
     start = time.perf_counter()
-    print(f"workload: {common.WORKLOAD}; torch {torch.__version__}, {os.cpu_count()} CPUs, "
+    print(f"workload: {wl.describe()}; torch {torch.__version__}, {os.cpu_count()} CPUs, "
           f"{platform.processor() or platform.machine()}, load average {os.getloadavg()[0]:.1f}")
     cpu0 = os.times()
     rows = {}
-    with common.workdir_from(args.workdir) as workdir:
-        common.print_header()
+    with measure.workdir_from(wl, args.workdir) as workdir:
+        measure.print_header()
         for name, mod in (("1", bench_stage1), ("2", bench_stage2), ("3", bench_stage3), ("4", bench_stage4)):
-            rows[name] = mod.run(workdir)
+            rows[name] = mod.run(wl, workdir)
         triples = None
         if not args.no_triples:
             print("\ntriples: the paper's 20 triples through the call scripts, in one process (--triples) and "
@@ -118,7 +112,7 @@ def main():
               f"3 separate full-network runs {fv['separate_s_per_step']:.3f} s/step)")
     print(f"\nstore bytes per image: ours {s1['store_bytes_per_image_ours']:.0f} (memory-mappable .npy arrays), "
           f"published {s1['store_bytes_per_image_published']:.0f} ({s1['store_files_per_image_published']:.0f} "
-          f".pt files per image at batch {common.BATCH_SIZE})")
+          f".pt files per image at batch {wl.batch_size})")
     print("checks against the published algorithm:")
     pc = [rows[k]["published_check"] for k in "1234"]
     print(f"  stage 1: max relative attribution difference {pc[0]['max_rel_diff']:.2g}, same labels "
@@ -138,7 +132,7 @@ def main():
     print(f"total {total:.0f} s (CPU time of all processes {cpu1.children_user + cpu1.children_system - cpu0.children_user - cpu0.children_system:.0f} s; "
           f"load average now {os.getloadavg()[0]:.1f})")
     if args.json:
-        out = {"workload": common.WORKLOAD, "config": common.CONFIG, "torch": torch.__version__,
+        out = {"workload": wl.describe(), "config": dataclasses.asdict(wl), "torch": torch.__version__,
                "cpus": os.cpu_count(), "total_s": total, "end_to_end": e2e, "goals": GOALS,
                "store_bytes_per_image_ours": s1["store_bytes_per_image_ours"],
                "store_bytes_per_image_published": s1["store_bytes_per_image_published"],
@@ -163,7 +157,7 @@ def triples_total(rows):
 
 def feature_vis_row(steps, crops):
     """bench_featurevis on the workload's architecture (ResNet-50, random weights) and layer, S = 224."""
-    (name, model, layer), = [w for w in bench_featurevis.workloads(["resnet50"]) if w[2] == common.LAYER]
+    (name, model, layer), = [w for w in bench_featurevis.workloads(["resnet50"]) if w[2] == workload.LAYER]
     return bench_featurevis.bench(name, model, layer, 224, steps, crops)
 
 

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -234,7 +235,8 @@ def _train(out, arch, epochs, seed, batch_size, lr, weight_decay, train_per_clas
         model.train()
         order = torch.randperm(len(x), generator=gen)
         total = 0.0
-        for i in range(0, len(x), batch_size):
+        for i in tqdm(range(0, len(x), batch_size), desc=f"epoch {epoch + 1}/{epochs}", unit="batch",
+                      dynamic_ncols=True, leave=False):
             idx = order[i:i + batch_size]
             loss = loss_fn(model(augment(x[idx], gen)), y[idx])
             opt.zero_grad()
@@ -243,7 +245,9 @@ def _train(out, arch, epochs, seed, batch_size, lr, weight_decay, train_per_clas
             sched.step()
             total += float(loss.detach()) * len(idx)
         epoch_seconds.append(round(time.time() - t, 1))
-        log(f"epoch {epoch + 1}/{epochs}: loss {total / len(x):.3f} ({epoch_seconds[-1]} s)")
+        left = (epochs - epoch - 1) * sum(epoch_seconds) / len(epoch_seconds)
+        log(f"epoch {epoch + 1}/{epochs}: loss {total / len(x):.3f} ({epoch_seconds[-1]} s"
+            + (f"; about {left:.0f} s left)" if epoch + 1 < epochs else ")"))
     model.eval()
     summary = {"arch": arch, "layer": LAYER, "epochs": epochs, "seed": seed, "batch_size": batch_size, "lr": lr,
                "weight_decay": weight_decay, "threads": torch.get_num_threads(), "train_images": len(x),

@@ -16,8 +16,19 @@ Steps (all on the CPU; every stage through its command line, as a user would run
   6. get_cosine_similarities.py --label_free on the split channels (concepts without class labels)
   7. OUT/report.json: every number, every command, seconds per part
 
-Usage: python -m demo.run_fashion [--out fmnist_out/run] [--data_dir DIR] [--arch fashion_resnet16] [--epochs 10]
-       [--seed 0] [--train_per_class N] [--val_per_class N] [--splits 3] [--no_feature_vis] [--no_sae_view]
+Two recipes (the flags below override either):
+  quick (default; 4.3 CPU-minutes, 18 minutes on a 2-core CPU at load 15): the net trained 2 epochs on 1,000 training images
+        per class with 1 thread; stage 1 on 200 per class, stage 4 on 100 test images per class; 2 strong
+        splits; feature visualizations of 32 steps; SAE 100 steps on 500 images
+  --full (the run docs/real_images.md reports): 5 epochs on all 60,000 training images with 1 thread;
+        stage 1 on 1,000 per class, stage 4 on all 10,000 test images; 3 strong splits and 2 weak ones;
+        feature visualizations of 64 steps; SAE 1,000 steps on 2,000 images
+Everything goes inside --out: the ImageFolder (OUT/data_<stage-1 per class>_<val per class>, kept when it
+already holds the same images), the model, the store, the results and report.json.
+
+Usage: python -m demo.run_fashion [--out fmnist_out/run] [--full] [--data_dir DIR] [--arch fashion_resnet16]
+       [--epochs N] [--seed 0] [--train_per_class N] [--val_per_class N] [--splits N] [--no_feature_vis]
+       [--no_sae_view]
 """
 import argparse
 import glob
@@ -37,6 +48,15 @@ from utils.model.loading import model_tag  # noqa: E402
 
 THRESHOLDS = (0.5, 0.7, 0.9)   # the report counts candidate pairs below each cosine
 SIZE = 28                      # --resize and --crop: the images' own size
+# the two recipes (None: all the images of the split); a flag given on the command line wins
+RECIPES = {
+    "quick": {"epochs": 2, "train_per_class": 1000, "store_per_class": 200, "val_per_class": 100, "train_threads": 1,
+              "splits": 2, "weakest": 0, "fv_steps": 32, "fv_spectrum_images": 128, "sae_steps": 100,
+              "sae_train_images": 500},
+    "full": {"epochs": 5, "train_per_class": None, "store_per_class": 1000, "val_per_class": None, "train_threads": 1,
+             "splits": 3, "weakest": 2, "fv_steps": 64, "fv_spectrum_images": 256, "sae_steps": 1000,
+             "sae_train_images": 2000},
+}
 MADE_HERE = ("plots", "results_disentanglement", "results_quantitative", "results_get_cosine_similarities",
              "logs", "report.json")
 
@@ -48,25 +68,39 @@ def transform_flags(mean=fashion_mnist.MEAN, std=fashion_mnist.STD):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.path.join(ROOT, "fmnist_out", "run"), help="output folder")
+    quick, full = RECIPES["quick"], RECIPES["full"]
+
+    def recipe(key):  # the help's default of a recipe flag
+        def n(v):
+            return "all" if v is None else v
+        return f"(quick: {n(quick[key])}; --full: {n(full[key])})"
+    p.add_argument("--out", default=os.path.join(ROOT, "fmnist_out", "run"),
+                   help="output folder: everything the run writes goes inside it")
+    p.add_argument("--full", action="store_true",
+                   help="the larger recipe of docs/real_images.md (all 60,000 training images, 5 epochs; there "
+                        "training took 602 s and the stages of 3 splits 422 s at load 5-8 on 2 cores) instead of the quick one")
     p.add_argument("--data_dir", default=None,
-                   help="the ImageFolder to write or reuse (default OUT/../data_<store_per_class>_<val_per_class>)")
+                   help="the ImageFolder to write or reuse (default OUT/data_<store_per_class>_<val_per_class>)")
     p.add_argument("--source", default=None, help=f"folder of the IDX files (default {fashion_mnist.SOURCE})")
     p.add_argument("--arch", choices=sorted(fashion_model.ARCHS), default="fashion_resnet16",
                    help="the net (default fashion_resnet16: 16 channels, conv -> BatchNorm -> residual add)")
-    p.add_argument("--epochs", type=int, default=10, help="training epochs (default 10)")
+    p.add_argument("--epochs", type=int, default=argparse.SUPPRESS, help=f"training epochs {recipe('epochs')}")
     p.add_argument("--seed", type=int, default=0, help="seed of the training (default 0)")
-    p.add_argument("--train_threads", type=int, default=fashion_model.THREADS,
-                   help=f"torch threads while training (default {fashion_model.THREADS}; 1 on a machine whose cores "
-                        f"are busy: 2 threads then wait for each other; another count rounds differently)")
-    p.add_argument("--train_per_class", type=int, default=None, help="training images per class (default all 6000)")
-    p.add_argument("--store_per_class", type=int, default=None,
-                   help="training images per class in the ImageFolder that stage 1 reads (default: --train_per_class)")
-    p.add_argument("--val_per_class", type=int, default=None, help="val (test) images per class (default all 1000)")
-    p.add_argument("--splits", type=int, default=3, help="candidates to split, strongest first (default 3)")
-    p.add_argument("--weakest", type=int, default=1,
+    p.add_argument("--train_threads", type=int, default=argparse.SUPPRESS,
+                   help=f"torch threads while training {recipe('train_threads')}: 2 only on an idle machine (on busy "
+                        f"cores 2 threads wait for each other); another count rounds differently")
+    p.add_argument("--train_per_class", type=int, default=argparse.SUPPRESS,
+                   help=f"training images per class, of 6000 {recipe('train_per_class')}")
+    p.add_argument("--store_per_class", type=int, default=argparse.SUPPRESS,
+                   help="training images per class in the ImageFolder that stage 1 reads "
+                        f"{recipe('store_per_class')}; --train_per_class given alone: the same number")
+    p.add_argument("--val_per_class", type=int, default=argparse.SUPPRESS,
+                   help=f"val (test) images per class, of 1000 {recipe('val_per_class')}")
+    p.add_argument("--splits", type=int, default=argparse.SUPPRESS,
+                   help=f"candidates to split, strongest first {recipe('splits')}")
+    p.add_argument("--weakest", type=int, default=argparse.SUPPRESS,
                    help="also split this many of the weakest candidates (the highest cosine, other channels), to "
-                        "show where the split does not separate (default 1)")
+                        f"show where the split does not separate {recipe('weakest')}")
     p.add_argument("--batch_size", type=int, default=128, help="--batch_size of the stage scripts (default 128)")
     p.add_argument("--num_workers", type=int, default=1, help="--num_workers of the stage scripts (default 1)")
     p.add_argument("--proportion_attribution_required", type=float, default=0.05,
@@ -75,15 +109,23 @@ def parse_args(argv=None):
     p.add_argument("--quantitative_tau", type=float, default=0.03, help="stage 4 tau (default 0.03)")
     p.add_argument("--top_n", type=int, default=100, help="stage 2 --label_free --top_n (default 100)")
     p.add_argument("--fv_size", type=int, default=56, help="stage 4 --fv_size (default 56)")
-    p.add_argument("--fv_steps", type=int, default=64, help="stage 4 --fv_steps (default 64)")
+    p.add_argument("--fv_steps", type=int, default=argparse.SUPPRESS, help=f"stage 4 --fv_steps {recipe('fv_steps')}")
     p.add_argument("--fv_crops", type=int, default=4, help="stage 4 --fv_crops (default 4)")
-    p.add_argument("--fv_spectrum_images", type=int, default=256, help="stage 4 --fv_spectrum_images (default 256)")
-    p.add_argument("--sae_steps", type=int, default=2000, help="stage 4 --sae_steps (default 2000)")
-    p.add_argument("--sae_train_images", type=int, default=0,
-                   help="stage 4 --sae_train_images (default 0: all training images)")
+    p.add_argument("--fv_spectrum_images", type=int, default=argparse.SUPPRESS,
+                   help=f"stage 4 --fv_spectrum_images {recipe('fv_spectrum_images')}")
+    p.add_argument("--sae_steps", type=int, default=argparse.SUPPRESS, help=f"stage 4 --sae_steps {recipe('sae_steps')}")
+    p.add_argument("--sae_train_images", type=int, default=argparse.SUPPRESS,
+                   help=f"stage 4 --sae_train_images {recipe('sae_train_images')}; 0: all training images")
     p.add_argument("--no_feature_vis", action="store_true", help="skip the feature visualizations")
     p.add_argument("--no_sae_view", action="store_true", help="skip the SAE view")
     a = p.parse_args(argv)
+    given = set(vars(a))
+    for key, value in RECIPES["full" if a.full else "quick"].items():
+        if key not in given:
+            setattr(a, key, value)
+    if "store_per_class" not in given and "train_per_class" in given:
+        a.store_per_class = a.train_per_class  # the images it trained on, as before the recipes
+    a.recipe = "full" if a.full else "quick"
     if a.splits < 1 or a.epochs < 1 or a.weakest < 0:
         p.error("--splits and --epochs must be at least 1, --weakest at least 0")
     return a
@@ -152,9 +194,9 @@ def main(argv=None):
             shutil.rmtree(path)
         elif os.path.exists(path):
             os.remove(path)
-    store_per_class = args.train_per_class if args.store_per_class is None else args.store_per_class
+    store_per_class = args.store_per_class
     sizes = "_".join("all" if n is None else str(n) for n in (store_per_class, args.val_per_class))
-    data_dir = os.path.abspath(args.data_dir or os.path.join(os.path.dirname(out), f"data_{sizes}"))
+    data_dir = os.path.abspath(args.data_dir or os.path.join(out, f"data_{sizes}"))
     store_dir, weights = os.path.join(out, "store"), os.path.join(out, "model.pth")
     seconds = {}
 
@@ -164,8 +206,9 @@ def main(argv=None):
                                              log=lambda s: print("  " + s, flush=True))
     seconds["conversion"] = round(time.time() - t, 1)
 
-    print(f"[2/7] training {args.arch} ({args.epochs} epochs, seed {args.seed}, "
-          f"{args.train_threads} threads)", flush=True)
+    n_train = "all 60,000" if args.train_per_class is None else f"{10 * args.train_per_class:,}"
+    print(f"[2/7] training {args.arch} ({args.epochs} epochs of {n_train} images, seed {args.seed}, "
+          f"{args.train_threads} thread{'s' if args.train_threads != 1 else ''}; recipe {args.recipe})", flush=True)
     t = time.time()
     training = train_or_reuse(args, weights, lambda s: print(s, flush=True))
     seconds["training"] = round(time.time() - t, 1)
@@ -263,7 +306,7 @@ def main(argv=None):
                                         for cl in concepts[str(c)]["clusters"]]} for c in channels}
     seconds.update(r.seconds)
     seconds["total"] = round(time.time() - start, 1)
-    report = {"data": {"data_dir": data_dir, "classes": names, "train_per_class": args.train_per_class,
+    report = {"recipe": args.recipe, "data": {"data_dir": data_dir, "classes": names, "train_per_class": args.train_per_class,
                        "store_per_class": store_per_class,
                        "val_per_class": args.val_per_class, "transform": transform_flags()},
               "model": model, "weights": weights, "layer": fashion_model.LAYER,

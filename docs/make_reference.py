@@ -109,8 +109,9 @@ The manifest records the model, the weights and the sha256 of their state dict, 
 geometry (shape, stride, padding, dilation), the class folders, images per class, the input transform,
 library versions, the chunking, `numerics` (CPU and its thread count, or CUDA with the GPU model and the
 float32 precision of convolutions and matrix products, bfloat16 or not), `numerics_history` (resumes
-under other numerics with `--allow_mixed_numerics`) and `unreadable` (file names of images recorded as
-invalid rows with `--skip_unreadable`). Stages 2 and 3 refuse a store that is incomplete or whose
+under other numerics with `--allow_mixed_numerics`), `unreadable` (file names of images recorded as
+invalid rows with `--skip_unreadable`) and `digests` (each array's size and sha256, computed when the store
+is finished; see [what is checked when files are read](#what-is-checked-when-files-are-read)). Stages 2 and 3 refuse a store that is incomplete or whose
 manifest names another model, weights, layer or data set; stage 4 checks a checkpoint against the
 layer's filter and against the `…_info.json` beside it.
 
@@ -118,9 +119,22 @@ While stage 1 runs, `progress/` holds one file per finished chunk of rows (`chun
 the process that computed it under a temporary name and renamed); at the end the main process merges
 them into the arrays (leaving an empty `chunk_{i}` per merged chunk, so that a crash during the merge
 resumes too), sets `complete` and removes `progress/`. Rerunning the same command resumes; the arrays
-equal those of an uninterrupted run. `.lock` is the writer's lock: a second stage-1 run on the same store
+equal those of an uninterrupted run. `progress/rows.json` holds, per chunk, the SHA-256 of its images' paths
+and labels: when the data changed before the store was complete (a bad image removed or a file added after
+a stop), the rerun keeps the finished chunks whose images are the same, recomputes the others and says so in
+one line (or starts afresh when no finished chunk is left), and the store equals a fresh run's on the new
+data; a complete store of other data is refused with one line saying what differs. `.lock` is the writer's lock: a second stage-1 run on the same store
 stops at once with `error: another run (pid … on …, since …) is writing the store …`; the lock dies with
 its process (also `kill -9`), and the next run takes it over.
+
+**Temporary files.** Every stage writes a file under a temporary name beside it,
+`.tmp_{name}.{pid}-{host}-{8 random characters}` (host: 8 hex digits of the host name's sha256), holds a
+`flock` on it and renames it into place. A run killed mid-write leaves that file; the next run that writes
+into the same folder removes it (stage 1 on its store when it takes the lock, stage 3 on
+`models_disentangled/`, stage 4 on `plots/`, `results_disentanglement/`, `results_quantitative/` and its
+caches, at their start; the atlas beside its folder), when the host in the name is this machine's, no
+process of that pid is alive here and nobody holds its lock. A live writer's file, another machine's, and
+any other name are left alone (`utils/files/leftovers.py`, `tests/test_leftovers.py`).
 
 Size for ImageNet and ResNet-50 `layer4.2.conv3`: 1.28 M × (4096 + 2048 + 16) bytes ≈ 7.9 GB.
 
@@ -171,9 +185,11 @@ split by label-free clusters is `{model}_channel{c}_top{N}_clusters0-1-2_f{ρ}_u
 
 Beside them: `…_info.json` (the scores of every ρ under both best-ρ scores, both choices, the dead shares,
 both exactness checks `max_map_diff`/`max_abs_map` and `max_logit_diff`/`max_abs_logit`, what made it; for
-a clusters split the concepts file's path and sha256) and `…_scores.png` (score against ρ). If either
+a clusters split the concepts file's path and sha256; `checkpoint_sha256`: the sha256 of each of the 21
+checkpoints) and `…_scores.png` (score against ρ). If either
 exactness check exceeds 1e-4 relative (of max(1, largest value)) the stage stops in one line and writes
-nothing.
+nothing (with `--candidates`: nothing of the failing chunk of 8 jobs; the chunks before it stay written;
+[method](method.md#splitting-a-channel)).
 
 `--export_model` also writes the whole disentangled network's state dict (`…_f_best_model.pth`, plain
 tensors) and `…_f_best_model.json` (how to rebuild it without this code, `rows_of_first_conv`). From
@@ -200,9 +216,60 @@ Under `--out_dir`:
 | `results_quantitative/means_required{τ}.txt` | `--get_quantitative` | column means and image counts per run and over all runs |
 | `results_quantitative/quantitative_k{k}_concept{j}_required{τ}.txt`, `means_k{k}_required{τ}.txt` | `--get_quantitative`, k > 2 | the same with columns `D1/orig … Dk/orig, R/orig` |
 | `plots/top_images.png` | `--get_top_images` | the val images activating the original channel and each D_j most (by pos(X) = Σ max(X, 0)), one row per map |
-| `results_disentanglement/{run}_summary.json` | always | `sep_concept{j}` = mean pos(D_j) / max_{l≠j} mean pos(D_l) on concept j's images, `mean_pos_concept{j}` for every map, image counts, unreadable images |
+| `results_disentanglement/{run}_summary.json` | always | `sep_concept{j}` = mean pos(D_j) / max_{l≠j} mean pos(D_l) on concept j's images (`null` with `sep_concept{j}_reason` where the denominator is 0: unbounded), `mean_pos_concept{j}` for every map, image counts, unreadable images; with `--get_quantitative`, `quantitative_concept{j}` (column means, `null` with `quantitative_concept{j}_reason` when no image passes τ) |
 | `plots/feature_vis_{run}.png`, `plots/feature_vis.png`, `plots/feature_vis_{run}_raw.png`, `results_disentanglement/{run}_feature_vis.json`, `{run}_feature_vis_images.npy`, `{run}_feature_vis_transparency.npy` | `--get_feature_vis` | see [feature visualizations](feature_visualization.md) |
 | `plots/sae_view_{run}.png`, `results_disentanglement/{run}_sae_view.json`, `MODEL_DIR/sae/sae_{key}.pt` | `--get_sae_view` | see [the SAE view](sae.md) |
+
+Every JSON file the stages write is strict JSON (no `NaN` or `Infinity`): a number that is not defined is
+`null`, with a `…_reason` key beside it saying why.
+"""
+
+CHECKED = """\
+## What is checked when files are read
+
+Every file a stage reads that an earlier stage wrote is checked before its numbers are used; anything
+wrong is one line naming the file and what to do (exit status 2), never a traceback and never a number
+that is silently wrong. One reading helper per format (`utils/files/reading.py`):
+
+| file | checked | a damaged one |
+| --- | --- | --- |
+| store arrays (`*.npy`) | header (shape, dtype against the manifest; object arrays are never unpickled), length against the header, sha256 against the manifest's `digests` (rule below) | `…/targets.npy: cut short: 1040 bytes, its header ((136,) int64) needs 1216; the store is damaged: delete … and rerun get_importances_for_classes.py with the flags it was made with` |
+| `manifest.json`, `…_info.json`, the quantitative registry `runs_*.json`, concepts and candidates files | complete JSON | `…: not complete JSON (Expecting ',' delimiter at line 1 column 20 of 20 bytes: cut short or garbled); …` |
+| checkpoints (`…_unnormalized.pth`), `--weights` files | read with `weights_only=True`; a `.npy`, an `.npz`, an empty file or other objects are named as such; stage 4: the sha256 against the info file's `checkpoint_sha256` (an info file without it: the best checkpoint must hold the tensors of the checkpoint at the info file's `best_rho`) | `…_f_best_unnormalized.pth: is not the checkpoint stage 3 wrote with its info file (its sha256 differs …); rerun disentangle_channel.py …` |
+| progress chunks of stage 1, the feature-visualization spectrum cache (`.npz`) | a complete archive | a chunk: one line; the cache: computed again (a line says so) |
+
+**When the store's sha256 is verified.** Stage 1 records each array's size and sha256 when it finishes the
+store (rows are merged out of order, so the file is hashed once, read back, rather than while it is
+written). Opening a store always checks every array's header and length (about 2 ms). The sha256 is
+verified on every open of a store whose arrays hold at most 256 MiB together (`FULL_CHECK` in
+`utils/files/store.py`), and for a larger store only for an array modified after the manifest was written
+(rewritten, replaced, or copied without keeping modification times: copy stores with `cp -p` or `rsync -a`).
+A multi-GB store is thus not hashed on every run of stages 2–4; bytes changed in place with the time set
+back are the case left to the header and length check. Measured with
+`python benchmarks/store_check.py --gib 0.25` on a shared 2-core AMD EPYC machine under load: the full
+check of 0.25 GiB 0.93 s, the header and length check 1.2 ms (`--gib 1.0`: 3.6 s and 2.1 ms; sha256 of data
+in memory runs at 0.93 GB/s on one of its cores). A store written before `digests` existed is read with
+the header and length check only.
+
+**Reruns redo damaged work.** `disentangle_channel.py --candidates` skips a channel only when all its files
+exist and are not empty, its info file is complete JSON of the same store and concepts, and each
+checkpoint's sha256 is the one recorded there; a 0-byte or changed checkpoint makes the job run again.
+
+**Finite or refused.** A model whose weights hold NaN or infinity is refused when it is loaded (every
+stage, before any pass: which tensor, how many values). Stage 1 checks each batch's attributions and
+patch sums (float16 attributions beyond 65504 are infinite) and stops without marking the store
+complete; stage 2 refuses such rows of a store written before; stage 3 refuses NaN ρ scores (no best ρ
+exists); stage 4 refuses maps and activations that are not finite. A separation whose denominator
+max_{l≠j} mean pos(D_l) is 0 is unbounded: `null` in the summary with `sep_concept{j}_reason`, printed as
+text, and shown blank in the atlas (also for a summary written before, whose 1e-12 floor gave about 1e13).
+
+**Data folders.** Symbolic links under `--data_dir` are followed only within it (or within the split
+folder, when `train/` itself is a link); a link that leaves it, or one to a folder above itself (a loop,
+`train/<class>/loop -> .`), stops every stage with one line naming the link.
+
+**A full disk** while any stage writes is one line, `error: no space left on device writing PATH; free
+space and rerun: finished work is kept` (the file being written keeps its old content; temporary files are
+removed).
 """
 
 
@@ -271,11 +338,12 @@ def render():
     """The page's text (a pure function of the scripts' parsers and the text above)."""
     contents = ", ".join(f"[{s}](#{_anchor(s)})" for s, _ in STAGES)
     contents += ", [models, weights and layers](#models-weights-and-layers), [the call scripts](#the-call-scripts), [the store](#the-store), " \
-                "[what each stage writes](#what-each-stage-writes)."
+                "[what each stage writes](#what-each-stage-writes), [what is checked when files are read]" \
+                "(#what-is-checked-when-files-are-read)."
     lines = [HEAD + contents, ""]
     for script, what in STAGES:
         lines += stage_section(script, what)
-    text = "\n".join(lines).rstrip("\n") + "\n\n" + MODELS + "\n" + CALL_SCRIPTS + "\n" + STORE + "\n" + FILES
+    text = "\n".join(lines).rstrip("\n") + "\n\n" + MODELS + "\n" + CALL_SCRIPTS + "\n" + STORE + "\n" + FILES + "\n" + CHECKED
     return text
 
 

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from tests.digests import threads_env
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # on sys.path: pytest.ini's pythonpath
 
 NUM_CLASSES = 4
 
@@ -43,13 +44,14 @@ DEMO_CNN = ["--train_per_class", "60", "--val_per_class", "15"]
 DEMO_RESNET = ["--arch", "resnet", "--train_per_class", "40", "--val_per_class", "10", "--epochs", "8",
                "--no_feature_vis", "--no_atlas", "--seed", "0", "--num_workers", "0"]
 # arch -> (a copy of the demo's folder as the demo left it, the folder, the flags, stdout): other tests add files
-# to the folder; tests/test_house_plan.py compares the copy with an older tree's run
+# to the folder; tests/test_house_plan.py compares the copy with the digests of an older commit's run
 PRISTINE = {}
 
 
 def demo_process(out, args, tree=ROOT):
-    """``python -m demo.run_demo --out OUT ARGS`` with the code of ``tree``; returns the CompletedProcess."""
-    env = dict(os.environ, PYTHONPATH=tree + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    """``python -m demo.run_demo --out OUT ARGS`` with the code of ``tree`` and digests.THREADS torch threads (the
+    count the checked-in digests were made with; training has its own fixed count); returns the CompletedProcess."""
+    env = threads_env(dict(os.environ, PYTHONPATH=tree + os.pathsep + os.environ.get("PYTHONPATH", "")))
     return subprocess.run([sys.executable, "-m", "demo.run_demo", "--out", out, *args], cwd=tree, env=env,
                           capture_output=True, text=True)
 
@@ -93,7 +95,6 @@ def resnet_demo(tmp_path_factory):
 DRIVER = """
 import json, os, runpy, sys
 tree, calls = sys.argv[1], json.loads(sys.argv[2])
-sys.path.insert(0, tree)
 os.chdir(tree)
 import time
 for script, args in calls:
@@ -129,3 +130,7 @@ def tree_bytes(folder):
             with open(p, "rb") as fh:
                 out[os.path.relpath(p, folder)] = fh.read()
     return out
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a test of more than about 30 s (deselect with -m 'not slow')")

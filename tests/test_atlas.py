@@ -102,6 +102,7 @@ def _files(*folders):
     return [os.path.join(d, f) for folder in folders for d, _, fs in os.walk(folder) for f in fs]
 
 
+@pytest.mark.slow
 def test_cli_says_the_total_size_and_what_is_its_own(stages, atlas):
     folder, stdout = atlas
     sources = _sources(folder)
@@ -113,6 +114,7 @@ def test_cli_says_the_total_size_and_what_is_its_own(stages, atlas):
     assert 0 < own < total / 2
 
 
+@pytest.mark.slow
 def test_placed_files_keep_what_they_showed(stages, tmp_path, monkeypatch):
     """A results file replaced later (the stages rename a new file over it) leaves the atlas's file as it was;
     where the file system refuses hard links, the files are copies, byte for byte."""
@@ -137,6 +139,7 @@ def test_placed_files_keep_what_they_showed(stages, tmp_path, monkeypatch):
         assert open(a, "rb").read() == open(b, "rb").read() and not os.path.samefile(a, b)
 
 
+@pytest.mark.slow
 def test_index_in_a_browser(stages, atlas, browser, tmp_path_factory):
     folder, _ = atlas
     n = _check_page(browser, names.atlas_index(folder))
@@ -148,6 +151,7 @@ def test_index_in_a_browser(stages, atlas, browser, tmp_path_factory):
     assert os.path.getsize(shot) > 0
 
 
+@pytest.mark.slow
 def test_sorting_by_separation_follows_the_summaries(stages, atlas, browser):
     folder, _ = atlas
     browser.get(_url(names.atlas_index(folder)))
@@ -163,6 +167,7 @@ def test_sorting_by_separation_follows_the_summaries(stages, atlas, browser):
     assert order == sorted(sep, key=sep.get, reverse=True)
 
 
+@pytest.mark.slow
 def test_two_channel_pages_in_a_browser(atlas, browser, tmp_path_factory):
     folder, _ = atlas
     record = json.load(open(names.atlas_record(folder)))
@@ -177,6 +182,7 @@ def test_two_channel_pages_in_a_browser(atlas, browser, tmp_path_factory):
     assert "Label-free clusters" in open(names.atlas_run(folder, pages[0]["slug"])).read()
 
 
+@pytest.mark.slow
 def test_folder_with_other_files_is_refused_untouched(stages, tmp_path):
     folder = tmp_path / "mine"
     folder.mkdir()
@@ -190,6 +196,7 @@ def test_folder_with_other_files_is_refused_untouched(stages, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["mine"]  # no temporary folder left beside it
 
 
+@pytest.mark.slow
 def test_rewrite_over_a_previous_atlas(stages, atlas, tmp_path):
     """A previous atlas is replaced; a second atlas of one run holds that run only."""
     folder = str(tmp_path / "atlas")
@@ -201,6 +208,7 @@ def test_rewrite_over_a_previous_atlas(stages, atlas, tmp_path):
     assert res["bytes"] == sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs)
 
 
+@pytest.mark.slow
 def test_unknown_run_is_one_line(stages, tmp_path):
     with pytest.raises(UserError) as e:
         write.write_atlas(stages["out"], stages["store"], ["nope"], str(tmp_path / "a"))

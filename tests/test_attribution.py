@@ -47,7 +47,7 @@ def _captum_per_image(model, layer, images, labels):
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("which", ["tiny_resnet_conv3", "resnet18_layer4.1.conv2"])
+@pytest.mark.parametrize("which", ["tiny_resnet_conv3", pytest.param("resnet18_layer4.1.conv2", marks=pytest.mark.slow)])
 def test_stage1_attributions_equal_captum_and_predictions_equal_argmax(which):
     if which == "tiny_resnet_conv3":
         model, path = _frozen(tiny_resnet()), "conv3"

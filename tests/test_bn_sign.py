@@ -132,6 +132,7 @@ def results(store, out):
             **{"store/" + k: v for k, v in tree_bytes(os.path.join(store, "results_get_cosine_similarities")).items()}}
 
 
+@pytest.mark.slow
 def test_stage2_importance_sign(image_root, tiny_store, tmp_path):
     """published is byte-identical to no flag and its histogram is the published rule; positive_activation
     writes its own files, and its histogram equals the rule applied to attributions and post-BatchNorm sums

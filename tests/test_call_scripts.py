@@ -8,6 +8,8 @@ import pytest
 
 from tests.conftest import ROOT, run_script
 
+pytestmark = pytest.mark.slow  # subprocesses or demo runs: pytest -m "not slow" leaves them out
+
 PAPER_TRIPLES = [(522, 62, 687), (1404, 385, 834), (895, 631, 946), (242, 515, 619), (522, 61, 687),
                  (1660, 530, 938), (242, 515, 846), (242, 619, 808), (895, 467, 946), (242, 808, 846),
                  (1349, 27, 889), (1832, 852, 984), (1773, 791, 958), (1349, 27, 486), (1698, 57, 515),
@@ -206,8 +208,9 @@ def test_call_scripts_choose_the_interpreter(tmp_path, script):
 
 def test_call_scripts_without_python_or_model_flags(image_root, tmp_path):
     """From a shell whose 'python' is not the project's interpreter (it fails as a bare system python would), no
-    $PYTHON, and no model flags: the scripts find an interpreter with torch and the stages read the model from
-    the store. The numbers equal those of the stage scripts run with every flag."""
+    $PYTHON, and no model flags but --model (a factory is code: it comes from the command line, never from the
+    store): the scripts find an interpreter with torch and the stages read the rest (weights, layer) from the
+    store. The numbers equal those of the stage scripts run with every flag."""
     from tests.test_cli import run_inproc
     store, out = str(tmp_path / "store"), str(tmp_path / "out")
     model = ["--model", "tests.tiny_models:tiny_resnet"]
@@ -224,9 +227,9 @@ def test_call_scripts_without_python_or_model_flags(image_root, tmp_path):
     triples.write_text("1 0 1\n")
     env = {"PYTHON": "", "TRIPLES": str(triples), "OUT_DIR": out, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
            "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    s3 = run("disentanglement_calls.sh", [image_root, store, *rt], env)
+    s3 = run("disentanglement_calls.sh", [image_root, store, *model, *rt], env)
     assert s3.returncode == 0, s3.stdout + s3.stderr
-    s4 = run("quantitative_evaluation_calls.sh", [image_root, store, *rt], env)
+    s4 = run("quantitative_evaluation_calls.sh", [image_root, store, *model, *rt], env)
     assert s4.returncode == 0, s4.stdout + s4.stderr
     ref_out = str(tmp_path / "ref_out")
     # in its own process, as the call script's (in this one, an earlier test may have changed torch's threads)

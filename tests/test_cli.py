@@ -405,6 +405,7 @@ def tiny(image_root, tmp_path_factory):
                            ref_val=reference_pass(model, conv, val_x, val_y))
 
 
+@pytest.mark.slow
 def test_tiny_stage1_store_matches_independent_pass(tiny):
     man = check_store(tiny.folder, tiny.ref_train, tiny.conv, 4)
     assert man["layer"] == "conv3"  # last_conv of the tiny ResNet
@@ -412,6 +413,7 @@ def test_tiny_stage1_store_matches_independent_pass(tiny):
     assert "24 images" in tiny.s1.stdout
 
 
+@pytest.mark.slow
 def test_tiny_stage2_table_matches_numpy_recomputation(tiny):
     assert os.path.isfile(tiny.txt)  # --out_dir defaults to the working directory
     rows, expected, dropped = check_candidates(tiny.txt, tiny.folder, tiny.conv, TAU2, P2, LOW, HIGH, tiny.s2.stdout)
@@ -442,6 +444,7 @@ def test_tiny_stage2_table_matches_numpy_recomputation(tiny):
                                            (y == y2).sum()]
 
 
+@pytest.mark.slow
 def test_tiny_stage3_checkpoints(tiny):
     w_c = tiny.conv.weight[tiny.c].detach()
     v1 = concept_arv(tiny.folder, w_c, [tiny.y1])
@@ -450,6 +453,7 @@ def test_tiny_stage3_checkpoints(tiny):
     assert "OK, same function" in tiny.s3.stdout
 
 
+@pytest.mark.slow
 def test_tiny_stage4_outputs_in_working_directory(tiny):
     best = torch.load(os.path.join(tiny.store, "models_disentangled",
                                    checkpoint_file(TINY_TAG, tiny.c, [tiny.y1], [tiny.y2], "best")), weights_only=True)
@@ -458,6 +462,7 @@ def test_tiny_stage4_outputs_in_working_directory(tiny):
     assert os.path.isfile(os.path.join(tiny.cwd, "results_quantitative", f"quantitative_concept1_required{TAU4}.txt"))
 
 
+@pytest.mark.slow
 def test_tiny_stage4_twice_gives_same_files(tiny):
     quant = {k: v for k, v in tiny.after_second.items() if k.startswith("results_quantitative")}
     assert len(quant) >= 3 and quant == {k: v for k, v in tiny.after_first.items()
@@ -471,6 +476,7 @@ def test_tiny_stage4_twice_gives_same_files(tiny):
     assert tiny.s4b.stdout == tiny.s4.stdout
 
 
+@pytest.mark.slow
 def test_tiny_several_classes_per_concept(tiny, tmp_path):
     c, s1, s2 = 1, [0, 2], [1]
     flags = ["--model", TINY, "--batch_size", "3", *RUNTIME, "--channel_disentangle", c,
@@ -491,6 +497,7 @@ def test_tiny_several_classes_per_concept(tiny, tmp_path):
 
 
 # ----------------------------------------------------------------------------- torchvision resnet18 with a state-dict file
+@pytest.mark.slow
 def test_resnet18_with_state_dict_file(tmp_path):
     data = make_image_folder(str(tmp_path / "data"), train_per_class=3, val_per_class=2, seed=5)
     torch.manual_seed(0)
@@ -543,6 +550,7 @@ def test_resnet18_with_state_dict_file(tmp_path):
 
 
 # ----------------------------------------------------------------------------- resume after a hard kill
+@pytest.mark.slow
 def test_stage1_resumes_after_sigkill_with_identical_arrays(tmp_path):
     def args(data, store):
         return ["--data_dir", data, "--store_dir", store, "--model", TINY, "--batch_size", "1",
@@ -662,7 +670,7 @@ def _mismatch_args(tiny, bad, variant):
         "layer": (tiny.store, ["--model", TINY, "--layer_of_interest", "conv2"], tiny.data, "layer"),
         "image_count": (tiny.store, ["--model", TINY], bad.data_count, "dataset"),
         "class_folders": (tiny.store, ["--model", TINY], bad.data_classes, "dataset"),
-        "file_names": (tiny.store, ["--model", TINY], bad.data_renamed, "dataset files"),
+        "file_names": (tiny.store, ["--model", TINY], bad.data_renamed, "other image file names"),
     }[variant]
 
 
@@ -677,6 +685,7 @@ STAGE_OF = {1: STAGE1, 2: STAGE2, 3: STAGE3}
 @pytest.mark.parametrize("stage,variant", [(s, v) for s in (1, 2, 3) for v in ("model", "weights", "layer", "image_count",
                                                                              "class_folders", "file_names")
                                            if (s, v) != (1, "layer")])
+@pytest.mark.slow
 def test_store_made_with_other_settings_is_refused(tiny, bad, stage, variant):
     store, flags, data, word = _mismatch_args(tiny, bad, variant)
     extra = ["--channel_disentangle", 0, "--classes_for_concept1", 0, "--classes_for_concept2", 1] if stage == 3 else []
@@ -689,6 +698,7 @@ def test_store_made_with_other_settings_is_refused(tiny, bad, stage, variant):
     assert _snapshot(tiny, bad) == before
 
 
+@pytest.mark.slow
 def test_moved_dataset_is_accepted(tiny, bad):
     """The store fingerprints image paths relative to the root: the same files elsewhere still match."""
     proc = run_inproc(STAGE2, "--data_dir", bad.data_moved, "--store_dir", tiny.store, "--model", TINY,
@@ -700,6 +710,7 @@ def test_moved_dataset_is_accepted(tiny, bad):
         assert a.read() == b.read()
 
 
+@pytest.mark.slow
 def test_checkpoint_of_other_weights_is_refused(tiny, bad):
     before = _snapshot(tiny, bad)
     refuse(STAGE4, "--data_dir", tiny.data, "--model_dir", tiny.store, "--model", TINY, "--weights", bad.wfile,
@@ -753,6 +764,7 @@ BAD_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD_CASES))
 def test_bad_input_is_refused_in_one_line(tiny, bad, case):
     stage, kw, extra, words, sub = BAD_CASES[case]
@@ -773,6 +785,7 @@ LAYER_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what", list(LAYER_CASES))
 @pytest.mark.parametrize("stage", [1, 2, 3, 4])
 def test_bad_layer_is_refused_by_every_script(tiny, bad, stage, what):
@@ -787,6 +800,7 @@ def test_bad_layer_is_refused_by_every_script(tiny, bad, stage, what):
     assert not os.path.exists(bad.fresh)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 4])
 def test_grouped_conv_is_refused(tiny, bad, stage):
     args = _stage_args(tiny, stage, c=0, s1=[0], s2=[1], store=bad.fresh)
@@ -801,6 +815,7 @@ def test_grouped_conv_is_refused(tiny, bad, stage):
     assert not os.path.exists(bad.fresh)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage,weights", [(1, ["--weights", "IMAGENET1K_V1"]), (3, [])])
 def test_torchvision_weights_offline_say_what_to_pass(tiny, bad, tmp_path, stage, weights):
     """resnet18 weights that are not in the (empty) torch hub cache and cannot be downloaded here."""
@@ -818,14 +833,15 @@ def test_torchvision_weights_offline_say_what_to_pass(tiny, bad, tmp_path, stage
     assert not os.path.exists(bad.fresh)
 
 
+@pytest.mark.slow
 def test_a_reader_that_stops_early_is_not_an_error():
     """``--list_layers | head -1``: the reader closes the pipe; the script ends with status 1 and says nothing
     (as other command-line tools), instead of 'error: Broken pipe'."""
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); from utils.run import cli\n"
+    code = ("import sys; from utils.run import cli\n"
             "def main():\n"
             "    print('line'); sys.stdout.flush(); raise BrokenPipeError(32, 'Broken pipe')\n"
             "cli.run(main)\n")
-    proc = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert (proc.returncode, proc.stderr, proc.stdout) == (1, "", "line\n")
 
 

@@ -234,6 +234,7 @@ def concepts_path(store, n=10):
     return os.path.join(store, "results_get_cosine_similarities", f"{TAG}_concepts_top{n}.json")
 
 
+@pytest.mark.slow
 def test_label_free_command_line(image_root, negbn_store):
     store, flags, proc = negbn_store
     with open(concepts_path(store)) as f:
@@ -281,6 +282,7 @@ def test_label_free_command_line(image_root, negbn_store):
     (["--channels", 16], ["--channels 16", "out of range"]),
     (["--channels", "3,x"], ["'x'"]),
 ])
+@pytest.mark.slow
 def test_label_free_bad_input_is_refused_in_one_line(negbn_store, extra, words):
     store, flags, _ = negbn_store
     before = tree_bytes(store)

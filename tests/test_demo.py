@@ -31,6 +31,7 @@ def demo_run(demo_runs):
     return demo_runs(0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", SEEDS)
 def test_demo_really_disentangles(demo_runs, seed):
     out, rep, stdout = demo_runs(seed)
@@ -62,6 +63,7 @@ def test_demo_really_disentangles(demo_runs, seed):
     assert "Demo report" in stdout
 
 
+@pytest.mark.slow
 def test_demo_feature_visualizations_show_each_concept(demo_run):
     out, rep, stdout = demo_run
     assert rep["feature_vis_targets"] == ["original", "D1", "D2"]
@@ -90,6 +92,7 @@ def third_concept(cands, channel, y1, y2):
     return min(ok)[1] if ok else None
 
 
+@pytest.mark.slow
 def test_demo_three_concept_split_separates_each_concept(demo_run, tmp_path):
     """Issue 11: a 3-concept split of the chosen channel by classes (the third: the used class least like the
     two chosen) gives each concept's own map at least 1.5 times the largest other map on its val images
@@ -181,6 +184,7 @@ def _check_top(chosen, paths, scores, k):
         assert set(os.path.realpath(p) for p in chosen) == set(paths[i] for i in order[:k])
 
 
+@pytest.mark.slow
 def test_contact_sheet_is_the_true_top_k(demo_run):
     out, rep, _ = demo_run
     with open(rep["summary_json"]) as f:
@@ -192,6 +196,7 @@ def test_contact_sheet_is_the_true_top_k(demo_run):
     assert top["Disentangled 1"] != top["Disentangled 2"]
 
 
+@pytest.mark.slow
 def test_contact_sheet_whole_val_split(demo_run, tmp_path):
     """--top_images_all_val scans every val class; the picks are still the true top-k."""
     out, rep, _ = demo_run
@@ -225,6 +230,7 @@ def test_shapes_data_is_deterministic(tmp_path):
     assert all(open(os.path.join(tmp_path / "e", p), "rb").read() == v for p, v in first.items())
 
 
+@pytest.mark.slow
 def test_demo_reports_label_free_concepts(demo_run):
     """The demo also runs stage 2 --label_free on the chosen channel and reports the clusters and their purity."""
     out, rep, stdout = demo_run
@@ -237,6 +243,7 @@ def test_demo_reports_label_free_concepts(demo_run):
     assert os.path.isfile(lf["concepts_json"]) and "without labels:" in stdout
 
 
+@pytest.mark.slow
 def test_atlas_step_splits_the_strongest_channels(demo_run):
     """The demo's last step: the atlas has one row per channel of the --top selection (lowest cosine first, a
     channel once), the demo's own channel among them (stage 3 skipped it: its files were complete)."""

@@ -8,7 +8,11 @@ robust best-rho choice (--rho_score robust) separates both concepts at least two
 import json
 import os
 
+import pytest
+
 from tests.conftest import run_script
+
+pytestmark = pytest.mark.slow  # subprocesses or demo runs: pytest -m "not slow" leaves them out
 
 MODEL = "demo.model:shapes_resnet"
 MIN_SEPARATION_ROBUST = 2.0

@@ -177,8 +177,9 @@ def test_no_unindexed_cuda_device_in_the_code():
     """Nothing picks card 0 behind the user's back: no ``.cuda()``, no ``torch.device("cuda")`` without an
     index, no ``device="cuda"`` in the package or the stage scripts."""
     files = [os.path.join(ROOT, s) for s in STAGE_SCRIPTS]
-    files += [os.path.join(ROOT, "utils", f) for f in sorted(os.listdir(os.path.join(ROOT, "utils")))
-              if f.endswith(".py")]
+    files += sorted(os.path.join(d, f) for d, _, fs in os.walk(os.path.join(ROOT, "utils")) for f in fs
+                    if f.endswith(".py"))
+    assert len(files) > 40  # every module of the package, sub-packages included
     hits = []
     for path in files:
         with open(path) as f:

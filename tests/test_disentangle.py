@@ -336,6 +336,7 @@ def test_single_pass_scores_equal_per_rho_full_networks(case):
     assert best == near[0]
 
 
+@pytest.mark.slow
 def test_score_images_channels_last_equal_per_rho_full_networks(image_root):
     """Stage 3's pass over a generated ImageFolder (class batches of 4, channels-last model and images) against
     the per-rho full disentangled networks on the same images in the default layout; scoring the concepts'

@@ -11,6 +11,8 @@ import pytest
 
 from tests.conftest import ROOT, make_image_folder
 
+pytestmark = pytest.mark.slow  # subprocesses or demo runs: pytest -m "not slow" leaves them out
+
 SCRIPT = os.path.join(ROOT, "get_importances_for_classes.py")
 SLOW_MODEL = "tests.test_distributed:slow_tiny_resnet"
 FOLDER = "tests_test_distributed_slow_tiny_resnet_channel_importances"

@@ -3,12 +3,12 @@ the parser of the script it is given to, and docs/reference.md is what docs/make
 
 The flag rule. A command is a logical line of a fenced code block (backslash continuations joined, `#`
 comments dropped, split at `;`, `&&`, `||`, `|`) or an inline code span. When it names one of the scripts
-of SCRIPTS (a stage script, a call script, `demo.sh`, a demo or benchmark module), every `--flag` after
+of SCRIPTS (a stage script, a call script, `demo.sh`, a demo or benchmark module, named by its path or, after
+`python -m`, by its module name), every `--flag` after
 that name must be in the script's parser (a call script's and demo.sh's flags go to the stage script or
 demo module they call). Besides, every inline code span that starts with `--` (a flag named in prose)
 must be a flag of one of those parsers. Parsers come from the stage scripts' build_parser(), and for the
-demo and benchmark modules from their main() / parse_args() (bench_stageN.py: common.standalone) stopped
-at parse_args, so nothing runs. Not
+demo and benchmark modules from their main() / parse_args() stopped at parse_args, so nothing runs. Not
 checked: flags of other programs (pip, torchrun, pytest) and flags in plain prose outside code.
 """
 import argparse
@@ -18,7 +18,6 @@ import importlib.util
 import os
 import re
 import shlex
-import sys
 
 import pytest
 
@@ -43,9 +42,10 @@ SCRIPTS = {
     "demo.fashion_mnist": ("argv", "demo.fashion_mnist"),
     "demo.fashion_pictures": ("argv", "demo.fashion_pictures"),
 }
-for _path in sorted(glob.glob(os.path.join(ROOT, "benchmarks", "*.py"))):
-    if os.path.basename(_path) != "common.py":
-        SCRIPTS["benchmarks/" + os.path.basename(_path)] = ("file", _path)
+for _path in sorted(glob.glob(os.path.join(ROOT, "benchmarks", "**", "*.py"), recursive=True)):
+    if os.path.basename(_path) not in ("__init__.py", "workload.py", "measure.py", "published_code.py"):
+        _rel = os.path.relpath(_path, ROOT).replace(os.sep, "/")
+        SCRIPTS[_rel] = SCRIPTS[_rel[:-3].replace("/", ".")] = ("file", _path)  # path, or python -m name
 
 
 # ------------------------------------------------------------------------------------------ parsers
@@ -78,8 +78,6 @@ def parser_of(script):
     kind, target = SCRIPTS[script]
     key = (kind, target)
     if key not in _cache:
-        if ROOT not in sys.path:
-            sys.path.insert(0, ROOT)
         if kind == "stage":
             _cache[key] = importlib.import_module(target).build_parser()
         elif kind == "argv":
@@ -90,9 +88,7 @@ def parser_of(script):
             spec = importlib.util.spec_from_file_location("_docs_" + os.path.basename(target)[:-3], target)
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)  # the scripts run main() only under __main__
-            entry = getattr(module, "main", None) or (  # bench_stageN.py: common.standalone(run, __doc__)
-                lambda: module.common.standalone(module.run, module.__doc__))
-            _cache[key] = _stopped_at_parse_args(entry)
+            _cache[key] = _stopped_at_parse_args(module.main)
     return _cache[key]
 
 
@@ -243,7 +239,9 @@ def test_the_flag_rule_catches_a_wrong_flag():
 def test_parsers_of_demo_and_benchmarks_are_read():
     assert {"--seed", "--arch", "--train_threads", "--aux_weight"} <= flags_of("demo.sh")
     assert {"--images", "--bf16"} <= flags_of("benchmarks/stage1_throughput.py")
-    assert {"--classes", "--resize", "--crop", "--no_naive"} <= flags_of("benchmarks/run_all.py")
+    assert {"--classes", "--resize", "--crop", "--no_naive"} <= flags_of("benchmarks.run_all")
+    assert {"--classes", "--workdir"} <= flags_of("benchmarks.bench_stage3")
+    assert {"--workdir", "--device"} <= flags_of("benchmarks.studies.bf16_effect")
 
 
 def test_slug_is_githubs():

@@ -298,6 +298,7 @@ def test_top_k_against_sort():
     assert evaluation.top_k([-1.0, -1.0], 1).tolist() == [0]
 
 
+@pytest.mark.slow
 def test_evaluate_many_gives_each_run_bit_for_bit_what_evaluate_gives(image_root):
     """One pass for three (channel, checkpoint, classes) runs over the union of their classes' val images:
     each run's arrays equal ``evaluate`` of that run alone, bit for bit (batches of one class each)."""
@@ -339,9 +340,14 @@ def test_concept_separation_by_hand():
     n, sep, orig, means = evaluation.concept_separation(orig_pos, maps_pos, concept, 3)
     assert (n, sep, orig, means) == (1, 6.0, 7.0, [0.0, 1.0, 6.0, 9.0])
     assert evaluation.concept_separation(orig_pos, maps_pos, concept, 2) == (0, None, None, [None] * 4)
-    # no other map active: the denominator is 1e-12
-    n, sep, _, _ = evaluation.concept_separation(np.ones(1), np.array([[2.0, 0.0, 5.0]]), np.array([1]), 1)
-    assert sep == 2.0 / 1e-12
+    # no other map active: the denominator is 0, the separation unbounded (None, with a reason), never 2 / 1e-12
+    n, sep, _, means = evaluation.concept_separation(np.ones(1), np.array([[2.0, 0.0, 5.0]]), np.array([1]), 1)
+    assert sep is None and evaluation.separation_reason(n, means, 1).startswith("unbounded: mean pos(D2) over "
+                                                                                 "concept 1's 1 val images is 0")
+    n, sep, _, means = evaluation.concept_separation(np.ones(1), np.array([[0.0, 0.0, 5.0]]), np.array([1]), 1)
+    assert sep is None and evaluation.separation_reason(n, means, 1).startswith("undefined")
+    assert evaluation.separation_reason(0, [None] * 3, 2) == "concept 2 has no val image"
+    assert evaluation.separation_reason(2, [3.0, 2.0, 1.0, 9.0], 1) is None  # a finite separation has no reason
     assert evaluation.map_names(3) == ("D1", "D2", "D3", "R")
 
 

@@ -99,6 +99,7 @@ def test_missing_package_says_how_to_install_it(tmp_path, monkeypatch):
     assert str(e.value).endswith("apt-get install dataset-fashion-mnist") and "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_command_line_error_is_one_line_and_exit_status_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "demo.fashion_mnist", str(tmp_path / "out"), "--source",
                            str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
@@ -213,6 +214,18 @@ SPLIT_FIELDS = ("channel", "class1", "class2", "cosine_similarity", "best_rho", 
 SECONDS = ("conversion", "training", "stage1", "stage2", "stage2_label_free", "total")
 
 
+def test_recipes_quick_by_default_full_on_request_flags_win():
+    from demo.run_fashion import RECIPES, parse_args
+    keys = tuple(RECIPES["quick"])
+    assert {k: getattr(parse_args([]), k) for k in keys} == RECIPES["quick"]
+    assert {k: getattr(parse_args(["--full"]), k) for k in keys} == RECIPES["full"]
+    a = parse_args(["--full", "--epochs", "7", "--weakest", "0"])
+    assert (a.epochs, a.weakest, a.train_per_class, a.recipe) == (7, 0, None, "full")
+    a = parse_args(["--train_per_class", "150"])  # alone: stage 1 reads the images the net trained on
+    assert (a.train_per_class, a.store_per_class) == (150, 150)
+    assert parse_args(["--train_per_class", "150", "--store_per_class", "40"]).store_per_class == 40
+
+
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     if not HAVE_DATA:
@@ -226,12 +239,14 @@ def small_run(tmp_path_factory):
     return out, report
 
 
+@pytest.mark.slow
 @NEEDS_DATA
 def test_small_run_report_has_every_field(small_run):
     out, report = small_run
     assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
     assert all(k in report for k in REPORT_FIELDS) and all(k in report["seconds"] for k in SECONDS)
     assert report["training"]["train_images"] == 1500 and report["training"]["test_images"] == 10000
+    assert report["recipe"] == "quick" and report["data"]["data_dir"] == os.path.join(str(out), "data_150_20")
     for s in report["splits"]:
         assert all(k in s for k in SPLIT_FIELDS)
         assert s["channel"] in {int(c) for c in report["label_free"]}
@@ -253,6 +268,7 @@ def test_strongest_and_weakest_candidates_hand_built():
                                    "0.9": {"pairs": 4, "channels": 3}}
 
 
+@pytest.mark.slow
 @NEEDS_DATA
 def test_small_run_candidate_counts_and_the_strongest_pairs(small_run):
     """The counts below 0.5, 0.7, 0.9 against the candidate file, and the split pair is the lowest cosine."""
@@ -267,6 +283,7 @@ def test_small_run_candidate_counts_and_the_strongest_pairs(small_run):
         (lowest["channel"], lowest["class1"], lowest["class2"])
 
 
+@pytest.mark.slow
 @NEEDS_DATA
 def test_small_run_stages_see_the_training_pixels_and_the_split_is_exact(small_run):
     """The stage scripts' transform (--resize 28 --crop 28 --mean --std) gives the net the tensors it was trained

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, make_image_folder
+from tests.digests import comparable
 from tests.test_cli import run_inproc
 from tests.test_featurevis import FV_SMALL, MODEL, TAG, red_green_checkpoint
-from tests.test_house_plan import comparable
 from utils.featurevis.spectrum import load_or_make_spectrum
 from utils.files.names import class_checkpoint
 from utils.stages.feature_vis_shards import deal
@@ -78,6 +78,7 @@ def test_deal_gives_every_optimization_to_one_rank_round_robin():
     assert sorted(j for s in shares for run in s for j in run) == list(range(7))
 
 
+@pytest.mark.slow
 def test_two_processes_write_the_files_of_one(case, tmp_path):
     single, shared = str(tmp_path / "single"), str(tmp_path / "shared")
     one = launch("single", case, single, *BATCH)
@@ -98,6 +99,7 @@ def test_two_processes_write_the_files_of_one(case, tmp_path):
     assert not any("=== " in line for line in lines_of_rank(two.stdout, 1))
 
 
+@pytest.mark.slow
 def test_an_error_of_rank_0_stops_both_before_anything_is_written(case, tmp_path):
     data, store, triples = case
     bad = tmp_path / "data"

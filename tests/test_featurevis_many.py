@@ -116,6 +116,7 @@ def test_runs_of_targets_gather_consecutive_jobs_up_to_the_limit():
 
 
 # ----------------------------------------------------------------------------- stage 4
+@pytest.mark.slow
 def test_stage4_batched_feature_vis_equals_each_jobs_own_run(image_root, tmp_path):
     import os
     from tests.test_cli import run_inproc

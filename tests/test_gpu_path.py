@@ -292,6 +292,7 @@ def plain(noise_root, tmp_path_factory):
     return stage1(noise_root, str(tmp_path_factory.mktemp("plain")))
 
 
+@pytest.mark.slow
 def test_gpu_decode_flag_without_cuda_gives_the_cpu_store(noise_root, plain, tmp_path):
     proc, arrays, manifest = stage1(noise_root, str(tmp_path), "--gpu_decode")
     assert proc.stdout.count(gpu_decode.FALLBACK_MESSAGE) == 1
@@ -300,6 +301,7 @@ def test_gpu_decode_flag_without_cuda_gives_the_cpu_store(noise_root, plain, tmp
         assert arrays[name].tobytes() == plain[1][name].tobytes(), name
 
 
+@pytest.mark.slow
 def test_channels_last_and_bf16_run_on_cpu(noise_root, plain, tmp_path):
     _, ref, ref_manifest = plain
     _, cl, cl_manifest = stage1(noise_root, str(tmp_path / "cl"), "--channels_last")

@@ -244,6 +244,7 @@ def test_numerics_without_the_new_settings_are_unchanged():
         "device": "cpu", "cpu_threads": 3, "decoder": "nvjpeg", "fast_resize": True, "deterministic": True}
 
 
+@pytest.mark.slow
 def test_stage_script_records_fast_resize_and_deterministic(tmp_path):
     root = make_image_folder(str(tmp_path / "d"), train_per_class=2, val_per_class=1, size=(300, 520))
     proc = run_script("get_importances_for_classes.py", "--data_dir", root, "--store_dir", str(tmp_path / "s"),

@@ -4,9 +4,12 @@ import os
 import re
 import subprocess
 
+import pytest
 import torch
 
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow  # subprocesses or demo runs: pytest -m "not slow" leaves them out
 
 
 def test_gpu_suite_dry_run_table(tmp_path):

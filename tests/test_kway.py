@@ -3,21 +3,20 @@
 The split rule, the checkpoint and sum_j D_j - (k-1) R = W[c] on hand-built ARVs with known answers; the
 k-way network's logits against the original's; the single-pass k-way scores against a per-rho loop over
 full networks; the robust score and the degeneracy warning on hand-built masses; stages 3 and 4 through
-their command lines: k = 2 files byte for byte those of the code before k-way (taken from git), k = 3 by
+their command lines: k = 2 files byte for byte those of the code before k-way (its checked-in digests), k = 3 by
 classes and by a concepts file, and bad input refused in one line with nothing damaged.
 """
 import json
 import os
 import shutil
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import DRIVER, ROOT, tree_bytes
+from tests import digests
+from tests.conftest import make_image_folder, tree_bytes
 from tests.test_cli import run_inproc
 from tests.test_disentangle import max_logit_difference, scan_batches
 from tests.tiny_models import tiny_resnet, tiny_vgg
@@ -33,7 +32,7 @@ from utils.report import stage3_text
 TINY = "tests.tiny_models:tiny_resnet"
 TAG = "tests_tiny_models_tiny_resnet"
 MODEL = ["--model", TINY, "--batch_size", 4, "--num_workers", 0, "--device", "cpu"]
-# the commit before k-way: its stage 3 and 4 write the reference files of the k = 2 byte-identity test
+# the commit before k-way: the digests of the files its stages 3 and 4 write are tests/digests/a34598c.json
 BEFORE_KWAY = "a34598c"
 
 
@@ -408,70 +407,66 @@ def case(image_root, tmp_path_factory):
     return SimpleNamespace(root=root, data=image_root, store=store_dir)
 
 
-def _old_tree(dst):
-    """The stage-3 and stage-4 code of BEFORE_KWAY, from git (skip where git or the commit is missing)."""
-    try:
-        blob = subprocess.run(["git", "-C", ROOT, "archive", BEFORE_KWAY, "disentangle_channel.py", "get_results.py",
-                               "utils", "tests/__init__.py", "tests/tiny_models.py"], capture_output=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        pytest.skip(f"git or commit {BEFORE_KWAY} not available: no reference files")
-    os.makedirs(dst)
-    subprocess.run(["tar", "-x", "-C", str(dst)], input=blob.stdout, check=True)
-    return str(dst)
+# the k = 2 byte-identity test: stage 1 (this tree's: its store is the input of both sides) into WORK/store, then
+# stages 3 and 4 with two concepts; tests/make_digests.py runs the same calls with BEFORE_KWAY's stages 3 and 4
+K2_FLAGS = ["--channel_disentangle", 7, "--classes_for_concept1", 0, 2, "--classes_for_concept2", 1]
+INFO_NAME = f"{TAG}_channel7_classes1[0, 2]_classes2[1]_info.json"
 
 
+def k2_calls(work, today=True):
+    """(stage-1 call, [stage-3 call, stage-4 call]) of the k = 2 case in ``work``, whose data folder it writes
+    (``make_image_folder``'s defaults, as the image_root fixture). ``today``: stage 3 gets --no_channels_last, which
+    today's code needs to score as the older code did (channels-last rounds otherwise); the older code lacks it."""
+    data, store = os.path.join(work, "data"), os.path.join(work, "store")
+    make_image_folder(data)
+    model = [*MODEL, "--cpu_threads", digests.THREADS]
+    s3 = ["--data_dir", data, "--store_dir", store, *MODEL, *K2_FLAGS] + (["--no_channels_last"] if today else [])
+    s4 = ["--data_dir", data, "--model_dir", store, *MODEL, "--layer_of_interest", "conv3", "--channel_of_interest", 7,
+          "--classes_for_concept1", 0, 2, "--classes_for_concept2", 1, "--get_qualitative", "--get_quantitative",
+          "--get_top_images", "--proportion_attribution_required", 0.0, "--out_dir", os.path.join(work, "out")]
+    return (("get_importances_for_classes.py", ["--data_dir", data, "--store_dir", store, *model]),
+            [("disentangle_channel.py", s3), ("get_results.py", s4)])
 
 
-def _run_old(tree, *calls):
-    """Run (script, args) calls of the old code one after the other in one process (one import of torch)."""
-    calls = [(script, [str(a) for a in args]) for script, args in calls]
-    # the threads of this process, which runs the new code: CPU convolutions round by their thread count
-    env = dict(os.environ, PYTHONPATH=tree, OMP_NUM_THREADS=str(torch.get_num_threads()))
-    proc = subprocess.run([sys.executable, "-c", DRIVER, tree, json.dumps(calls)], cwd=tree, env=env,
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
+@pytest.fixture
+def digest_threads():
+    """digests.THREADS torch threads for this test's in-process runs (CPU convolutions round by the count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(digests.THREADS)
+    yield
+    torch.set_num_threads(before)
 
 
-def test_k2_files_are_byte_identical_to_the_code_before_kway(case, tmp_path):
+@pytest.mark.slow
+def test_k2_files_are_byte_identical_to_the_code_before_kway(tmp_path, digest_threads):
     """Stage 3 and stage 4 with two concepts: every file of the code before k-way, byte for byte (the info file
-    gains keys after the published ones, which keep their values and order), with --no_channels_last."""
-    old = _old_tree(tmp_path / "old")
-    store_b = str(tmp_path / "store_b")
-    shutil.copytree(store.store_folder(case.store, TAG), store.store_folder(store_b, TAG))
-    flags = ["--channel_disentangle", 7, "--classes_for_concept1", 0, 2, "--classes_for_concept2", 1]
-    # --no_channels_last: the old code scored in the contiguous layout (channels-last rounds differently)
-    new3 = ok("disentangle_channel.py", "--data_dir", case.data, "--store_dir", store_b, *MODEL, *flags,
-              "--no_channels_last")
-    store_old = str(tmp_path / "store_old")
-    shutil.copytree(store.store_folder(case.store, TAG), store.store_folder(store_old, TAG))
-    s4 = ["--data_dir", case.data, "--model_dir", store_b, *MODEL, "--layer_of_interest", "conv3",
-          "--channel_of_interest", 7, "--classes_for_concept1", 0, 2, "--classes_for_concept2", 1, "--get_qualitative",
-          "--get_quantitative", "--get_top_images", "--proportion_attribution_required", 0.0]
-    # the old stage 4 reads the new checkpoints (the same bytes as its own, checked below)
-    _run_old(old, ("disentangle_channel.py", ["--data_dir", case.data, "--store_dir", store_old, *MODEL, *flags]),
-             ("get_results.py", [*s4, "--out_dir", tmp_path / "out_old"]))
-    a = tree_bytes(os.path.join(store_b, "models_disentangled"))
-    b = tree_bytes(os.path.join(store_old, "models_disentangled"))
-    assert sorted(a) == sorted(b) and len(a) == 23
-    info_name = f"{TAG}_channel7_classes1[0, 2]_classes2[1]_info.json"
-    assert [n for n in a if a[n] != b[n]] == [info_name]
-    new_info, old_info = json.loads(a[info_name]), json.loads(b[info_name])
-    assert list(new_info)[:len(old_info)] == list(old_info)
-    assert (json.dumps({k: new_info[k] for k in old_info}, indent=1) + "\n").encode() == b[info_name]
+    gains keys after the published ones, which keep their values and order), with --no_channels_last; the older
+    code's side is its checked-in digests (tests/digests/a34598c.json, ``python -m tests.make_digests a34598c``)."""
+    old = digests.load(BEFORE_KWAY)["runs"]["k2"]
+    work = str(tmp_path)
+    stage1, (stage3, stage4) = k2_calls(work)
+    ok(stage1[0], *stage1[1])
+    new3 = ok(stage3[0], *stage3[1])
+    models = os.path.join(work, "store", "models_disentangled")
+    old_info = old["models_disentangled"].pop(INFO_NAME)
+    assert len(old["models_disentangled"]) == 22
+    assert digests.differing_files(models, old["models_disentangled"], work, skip=(INFO_NAME,)) == []
+    new_info = json.load(open(os.path.join(models, INFO_NAME)))
+    assert list(new_info)[:len(old_info["key_order"])] == old_info["key_order"]
+    published = json.dumps({k: new_info[k] for k in old_info["key_order"]}, indent=1) + "\n"
+    assert digests.sha256(published.replace(work, "<root>")) == old_info["sha256"]
     assert new_info["rho_score"] == "published" and new_info["best_rho_published"] == new_info["best_rho"]
     assert new_info["published_choice_degenerate"] == any(d > 0.5 for d in new_info["dead_share_published"])
     assert len(new_info["robust_scores"]) == 20 and all(-1 <= s <= 1 for s in new_info["robust_scores"])
     assert "rho choices: published rho" in new3.stdout
-    # stage 4 of both codes on the same checkpoints
-    ok("get_results.py", *s4, "--out_dir", tmp_path / "out_new")
-    a, b = ({k: v for k, v in tree_bytes(tmp_path / o).items() if not k.endswith(".lock")}
-            for o in ("out_new", "out_old"))
-    assert sorted(a) == sorted(b) and [n for n in a if a[n] != b[n]] == []
-    assert len(open(tmp_path / "out_new" / "results_quantitative" / "quantitative_concept1_required0.0.txt")
+    ok(stage4[0], *stage4[1])
+    out = os.path.join(work, "out")
+    assert len(old["out"]) > 5 and digests.differing_files(out, old["out"], work, skip=(".lock",)) == []
+    assert len(open(os.path.join(out, "results_quantitative", "quantitative_concept1_required0.0.txt"))
                .read().splitlines()) == 8  # every val image of classes 0 and 2
 
 
+@pytest.mark.slow
 def test_three_concepts_by_classes_and_by_a_concepts_file(case, tmp_path):
     """k = 3 through both stages: checkpoints of the published pattern, exact, stage 4 with 4 maps; and the
     same three concepts given as clusters of a concepts file give the same split."""

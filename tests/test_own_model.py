@@ -82,14 +82,16 @@ def newcomer(tmp_path_factory):
     for layer in ("conv2", "conv1"):
         run_script(S1, *full, "--layer_of_interest", layer, "--store_dir", store, *RUN)
         pick = [] if layer == "conv2" else ["--layer_of_interest", layer]  # two stores now: say which
-        s2 = ok(S2, "--store_dir", store, "--out_dir", out, *FLAGS2, *pick, *RUN)
-        s3 = ok(S3, "--store_dir", store, "--channel_disentangle", 1, *JOB, *pick, *RUN)
-        s4 = ok(S4, "--model_dir", store, "--channel_of_interest", 1, *JOB, *pick, "--get_quantitative",
+        # a factory (code) comes from the command line only, never from the store's manifest
+        s2 = ok(S2, "--store_dir", store, "--model", FACTORY, "--out_dir", out, *FLAGS2, *pick, *RUN)
+        s3 = ok(S3, "--store_dir", store, "--model", FACTORY, "--channel_disentangle", 1, *JOB, *pick, *RUN)
+        s4 = ok(S4, "--model_dir", store, "--model", FACTORY, "--channel_of_interest", 1, *JOB, *pick, "--get_quantitative",
                 "--get_qualitative", "--out_dir", out, *RUN)
         snaps[layer] = (files(store), files(out), s2, s3, s4)
     return dict(base=str(base), data=d, store=store, out=out, full=full, snaps=snaps)
 
 
+@pytest.mark.slow
 def test_newcomer_second_layer_overwrites_nothing(newcomer):
     store1, out1 = newcomer["snaps"]["conv2"][:2]
     store2, out2 = newcomer["snaps"]["conv1"][:2]
@@ -109,6 +111,7 @@ def test_newcomer_second_layer_overwrites_nothing(newcomer):
     assert not [k for k in out2 if k.startswith("results_quantitative/means_required")]  # no mixed registry
 
 
+@pytest.mark.slow
 def test_newcomer_store_holds_the_seeded_model_at_the_given_crop(newcomer):
     """Stage 1 ran in its own process: its rows are those of the factory built here under the fixed seed, on
     images resized to RESIZE and cropped to CROP (an independent torchvision pipeline)."""
@@ -132,6 +135,7 @@ def test_newcomer_store_holds_the_seeded_model_at_the_given_crop(newcomer):
     check_store(os.path.join(newcomer["store"], f"{TAG}_conv2_channel_importances"), ref, model.conv2, 4)
 
 
+@pytest.mark.slow
 def test_newcomer_numbers_equal_a_run_with_the_full_flags(newcomer):
     """Stages 2-4 with every flag given (into another store and output folder) write the same files, byte for
     byte, as the newcomer's runs with the store alone (layer conv2)."""
@@ -151,14 +155,16 @@ def test_newcomer_numbers_equal_a_run_with_the_full_flags(newcomer):
     assert any(k.endswith("attributions.npy") for k in mine) and any(k.endswith("_info.json") for k in mine)
 
 
+@pytest.mark.slow
 def test_stage_refuses_flags_that_disagree_with_the_store(newcomer):
     store = newcomer["store"]
     before = files(store)
-    line = refused(S2, "--store_dir", store, "--layer_of_interest", "conv2", "--crop", "224", *RUN)
+    line = refused(S2, "--store_dir", store, "--model", FACTORY, "--layer_of_interest", "conv2", "--crop", "224", *RUN)
     assert "--crop 224" in line and "--crop 160" in line
-    line = refused(S2, "--store_dir", store, *RUN)  # two layers' stores: which one?
+    line = refused(S2, "--store_dir", store, "--model", FACTORY, *RUN)  # two layers' stores: which one?
     assert "conv1" in line and "conv2" in line and "--layer_of_interest" in line
-    line = refused(S3, "--store_dir", store, "--layer_of_interest", "stem.0", "--channel_disentangle", 1, *JOB, *RUN)
+    line = refused(S3, "--store_dir", store, "--model", FACTORY, "--layer_of_interest", "stem.0", "--channel_disentangle",
+                   1, *JOB, *RUN)
     assert "stem.0" in line and "conv2" in line
     assert files(store) == before
 
@@ -206,7 +212,7 @@ def wnid_folder(root, wnids, per_class=2):
     return root
 
 
-def test_wnid_folders_with_a_1000_output_model(tmp_path):
+def test_wnid_folders_with_a_1000_output_model(tmp_path, monkeypatch):
     """Folders named by ImageNet ids: the stored targets are the standard indices (first and last id of the list),
     stage 4's gradients are those of these outputs, and stages 2-4 read the store with folder indices."""
     w = classmap.imagenet_wnids()
@@ -223,8 +229,7 @@ def test_wnid_folders_with_a_1000_output_model(tmp_path):
         "torch.nn.Conv2d(4, 6, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), "
         "torch.nn.Linear(6, 1000))\n")
     store, out = str(tmp_path / "store"), str(tmp_path / "out")
-    env_path = sys.path[:]
-    sys.path.insert(0, str(tmp_path))
+    monkeypatch.syspath_prepend(str(tmp_path))  # the user's module, importable as from the folder they run in
     try:
         model_flags = ["--model", "wnidnet:make", "--weights", wfile]
         ok(S1, "--data_dir", d, "--store_dir", store, *model_flags, *RUN)
@@ -241,12 +246,13 @@ def test_wnid_folders_with_a_1000_output_model(tmp_path):
         A = np.load(os.path.join(folder, "attributions.npy")).astype(np.float64)[2:]
         A_ref = (ref.a * ref.g).sum(dim=(2, 3)).numpy()
         np.testing.assert_allclose(A, A_ref, rtol=2e-3, atol=2e-3 * np.abs(A_ref).max())
-        ok(S2, "--store_dir", store, "--out_dir", out, "--p", "0.5", *RUN)  # labels read back as folder indices
+        ok(S2, "--store_dir", store, "--model", "wnidnet:make", "--out_dir", out, "--p", "0.5", *RUN)  # folder indices
         hist = json.load(open(os.path.join(store, "results_get_cosine_similarities",
                                            "wnidnet_make_required0.05_histograms.json")))
         assert hist["images_per_class"] == [2, 2] and len(hist["histogram_class_by_channel"]) == 2
-        ok(S3, "--store_dir", store, "--channel_disentangle", 2, *JOB, *RUN)
-        ok(S4, "--model_dir", store, "--channel_of_interest", 2, *JOB, "--get_quantitative", "--out_dir", out, *RUN)
+        ok(S3, "--store_dir", store, "--model", "wnidnet:make", "--channel_disentangle", 2, *JOB, *RUN)
+        ok(S4, "--model_dir", store, "--model", "wnidnet:make", "--channel_of_interest", 2, *JOB, "--get_quantitative",
+           "--out_dir", out, *RUN)
         # stage 4's relative attributions differentiate the standard outputs (0 and 999), not logits 0 and 1
         from utils.stages import stage4
         ds = folders.image_folder(d, "val")
@@ -264,7 +270,6 @@ def test_wnid_folders_with_a_1000_output_model(tmp_path):
         np.testing.assert_allclose(r["rel"], rel([0, 0, 999, 999]), rtol=1e-4, atol=1e-6)
         assert not np.allclose(r["rel"], rel([0, 0, 1, 1]), rtol=1e-3)  # the wrong logits give other numbers
     finally:
-        sys.path[:] = env_path
         sys.modules.pop("wnidnet", None)
 
 
@@ -305,6 +310,7 @@ def test_list_layers_on_every_script():
         assert [x.split()[0] for x in lines if "last_conv" in x] == ["conv3"]  # the last conv, not the fc head
 
 
+@pytest.mark.slow
 def test_stage3_and_4_take_each_others_flag_names_and_refuse_abbreviations():
     import disentangle_channel
     import get_results
@@ -332,18 +338,20 @@ def test_store_written_before_the_new_names_and_fields_still_works(image_root, t
     del man["input_transform"]
     json.dump(man, open(os.path.join(old, "manifest.json"), "w"))
     os.remove(os.path.join(out, "results_get_cosine_similarities", name))
-    ok(S2, "--store_dir", store, "--out_dir", out, *FLAGS2, *RUN)  # and with the store's flags alone
+    ok(S2, "--store_dir", store, "--model", flags[3], "--out_dir", out, *FLAGS2, *RUN)  # and the store's other flags
     assert open(os.path.join(out, "results_get_cosine_similarities", name)).read() == now
-    line = refused(S2, "--store_dir", store, "--crop", "200", *RUN)  # missing field: the default transform
+    line = refused(S2, "--store_dir", store, "--model", flags[3], "--crop", "200", *RUN)  # missing: the default
     assert "--crop 224" in line
 
 
+@pytest.mark.slow
 def test_feature_visualization_sees_the_store_crop(newcomer):
     """Stage 4's feature visualizations at the store's transform (crop 160 after resize 176): their activation
     matrix is that of the images seen through this transform, and every val crop box lies inside 160 x 160."""
     from utils.featurevis import objectives, render
     out = os.path.join(newcomer["base"], "fv_out")
-    ok(S4, "--model_dir", newcomer["store"], "--layer_of_interest", "conv2", "--channel_of_interest", 1, *JOB,
+    ok(S4, "--model_dir", newcomer["store"], "--model", FACTORY, "--layer_of_interest", "conv2", "--channel_of_interest",
+       1, *JOB,
        "--get_feature_vis", "--fv_size", 48, "--fv_steps", 2, "--fv_crops", 2, "--fv_spectrum_images", 8,
        "--out_dir", out, *RUN)
     run = f"{TAG}_conv2_channel1_classes1[0]_classes2[1]_f_best_unnormalized"

@@ -220,17 +220,20 @@ def test_an_sae_of_another_data_set_or_setting_is_never_reused(image_root, tmp_p
     assert key(image_root, dict(settings, batch_size=32)) != key(image_root, settings)
 
 
-def test_sae_settings_come_from_their_flags_and_record_what_made_the_sae():
+def test_every_sae_flag_reaches_the_record_of_what_made_the_sae():
+    """Each --sae_* flag and --batch_size change the SAE's record when they leave their default (a setting
+    missing from the record would let another setting's SAE be reused); the record keeps the file's order; a
+    k larger than the dictionary is refused."""
     import get_results
+    from tests.test_featurevis import other_value
     from utils.stages import sae_view
-    args = get_results.build_parser().parse_args(
-        ["--data_dir", "D", "--model_dir", "S", "--sae_k", "3", "--sae_lr", "0.01", "--sae_train_images", "7",
-         "--batch_size", "11", "--top_k", "5", "--top_images_all_val"])
-    s = sae_view.Settings.from_args(args)
-    rec = s.record()
-    assert list(rec) == list(sae_view.DEFAULTS) + ["batch_size"]  # the record's keys, in the file's order
-    assert rec == dict(sae_view.DEFAULTS, sae_k=3, sae_lr=0.01, sae_train_images=7, batch_size=11)
-    assert (s.data_dir, s.store_dir, s.top_k, s.all_val, s.unreadable) == ("D", "S", 5, True, "error")
+    parser = get_results.build_parser()
+    base = sae_view.Settings.from_args(parser.parse_args([])).record()
+    assert list(base) == list(sae_view.DEFAULTS) + ["batch_size"]  # the record's keys, in the file's order
+    flags = [a for a in parser._actions if a.dest.startswith("sae_")]
+    assert sorted(a.dest for a in flags) == sorted(sae_view.DEFAULTS)
+    runs = [[a.option_strings[0], other_value(a)] for a in flags] + [["--batch_size", "11"]]
+    assert [r[0] for r in runs if sae_view.Settings.from_args(parser.parse_args(r)).record() == base] == []
     sae_view.check(sae_view.Settings(sae_expansion=1, sae_k=2), nn.Conv2d(2, 4, 1))  # k = m: fine
     with pytest.raises(Exception, match="--sae_k 3 is larger than the dictionary: m = --sae_expansion 1 x 2"):
         sae_view.check(sae_view.Settings(sae_expansion=1, sae_k=3), nn.Conv2d(2, 4, 1))

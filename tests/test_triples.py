@@ -79,6 +79,7 @@ def test_class_batches_never_mix_classes():
     assert trip.class_batches([], [], 4) == []
 
 
+@pytest.mark.slow
 def test_stage3_batched_files_equal_one_run_per_triple(case):
     a = tree_bytes(os.path.join(case["store"], "models_disentangled"))
     b = tree_bytes(os.path.join(case["store_b"], "models_disentangled"))
@@ -100,6 +101,7 @@ def test_stage3_batched_files_equal_one_run_per_triple(case):
 @pytest.mark.parametrize("extra", [["--get_qualitative", "--get_quantitative", "--get_top_images"],
                                    ["--get_top_images", "--top_images_all_val", "--f", 0.5]],
                          ids=["concept_images", "all_val_rho0.5"])
+@pytest.mark.slow
 def test_stage4_batched_files_equal_one_run_per_triple_in_order(case, tmp_path, extra):
     common = ["--data_dir", case["data"], "--model_dir", case["store"], *MODEL, "--layer_of_interest", "conv3",
               *extra]

@@ -19,6 +19,8 @@ from PIL import Image
 from tests.conftest import make_image_folder, run_script
 from tests.test_cli import run_inproc
 
+pytestmark = pytest.mark.slow  # subprocesses or demo runs: pytest -m "not slow" leaves them out
+
 TINY = "tests.tiny_models:tiny_resnet"
 FOLDER = "tests_tiny_models_tiny_resnet_channel_importances"
 ARRAYS = ("attributions", "targets", "predictions", "patch_sums")
@@ -205,7 +207,8 @@ def test_bad_file_met_before_a_resume_gives_the_same_store(datasets, stores, tmp
                                     "--batch_size", 1, "--chunk_size", 8, *S1))
     assert "train/class1/img002.jpg" in msg
     progress = os.path.join(store, FOLDER, "progress")
-    assert sorted(os.listdir(progress)) == ["chunk_0000000.npz"]  # the finished chunk before the bad file is kept
+    # the finished chunk before the bad file is kept (rows.json: its images' names and labels, hashed)
+    assert sorted(os.listdir(progress)) == ["chunk_0000000.npz", "rows.json"]
     proc = stage1(bad, store, "--skip_unreadable")
     assert "1 chunks already done" in proc.stdout
     assert raw_bytes(store) == raw_bytes(skip)

@@ -14,22 +14,30 @@ what the math needs around it. The method itself, in words and formulas: docs/me
   that stops there), ``whole_layer`` (the whole-layer network: build, export, load)
 - ``data/``        ``folders`` (ImageFolder, transform, loaders), ``scan`` (the one pass over images up to a
   layer), ``classmap`` (class folders to model outputs), ``cpu_decode``, ``gpu_decode``, ``overlap`` (stage 1)
-- ``files/``       ``names`` (every file name the stages write or read), ``atomic`` (writes, locks), ``store``
-  (stage 1's arrays and manifest), ``rows`` (reading store rows), ``registry`` (stage 4's quantitative runs)
+- ``files/``       ``names`` (every file name the stages write or read), ``atomic`` (writes, locks, strict JSON, a
+  full disk), ``leftovers`` (a killed writer's temporary files, removed by the next run), ``reading`` (one reading
+  helper per format: a damaged file is one line), ``digests`` (sha256 records and when to verify them), ``store``
+  (stage 1's arrays and manifest), ``rows`` (reading store rows), ``registry`` (stage 4's quantitative runs),
+  ``cache`` (stage 4's caches: the store, or the user's cache folder for a read-only store)
 - ``concepts/``    a split's concepts behind one interface (``base``): by classes (``by_classes``: the flags,
   ``--triples`` files) or by clusters of a concepts file (``by_clusters``); ``candidates`` (the strongest
   channels of stage 2's candidates or of a concepts file, ``--candidates``); ``from_flags`` (which of these a
   command line gives)
-- ``stages/``      what each stage does: ``stage1`` (+ ``stage1_settings``), ``stage2``, ``passes`` (stage 2's
-  chunked passes), ``label_free``, ``stage3``, ``stage4`` (+ ``stage4_checkpoints``, ``stage4_passes``,
-  ``stage4_results``, ``stage4_extras``), ``feature_vis`` (+ ``feature_vis_shards``: over torchrun processes)
-  and ``sae_view`` (stage 4's extras)
+- ``stages/``      what each stage does: ``stage1`` (+ ``stage1_settings``), ``stage2`` (+ ``stage2_advice``: the
+  layer at other tau and p when few candidates pass), ``passes`` (stage 2's chunked passes), ``label_free``,
+  ``stage3``, ``stage4`` (+ ``stage4_checkpoints``, ``stage4_passes``, ``stage4_results``, ``stage4_extras``,
+  ``stage4_tau``: stage 2's tau), ``feature_vis`` (+ ``feature_vis_shards``: over torchrun processes;
+  ``feature_vis_estimate``: the plan and time) and ``sae_view`` (stage 4's extras)
 - ``featurevis/``  feature visualizations (MACO) as lucent's optvis: ``param``, ``transform``, ``objectives``,
   ``render``, ``spectrum``, ``settings``
 - ``report/``      what the user sees: ``plots``, ``tables``, ``stage3_text``, ``latex``
-- ``atlas/``       the static site of a layer's split channels: ``collect``, ``html``, ``write``
-- ``run/``         ``cli`` (shared flags, one-line errors, devices), ``context`` (what a stage sets up from its
-  flags and the store), ``distributed`` (torchrun), ``call_flags.sh`` (the call scripts' shared flags)
+- ``atlas/``       the static site of a layer's split channels: ``collect``, ``html``, ``safe`` (every value and
+  link that reaches HTML), ``write``
+- ``run/``         ``cli`` (shared flags, one-line errors, devices), ``finite`` (NaN or infinity refused),
+  ``context`` (what a stage sets up from its flags and the store), ``distributed`` (torchrun), ``call_flags.sh``
+  (the call scripts' shared flags)
 - ``disentangle``  the disentangled network of one channel: surgery, network check, export,
   ``load_disentangled_model`` (kept at this path: exported model files name it)
+- ``api/``         the stages from Python (a notebook; docs/python.md): ``calls`` (one call per stage script),
+  ``keywords`` (keywords to the script's flags), ``written`` (the files a call wrote), ``result`` (what it returns)
 """

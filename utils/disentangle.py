@@ -130,8 +130,11 @@ def load_disentangled_model(model, weights=None, layer="last_conv", channel=None
     path, conv = loading.resolve_layer(base, layer)
     if channel is None or not 0 <= channel < conv.out_channels:
         raise UserError(f"channel {channel}: layer {path} has channels 0..{conv.out_channels - 1}")
-    sd = torch.load(checkpoint, map_location="cpu", weights_only=True) if isinstance(checkpoint, (str, bytes)) \
-        or hasattr(checkpoint, "__fspath__") else checkpoint
+    if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__"):
+        from utils.files import reading
+        sd = reading.load_state_dict(checkpoint, "checkpoint", "pass a checkpoint that disentangle_channel.py wrote")
+    else:
+        sd = checkpoint
     problem = checkpoint_problem(sd, conv)
     if problem:
         raise UserError(f"{checkpoint if not isinstance(checkpoint, dict) else 'the checkpoint'}: {problem} for "

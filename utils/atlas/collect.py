@@ -3,6 +3,10 @@
 A row holds the numbers the atlas shows (channel, concepts by name, cosine, best rho, separations,
 quantitative means, top-image purity) and ``files``: {key: path of the file behind it, or None}. Reading a
 row opens only the run's small JSON files; images are not opened here.
+
+The files may come from anyone: a field the rows are built from (a list, an object, an integer id) of another
+type is refused with one line naming the file and the field (``expect``); the values shown (numbers, names)
+are taken as they are and made safe where they reach HTML (``utils.atlas.safe``).
 """
 import glob
 import json
@@ -10,6 +14,7 @@ import os
 import re
 from collections import Counter
 
+from utils.atlas.safe import finite
 from utils.files import names
 from utils.run.cli import UserError
 
@@ -23,6 +28,32 @@ def read_json(path, what):
             return json.load(f)
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: cannot read {what} ({type(e).__name__}: {e})")
+
+
+def expect(value, kinds, path, field, what):
+    """``value`` where it is None or one of ``kinds``, else a one-line UserError naming the file and field."""
+    if value is None or (isinstance(value, kinds) and not isinstance(value, bool)):
+        return value
+    raise UserError(f"{path}: {field} is {type(value).__name__}, not {what}; rewrite the file with the stage that "
+                    f"wrote it")
+
+
+def checked_summary(summary, path):
+    """A stage-4 summary whose fields the rows are built from have their types (else a one-line UserError)."""
+    if not isinstance(summary, dict) or not isinstance(summary.get("channel"), int) or \
+            isinstance(summary.get("channel"), bool) or not concept_count(summary):
+        raise UserError(f"{path}: not a stage-4 summary (no channel or no separations)")
+    for key, value in summary.items():
+        if re.fullmatch(r"(class_names|classes)\d+|clusters", key):
+            expect(value, list, path, key, "a list")
+        elif re.fullmatch(r"quantitative_concept\d+|top_images", key):
+            expect(value, dict, path, key, "an object")
+    expect(summary.get("checkpoint"), str, path, "checkpoint", "a file name")
+    for key, paths in (summary.get("top_images") or {}).items():
+        expect(paths, list, path, f"top_images[{key!r}]", "a list")
+        for p in paths or []:
+            expect(p, str, path, f"top_images[{key!r}]", "a list of paths")
+    return summary
 
 
 def runs_found(out_dir):
@@ -39,7 +70,8 @@ def concept_labels(summary, k):
     """How the atlas names each concept: its classes by name, or ``cluster j``."""
     if "clusters" in summary:
         return [f"cluster {j}" for j in summary["clusters"]]
-    return [", ".join(summary.get(f"class_names{j}") or map(str, summary.get(f"classes{j}", []))) for j in range(1, k + 1)]
+    return [", ".join(map(str, summary.get(f"class_names{j}") or summary.get(f"classes{j}") or []))
+            for j in range(1, k + 1)]
 
 
 def top_purity(paths):
@@ -55,6 +87,25 @@ def purities(summary, k):
     return top_purity(top.get("Original")), [top_purity(top.get(f"Disentangled {j}")) for j in range(1, k + 1)]
 
 
+def separations(summary, k):
+    """([sep_j or None], [why sep_j is None, or None]). A separation is None where its denominator is 0
+    (unbounded): stage 4 writes null and ``sep_concept{j}_reason``; a summary written before that holds the
+    quotient by 1e-12 (about 1e13), recognised here by its means (``mean_pos_concept{j}``) and read as None, so
+    that it neither shows nor sorts as a number."""
+    seps, reasons = [], []
+    for j in range(1, k + 1):
+        sep, reason = summary.get(f"sep_concept{j}"), summary.get(f"sep_concept{j}_reason")
+        means = summary.get(f"mean_pos_concept{j}") or {}
+        others = [means.get(f"D{m}") for m in range(1, k + 1) if m != j]
+        if sep is not None and others and all(isinstance(v, (int, float)) and v == 0 for v in others):
+            sep, reason = None, f"unbounded: the mean of the other maps over concept {j}'s val images is 0"
+        if not isinstance(sep, (int, float)) or isinstance(sep, bool):
+            sep = None
+        seps.append(sep)
+        reasons.append(None if sep is not None else (str(reason) if reason else None))
+    return seps, reasons
+
+
 def own_quantitative(summary, k):
     """[mean of D_j/orig over concept j's val images] (None where stage 4 computed none)."""
     return [(summary.get(f"quantitative_concept{j}") or {}).get(f"D{j}/orig") for j in range(1, k + 1)]
@@ -67,7 +118,12 @@ def cosine_lookup(candidates_json):
     rec = read_json(candidates_json, "stage 2's candidates")
     if not isinstance(rec, dict) or not isinstance(rec.get("candidates"), list):
         raise UserError(f"{candidates_json}: not a candidates file of stage 2 (no 'candidates' list)")
-    return {(d["channel"], *sorted((d["class1"], d["class2"]))): d["cosine_similarity"] for d in rec["candidates"]}
+    for i, d in enumerate(rec["candidates"]):
+        expect(d, dict, candidates_json, f"candidate {i}", "an object")
+        for key in ("channel", "class1", "class2"):
+            if not isinstance(d.get(key), int) or isinstance(d.get(key), bool):
+                raise UserError(f"{candidates_json}: candidate {i} has no integer {key!r}; rewrite it with stage 2")
+    return {(d["channel"], *sorted((d["class1"], d["class2"]))): d.get("cosine_similarity") for d in rec["candidates"]}
 
 
 def cosine_of(summary, cosines):
@@ -75,6 +131,8 @@ def cosine_of(summary, cosines):
     c1, c2 = summary.get("classes1"), summary.get("classes2")
     if "classes3" in summary or not c1 or not c2 or len(c1) != 1 or len(c2) != 1:
         return None
+    if not all(isinstance(c[0], int) and not isinstance(c[0], bool) for c in (c1, c2)):
+        return None  # no candidate names a class that is not an integer
     return cosines.get((summary["channel"], *sorted((c1[0], c2[0]))))
 
 
@@ -83,7 +141,15 @@ def label_free_records(store_dir, name, cache):
     if name not in cache:
         found = {}
         for path in sorted(glob.glob(names.all_concepts_files(store_dir, name))):
-            for c, rec in (read_json(path, "a concepts file").get("channels") or {}).items():
+            record = expect(read_json(path, "a concepts file"), dict, path, "the file", "an object")
+            for c, rec in (expect(record.get("channels"), dict, path, "channels", "an object") or {}).items():
+                if not (c.isascii() and c.isdigit()):
+                    raise UserError(f"{path}: channel {c!r} is not a channel number; rewrite it with stage 2")
+                expect(rec, dict, path, f"channel {c}", "an object")
+                for i, cl in enumerate(expect(rec.get("clusters"), list, path, f"channel {c}'s clusters", "a list")
+                                       or []):
+                    expect(cl, dict, path, f"channel {c}'s cluster {i}", "an object")
+                    expect(cl.get("classes"), dict, path, f"channel {c}'s cluster {i} classes", "an object")
                 found.setdefault(int(c), (path, rec))
         cache[name] = found
     return cache[name]
@@ -107,19 +173,19 @@ def run_files(out_dir, store_dir, run, summary, k):
 
 def read_run(out_dir, store_dir, run, cosines, label_free_cache):
     """One row of the atlas for stage-4 run ``run``."""
-    summary = read_json(names.summary(out_dir, run), "a stage-4 summary")
-    if not isinstance(summary, dict) or not isinstance(summary.get("channel"), int) or not concept_count(summary):
-        raise UserError(f"{names.summary(out_dir, run)}: not a stage-4 summary (no channel or no separations)")
+    summary = checked_summary(read_json(names.summary(out_dir, run), "a stage-4 summary"), names.summary(out_dir, run))
     k = concept_count(summary)
     files = run_files(out_dir, store_dir, run, summary, k)
-    info = read_json(files["info"], "a stage-3 info file") if files["info"] else {}
+    info = expect(read_json(files["info"], "a stage-3 info file"), dict, files["info"], "the file", "an object") \
+        if files["info"] else {}
     match = RUN_NAME.match(run)
     lf = label_free_records(store_dir, match.group("name"), label_free_cache).get(summary["channel"]) if match else None
     purity_original, purity_parts = purities(summary, k)
+    sep, sep_reason = separations(summary, k)
     return {"run": run, "channel": summary["channel"], "layer": summary.get("layer"), "k": k,
             "concepts": concept_labels(summary, k), "cosine": cosine_of(summary, cosines),
             "rho": summary.get("rho"), "max_logit_diff": summary.get("max_logit_diff"),
-            "exact": info.get("exact"), "sep": [summary.get(f"sep_concept{j}") for j in range(1, k + 1)],
+            "exact": info.get("exact"), "sep": sep, "sep_reason": sep_reason,
             "val_images": [summary.get(f"val_images_concept{j}") for j in range(1, k + 1)],
             "quantitative": own_quantitative(summary, k),
             "quantitative_all": [summary.get(f"quantitative_concept{j}") for j in range(1, k + 1)],
@@ -132,9 +198,15 @@ def summary_of_clusters(rec):
     """What the atlas shows of a channel's label-free concepts: k, silhouette, purity, and each cluster's size,
     purity and three largest classes."""
     clusters = [{"size": cl.get("size"), "purity": cl.get("purity"),
-                 "classes": sorted((cl.get("classes") or {}).items(), key=lambda kv: -kv[1])[:3]}
+                 "classes": sorted((cl.get("classes") or {}).items(), key=largest_first)[:3]}
                 for cl in rec.get("clusters") or []]
     return {"k": rec.get("k"), "silhouette": rec.get("silhouette"), "purity": rec.get("purity"), "clusters": clusters}
+
+
+def largest_first(name_count):
+    """Sort key of a cluster's (class, count): counts in decreasing order, a count that is no number last."""
+    n = name_count[1]
+    return (0, -n) if finite(n) else (1, 0)
 
 
 def collect(out_dir, store_dir, runs=None, candidates_json=None):

@@ -3,15 +3,22 @@ it (hard links where the file system allows, else copies), shared files (stage 2
 concepts files) in ``files/``, and ``atlas.json`` (the rows and where they were read from).
 
 The site is written into a new temporary folder beside ``atlas_dir`` and renamed into place at the end, so
-a failed or interrupted run leaves the previous atlas (or nothing) as it was. A folder that holds anything
-else than a previous atlas is refused before anything is written.
+a failed or interrupted run leaves the previous atlas (or nothing) as it was (the next run removes a killed
+run's temporary folder: ``utils.files.leftovers``). A folder that is not empty and not a previous atlas is
+refused before anything is written.
+
+Own files only: ``.atlas_files.json`` lists every file the atlas wrote (relative paths). A rewrite over a
+previous atlas replaces those files and keeps every other one, anywhere in the folder (a user's notes at the
+top or in a channel's folder): before the new folder is renamed into place, each is hard-linked (else copied)
+into it at the same path. One that the new atlas writes itself is refused, naming it, before anything
+changes. For an atlas written before that list existed, its own files are those ``atlas.json`` names.
 """
 import os
 import shutil
 import tempfile
 
 from utils.atlas import collect, html
-from utils.files import atomic, names
+from utils.files import atomic, leftovers, names
 from utils.run.cli import UserError
 
 THUMB_HEIGHT = 48  # pixels of the index's feature-visualization thumbnails
@@ -19,14 +26,15 @@ COPIED = ("top_images", "feature_vis", "scores", "sae_view", "summary", "info", 
 
 
 def check_atlas_dir(folder):
-    """Refuse (UserError, one line) a path that is a file, or a folder holding anything but a previous atlas."""
+    """Refuse (UserError, one line) a path that is a file, or a folder that is not empty and not a previous
+    atlas (one with ``atlas.json``; the files in it that the atlas did not write are kept by a rewrite)."""
     if not os.path.lexists(folder):
         return
     if not os.path.isdir(folder) or os.path.islink(folder):
         raise UserError(f"--atlas {folder}: exists and is not a folder; pass a new or empty folder")
     entries = sorted(os.listdir(folder))
     foreign = [e for e in entries if e not in names.ATLAS_ENTRIES]
-    if foreign or (entries and names.ATLAS_RECORD not in entries):
+    if entries and names.ATLAS_RECORD not in entries:
         what = foreign[0] if foreign else entries[0]
         raise UserError(f"--atlas {folder}: holds {what!r}, which no atlas wrote; pass a new or empty folder "
                         f"(an atlas is rewritten only over an atlas)")
@@ -119,6 +127,75 @@ def write_pages(folder, rows, candidates_json, progress=None):
         row["href"] = hrefs(folder, slug, copies, shared, folder)
 
 
+def files_under(folder):
+    """The relative paths (``/``-separated) of every file and link under ``folder``, sorted."""
+    out = []
+    for d, dirs, files in os.walk(folder):
+        rel = os.path.relpath(d, folder)
+        out += [f if rel == "." else f"{rel}/{f}".replace(os.sep, "/")
+                for f in files + [x for x in dirs if os.path.islink(os.path.join(d, x))]]
+    return sorted(out)
+
+
+def previous_own_files(folder):
+    """The files a previous atlas in ``folder`` wrote: its ``.atlas_files.json``, or where it has none (written
+    before the list existed) its index, its ``atlas.json`` and every page and file its rows link to."""
+    own_list = names.atlas_own_files(folder)
+    if os.path.isfile(own_list):
+        record = collect.read_json(own_list, "the atlas's list of its own files")
+        files = record.get("files") if isinstance(record, dict) else None
+        if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+            raise UserError(f"{own_list}: not a list of the atlas's files; move the files you keep out of "
+                            f"{folder} and remove it")
+        return set(files) | {names.ATLAS_OWN_FILES}
+    record = collect.read_json(names.atlas_record(folder), "the previous atlas's record")
+    own = {names.ATLAS_RECORD, names.ATLAS_INDEX}
+    rows = record.get("rows") if isinstance(record, dict) else None
+    for row in rows if isinstance(rows, list) else []:
+        href = row.get("href") if isinstance(row, dict) else None
+        own.update(h for h in (href.values() if isinstance(href, dict) else []) if isinstance(h, str))
+    return {os.path.normpath(f).replace(os.sep, "/") for f in own}
+
+
+def user_entries(folder, own):
+    """What in ``folder`` the atlas did not write: files and links not in ``own``, and folders holding none of
+    ``own`` (as one entry each); relative paths, sorted."""
+    out = []
+    for d, dirs, files in os.walk(folder):
+        rel = "" if d == folder else os.path.relpath(d, folder).replace(os.sep, "/") + "/"
+        out += [rel + f for f in files if rel + f not in own]
+        for x in list(dirs):
+            if os.path.islink(os.path.join(d, x)) or not any(f.startswith(rel + x + "/") for f in own):
+                dirs.remove(x)
+                if rel + x not in own:
+                    out.append(rel + x)
+    return sorted(out)
+
+
+def link_or_copy(source, target):
+    """A hard link of ``source`` (a file or a symlink itself) at ``target``, else a copy."""
+    try:
+        os.link(source, target, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(source, target, follow_symlinks=False)
+
+
+def keep_user_entries(old, new, entries):
+    """Put the user's ``entries`` of the previous atlas ``old`` at the same paths in ``new`` (hard links, else
+    copies; the previous atlas keeps them until it is replaced). UserError naming one that ``new`` writes."""
+    clash = [e for e in entries if os.path.lexists(os.path.join(new, e))]
+    if clash:
+        raise UserError(f"--atlas {old}: holds {clash[0]!r}, which the atlas did not write and would write now; "
+                        f"move it out of the folder (nothing was changed)")
+    for e in entries:
+        source, target = os.path.join(old, e), os.path.join(new, e)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if os.path.isdir(source) and not os.path.islink(source):
+            shutil.copytree(source, target, symlinks=True, copy_function=link_or_copy)
+        else:
+            link_or_copy(source, target)
+
+
 def folder_bytes(folder, own=False):
     """Total size of the files under ``folder``; with ``own``, only of those that no other path shares (the
     space the folder takes beyond the files it links to)."""
@@ -128,8 +205,8 @@ def folder_bytes(folder, own=False):
 
 def intro(rows, out_dir, store_dir):
     layers = sorted({str(r["layer"]) for r in rows})
-    return (f"<p>{len(rows)} split channel(s) of layer {html.escape(', '.join(layers))}, read from "
-            f"<code>{html.escape(os.path.abspath(out_dir))}</code> and <code>{html.escape(os.path.abspath(store_dir))}"
+    return (f"<p>{len(rows)} split channel(s) of layer {html.shown(', '.join(layers))}, read from "
+            f"<code>{html.shown(os.path.abspath(out_dir))}</code> and <code>{html.shown(os.path.abspath(store_dir))}"
             f"</code>. Each channel's page shows its plots and links to the files behind each number.</p>")
 
 
@@ -142,6 +219,7 @@ def write_into(folder, rows, out_dir, store_dir, candidates_json, progress=None)
               "candidates": candidates_json and os.path.abspath(candidates_json), "rows": rows}
     record["bytes_without_this_file"] = folder_bytes(folder)
     atomic.write_json(names.atlas_record(folder), record)
+    atomic.write_json(names.atlas_own_files(folder), {"written_by": "utils.atlas", "files": files_under(folder)})
 
 
 def replace_folder(new, target):
@@ -168,16 +246,21 @@ def write_atlas(out_dir, store_dir, runs=None, atlas_dir="atlas", candidates_jso
     rows = collect.collect(out_dir, store_dir, runs, candidates_json)
     parent = os.path.dirname(atlas_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp_atlas_", dir=parent)
+    leftovers.remove_stale(parent)  # the temporary folder of a killed atlas run
+    tmp = tempfile.mkdtemp(prefix=leftovers.temp_prefix(os.path.basename(atlas_dir)), dir=parent)
+    held = leftovers.hold(tmp)
     try:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)
         write_into(tmp, rows, out_dir, store_dir, candidates_json, progress)
+        if os.path.isdir(atlas_dir) and os.listdir(atlas_dir):
+            keep_user_entries(atlas_dir, tmp, user_entries(atlas_dir, previous_own_files(atlas_dir)))
         replace_folder(tmp, atlas_dir)
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)
+        os.close(held)
     return {"folder": atlas_dir, "runs": len(rows), "bytes": folder_bytes(atlas_dir),
             "own_bytes": folder_bytes(atlas_dir, own=True)}
 

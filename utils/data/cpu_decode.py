@@ -19,7 +19,7 @@ sends uint8 (3, 224, 224) (``data.eval_transform_uint8``; normalized on the devi
    same, but its weights come from box coordinates rounded differently in floating point, so a few
    pixels move by one grey level (about 0.1 % of the pixels where shortcut 1 is not taken).
 
-The attribution difference it makes is measured by ``benchmarks/fast_resize_effect.py``.
+The attribution difference it makes is measured by ``benchmarks/studies/fast_resize_effect.py``.
 """
 import numpy as np
 import torch

@@ -97,6 +97,12 @@ class TolerantImageFolder(datasets.ImageFolder):
 
     _placeholder = None
 
+    def make_dataset(self, directory, *args, **kwargs):
+        """ImageFolder's file list, after ``check_links``: a symbolic link is followed only within the data
+        folder, a loop of links is refused."""
+        check_links(directory)
+        return super().make_dataset(directory, *args, **kwargs)
+
     def __getitem__(self, index):
         path, target = self.samples[index]
         try:
@@ -114,6 +120,43 @@ class TolerantImageFolder(datasets.ImageFolder):
             blank = Image.new("RGB", (256, 256))
             self._placeholder = self.transform(blank) if self.transform is not None else blank
         return self._placeholder
+
+
+def _inside(path, folders):
+    return any(path == f or path.startswith(f.rstrip(os.sep) + os.sep) for f in folders)
+
+
+def check_links(root):
+    """Refuse (one line) a symbolic link below the split folder ``root`` that leads out of the data folder (the
+    --data_dir, or where ``root`` itself lies when it is a link), or back into a folder above it (a loop:
+    ``train/<class>/loop -> .`` would list the class's images again and again). Links within the data folder
+    are followed as ImageFolder follows them."""
+    data_dir = os.path.dirname(os.path.abspath(root))
+    allowed = {os.path.realpath(data_dir), os.path.realpath(root)}
+    stack = [(root, (os.path.realpath(root),))]
+    while stack:
+        folder, chain = stack.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue  # ImageFolder says what it cannot read
+        for entry in entries:
+            rel = os.path.relpath(entry.path, data_dir)
+            if entry.is_symlink():
+                target = os.path.realpath(entry.path)
+                if not _inside(target, allowed):
+                    raise UserError(f"--data_dir {data_dir}: {rel} is a symbolic link to {target}, outside the data "
+                                    f"folder; links are followed only within it: copy the files in, or pass a "
+                                    f"--data_dir that holds them")
+                if not os.path.isdir(target):
+                    continue
+                if target in chain:
+                    raise UserError(f"--data_dir {data_dir}: {rel} is a symbolic link to a folder above it "
+                                    f"({os.path.relpath(target, os.path.realpath(data_dir))}), a loop that would "
+                                    f"list the same images again and again; remove the link")
+                stack.append((entry.path, chain + (target,)))
+            elif entry.is_dir(follow_symlinks=False):
+                stack.append((entry.path, chain + (os.path.realpath(entry.path),)))
 
 
 def unreadable_reason(path):
@@ -155,6 +198,38 @@ def dataset_summary(ds):
     return {"data_dir": os.path.abspath(os.path.dirname(ds.root)), "classes": list(ds.classes),
             "images_per_class": [counts.get(i, 0) for i in range(len(ds.classes))],
             "files_sha256": hashlib.sha256(names.encode()).hexdigest()}
+
+
+def class_folders(root):
+    """ImageFolder's class folders of ``root`` (its sub-folders, sorted), or None when ``root`` is not a folder."""
+    if not os.path.isdir(root):
+        return None
+    return sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+
+
+def split_class_difference(train, val):
+    """What differs between the class folders ``train`` and ``val`` (two sorted lists of names): one phrase
+    naming the folders missing from each side (the first five), or None when they are the same."""
+    def some(names):
+        return ", ".join(repr(n) for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    parts = []
+    for side, missing in (("val/", sorted(set(train) - set(val))), ("train/", sorted(set(val) - set(train)))):
+        if missing:
+            parts.append(f"{side} lacks {len(missing)} class folder{'s' if len(missing) > 1 else ''}: {some(missing)}")
+    return "; ".join(parts) or None
+
+
+def check_split_classes(data_dir):
+    """Refuse (one line) a --data_dir whose val/ holds other class folders than its train/: a class index is a
+    folder's position among the sorted folders, so every later stage needs both splits to have the same ones.
+    A data folder without val/ is left to the stage that reads it."""
+    train, val = (class_folders(os.path.join(data_dir, split)) for split in ("train", "val"))
+    if train is None or val is None:
+        return
+    diff = split_class_difference(train, val)
+    if diff:
+        raise UserError(f"--data_dir {data_dir}: {diff}; train/ and val/ need the same class folders (a class "
+                        f"index is the position of its folder in sorted order)")
 
 
 def check_classes(ds, classes, flag):

@@ -4,7 +4,8 @@ Two passes over up to N training images (Resize(S) CenterCrop(S) ToTensor, sprea
 order): the pixel colour covariance gives Q (``param.color_matrix``), then M = mean |rfft2(Q^-1 (img - mean))|.
 The file ``{store}/feature_vis_spectra/spectrum_S{S}_{key}.npz`` records what made it (class folders, image
 counts, file list, the bytes of the images used, S, N); ``key`` is 16 hex digits of that record's sha256, and a
-file whose record differs is never used.
+file whose record differs is never used. A store that cannot be written keeps nothing: the file is read from
+and written to the user's cache folder instead (``utils.files.cache``).
 """
 import hashlib
 import json
@@ -16,7 +17,7 @@ from tqdm import tqdm
 
 from utils.data import folders
 from utils.featurevis.param import color_covariance, color_matrix, color_moments, magnitudes
-from utils.files import atomic, names
+from utils.files import atomic, cache, names, reading
 from utils.run.cli import UserError
 
 
@@ -78,10 +79,17 @@ def load_or_make_spectrum(store_dir, data_dir, size, n_images, batch_size, num_w
     idx = spectrum_images(ds, n_images)
     meta, key = spectrum_key(folders.dataset_summary(ds), size, n_images, files_sha256(ds.samples[i][0] for i in idx))
     path = names.spectrum_cache(store_dir, size, key)
-    if os.path.isfile(path):
-        with np.load(path) as z:
+    for found in cache.candidates(path, store_dir):  # the store's, else the user's cache folder's
+        if not os.path.isfile(found):
+            continue
+        try:
+            z = reading.load_npz(found)
+            if "meta" not in z:
+                raise reading.Damaged(found, "not a spectrum cache (no record of what made it)")
             if json.loads(str(z["meta"])) == meta:
-                return {k: torch.from_numpy(z[k]) for k in ("magnitude", "q", "mean", "cov")}, path, True
+                return {k: torch.from_numpy(z[k]) for k in ("magnitude", "q", "mean", "cov")}, found, True
+        except (reading.Damaged, KeyError, ValueError) as e:  # a cache: compute it again, and say so
+            print(f"{found}: a damaged spectrum cache ({getattr(e, 'problem', e)}): computing it again")
     batches = folders.batches_of(idx, max(1, batch_size))
 
     def iterate():
@@ -89,6 +97,7 @@ def load_or_make_spectrum(store_dir, data_dir, size, n_images, batch_size, num_w
         return (im for im, _ in tqdm(loader, desc=f"spectrum of {len(idx)} training images", unit="batch",
                                      dynamic_ncols=True))
     spec = spectrum_from_images(iterate)
+    path = cache.write_path(path, store_dir)
     atomic.save_npz(path, {"magnitude": spec["magnitude"].numpy(), "q": spec["q"].numpy(),
                            "mean": spec["mean"].numpy(), "cov": spec["cov"].numpy(),
                            "meta": np.asarray(json.dumps(meta))})

@@ -53,6 +53,12 @@ def progress_chunk(folder, i, merged=False):
     return os.path.join(progress_dir(folder), f"chunk_{i:07d}" + ("" if merged else ".npz"))
 
 
+def progress_rows(folder):
+    """``progress/rows.json`` of an unfinished stage 1: the SHA-256 of each chunk's image names and labels, so
+    that a rerun on changed data keeps the finished chunks whose images are the same."""
+    return os.path.join(progress_dir(folder), "rows.json")
+
+
 def progress_chunk_index(file):
     """The chunk index of a file name in ``progress/`` (``chunk_0000003`` or ``chunk_0000003.npz``), else None."""
     return int(file[6:13]) if file.startswith("chunk_") else None
@@ -68,9 +74,11 @@ def stage2_dir(root):
     return os.path.join(root, STAGE2_DIR)
 
 
-def candidates_base(name, tau, p, low, high, sign="published"):
-    """``{name}_required{tau}_p{p}_cossim{low}to{high}[_positive_activation]``: the stem of stage 2's files."""
-    return f"{name}_required{tau}_p{p}_cossim{low}to{high}{SIGN_SUFFIX[sign]}"
+def candidates_base(name, tau, p, low, high, sign="published", top=None):
+    """``{name}_required{tau}_p{p}_cossim{low}to{high}[_positive_activation]``: the stem of stage 2's files;
+    with stage 2's ``--top N`` (the window not used): ``{name}_required{tau}_p{p}_top{N}[_positive_activation]``."""
+    window = f"cossim{low}to{high}" if top is None else f"top{top}"
+    return f"{name}_required{tau}_p{p}_{window}{SIGN_SUFFIX[sign]}"
 
 
 def candidates_table(out_dir, base):
@@ -257,7 +265,8 @@ ATLAS_RECORD = "atlas.json"
 ATLAS_INDEX = "index.html"
 ATLAS_RUNS = "channels"
 ATLAS_SHARED = "files"
-ATLAS_ENTRIES = (ATLAS_RECORD, ATLAS_INDEX, ATLAS_RUNS, ATLAS_SHARED)  # what a folder the atlas wrote holds
+ATLAS_OWN_FILES = ".atlas_files.json"  # the files the atlas wrote itself (a rewrite replaces those, keeps others)
+ATLAS_ENTRIES = (ATLAS_RECORD, ATLAS_INDEX, ATLAS_RUNS, ATLAS_SHARED, ATLAS_OWN_FILES)  # what an atlas writes
 
 
 def all_summaries(out_dir):
@@ -278,6 +287,11 @@ def all_concepts_files(store_dir, name):
 def atlas_record(folder):
     """``{atlas}/atlas.json``: the rows the index shows, and what the atlas was written from."""
     return os.path.join(folder, ATLAS_RECORD)
+
+
+def atlas_own_files(folder):
+    """``{atlas}/.atlas_files.json``: every file the atlas wrote (paths relative to the folder)."""
+    return os.path.join(folder, ATLAS_OWN_FILES)
 
 
 def atlas_index(folder):

@@ -16,9 +16,13 @@ from utils.files import atomic, names
 from utils.method.evaluation import column_means
 
 
+REWRITE = ("delete it (and the quantitative_* and means_* files beside it) and rerun get_results.py --quantitative "
+           "for each run it held")
+
+
 def format_rows(rows):
     """One ``v1,v2,...`` line per row."""
-    return "".join(",".join(f"{v}" for v in row) + "\n" for row in rows)
+    return "".join(",".join("nan" if v is None else f"{v}" for v in row) + "\n" for row in rows)
 
 
 def _fmt(m):
@@ -36,7 +40,7 @@ def update_quantitative(folder, prefix, tau, run_key, rows_by_concept, meta):
     # several stage-4 processes may finish at once: the read-modify-write of the record is serialized
     with atomic.FileLock(names.registry_lock(folder, prefix, tau), wait=True):
         reg_path = names.registry(folder, prefix, tau)
-        runs = atomic.read_json(reg_path) if os.path.isfile(reg_path) else {}
+        runs = atomic.read_json(reg_path, REWRITE) if os.path.isfile(reg_path) else {}
         runs[run_key] = dict(meta, **{f"concept{j}": np.asarray(rows_by_concept[j]).tolist()
                                       for j in range(1, k + 1)})
         atomic.write_json(reg_path, runs, indent=None)

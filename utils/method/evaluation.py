@@ -6,7 +6,8 @@ input; pos(X) = sum_{h,w} max(X, 0)):
 - rel_n = pos(a_c * g_c) / sum_c' pos(a_c' * g_c')   the channel's relative attribution to the label;
 - orig_n = sum_{h,w} a_c,  maps_n = (sum D_1, ..., sum D_k, sum R),  and their positive masses.
 
-Per concept j (its val images S_j): the separation sep_j = mean_{S_j} pos(D_j) / max_{l != j} mean_{S_j} pos(D_l);
+Per concept j (its val images S_j): the separation sep_j = mean_{S_j} pos(D_j) / max_{l != j} mean_{S_j} pos(D_l),
+unbounded (None, ``separation_reason`` says why) where that denominator is 0;
 the quantitative rows (D_1/orig, ..., D_k/orig, R/orig) of the images with rel >= tau (the paper's table);
 the density curves of orig and each map (a Gaussian KDE, as seaborn's kdeplot); the top images of each map.
 """
@@ -59,15 +60,33 @@ def concept_separation(orig_pos, maps_pos, concept, j):
     """Concept j's images (concept == j): how many, sep_j and the mean positive masses.
 
     orig_pos (N,), maps_pos (N, k+1), concept (N,) ids 1..k. Returns (count, sep_j or None, mean pos of the
-    original channel or None, [mean pos of D1, ..., Dk, R] or Nones); None where the concept has no image.
+    original channel or None, [mean pos of D1, ..., Dk, R] or Nones); None where the concept has no image, sep_j
+    None where the denominator is 0 (``separation_reason``).
     """
     sel = concept == j
     if not sel.any():
         return 0, None, None, [None] * maps_pos.shape[1]
     mp = maps_pos[sel]
     others = [m for m in range(maps_pos.shape[1] - 1) if m != j - 1]
-    sep = float(mp[:, j - 1].mean() / max(max(mp[:, m].mean() for m in others), 1e-12))
+    den = max(mp[:, m].mean() for m in others)
+    sep = float(mp[:, j - 1].mean() / den) if den > 0 else None
     return int(sel.sum()), sep, float(orig_pos[sel].mean()), [float(mp[:, i].mean()) for i in range(mp.shape[1])]
+
+
+def separation_reason(count, maps_means, j):
+    """Why concept j has no separation (None where it has one): no val image, or a denominator of 0.
+    count: its images; maps_means: [mean pos of D1, ..., Dk, R] over them (``concept_separation``)."""
+    if count == 0:
+        return f"concept {j} has no val image"
+    k = len(maps_means) - 1
+    others = [m for m in range(k) if m != j - 1]
+    if max(maps_means[m] for m in others) > 0:
+        return None
+    other = f"D{others[0] + 1}" if k == 2 else f"D_l for every l != {j}"
+    if maps_means[j - 1] > 0:
+        return (f"unbounded: mean pos({other}) over concept {j}'s {count} val images is 0 (mean pos(D{j}) is "
+                f"{maps_means[j - 1]:.4g})")
+    return f"undefined: mean pos(D{j}) and mean pos({other}) over concept {j}'s {count} val images are all 0"
 
 
 def quantitative_rows(maps, orig, rel, tau):

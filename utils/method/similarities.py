@@ -18,7 +18,7 @@ import torch
 
 from utils.method.attribution import important_channels
 
-DEFAULT_CHUNK_ROWS = 16384  # about 0.7 GB of working memory for 2048 channels (measured: benchmarks/stage2_memory.py)
+DEFAULT_CHUNK_ROWS = 16384  # about 0.7 GB of working memory for 2048 channels (measured: benchmarks/studies/stage2_memory.py)
 
 
 def add_class_histogram(hist, A, y, tau):
@@ -170,3 +170,65 @@ def candidate_pairs(weight, class_means, used, low, high, progress=None):
 def polysemantic_channels(used):
     """Channels that use at least two classes: the only ones that can give candidates. (K, C) -> list."""
     return torch.nonzero(used.sum(dim=0) >= 2).flatten().tolist()
+
+
+def add_class_histograms(hists, A, y, taus):
+    """``add_class_histogram`` at several tau from one chunk: {tau: (K, C) int64} plus the chunk's counts.
+
+    hists: {tau: (K, C) int64} with a key for every tau of ``taus``; A: (m, C); y: (m,) int64 (negative: row
+    left out). Each H_tau equals ``add_class_histogram(hist, A, y, tau)``.
+    """
+    return {t: add_class_histogram(hists[t], A, y, t) for t in taus}
+
+
+def lowest_pairs(weight, class_means, used, n, progress=None):
+    """The ``n`` candidate pairs of lowest cosine whatever the cosine window (stage 2's ``--top N``).
+
+    weight, class_means, used: as ``candidate_pairs``. Every pair (c, y1, y2) of classes both used by c with a
+    cosine (no zero ARV) is ranked by (cosine, channel, class1, class2); the first ``n`` are returned in
+    ``candidate_pairs``'s order (highest cosine first). Fewer than ``n`` where the layer has fewer pairs.
+    """
+    every = candidate_pairs(weight, class_means, used, float("-inf"), float("inf"), progress)
+    lowest = sorted(every, key=lambda d: (d["cosine_similarity"], d["channel"], d["class1"], d["class2"]))[:n]
+    return sorted(lowest, key=lambda d: (-d["cosine_similarity"], d["channel"], d["class1"], d["class2"]))
+
+
+def threshold_grid(hists, counts, weight, class_means, ps, low, high, progress=None):
+    """What a layer offers at each (tau, p) of a grid: the numbers stage 2's advice table shows.
+
+    hists: {tau: (K, C) int64} class histograms H_tau[y, c]; counts: (K,) N_y; weight: (C_out, C_in, kh, kw);
+    class_means: (K, C_in, kh, kw); ps: the p values; [low, high): the cosine window. A pair's cosine does not
+    depend on tau or p (only on its two classes' mean patch sums and the filter), so the cosines are computed
+    once, over the classes each channel uses at any cell of the grid, and each cell keeps its own pairs.
+    Returns one dict per cell (taus in the order of ``hists``, then ``ps``): tau, p, ``channels`` (channels
+    using two or more classes), ``pairs`` (pairs with low <= cosine < high, what ``candidate_pairs`` lists),
+    ``pairs_any_cosine`` (pairs with a cosine) and ``lowest_cosine`` (their lowest cosine, None without any).
+    ``progress``: None, or a wrapper of the loop over the channels.
+    """
+    cells = [(t, p, used_classes(h, counts, p)) for t, h in hists.items() for p in ps]
+    union = cells[0][2].clone()
+    for _, _, u in cells[1:]:
+        union |= u
+    per_channel = []
+    channels = polysemantic_channels(union)
+    for c in (progress(channels) if progress else channels):
+        ys = torch.nonzero(union[:, c]).flatten()
+        cos = cosine_matrix(arv(weight[c], class_means[ys]))
+        i, j = torch.triu_indices(len(ys), len(ys), offset=1)
+        vals = cos[i, j]
+        ok = ~torch.isnan(vals)
+        per_channel.append((c, ys[i][ok], ys[j][ok], vals[ok]))
+    rows = []
+    for t, p, used in cells:
+        window = total = 0
+        lowest = None
+        for c, a, b, vals in per_channel:
+            v = vals[used[a, c] & used[b, c]]
+            if len(v):
+                total += len(v)
+                window += int(((v >= low) & (v < high)).sum())
+                m = float(v.min())
+                lowest = m if lowest is None else min(lowest, m)
+        rows.append({"tau": t, "p": p, "channels": len(polysemantic_channels(used)), "pairs": window,
+                     "pairs_any_cosine": total, "lowest_cosine": lowest})
+    return rows

@@ -1,4 +1,5 @@
 """Model and layer loading: torchvision names or user factories, weights by name or file, layer paths."""
+import difflib
 import hashlib
 import importlib
 import os
@@ -64,13 +65,20 @@ def _build_architecture(model_spec, num_classes=None):
         return model
     names = torchvision.models.list_models(module=torchvision.models)
     if model_spec not in names:
-        raise UserError(f"--model {model_spec}: not a torchvision classification model; use one of "
-                        f"{', '.join(sorted(names)[:8])}, ... or package.module:factory")
+        hint = did_you_mean(model_spec, names, f"torchvision's are {', '.join(sorted(names)[:8])}, ...")
+        raise UserError(f"--model {model_spec}: neither a torchvision classification model nor "
+                        f"package.module:factory ({hint})")
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     if model_spec in ("googlenet", "inception_v3"):
         kwargs["aux_logits"] = False
         kwargs["init_weights"] = False
     return torchvision.models.get_model(model_spec, weights=None, **kwargs)
+
+
+def did_you_mean(word, choices, otherwise):
+    """'did you mean X?' for the entries of ``choices`` close to ``word`` (difflib), else ``otherwise``."""
+    close = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.6)
+    return f"did you mean {' or '.join(close)}?" if close else otherwise
 
 
 def _looks_like_file(weights):
@@ -94,24 +102,49 @@ def _load_state_dict_file(model_spec, path):
     if not os.path.isfile(path):
         raise UserError(f"--weights {path}: file not found; pass an existing state-dict file "
                         f"or a torchvision weights name")
+    from utils.files import reading
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"--weights {path}: cannot read it as a state dict ({type(e).__name__}: {e})")
+        state = reading.load_state_dict(path, "state dict", "pass a file saved with torch.save(model.state_dict(), "
+                                                           "path) or a torchvision weights name")
+    except reading.Damaged as e:
+        raise UserError(f"--weights {e}")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise UserError(f"--weights {path}: holds a {type(state).__name__}, not a state dict")
     k = _state_dict_num_classes(state) if ":" not in model_spec else None
     model = _build_architecture(model_spec, num_classes=k if k not in (None, 1000) else None)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    unexpected = [key for key in unexpected if not key.startswith(("aux1.", "aux2.", "AuxLogits."))]
-    mismatched = [key for key, v in state.items() if key in model.state_dict()
-                  and tuple(model.state_dict()[key].shape) != tuple(getattr(v, "shape", ()))]
-    if missing or unexpected or mismatched:
-        raise UserError(f"--weights {path}: does not fit --model {model_spec} (missing keys {missing[:3]}, "
-                        f"unexpected keys {unexpected[:3]}, shape mismatches {mismatched[:3]})")
+    problem = state_dict_misfit(model.state_dict(), state)
+    if problem:
+        raise UserError(f"--weights {path}: does not fit --model {model_spec}: {problem}")
+    model.load_state_dict(state, strict=False)
     return model
+
+
+IGNORED_KEYS = ("aux1.", "aux2.", "AuxLogits.")  # auxiliary heads of googlenet / inception_v3, built without them
+
+
+def state_dict_misfit(expected, state, first=3):
+    """Why the state dict ``state`` does not fit a model whose own state dict is ``expected``, in one phrase
+    (tensors the model has and the file lacks, tensors the file has and the model lacks, tensors of other shapes:
+    the first ``first`` of each, with both shapes), or None when it fits (``load_state_dict`` would take it)."""
+    def shape(t):
+        return "(" + ", ".join(str(int(d)) for d in getattr(t, "shape", ())) + ")"
+
+    def some(items):
+        return ", ".join(items[:first]) + (f" and {len(items) - first} more" if len(items) > first else "")
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected and not key.startswith(IGNORED_KEYS)]
+    mismatched = [f"{key} {shape(state[key])} in the file, {shape(expected[key])} in the model" for key in state
+                  if key in expected and tuple(getattr(state[key], "shape", ())) != tuple(expected[key].shape)]
+    parts = []
+    if mismatched:
+        parts.append(f"{len(mismatched)} tensor{'s' if len(mismatched) > 1 else ''} of another shape ({some(mismatched)})")
+    if missing:
+        parts.append(f"{len(missing)} missing from the file ({some(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} not in the model ({some(unexpected)})")
+    return "; ".join(parts) or None
 
 
 def _seeded_build(model_spec, check_repeatable=False):
@@ -163,6 +196,8 @@ def load_model(model_spec, weights=None, check_repeatable=False):
     model.eval()
     for prm in model.parameters():
         prm.requires_grad_(False)
+    from utils.run.finite import refuse_nonfinite_weights
+    refuse_nonfinite_weights(model, f"--model {model_spec}, weights {weights_id}")
     return model, weights_id
 
 
@@ -199,7 +234,9 @@ def resolve_layer(model, layer_path, crop=None):
         module = model.get_submodule(layer_path)
     except AttributeError:
         convs = [n for n, _ in conv_layers(model)]
-        hint = f" (last convs: {', '.join(convs[-3:])})" if convs else ""
+        close = difflib.get_close_matches(layer_path, convs, n=3, cutoff=0.6)
+        hint = (f" (did you mean {' or '.join(close)}?)" if close
+                else f" (last convs: {', '.join(convs[-3:])}; --list_layers shows them all)" if convs else "")
         raise UserError(f"--layer_of_interest {layer_path}: no such module in the model{hint}")
     if not isinstance(module, (nn.Conv2d, nn.Linear)):
         raise UserError(f"--layer_of_interest {layer_path}: is a {type(module).__name__}, not a Conv2d or Linear")

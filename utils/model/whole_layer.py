@@ -125,10 +125,10 @@ def read_checkpoint(checkpoint):
     """A checkpoint path (read to a state dict; a missing or unreadable file is a UserError) or a state dict."""
     if isinstance(checkpoint, dict):
         return checkpoint
-    try:
-        return torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError) as e:
-        raise UserError(f"{checkpoint}: cannot read it as a checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
+    from utils.files import reading
+    if not os.path.isfile(checkpoint):
+        raise UserError(f"{checkpoint}: no such checkpoint file")
+    return reading.load_state_dict(checkpoint, "checkpoint", "pass a checkpoint that disentangle_channel.py wrote")
 
 
 def load_whole_layer_model(model, weights=None, layer="last_conv", checkpoints=None):
@@ -171,11 +171,25 @@ def export_whole_layer(paths, net, model_spec, weights_id, layer_path, checkpoin
     return paths
 
 
-def load_exported_whole_layer(json_path):
-    """The network ``export_whole_layer`` wrote, rebuilt from its JSON and state dict (no checkpoint needed)."""
+def load_exported_whole_layer(json_path, model=None):
+    """The network ``export_whole_layer`` wrote, rebuilt from its JSON and state dict (no checkpoint needed).
+
+    ``model``: the model spec, as ``--model``. A JSON file is data: the torchvision name it records is rebuilt,
+    but a factory it records (``module:function``, code) is imported only when ``model`` names it too; another
+    ``model`` than the file's is refused (UserError, one line)."""
     from utils.files import atomic
     try:
         spec = atomic.read_json(json_path)
+        recorded = spec["model"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{json_path}: not a whole-layer network's description ({type(e).__name__}: {e})")
+    shown = repr(str(recorded))[:120]
+    if model is not None and model != recorded:
+        raise UserError(f"{json_path} describes a network of model {shown}, not {model!r}")
+    if model is None and ":" in str(recorded):
+        raise UserError(f"{json_path} names the model factory {shown}: a file's code is never imported on its "
+                        f"word; pass model={shown} if you trust that module")
+    try:
         base, _ = loading.load_model(spec["model"], spec["weights"])
         conv = base.get_submodule(spec["layer"])
         layout = [(c, part) for c, part in spec["rows_of_first_conv"]]

@@ -4,7 +4,8 @@
 #   PYTHON   $PYTHON if set, else $here/.venv/bin/python when present, else python3
 #   TRIPLES  $TRIPLES, default $here/paper_triples.txt (exit 2 when it is missing)
 #   model    (--model M), or () when no model is given and the store folder holds stores of other models only
-#            (the stage scripts then read it from the store's manifest)
+#            (the stage scripts then read it from the store's manifest: a torchvision name; a factory they refuse
+#            unless --model names it)
 #   paper    the paper's --nr_channels_in_layer_of_interest 2048 --layer_of_interest layer4.2.conv3 for
 #            --model resnet50 (the default) without a --layer_of_interest of the user's own, else ()
 if [ -z "${PYTHON:-}" ]; then

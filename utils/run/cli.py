@@ -1,5 +1,7 @@
 """Flags shared by the four stage scripts, device selection, and one-line error reporting."""
 import argparse
+import difflib
+import errno
 import os
 import sys
 
@@ -14,7 +16,23 @@ class Parser(argparse.ArgumentParser):
     """ArgumentParser whose errors are one line (the flag and what is wrong, then where the flags are listed)."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+        self.exit(2, f"{self.prog}: error: {message}{self.suggestion(message)} (--help lists the flags)\n")
+
+    def suggestion(self, message):
+        """'; did you mean --x?' for the unrecognized flags of ``message`` that are close to one of the parser's
+        (difflib), else ''."""
+        if not message.startswith("unrecognized arguments:"):
+            return ""
+        flags = [f for f in self._option_string_actions if f.startswith("--")]
+        hints = []
+        for word in message.split(":", 1)[1].split():
+            if word.startswith("--"):
+                word = word.split("=", 1)[0]  # abbreviations are refused: name the flags they begin
+                close = ([f for f in flags if f.startswith(word)][:3]
+                         or difflib.get_close_matches(word, flags, n=2, cutoff=0.75))
+                if close:
+                    hints.append(f"{word}: did you mean {' or '.join(close)}?")
+        return ("; " + "; ".join(hints)) if hints else ""
 
 
 def parser(description):
@@ -29,7 +47,8 @@ def add_model_args(parser, store=True, data=True, store_aliases=()):
     g = parser.add_argument_group("model and layer (stages 2-4: taken from the store when not given)")
     g.add_argument("--model", default=None,
                    help="torchvision classification model name (resnet50, vgg16, ...) or an import "
-                        "path package.module:factory returning an nn.Module (default: the store's, else resnet50)")
+                        "path package.module:factory returning an nn.Module (default: the store's torchvision "
+                        "name, else resnet50; a factory is code and is never taken from a store: give it here)")
     g.add_argument("--weights", default=None,
                    help="torchvision weights name (default IMAGENET1K_V1 where torchvision has it, "
                         "else DEFAULT), a path to a state-dict file, or 'none' for the model as built "
@@ -216,6 +235,10 @@ def run(main):
         sys.exit(1)
     except OSError as e:  # the file system said no: not a directory, permission denied, disk full, ...
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            print(f"error: no space left on device writing{where.lstrip(':') or ' a file'}; free space and rerun: "
+                  f"finished work is kept", file=sys.stderr)
+            sys.exit(2)
         print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -2,9 +2,13 @@
 
 Stages 2-4 read the store's manifest first: a flag not given (model, weights, layer, data folder, transform)
 is the store's, a given one must agree with it (one line otherwise), so that after stage 1 only the store
-and the stage's own flags are needed.
+and the stage's own flags are needed. A manifest is data: a torchvision model name is taken from it (an entry
+of torchvision's registry), a model factory (``module:function``, code) only from ``--model``, and a
+``--model`` that names another model than the store's is refused before any weights are loaded. Stage 4's
+published ``--model_dir STORE/models_disentangled`` finds the store in STORE.
 """
 import os
+import shlex
 from dataclasses import dataclass
 
 import torch.nn as nn
@@ -13,7 +17,7 @@ from utils.data import classmap
 from utils.run import cli
 from utils.data import folders
 from utils.model import loading
-from utils.files import store
+from utils.files import names, store
 
 
 @dataclass
@@ -65,39 +69,83 @@ def weights_flag(weights_id):
 
 
 def describe_store(m):
-    return f"--model {m.get('model')} --layer_of_interest {m.get('layer')}"
+    return f"--model {shown(m.get('model'))} --layer_of_interest {shown(m.get('layer'))}"
+
+
+def shown(value, limit=120):
+    """A value read from a file, safe to print in one line: shell-quoted when printable, else ``repr`` (control
+    characters, newlines and right-to-left marks escaped), cut at ``limit`` characters."""
+    text = str(value)
+    text = shlex.quote(text) if text.isprintable() else repr(text)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def is_factory(model_spec):
+    """A ``module:function`` model spec (code to import), as opposed to a torchvision name."""
+    return ":" in str(model_spec or "")
+
+
+def refuse_store_factory(model_spec, where):
+    """A manifest's model factory is code: it is imported only when the command line names it (``--model``)."""
+    raise cli.UserError(f"{where} was made with the model factory --model {shown(model_spec)}: a store's "
+                        f"manifest is data and its code is never imported on its word; pass --model "
+                        f"{shown(model_spec)} yourself if you trust that module")
+
+
+def checkpoints_parent(folder):
+    """The store folder of ``STORE/models_disentangled`` (the published stage-4 ``--model_dir``): STORE when the
+    folder itself holds no store and STORE does, else ``folder`` unchanged."""
+    if not folder:
+        return folder
+    trimmed = os.path.normpath(folder)
+    parent = os.path.dirname(trimmed)
+    if (os.path.basename(trimmed) == names.CHECKPOINTS_DIR and not store.find_stores(folder)
+            and store.find_stores(parent)):
+        return parent
+    return folder
 
 
 def store_of_args(args, store_dir, flag):
     """(manifest, None) of the one store in ``store_dir`` that fits the model and layer flags given, filling the
-    flags not given (model, weights, layer, data folder) from it; (None, None) when the folder holds no store and
-    every flag is given (the stage then says the store is missing); (None, message) when it holds stores but none
-    of the given model and layer (raised once the layer is known to exist). Raises UserError when the choice is
-    ambiguous."""
+    flags not given (weights, layer, data folder; the model when it is a torchvision name) from it; (None, None)
+    when the folder holds no store and every flag is given (the stage then says the store is missing);
+    (None, message) when it holds stores of the model but none of the given layer (raised once the layer is known
+    to exist). Raises UserError when the choice is ambiguous (several stores and no layer named), when --model
+    names another model than every store's (before any weights are loaded), and when the store's model is a
+    factory that --model does not name (a manifest's code is never imported)."""
     found = store.find_stores(store_dir)
+    where = f"the store in {flag} {store_dir}"
+    if args.model is not None and found and not any(m.get("model") == args.model for _, m in found):
+        models = sorted({str(m.get("model")) for _, m in found})
+        leave = "" if any(is_factory(m) for m in models) else "leave --model out or "
+        raise cli.UserError(f"--model {shown(args.model)}: {flag} {store_dir} holds stores of --model "
+                            + " and ".join(shown(m) for m in models)
+                            + f" only; {leave}pass the store's (or run stage 1 with this --model into another "
+                              "--store_dir)")
     fits = [(f, m) for f, m in found if args.model is None or m.get("model") == args.model]
     layer = args.layer_of_interest
     if layer not in (None, "last_conv"):
         fits = [(f, m) for f, m in fits if m.get("layer") == layer]
-    elif len(fits) > 1:  # the default layer: the store named without a layer
+    elif layer == "last_conv" and len(fits) > 1:  # the default layer, named: the store named without a layer
         plain = [(f, m) for f, m in fits if os.path.basename(f) == os.path.basename(
             store.store_folder(store_dir, loading.model_tag(m.get("model", ""))))]
         fits = plain or fits
     if len(fits) > 1:
         raise cli.UserError(f"{flag} {store_dir} holds {len(fits)} stores that fit ("
                             + "; ".join(describe_store(m) for _, m in fits)
-                            + "): pass --model and --layer_of_interest to choose one")
+                            + "): pass --layer_of_interest (and --model) to choose one")
     if not fits:
         if found and (args.model is not None or layer is not None):
-            given = " ".join(f"--{k} {v}" for k, v in (("model", args.model), ("layer_of_interest", layer))
+            given = " ".join(f"--{k} {shown(v)}" for k, v in (("model", args.model), ("layer_of_interest", layer))
                              if v is not None)
             missing = (f"{flag} {store_dir} holds no store made with {given} (it holds: "
                        + "; ".join(describe_store(m) for _, m in found)
                        + "): leave the flags out or run stage 1 with them first")
             # what the stores of the model agree on, so that the model is built and a bad layer named as such
             mine = [m for _, m in found if args.model is None or m.get("model") == args.model]
-            if len({m.get("model") for m in mine}) == 1:
-                fill(args, mine)
+            if len({m.get("model") for m in mine}) == 1 and (args.model is not None
+                                                              or not is_factory(mine[0].get("model"))):
+                fill(args, mine, where)
             if args.model is None:
                 raise cli.UserError(missing)
             return None, missing
@@ -106,16 +154,20 @@ def store_of_args(args, store_dir, flag):
                                 f"--store_dir first (or pass --model, --weights, --layer_of_interest and "
                                 f"--data_dir)")
         return None, None
-    fill(args, [fits[0][1]], layer=True)
+    fill(args, [fits[0][1]], where, layer=True)
     return fits[0][1], None
 
 
-def fill(args, manifests, layer=False):
-    """Set the flags not given to what every manifest of ``manifests`` says (the layer only with ``layer``)."""
+def fill(args, manifests, where, layer=False):
+    """Set the flags not given to what every manifest of ``manifests`` says (the layer only with ``layer``). A
+    model factory is never taken from a manifest (``refuse_store_factory``); a torchvision name is (it names an
+    entry of torchvision's registry, not code)."""
     def agreed(key):
         values = {str(m.get(key)) for m in manifests}
         return manifests[0].get(key) if len(values) == 1 else None
     if args.model is None:
+        if is_factory(agreed("model")):
+            refuse_store_factory(agreed("model"), where)
         args.model = agreed("model")
     if args.weights is None and agreed("weights") is not None:
         args.weights = weights_flag(agreed("weights"))
@@ -133,6 +185,10 @@ def setup(args, split="train", need_data=True, store_flag=None, defer_class_erro
     transform. ``defer_class_error``: class folders that do not fit the model's outputs are left in
     ``ctx.class_error`` (stage 1 first says whether the store folder holds a store of other settings).
     """
+    if store_flag:
+        setattr(args, store_flag, checkpoints_parent(getattr(args, store_flag)))
+    elif need_data and getattr(args, "data_dir", None):  # stage 1: both splits' class folders, before any work
+        folders.check_split_classes(args.data_dir)
     manifest, missing = store_of_args(args, getattr(args, store_flag), "--" + store_flag) if store_flag else (None, None)
     if args.model is None:
         args.model = "resnet50"
@@ -200,9 +256,11 @@ def list_layers(args):
     spec, weights = args.model, args.weights
     if spec is None:
         folder = getattr(args, "store_dir", None) or getattr(args, "model_dir", None)
-        found = [m for _, m in store.find_stores(folder)]
+        found = [m for _, m in store.find_stores(checkpoints_parent(folder))]
         if found and len({m.get("model") for m in found}) == 1:
             spec = found[0]["model"]
+            if is_factory(spec):
+                refuse_store_factory(spec, f"the store in {folder}")
             if weights is None and len({str(m.get("weights")) for m in found}) == 1:
                 weights = weights_flag(found[0].get("weights"))
     spec = spec or "resnet50"

@@ -144,6 +144,12 @@ def _filters(conv, channel, state_dict):
         raise UserError(str(e)) from None
 
 
+def checked_filters(conv, channel, state_dict):
+    """(weights (T, C_in, kh, kw), bias or None) of a checkpoint's targets, refused (one line) where it does not
+    fit the layer."""
+    return _filters(conv, channel, state_dict)[:2]
+
+
 def spectrum_of(settings):
     """(spectrum, its path, whether it was reused) of the run's size and training images."""
     return load_or_make_spectrum(settings.store_dir, settings.data_dir, settings.size, settings.spectrum_images,
@@ -236,6 +242,7 @@ def run_for_checkpoint(ctx, settings, state_dict, channel, concepts, run_name, o
               "targets": targets, "titles": [title_of(n) for n in targets],
               "activation": act.tolist(), "val_max": [float(v) for v in vals.max(axis=0)],
               "val_images": int(len(kept)), "size": settings.size, "steps": settings.steps, "crops": settings.crops,
+              **({"preset": settings.preset} if settings.preset else {}),  # --fv_preset given (else as before)
               "seed": settings.seed, "lr": settings.lr, "batch_size": settings.batch_size, "device": str(device),
               "crop_scale": list(CROP_SCALE), "noise": NOISE, "spectrum": spec_path, "spectrum_reused": reused,
               "receptive_field": list(rf), "seconds": round(time.time() - start, 2),

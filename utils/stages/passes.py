@@ -11,6 +11,7 @@ from tqdm import tqdm
 from utils.files.rows import chunks, read_rows
 from utils.method import similarities
 from utils.method.similarities import DEFAULT_CHUNK_ROWS
+from utils.run import finite
 
 
 def _chunks_shown(n, chunk_rows, desc, progress):
@@ -21,8 +22,21 @@ def _targets(targets, lo, hi):
     return torch.from_numpy(read_rows(targets, lo, hi).astype(np.int64))
 
 
+STORE_NONFINITE = ("the store was written before stage 1 refused such numbers: rerun get_importances_for_classes.py "
+                   "into a new --store_dir with finite weights")
+
+
 def _attributions(attributions, lo, hi):
-    return torch.from_numpy(read_rows(attributions, lo, hi).astype(np.float32))
+    a = torch.from_numpy(read_rows(attributions, lo, hi).astype(np.float32))
+    finite.refuse_nonfinite(a, f"the store's attributions of rows {lo}..{hi - 1}", STORE_NONFINITE)
+    return a
+
+
+def _patch_sums(patch_sums, lo, hi, dtype=None):
+    P = read_rows(patch_sums, lo, hi)
+    P = torch.from_numpy(P if dtype is None else P.astype(dtype))
+    finite.refuse_nonfinite(P, f"the store's patch sums of rows {lo}..{hi - 1}", STORE_NONFINITE)
+    return P
 
 
 def class_histogram(attributions, targets, num_classes, tau, chunk_rows=DEFAULT_CHUNK_ROWS, progress=False):
@@ -39,6 +53,16 @@ def class_histogram(attributions, targets, num_classes, tau, chunk_rows=DEFAULT_
     return hist
 
 
+def class_histograms(attributions, targets, num_classes, taus, chunk_rows=DEFAULT_CHUNK_ROWS, progress=False):
+    """``class_histogram`` at several tau from one read of the attributions: {tau: (num_classes, C) int64}."""
+    n, c = attributions.shape
+    hists = {t: torch.zeros(num_classes, c, dtype=torch.int64) for t in taus}
+    for lo, hi in _chunks_shown(n, chunk_rows, "histograms (grid)", progress):
+        hists = similarities.add_class_histograms(hists, _attributions(attributions, lo, hi),
+                                                  _targets(targets, lo, hi), taus)
+    return hists
+
+
 def sign_histograms(attributions, targets, patch_sums, num_classes, tau, weight, bias=None, positions=1,
                     affine=None, chunk_rows=DEFAULT_CHUNK_ROWS, progress=False):
     """Class histograms of the published importance rule and of the sign-aware one, from one read of the store.
@@ -51,7 +75,7 @@ def sign_histograms(attributions, targets, patch_sums, num_classes, tau, weight,
     n, c = attributions.shape
     hists = {k: torch.zeros(num_classes, c, dtype=torch.int64) for k in similarities.SIGN_HISTOGRAMS}
     for lo, hi in _chunks_shown(n, chunk_rows, "histograms", progress):
-        P = torch.from_numpy(read_rows(patch_sums, lo, hi))
+        P = _patch_sums(patch_sums, lo, hi)
         hists = similarities.add_sign_histograms(hists, _attributions(attributions, lo, hi), _targets(targets, lo, hi),
                                                  P, tau, weight, bias, positions, affine)
     return hists
@@ -66,7 +90,7 @@ def class_mean_patch_sums(patch_sums, targets, num_classes, chunk_rows=DEFAULT_C
     n = patch_sums.shape[0]
     total = torch.zeros((num_classes,) + tuple(patch_sums.shape[1:]), dtype=torch.float64)
     for lo, hi in _chunks_shown(n, chunk_rows, "class means", progress):
-        P = torch.from_numpy(read_rows(patch_sums, lo, hi).astype(np.float64))
+        P = _patch_sums(patch_sums, lo, hi, np.float64)
         total = similarities.add_class_sums(total, P, _targets(targets, lo, hi))
     return similarities.class_mean_of_sums(total, similarities.class_counts(targets, num_classes))
 

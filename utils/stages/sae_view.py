@@ -24,7 +24,7 @@ import torch
 from utils.data import folders
 from utils.data import scan as image_scan
 from utils.featurevis.spectrum import files_sha256, spectrum_images
-from utils.files import atomic, names
+from utils.files import atomic, cache, names
 from utils.method import sae as S
 from utils.run.cli import UserError, at_least, default_workers
 from utils.method.split import filter_maps, positive_mass
@@ -168,9 +168,10 @@ def load_or_train(ctx, settings, device):
     meta, key = record_of(ctx, train_ds, settings.record())
     path = names.sae_cache(settings.store_dir, key)
     n, m = ctx.conv.in_channels, settings.sae_expansion * ctx.conv.in_channels
-    loaded = _load(path, meta, n, m, settings.sae_k, device)
-    if loaded is not None:
-        return loaded + (path, True)
+    for found in cache.candidates(path, settings.store_dir):  # the store's, else the user's cache folder's
+        loaded = _load(found, meta, n, m, settings.sae_k, device)
+        if loaded is not None:
+            return loaded + (found, True)
     start = time.time()
     indices = (spectrum_images(train_ds, settings.sae_train_images) if settings.sae_train_images
                else list(range(len(train_ds))))
@@ -181,6 +182,7 @@ def load_or_train(ctx, settings, device):
             "dictionary": m, "k": settings.sae_k, "final_loss": losses[-1],
             "loss_every_100_steps": losses[::100], "fvu_train": fvu, "dead_train": dead,
             "seconds": round(time.time() - start, 2), "device": str(device)}
+    path = cache.write_path(path, settings.store_dir)  # a read-only store: the user's cache folder
     atomic.save_torch(path, {"meta": json.dumps(meta), "info": info,
                              "state_dict": {k: v.detach().cpu() for k, v in sae.state_dict().items()}})
     return sae, info, path, False

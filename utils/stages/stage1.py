@@ -25,7 +25,7 @@ from utils.model import tap
 
 from utils.method import attribution
 from utils.data import folders
-from utils.run import distributed
+from utils.run import distributed, finite
 from utils.data import overlap
 from utils.run.cli import UserError
 from utils.files.store import COMPLETE_KEYS, RESUME_KEYS, UNREADABLE_PREDICTION, Store, describe_mismatch
@@ -226,7 +226,12 @@ class _Rows:
     def write(self, pending):
         """Write a batch's rows once their copy to the host is done: (rows, ok, targets, _HostCopy)."""
         rows, ok, targets, copy = pending
-        self.chunks.add(rows, _batch_rows(ok, copy.numpy(), rows, targets))
+        results = copy.numpy()
+        for values, what in ((results[0], "attributions"), (results[2], "patch sums")):
+            finite.refuse_nonfinite(values, f"the {what} of training images {rows[0]}..{rows[-1]}",
+                                    "the layer's activations or gradients are not finite or exceed float16's range "
+                                    "(65504): the store is not marked complete")
+        self.chunks.add(rows, _batch_rows(ok, results, rows, targets))
         self.bar.update(len(rows))
         self.clock.append((time.time(), (self.clock[-1][1] if self.clock else 0) + len(rows)))
 
@@ -308,16 +313,29 @@ def _stop(lock, message):
     raise UserError(message)
 
 
-def _open_store(folder, info, shapes, allow_mixed_numerics, rank):
-    """(store, status, lock): rank 0 takes the lock and creates or checks the store, every rank learns the
-    outcome and checks that it sees the same images, model and layer as the manifest rank 0 wrote."""
+def row_names(ds, class_outputs=None):
+    """One string per row of the store: the image's path below the split's folder and the label stored for it
+    (the class folder's index, or its model output with ``class_outputs``); hashed per chunk, they tell which
+    finished chunks a rerun on changed data can keep (``Store.restart_on_new_data``)."""
+    root = os.path.join(ds.root, "")
+    cut = len(root)  # ImageFolder's paths start with the root: cutting it is relpath's answer, 100x faster
+    return [f"{path[cut:] if path.startswith(root) else os.path.relpath(path, ds.root)}\t"
+            f"{y if class_outputs is None else class_outputs[y]}" for path, y in ds.samples]
+
+
+def _open_store(folder, info, shapes, allow_mixed_numerics, rank, ds=None, class_outputs=None, log=print):
+    """(store, status, lock): rank 0 takes the lock and creates or checks the store (an unfinished store whose
+    data changed keeps its chunks of unchanged images, given ``ds``), every rank learns the outcome and checks
+    that it sees the same images, model and layer as the manifest rank 0 wrote."""
     lock = store = status = None
     error = None
     if rank == 0:
         try:
-            if not (Store.peek(folder) or {}).get("complete"):  # a complete store is only read: no lock
+            complete = (Store.peek(folder) or {}).get("complete")
+            if not complete:  # a complete store is only read: no lock
                 lock = Store.lock(folder)
-            store, status = Store.create_or_resume(folder, info, shapes, allow_mixed_numerics)
+            names = None if ds is None or complete else row_names(ds, class_outputs)
+            store, status = Store.create_or_resume(folder, info, shapes, allow_mixed_numerics, names, log)
         except UserError as e:
             error = str(e)
     error, status = distributed.from_rank0((error, status))
@@ -412,7 +430,7 @@ def run_stage1(model, conv, ds, folder, info, ps, log=print):
     rank, size = distributed.world()[:2]
     n = len(ds)
     chunk_size, num_chunks, info, shapes = _layout(n, conv, folder, info, ps)
-    store, status, lock = _open_store(folder, info, shapes, ps.allow_mixed_numerics, rank)
+    store, status, lock = _open_store(folder, info, shapes, ps.allow_mixed_numerics, rank, ds, ps.class_outputs, log)
     if status == "complete":
         if rank == 0:
             log(f"store {folder} is already complete ({n} images): nothing to do")

@@ -3,7 +3,8 @@
 From the store: the class histograms H[y, c] (how many images of class y find channel c important), the
 classes each channel uses (H[y, c] >= p N_y), the class means of the patch sums, and for every channel the
 cosine of the closed-form ARVs of each pair of its classes; the pairs with low <= cosine < high are the
-candidates. ``--importance_sign positive_activation`` counts an image for a channel only where the channel's
+candidates (``--top N``: the N pairs of lowest cosine, whatever the window; fewer than 5 candidates: the
+advice of ``stage2_advice``, the layer at other tau and p). ``--importance_sign positive_activation`` counts an image for a channel only where the channel's
 summed activation after the BatchNorm that follows the layer is positive, and reports what that changes.
 Writes the published table under ``--out_dir`` and the candidates and histograms in the store folder
 (names: utils/files/names.py).
@@ -18,7 +19,7 @@ from utils.method import similarities
 from utils.model import loading
 from utils.report import tables
 from utils.run import cli
-from utils.stages import passes
+from utils.stages import passes, stage2_advice
 
 
 def add_args(p):
@@ -30,6 +31,9 @@ def add_args(p):
     p.add_argument("--cos_sim_low", type=float, default=0.0,
                    help="lowest cosine kept (inclusive, default 0; -1 <= low < high)")
     p.add_argument("--cos_sim_high", type=float, default=1.0, help="cosine upper bound (exclusive, default 1; at most 1)")
+    p.add_argument("--top", type=cli.at_least("--top", 1, int), default=None,
+                   help="list the N candidate pairs of lowest cosine, whatever --cos_sim_low/--cos_sim_high say "
+                        "(default: every pair in the window); the files carry _topN in place of the window")
     p.add_argument("--out_dir", default=".",
                    help="folder for results_get_cosine_similarities/ (default: working directory, as published)")
     p.add_argument("--importance_sign", choices=tuple(names.SIGN_SUFFIX), default="published",
@@ -63,12 +67,14 @@ class Settings:
     high: float
     sign: str = "published"
     chunk_rows: int = similarities.DEFAULT_CHUNK_ROWS
+    top: int = None  # --top N: the N pairs of lowest cosine, the window ignored
 
     @classmethod
     def from_args(cls, args):
         """The settings of the parsed flags, their ranges checked (``check_bounds``)."""
         s = cls(store_dir=args.store_dir, out_dir=args.out_dir, tau=args.proportion_attribution_required, p=args.p,
-                low=args.cos_sim_low, high=args.cos_sim_high, sign=args.importance_sign, chunk_rows=args.chunk_rows)
+                low=args.cos_sim_low, high=args.cos_sim_high, sign=args.importance_sign, chunk_rows=args.chunk_rows,
+                top=getattr(args, "top", None))
         check_bounds(s.tau, s.p, s.low, s.high)
         return s
 
@@ -101,10 +107,16 @@ def run(ctx, s):
         r.hist, r.sign_report = positive_activation_histogram(ctx, s, (A, targets, P), r.counts)
     r.used = similarities.used_classes(r.hist, r.counts, s.p)
     means = passes.class_mean_patch_sums(P, targets, k, s.chunk_rows, progress=True)
-    r.cands = similarities.candidate_pairs(ctx.conv.weight.detach(), means, r.used, s.low, s.high,
-                                           progress=passes.cosines_shown)
+    if s.top is None:
+        r.cands = similarities.candidate_pairs(ctx.conv.weight.detach(), means, r.used, s.low, s.high,
+                                               progress=passes.cosines_shown)
+    else:
+        r.cands = similarities.lowest_pairs(ctx.conv.weight.detach(), means, r.used, s.top,
+                                            progress=passes.cosines_shown)
     report_candidates(ctx, s, r)
     write_candidates(ctx, s, r)
+    if len(r.cands) < stage2_advice.FEW and (s.top is None or len(r.cands) < s.top):  # not what --top N asked
+        stage2_advice.advise(ctx, s, (A, targets), r.counts, means)
 
 
 def report_candidates(ctx, s, r):
@@ -115,7 +127,9 @@ def report_candidates(ctx, s, r):
         print(f"the {len(table) - 1} strongest candidates of layer '{ctx.layer_path}' (lowest cosine first; the "
               f"files list all of them):")
         print("\n".join(table))
-    print(f"{len(cands)} candidates (channel, class1, class2) with {s.low} <= cosine < {s.high}; "
+    which = (f"with {s.low} <= cosine < {s.high}" if s.top is None else
+             f"of lowest cosine (--top {s.top}, any cosine)")
+    print(f"{len(cands)} candidates (channel, class1, class2) {which}; "
           f"{len(similarities.polysemantic_channels(r.used))} channels use two or more classes "
           f"(tau={s.tau}, p={s.p})")
 
@@ -125,13 +139,16 @@ def write_candidates(ctx, s, r):
     store folder); the sign report (none for the published rule, whose files stay as they were) goes into both
     JSON files."""
     cands, hist = r.cands, r.hist
-    base = names.candidates_base(ctx.name, s.tau, s.p, s.low, s.high, s.sign)
+    base = names.candidates_base(ctx.name, s.tau, s.p, s.low, s.high, s.sign, s.top)
     table = "Channel,Class1,Class2,CosineSimilarity\n" + "".join(
         f"{d['channel']},{d['class1']},{d['class2']},{d['cosine_similarity']:.4f}\n" for d in cands)
     out_txt = names.candidates_table(s.out_dir, base)
     atomic.write_text(out_txt, table)
     settings = {"proportion_attribution_required": s.tau, "p": s.p, "cos_sim_low": s.low, "cos_sim_high": s.high,
                 "model": ctx.model_spec, "layer": ctx.layer_path, "weights": ctx.weights_id}
+    if s.top is not None:  # the window was not used: the record says so (without --top: the files as before)
+        settings.update(top=s.top, cos_sim_low=None, cos_sim_high=None,
+                        selection=f"the {s.top} pairs of lowest cosine (--top), whatever their cosine")
     if r.sign_report:  # published: the same files as before the flag existed
         settings.update(importance_sign=s.sign, sign_report=r.sign_report)
     out_json = names.candidates_json(s.store_dir, base)

@@ -19,12 +19,12 @@ from utils import disentangle
 from utils.concepts import by_clusters, candidates, from_flags
 from utils.concepts.by_classes import check_triples, class_batches
 from utils.data import folders, scan
-from utils.files import atomic, names, store
+from utils.files import atomic, digests, leftovers, names, store
 from utils.method import rho_scores, similarities
 from utils.method.split import (RHOS, TOLERANCE, checkpoint_state_dict, split_filters_k, split_sources_k,
                                 within_tolerance)
 from utils.report import stage3_text
-from utils.run import cli, context
+from utils.run import cli, context, finite
 
 HINT = (": the store read it, so the file changed since stage 1; restore it, or rerun stage 1 with "
         "--skip_unreadable into a new --store_dir")
@@ -167,6 +167,11 @@ def check_networks(ctx, shared, jobs, s):
     ``s.exactness_images`` readable training images: the same images whatever the jobs, so the original's
     logits are computed once (``Shared.exactness``) and each job's numbers equal those of a run of it alone.
     Sets each job's ``run``."""
+    for job in jobs:  # a NaN score has no maximum: one line, not an IndexError in best_rho_index
+        finite.refuse_nonfinite(job.res.scores, f"the 20 rho scores of channel {job.concepts.channel} "
+                                                f"{job.concepts.describe()}",
+                                "the layer's input or the channel's maps are not finite on its training images "
+                                "(check the model and the store): no rho can be chosen, nothing written")
     check, images, original = shared.exactness(ctx, s.exactness_images)
     for job in jobs:
         ch = rho_scores.choose(job.res, s.rho_score)
@@ -211,7 +216,10 @@ def write_job(ctx, folder, job):
                                                                                   job.split.bias_c))
     best_path = job.checkpoint(ctx, folder, "best")
     atomic.save_torch(best_path, run["best_sd"])
-    atomic.write_json(names.info_file(best_path), info_record(ctx, job, best_path))
+    info = info_record(ctx, job, best_path)
+    info["checkpoint_sha256"] = {os.path.basename(p): digests.sha256(p) for p in
+                                 [job.checkpoint(ctx, folder, rho) for rho in RHOS] + [best_path]}
+    atomic.write_json(names.info_file(best_path), info)
     from utils.report import plots  # matplotlib: not needed for --help or a failed check
     title, best = f"{ctx.name} channel {t.channel}: {t.describe()}", RHOS[run["best"]]
     if run["rho_score"] == "robust":
@@ -264,13 +272,18 @@ def job_files(ctx, folder, concepts):
 
 def is_complete(ctx, folder, concepts, rho_score):
     """Whether a previous run wrote every file of the job, with an info file of the same store, concepts and
-    best-rho score."""
+    best-rho score, and checkpoints whose sha256 is the one the info file recorded (an info file written
+    before they were recorded: checkpoints that are not empty). A damaged file makes the job run again."""
     files = job_files(ctx, folder, concepts)
-    if not all(os.path.isfile(f) for f in files):
+    if not all(os.path.isfile(f) and os.path.getsize(f) > 0 for f in files):
         return False
     try:
         info = atomic.read_json(files[-2])
     except (OSError, ValueError):
+        return False
+    recorded = info.get("checkpoint_sha256") if isinstance(info, dict) else None
+    if isinstance(recorded, dict) and any(recorded.get(os.path.basename(f)) != digests.sha256(f)
+                                          for f in files[:-2]):
         return False
     wanted = json.loads(json.dumps(dict(ctx.fingerprint, channel=concepts.channel, **concepts.info_keys(),
                                         rho_score=rho_score)))
@@ -292,6 +305,7 @@ def jobs_to_run(ctx, s, concepts):
 
 def run(ctx, s):
     """Stage 3 for the settings ``s`` in the context ``ctx`` (model, layer, training data)."""
+    leftovers.sweep(names.checkpoints_dir(s.store_dir))  # what a killed run left (``utils.files.leftovers``)
     st, targets, concepts = read_concepts(ctx, s)
     todo = jobs_to_run(ctx, s, concepts)
     rows = [t.training_rows(targets) for t in todo]  # every job checked before any work

@@ -8,6 +8,7 @@ the top images, then each job's files in order (``stage4_results``): what one ru
 Under torchrun the feature visualizations are shared out over the processes (``feature_vis_shards``).
 """
 import glob
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,11 +16,11 @@ import numpy as np
 from utils.concepts import by_clusters, candidates, from_flags
 from utils.concepts.by_classes import check_triples
 from utils.data import folders
-from utils.files import names
+from utils.files import leftovers, names
 from utils.run import cli, context, distributed
 from utils.run.cli import UserError
 from utils.report import stage3_text
-from utils.stages import feature_vis_shards
+from utils.stages import feature_vis_shards, stage4_tau
 from utils.stages.stage4_checkpoints import load_checkpoint
 from utils.stages.stage4_passes import checkpoint_filters, evaluate_many, scan_arvs, scan_many, shared_arvs
 from utils.stages.stage4_results import Evaluated, write_job
@@ -39,7 +40,7 @@ class Settings:
     val_top_n: int
     triples_file: str     # --triples (each job's results start with a header line)
     rho: object           # the checkpoint's rho: a float, or "best"
-    tau: float
+    tau: float            # None: stage 2's (``stage4_tau``, decided in ``run``)
     qualitative: bool
     quantitative: bool
     top_images: bool
@@ -62,7 +63,7 @@ class Settings:
             raise UserError("under torchrun, stage 4 shares out its feature visualizations (--get_feature_vis) "
                             "and nothing else: run it as one process without them")
         jobs = jobs_from_args(args)
-        if not 0 <= args.proportion_attribution_required <= 1:
+        if args.proportion_attribution_required is not None and not 0 <= args.proportion_attribution_required <= 1:
             raise UserError(f"--proportion_attribution_required {args.proportion_attribution_required}: tau is "
                             f"a share of the positive attribution, in [0, 1] (the paper's 0.03; 0 counts every "
                             f"image)")
@@ -121,6 +122,7 @@ def run(ctx, s, extras):
     (``feature_vis_shards``; rank 0 does everything else).
     """
     distributed.init(ctx.device, timeout_hours=feature_vis_shards.TIMEOUT_HOURS)  # only under torchrun
+    s = stage4_tau.resolve(ctx, s, quiet=distributed.world()[0] != 0)  # rank 0 says which tau
     try:
         _run(ctx, s, extras)
     finally:  # also after an error: a process group left open aborts the interpreter's exit (gloo's threads)
@@ -128,6 +130,9 @@ def run(ctx, s, extras):
 
 
 def _run(ctx, s, extras):
+    leftovers.sweep(names.plot(s.out_dir, ""), names.result(s.out_dir, ""), names.quantitative_dir(s.out_dir),
+                    os.path.dirname(names.spectrum_cache(s.model_dir, 0, "")),
+                    os.path.dirname(names.sae_cache(s.model_dir, "")))  # what a killed run left (leftovers)
     jobs = read_jobs(ctx, s)
     extras.check()
     summary_of_val = folders.dataset_summary(ctx.dataset)

@@ -2,7 +2,9 @@
 
 A checkpoint [D1, ..., Dk, R] belongs to channel c of the layer when D1 + ... + Dk - (k-1) R equals c's filter;
 its info file (when there is one) must name the same model, weights and layer, and class folders like the val
-split's; for concepts from a file, the same file (sha256).
+split's; for concepts from a file, the same file (sha256). A checkpoint whose sha256 is not the one its info file
+recorded (stage 3 records all 21) is refused; for an info file from before these were recorded, the best one must
+hold the same tensors as the checkpoint of the rho its info file names.
 """
 import os
 from dataclasses import dataclass
@@ -10,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from utils import disentangle
-from utils.files import atomic, names, store
+from utils.data import folders
+from utils.files import atomic, digests, names, reading, store
 from utils.run.cli import UserError
 
 
@@ -37,12 +40,38 @@ def load_checkpoint(ctx, model_dir, job, rho, val_summary):
     """Find, read and check ``job``'s checkpoint for ``rho`` (a float or "best"). Returns a Checkpoint."""
     name = job.checkpoint(ctx.name, rho)
     path = find_checkpoint(model_dir, name)
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})")
+    sd = reading.load_state_dict(path, "checkpoint", rewrite_hint(job))
     check_filters(ctx, sd, job.channel, path, job.k)
-    return Checkpoint(path, name, sd, check_info(ctx, path, val_summary, job.concepts_sha256))
+    info = check_info(ctx, path, val_summary, job.concepts_sha256)
+    check_written(ctx, job, path, sd, info, rho)
+    return Checkpoint(path, name, sd, info)
+
+
+def rewrite_hint(job):
+    return (f"rerun disentangle_channel.py for channel {job.channel} with the same concepts and --store_dir to "
+            f"write it again")
+
+
+def check_written(ctx, job, path, sd, info, rho):
+    """Refuse a checkpoint that is not the file stage 3 wrote beside its info file: its sha256 differs from the
+    recorded one, or (an info file without sha256s) the best one's tensors differ from those of the checkpoint at
+    the info file's best rho."""
+    if not info:
+        return
+    recorded = (info.get("checkpoint_sha256") or {}).get(os.path.basename(path))
+    if recorded:
+        if digests.sha256(path) != recorded:
+            raise reading.Damaged(path, "is not the checkpoint stage 3 wrote with its info file (its sha256 differs "
+                                        "from the one recorded there)", rewrite_hint(job))
+        return
+    if rho != "best" or info.get("best_rho") is None:
+        return
+    twin = os.path.join(os.path.dirname(path), job.checkpoint(ctx.name, info["best_rho"]))
+    if os.path.isfile(twin):
+        other = reading.load_state_dict(twin, "checkpoint", rewrite_hint(job))
+        if other.keys() != sd.keys() or any(not torch.equal(other[k], sd[k]) for k in sd):
+            raise reading.Damaged(path, f"is not the checkpoint at the best rho {info['best_rho']} that its info "
+                                        f"file names (it differs from {os.path.basename(twin)})", rewrite_hint(job))
 
 
 def check_filters(ctx, sd, channel, path, k):
@@ -71,15 +100,19 @@ def check_info(ctx, path, val_summary, concepts_sha256=None):
     info_path = names.info_file(path)
     if not os.path.isfile(info_path):
         return None
-    info = atomic.read_json(info_path)
+    info = atomic.read_json(info_path, "rerun disentangle_channel.py with the same channel, concepts and "
+                                       "--store_dir to write it again")
+    if not isinstance(info, dict):
+        raise reading.Damaged(info_path, "not an info file of stage 3 (no JSON object)")
     expected = dict(ctx.fingerprint, classes=val_summary["classes"])
     diff = store.describe_mismatch(info, expected, ("model", "weights_sha256", "layer", "layer_geometry"))
     if info.get("classes") != val_summary["classes"]:  # train classes of the store against the val folders
         stored, now = info.get("classes") or [], val_summary["classes"]
-        odd = sorted(set(stored) ^ set(now))
-        diff = "; ".join(x for x in (diff, f"classes (the store's training split has {len(stored)} class folders, "
-                                           f"the val split {len(now)}; first differing folder: "
-                                           f"{odd[0] if odd else 'same names, other order'})") if x)
+        split = folders.split_class_difference(stored, now) or "the same class folders in another order"
+        if not diff:  # the data's fault, not the checkpoint's
+            raise UserError(f"--data_dir {val_summary['data_dir']}: {split} (train/ as the store recorded it); "
+                            f"train/ and val/ need the same class folders")
+        diff = f"{diff}; classes ({split})"
     if diff:
         raise UserError(f"{path} was made with other settings: {diff}")
     if concepts_sha256 is not None and info.get("concepts_sha256") not in (None, concepts_sha256):

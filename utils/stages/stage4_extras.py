@@ -1,7 +1,7 @@
 """Stage 4's extras for each job: the feature visualizations (``--get_feature_vis``) and the SAE view
 (``--get_sae_view``), each from its own settings; ``stage4.run`` calls them with each job's checkpoint."""
 from utils.run.cli import UserError
-from utils.stages import feature_vis, feature_vis_shards, sae_view
+from utils.stages import feature_vis, feature_vis_estimate, feature_vis_shards, sae_view
 
 
 class Extras:
@@ -29,6 +29,9 @@ class Extras:
             self.batched = feature_vis.BatchedJobs(self.ctx, self.fv, runs)
             if self.fv.batch_targets:
                 print(self.batched.describe())
+        if self.fv is not None and self.shares is None and runs:  # the plan, and on a CPU the time it takes
+            feature_vis_estimate.announce(self.ctx, self.fv,
+                                          [feature_vis.checked_filters(self.ctx.conv, c, sd) for _, c, sd in runs])
 
     def share(self, concepts_of):
         """Rank 0 under torchrun, once every job is checked: tell the other ranks the jobs' concepts

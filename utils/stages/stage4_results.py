@@ -12,6 +12,7 @@ from utils.data import folders
 from utils.files import atomic, names, registry
 from utils.method import evaluation
 from utils.report.latex import filecontents_block
+from utils.run import finite
 
 
 @dataclass
@@ -39,6 +40,10 @@ def write_job(ctx, s, e, extras):
     the SAE view.
     """
     ds, job, ckpt, r = ctx.dataset, e.job, e.ckpt, e.r
+    for key, what in (("maps_pos", "checkpoint maps"), ("orig_pos", "channel's activations"), ("rel", "relative "
+                                                                                                   "attributions")):
+        finite.refuse_nonfinite(r[key], f"channel {job.channel}'s {what} on the val images",
+                                "the model or the checkpoint gives numbers that are not finite: nothing written")
     if r["skipped"]:
         print(f"skipped {len(r['skipped'])} unreadable val images: "
               + ", ".join(folders.relative_name(ds, i) for i in r["skipped"][:5])
@@ -72,12 +77,15 @@ def separations(ctx, e):
         n, sep, orig, maps = evaluation.concept_separation(e.r["orig_pos"], e.r["maps_pos"], e.concept, j)
         out[f"val_images_concept{j}"] = n
         out[f"sep_concept{j}"] = sep
+        if sep is None:
+            out[f"sep_concept{j}_reason"] = evaluation.separation_reason(n, maps, j)
         out[f"mean_pos_concept{j}"] = {"original": orig, **dict(zip(evaluation.map_names(k), maps))}
     print(f"channel {job.channel} of layer '{ctx.layer_path}', checkpoint {os.path.basename(e.ckpt.path)}")
     for j in range(1, k + 1):
         other = f"mean pos(D{3 - j})" if k == 2 else f"max over l != {j} of mean pos(D_l)"
+        sep = out[f"sep_concept{j}"]
         print(f"concept {j} ({job.val_label(ctx.dataset.classes, j)}): {out[f'val_images_concept{j}']} val images, "
-              f"mean pos(D{j}) / {other} = {out[f'sep_concept{j}']:.3g}")
+              f"mean pos(D{j}) / {other} = " + (f"{sep:.3g}" if sep is not None else out[f"sep_concept{j}_reason"]))
     return out
 
 
@@ -118,6 +126,10 @@ def write_quantitative(ctx, s, e, summary):
     for j in range(1, k + 1):
         m = evaluation.column_means(rows[j], k + 1)
         out[f"quantitative_concept{j}"] = {"images": len(rows[j]), **{col: float(v) for col, v in zip(columns, m)}}
+        if not len(rows[j]):  # strict JSON: null, and why
+            out[f"quantitative_concept{j}"] = {"images": 0, **{col: None for col in columns}}
+            out[f"quantitative_concept{j}_reason"] = (f"no val image of concept {j} has relative attribution >= "
+                                                      f"{tau}: the means are undefined")
         om, on = overall[j]
         print(f"concept {j}: {len(rows[j])} of {summary[f'val_images_concept{j}']} val images have relative "
               f"attribution >= {tau}; column means " + " ".join(f"{col}={v:.4f}" for col, v in zip(columns, m))

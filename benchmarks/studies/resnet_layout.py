@@ -11,7 +11,7 @@ Stage 2's report under positive_activation is the measurement of how often the p
 (channel, class) only through images on which the layer's summed activation (before its BatchNorm) is
 negative: ``used_only_through_negative_layer_activation``.
 
-  python benchmarks/resnet_layout.py --out demo_runs/resnet [--seeds 0 1 2] [--train_per_class 100]
+  python -m benchmarks.studies.resnet_layout --out demo_runs/resnet [--seeds 0 1 2] [--train_per_class 100]
       [--val_per_class 30] [--epochs 12] [--aux_weight W] [--rho_scores published robust] [--reuse_demo]
 
 Writes OUT/resnet_layout.json and prints one table row per (seed, importance rule, rho score). The digits
@@ -23,13 +23,12 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from demo.run_demo import MODELS, Runner  # noqa: E402
-from utils.files.names import SIGN_SUFFIX as SUFFIX  # noqa: E402
-from utils.files.atomic import read_json  # noqa: E402
-from utils.model.loading import model_tag  # noqa: E402
+from demo.run_demo import MODELS, Runner
+from utils.files.names import SIGN_SUFFIX as SUFFIX
+from utils.files.atomic import read_json
+from utils.model.loading import model_tag
 
 SIGNS = tuple(SUFFIX)
 

@@ -1,7 +1,7 @@
 r"""Time and peak memory of the label-free concepts (get_cosine_similarities.py --label_free) on a store of
 ImageNet's shape: 1,281,167 images, ResNet-50's layer4.2.conv3 (2048 x 512 x 1 x 1).
 
-The synthetic store is the one of benchmarks/stage2_memory.py (its ``make_store``: class-dependent patch
+The synthetic store is the one of benchmarks/studies/stage2_memory.py (its ``make_store``: class-dependent patch
 sums, N x 512 x 1 x 1 float32 = 2.6 GB, plus the attributions it also writes), in a temporary folder.
 Each case runs in a fresh child process with ``--threads`` torch threads (default 2), doing what the
 script does after loading the model: ``utils.stages.label_free.discover`` (one chunked pass over the memory-mapped
@@ -16,7 +16,7 @@ encoding, in all, and CPU seconds (all threads) of the pass, the per-channel par
 and VmHWM (all resident memory, mapped file pages included). The store is read from the page cache
 (every file is read once before each case). The folder is removed at the end unless ``--keep``.
 
-  python benchmarks/label_free.py [--rows 1281167] [--cases one,all] [--threads 2] [--dir /big/tmp] [--json out.json]
+  python -m benchmarks.studies.label_free [--rows 1281167] [--cases one,all] [--threads 2] [--dir /big/tmp] [--json out.json]
 """
 import argparse
 import json
@@ -29,9 +29,8 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT, status_kb  # noqa: E402
-from stage2_memory import Sampler, make_store, warm_page_cache  # noqa: E402
+from benchmarks.measure import ROOT, status_kb
+from benchmarks.studies.stage2_memory import Sampler, make_store, warm_page_cache
 
 
 def child(folder, case, threads, top_n, chunk_rows):
@@ -104,7 +103,7 @@ def main():
               f"{os.path.getsize(os.path.join(folder, 'patch_sums.npy')) / 1e9:.2f} GB", flush=True)
         for case in args.cases.split(","):
             warm_page_cache(folder)
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", folder, case,
+            proc = subprocess.run([sys.executable, "-m", "benchmarks.studies.label_free", "--child", folder, case,
                                    str(args.threads), str(args.top_n), str(chunk_rows)],
                                   cwd=ROOT, capture_output=True, text=True)
             if proc.returncode != 0:

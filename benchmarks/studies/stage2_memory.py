@@ -15,7 +15,7 @@ Two ways of reading the chunks are measured: 'read' (utils.files.rows.read_rows:
 reads of each chunk, what stage 2 does) and 'mmap' (slicing the memory maps, which leaves every page
 read mapped into the process until the kernel reclaims it). The folder is removed at the end.
 
-  python benchmarks/stage2_memory.py [--rows 1281167] [--dir /big/tmp] [--json out.json]
+  python -m benchmarks.studies.stage2_memory [--rows 1281167] [--dir /big/tmp] [--json out.json]
 """
 import argparse
 import json
@@ -29,8 +29,7 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT, status_kb  # noqa: E402
+from benchmarks.measure import ROOT, status_kb
 
 
 class Sampler(threading.Thread):
@@ -159,7 +158,7 @@ def main():
               f"(written in {time.perf_counter() - t:.0f} s)", flush=True)
         for mode in args.modes.split(","):
             warm_page_cache(folder)  # both modes start with the store in the page cache, as far as RAM allows
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", folder, mode, str(chunk_rows)],
+            proc = subprocess.run([sys.executable, "-m", "benchmarks.studies.stage2_memory", "--child", folder, mode, str(chunk_rows)],
                                   cwd=ROOT, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise SystemExit(f"child failed:\n{proc.stdout}\n{proc.stderr}")

@@ -6,20 +6,17 @@ products are accumulated in float32. Stage 1 runs in full float32 unless ``--tf3
 also lets matrix products use TF32). Without a GPU, the same rounding is emulated here: a forward
 convolution rounds its input to TF32 inside the operation (round to nearest, ties to even) and the
 weights are rounded once; ``--matmul`` rounds the Linear layers' inputs and weights too (what ``--tf32`` does).
-The workload is the benchmarks' (common.py; random weights: the size of the effect, not a property of
+The workload is the benchmarks' (benchmarks/workload.py; random weights: the size of the effect, not a property of
 the paper's trained ResNet-50).
 
-  python benchmarks/tf32_effect.py [--workdir DIR]
+  python -m benchmarks.studies.tf32_effect [--workdir DIR]
 """
 import argparse
-import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bf16_effect  # noqa: E402
-import common  # noqa: E402
+from benchmarks import measure, workload
+from benchmarks.studies import bf16_effect
 
 
 def round_tf32(x):
@@ -56,17 +53,18 @@ def main():
     import torch
     x = torch.tensor([1.0, 1.0 + 2 ** -11, 1.0 + 3 * 2 ** -11, 1.0 + 2 ** -10])
     assert round_tf32(x).tolist() == [1.0, 1.0, 1.0 + 2 ** -9, 1.0 + 2 ** -10]  # ties to even, 10 bits kept
-    build = common.build_model
-    with common.workdir_from(args.workdir) as workdir:
-        print(f"workload: {common.WORKLOAD}; TF32 emulated on the CPU")
-        ref, w = bf16_effect.stage1(workdir, "cpu", "fp32", False, False)
-        common.build_model = lambda: (lambda mc: (emulate_tf32(mc[0]), mc[1]))(build())
-        conv, _ = bf16_effect.stage1(workdir, "cpu", "tf32conv", False, False)
-        common.build_model = lambda: (lambda mc: (emulate_tf32(mc[0], matmul=True), mc[1]))(build())
-        both, _ = bf16_effect.stage1(workdir, "cpu", "tf32all", False, False)
-        common.build_model = build
-        bf16_effect.compare(ref, conv, w, "TF32 convolutions (cuDNN's default) vs float32")
-        bf16_effect.compare(ref, both, w, "TF32 convolutions and matrix products (--tf32) vs float32")
+    wl = workload.DEFAULT
+    with measure.workdir_from(wl, args.workdir) as workdir:
+        print(f"workload: {wl.describe()}; TF32 emulated on the CPU")
+        ref, w = bf16_effect.stage1(wl, workdir, "cpu", "fp32", False, False)
+
+        def emulated(matmul):
+            model, conv = workload.build_model()
+            return emulate_tf32(model, matmul=matmul), conv
+        conv, _ = bf16_effect.stage1(wl, workdir, "cpu", "tf32conv", False, False, build=lambda: emulated(False))
+        both, _ = bf16_effect.stage1(wl, workdir, "cpu", "tf32all", False, False, build=lambda: emulated(True))
+        bf16_effect.compare(ref, conv, w, "TF32 convolutions (cuDNN's default) vs float32", wl.classes)
+        bf16_effect.compare(ref, both, w, "TF32 convolutions and matrix products (--tf32) vs float32", wl.classes)
         print("(the weight of layer4.2.conv3 is the emulated model's, rounded; the cosines use the float32 weight)")
 
 

@@ -1,36 +1,34 @@
 """How much bfloat16 autocast (--autocast_bf16) and channels_last move stage 1's attributions and the
-stage-2 candidate list, on the benchmark workload (see common.py; random weights, so the numbers show the
+stage-2 candidate list, on the benchmark workload (benchmarks/workload.py; random weights, so the numbers show the
 size of the rounding effect, not a property of the paper's trained ResNet-50).
 
-  python benchmarks/bf16_effect.py [--workdir DIR] [--device cpu|cuda]
+  python -m benchmarks.studies.bf16_effect [--workdir DIR] [--device cpu|cuda]
 """
 import argparse
 import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from benchmarks import measure, workload
 
 SETTINGS = [((0.007, 0.75), "benchmark tau/p"), ((0.005, 0.5), "more pairs")]
 
 
-def stage1(workdir, device, name, autocast, channels_last):
+def stage1(wl, workdir, device, name, autocast, channels_last, build=workload.build_model):
     import torch
 
     from utils.data import folders
     from utils.stages import stage1
     from utils.model import loading
     from utils.files import store
-    model, conv = common.build_model()
-    ds = common.dataset(workdir, "train")
+    model, conv = build()
+    ds = wl.dataset(workdir, "train")
     folder = store.store_folder(os.path.join(workdir, name), "bench")
-    info = dict(model="bench", weights_sha256=loading.weights_sha256(model), layer=common.LAYER,
+    info = dict(model="bench", weights_sha256=loading.weights_sha256(model), layer=workload.LAYER,
                 layer_geometry=loading.layer_geometry(conv), transform="bench", decode="cpu",
                 autocast="bfloat16" if autocast else None, **folders.dataset_summary(ds))
     stage1.run_stage1(model, conv, ds, folder, info,
-                      stage1.PassSettings(common.BATCH_SIZE, torch.device(device), 0, None,
+                      stage1.PassSettings(wl.batch_size, torch.device(device), 0, None,
                                           autocast_dtype=torch.bfloat16 if autocast else None,
                                           channels_last=channels_last),
                       log=lambda *a: None)
@@ -38,17 +36,17 @@ def stage1(workdir, device, name, autocast, channels_last):
     return arrays, conv.weight.detach().cpu()
 
 
-def stage2(arrays, weight, tau, p, low=-1.0, high=1.0):
+def stage2(arrays, weight, classes, tau, p, low=-1.0, high=1.0):
     from utils.method import similarities
     from utils.stages import passes
-    hist = passes.class_histogram(arrays["attributions"], arrays["targets"], common.CLASSES, tau)
-    used = similarities.used_classes(hist, similarities.class_counts(arrays["targets"], common.CLASSES), p)
-    means = passes.class_mean_patch_sums(arrays["patch_sums"], arrays["targets"], common.CLASSES)
+    hist = passes.class_histogram(arrays["attributions"], arrays["targets"], classes, tau)
+    used = similarities.used_classes(hist, similarities.class_counts(arrays["targets"], classes), p)
+    means = passes.class_mean_patch_sums(arrays["patch_sums"], arrays["targets"], classes)
     cands = similarities.candidate_pairs(weight, means, used, low, high)
     return used, {(d["channel"], d["class1"], d["class2"]): d["cosine_similarity"] for d in cands}
 
 
-def compare(ref, other, weight, label):
+def compare(ref, other, weight, label, classes):
     import torch
 
     from utils.method.attribution import important_channels
@@ -68,8 +66,8 @@ def compare(ref, other, weight, label):
         ia = important_channels(torch.from_numpy(ref["attributions"]), tau)
         ib = important_channels(torch.from_numpy(other["attributions"]), tau)
         flips = int((ia != ib).sum())
-        ua, ca = stage2(ref, weight, tau, p)
-        ub, cb = stage2(other, weight, tau, p)
+        ua, ca = stage2(ref, weight, classes, tau, p)
+        ub, cb = stage2(other, weight, classes, tau, p)
         common_keys = set(ca) & set(cb)
         cos_diff = max((abs(ca[k] - cb[k]) for k in common_keys), default=0.0)
         win_a = {k for k, v in ca.items() if 0.0 <= v < 0.5}
@@ -93,13 +91,14 @@ def main():
     p.add_argument("--workdir", default=None)
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
-    with common.workdir_from(args.workdir) as workdir:
-        print(f"workload: {common.WORKLOAD}; device {args.device}")
-        ref, w = stage1(workdir, args.device, "fp32", False, False)
-        cl, _ = stage1(workdir, args.device, "cl", False, True)
-        bf, _ = stage1(workdir, args.device, "bf16", True, True)
-        compare(ref, cl, w, "channels_last vs fp32")
-        compare(ref, bf, w, "bf16 autocast + channels_last vs fp32")
+    wl = workload.DEFAULT
+    with measure.workdir_from(wl, args.workdir) as workdir:
+        print(f"workload: {wl.describe()}; device {args.device}")
+        ref, w = stage1(wl, workdir, args.device, "fp32", False, False)
+        cl, _ = stage1(wl, workdir, args.device, "cl", False, True)
+        bf, _ = stage1(wl, workdir, args.device, "bf16", True, True)
+        compare(ref, cl, w, "channels_last vs fp32", wl.classes)
+        compare(ref, bf, w, "bf16 autocast + channels_last vs fp32", wl.classes)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""How much --fast_resize moves stage 1's attributions (as benchmarks/tf32_effect.py does for TF32).
+"""How much --fast_resize moves stage 1's attributions (as benchmarks/studies/tf32_effect.py does for TF32).
 
 Stage 1 (utils.stages.stage1.run_stage1) runs twice on the CPU over the same generated JPEGs, ResNet-50 with
 random weights (seed 0; layer4.2.conv3): once with the default decoding (PIL decode, Resize(256),
@@ -8,7 +8,7 @@ reduced-size decoding possible: only the resize shortcut acts) and as many of 10
 size). Random weights: the numbers show the size of the input change's effect, not a property of the
 paper's trained ResNet-50.
 
-  python benchmarks/fast_resize_effect.py [--images 24] [--threads 2]
+  python -m benchmarks.studies.fast_resize_effect [--images 24] [--threads 2]
 """
 import argparse
 import os
@@ -20,15 +20,13 @@ import numpy as np
 import torch
 import torchvision
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import make_jpegs  # noqa: E402
-from gpu_steps import describe_difference  # noqa: E402
+from benchmarks import make_jpegs
+from benchmarks.gpu_steps import describe_difference
 from utils.data import cpu_decode
 from utils.data import folders
 from utils.stages import stage1 as stage1_module
 from utils.model import loading
-from utils.files import store  # noqa: E402
+from utils.files import store
 
 
 def stage1(root, folder, fast, model, conv, threads):

@@ -2,7 +2,7 @@
 (decode + Resize(256) + CenterCrop(224) + to uint8 tensor), the --fast_resize path (utils/data/cpu_decode.py), and
 the stage-1 loader alone (no model) with 2 worker processes.
 
-  python benchmarks/cpu_decode.py [--images 400] [--large 200] [--repeat 3] [--workers 2]
+  python -m benchmarks.studies.cpu_decode [--images 400] [--large 200] [--repeat 3] [--workers 2]
 
 Files: ``--images`` generated 500 x 375 JPEGs (benchmarks/make_jpegs.py, about 75 kB each: ImageNet's most
 common size, where --fast_resize cannot decode at reduced size) and ``--large`` 1000 x 750 ones (where it
@@ -22,11 +22,9 @@ import time
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import make_jpegs  # noqa: E402
+from benchmarks import make_jpegs
 from utils.data import cpu_decode
-from utils.data import folders  # noqa: E402
+from utils.data import folders
 
 
 def decode_only(raw):
