@@ -16,10 +16,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # on sys.pat
 NUM_CLASSES = 4
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: a long test (deselect with -m 'not slow')")
-
-
 def make_image_folder(root, train_per_class=6, val_per_class=4, num_classes=NUM_CLASSES, seed=0, size=(40, 48)):
     """ImageFolder with train/ and val/ of ``num_classes`` classes of random JPEG images (class-dependent tint)."""
     rng = np.random.default_rng(seed)
@@ -130,7 +126,3 @@ def tree_bytes(folder):
             with open(p, "rb") as fh:
                 out[os.path.relpath(p, folder)] = fh.read()
     return out
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: a test of more than about 30 s (deselect with -m 'not slow')")
