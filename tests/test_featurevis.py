@@ -369,8 +369,10 @@ def test_values_and_peaks_of_a_hand_built_map():
 
 
 def other_value(action):
-    """A value of a flag other than its default (int: 2 d + 1, float: d / 2), as command-line text."""
-    d = action.default
+    """A value of a flag other than its default (int: 2 d + 1, float: d / 2), as command-line text; a size flag
+    whose default is None (``--fv_preset``'s paper value then applies) from that value."""
+    from utils.featurevis.settings import PRESETS
+    d = PRESETS["paper"][action.dest] if action.default is None else action.default
     return str(2 * d + 1 if isinstance(d, int) else d / 2)
 
 
@@ -381,9 +383,9 @@ def test_every_feature_vis_flag_reaches_the_settings():
     from utils.featurevis.settings import Settings
     parser = get_results.build_parser()
     base = Settings.from_args(parser.parse_args([]))
-    flags = [a for a in parser._actions if a.dest.startswith("fv_")]
+    flags = [a for a in parser._actions if a.dest.startswith("fv_") and a.dest != "fv_preset"]
     assert len(flags) == 7
-    runs = [[a.option_strings[0], other_value(a)] for a in flags]
+    runs = [[a.option_strings[0], other_value(a)] for a in flags] + [["--fv_preset", "quick"]]
     runs += [["--batch_size", "11"], ["--num_workers", "2"], ["--skip_unreadable"], ["--data_dir", "D"],
              ["--model_dir", "S"]]
     assert [r[0] for r in runs if Settings.from_args(parser.parse_args(r)) == base] == []

@@ -208,5 +208,7 @@ def test_demo_writes_the_same_files_as_before_the_plan(arch, request):
     # report entries are extra; every file of the old run is the same, and its printed lines come in order
     print("extra in the new run:", sorted(set(digests.files_below(pristine)) - set(old["files"])))
     assert len(old["files"]) > 50
-    assert digests.differing_files(pristine, old["files"], new_root, extra_ok=True) == []
+    # stage 4's log now also holds the feature visualizations' plan and estimate lines (the demo's stdout, whose
+    # old lines are checked in order below, holds the rest of it); every other file byte for byte
+    assert digests.differing_files(pristine, old["files"], new_root, extra_ok=True, skip=("logs/stage4.log",)) == []
     assert digests.is_subsequence(old["printed"], digests.printed_lines(new_stdout, new_root))

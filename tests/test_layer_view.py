@@ -179,10 +179,10 @@ def test_stages_1_to_4_on_a_grouped_conv_and_the_default_linear(image_root, tmp_
                                     if f == "manifest.json")))
     assert manifest["layer"] == (layer or "mlp.0")
     assert manifest["layer_geometry"].get("groups") == (2 if layer else None)
-    ok(S2, "--store_dir", store, "--out_dir", out, "--proportion_attribution_required", 0.1, "--p", 0.5, *RUN)
-    ok(S2, "--store_dir", store, "--label_free", "--channels", 3, 4, "--top_n", 8, "--k", 2, *RUN)
+    ok(S2, "--store_dir", store, "--model", "tests.tiny_models:mixed_net", "--out_dir", out, "--proportion_attribution_required", 0.1, "--p", 0.5, *RUN)
+    ok(S2, "--store_dir", store, "--model", "tests.tiny_models:mixed_net", "--label_free", "--channels", 3, 4, "--top_n", 8, "--k", 2, *RUN)
     job = ["--classes_for_concept1", 0, "--classes_for_concept2", 1]
-    s3 = ok(S3, "--store_dir", store, "--channel_disentangle", 3, *job, "--export_model", *RUN)
+    s3 = ok(S3, "--store_dir", store, "--model", "tests.tiny_models:mixed_net", "--channel_disentangle", 3, *job, "--export_model", *RUN)
     infos = [os.path.join(r, f) for r, _, fs in os.walk(store) for f in fs if f.endswith("_info.json")]
     assert infos and all(json.load(open(p))["exact"] for p in infos), s3.stdout
     exported = [os.path.join(r, f) for r, _, fs in os.walk(store) for f in fs if f.endswith("_f_best_model.json")]
@@ -190,16 +190,16 @@ def test_stages_1_to_4_on_a_grouped_conv_and_the_default_linear(image_root, tmp_
         json.load(open(exported[0]))["layer_replaced_by"][0]
     extras = [] if layer else ["--get_feature_vis", "--fv_size", 24, "--fv_steps", 2, "--fv_crops", 2,
                                "--fv_spectrum_images", 4, "--get_sae_view", "--sae_steps", 5, "--sae_train_images", 8]
-    s4 = ok(S4, "--model_dir", store, "--channel_of_interest", 3, *job, "--get_quantitative", "--out_dir", out,
+    s4 = ok(S4, "--model_dir", store, "--model", "tests.tiny_models:mixed_net", "--channel_of_interest", 3, *job, "--get_quantitative", "--out_dir", out,
             *extras, *RUN)
     if extras:
         assert any(f.endswith("_feature_vis.json") for _, _, fs in os.walk(out) for f in fs), s4.stdout
     cands = [os.path.join(r, f) for r, _, fs in os.walk(store) for f in fs if f.endswith("_candidates.json")]
-    whole = ok(S3, "--store_dir", store, "--candidates", cands[0], "--top", 2, "--export_model", *RUN)
+    whole = ok(S3, "--store_dir", store, "--model", "tests.tiny_models:mixed_net", "--candidates", cands[0], "--top", 2, "--export_model", *RUN)
     assert "its logits equal the original's" in whole.stdout
     from utils.model.whole_layer import load_exported_whole_layer
     js = [os.path.join(r, f) for r, _, fs in os.walk(store) for f in fs if f.endswith("_whole_layer_model.json")]
-    net, x = load_exported_whole_layer(js[0]), images(3)
+    net, x = load_exported_whole_layer(js[0], model="tests.tiny_models:mixed_net"), images(3)
     torch.testing.assert_close(net(x), mixed_net()(x), rtol=1e-4, atol=1e-5)
 
 

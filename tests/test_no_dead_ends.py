@@ -76,7 +76,7 @@ def test_a_torchvision_name_from_the_manifest_is_rebuilt(tmp_path):
     store = str(tmp_path / "store")
     fake_store(store, "resnet18", layer="layer4.1.conv2")
     r = run_inproc(S2, "--store_dir", store, "--list_layers", *RUN)
-    assert r.returncode == 0 and "layer4.1.conv2" in r.stdout and "Conv2d layers of resnet18" in r.stdout
+    assert r.returncode == 0 and "layer4.1.conv2" in r.stdout and "Conv2d and Linear layers of resnet18" in r.stdout
 
 
 def test_model_that_disagrees_with_the_store_is_refused_before_any_weights(tmp_path, monkeypatch):

@@ -103,7 +103,7 @@ def test_newcomer_second_layer_overwrites_nothing(newcomer):
         assert f"results_get_cosine_similarities/{TAG}_{layer}_required0.1_p0.5_cossim0.0to1.0.txt" in out2
         assert f"{TAG}_{layer}_channel_importances/attributions.npy" in store2
         assert f"models_disentangled/{TAG}_{layer}_channel1_classes1[0]_classes2[1]_f_best_unnormalized.pth" in store2
-        assert f"results_quantitative/means_{TAG}_{layer}_required0.03.txt" in out2
+        assert f"results_quantitative/means_{TAG}_{layer}_required0.1.txt" in out2  # stage 2's tau, from its record
         assert f"results_disentanglement/density_concept1_{TAG}_{layer}.txt" in out2
         man = json.loads(store2[f"{TAG}_{layer}_channel_importances/manifest.json"])
         assert man["layer"] == layer and man["init_seed"] == loading.INIT_SEED
