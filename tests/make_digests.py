@@ -62,7 +62,7 @@ def before_plan(tree, work):
     from tests.test_house_plan import TRIPLES, run_case
     case = os.path.join(work, "case")
     stdout = run_case(tree, case, TRIPLES)
-    runs = {"case": {"files": digests.folder_digest(case, case), "printed": digests.printed_lines(stdout, case),
+    runs = {"case": {"files": digests.folder_digest(case, case, with_keys=True), "printed": digests.printed_lines(stdout, case),
                      "root": case}}  # the test runs today's case in the same folder (see test_house_plan)
     for name, args in (("demo_cnn", [*DEMO_CNN, "--seed", "0"]), ("demo_resnet", DEMO_RESNET)):
         runs[name] = demo_digest(tree, os.path.join(work, name), [a for a in args if a != "--no_atlas"])
