@@ -142,8 +142,10 @@ def folder_digest(folder, root=None, with_keys=False, skip=()):
 
 def differing_files(folder, digest, root=None, extra_ok=False, skip=()):
     """Relative paths below ``folder`` that differ from ``digest`` (``folder_digest``) or are missing on one side
-    (``only in old: P``, ``only in new: P``); ``extra_ok``: files the digest lacks are fine."""
+    (``only in old: P``, ``only in new: P``); ``extra_ok``: files the digest lacks are fine; ``skip``: paths ending
+    in one of these are left out on both sides."""
     have = [p for p in files_below(folder) if not (skip and p.endswith(tuple(skip)))]
+    digest = {p: v for p, v in digest.items() if not (skip and p.endswith(tuple(skip)))}
     out = [f"only in old: {p}" for p in sorted(set(digest) - set(have))]
     out += [] if extra_ok else [f"only in new: {p}" for p in sorted(set(have) - set(digest))]
     out += [p for p in sorted(set(have) & set(digest))
