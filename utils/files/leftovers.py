@@ -7,7 +7,7 @@ run killed mid-write (SIGKILL, power cut) leaves that temporary file behind. Its
 
 (a final name is cut to 224 bytes there, so that the whole fits the file system's 255 bytes with any pid). The pid and host
 follow the last dot, with the random characters: what precedes it, ``.tmp_{final name}``, is the same on every
-run, and ``torch.save`` writes it into the file (its archive's folder name), which stays byte for byte the same.
+run, and ``torch.save`` writes it into the file (its archive's folder name), which stays byte for byte the same;
 and the writer holds an exclusive ``flock`` on it (on the descriptor that created it) until the rename.
 ``remove_stale(folder)`` removes, in ``folder`` only (not below), each temporary file (or folder: the atlas's)
 whose name has that form and whose writer is gone:
