@@ -51,7 +51,7 @@ def shown_lines(path=PAGE):
     """The lines of the session's ```text blocks that no machine prints otherwise: without decimals (which the
     CPU's rounding may change), tensors or an ellipsis."""
     with open(path) as f:
-        session = f.read().split("## A notebook session", 1)[1]
+        session = f.read().split("## From the data to the atlas, in a notebook", 1)[1]
     lines = [line for block in re.findall(r"^```text\n(.*?)^```", session, re.S | re.M) for line in block.splitlines()]
     return [line for line in lines if not re.search(r"\d\.\d|tensor\(|\.\.\.", line)]
 
