@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import make_jpegs  # noqa: E402
 from utils.run import cli
+from utils.run import device
 from utils.data import folders
 from utils.data import gpu_decode
 from utils.stages import stage1
@@ -70,7 +71,7 @@ def main():
     p.add_argument("--num_workers", type=int, default=min(16, os.cpu_count() or 1))
     p.add_argument("--bf16", action="store_true", help="also measure with bfloat16 autocast")
     args = p.parse_args()
-    device = cli.select_device(None, 0)
+    device = device.select_device(None, 0)
     torch.manual_seed(0)
     model = torchvision.models.resnet50(weights=None).eval().to(device).to(memory_format=torch.channels_last)
     for prm in model.parameters():

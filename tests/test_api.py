@@ -8,7 +8,7 @@ import pytest
 from tests.conftest import make_image_folder
 from utils import api
 from utils.files import atomic, names
-from utils.run.cli import UserError
+from utils.errors import UserError
 
 import disentangle_channel
 import get_cosine_similarities

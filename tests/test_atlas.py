@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import ROOT, tree_bytes
 from utils.atlas import collect, write
 from utils.files import names
-from utils.run.cli import UserError
+from utils.errors import UserError
 
 
 

@@ -18,7 +18,7 @@ from PIL import Image
 from tests.conftest import tree_bytes
 from utils.atlas import html, safe, write
 from utils.files import names
-from utils.run.cli import UserError
+from utils.errors import UserError
 
 SCRIPT = "<script>window.pwned='script';document.title='pwned'</script>"
 IMG = "\"><img src=x onerror=\"window.pwned='img'\">"

@@ -13,7 +13,7 @@ import torch
 
 from utils.featurevis import spectrum
 from utils.files import cache, names
-from utils.run.cli import UserError
+from utils.errors import UserError
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from tests.conftest import make_image_folder, tree_bytes
 from utils.concepts import candidates
 from utils.files import names
 from utils.run import cli
-from utils.run.cli import UserError
+from utils.errors import UserError
 
 TINY = "tests.tiny_models:tiny_resnet"
 MODEL = ["--model", TINY, "--batch_size", "4", "--num_workers", "0", "--device", "cpu"]

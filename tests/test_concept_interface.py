@@ -10,7 +10,7 @@ import torch
 from utils.concepts.base import ASKED, Concepts, ValImages
 from utils.concepts.by_classes import Triple, class_ids
 from utils.concepts.by_clusters import ClusterConcepts
-from utils.run.cli import UserError
+from utils.errors import UserError
 
 NAMES = ["cat", "dog", "car", "cup", "owl"]
 # store labels of 8 training rows; -1: an image stage 1 could not read

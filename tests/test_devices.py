@@ -1,4 +1,4 @@
-"""Device choice of every stage script (utils.run.cli.select_device), on a CPU-only machine with CUDA faked:
+"""Device choice of every stage script (utils.run.device.select_device), on a CPU-only machine with CUDA faked:
 under torchrun each process takes the card of its LOCAL_RANK, explicit cards are refused there, the chosen
 card is made current with torch.cuda.set_device (never card 0 when another card was asked for), and bad
 requests are one-line UserErrors."""
@@ -14,6 +14,7 @@ import torch
 from tests.conftest import ROOT
 from utils.run import cli
 from utils.run import context
+from utils.run import device as device_choice
 
 STAGE_SCRIPTS = ("get_importances_for_classes.py", "get_cosine_similarities.py", "disentangle_channel.py",
                  "get_results.py")
@@ -38,8 +39,8 @@ def fake_cuda(monkeypatch):
 def test_bare_cuda_under_torchrun_is_the_local_rank_card(fake_cuda):
     calls = fake_cuda(8)
     for local_rank in range(8):
-        assert cli.select_device("cuda", None, local_rank, 8) == torch.device("cuda", local_rank)
-        assert cli.select_device(None, None, local_rank, 8) == torch.device("cuda", local_rank)
+        assert device_choice.select_device("cuda", None, local_rank, 8) == torch.device("cuda", local_rank)
+        assert device_choice.select_device(None, None, local_rank, 8) == torch.device("cuda", local_rank)
     assert calls == [r for r in range(8) for _ in range(2)]
 
 
@@ -49,10 +50,10 @@ def test_torchrun_environment_is_read_when_not_given(fake_cuda, monkeypatch):
     monkeypatch.setenv("RANK", "6")  # second node: global rank 6, local rank 2
     monkeypatch.setenv("LOCAL_RANK", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert cli.select_device(None, None) == torch.device("cuda", 2) and calls == [2]
+    assert device_choice.select_device(None, None) == torch.device("cuda", 2) and calls == [2]
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # more processes on the node than cards: every rank refuses
     with pytest.raises(cli.UserError, match="--nproc_per_node 4"):
-        cli.select_device(None, None)
+        device_choice.select_device(None, None)
     assert calls == [2]
 
 
@@ -65,7 +66,7 @@ def test_torchrun_environment_is_read_when_not_given(fake_cuda, monkeypatch):
 def test_one_card_for_all_processes_is_refused(fake_cuda, device, gpu, words):
     calls = fake_cuda(8)
     with pytest.raises(cli.UserError) as e:
-        cli.select_device(device, gpu, 1, 2)
+        device_choice.select_device(device, gpu, 1, 2)
     msg = str(e.value)
     assert "\n" not in msg and all(w in msg for w in words), msg
     assert calls == []
@@ -73,36 +74,36 @@ def test_one_card_for_all_processes_is_refused(fake_cuda, device, gpu, words):
 
 def test_local_rank_without_its_own_card_is_refused(fake_cuda):
     calls = fake_cuda(2)
-    assert cli.select_device("cuda", None, 1, 4) == torch.device("cuda", 1)
+    assert device_choice.select_device("cuda", None, 1, 4) == torch.device("cuda", 1)
     with pytest.raises(cli.UserError, match=r"LOCAL_RANK 2 has no CUDA card.*--nproc_per_node 2"):
-        cli.select_device("cuda", None, 2, 4)
+        device_choice.select_device("cuda", None, 2, 4)
     assert calls == [1]
 
 
 @pytest.mark.parametrize("device, gpu", [(None, 3), ("cuda", 3), ("cuda:3", None), ("cuda:3", 3)])
 def test_single_process_card_3_sets_card_3_never_0(fake_cuda, device, gpu):
     calls = fake_cuda(4)
-    assert cli.select_device(device, gpu, 0, 1) == torch.device("cuda", 3)
+    assert device_choice.select_device(device, gpu, 0, 1) == torch.device("cuda", 3)
     assert calls == [3]
 
 
 def test_single_process_defaults(fake_cuda):
     calls = fake_cuda(2)
-    assert cli.select_device(None, None, 0, 1) == torch.device("cuda", 0)
-    assert cli.select_device("cuda", None, 0, 1) == torch.device("cuda", 0)
-    assert cli.select_device("cpu", 1, 0, 1) == torch.device("cpu")  # --gpu is ignored on the CPU
-    assert cli.select_device("cpu", None, 3, 8) == torch.device("cpu")  # torchrun on CPU (gloo)
+    assert device_choice.select_device(None, None, 0, 1) == torch.device("cuda", 0)
+    assert device_choice.select_device("cuda", None, 0, 1) == torch.device("cuda", 0)
+    assert device_choice.select_device("cpu", 1, 0, 1) == torch.device("cpu")  # --gpu is ignored on the CPU
+    assert device_choice.select_device("cpu", None, 3, 8) == torch.device("cpu")  # torchrun on CPU (gloo)
     assert calls == [0, 0]
 
 
 def test_without_cuda(fake_cuda):
     calls = fake_cuda(0)
-    assert cli.select_device(None, None, 0, 1) == torch.device("cpu")
-    assert cli.select_device(None, 3, 0, 1) == torch.device("cpu")  # published --gpu on a CPU machine
-    assert cli.select_device(None, None, 1, 2) == torch.device("cpu")
+    assert device_choice.select_device(None, None, 0, 1) == torch.device("cpu")
+    assert device_choice.select_device(None, 3, 0, 1) == torch.device("cpu")  # published --gpu on a CPU machine
+    assert device_choice.select_device(None, None, 1, 2) == torch.device("cpu")
     for device in ("cuda", "cuda:0", "cuda:3"):
         with pytest.raises(cli.UserError, match=f"--device {device}: CUDA is not available.*--device cpu"):
-            cli.select_device(device, None, 0, 1)
+            device_choice.select_device(device, None, 0, 1)
     assert calls == []
 
 
@@ -118,7 +119,7 @@ def test_without_cuda(fake_cuda):
 def test_bad_requests_are_one_line_errors(fake_cuda, device, gpu, words):
     calls = fake_cuda(4)
     with pytest.raises(cli.UserError) as e:
-        cli.select_device(device, gpu, 0, 1)
+        device_choice.select_device(device, gpu, 0, 1)
     msg = str(e.value)
     assert "\n" not in msg and all(w in msg for w in words), msg
     assert calls == []

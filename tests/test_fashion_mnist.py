@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from demo import fashion_mnist as FM
-from utils.run.cli import UserError
+from utils.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE_DATA = all(os.path.isfile(os.path.join(FM.SOURCE, stem + ".gz")) for pair in FM.FILES.values() for stem in pair)

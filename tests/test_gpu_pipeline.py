@@ -19,7 +19,7 @@ from utils.data import gpu_decode
 from utils.stages import stage1
 from utils.data import overlap
 from utils.files import store
-from utils.run.cli import UserError
+from utils.errors import UserError
 
 
 @pytest.fixture(scope="module")

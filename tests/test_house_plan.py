@@ -95,8 +95,14 @@ def test_package_map_names_every_sub_package():
                if f.endswith(".py") and not f.startswith("__")]
     assert [m for m in modules if f"``{m.split('.')[1]}``" not in doc] == []  # every module on the map
     loose = sorted(f[:-3] for f in os.listdir(utils_dir) if f.endswith(".py") and f != "__init__.py")
-    assert loose == ["disentangle"]  # kept at its path: exported model files name utils.disentangle
-    assert "``disentangle``" in doc
+    # disentangle: kept at its path (exported model files name utils.disentangle); errors and finite: the bottom,
+    # which every sub-package may import (they import nothing of ours but errors)
+    assert loose == ["disentangle", "errors", "finite"]
+    assert all(f"``{m}``" in doc for m in loose)
+    for m in ("errors", "finite"):
+        src = open(os.path.join(utils_dir, m + ".py")).read()
+        assert [line for line in src.splitlines() if line.startswith(("from utils", "import utils"))
+                and "utils.errors" not in line] == []
 
 
 # ---------------------------------------------------------------------------------------------- byte identity

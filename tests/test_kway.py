@@ -208,7 +208,7 @@ def test_load_disentangled_model_reads_k_from_the_checkpoint(tmp_path):
     assert net.conv3[0].out_channels == 16 + 3
     images = torch.randn(2, 3, 64, 64)
     assert split.within_tolerance(*max_logit_difference(model, net, images))
-    from utils.run.cli import UserError
+    from utils.errors import UserError
     bad = dict(sd, **{"merged.weight": torch.ones(1, 3, 1, 1)})
     with pytest.raises(UserError, match="merged.weight"):
         disentangle.load_disentangled_model(TINY, "none", "conv3", 2, bad)

@@ -13,7 +13,7 @@ from utils.method import attribution, similarities, split
 from utils.model import layer_survey, loading, tap
 from utils.model.layer_view import LayerView, dense_weight
 from utils.model.whole_layer import build_whole_layer_model
-from utils.run.cli import UserError
+from utils.errors import UserError
 from tests.tiny_models import mixed_net
 
 LAYERS = ("grouped", "pw", "mlp.0", "head")

@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import tree_bytes
 from tests.test_cli import refuse, run_inproc
 from utils.concepts import by_classes as trip
-from utils.run.cli import UserError
+from utils.errors import UserError
 
 STAGE1 = "get_importances_for_classes.py"
 STAGE3 = "disentangle_channel.py"

@@ -18,8 +18,8 @@ from utils.data import folders
 from utils.files import atomic, digests, reading, registry
 from utils.files.store import ARRAYS, Store
 from utils.model import loading
-from utils.run import finite
-from utils.run.cli import UserError
+from utils import finite
+from utils.errors import UserError
 
 
 def strict_loads(text):

@@ -12,7 +12,7 @@ from utils.method import whole_layer as wl
 from utils.method.split import checkpoint_state_dict, merge_weights, split_filters_k
 from utils.model import loading
 from utils.model import whole_layer
-from utils.run.cli import UserError
+from utils.errors import UserError
 
 # (model spec, layer): a VGG-style conv with bias and ReLU; a ResNet-style conv followed by BatchNorm and an
 # identity add; the demo's bottleneck conv followed by BatchNorm and a projection add

@@ -11,7 +11,9 @@ what the math needs around it. The method itself, in words and formulas: docs/me
 - ``model/``       ``loading`` (models, weights, layers), ``layer_view`` (a conv, grouped conv or Linear as one kind of
   layer: a unit is a weighted sum of input channels over positions), ``layer_survey`` (which layers are
   supported, the default layer, why the others are refused), ``tap`` (a layer's input and output; a forward
-  that stops there), ``whole_layer`` (the whole-layer network: build, export, load)
+  that stops there), ``checkpoint`` (what a split checkpoint holds), ``disentangled`` (the disentangled network of
+  one channel: surgery, network check, export, ``load_disentangled_model``), ``whole_layer`` (the whole-layer
+  network: build, export, load)
 - ``data/``        ``folders`` (ImageFolder, transform, loaders), ``scan`` (the one pass over images up to a
   layer), ``classmap`` (class folders to model outputs), ``cpu_decode``, ``gpu_decode``, ``overlap`` (stage 1)
 - ``files/``       ``names`` (every file name the stages write or read), ``atomic`` (writes, locks, strict JSON, a
@@ -33,11 +35,13 @@ what the math needs around it. The method itself, in words and formulas: docs/me
 - ``report/``      what the user sees: ``plots``, ``tables``, ``stage3_text``, ``latex``
 - ``atlas/``       the static site of a layer's split channels: ``collect``, ``html``, ``safe`` (every value and
   link that reaches HTML), ``write``
-- ``run/``         ``cli`` (shared flags, one-line errors, devices), ``finite`` (NaN or infinity refused),
-  ``context`` (what a stage sets up from its flags and the store), ``distributed`` (torchrun), ``call_flags.sh``
+- ``run/``         ``cli`` (shared flags, one-line error reporting), ``device`` (the device from the flags and
+  torchrun), ``context`` (what a stage sets up from its flags and the store), ``distributed`` (torchrun), ``call_flags.sh``
   (the call scripts' shared flags)
-- ``disentangle``  the disentangled network of one channel: surgery, network check, export,
-  ``load_disentangled_model`` (kept at this path: exported model files name it)
+- ``errors``       ``UserError``, the one-line error for bad input (the bottom: it imports nothing of ours)
+- ``finite``       NaN or infinity in weights, attributions, scores: refused in one line
+- ``disentangle``  ``load_disentangled_model`` and the rest of ``model/disentangled`` at the path exported model
+  files name
 - ``api/``         the stages from Python (a notebook; docs/python.md): ``calls`` (one call per stage script),
   ``keywords`` (keywords to the script's flags), ``written`` (the files a call wrote), ``result`` (what it returns)
 """

@@ -25,7 +25,7 @@ from utils.api.calls import atlas, cosine_similarities, disentangle, importances
 from utils.api.keywords import SCRIPTS, argv_of, flags, parse
 from utils.api.result import BEST_CHECKPOINT, RECORDS, Result, record_kind
 from utils.api.written import snapshot, written, written_folders
-from utils.run.cli import UserError
+from utils.errors import UserError
 
 __all__ = ["importances", "cosine_similarities", "disentangle", "results", "atlas", "run", "flags", "Result",
            "UserError"]

@@ -3,7 +3,7 @@
 from utils.api.keywords import SCRIPTS, parse
 from utils.api.result import Result
 from utils.api.written import read_records, snapshot, written, written_folders
-from utils.run.cli import UserError
+from utils.errors import UserError
 
 
 def run(stage, **kwargs):

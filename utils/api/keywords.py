@@ -5,7 +5,7 @@ import difflib
 import importlib
 import os
 
-from utils.run.cli import UserError
+from utils.errors import UserError
 
 # verb -> (the module whose build_parser() and main(args) it runs, the script as a command line names it)
 SCRIPTS = {

@@ -16,7 +16,7 @@ from collections import Counter
 
 from utils.atlas.safe import finite
 from utils.files import names
-from utils.run.cli import UserError
+from utils.errors import UserError
 
 RUN_NAME = re.compile(r"^(?P<name>.*)_channel(?P<channel>\d+)_")
 

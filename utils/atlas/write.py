@@ -19,7 +19,7 @@ import tempfile
 
 from utils.atlas import collect, html
 from utils.files import atomic, leftovers, names
-from utils.run.cli import UserError
+from utils.errors import UserError
 
 THUMB_HEIGHT = 48  # pixels of the index's feature-visualization thumbnails
 COPIED = ("top_images", "feature_vis", "scores", "sae_view", "summary", "info", "feature_vis_json", "sae_view_json")

@@ -20,7 +20,8 @@ import numpy as np
 from utils.concepts.base import Concepts, ValImages
 from utils.data import folders
 from utils.files import names as file_names
-from utils.run.cli import UserError, parse_classes
+from utils.errors import UserError
+from utils.run.cli import parse_classes
 
 
 @dataclass

@@ -20,7 +20,7 @@ import torch
 from utils.concepts.base import Concepts, ValImages
 from utils.files import names as file_names
 from utils.files import store
-from utils.run.cli import UserError
+from utils.errors import UserError
 from utils.method.clustering import nearest_centroid
 from utils.method.evaluation import top_k
 

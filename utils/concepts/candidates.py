@@ -20,7 +20,7 @@ import os
 from utils.concepts import by_clusters
 from utils.concepts.by_classes import MORE_CONCEPTS, Triple, check_triples
 from utils.files import store
-from utils.run.cli import UserError
+from utils.errors import UserError
 
 MAX_K = MORE_CONCEPTS[-1]  # a split takes at most six concepts
 

@@ -3,7 +3,7 @@
 ``--classes_for_concept3..6``), the same rules for stages 3 and 4."""
 from utils.concepts import candidates
 from utils.concepts.by_classes import check_no_classes_with_file, class_jobs
-from utils.run.cli import UserError
+from utils.errors import UserError
 
 
 def class_jobs_of_flags(args, channel_flag, clusters_need_file, why_channel, verb):

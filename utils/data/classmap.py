@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from utils.run.cli import UserError
+from utils.errors import UserError
 
 WNIDS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet_wnids.txt")
 

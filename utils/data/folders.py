@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 from PIL import Image
 from torchvision import datasets, transforms
 
-from utils.run.cli import UserError
+from utils.errors import UserError
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from utils.data import folders
 from utils.featurevis.param import color_covariance, color_matrix, color_moments, magnitudes
 from utils.files import atomic, cache, names, reading
-from utils.run.cli import UserError
+from utils.errors import UserError
 
 
 def spectrum_from_images(batches):

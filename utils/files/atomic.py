@@ -21,7 +21,7 @@ import time
 from contextlib import contextmanager
 
 from utils.files import leftovers
-from utils.run.cli import UserError
+from utils.errors import UserError
 
 
 class LockHeld(Exception):

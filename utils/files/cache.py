@@ -16,7 +16,7 @@ import os
 import tempfile
 
 from utils.files import leftovers
-from utils.run.cli import UserError
+from utils.errors import UserError
 
 TOOL = "channel_disentanglement"
 _said = set()

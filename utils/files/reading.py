@@ -16,7 +16,7 @@ import zipfile
 
 import numpy as np
 
-from utils.run.cli import UserError
+from utils.errors import UserError
 
 REWRITE = "delete it and rerun the stage that wrote it"
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from utils.files import atomic, digests, leftovers, names, reading
 from utils.files.names import store_folder
-from utils.run.cli import UserError
+from utils.errors import UserError
 
 ARRAYS = ("attributions", "targets", "predictions", "patch_sums")
 UNREADABLE_PREDICTION = -1  # the prediction stored for an image that could not be read (its row is all zeros)

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from utils.run.cli import UserError
+from utils.errors import UserError
 
 
 INIT_SEED = 0  # torch's seed while a model is built without weights (--weights none, a factory's own)
@@ -196,7 +196,7 @@ def load_model(model_spec, weights=None, check_repeatable=False):
     model.eval()
     for prm in model.parameters():
         prm.requires_grad_(False)
-    from utils.run.finite import refuse_nonfinite_weights
+    from utils.finite import refuse_nonfinite_weights
     refuse_nonfinite_weights(model, f"--model {model_spec}, weights {weights_id}")
     return model, weights_id
 

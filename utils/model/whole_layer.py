@@ -13,12 +13,12 @@ import os
 import torch
 import torch.nn as nn
 
-from utils.disentangle import (checkpoint_problem, concepts_of_checkpoint, conv_geometry, exported_state_dict,
-                               exported_weights)
+from utils.model.checkpoint import (checkpoint_problem, concepts_of_checkpoint, conv_geometry, exported_state_dict,
+                                    exported_weights)
 from utils.method import whole_layer as wl
 from utils.model import loading
 from utils.model.layer_view import as_view, describe, set_weight
-from utils.run.cli import UserError
+from utils.errors import UserError
 
 
 class SparseMerge(nn.Module):
@@ -75,7 +75,7 @@ def empty_whole_layer(conv, layout):
 
 def check_checkpoints(conv, layer_path, checkpoints):
     """Refuse (UserError, one line) no checkpoint, a channel outside the layer, or a checkpoint that does not fit
-    ``conv`` (``utils.disentangle.checkpoint_problem``)."""
+    ``conv`` (``utils.model.checkpoint.checkpoint_problem``)."""
     if not checkpoints:
         raise UserError(f"no checkpoint given for layer {layer_path}")
     for c, sd in checkpoints.items():

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from utils.data import classmap
 from utils.run import cli
+from utils.run import device as device_choice
 from utils.data import folders
 from utils.model import loading
 from utils.files import names, store
@@ -196,7 +197,7 @@ def setup(args, split="train", need_data=True, store_flag=None, defer_class_erro
         args.layer_of_interest = "last_conv"
     recorded = None if manifest is None else folders.Transform.from_record(manifest.get("input_transform"))
     transform = transform_of(args, recorded)
-    device = cli.select_device(args.device, args.gpu)
+    device = device_choice.select_device(args.device, args.gpu)
     # stage 1 (no store to read) makes sure that a later stage can build the same weights again
     model, weights_id = loading.load_model(args.model, args.weights, check_repeatable=store_flag is None)
     loading.check_input_size(model, args.model, transform.crop)

@@ -11,7 +11,7 @@ everything else of the stage (results, SAE view, atlas). The files equal those o
 devices compute alike (on CPU: with the same number of threads).
 """
 from utils.run import distributed
-from utils.run.cli import UserError
+from utils.errors import UserError
 from utils.stages import feature_vis
 
 TIMEOUT_HOURS = 24  # how long a rank waits for the others: rank 0's pass, or the slowest rank's share

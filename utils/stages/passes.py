@@ -11,7 +11,7 @@ from tqdm import tqdm
 from utils.files.rows import chunks, read_rows
 from utils.method import similarities
 from utils.method.similarities import DEFAULT_CHUNK_ROWS
-from utils.run import finite
+from utils import finite
 
 
 def _chunks_shown(n, chunk_rows, desc, progress):

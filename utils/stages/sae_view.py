@@ -26,7 +26,8 @@ from utils.data import scan as image_scan
 from utils.featurevis.spectrum import files_sha256, spectrum_images
 from utils.files import atomic, cache, names
 from utils.method import sae as S
-from utils.run.cli import UserError, at_least, default_workers
+from utils.errors import UserError
+from utils.run.cli import at_least, default_workers
 from utils.method.split import filter_maps, positive_mass
 from utils.method.evaluation import top_k
 

@@ -25,9 +25,10 @@ from utils.model import tap
 
 from utils.method import attribution
 from utils.data import folders
-from utils.run import distributed, finite
+from utils import finite
+from utils.run import distributed
 from utils.data import overlap
-from utils.run.cli import UserError
+from utils.errors import UserError
 from utils.files.store import COMPLETE_KEYS, RESUME_KEYS, UNREADABLE_PREDICTION, Store, describe_mismatch
 
 

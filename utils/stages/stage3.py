@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from utils import disentangle
+from utils.model import disentangled as disentangle
 from utils.concepts import by_clusters, candidates, from_flags
 from utils.concepts.by_classes import check_triples, class_batches
 from utils.data import folders, scan
@@ -24,7 +24,8 @@ from utils.method import rho_scores, similarities
 from utils.method.split import (RHOS, TOLERANCE, checkpoint_state_dict, split_filters_k, split_sources_k,
                                 within_tolerance)
 from utils.report import stage3_text
-from utils.run import cli, context, finite
+from utils import finite
+from utils.run import cli, context
 
 HINT = (": the store read it, so the file changed since stage 1; restore it, or rerun stage 1 with "
         "--skip_unreadable into a new --store_dir")

@@ -18,7 +18,7 @@ from utils.concepts.by_classes import check_triples
 from utils.data import folders
 from utils.files import leftovers, names
 from utils.run import cli, context, distributed
-from utils.run.cli import UserError
+from utils.errors import UserError
 from utils.report import stage3_text
 from utils.stages import feature_vis_shards, stage4_tau
 from utils.stages.stage4_checkpoints import load_checkpoint

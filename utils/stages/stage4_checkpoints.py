@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from utils import disentangle
+from utils.model import disentangled as disentangle
 from utils.data import folders
 from utils.files import atomic, digests, names, reading, store
-from utils.run.cli import UserError
+from utils.errors import UserError
 
 
 @dataclass

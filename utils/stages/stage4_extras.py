@@ -1,6 +1,6 @@
 """Stage 4's extras for each job: the feature visualizations (``--get_feature_vis``) and the SAE view
 (``--get_sae_view``), each from its own settings; ``stage4.run`` calls them with each job's checkpoint."""
-from utils.run.cli import UserError
+from utils.errors import UserError
 from utils.stages import feature_vis, feature_vis_estimate, feature_vis_shards, sae_view
 
 

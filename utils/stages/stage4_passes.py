@@ -14,7 +14,7 @@ from utils.data import folders, scan
 from utils.method import attribution
 from utils.method.evaluation import channels_arvs, image_numbers
 from utils.method.split import filter_maps, positive_mass
-from utils.run.cli import UserError
+from utils.errors import UserError
 
 
 def checkpoint_filters(state_dict):

@@ -12,7 +12,7 @@ from utils.data import folders
 from utils.files import atomic, names, registry
 from utils.method import evaluation
 from utils.report.latex import filecontents_block
-from utils.run import finite
+from utils import finite
 
 
 @dataclass

@@ -3,7 +3,7 @@ with one line (which tensor, how many values) instead of flowing into files as s
 import numpy as np
 import torch
 
-from utils.run.cli import UserError
+from utils.errors import UserError
 
 
 def nonfinite_count(values):
