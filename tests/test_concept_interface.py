@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.concepts.base import ASKED, Concepts, ValImages
+from utils.concepts.base import ASKED, EXTRAS, METHOD, NAMING, Concepts, ConceptExtras, ConceptNames, ValImages
 from utils.concepts.by_classes import Triple, class_ids
 from utils.concepts.by_clusters import ClusterConcepts
 from utils.errors import UserError
@@ -37,12 +37,20 @@ class Val:
 
 
 def test_every_kind_answers_every_question():
-    documented = re.findall(r"^  ``(\w+)\(", inspect.getmodule(Concepts).__doc__, flags=re.M)
-    assert sorted(documented) == sorted(ASKED) and len(ASKED) == 13
+    """The docstring documents each interface's questions under its heading; the method's interface asks three
+    (plus ``k`` and ``channel``), naming and extras sit beside it; a kind missing one is refused when defined."""
+    doc = inspect.getmodule(Concepts).__doc__
+    parts = re.split(r"^``(Concepts|ConceptNames|ConceptExtras)``:", doc, flags=re.M)
+    documented = {parts[i]: re.findall(r"^  ``(\w+)\(", parts[i + 1], flags=re.M) for i in range(1, len(parts), 2)}
+    assert documented == {"Concepts": list(METHOD), "ConceptNames": list(NAMING), "ConceptExtras": list(EXTRAS)}
+    assert len(METHOD) == 3 and sorted(ASKED) == sorted(METHOD + NAMING + EXTRAS) and len(ASKED) == 13
     for kind in (Triple, ClusterConcepts):
-        assert issubclass(kind, Concepts) and all(callable(getattr(kind, n)) for n in ASKED)
+        assert all(issubclass(kind, i) for i in (Concepts, ConceptNames, ConceptExtras))
+        assert all(callable(getattr(kind, n)) for n in ASKED)
     with pytest.raises(TypeError, match="does not answer val_ids, sae_classes"):
-        type("Half", (Concepts,), {n: lambda self: None for n in ASKED if n not in ("val_ids", "sae_classes")})
+        type("Half", (Concepts, ConceptExtras), {n: lambda self: None for n in ASKED if n not in ("val_ids", "sae_classes")})
+    method_only = type("MethodOnly", (Concepts,), {n: lambda self: None for n in METHOD})  # no naming asked
+    assert issubclass(method_only, Concepts) and not issubclass(method_only, ConceptNames)
 
 
 def test_training_rows_by_hand():

@@ -21,7 +21,8 @@ what the math needs around it. The method itself, in words and formulas: docs/me
   helper per format: a damaged file is one line), ``digests`` (sha256 records and when to verify them), ``store``
   (stage 1's arrays and manifest), ``rows`` (reading store rows), ``registry`` (stage 4's quantitative runs),
   ``cache`` (stage 4's caches: the store, or the user's cache folder for a read-only store)
-- ``concepts/``    a split's concepts behind one interface (``base``): by classes (``by_classes``: the flags,
+- ``concepts/``    a split's concepts behind the interfaces of ``base`` (the method's three questions; naming and extras
+  beside them): by classes (``by_classes``: the flags,
   ``--triples`` files) or by clusters of a concepts file (``by_clusters``); ``candidates`` (the strongest
   channels of stage 2's candidates or of a concepts file, ``--candidates``); ``from_flags`` (which of these a
   command line gives)

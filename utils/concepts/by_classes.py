@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from utils.concepts.base import Concepts, ValImages
+from utils.concepts.base import StageConcepts, ValImages
 from utils.data import folders
 from utils.files import names as file_names
 from utils.errors import UserError
@@ -25,10 +25,10 @@ from utils.run.cli import parse_classes
 
 
 @dataclass
-class Triple(Concepts):
+class Triple(StageConcepts):
     """One channel to split and its concepts given as classes (lists of class indices, as in the checkpoint
     names): concept j's images are those of its classes, in the training split (stage 3) and in val (stage 4).
-    The ``Concepts`` interface (``utils.concepts.base``)."""
+    The ``StageConcepts`` interfaces (``utils.concepts.base``)."""
     channel: int
     classes1: list
     classes2: list

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from utils.concepts.base import Concepts, ValImages
+from utils.concepts.base import StageConcepts, ValImages
 from utils.files import names as file_names
 from utils.files import store
 from utils.errors import UserError
@@ -29,10 +29,10 @@ MODEL_KEYS = ("model", "weights_sha256", "layer", "layer_geometry", "classes")
 
 
 @dataclass
-class ClusterConcepts(Concepts):
+class ClusterConcepts(StageConcepts):
     """One channel's concepts taken from a concepts file: concept j = cluster ``clusters[j-1]``, its training
     images the cluster's store rows, its val images those of the top-N val images nearest to its centroid.
-    The ``Concepts`` interface (``utils.concepts.base``)."""
+    The ``StageConcepts`` interfaces (``utils.concepts.base``)."""
     channel: int
     clusters: list      # the cluster indices used, in the order of the concepts (concept j = clusters[j-1])
     rows: list          # k sorted int64 arrays: the store rows (training ImageFolder indices) of each concept
