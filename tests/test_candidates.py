@@ -151,6 +151,18 @@ def test_whole_layer_export_equals_original_and_loader(case, capsys):
         z_loader = load_disentangled_model(TINY, None, "last_conv", checkpoint=best)(x)
     assert (z_export - z).abs().max() <= 1e-4 * z.abs().max()
     assert torch.equal(z_export, z_loader)
+    # the file's own rebuild line, run where the file is, gives the same network (it names the factory: a file's
+    # model factory is imported only when the caller names it)
+    rebuild, here = json.load(open(js))["rebuild"], os.getcwd()
+    assert f"model={TINY!r}" in rebuild
+    try:
+        os.chdir(os.path.dirname(js))
+        space = {}
+        exec(rebuild, space)
+    finally:
+        os.chdir(here)
+    with torch.no_grad():
+        assert torch.equal(space["net"](x), z_export)
 
 
 def test_all_classes_gives_k_way_checkpoints(case):

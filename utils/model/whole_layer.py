@@ -160,7 +160,9 @@ def export_whole_layer(paths, net, model_spec, weights_id, layer_path, checkpoin
         "rows_of_first_conv": [[c, part] for c, part in layer.layout],
         "units": len(wl.units(layer.layout)),
         "rebuild": (f"from utils.model.whole_layer import load_exported_whole_layer; "
-                    f"net = load_exported_whole_layer({os.path.basename(js)!r})"),
+                    f"net = load_exported_whole_layer({os.path.basename(js)!r}"
+                    # a factory is code: the loader imports it only when the caller names it
+                    + (f", model={model_spec!r})" if ":" in str(model_spec) else ")")),
         "without_this_code": (f"replace {layer_path} by torch.nn.Sequential(the Conv2d above, Conv2d({m}, {c_out}, "
                               f"kernel_size=1, bias=False)); load {layer_path}.0.* from the state dict; the 1x1 "
                               f"conv's weight[target[m], m] = coeff[m] ({layer_path}.1.target and .coeff), 0 elsewhere"
