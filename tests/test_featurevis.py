@@ -164,8 +164,9 @@ def test_known_split_visualizations_separate_and_beat_natural_images(image_root)
     # the original's visualization beats every val image of the two concepts (classes 0 and 1), which is
     # what stage 4 evaluates (classes 2 and 3 are tinted green or red all over: no 1/f image can be that)
     from utils.data import folders
+    from utils.data.scan import ScanPlan
     ds = folders.image_folder(image_root, "val")
-    kept, vals, _, _ = feature_vis.scan_val(model, conv, w, b, ds, folders.indices_of_classes(ds, [0, 1]), 8, "cpu", 0)
+    kept, vals, _, _ = feature_vis.scan_val(model, conv, w, b, ScanPlan(ds, 8), folders.indices_of_classes(ds, [0, 1]))
     assert act[0, 0] >= vals[:, 0].max(), (act, vals.max(axis=0))
 
 

@@ -16,6 +16,7 @@ from tests.conftest import ROOT, make_image_folder, run_script, tree_bytes
 from tests.test_cli import check_store, reference_pass, run_inproc
 from utils.data import classmap
 from utils.data import folders
+from utils.data.scan import ScanPlan
 from utils.model import loading
 
 S1, S2, S3, S4 = ("get_importances_for_classes.py", "get_cosine_similarities.py", "disentangle_channel.py",
@@ -259,8 +260,8 @@ def test_wnid_folders_with_a_1000_output_model(tmp_path, monkeypatch):
         sd = torch.load(os.path.join(store, "models_disentangled", "wnidnet_make_channel2_classes1[0]_classes2[1]_"
                                      "f_best_unnormalized.pth"), weights_only=True)
         f, b = stage4.checkpoint_filters(sd)
-        (r,) = stage4.evaluate_many(model, model[2], [(2, f, b, [0, 1])], ds, list(range(len(ds))), 8, "cpu", 0,
-                                        class_outputs=man["class_outputs"])
+        plan = ScanPlan(ds, 8, class_outputs=man["class_outputs"])
+        (r,) = stage4.evaluate_many(model, model[2], [(2, f, b, [0, 1])], plan, list(range(len(ds))))
         val = torch.stack([folders.eval_transform()(Image.open(p).convert("RGB")) for p, _ in ds.samples])
 
         def rel(logits):

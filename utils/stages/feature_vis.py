@@ -38,14 +38,14 @@ def title_of(name):
     return TITLES.get(name, f"Disentangled {name[1:]}")
 
 
-def scan_val(model, conv, weights, bias, ds, indices, batch_size, device, num_workers, unreadable="error"):
-    """Targets on val images from a forward pass up to the layer: returns (kept indices (N,), values (N, T)
+def scan_val(model, conv, weights, bias, plan, indices):
+    """Targets (weights (T, C_in, kh, kw), bias (T,) or None) on the val images ``indices`` of ``plan.dataset``
+    (a ``scan.ScanPlan``) from a forward pass up to the layer: returns (kept indices (N,), values (N, T)
     = T_t per image, argmax positions (N, T, 2) of each target's map, map size (H', W'))."""
-    w = weights.to(device, torch.float32)
-    b = None if bias is None else bias.to(device, torch.float32)
+    w = weights.to(plan.device, torch.float32)
+    b = None if bias is None else bias.to(plan.device, torch.float32)
     vals, poss, size = [], [], None
-    sc = scan.scan(model, conv, ds, folders.batches_of(indices, batch_size), device, num_workers,
-                   unreadable=unreadable, desc="val images")
+    sc = scan.scan(model, conv, plan, plan.batches(indices), desc="val images")
     with torch.no_grad():
         for batch in sc:
             maps = target_maps(batch.x, conv, w, b)
@@ -230,8 +230,8 @@ def run_for_checkpoint(ctx, settings, state_dict, channel, concepts, run_name, o
     act = render.activation_matrix(model, conv, weights, bias, vis["images"].to(device), tf.crop, tf.resize, tf.mean,
                                    tf.std).cpu()
     wanted, of_index = _wanted(ctx.dataset, concepts, val_images)
-    kept, vals, poss, map_size = scan_val(model, conv, weights, bias, ctx.dataset, wanted, settings.batch_size,
-                                          device, workers, settings.unreadable)
+    plan = scan.ScanPlan(ctx.dataset, settings.batch_size, device, workers, settings.unreadable)
+    kept, vals, poss, map_size = scan_val(model, conv, weights, bias, plan, wanted)
     rf, _ = render.receptive_field(model, conv, tf.crop, device)
     concept = _concept_of(ctx.dataset, kept, concepts, of_index)
     panels, top = _panels(ctx, vis, targets, (kept, vals, poss, map_size, concept), rf)
