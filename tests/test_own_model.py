@@ -362,9 +362,10 @@ def test_feature_visualization_sees_the_store_crop(newcomer):
     model, _ = loading.load_model(FACTORY, "none")
     sd = torch.load(os.path.join(newcomer["store"], "models_disentangled", run + ".pth"), weights_only=True)
     w, b, _ = objectives.target_filters(model.conv2, 1, sd)
-    act = render.activation_matrix(model, model.conv2, w, b, images, CROP, RESIZE, folders.MEAN, folders.STD)
+    act = render.activation_matrix(render.ModelInput(model, model.conv2, CROP, RESIZE, folders.MEAN, folders.STD),
+                                   w, b, images)
     np.testing.assert_allclose(rec["activation"], act.numpy(), rtol=1e-4, atol=1e-6)
-    default = render.activation_matrix(model, model.conv2, w, b, images)  # 224 / 256: other numbers
+    default = render.activation_matrix(render.ModelInput(model, model.conv2), w, b, images)  # 224 / 256: other numbers
     assert not np.allclose(rec["activation"], default.numpy(), rtol=1e-3)
     boxes = [t["box"] for ts in rec["top_images"].values() for t in ts]
     assert boxes and all(0 <= x0 < x1 <= CROP and 0 <= y0 < y1 <= CROP for x0, y0, x1, y1 in boxes)
