@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from utils.data import folders
-from utils.featurevis.objectives import target_values
+from utils.featurevis.objectives import Targets, target_values
 from utils.featurevis.param import maco_image, unit_color_matrix
 from utils.featurevis.transform import CROP_SCALE, crop_boxes, crops_of, full_view, noise_draws, normalize, with_noise
 from utils.model.tap import layer_input_with_grad
@@ -102,7 +102,7 @@ def visualize_many(net, groups, maco):
     device = torch.device(net.device)
     m = maco.magnitude.to(device, torch.float32)
     qu = unit_color_matrix(maco.q.double()).float().to(device)
-    state = [_Group(w, b, seed, m, size, maco.lr, device) for w, b, seed in groups]
+    state = [_Group(Targets(net.layer, w, b).on(device), seed, m, size, maco.lr, device) for w, b, seed in groups]
     limit = sum(g.count for g in state) * crops if not batch_size else max(1, int(batch_size))
     forwards = _segments([g.count * crops for g in state], limit)
     view = (input_size, net.mean, net.std)
@@ -132,13 +132,13 @@ def runs_of_targets(counts, limit):
 
 
 class _Group:
-    """One group of ``visualize_many``: its targets, generator, phases (drawn first from the generator), NAdam,
-    transparency and loss history; per step its image, the leaf whose gradient the crops fill, its crop boxes,
-    the noise of its crops and each image's sum of its own target over its crops."""
+    """One group of ``visualize_many``: its objective (``objectives.Targets``), generator, phases (drawn first
+    from the generator), NAdam, transparency and loss history; per step its image, the leaf whose gradient the
+    crops fill, its crop boxes, the noise of its crops and each image's sum of its own target over its crops."""
 
-    def __init__(self, weights, bias, seed, m, size, lr, device):
-        self.count = weights.shape[0]
-        self.targets = (weights.to(device, torch.float32), None if bias is None else bias.to(device, torch.float32))
+    def __init__(self, objective, seed, m, size, lr, device):
+        self.count = objective.count
+        self.objective = objective
         self.gen = torch.Generator(device=device).manual_seed(int(seed))
         self.phase = torch.randn((self.count,) + tuple(m.shape), generator=self.gen, device=device).requires_grad_(True)
         self.opt = torch.optim.NAdam([self.phase], lr=lr)
@@ -215,7 +215,7 @@ def _batch_backward(model, conv, groups, seg, view, crops):
     losses, lo = [], 0
     for gi, a, b in seg:
         g, bx = groups[gi], groups[gi].boxes[a:b]
-        own = target_values(x[lo:lo + b - a].float(), conv, *g.targets).gather(1, bx[:, :1].long()).flatten()
+        own = g.objective(x[lo:lo + b - a].float()).gather(1, bx[:, :1].long()).flatten()
         losses.append(-own.sum() / crops)
         g.own_sum.index_add_(0, bx[:, 0].long().cpu(), own.detach().double().cpu())
         lo += b - a
