@@ -6,8 +6,6 @@ x is the layer's input on the image (one forward pass up to L, nothing above it 
 [D_1, ..., D_k, R] as ``disentangled.weight``. Pure functions on tensors; ``Targets`` is the objective of a
 group of targets as lucent's objectives are: a small callable on the layer's input.
 """
-from dataclasses import dataclass
-
 import torch
 
 from utils.method.split import filter_maps
@@ -44,14 +42,13 @@ def target_values(x, conv, weights, bias):
     return target_maps(x, conv, weights, bias).mean(dim=(2, 3))
 
 
-@dataclass(frozen=True, eq=False)
 class Targets:
     """The objective of a group of targets: called on the layer's input x (N, C_in, H, W), the values
     (N, T) of ``target_values`` for the filters ``weights`` (T, C_in, kh, kw) and ``bias`` (T,) or None of
     ``layer`` (whose geometry the maps take)."""
-    layer: object
-    weights: torch.Tensor
-    bias: torch.Tensor = None
+
+    def __init__(self, layer, weights, bias=None):
+        self.layer, self.weights, self.bias = layer, weights, bias
 
     @property
     def count(self):
