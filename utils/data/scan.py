@@ -8,7 +8,7 @@ indices of skipped images in ``Scan.skipped``. How a pass reads its images (the 
 loader workers, what to do with an unreadable file, the model outputs of the classes, channels-last) is one
 ``ScanPlan``, built once by the stage and handed to each of its passes; which images a pass reads is its own.
 """
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -41,10 +41,6 @@ class ScanPlan:
     def batches(self, indices):
         """``indices`` in consecutive batches of ``batch_size``: [[index, ...], ...]."""
         return folders.batches_of(indices, self.batch_size)
-
-    def but(self, **changes):
-        """This plan with the fields ``changes`` names changed (``dataclasses.replace``)."""
-        return replace(self, **changes)
 
 
 @dataclass
