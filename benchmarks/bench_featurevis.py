@@ -95,9 +95,10 @@ def bench(name, model, layer, size, steps, crops):
     sd = synthetic_checkpoint(conv, CHANNEL)
     w, b, names = objectives.target_filters(conv, CHANNEL, sd)
     m, q = spectrum(size)
-    render.visualize(model, conv, w, b, m, q, size, 1, crops, 0, progress=False)  # warm-up
+    net = render.ModelInput(model, conv)
+    render.visualize(net, w, b, 0, render.Maco(m, q, size, 1, crops, progress=False))  # warm-up
     t = time.perf_counter()
-    render.visualize(model, conv, w, b, m, q, size, steps, crops, 0, progress=False)
+    render.visualize(net, w, b, 0, render.Maco(m, q, size, steps, crops, progress=False))
     ours = time.perf_counter() - t
     dnet = disentangle.disentangled_model(model, layer, CHANNEL, sd)
     c_out = conv.out_channels

@@ -51,11 +51,12 @@ def compare(channels, size, steps, crops, layer="layer4.2.conv3", batch_size=0, 
     conv = model.get_submodule(layer)
     groups = channel_groups(conv, range(channels), 0)
     m, q = spectrum(size)
-    kw = dict(batch_size=batch_size or None, device=device, progress=False)
-    run = (m, q, size, steps, crops)
-    timed(lambda: render.visualize(model, conv, *groups[0][:2], m, q, size, 1, crops, 0, **kw))  # warm-up, waited for
-    alone, t_alone = timed(lambda: [render.visualize(model, conv, w, b, *run, s, **kw) for w, b, s in groups])
-    many, t_many = timed(lambda: render.visualize_many(model, conv, groups, *run, **kw))
+    net = render.ModelInput(model, conv, device=device)
+    warm = render.Maco(m, q, size, 1, crops, batch_size=batch_size or None, progress=False)
+    run = render.Maco(m, q, size, steps, crops, batch_size=batch_size or None, progress=False)
+    timed(lambda: render.visualize(net, *groups[0][:2], 0, warm))  # warm-up, waited for
+    alone, t_alone = timed(lambda: [render.visualize(net, w, b, s, run) for w, b, s in groups])
+    many, t_many = timed(lambda: render.visualize_many(net, groups, run))
     return t_alone, t_many, max(float((a["images"] - b["images"]).abs().max()) for a, b in zip(alone, many))
 
 

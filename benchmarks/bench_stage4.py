@@ -37,14 +37,16 @@ def setup(wl, workdir):
 def ours(wl, workdir, timer):
     import torch
 
+    from utils.data.scan import ScanPlan
     from utils.stages import stage4
     model, conv, c, sd, ds, indices = setup(wl, workdir)
     path = checkpoint_path(workdir, sd)
     for _ in timer.runs():
         with timer:
             filters, bias = stage4.checkpoint_filters(torch.load(path))
-            (r,) = stage4.evaluate_many(model, conv, [(c, filters, bias, {ds.targets[i] for i in indices})], ds,
-                                        indices, wl.batch_size, "cpu", wl.workers_ours())
+            plan = ScanPlan(ds, wl.batch_size, "cpu", wl.workers_ours())
+            (r,) = stage4.evaluate_many(model, conv, [(c, filters, bias, {ds.targets[i] for i in indices})], plan,
+                                        indices)
     return {"channel": c, "images": len(indices), "rel": r["rel"].tolist(), "orig": r["orig"].tolist(),
             "maps": r["maps"].tolist()}
 

@@ -305,12 +305,13 @@ def featurevis_step(args):
     model.to(device)
     w, b, names = objectives.target_filters(conv, bf.CHANNEL, sd)
     m, q = bf.spectrum(args.size)
-    render.visualize(model, conv, w, b, m, q, args.size, min(2, args.steps), args.crops, 0, device=device,
-                 progress=False)  # warm-up
+    net = render.ModelInput(model, conv, device=device)
+    render.visualize(net, w, b, 0, render.Maco(m, q, args.size, min(2, args.steps), args.crops,
+                                               progress=False))  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
     t = time.time()
-    render.visualize(model, conv, w, b, m, q, args.size, args.steps, args.crops, 0, device=device, progress=False)
+    render.visualize(net, w, b, 0, render.Maco(m, q, args.size, args.steps, args.crops, progress=False))
     if device.type == "cuda":
         torch.cuda.synchronize()
     secs = time.time() - t

@@ -20,6 +20,9 @@ from utils.files.rows import gather_rows
 from utils.method import clustering
 from utils.model import loading
 from utils.stages import label_free
+from utils.stages.label_free import TrainingRows
+from utils.method.clustering import Clustering
+from utils.method.similarities import SummedLayer
 from utils.method import similarities
 
 NEG = (1, 4, 9)  # channels of conv3 whose following BatchNorm gets a negative scale
@@ -91,8 +94,8 @@ def test_store_closed_forms_equal_model_pass(image_root, tmp_path, kind):
 
     # discover: top rows by sign * s (the model pass's order), their s, and each cluster's mean ARV
     top_n, chans = 7, list(range(W.shape[0]))
-    recs = label_free.discover(P, labels, W, chans, names, top_n=top_n, signs=signs, bias=b, positions=positions,
-                             chunk_rows=5)
+    recs = label_free.discover(TrainingRows(P, labels, names), SummedLayer(W, b, positions, signs=signs), chans,
+                               Clustering(top_n), chunk_rows=5)
     for c in chans:
         rec = recs[c]
         signed = (rec["sign"] * s_ref[:, c]).numpy()
@@ -131,14 +134,14 @@ def test_candidate_rows_chunked_equals_full_sort_and_leaves_out_invalid_rows():
     s = similarities.summed_activation(P, W, b, 9)
     valid[np.argmax(s[:, 0].numpy())] = False  # the strongest row of channel 0 is "unreadable"
     for chunk in (1, 4, 11, 100):
-        got = label_free.candidate_rows(P, W, 10, signs, b, 9, valid, chunk_rows=chunk)
+        got = label_free.candidate_rows(P, SummedLayer(W, b, 9, signs=signs), 10, valid, chunk_rows=chunk)
         for c in range(4):
             signed = (signs[c] * s[:, c]).numpy().copy()
             signed[~valid] = -np.inf
             expect = np.argsort(-signed, kind="stable")[:10]
             assert got[c].tolist() == expect.tolist(), (chunk, c)
     # more room than rows: -1 fills the rest; invalid rows never appear
-    got = label_free.candidate_rows(P[:5], W, 8, signs, b, 9, valid[:5], chunk_rows=2)
+    got = label_free.candidate_rows(P[:5], SummedLayer(W, b, 9, signs=signs), 8, valid[:5], chunk_rows=2)
     assert (got[:, 5:] == -1).all() and (got[:, :5] >= 0).all()
 
 
@@ -149,12 +152,13 @@ def test_top_n_most_negative_under_negative_sign_and_unreadable_rows_left_out():
     P = s_vals.astype(np.float32)[:, None, None, None]
     W = np.ones((2, 1, 1, 1), dtype=np.float32)
     labels = np.array([0, 1, 0, 1, -1, 1, 0, 1, 0, 1])  # row 4 (s = 9, the largest) is unreadable
-    recs = label_free.discover(P, labels, W, [0, 1], ["a", "b"], top_n=4, k=2, signs=torch.tensor([1, -1]))
+    recs = label_free.discover(TrainingRows(P, labels, ["a", "b"]), SummedLayer(W, signs=torch.tensor([1, -1])),
+                               [0, 1], Clustering(top_n=4, k=2))
     assert recs[0]["sign"] == 1 and recs[0]["top_rows"] == [0, 2, 8, 6]
     assert recs[1]["sign"] == -1 and recs[1]["top_rows"] == [7, 1, 5, 9]
     assert recs[1]["summed_activations"] == [-9.5, -7.0, -4.0, -3.0]
     with pytest.raises(ValueError):
-        label_free.discover(P, labels, W, [0], ["a", "b"], top_n=10)  # 9 usable rows
+        label_free.discover(TrainingRows(P, labels, ["a", "b"]), SummedLayer(W), [0], Clustering(top_n=10))  # 9 usable
 
 
 # ----------------------------------------------------------------------------- clustering
@@ -188,8 +192,8 @@ def test_clustering_recovers_planted_concepts(tmp_path, k):
     P = save_memmap(tmp_path / "p.npy", allp[:, :, None, None])
     labels = np.concatenate([np.zeros(30, int), truth, np.zeros(30, int)])
     W = np.stack([np.ones(arvs.shape[1]), np.zeros(arvs.shape[1])]).astype(np.float32)[:, :, None, None]
-    rec = label_free.discover(P, labels, W, [0], [f"class{i}" for i in range(k)], top_n=len(truth),
-                            chunk_rows=16)[0]
+    rec = label_free.discover(TrainingRows(P, labels, [f"class{i}" for i in range(k)]), SummedLayer(W), [0],
+                              Clustering(top_n=len(truth)), chunk_rows=16)[0]
     assert sorted(rec["top_rows"]) == list(range(30, 30 + len(truth)))
     assert rec["k"] == k
     found = np.empty(len(truth), int)

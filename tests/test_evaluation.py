@@ -11,6 +11,7 @@ from scipy.stats import gaussian_kde
 from tests.tiny_models import tiny_resnet, tiny_vgg
 from utils import disentangle
 from utils.data import folders
+from utils.data.scan import ScanPlan
 from utils.files import atomic, names, registry
 from utils.method import attribution, evaluation, split
 from utils.model import tap
@@ -21,14 +22,14 @@ from utils.stages import stage4, stage4_passes
 def evaluate(model, conv, channel, filters, bias, ds, indices, batch_size, device, num_workers, desc="stage 4"):
     """``stage4.evaluate_many`` of one run over the images ``indices`` (its classes: theirs)."""
     classes = {ds.targets[i] for i in indices}
-    return stage4.evaluate_many(model, conv, [(channel, filters, bias, classes)], ds, indices, batch_size, device,
-                                num_workers, desc)[0]
+    plan = ScanPlan(ds, batch_size, device, num_workers)
+    return stage4.evaluate_many(model, conv, [(channel, filters, bias, classes)], plan, indices, desc)[0]
 
 
 def scan_activations(model, conv, channel, filters, bias, ds, indices, batch_size, device, num_workers):
     """``stage4.scan_many`` of one run: (scanned indices, orig_pos (M,), maps_pos (M, k+1))."""
-    scanned, ((orig_pos, maps_pos),) = stage4.scan_many(model, conv, [(channel, filters, bias)], ds, indices,
-                                                        batch_size, device, num_workers)
+    scanned, ((orig_pos, maps_pos),) = stage4.scan_many(model, conv, [(channel, filters, bias)],
+                                                        ScanPlan(ds, batch_size, device, num_workers), indices)
     return scanned, orig_pos, maps_pos
 
 
@@ -311,7 +312,7 @@ def test_evaluate_many_gives_each_run_bit_for_bit_what_evaluate_gives(image_root
         v1, v2 = torch.randn(conv.in_channels), torch.randn(conv.in_channels)
         runs.append((channel, split.split_filter(conv.weight[channel].detach(), v1, v2, 0.5), None, classes))
     union = folders.indices_of_classes(ds, [0, 1, 2, 3])
-    many = stage4.evaluate_many(model, conv, runs, ds, union, 3, "cpu", 0, desc="test")
+    many = stage4.evaluate_many(model, conv, runs, ScanPlan(ds, 3), union, desc="test")
     for (channel, f, b, classes), got in zip(runs, many):
         alone = evaluate(model, conv, channel, f, b, ds, folders.indices_of_classes(ds, classes), 3, "cpu", 0,
                                     desc="test")
@@ -319,7 +320,7 @@ def test_evaluate_many_gives_each_run_bit_for_bit_what_evaluate_gives(image_root
         for key in got:
             assert np.array_equal(got[key], alone[key]), key
         assert got["index"].tolist() == folders.indices_of_classes(ds, classes)
-    scanned, pos = stage4.scan_many(model, conv, [r[:3] for r in runs], ds, union, 5, "cpu", 0)
+    scanned, pos = stage4.scan_many(model, conv, [r[:3] for r in runs], ScanPlan(ds, 5), union)
     for (channel, f, b, _), (orig_pos, maps_pos) in zip(runs, pos):
         s1, o1, m1 = scan_activations(model, conv, channel, f, b, ds, union, 5, "cpu", 0)
         assert s1 == scanned == union and np.array_equal(o1, orig_pos) and np.array_equal(m1, maps_pos)

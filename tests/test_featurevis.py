@@ -136,7 +136,8 @@ def _visualize(seed, steps=3, size=24, crops=2):
     model = colour_net()
     w, b, names = objectives.target_filters(model.conv_out, 0, red_green_checkpoint())
     m, q = natural_spectrum(size)
-    return render.visualize(model, model.conv_out, w, b, m, q, size, steps, crops, seed, progress=False, input_size=32)
+    return render.visualize(render.ModelInput(model, model.conv_out, 32), w, b, seed,
+                            render.Maco(m, q, size, steps, crops, progress=False))
 
 
 def test_same_seed_same_image_other_seed_other_image():
@@ -154,8 +155,9 @@ def test_known_split_visualizations_separate_and_beat_natural_images(image_root)
     w, b, names = objectives.target_filters(conv, 0, red_green_checkpoint())
     assert names == ["original", "D1", "D2"]
     m, q = natural_spectrum(32)
-    out = render.visualize(model, conv, w, b, m, q, 32, 24, 2, seed=0, progress=False, input_size=64)
-    act = render.activation_matrix(model, conv, w, b, out["images"], input_size=64).numpy()  # rows: visualization, cols: target
+    net = render.ModelInput(model, conv, 64)
+    out = render.visualize(net, w, b, 0, render.Maco(m, q, 32, 24, 2, progress=False))
+    act = render.activation_matrix(net, w, b, out["images"]).numpy()  # rows: visualization, cols: target
     assert act[1, 1] >= 2 * act[1, 2], act
     assert act[2, 2] >= 2 * act[2, 1], act
     # D1's image is red, D2's green
@@ -164,8 +166,9 @@ def test_known_split_visualizations_separate_and_beat_natural_images(image_root)
     # the original's visualization beats every val image of the two concepts (classes 0 and 1), which is
     # what stage 4 evaluates (classes 2 and 3 are tinted green or red all over: no 1/f image can be that)
     from utils.data import folders
+    from utils.data.scan import ScanPlan
     ds = folders.image_folder(image_root, "val")
-    kept, vals, _, _ = feature_vis.scan_val(model, conv, w, b, ds, folders.indices_of_classes(ds, [0, 1]), 8, "cpu", 0)
+    kept, vals, _, _ = feature_vis.scan_val(model, conv, w, b, ScanPlan(ds, 8), folders.indices_of_classes(ds, [0, 1]))
     assert act[0, 0] >= vals[:, 0].max(), (act, vals.max(axis=0))
 
 

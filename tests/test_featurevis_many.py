@@ -59,14 +59,14 @@ def _setup():
 
 
 def _many(model, conv, groups, spec, batch_size=None):
-    return render.visualize_many(model, conv, groups, *spec, SIZE, STEPS, CROPS, batch_size=batch_size,
-                                 progress=False, input_size=INPUT)
+    return render.visualize_many(render.ModelInput(model, conv, INPUT), groups,
+                                 render.Maco(*spec, SIZE, STEPS, CROPS, batch_size=batch_size, progress=False))
 
 
 def _alone(model, conv, group, spec, batch_size=None):
     w, b, seed = group
-    return render.visualize(model, conv, w, b, *spec, SIZE, STEPS, CROPS, seed, batch_size=batch_size,
-                            progress=False, input_size=INPUT)
+    return render.visualize(render.ModelInput(model, conv, INPUT), w, b, seed,
+                            render.Maco(*spec, SIZE, STEPS, CROPS, batch_size=batch_size, progress=False))
 
 
 @pytest.mark.parametrize("batch_size", [None, 4])

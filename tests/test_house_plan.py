@@ -3,7 +3,10 @@
 1. The method rule: modules of the method's math (``utils/method/`` and the pure parts of the feature
    visualization) import nothing that reads or writes files, builds loaders, parses flags or prints. The check
    is an AST scan; a planted violation shows that it catches each kind.
-2. Byte identity: the commit this layout started from (``BEFORE_PLAN``) and this tree run the same stages 1-4 on
+2. The parameter rule: no function in utils/ takes more than ``MAX_PARAMETERS`` parameters (self and cls not
+   counted, *args and **kwargs one each); values that travel together are one frozen object (a scan plan, a
+   layer, the MACO settings, the model input). An AST scan again, with a planted function to show it counts.
+3. Byte identity: the commit this layout started from (``BEFORE_PLAN``) and this tree run the same stages 1-4 on
    the demo (both ``--arch`` values, small) and on a generated case that touches every path (two layers, both
    importance signs, label-free concepts, --triples, k = 3, --concepts_file, --rho_score robust, --export_model,
    every stage-4 output, feature visualizations, the SAE view). Every file either writes is byte-identical, after
@@ -81,6 +84,54 @@ def test_method_rule_catches_each_planted_violation():
                "def f(x):\n    print(x)\n    return open('a')\n")
     found = rule_violations(planted, "planted.py")
     assert [int(p.split(":")[1]) for p in found] == [4, 5, 6, 7, 8, 10, 11]
+
+
+# ---------------------------------------------------------------------------------------------- the parameter rule
+MAX_PARAMETERS = 8
+
+
+def parameter_count(node):
+    """Parameters of a function node: positional-only, positional and keyword-only ones, *args and **kwargs one
+    each, a first ``self`` or ``cls`` not counted."""
+    a = node.args
+    n = len(a.posonlyargs) + len(a.args) + len(a.kwonlyargs) + (a.vararg is not None) + (a.kwarg is not None)
+    first = (a.posonlyargs + a.args)[:1]
+    return n - (1 if first and first[0].arg in ("self", "cls") else 0)
+
+
+def long_signatures(source, where="<source>", limit=MAX_PARAMETERS):
+    """'where:line name (n)' of every function (nested ones and methods too) of ``source`` over ``limit``."""
+    return [f"{where}:{node.lineno} {node.name} ({parameter_count(node)})" for node in ast.walk(ast.parse(source))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and parameter_count(node) > limit]
+
+
+def test_no_function_in_utils_takes_more_than_eight_parameters():
+    found, seen = [], 0
+    for folder, _, files in os.walk(os.path.join(ROOT, "utils")):
+        for f in sorted(files):
+            if f.endswith(".py"):
+                path = os.path.join(folder, f)
+                found += long_signatures(open(path).read(), os.path.relpath(path, ROOT))
+                seen += 1
+    assert seen > 50 and found == []
+
+
+def test_parameter_rule_counts_as_it_says():
+    planted = ("def eight(a, b, c, d, e, f, g, h):\n    pass\n"                        # 8: allowed
+               "def nine(a, b, c, d, e, f, g, h, i=1):\n    pass\n"                    # 9
+               "def starred(a, b, c, d, e, f, g, *args, **kwargs):\n    pass\n"        # 7 + 2 = 9
+               "def keywords(a, /, b, c, d, e, f, *, g, h, i):\n    pass\n"            # 9
+               "class K:\n"
+               "    def method(self, a, b, c, d, e, f, g, h):\n        pass\n"        # self not counted: 8
+               "    @classmethod\n"
+               "    def build(cls, a, b, c, d, e, f, g, h, i):\n        pass\n"       # 9
+               "def outer(x):\n"
+               "    def inner(a, b, c, d, e, f, g, h, i):\n        pass\n"            # nested: 9
+               "async def later(a, b, c, d, e, f, g, h, i):\n    pass\n")             # 9
+    found = long_signatures(planted, "planted.py")
+    assert sorted(found, key=lambda p: int(p.split(":")[1].split()[0])) == [
+        "planted.py:3 nine (9)", "planted.py:5 starred (9)", "planted.py:7 keywords (9)",
+        "planted.py:13 build (9)", "planted.py:16 inner (9)", "planted.py:18 later (9)"]
 
 
 def test_package_map_names_every_sub_package():

@@ -16,6 +16,7 @@ from tests.conftest import ROOT, make_image_folder, run_script, tree_bytes
 from tests.test_cli import check_store, reference_pass, run_inproc
 from utils.data import classmap
 from utils.data import folders
+from utils.data.scan import ScanPlan
 from utils.model import loading
 
 S1, S2, S3, S4 = ("get_importances_for_classes.py", "get_cosine_similarities.py", "disentangle_channel.py",
@@ -259,8 +260,8 @@ def test_wnid_folders_with_a_1000_output_model(tmp_path, monkeypatch):
         sd = torch.load(os.path.join(store, "models_disentangled", "wnidnet_make_channel2_classes1[0]_classes2[1]_"
                                      "f_best_unnormalized.pth"), weights_only=True)
         f, b = stage4.checkpoint_filters(sd)
-        (r,) = stage4.evaluate_many(model, model[2], [(2, f, b, [0, 1])], ds, list(range(len(ds))), 8, "cpu", 0,
-                                        class_outputs=man["class_outputs"])
+        plan = ScanPlan(ds, 8, class_outputs=man["class_outputs"])
+        (r,) = stage4.evaluate_many(model, model[2], [(2, f, b, [0, 1])], plan, list(range(len(ds))))
         val = torch.stack([folders.eval_transform()(Image.open(p).convert("RGB")) for p, _ in ds.samples])
 
         def rel(logits):
@@ -361,9 +362,10 @@ def test_feature_visualization_sees_the_store_crop(newcomer):
     model, _ = loading.load_model(FACTORY, "none")
     sd = torch.load(os.path.join(newcomer["store"], "models_disentangled", run + ".pth"), weights_only=True)
     w, b, _ = objectives.target_filters(model.conv2, 1, sd)
-    act = render.activation_matrix(model, model.conv2, w, b, images, CROP, RESIZE, folders.MEAN, folders.STD)
+    act = render.activation_matrix(render.ModelInput(model, model.conv2, CROP, RESIZE, folders.MEAN, folders.STD),
+                                   w, b, images)
     np.testing.assert_allclose(rec["activation"], act.numpy(), rtol=1e-4, atol=1e-6)
-    default = render.activation_matrix(model, model.conv2, w, b, images)  # 224 / 256: other numbers
+    default = render.activation_matrix(render.ModelInput(model, model.conv2), w, b, images)  # 224 / 256: other numbers
     assert not np.allclose(rec["activation"], default.numpy(), rtol=1e-3)
     boxes = [t["box"] for ts in rec["top_images"].values() for t in ts]
     assert boxes and all(0 <= x0 < x1 <= CROP and 0 <= y0 < y1 <= CROP for x0, y0, x1, y1 in boxes)

@@ -15,7 +15,8 @@ what the math needs around it. The method itself, in words and formulas: docs/me
   one channel: surgery, network check, export, ``load_disentangled_model``), ``whole_layer`` (the whole-layer
   network: build, export, load)
 - ``data/``        ``folders`` (ImageFolder, transform, loaders), ``scan`` (the one pass over images up to a
-  layer), ``classmap`` (class folders to model outputs), ``cpu_decode``, ``gpu_decode``, ``overlap`` (stage 1)
+  layer, read as its ``ScanPlan`` says), ``classmap`` (class folders to model outputs), ``cpu_decode``,
+  ``gpu_decode``, ``overlap`` (stage 1)
 - ``files/``       ``names`` (every file name the stages write or read), ``atomic`` (writes, locks, strict JSON, a
   full disk), ``leftovers`` (a killed writer's temporary files, removed by the next run), ``reading`` (one reading
   helper per format: a damaged file is one line), ``digests`` (sha256 records and when to verify them), ``store``

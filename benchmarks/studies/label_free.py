@@ -37,6 +37,8 @@ def child(folder, case, threads, top_n, chunk_rows):
     """One case on the store in ``folder``; prints one JSON line with timings and memory."""
     import torch
 
+    from utils.method.clustering import Clustering
+    from utils.method.similarities import SummedLayer
     from utils.stages import label_free
     torch.set_num_threads(threads)
     base = status_kb("RssAnon", "VmRSS")
@@ -50,7 +52,8 @@ def child(folder, case, threads, top_n, chunk_rows):
     times = {}
     from sklearn.cluster import KMeans  # noqa: F401  (imported by the script before it starts; not timed)
     t0, c0 = time.perf_counter(), time.process_time()
-    recs = label_free.discover(P, labels, W, channels, names, top_n=top_n, chunk_rows=chunk_rows, timings=times)
+    recs = label_free.discover(label_free.TrainingRows(P, labels, names), SummedLayer(W), channels,
+                               Clustering(top_n), chunk_rows=chunk_rows, timings=times)
     t = time.perf_counter()
     text = json.dumps({"channels": {str(c): r for c, r in recs.items()}})
     times["json_s"] = time.perf_counter() - t

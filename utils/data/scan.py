@@ -4,7 +4,9 @@ Every pass of stages 3 and 4 and of the feature visualizations and the SAE view 
 over explicit batches of dataset indices (``folders.make_loader``; unreadable images stop the pass, are skipped
 or kept, as asked), the images moved to the device, a forward through ``utils.model.tap`` up to the layer, and
 the batch's numbers collected. ``scan`` is that loop; it yields a ``ScanBatch`` per batch and leaves the
-indices of skipped images in ``Scan.skipped``.
+indices of skipped images in ``Scan.skipped``. How a pass reads its images (the data set, batch size, device,
+loader workers, what to do with an unreadable file, the model outputs of the classes, channels-last) is one
+``ScanPlan``, built once by the stage and handed to each of its passes; which images a pass reads is its own.
 """
 from dataclasses import dataclass
 
@@ -17,6 +19,28 @@ from utils.model import tap
 # what a pass asks of the forward: the layer's input, its input and output, or (with the logits' backward)
 # the gradient of each image's label logit at the layer's output
 INPUT, INPUT_OUTPUT, GRADIENT = "input", "input_output", "gradient"
+
+
+@dataclass(frozen=True, eq=False)
+class ScanPlan:
+    """How a pass reads images (all but which): ``dataset`` (an ImageFolder-like data set with ``targets``),
+    ``batch_size`` images per batch (``batches``), the ``device`` the images go to, ``num_workers`` loader
+    processes, ``unreadable`` 'error', 'skip' or 'keep' and ``hint`` (the text added to the one-line error), as
+    ``folders.make_loader``; ``class_outputs``: (K,) int64 output index of each class folder
+    (``utils.data.classmap``; None: folder y is output y), whose logit a GRADIENT scan differentiates;
+    ``channels_last``: the images go in channels-last (the model must have been converted by the caller)."""
+    dataset: object
+    batch_size: int = 1
+    device: object = "cpu"
+    num_workers: int = 0
+    unreadable: str = "error"
+    hint: str = ""
+    class_outputs: object = None
+    channels_last: bool = False
+
+    def batches(self, indices):
+        """``indices`` in consecutive batches of ``batch_size``: [[index, ...], ...]."""
+        return folders.batches_of(indices, self.batch_size)
 
 
 @dataclass
@@ -72,17 +96,15 @@ class Scan:
         return ScanBatch(labels, indices, tap.layer_input(self.model, self.layer, images).float())
 
 
-def scan(model, layer, ds, batches, device, num_workers=0, what=INPUT, unreadable="error", hint="", desc=None,
-         outputs=None, channels_last=False):
-    """The images of ``batches`` (lists of dataset indices of ``ds``) through ``model`` up to ``layer``.
+def scan(model, layer, plan, batches, what=INPUT, desc=None):
+    """The images of ``batches`` (lists of dataset indices of ``plan.dataset``) through ``model`` up to ``layer``,
+    read as ``plan`` (a ``ScanPlan``) says.
 
-    what: INPUT, INPUT_OUTPUT or GRADIENT (see ScanBatch); unreadable, hint: as ``folders.make_loader``;
-    desc: the progress bar's text (None: no bar); outputs: (K,) int64 output index of each class folder
-    (``utils.data.classmap``; None: folder y is output y), whose logit GRADIENT differentiates;
-    channels_last: the images go in channels-last (the model must have been converted by the caller).
-    Returns a ``Scan``. (Twelve parameters, the loader's and the forward's: every pass sets a different few, by
-    keyword, and a settings object would only move the same list.)
+    what: INPUT, INPUT_OUTPUT or GRADIENT (see ScanBatch); desc: the progress bar's text (None: no bar).
+    Returns a ``Scan``: per batch a ``ScanBatch`` (labels (B,), indices (B,), x (B, C_in, H, W), a and g
+    (B, C_out, H', W') as ``what`` asks).
     """
-    loader = folders.make_loader(ds, batches, num_workers, device, unreadable, hint)
-    return Scan(model, layer, loader, device, what,
-                None if outputs is None else torch.as_tensor(outputs, dtype=torch.int64), channels_last, desc)
+    loader = folders.make_loader(plan.dataset, batches, plan.num_workers, plan.device, plan.unreadable, plan.hint)
+    outputs = plan.class_outputs
+    return Scan(model, layer, loader, plan.device, what,
+                None if outputs is None else torch.as_tensor(outputs, dtype=torch.int64), plan.channels_last, desc)

@@ -3,7 +3,8 @@ r"""What a feature visualization maximizes: the targets of a checkpoint, all fro
     T_orig(img) = mean_{h,w} max(conv(x, W[c]) + b[c], 0)      (L's output channel c)
     T_j(img)    = mean_{h,w} max(conv(x, D_j)  + b[c], 0)      (j = 1..k; the residue R is not shown)
 x is the layer's input on the image (one forward pass up to L, nothing above it runs); the checkpoint holds
-[D_1, ..., D_k, R] as ``disentangled.weight``. Pure functions on tensors.
+[D_1, ..., D_k, R] as ``disentangled.weight``. Pure functions on tensors; ``Targets`` is the objective of a
+group of targets as lucent's objectives are: a small callable on the layer's input.
 """
 import torch
 
@@ -39,6 +40,28 @@ def target_maps(x, conv, weights, bias):
 def target_values(x, conv, weights, bias):
     """T_t = mean_{h,w} max(conv(x, weights[t]) + bias[t], 0): (N, C_in, H, W) -> (N, T)."""
     return target_maps(x, conv, weights, bias).mean(dim=(2, 3))
+
+
+class Targets:
+    """The objective of a group of targets: called on the layer's input x (N, C_in, H, W), the values
+    (N, T) of ``target_values`` for the filters ``weights`` (T, C_in, kh, kw) and ``bias`` (T,) or None of
+    ``layer`` (whose geometry the maps take)."""
+
+    def __init__(self, layer, weights, bias=None):
+        self.layer, self.weights, self.bias = layer, weights, bias
+
+    @property
+    def count(self):
+        """T, the number of targets."""
+        return self.weights.shape[0]
+
+    def on(self, device):
+        """These targets with float32 weights and bias on ``device``."""
+        return Targets(self.layer, self.weights.to(device, torch.float32),
+                       None if self.bias is None else self.bias.to(device, torch.float32))
+
+    def __call__(self, x):
+        return target_values(x, self.layer, self.weights, self.bias)
 
 
 def values_and_peaks(maps):

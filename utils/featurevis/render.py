@@ -10,13 +10,20 @@ each group with its own generator and NAdam (its images: those of its own run, u
 The transparency map is sum over steps of |d loss / d img|; ``faded`` shows the image faded to white by it
 (mean over colours, clipped at its 80th percentile, / max). A target's val crop is a box of the layer's
 receptive field around its map's maximum (``receptive_field``, ``rf_box``).
+
+A run is given as two frozen objects and its targets: ``ModelInput`` (the model, the layer, and how an image
+reaches the model: crop size, resize, normalization, device) and ``Maco`` (the optimization: the spectrum,
+image side, steps, crops, NAdam learning rate, crops per forward, crop scale, progress bar); the targets of a
+group are (weights (T, C_in, kh, kw), bias (T,) or None, seed).
 """
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from utils.data import folders
-from utils.featurevis.objectives import target_values
+from utils.featurevis.objectives import Targets, target_values
 from utils.featurevis.param import maco_image, unit_color_matrix
 from utils.featurevis.transform import CROP_SCALE, crop_boxes, crops_of, full_view, noise_draws, normalize, with_noise
 from utils.model.tap import layer_input_with_grad
@@ -25,54 +32,86 @@ INPUT_SIZE = folders.CROP  # the evaluation transform's crop: what the model is 
 RESIZE = folders.RESIZE    # ... after resizing the shorter side to this
 
 
-def activation_matrix(model, conv, weights, bias, images, input_size=INPUT_SIZE, resize=None, mean=folders.MEAN,
-                      std=folders.STD):
-    """A[v, t] = T_t on visualization v seen through the evaluation transform (resize, centre crop
-    ``input_size``, normalize with ``mean`` and ``std``), no noise. ``resize`` None: in the paper's proportion
-    (256 for 224). images: (V, 3, S, S) in [0, 1] -> (V, T)."""
-    resize = round(input_size * RESIZE / INPUT_SIZE) if resize is None else resize
+@dataclass(frozen=True, eq=False)
+class ModelInput:
+    """The model a visualization is seen through: ``model`` (on ``device``), the ``layer`` whose input the
+    targets read, and how an image reaches the model: centre crop ``input_size`` after resizing the shorter side
+    to ``resize`` (None: in the paper's proportion, 256 for 224; only ``activation_matrix`` resizes),
+    normalized with ``mean`` and ``std``; ``device`` where the optimization runs."""
+    model: object
+    layer: object
+    input_size: int = INPUT_SIZE
+    resize: int = None
+    mean: tuple = folders.MEAN
+    std: tuple = folders.STD
+    device: object = "cpu"
+
+
+@dataclass(frozen=True, eq=False)
+class Maco:
+    """The settings of one MACO optimization: the spectrum (magnitude (3, S, S // 2 + 1), colour matrix q (3, 3):
+    ``utils.featurevis.spectrum``), the image side ``size`` S, ``steps``, ``crops`` per image and step, NAdam's
+    ``lr``, at most ``batch_size`` crops per forward (None or 0: all of a step's crops at once), the crops'
+    ``scale`` range (``transform.CROP_SCALE``) and whether to show a progress bar."""
+    magnitude: torch.Tensor
+    q: torch.Tensor
+    size: int
+    steps: int
+    crops: int
+    lr: float = 1.0
+    batch_size: int = None
+    scale: tuple = CROP_SCALE
+    progress: bool = True
+
+
+def activation_matrix(net, weights, bias, images):
+    """A[v, t] = T_t on visualization v seen through the evaluation transform of ``net`` (a ``ModelInput``:
+    resize, centre crop ``input_size``, normalize with ``mean`` and ``std``), no noise. weights (T, C_in, kh, kw),
+    bias (T,) or None; images: (V, 3, S, S) in [0, 1] on the model's device -> (V, T)."""
+    input_size = net.input_size
+    resize = round(input_size * RESIZE / INPUT_SIZE) if net.resize is None else net.resize
     with torch.no_grad():
         view = full_view(images.float(), input_size, resize)
-        x = layer_input_with_grad(model, conv, normalize(view, mean, std))
-        return target_values(x.float(), conv, weights.to(x), None if bias is None else bias.to(x))
+        x = layer_input_with_grad(net.model, net.layer, normalize(view, net.mean, net.std))
+        return target_values(x.float(), net.layer, weights.to(x), None if bias is None else bias.to(x))
 
 
-def visualize(model, conv, weights, bias, magnitude, q, size, steps, crops, seed, lr=1.0, batch_size=None,
-              device="cpu", input_size=INPUT_SIZE, progress=True, scale=CROP_SCALE, mean=folders.MEAN, std=folders.STD):
-    """MACO for every target at once. weights (T, C_in, kh, kw), bias (T,) or None; magnitude (3, S, n), q (3, 3).
-    ``input_size``, ``mean``, ``std``: the model's input (the transform's crop and normalization).
+def visualize(net, weights, bias, seed, maco):
+    """MACO for every target at once: ``net`` a ``ModelInput`` (the model, the layer and the model's input size
+    and normalization), weights (T, C_in, kh, kw), bias (T,) or None, ``seed`` of the phases, crops and noise,
+    ``maco`` the optimization's settings (``Maco``: spectrum magnitude (3, S, n) and q (3, 3), S, steps, ...).
 
-    Image t is optimized for target t; at most ``batch_size`` crops (default: all T * crops) go through
+    Image t is optimized for target t; at most ``maco.batch_size`` crops (default: all T * crops) go through
     the model at once. Returns dict(images (T, 3, S, S) in [0, 1], transparency (T, 3, S, S) = sum over
     steps of |d loss / d image|, loss (steps,) per-step mean target of each image's own crops (T,)), CPU.
-    (Every setting of a run is a parameter, as callers and benchmarks pass them; ``visualize_many`` of one group.)
+    ``visualize_many`` of one group.
     """
-    return visualize_many(model, conv, [(weights, bias, seed)], magnitude, q, size, steps, crops, lr, batch_size,
-                          device, input_size, progress, scale, mean, std)[0]
+    return visualize_many(net, [(weights, bias, seed)], maco)[0]
 
 
-def visualize_many(model, conv, groups, magnitude, q, size, steps, crops, lr=1.0, batch_size=None, device="cpu",
-                   input_size=INPUT_SIZE, progress=True, scale=CROP_SCALE, mean=folders.MEAN, std=folders.STD):
+def visualize_many(net, groups, maco):
     """``visualize`` of several groups of targets in one loop: groups = [(weights (T_g, C_in, kh, kw), bias (T_g,)
-    or None, seed)]. Each step lays the crops of every group end to end and sends them through the model
-    ``batch_size`` at a time (default: all of them in one batch), so the groups share the model's batches;
-    each group keeps its own generator (phases, crop boxes and noise drawn in the order and shapes of
-    ``visualize`` for that group alone) and its own NAdam. A group's result is therefore that of ``visualize``
-    up to the float rounding of the model's batched convolutions (bit-equal for one group).
+    or None, seed)]; net: ``ModelInput``; maco: ``Maco``. Each step lays the crops of every group end to end and
+    sends them through the model ``maco.batch_size`` at a time (default: all of them in one batch), so the groups
+    share the model's batches; each group keeps its own generator (phases, crop boxes and noise drawn in the
+    order and shapes of ``visualize`` for that group alone) and its own NAdam. A group's result is therefore that
+    of ``visualize`` up to the float rounding of the model's batched convolutions (bit-equal for one group).
     Returns one dict per group, as ``visualize`` does.
     """
-    device = torch.device(device)
-    m = magnitude.to(device, torch.float32)
-    qu = unit_color_matrix(q.double()).float().to(device)
-    state = [_Group(w, b, seed, m, size, lr, device) for w, b, seed in groups]
+    size, crops, batch_size, input_size = maco.size, maco.crops, maco.batch_size, net.input_size
+    device = torch.device(net.device)
+    m = maco.magnitude.to(device, torch.float32)
+    qu = unit_color_matrix(maco.q.double()).float().to(device)
+    state = [_Group(Targets(net.layer, w, b).on(device), seed, m, size, maco.lr, device) for w, b, seed in groups]
     limit = sum(g.count for g in state) * crops if not batch_size else max(1, int(batch_size))
     forwards = _segments([g.count * crops for g in state], limit)
-    view = (input_size, mean, std)
-    for _ in tqdm(range(steps), desc="feature visualization", unit="step", disable=not progress, dynamic_ncols=True):
+    view = (input_size, net.mean, net.std)
+    for _ in tqdm(range(maco.steps), desc="feature visualization", unit="step", disable=not maco.progress,
+                  dynamic_ncols=True):
         for g in state:
-            g.begin_step(m, qu, crops, size, scale, batch_size, input_size)
+            g.begin_step(m, qu, crops, size, maco.scale, batch_size, input_size)
         for seg in forwards:
-            _batch_backward(model, conv, state, seg, view, crops)
+            _batch_backward(net.model, net.layer, state, seg, view, crops)
         for g in state:
             g.end_step(crops)
     return [g.result(m, qu) for g in state]
@@ -93,13 +132,13 @@ def runs_of_targets(counts, limit):
 
 
 class _Group:
-    """One group of ``visualize_many``: its targets, generator, phases (drawn first from the generator), NAdam,
-    transparency and loss history; per step its image, the leaf whose gradient the crops fill, its crop boxes,
-    the noise of its crops and each image's sum of its own target over its crops."""
+    """One group of ``visualize_many``: its objective (``objectives.Targets``), generator, phases (drawn first
+    from the generator), NAdam, transparency and loss history; per step its image, the leaf whose gradient the
+    crops fill, its crop boxes, the noise of its crops and each image's sum of its own target over its crops."""
 
-    def __init__(self, weights, bias, seed, m, size, lr, device):
-        self.count = weights.shape[0]
-        self.targets = (weights.to(device, torch.float32), None if bias is None else bias.to(device, torch.float32))
+    def __init__(self, objective, seed, m, size, lr, device):
+        self.count = objective.count
+        self.objective = objective
         self.gen = torch.Generator(device=device).manual_seed(int(seed))
         self.phase = torch.randn((self.count,) + tuple(m.shape), generator=self.gen, device=device).requires_grad_(True)
         self.opt = torch.optim.NAdam([self.phase], lr=lr)
@@ -176,7 +215,7 @@ def _batch_backward(model, conv, groups, seg, view, crops):
     losses, lo = [], 0
     for gi, a, b in seg:
         g, bx = groups[gi], groups[gi].boxes[a:b]
-        own = target_values(x[lo:lo + b - a].float(), conv, *g.targets).gather(1, bx[:, :1].long()).flatten()
+        own = g.objective(x[lo:lo + b - a].float()).gather(1, bx[:, :1].long()).flatten()
         losses.append(-own.sum() / crops)
         g.own_sum.index_add_(0, bx[:, 0].long().cpu(), own.detach().double().cpu())
         lo += b - a

@@ -5,10 +5,12 @@ Their per-image ARVs r_n[k] = sum_{i,j} W[c,k,i,j] P_n[k,i,j] are L1-normalised,
 clustered with k-means, k chosen by the silhouette over 2..5 unless given (``cluster``); each cluster is a
 concept with centroid (mean of the normalised ARVs) and v_j (mean un-normalised ARV). A val image belongs to
 the concept whose centroid is nearest to its own normalised ARV (``nearest_centroid``). ``channel_record`` is
-the channel's entry of the concepts file (utils/stages/label_free.py describes the file).
+the channel's entry of the concepts file (utils/stages/label_free.py describes the file); it reads the
+channel's ``TopImages`` and the ``Clustering`` settings (N, k or the ks to choose it from, the k-means seed).
 """
 import math
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -18,6 +20,26 @@ from utils.method.similarities import summed_activation
 SEED = 0            # random_state of k-means: the same store gives the same clusters
 N_INIT = 10         # k-means restarts (scikit-learn's n_init)
 AUTO_KS = (2, 3, 4, 5)
+
+
+@dataclass(frozen=True)
+class Clustering:
+    """How a channel's concepts are found: its top ``top_n`` images, clustered into ``k`` concepts (None: the k
+    of ``ks`` with the best silhouette) by k-means with random_state ``seed``."""
+    top_n: int = 100
+    k: int = None
+    ks: tuple = AUTO_KS
+    seed: int = SEED
+
+
+@dataclass(frozen=True, eq=False)
+class TopImages:
+    """A channel's top images: rows (N,) store rows, strongest first; s (N,) their summed activations s_n;
+    arvs (N, C_in) their per-image ARVs r_n; classes (N,) their labels."""
+    rows: object
+    s: object
+    arvs: object
+    classes: object
 
 
 def l1_normalize(arvs, eps=1e-12):
@@ -122,14 +144,15 @@ def _num(x):
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
 
 
-def channel_record(channel, rows, s, arvs, classes, class_names, k=None, ks=AUTO_KS, sign=1, seed=SEED):
-    """The concepts-file entry of one channel (module docstring) from its top rows.
+def channel_record(channel, top, class_names, clustering=Clustering(), sign=1):
+    """The concepts-file entry of one channel (module docstring) from its top images.
 
-    rows: (N,) store rows, strongest first; s: (N,) their summed activations; arvs: (N, C_in) their
-    per-image ARVs; classes: (N,) their labels; class_names: list of all class names; k, ks, seed: as
-    ``cluster``; sign: the channel's sign of "top". (One parameter per field the entry records.)
+    top: ``TopImages`` (rows (N,), s (N,), arvs (N, C_in), classes (N,)); class_names: list of all class names;
+    clustering: k, ks, seed as ``cluster`` (its top_n is not read: N is len(top.rows)); sign: the channel's
+    sign of "top".
     """
-    res = cluster(arvs, k, ks, seed)
+    rows, s, arvs, classes = top.rows, top.s, top.arvs, top.classes
+    res = cluster(arvs, clustering.k, clustering.ks, clustering.seed)
     labels = res["labels"]
     X = l1_normalize(arvs)
     A = torch.as_tensor(arvs).to(torch.float64)

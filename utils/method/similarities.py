@@ -12,7 +12,11 @@ after a BatchNorm that follows the layer: sum_{h,w} BN(a_n)[c,h,w] = scale[c] S_
 ``--importance_sign positive_activation`` counts image n for channel c only where that sum is positive
 (``add_sign_histograms``): in the ResNet layout a positive attribution also comes from a channel that is
 *less* active than usual (negative activation x negative gradient), and the published rule counts it.
+What these closed forms read of the layer (W, b, H'W', the BatchNorm's scale and shift, and the sign of "top"
+per channel) travels as one ``SummedLayer``.
 """
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -53,6 +57,27 @@ def summed_activation(patch_sums, weight, bias=None, positions=1):
     return s
 
 
+@dataclass(frozen=True, eq=False)
+class SummedLayer:
+    """What the closed form of the summed activation reads of a layer: weight (C_out, C_in, kh, kw) (or the
+    channels wanted), bias (C_out,) or None, positions H'W' (the layer's output positions), affine (scale,
+    shift) (C_out,) each of the eval-mode BatchNorm that follows the layer, or None, and signs (C_out,) +1/-1
+    (the sign of "top" per channel: -1 where that BatchNorm's scale is negative) or None (+1 for all).
+    Tensors or array-likes, as the functions that read them take them."""
+    weight: object
+    bias: object = None
+    positions: int = 1
+    affine: tuple = None
+    signs: object = None
+
+    def channels(self, wanted):
+        """The layer of the channels ``wanted`` (list of indices) only: weight, bias, affine and signs
+        indexed by them (weight (len(wanted), C_in, kh, kw), ...); positions unchanged."""
+        pick = lambda t: None if t is None else torch.as_tensor(t)[wanted]  # noqa: E731
+        return SummedLayer(pick(self.weight), pick(self.bias), self.positions,
+                           None if self.affine is None else tuple(pick(t) for t in self.affine), pick(self.signs))
+
+
 def affine_summed(s, scale, shift, positions):
     """sum_{h,w} BN(a)[n,c] = scale[c] * S[n,c] + shift[c] * H'W' for BN(a) = scale * a + shift at each position.
 
@@ -65,22 +90,21 @@ def affine_summed(s, scale, shift, positions):
 SIGN_HISTOGRAMS = ("published", "positive_activation", "negative_layer_activation")
 
 
-def add_sign_histograms(hists, A, y, P, tau, weight, bias=None, positions=1, affine=None):
+def add_sign_histograms(hists, A, y, P, tau, layer):
     """``hists`` plus one chunk's counts under the published importance rule and the sign-aware one.
 
     hists: {name: (K, C) int64} for the names of SIGN_HISTOGRAMS; A: (m, C); y: (m,) int64 (negative: row
-    left out); P: (m, C_in, kh, kw) patch sums; weight, bias, positions: the layer (``summed_activation``);
-    affine: (scale, shift) of the BatchNorm that follows the layer, or None (then the layer's own summed
-    activation decides). The many parameters are the chunk (A, y, P), tau, and the closed form of the summed
-    activation before and after the BatchNorm (weight, bias, positions, affine). H[y, c] counts the images of class y for which c is important ('published', as
-    ``add_class_histogram``) and moreover
+    left out); P: (m, C_in, kh, kw) patch sums; layer: a ``SummedLayer`` (weight (C, C_in, kh, kw), bias,
+    positions; affine: the BatchNorm that follows the layer, or None: then the layer's own summed activation
+    decides; its signs are not read). H[y, c] counts the images of class y for which c is important
+    ('published', as ``add_class_histogram``) and moreover
       'positive_activation': the summed activation after the BatchNorm (or the layer's, without one) is > 0;
       'negative_layer_activation': the layer's own summed activation S (before any BatchNorm) is < 0.
     Returns the updated dict.
     """
     ok = y >= 0
-    s = summed_activation(P[ok], weight, bias, positions)
-    after = s if affine is None else affine_summed(s, affine[0], affine[1], positions)
+    s = summed_activation(P[ok], layer.weight, layer.bias, layer.positions)
+    after = s if layer.affine is None else affine_summed(s, layer.affine[0], layer.affine[1], layer.positions)
     imp = important_channels(A[ok], tau)
     masks = (imp, imp & (after > 0), imp & (s < 0))
     return {k: hists[k].index_add(0, y[ok], mask.to(torch.int64)) for k, mask in zip(SIGN_HISTOGRAMS, masks)}

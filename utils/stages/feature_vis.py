@@ -12,6 +12,7 @@ transparency maps as arrays, and ``results_disentanglement/{run}_feature_vis.jso
 import os
 import shutil
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -38,14 +39,14 @@ def title_of(name):
     return TITLES.get(name, f"Disentangled {name[1:]}")
 
 
-def scan_val(model, conv, weights, bias, ds, indices, batch_size, device, num_workers, unreadable="error"):
-    """Targets on val images from a forward pass up to the layer: returns (kept indices (N,), values (N, T)
+def scan_val(model, conv, weights, bias, plan, indices):
+    """Targets (weights (T, C_in, kh, kw), bias (T,) or None) on the val images ``indices`` of ``plan.dataset``
+    (a ``scan.ScanPlan``) from a forward pass up to the layer: returns (kept indices (N,), values (N, T)
     = T_t per image, argmax positions (N, T, 2) of each target's map, map size (H', W'))."""
-    w = weights.to(device, torch.float32)
-    b = None if bias is None else bias.to(device, torch.float32)
+    w = weights.to(plan.device, torch.float32)
+    b = None if bias is None else bias.to(plan.device, torch.float32)
     vals, poss, size = [], [], None
-    sc = scan.scan(model, conv, ds, folders.batches_of(indices, batch_size), device, num_workers,
-                   unreadable=unreadable, desc="val images")
+    sc = scan.scan(model, conv, plan, plan.batches(indices), desc="val images")
     with torch.no_grad():
         for batch in sc:
             maps = target_maps(batch.x, conv, w, b)
@@ -157,19 +158,28 @@ def spectrum_of(settings):
                                  settings.batch_size, default_workers(settings.num_workers))
 
 
+def model_input(ctx):
+    """The ``render.ModelInput`` of ``ctx``: its model (moved to its device), layer and transform."""
+    tf = ctx.transform
+    return render.ModelInput(ctx.model.to(ctx.device), ctx.conv, tf.crop, tf.resize, tf.mean, tf.std, ctx.device)
+
+
+def maco_of(settings, spec):
+    """The ``render.Maco`` of a run's settings and spectrum (``spectrum_of``)."""
+    return render.Maco(spec["magnitude"], spec["q"], settings.size, settings.steps, settings.crops, settings.lr,
+                       settings.batch_size)
+
+
 def optimize(ctx, settings, spec, filters):
     """The visualizations of jobs: filters = [(weights (T_i, C_in, kh, kw), bias or None)] -> [(vis, seconds)],
     one per job. Consecutive jobs share one ``render.visualize_many`` up to ``settings.batch_targets`` targets
     (0: each job alone, ``render.visualize``'s numbers); a job's seconds are its share (by targets) of its
     optimization's time."""
-    tf, out = ctx.transform, []
+    out, maco = [], maco_of(settings, spec)
     runs = render.runs_of_targets([w.shape[0] for w, _ in filters], settings.batch_targets)
     for run in runs:
         t0 = time.time()
-        vis = render.visualize_many(ctx.model.to(ctx.device), ctx.conv,
-                                    [filters[i] + (settings.seed,) for i in run], spec["magnitude"], spec["q"],
-                                    settings.size, settings.steps, settings.crops, settings.lr, settings.batch_size,
-                                    ctx.device, input_size=tf.crop, mean=tf.mean, std=tf.std)
+        vis = render.visualize_many(model_input(ctx), [filters[i] + (settings.seed,) for i in run], maco)
         seconds, targets = time.time() - t0, sum(filters[i][0].shape[0] for i in run)
         out += [(v, seconds * filters[i][0].shape[0] / targets) for i, v in zip(run, vis)]
     return out
@@ -210,14 +220,26 @@ class BatchedJobs:
         return self.ready[name]
 
 
-def run_for_checkpoint(ctx, settings, state_dict, channel, concepts, run_name, out_dir, val_images=None,
-                       prepared=None, latest=True):
-    """Stage 4's --get_feature_vis for one checkpoint (``settings``: ``utils.featurevis.settings.Settings``).
+@dataclass(frozen=True, eq=False)
+class Checkpoint:
+    """One checkpoint to visualize: ``run_name`` (its files' names), the ``channel`` it splits, its
+    ``state_dict`` ([D1, ..., Dk, R] as ``disentangled.weight``), ``concepts``: the k class lists of the concepts
+    (val images of concept j: those of its classes), ``val_images``: instead, (dataset indices, concept ids
+    1..k) of the val images to rank (concepts given as clusters), or None."""
+    run_name: str
+    channel: int
+    state_dict: dict
+    concepts: list
+    val_images: tuple = None
 
-    concepts: the k class lists of the concepts (val images of concept j: those of its classes); val_images:
-    instead, (dataset indices, concept ids 1..k) of the val images to rank (concepts given as clusters);
+
+def run_for_checkpoint(ctx, settings, checkpoint, out_dir, prepared=None, latest=True):
+    """Stage 4's --get_feature_vis for one ``Checkpoint`` (``settings``: ``utils.featurevis.settings.Settings``).
+
     prepared: its entry of ``BatchedJobs.take`` (the images already optimized), None to optimize them here;
-    latest: also copy the figure to the latest run's name (``copy_as_latest``). Returns the record. (Its length is the record's fields; each step is a call.)"""
+    latest: also copy the figure to the latest run's name (``copy_as_latest``). Returns the record."""
+    channel, concepts, val_images = checkpoint.channel, checkpoint.concepts, checkpoint.val_images
+    state_dict, run_name = checkpoint.state_dict, checkpoint.run_name
     start = time.time()
     device, model, conv, tf = ctx.device, ctx.model.to(ctx.device), ctx.conv, ctx.transform
     weights, bias, targets = _filters(conv, channel, state_dict)
@@ -227,11 +249,10 @@ def run_for_checkpoint(ctx, settings, state_dict, channel, concepts, run_name, o
     vis, opt_seconds = (optimize(ctx, settings, spec, [(weights, bias)])[0] if prepared is None else
                         (prepared["vis"], prepared["seconds"]))
     start -= 0 if prepared is None else opt_seconds
-    act = render.activation_matrix(model, conv, weights, bias, vis["images"].to(device), tf.crop, tf.resize, tf.mean,
-                                   tf.std).cpu()
+    act = render.activation_matrix(model_input(ctx), weights, bias, vis["images"].to(device)).cpu()
     wanted, of_index = _wanted(ctx.dataset, concepts, val_images)
-    kept, vals, poss, map_size = scan_val(model, conv, weights, bias, ctx.dataset, wanted, settings.batch_size,
-                                          device, workers, settings.unreadable)
+    plan = scan.ScanPlan(ctx.dataset, settings.batch_size, device, workers, settings.unreadable)
+    kept, vals, poss, map_size = scan_val(model, conv, weights, bias, plan, wanted)
     rf, _ = render.receptive_field(model, conv, tf.crop, device)
     concept = _concept_of(ctx.dataset, kept, concepts, of_index)
     panels, top = _panels(ctx, vis, targets, (kept, vals, poss, map_size, concept), rf)

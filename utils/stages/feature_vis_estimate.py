@@ -48,9 +48,10 @@ def time_step(ctx, filters, size, crops, batch_size, input_size):
     groups = [(w, b, 0) for w, b in filters]
     tf = ctx.transform
     t0 = time.time()
-    render.visualize_many(ctx.model.to(ctx.device), ctx.conv, groups, m, torch.eye(3), size, 1, crops,
-                          batch_size=batch_size, device=ctx.device, input_size=input_size, progress=False,
-                          mean=tf.mean, std=tf.std)
+    net = render.ModelInput(ctx.model.to(ctx.device), ctx.conv, input_size, mean=tf.mean, std=tf.std,
+                            device=ctx.device)
+    render.visualize_many(net, groups, render.Maco(m, torch.eye(3), size, 1, crops, batch_size=batch_size,
+                                                   progress=False))
     return time.time() - t0
 
 

@@ -65,8 +65,8 @@ class Shares:
             for name in self.mine:
                 channel, state_dict = self.jobs[name]
                 concepts, val_images = concepts_of[name]
-                record = feature_vis.run_for_checkpoint(self.ctx, self.settings, state_dict, channel, concepts, name,
-                                                        self.out_dir, val_images=val_images,
+                checkpoint = feature_vis.Checkpoint(name, channel, state_dict, concepts, val_images)
+                record = feature_vis.run_for_checkpoint(self.ctx, self.settings, checkpoint, self.out_dir,
                                                         prepared=self.batched.take(name), latest=False)
                 self.figures[name] = record["figure"]
         except UserError as e:

@@ -42,8 +42,8 @@ from tqdm import tqdm
 
 from utils.files import atomic, names, store
 from utils.files.rows import chunks, gather_rows, read_rows
-from utils.method.clustering import AUTO_KS, N_INIT, SEED, channel_record, exact_top_rows
-from utils.method.similarities import DEFAULT_CHUNK_ROWS, arv
+from utils.method.clustering import AUTO_KS, N_INIT, SEED, Clustering, TopImages, channel_record, exact_top_rows
+from utils.method.similarities import DEFAULT_CHUNK_ROWS, SummedLayer, arv
 from utils.model import loading
 from utils.report import tables
 from utils.run import cli, context
@@ -53,8 +53,7 @@ POOL_FACTOR = 2     # the float32 screen keeps POOL_FACTOR * N rows per channel 
 
 # ---------------------------------------------------------------------------- summed activations, top rows
 
-def candidate_rows(patch_sums, weight, pool, signs=None, bias=None, positions=1, valid=None,
-                   chunk_rows=DEFAULT_CHUNK_ROWS, progress=False):
+def candidate_rows(patch_sums, layer, pool, valid=None, chunk_rows=DEFAULT_CHUNK_ROWS, progress=False):
     """Running top-``pool`` rows of many channels at once by signed summed activation, one chunked pass.
 
     A float32 screen: each chunk's scores sign[c] * s[n, c] (one matrix product for all channels) are
@@ -62,16 +61,18 @@ def candidate_rows(patch_sums, weight, pool, signs=None, bias=None, positions=1,
     float64, so the result does not depend on chunking or BLAS rounding unless float32's error exceeds
     the gap between the N-th and the pool-th score.
     patch_sums: (N, C_in, kh, kw) array-like (memory-mapped is fine, read with utils.files.rows.read_rows);
-    weight: (C, C_in, kh, kw) of the channels wanted; signs: (C,) +1/-1 or None (+1); bias: (C,) or None;
-    valid: (N,) bool or None (False: row never chosen, e.g. unreadable images).
+    layer: the ``SummedLayer`` of the channels wanted (weight (C, C_in, kh, kw); signs (C,) +1/-1 or None (+1);
+    bias (C,) or None; positions; its affine is not read); valid: (N,) bool or None (False: row never chosen,
+    e.g. unreadable images).
     Returns (C, pool) int64 store rows, best first; -1 where fewer than ``pool`` rows exist.
-    (The parameters are the store's rows, the layer's closed form and the chunking: each a separate input.)
     """
     n = patch_sums.shape[0]
-    W = torch.as_tensor(weight).to(torch.float32).flatten(1)
+    W = torch.as_tensor(layer.weight).to(torch.float32).flatten(1)
+    signs, bias = layer.signs, layer.bias
     sign = torch.ones(W.shape[0]) if signs is None else torch.as_tensor(signs).to(torch.float32)
     Ws = W * sign[:, None]
-    shift = torch.zeros(W.shape[0]) if bias is None else torch.as_tensor(bias).to(torch.float32) * positions * sign
+    shift = (torch.zeros(W.shape[0]) if bias is None else
+             torch.as_tensor(bias).to(torch.float32) * layer.positions * sign)
     best = torch.full((W.shape[0], pool), -math.inf)
     rows = torch.full((W.shape[0], pool), -1, dtype=torch.int64)
     for lo, hi in tqdm(chunks(n, chunk_rows), desc="summed activations", disable=not progress, unit="chunk"):
@@ -102,39 +103,51 @@ def one_thread():
         torch.set_num_threads(before)
 
 
-def discover(patch_sums, labels, weight, channels, class_names, top_n=100, k=None, ks=AUTO_KS, signs=None,
-             bias=None, positions=1, chunk_rows=DEFAULT_CHUNK_ROWS, seed=SEED, progress=False, timings=None):
+@dataclass(frozen=True, eq=False)
+class TrainingRows:
+    """The store's training images as the label-free concepts read them: patch_sums (N, C_in, kh, kw)
+    array-like (memory-mapped is fine), labels (N,) ints (negative: row left out, ``Store.labels``) and
+    class_names (the K class names the labels index)."""
+    patch_sums: object
+    labels: object
+    class_names: list
+
+
+def discover(store_rows, layer, channels, clustering=Clustering(), chunk_rows=DEFAULT_CHUNK_ROWS, progress=False,
+             timings=None):
     """Label-free concepts of many channels from the store: one chunked pass, then per channel its top-N
     rows (exact float64 ranking), their per-image ARVs and the clustering.
 
-    patch_sums: (N, C_in, kh, kw) array-like; labels: (N,) ints, negative = row left out (Store.labels);
-    weight: (C_out, C_in, kh, kw) the layer's weight; channels: list of channel indices; signs: (C_out,)
-    +1/-1 or None; bias: (C_out,) or None; positions: H' * W'. Returns {channel: channel_record(...)}.
+    store_rows: ``TrainingRows`` (patch sums (N, C_in, kh, kw), labels (N,), class names); layer: the
+    layer's ``SummedLayer`` (weight (C_out, C_in, kh, kw), bias (C_out,) or None, positions H' * W', signs
+    (C_out,) +1/-1 or None); channels: list of channel indices; clustering: N (``top_n``), k, ks, seed.
+    Returns {channel: channel_record(...)}.
     ``timings``: a dict to receive the wall and CPU seconds of the pass and of the per-channel part.
-    Many parameters because three sources meet here, each passed as it comes: the store (patch sums, labels,
-    class names), the layer (weight, bias, signs, positions) and the clustering (top_n, k, ks, seed); all but
-    the first five have defaults.
     """
-    labels = np.asarray(labels)
+    patch_sums, top_n = store_rows.patch_sums, clustering.top_n
+    labels = np.asarray(store_rows.labels)
     valid = labels >= 0
     if top_n > int(valid.sum()):
         raise ValueError(f"top_n {top_n} exceeds the {int(valid.sum())} usable rows")
-    W = torch.as_tensor(weight)[channels]
-    sg = torch.ones(len(channels)) if signs is None else torch.as_tensor(signs)[channels].to(torch.float32)
-    b = None if bias is None else torch.as_tensor(bias)[channels]
+    mine = layer.channels(channels)
+    W, b = mine.weight, mine.bias
+    sg = torch.ones(len(channels)) if mine.signs is None else mine.signs.to(torch.float32)
     pool = min(POOL_FACTOR * top_n, int(valid.sum()))
     clock = [time.perf_counter(), time.process_time()]
-    cand = candidate_rows(patch_sums, W, pool, sg, b, positions, valid, chunk_rows, progress)
+    cand = candidate_rows(patch_sums, SummedLayer(W, b, layer.positions, signs=sg), pool, valid, chunk_rows,
+                          progress)
     clock += [time.perf_counter(), time.process_time()]
     out = {}
     with one_thread():
         for i, c in enumerate(tqdm(channels, desc="clusters", disable=not progress, unit="ch")):
             rows = cand[i][cand[i] >= 0].numpy()
             P = gather_rows(patch_sums, rows)
-            order, s = exact_top_rows(P, rows, W[i], top_n, int(sg[i]), None if b is None else b[i], positions)
+            order, s = exact_top_rows(P, rows, W[i], top_n, int(sg[i]), None if b is None else b[i],
+                                      layer.positions)
             top = rows[order.numpy()]
             arvs = arv(W[i], torch.from_numpy(P[order.numpy()]))
-            out[int(c)] = channel_record(c, top, s, arvs, labels[top], class_names, k, ks, int(sg[i]), seed)
+            out[int(c)] = channel_record(c, TopImages(top, s, arvs, labels[top]), store_rows.class_names,
+                                         clustering, int(sg[i]))
     if timings is not None:
         clock += [time.perf_counter(), time.process_time()]
         timings.update(pass_s=clock[2] - clock[0], pass_cpu_s=clock[3] - clock[1],
@@ -224,8 +237,9 @@ def run(ctx, s):
     check_top_n(s.top_n, s.k, labels)
     signs, positions, bn = loading.layer_signs_and_positions(ctx.model, ctx.conv, loading.blank(ctx.transform.crop))
     bias = None if ctx.conv.bias is None else ctx.conv.bias.detach()
-    recs = discover(st.array("patch_sums"), labels, ctx.conv.weight.detach(), channels, st.manifest["classes"],
-                    s.top_n, s.k, signs=signs, bias=bias, positions=positions, chunk_rows=s.chunk_rows, progress=True)
+    recs = discover(TrainingRows(st.array("patch_sums"), labels, st.manifest["classes"]),
+                    SummedLayer(ctx.conv.weight.detach(), bias, positions, signs=signs), channels,
+                    Clustering(s.top_n, s.k), chunk_rows=s.chunk_rows, progress=True)
     note = tables.sign_note([c for c in channels if recs[c]["sign"] < 0], channels, bn)
     for c in channels:
         print("\n".join(tables.describe_channel(recs[c])))

@@ -63,21 +63,21 @@ def class_histograms(attributions, targets, num_classes, taus, chunk_rows=DEFAUL
     return hists
 
 
-def sign_histograms(attributions, targets, patch_sums, num_classes, tau, weight, bias=None, positions=1,
-                    affine=None, chunk_rows=DEFAULT_CHUNK_ROWS, progress=False):
+def sign_histograms(attributions, targets, patch_sums, num_classes, tau, layer, chunk_rows=DEFAULT_CHUNK_ROWS,
+                    progress=False):
     """Class histograms of the published importance rule and of the sign-aware one, from one read of the store.
 
     attributions: (N, C) and patch_sums: (N, C_in, kh, kw) array-likes (memory maps are fine); targets: (N,)
-    (negative: row left out); the rest as ``similarities.add_sign_histograms`` (whose parameters say why there
-    are this many: the layer's weight, bias and positions and the BatchNorm's affine map). Returns {name: (num_classes, C)
-    int64} for the names of ``similarities.SIGN_HISTOGRAMS``.
+    (negative: row left out); layer: a ``similarities.SummedLayer`` (weight (C, C_in, kh, kw), bias, positions
+    and the following BatchNorm's affine map), read as ``similarities.add_sign_histograms`` does.
+    Returns {name: (num_classes, C) int64} for the names of ``similarities.SIGN_HISTOGRAMS``.
     """
     n, c = attributions.shape
     hists = {k: torch.zeros(num_classes, c, dtype=torch.int64) for k in similarities.SIGN_HISTOGRAMS}
     for lo, hi in _chunks_shown(n, chunk_rows, "histograms", progress):
         P = _patch_sums(patch_sums, lo, hi)
         hists = similarities.add_sign_histograms(hists, _attributions(attributions, lo, hi), _targets(targets, lo, hi),
-                                                 P, tau, weight, bias, positions, affine)
+                                                 P, tau, layer)
     return hists
 
 

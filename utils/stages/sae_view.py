@@ -122,9 +122,8 @@ def collect_vectors(model, conv, ds, indices, settings, device):
     of each (``sae.sample_positions``). Returns (vectors (N * p, C_in) float32 on the CPU, images read)."""
     gen = torch.Generator().manual_seed(int(settings.sae_seed))
     out, n = [], 0
-    for batch in image_scan.scan(model, conv, ds, folders.batches_of(indices, settings.batch_size), device,
-                                 default_workers(settings.num_workers), unreadable="skip",
-                                 desc="SAE: sampling the layer's input"):
+    plan = image_scan.ScanPlan(ds, settings.batch_size, device, default_workers(settings.num_workers), "skip")
+    for batch in image_scan.scan(model, conv, plan, plan.batches(indices), desc="SAE: sampling the layer's input"):
         out.append(S.sample_positions(batch.x, settings.sae_positions_per_image, gen).cpu())
         n += len(batch.x)
     if not out:
@@ -209,9 +208,9 @@ def scan(ctx, sae, channel, indices, settings):
     pos_c, best = [], (torch.full((m, 0), -1.0), torch.zeros((m, 0), dtype=torch.long))
     err, s1, s2, count, seen = 0.0, 0, 0.0, 0, 0
     active = torch.zeros(m, dtype=torch.long)
-    sc = image_scan.scan(ctx.model, conv, ctx.dataset, folders.batches_of(indices, settings.batch_size), ctx.device,
-                         default_workers(settings.num_workers), unreadable=settings.unreadable,
-                         desc="SAE view: val images")
+    plan = image_scan.ScanPlan(ctx.dataset, settings.batch_size, ctx.device, default_workers(settings.num_workers),
+                               settings.unreadable)
+    sc = image_scan.scan(ctx.model, conv, plan, plan.batches(indices), desc="SAE view: val images")
     with torch.no_grad():
         for x in (batch.x for batch in sc):
             pos_c.append(positive_mass(filter_maps(x, conv, w, b))[:, 0].cpu())
@@ -239,8 +238,8 @@ def contributions_on(ctx, sae, channel, indices, settings):
     b_1 = None if b_c is None else b_c.reshape(1)
     pc, pa, pk, worst, errs, maps = [], [], [], 0.0, 0.0, []
     with torch.no_grad():
-        for batch in image_scan.scan(ctx.model, conv, ctx.dataset, folders.batches_of(indices, settings.batch_size),
-                                     ctx.device, 0, unreadable="skip"):
+        plan = image_scan.ScanPlan(ctx.dataset, settings.batch_size, ctx.device, 0, "skip")
+        for batch in image_scan.scan(ctx.model, conv, plan, plan.batches(indices)):
             x = batch.x
             f = S.feature_maps(sae, x)
             contrib = S.channel_contributions(f, conv, w_c, sae.W_dec)

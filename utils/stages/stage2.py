@@ -199,8 +199,8 @@ def positive_activation_histogram(ctx, s, arrays, counts):
     affine = None if bn is None else loading.batchnorm_affine(bn)
     # sign_histograms holds about four times class_histogram's memory per row: a quarter of the rows at a time
     A, targets, P = arrays
-    h = passes.sign_histograms(A, targets, P, len(counts), s.tau, ctx.conv.weight, ctx.conv.bias, positions, affine,
-                               max(1, s.chunk_rows // 4), progress=True)
+    layer = similarities.SummedLayer(ctx.conv.weight, ctx.conv.bias, positions, affine)
+    h = passes.sign_histograms(A, targets, P, len(counts), s.tau, layer, max(1, s.chunk_rows // 4), progress=True)
     report = sign_report_of(h, counts, s.p, bn_name, positions)
     print("\n".join(tables.sign_report_lines(report, ctx.layer_path)))
     return h["positive_activation"], report

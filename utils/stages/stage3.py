@@ -135,8 +135,8 @@ def score_images(ctx, splits, indices, s, desc=None):
     model = ctx.model.to(ctx.device)
     if s.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    images = scan.scan(model, ctx.conv, ds, batches, ctx.device, s.num_workers, what=scan.INPUT_OUTPUT, hint=HINT,
-                       desc=desc, channels_last=s.channels_last)
+    plan = scan.ScanPlan(ds, s.batch_size, ctx.device, s.num_workers, hint=HINT, channels_last=s.channels_last)
+    images = scan.scan(model, ctx.conv, plan, batches, what=scan.INPUT_OUTPUT, desc=desc)
     return rho_scores.score_splits(ctx.conv, splits, images, ctx.device)
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from utils.concepts import by_clusters, candidates, from_flags
 from utils.concepts.by_classes import check_triples
 from utils.data import folders
+from utils.data.scan import ScanPlan
 from utils.files import leftovers, names
 from utils.run import cli, context, distributed
 from utils.errors import UserError
@@ -161,11 +162,11 @@ def evaluate(ctx, s, jobs, checkpoints):
     (``pass_groups``), the scan of the whole val split for --top_images_all_val: [Evaluated] in the jobs'
     order, every job checked."""
     ds = ctx.dataset
-    workers = cli.default_workers(s.num_workers)
+    plan = ScanPlan(ds, s.batch_size, ctx.device, cli.default_workers(s.num_workers), s.unreadable, HINT,
+                    ctx.class_outputs)
 
     def scan_channels(channels, indices):  # the pass that chooses val images by activation (concepts as clusters)
-        return scan_arvs(ctx.model, ctx.conv, channels, ds, indices, s.batch_size, ctx.device, workers,
-                         s.unreadable, HINT)
+        return scan_arvs(ctx.model, ctx.conv, channels, plan, indices)
     arvs = shared_arvs(scan_channels, [job.channel for job in jobs], len(ds) * (ctx.conv.weight.shape[1] + 1) * 8)
     vals = []
     for job in jobs:
@@ -177,15 +178,13 @@ def evaluate(ctx, s, jobs, checkpoints):
     results = [None] * len(jobs)
     for group in pass_groups(vals):
         indices = sorted(set().union(*(vals[i].indices for i in group)))
-        done = evaluate_many(ctx.model, ctx.conv, [runs[i] for i in group], ds, indices, s.batch_size, ctx.device,
-                             workers, unreadable=s.unreadable, hint=HINT, class_outputs=ctx.class_outputs)
+        done = evaluate_many(ctx.model, ctx.conv, [runs[i] for i in group], plan, indices)
         for i, r in zip(group, done):
             results[i] = r
     whole = [None] * len(jobs)
     if s.top_images and s.top_images_all_val:
         scanned, pos = scan_many(ctx.model, ctx.conv, [(job.channel, f, b) for job, (f, b) in zip(jobs, filters)],
-                                 ds, list(range(len(ds))), s.batch_size, ctx.device, workers,
-                                 unreadable=s.unreadable, hint=HINT)
+                                 plan, list(range(len(ds))))
         whole = [(scanned, o, m) for o, m in pos]
     concepts = [concept_ids(job, v, r) for job, v, r in zip(jobs, vals, results)]  # all checked before writing
     return list(map(Evaluated, jobs, checkpoints, results, whole, concepts, vals))

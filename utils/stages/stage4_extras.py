@@ -61,9 +61,8 @@ class Extras:
         elif self.fv is not None:
             concept_lists, val_images = job.featurevis_concepts(index, concept)
             prepared = self.batched.take(run_name) if self.batched else None
-            out["feature_vis"] = feature_vis.run_for_checkpoint(self.ctx, self.fv, state_dict, job.channel,
-                                                                concept_lists, run_name, self.out_dir,
-                                                                val_images=val_images,
+            checkpoint = feature_vis.Checkpoint(run_name, job.channel, state_dict, concept_lists, val_images)
+            out["feature_vis"] = feature_vis.run_for_checkpoint(self.ctx, self.fv, checkpoint, self.out_dir,
                                                                 prepared=prepared)["figure"]
         if self.sae is not None:  # the SAE read (or trained) once for all the jobs
             self.trained = self.trained or sae_view.load_or_train(self.ctx, self.sae, self.ctx.device)

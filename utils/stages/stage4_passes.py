@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from utils.concepts.by_classes import class_batches
-from utils.data import folders, scan
+from utils.data import scan
 from utils.method import attribution
 from utils.method.evaluation import channels_arvs, image_numbers
 from utils.method.split import filter_maps, positive_mass
@@ -32,30 +32,27 @@ def _on(device, channel, filters, bias):
     return channel, filters.to(device), None if bias is None else bias.to(device)
 
 
-def evaluate_many(model, conv, runs, ds, indices, batch_size, device, num_workers, desc="stage 4",
-                  unreadable="error", hint="", class_outputs=None):
-    """Stage-4 numbers of several checkpoints from one pass over the images ``indices`` of ``ds``.
+def evaluate_many(model, conv, runs, plan, indices, desc="stage 4"):
+    """Stage-4 numbers of several checkpoints from one pass over the images ``indices`` of ``plan.dataset``.
 
     runs: list of (channel, filters (k+1, C_in, kh, kw), bias (k+1,) or None, classes); run r uses the images
-    of its classes only. Every batch holds one class (``class_batches``), so an image's numbers do not depend
+    of its classes only. plan: the ``scan.ScanPlan`` of the three passes of this module (batch size, device,
+    workers, ``unreadable`` 'error' or 'skip', and ``class_outputs``, whose logit the backward differentiates).
+    Every batch holds one class (``class_batches``), so an image's numbers do not depend
     on the other runs: each run's arrays are bit-identical to those of a pass for it alone. One forward pass
-    and head-only backward per batch serve every run. ``unreadable``: 'error' or 'skip' (see
-    folders.make_loader). ``class_outputs``: (K,) output index of each class folder
-    (``utils/data/classmap.py``), whose logit the backward differentiates; None: folder y is output y.
+    and head-only backward per batch serve every run.
     Returns one dict per run of numpy arrays (see ``evaluation.image_numbers``), plus ``index`` and ``label``
     of each image, and ``skipped``: the dataset indices of its images left out as unreadable.
-    The parameters past ``indices`` are those of the one scan (``utils.data.scan.scan``), passed on as they are;
-    the three passes of this module take them alike.
     """
+    ds, device = plan.dataset, plan.device
     model = model.to(device)
     prepared = [_on(device, c, f, b) for c, f, b, _ in runs]
     classes = [set(cl) for *_, cl in runs]
     union = set().union(*classes)
-    batches = [b for b in class_batches(indices, [ds.targets[i] for i in indices], batch_size)
+    batches = [b for b in class_batches(indices, [ds.targets[i] for i in indices], plan.batch_size)
                if ds.targets[b[0]] in union]
     parts = [[] for _ in runs]
-    passes = scan.scan(model, conv, ds, batches, device, num_workers, what=scan.GRADIENT, unreadable=unreadable,
-                       hint=hint, desc=desc, outputs=class_outputs)
+    passes = scan.scan(model, conv, plan, batches, what=scan.GRADIENT, desc=desc)
     for b in passes:
         y = int(b.labels[0])  # the batch's one class
         pos = attribution.positive_attribution(b.a, b.g)
@@ -78,22 +75,22 @@ def _run_arrays(ds, indices, classes, part, passes):
     return out
 
 
-def scan_many(model, conv, runs, ds, indices, batch_size, device, num_workers, unreadable="error", hint=""):
+def scan_many(model, conv, runs, plan, indices):
     """Positive masses of several channels and their checkpoint maps from one forward pass up to the layer per
-    batch (for the top-image contact sheets). runs: list of (channel, filters (k+1, C_in, kh, kw), bias).
+    batch (for the top-image contact sheets). runs: list of (channel, filters (k+1, C_in, kh, kw), bias);
+    plan: a ``scan.ScanPlan``; indices: dataset indices of ``plan.dataset``.
 
     Returns the scanned indices (M,) (``indices`` less the unreadable ones when ``unreadable='skip'``) and one
     (orig_pos (M,), maps_pos (M, k+1)) pair of numpy arrays per run.
     """
-    model = model.to(device)
+    model = model.to(plan.device)
     banks = []
     for c, filters, bias in runs:
         w = torch.cat([conv.weight[c:c + 1].detach(), filters.to(conv.weight)])
         b = None if conv.bias is None else torch.cat([conv.bias[c:c + 1].detach(), bias.to(conv.bias)])
         banks.append((w, b))
     pos = [[] for _ in runs]
-    passes = scan.scan(model, conv, ds, folders.batches_of(indices, batch_size), device, num_workers,
-                       what=scan.INPUT, unreadable=unreadable, hint=hint, desc="top images")
+    passes = scan.scan(model, conv, plan, plan.batches(indices), what=scan.INPUT, desc="top images")
     for batch in passes:
         for (w, b), p in zip(banks, pos):
             p.append(positive_mass(filter_maps(batch.x, conv, w, b)))
@@ -104,16 +101,15 @@ def scan_many(model, conv, runs, ds, indices, batch_size, device, num_workers, u
 ARV_BYTES = 2 ** 31  # the most that the val ARVs of one shared pass may hold (float64), about 2 GB
 
 
-def scan_arvs(model, conv, channels, ds, indices, batch_size, device, num_workers, unreadable="error", hint=""):
-    """``evaluation.channel_arvs`` of several channels on the images ``indices`` of ``ds``, from one forward pass up
-    to the layer only.
+def scan_arvs(model, conv, channels, plan, indices):
+    """``evaluation.channel_arvs`` of several channels on the images ``indices`` of ``plan.dataset`` (read as the
+    ``scan.ScanPlan`` says), from one forward pass up to the layer only.
 
     Returns the scanned indices (M,) (less the unreadable ones when ``unreadable='skip'``) and {channel: (summed
     (M,), arvs (M, C_in))} float64 numpy arrays (to pick the val images of concepts given as clusters)."""
-    model = model.to(device)
+    model = model.to(plan.device)
     sums, arvs = {c: [] for c in channels}, {c: [] for c in channels}
-    passes = scan.scan(model, conv, ds, folders.batches_of(indices, batch_size), device, num_workers,
-                       what=scan.INPUT_OUTPUT, unreadable=unreadable, hint=hint, desc="val ARVs")
+    passes = scan.scan(model, conv, plan, plan.batches(indices), what=scan.INPUT_OUTPUT, desc="val ARVs")
     for batch in passes:
         for c, (s, r) in zip(channels, channels_arvs(batch.x, batch.a.float(), conv, channels)):
             sums[c].append(s.cpu())
