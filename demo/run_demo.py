@@ -24,8 +24,8 @@ import os
 import time
 
 from demo.networks import SHAPES_SPECS as MODELS  # --arch -> --model (the layer: each net's last conv)
-from demo.runner import Runner, Stages, clean, short
-from utils.files import atomic, names
+from demo.runner import Runner, Stages, clean, short, strongest_first
+from utils.files import atomic, names as file_names
 
 MODEL = MODELS["cnn"]
 # what the demo writes into OUT (removed at the start of a run, so each run starts clean)
@@ -104,9 +104,9 @@ def atlas_step(stages, cand_path, args):
         "--proportion_attribution_required", args.quantitative_tau, "--out_dir", results, "--atlas", folder] + fv)
     print(short(text, 1))
     from utils.atlas.write import folder_bytes
-    with open(names.atlas_record(folder)) as f:
+    with open(file_names.atlas_record(folder)) as f:
         record = json.load(f)
-    return {"channels": top, "index": names.atlas_index(folder), "results": results,
+    return {"channels": top, "index": file_names.atlas_index(folder), "results": results,
             "bytes": folder_bytes(folder), "own_bytes": folder_bytes(folder, own=True),
             "runs": len(record["rows"])}
 
@@ -167,7 +167,7 @@ def main(argv=None):
         raise SystemExit(f"stage 2 found no candidate (tau={tau}, p={pp}, {low} <= cosine < {high}): "
                          f"train longer or loosen the thresholds")
     # the strongest candidate: the lowest cosine between the two classes' relevance vectors
-    ranked = sorted(cands, key=lambda d: (d["cosine_similarity"], d["channel"], d["class1"], d["class2"]))
+    ranked = strongest_first(cands)
     best = ranked[0]
     c, y1, y2 = best["channel"], best["class1"], best["class2"]
     head = [dict(d, class1_name=names[d["class1"]], class2_name=names[d["class2"]],

@@ -38,8 +38,8 @@ import time
 
 from demo import fashion_mnist, fashion_model
 from demo.networks import fashion_spec
-from demo.runner import ROOT, Runner, Stages, clean, short
-from utils.files import atomic, names
+from demo.runner import ROOT, Runner, Stages, clean, short, strongest_first
+from utils.files import atomic, names as file_names
 from utils.run import cli
 
 THRESHOLDS = (0.5, 0.7, 0.9)   # the report counts candidate pairs below each cosine
@@ -129,7 +129,7 @@ def parse_args(argv=None):
 
 def train_or_reuse(args, weights, log):
     """Train the net into ``weights`` unless its ``_training.json`` records these settings; the summary."""
-    record = names.training_record(weights)
+    record = file_names.training_record(weights)
     want = {"arch": args.arch, "epochs": args.epochs, "seed": args.seed, "threads": args.train_threads}
     if os.path.isfile(weights) and os.path.isfile(record):
         summary = atomic.read_json(record)
@@ -149,7 +149,7 @@ def store_fits(store_dir, data_dir, names, model_reused):
     if not model_reused:
         return False
     counts = [len(os.listdir(os.path.join(data_dir, "train", name))) for name in names]
-    manifests = glob.glob(names.manifest(os.path.join(store_dir, "*")))
+    manifests = glob.glob(file_names.manifest(os.path.join(store_dir, "*")))
     return all(atomic.read_json(m).get("data_dir") == data_dir and
                atomic.read_json(m).get("images_per_class") == counts for m in manifests)
 
@@ -164,7 +164,7 @@ def strongest(cands, n):
     """The lowest-cosine pair of each channel, for the n channels whose lowest cosine is lowest (ties: channel,
     then classes)."""
     best = {}
-    for d in sorted(cands, key=lambda d: (d["cosine_similarity"], d["channel"], d["class1"], d["class2"])):
+    for d in strongest_first(cands):
         best.setdefault(d["channel"], d)
     return list(best.values())[:n]
 
@@ -257,7 +257,7 @@ def main(argv=None):
                  "val_images_concept2": summary["val_images_concept2"],
                  "max_logit_diff": info["max_logit_diff"], "max_abs_logit": info["max_abs_logit"],
                  "logit_check_images": info["logit_check_images"], "logits_unchanged": info["exact"],
-                 "checkpoint": os.path.join(names.checkpoints_dir(store_dir), info["best_checkpoint"]),
+                 "checkpoint": os.path.join(file_names.checkpoints_dir(store_dir), info["best_checkpoint"]),
                  "info_json": info_path, "top_images": summary.get("top_images"),
                  "plots": files.own_plots}
         if "feature_vis" in summary:

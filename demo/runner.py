@@ -143,6 +143,12 @@ class Stages:
         return split_files(self.out, self.store_dir, self.tag, channel, y1, y2)
 
 
+def strongest_first(cands):
+    """Stage 2's candidates, the lowest cosine first (ties: channel, then classes): the two classes that reach the
+    channel through the most different inputs come first."""
+    return sorted(cands, key=lambda d: (d["cosine_similarity"], d["channel"], d["class1"], d["class2"]))
+
+
 def pair(y1, y2):
     """The stage 3 and 4 flags of one class per concept."""
     return ["--classes_for_concept1", y1, "--classes_for_concept2", y2]
