@@ -4,8 +4,8 @@ The training images are read once through the paper's evaluation transform (the 
 stage scripts will see), passed through the net's parameter-free 4 x 4 average pool, and kept in
 memory; training then runs on those 56 x 56 tensors with random flips and quarter turns (the
 classes do not change under them). Seeds fix the initialisation, the batch order and the
-augmentation, and torch's deterministic algorithms are switched on, so a rerun on the same
-machine gives the same weights. Another CPU (or another number of threads) rounds differently, and
+augmentation, and torch's deterministic algorithms are switched on while it trains (demo/training.py's
+loop, which restores the caller's settings), so a rerun on the same machine gives the same weights. Another CPU (or another number of threads) rounds differently, and
 training amplifies the differences: the weights, and which channel the demo picks, can change.
 
 Training adds an auxiliary linear classifier on the spatially averaged input of the layer of
