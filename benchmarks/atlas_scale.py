@@ -7,21 +7,18 @@ running them. Prints the seconds to write the atlas, its size, and the browser's
 and to sort it by a column.
 
   python -m demo.run_demo --out demo_out        (once: the run to copy)
-  python benchmarks/atlas_scale.py [--demo demo_out] [--runs 500] [--work bench_out/atlas_scale]
+  python -m benchmarks.atlas_scale [--demo demo_out] [--runs 500] [--work bench_out/atlas_scale]
 """
 import argparse
 import glob
 import json
 import os
 import shutil
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from utils.atlas import collect  # noqa: E402
-from utils.atlas.write import write_atlas  # noqa: E402
-from utils.files import names  # noqa: E402
+from utils.atlas import collect
+from utils.atlas.write import write_atlas
+from utils.files import names
 
 
 def copy_run(out, store, run, summary, new_out, new_store, channel):

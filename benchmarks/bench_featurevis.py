@@ -12,21 +12,18 @@ separate: for each target its own MACO run (same parametrization, crops, noise, 
 Workloads (CPU, random weights, nothing downloaded): the demo CNN (demo.model, layer conv_out) and torchvision's
 ResNet-50 (weights=None, layer4.2.conv3 and, to show what stopping at the layer saves, layer3.5.conv3), S = 224.
 
-  python benchmarks/bench_featurevis.py [--steps 3] [--crops 4] [--models demo resnet50] [--json out.json]
+  python -m benchmarks.bench_featurevis [--steps 3] [--crops 4] [--models demo resnet50] [--json out.json]
 """
 import argparse
 import json
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils import disentangle
-from utils.data import folders  # noqa: E402
-from utils.featurevis import objectives, param, render, transform  # noqa: E402
-from utils.method import split  # noqa: E402
+from utils.data import folders
+from utils.featurevis import objectives, param, render, transform
+from utils.method import split
 
 CHANNEL = 1
 

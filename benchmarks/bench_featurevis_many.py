@@ -8,21 +8,17 @@ batched: ``render.visualize_many`` of the K channels, every step's crops of all 
 batches (stage 4 with --fv_batch_targets 3 K). Same seeds, so the images of the two agree up to float
 rounding; the maximum difference is printed.
 
-  python benchmarks/bench_featurevis_many.py [--channels 4] [--size 64] [--steps 2] [--crops 2]
+  python -m benchmarks.bench_featurevis_many [--channels 4] [--size 64] [--steps 2] [--crops 2]
       [--layer layer4.2.conv3] [--batch_size 0]
 The paper's settings on a GPU: --size 512 --steps 256 --crops 32 --channels 50 --device cuda.
 """
 import argparse
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_featurevis import spectrum, workloads  # noqa: E402
-from utils.featurevis import render  # noqa: E402
+from benchmarks.bench_featurevis import spectrum, workloads
+from utils.featurevis import render
 
 
 def channel_groups(conv, channels, seed):

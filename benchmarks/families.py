@@ -1,7 +1,7 @@
 """One torchvision model per family through the four stages (--weights none, generated images), and stage 1's
 seconds per image on this machine: the table of docs/models.md.
 
-  python benchmarks/families.py [--models resnet18 vit_b_16 ...] [--per_class 2] [--json FILE] [--threads N]
+  python -m benchmarks.families [--models resnet18 vit_b_16 ...] [--per_class 2] [--json FILE] [--threads N]
       [--repeats 3] [--per_image_only MODEL ...]
 
 For every model: its default layer (``--list_layers``' ``last_conv``), then stages 1 to 4 on it as a user runs
@@ -26,7 +26,6 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 FAMILIES = [("AlexNet", "alexnet"), ("VGG", "vgg11"), ("ResNet", "resnet18"), ("ResNeXt", "resnext50_32x4d"),
             ("Wide ResNet", "wide_resnet50_2"), ("DenseNet", "densenet121"), ("GoogLeNet", "googlenet"),

@@ -1,9 +1,9 @@
 """Time of the whole real-image run, part by part: Fashion-MNIST conversion, training, the four stages,
 label-free concepts, SAE view, feature visualizations, and the purity benchmark over seeds.
 
-  python benchmarks/fashion_mnist.py [--report fmnist_out/run/report.json]      # the table of a finished run
-  python benchmarks/fashion_mnist.py --run [run_fashion flags ...]               # run demo/run_fashion.py first
-  python benchmarks/fashion_mnist.py --purity_json fmnist_out/purity.json        # add the purity run's seconds
+  python -m benchmarks.fashion_mnist [--report fmnist_out/run/report.json]      # the table of a finished run
+  python -m benchmarks.fashion_mnist --run [run_fashion flags ...]               # run demo/run_fashion.py first
+  python -m benchmarks.fashion_mnist --purity_json fmnist_out/purity.json        # add the purity run's seconds
 
 The run's own clock (report.json "seconds", the feature visualization's and SAE view's records) gives the
 parts; stage 4 of the strongest split includes its feature visualizations and SAE view. Times depend on the
@@ -13,10 +13,8 @@ CPU and on what else runs on it: on a machine whose cores are shared, 2 training
 import argparse
 import json
 import os
-import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def parts(report):

@@ -1,14 +1,14 @@
 """The steps of benchmarks/gpu_suite.sh, one subcommand each; every result is a line
 ``ROW<TAB>name<TAB>result`` that the suite puts into its table.
 
-  python benchmarks/gpu_steps.py setup WORK [--images 8000] [--mid 512] [--few 64] [--processes 16]
-  python benchmarks/gpu_steps.py model WORK [--batch_size 256] [--steps 30]
-  python benchmarks/gpu_steps.py stage1 WORK --decoder cpu|nvjpeg|nvimgcodec --precision tf32|bf16
-  python benchmarks/gpu_steps.py compare WORK
-  python benchmarks/gpu_steps.py deterministic WORK
-  python benchmarks/gpu_steps.py torchrun WORK
-  python benchmarks/gpu_steps.py featurevis WORK [--size 512 --steps 256 --crops 32]
-  python benchmarks/gpu_steps.py featurevis_many WORK [--channels 8 --size 512 --steps 16 --crops 32]
+  python -m benchmarks.gpu_steps setup WORK [--images 8000] [--mid 512] [--few 64] [--processes 16]
+  python -m benchmarks.gpu_steps model WORK [--batch_size 256] [--steps 30]
+  python -m benchmarks.gpu_steps stage1 WORK --decoder cpu|nvjpeg|nvimgcodec --precision tf32|bf16
+  python -m benchmarks.gpu_steps compare WORK
+  python -m benchmarks.gpu_steps deterministic WORK
+  python -m benchmarks.gpu_steps torchrun WORK
+  python -m benchmarks.gpu_steps featurevis WORK [--size 512 --steps 256 --crops 32]
+  python -m benchmarks.gpu_steps featurevis_many WORK [--channels 8 --size 512 --steps 16 --crops 32]
 
 WORK holds the generated JPEGs (big/ for throughput, mid/ for reproducibility, few/ for the CPU
 comparison), the ResNet-50 weights (random, seeded: nothing is downloaded) and the stores. Without CUDA
@@ -26,8 +26,6 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 STAGE1 = os.path.join(ROOT, "get_importances_for_classes.py")
 ARRAYS = ("attributions", "targets", "predictions", "patch_sums")
 FOLDER = "resnet50_channel_importances"
@@ -52,7 +50,7 @@ def settings(work):
 def setup(args):
     import torch
     import torchvision
-    import make_jpegs
+    from benchmarks import make_jpegs
     t = time.time()
     for name, n in (("big", args.images), ("mid", args.mid), ("few", args.few)):
         make_jpegs.write_jpegs(os.path.join(args.work, name), n, classes=10, processes=args.processes,
@@ -293,7 +291,7 @@ def torchrun_step(args):
 def featurevis_step(args):
     import torch
     import torchvision
-    import bench_featurevis as bf
+    from benchmarks import bench_featurevis as bf
     from utils.featurevis import objectives, render
     device = torch.device("cuda", 0) if cuda() else torch.device("cpu")
     torch.manual_seed(0)
@@ -323,7 +321,7 @@ def featurevis_many_step(args):
     """K channels' visualizations (3 targets each), one optimization per channel against one batched optimization
     of all K (benchmarks/bench_featurevis_many.py), timed over ``--steps`` and given per channel at 256 steps
     (the time per step is constant after the warm-up)."""
-    import bench_featurevis_many as bm
+    from benchmarks import bench_featurevis_many as bm
     device = "cuda" if cuda() else "cpu"
     t_alone, t_many, _ = bm.compare(args.channels, args.size, args.steps, args.crops, batch_size=args.batch_size,
                                     device=device)

@@ -33,7 +33,7 @@ BUDGET=${SUITE_SECONDS:-480}
 START=$(date +%s)
 CORES=$(nproc 2>/dev/null || echo 4)
 WORKERS=$(( CORES < 16 ? CORES : 16 ))
-STEPS="$PYTHON $REPO/benchmarks/gpu_steps.py"
+STEPS="$PYTHON -m benchmarks.gpu_steps"
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=5
 
 publish() {  # the table so far (and the logs) into $OUT

@@ -4,12 +4,11 @@ Each image is 500 x 375 (ImageNet's most common size): a smooth random colour fi
 12 x 16 random grid) plus fine noise, saved at quality 90, about 80 kB a file (close to ImageNet's average).
 Image i depends only on (seed, i), so any number of processes writes the same files.
 
-  python benchmarks/make_jpegs.py ROOT [--images 8000] [--classes 10] [--processes 16]
+  python -m benchmarks.make_jpegs ROOT [--images 8000] [--classes 10] [--processes 16]
 """
 import argparse
 import multiprocessing
 import os
-import sys
 import time
 
 import numpy as np
@@ -30,9 +29,6 @@ def jpeg_image(i, seed=0, size=(WIDTH, HEIGHT)):
 def class_folder(c):
     """Folder name of class ``c``: the c-th ImageNet WordNet id, so that a 1000-output ImageNet model maps
     folder c to its output c (utils/data/classmap.py) and the labels are the folder indices, as before."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if root not in sys.path:
-        sys.path.insert(0, root)
     from utils.data.classmap import imagenet_wnids
     return imagenet_wnids()[c]
 

@@ -25,9 +25,9 @@ are the coarse garment groups of demo.fashion_mnist.GROUPS (upper body, trouser,
 of colour and texture. A k-way split by stage 2's classes needs k <= 6: a channel used by more classes
 has no such units.
 
-  python benchmarks/purity.py [--out bench_out/purity] [--seeds 0 1 2] [--json FILE]
-  python benchmarks/purity.py --data fashion_mnist [--out fmnist_out/purity] [--epochs 10] [--train_threads 2]
-  python benchmarks/purity.py --from_json seed0.json seed1.json seed2.json [--json all.json]   (seeds run apart)
+  python -m benchmarks.purity [--out bench_out/purity] [--seeds 0 1 2] [--json FILE]
+  python -m benchmarks.purity --data fashion_mnist [--out fmnist_out/purity] [--epochs 10] [--train_threads 2]
+  python -m benchmarks.purity --from_json seed0.json seed1.json seed2.json [--json all.json]   (seeds run apart)
 """
 import argparse
 import glob
@@ -40,8 +40,6 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 from utils.model import tap
 from utils.method import attribution
 from utils.run import context
@@ -49,13 +47,15 @@ from utils.data import folders
 from utils.files import atomic
 from utils.method import purity
 from utils.method import sae as S
-from utils.stages import sae_view  # noqa: E402
-from utils.run import cli  # noqa: E402
-from utils.files.names import class_checkpoint  # noqa: E402
-from utils.method.evaluation import top_k  # noqa: E402
-from utils.method.clustering import nearest_centroid  # noqa: E402
-from utils.method.split import filter_maps, positive_mass  # noqa: E402
-from utils.stages.stage4 import checkpoint_filters  # noqa: E402
+from utils.stages import sae_view
+from utils.run import cli
+from utils.files.names import class_checkpoint
+from utils.method.evaluation import top_k
+from utils.method.clustering import nearest_centroid
+from utils.method.split import filter_maps, positive_mass
+from utils.stages.stage4 import checkpoint_filters
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MODEL = "demo.model:shapes_cnn"
 METRICS = ("purity", "purity_colour", "purity_texture", "top_n_purity", "share")

@@ -1,7 +1,7 @@
 """Stage-1 throughput on a GPU box: images/s of the whole stage with CPU decoding and with GPU decoding,
 and of the model step alone (attributions + patch sums on batches already on the device).
 
-  python benchmarks/stage1_throughput.py [--images 4096] [--batch_size 256] [--num_workers 16] [--bf16]
+  python -m benchmarks.stage1_throughput [--images 4096] [--batch_size 256] [--num_workers 16] [--bf16]
 
 Writes ImageNet-sized JPEGs (500 x 375, benchmarks/make_jpegs.py) into a temporary folder, runs the real
 stage-1 loop (utils.stages.stage1.run_stage1) on ResNet-50 (random weights, layer4.2.conv3) into a
@@ -11,23 +11,20 @@ the GPU-decoding row then shows the CPU fallback.
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 
 import torch
 import torchvision
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import make_jpegs  # noqa: E402
+from benchmarks import make_jpegs
 from utils.run import cli
 from utils.run import device
 from utils.data import folders
 from utils.data import gpu_decode
 from utils.stages import stage1
 from utils.model import loading
-from utils.files import store  # noqa: E402
+from utils.files import store
 
 
 

@@ -1,7 +1,7 @@
 """Start-up of the four stage scripts: wall time of ``--help`` and of a run on a one-image-per-class data
 set with a tiny model, and which heavy modules each of them imports.
 
-  python benchmarks/startup.py [--repeat 3] [--json FILE]
+  python -m benchmarks.startup [--repeat 3] [--json FILE]
 
 Each command runs as ``python SCRIPT ...`` in a fresh process (wall time from start to exit, the
 fastest of --repeat runs; the store is made afresh before every round, so stage 1 really runs). One

@@ -1,6 +1,6 @@
 """What checking a store costs when a stage opens it (``utils.files.store.Store.check_arrays``).
 
-  python benchmarks/store_check.py [--gib 1.0] [--repeat 3] [--dir /tmp]
+  python -m benchmarks.store_check [--gib 1.0] [--repeat 3] [--dir /tmp]
 
 Writes a complete store of ``--gib`` GiB of arrays (attributions float16, targets, predictions, patch sums
 float32 with random bytes, in the ImageNet layout of resnet50's layer4.2.conv3: 2048 channels, 512 x 1 x 1
@@ -12,15 +12,13 @@ files in the page cache, and the sha256 written by ``finish``.
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils.files import names  # noqa: E402
-from utils.files.store import ARRAYS, FULL_CHECK, Store  # noqa: E402
+from utils.files import names
+from utils.files.store import ARRAYS, FULL_CHECK, Store
 
 
 def make_store(folder, gib, c_out=2048, c_in=512):

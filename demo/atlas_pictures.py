@@ -11,7 +11,6 @@ import io
 import json
 import os
 import shutil
-import sys
 
 from PIL import Image
 
@@ -68,7 +67,6 @@ def save_small(image, path):
 
 def main(argv=None):
     args = parse_args(argv)
-    sys.path.insert(0, ROOT)
     from utils.files import names
     with open(names.atlas_record(args.atlas)) as f:
         rows = json.load(f)["rows"]

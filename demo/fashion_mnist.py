@@ -22,16 +22,12 @@ import gzip
 import json
 import os
 import shutil
-import sys
 
 import numpy as np
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-from utils.run import cli  # noqa: E402
-from utils.run.cli import UserError  # noqa: E402
+from utils.run import cli
+from utils.run.cli import UserError
 
 SOURCE = "/usr/share/datasets/fashion-mnist"
 INSTALL_HINT = "apt-get install dataset-fashion-mnist"

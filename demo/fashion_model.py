@@ -1,170 +1,36 @@
-"""A small ResNet for Fashion-MNIST, and its deterministic training on the CPU.
+"""Fashion-MNIST's small ResNet (demo/networks.py, re-exported here under the ``--model demo.fashion_model:...``
+names that stores, summaries and reports record) and its deterministic training on the CPU.
 
-The net takes the images the stage scripts give it: (N, 3, 28, 28), three equal colour channels (the
-ImageFolder loader turns the grey PNGs into RGB), normalized with ``--mean 0.286 ... --std 0.353 ...``.
-Its first step averages the three channels back into one (no parameters), so a feature visualization
-optimizes a grey image. Then, ResNet-style (BatchNorm after every conv, ReLU after every add):
+Factories (``--model demo.fashion_model:<name> --weights FILE``): fashion_resnet16, fashion_resnet32 (the layer
+``layer3.1.conv3`` followed by BatchNorm, the residual add and ReLU), fashion_relu16, fashion_relu32 (the layer
+with a bias, followed by ReLU only); the architecture is described in demo/networks.py.
 
-  stem     3x3 conv 1 -> 32                           28 x 28
-  layer1   basic block 32 -> 32, stride 2             14 x 14
-  layer2   basic block 32 -> 64, stride 2              7 x 7
-  layer3   two bottleneck blocks 64 -> W, W -> W       7 x 7   (inner width 64)
-  pool, linear W -> 10
-
-The layer of interest is ``layer3.1.conv3``, the last 1x1 conv of the last bottleneck block, as the
-paper's ``layer4.2.conv3`` in ResNet-50: it is followed by a BatchNorm (``bn3``), the identity residual
-add and ReLU (``--head bn``, the default). The ``relu`` variant (``--head relu``) replaces the last block by
-a 1x1 conv with bias followed directly by ReLU (no BatchNorm, no residual), as the demo's ``shapes_cnn``.
-Either way it is the net's last Conv2d, so the stage scripts' default ``--layer_of_interest last_conv``
-picks it. W (the width of the last stage and of the layer) is 16 or 32 here: fewer channels than there
-are ways to tell ten classes apart, so channels have reason to serve several classes.
-
-Factories (``--model demo.fashion_model:<name> --weights FILE``): fashion_resnet16, fashion_resnet32 (head
-bn), fashion_relu16, fashion_relu32 (head relu).
-
-Training (``train``): on the IDX arrays in memory, the same float32 pixels as the stage scripts' transform
-(x / 255 - mean) / std, with random horizontal flips and shifts of up to 2 pixels (zero padding of the
-raw image), AdamW and a one-cycle learning rate, a fixed seed and 2 torch threads with deterministic
-algorithms: a rerun on the same machine gives the same weights. Another CPU rounds differently, and
-training amplifies the differences: the weights, the accuracy's last digits and the channels the method
-finds can change.
+Training (``train``, through demo/training.py's loop): on the IDX arrays in memory, the same float32 pixels as
+the stage scripts' transform (x / 255 - mean) / std, with random horizontal flips and shifts of up to 2 pixels
+(zero padding of the raw image), AdamW and a one-cycle learning rate, a fixed seed and 2 torch threads with
+deterministic algorithms (the caller's settings are restored afterwards): a rerun on the same machine gives
+the same weights. Another CPU rounds differently, and training amplifies the differences: the weights, the
+accuracy's last digits and the channels the method finds can change.
 
 Command line: python -m demo.fashion_model --out model.pth [--arch fashion_resnet16] [--epochs N] [--seed S]
               [--train_per_class N] [--source DIR]
 """
 import argparse
-import os
-import sys
 import time
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-from demo import fashion_mnist  # noqa: E402
-from utils.run import cli  # noqa: E402
+from demo import fashion_mnist, training
+from demo.networks import (FASHION_ARCHS as ARCHS, FASHION_CLASSES as NUM_CLASSES, FASHION_LAYER as LAYER,  # noqa: F401
+                           BasicBlock, Bottleneck, FashionResNet, Grey, ReluHead, fashion_relu16, fashion_relu32,
+                           fashion_resnet16, fashion_resnet32)
+from utils.files import atomic, names
+from utils.run import cli
 
-NUM_CLASSES = 10
 THREADS = 2
-
-
-class BasicBlock(nn.Module):
-    """3x3 conv -> BN -> ReLU -> 3x3 conv -> BN, + shortcut(x), -> ReLU (shortcut: 1x1 conv + BN when the shape
-    changes, registered first so that the block's own convs come last in module order)."""
-
-    def __init__(self, c_in, c_out, stride=1):
-        super().__init__()
-        self.shortcut = (nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
-                         if stride != 1 or c_in != c_out else nn.Identity())
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.relu = nn.ReLU()
-
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-class Bottleneck(nn.Module):
-    """1x1 conv -> BN -> ReLU -> 3x3 conv -> BN -> ReLU -> 1x1 conv3 -> bn3, + shortcut(x), -> ReLU
-    (ResNet-50's block; shortcut: identity, or 1x1 conv + BN when the width changes)."""
-
-    def __init__(self, c_in, mid, c_out):
-        super().__init__()
-        self.shortcut = (nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
-                         if c_in != c_out else nn.Identity())
-        self.conv1 = nn.Conv2d(c_in, mid, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(mid)
-        self.conv2 = nn.Conv2d(mid, mid, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(mid)
-        self.conv3 = nn.Conv2d(mid, c_out, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(c_out)
-        self.relu = nn.ReLU()
-
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        return self.relu(self.bn3(self.conv3(out)) + self.shortcut(x))
-
-
-class ReluHead(nn.Module):
-    """The ``relu`` variant's last block: the bottleneck's 1x1 -> 3x3 part, then a 1x1 ``conv3`` with bias and
-    ReLU (no BatchNorm, no residual)."""
-
-    def __init__(self, c_in, mid, c_out):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, mid, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(mid)
-        self.conv2 = nn.Conv2d(mid, mid, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(mid)
-        self.conv3 = nn.Conv2d(mid, c_out, 1)
-        self.relu = nn.ReLU()
-
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        return self.relu(self.conv3(out))
-
-
-class Grey(nn.Module):
-    """(N, 3, H, W) -> (N, 1, H, W): the mean of the colour channels (the images' three channels are equal)."""
-
-    def forward(self, x):
-        return x.mean(1, keepdim=True) if x.shape[1] != 1 else x
-
-
-class FashionResNet(nn.Module):
-    def __init__(self, width=16, head="bn", num_classes=NUM_CLASSES, mid=64):
-        super().__init__()
-        if head not in ("bn", "relu"):
-            raise ValueError(f"head {head!r}: 'bn' or 'relu'")
-        self.grey = Grey()
-        self.stem = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
-        self.layer1 = BasicBlock(32, 32, stride=2)
-        self.layer2 = BasicBlock(32, 64, stride=2)
-        last = Bottleneck(width, mid, width) if head == "bn" else ReluHead(width, mid, width)
-        self.layer3 = nn.Sequential(Bottleneck(64, mid, width), last)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(width, num_classes)
-
-    @property
-    def layer_of_interest(self):
-        return self.layer3[1].conv3
-
-    def forward(self, x):
-        x = self.layer3(self.layer2(self.layer1(self.stem(self.grey(x)))))
-        return self.fc(self.pool(x).flatten(1))
-
-
-def fashion_resnet16():
-    """``--model demo.fashion_model:fashion_resnet16``: layer of interest layer3.1.conv3, 16 channels, BN + add."""
-    return FashionResNet(16, "bn")
-
-
-def fashion_resnet32():
-    """``--model demo.fashion_model:fashion_resnet32``: as fashion_resnet16 with 32 channels."""
-    return FashionResNet(32, "bn")
-
-
-def fashion_relu16():
-    """``--model demo.fashion_model:fashion_relu16``: layer3.1.conv3 (16 channels, bias) followed by ReLU."""
-    return FashionResNet(16, "relu")
-
-
-def fashion_relu32():
-    """``--model demo.fashion_model:fashion_relu32``: as fashion_relu16 with 32 channels."""
-    return FashionResNet(32, "relu")
-
-
-ARCHS = {f.__name__: f for f in (fashion_resnet16, fashion_resnet32, fashion_relu16, fashion_relu32)}
-LAYER = "layer3.1.conv3"
 
 
 # ----------------------------------------------------------------------------- training
@@ -199,67 +65,59 @@ def accuracy(model, x, y, batch_size=500):
     return float((pred == torch.as_tensor(y)).float().mean())
 
 
+class FashionJob(training.Job):
+    """Fashion-MNIST's training (``training.train``): the IDX arrays in memory, flips and shifts; the summary and
+    the weights at ``out``."""
+
+    def __init__(self, out, arch, recipe, seed, train_per_class, source, log):
+        self.out, self.arch, self.recipe, self.seed, self.train_per_class, self.source, self.log = (
+            out, arch, recipe, seed, train_per_class, source, log)
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.epoch_seconds = []
+        self.start = time.time()
+
+    def prepare(self):
+        model = ARCHS[self.arch]()
+        images, labels = fashion_mnist.load_split("train", self.source)
+        keep = fashion_mnist.first_per_class(labels, self.train_per_class)
+        x, y = to_input(images[keep]), torch.as_tensor(labels[keep])
+        test_images, test_labels = fashion_mnist.load_split("val", self.source)
+        self.xt, self.yt = to_input(test_images), torch.as_tensor(test_labels)
+        return model, model.parameters(), x, y
+
+    def loss(self, net, x, y, gen):
+        return self.loss_fn(net(augment(x, gen)), y)
+
+    def epoch_done(self, net, epoch, loss, seconds):
+        epochs = self.recipe.epochs
+        self.epoch_seconds.append(round(seconds, 1))
+        left = (epochs - epoch - 1) * sum(self.epoch_seconds) / len(self.epoch_seconds)
+        self.log(f"epoch {epoch + 1}/{epochs}: loss {loss:.3f} ({self.epoch_seconds[-1]} s"
+                 + (f"; about {left:.0f} s left)" if epoch + 1 < epochs else ")"))
+
+    def finish(self, net, x, y):
+        r = self.recipe
+        summary = {"arch": self.arch, "layer": LAYER, "epochs": r.epochs, "seed": self.seed,
+                   "batch_size": r.batch_size, "lr": r.lr, "weight_decay": r.weight_decay,
+                   "threads": torch.get_num_threads(), "train_images": len(x), "test_images": len(self.xt),
+                   "train_accuracy": accuracy(net, x, y), "test_accuracy": accuracy(net, self.xt, self.yt),
+                   "epoch_seconds": self.epoch_seconds, "seconds": round(time.time() - self.start, 1)}
+        atomic.save_torch(self.out, net.state_dict())
+        atomic.write_json(names.training_record(self.out), summary)
+        self.log(f"trained in {summary['seconds']} s: train accuracy {summary['train_accuracy']:.4f}, "
+                 f"test accuracy {summary['test_accuracy']:.4f}; saved {self.out}")
+        return summary
+
+
 def train(out, arch="fashion_resnet16", epochs=8, seed=0, batch_size=128, lr=4e-3, weight_decay=5e-4,
           train_per_class=None, source=None, threads=THREADS, log=print):
     """Train ``arch`` on the first ``train_per_class`` training images per class (None: all 60,000), save its
     state dict to ``out`` (and ``<out>_training.json``); returns the summary: accuracies on the training
-    images and the 10,000 test images, seconds per epoch."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        return _train(out, arch, epochs, seed, batch_size, lr, weight_decay, train_per_class, source, log)
-    finally:
-        torch.set_num_threads(previous)
-        torch.use_deterministic_algorithms(deterministic)
-
-
-def _train(out, arch, epochs, seed, batch_size, lr, weight_decay, train_per_class, source, log):
-    start = time.time()
-    torch.manual_seed(seed)
-    model = ARCHS[arch]()
-    images, labels = fashion_mnist.load_split("train", source)
-    keep = fashion_mnist.first_per_class(labels, train_per_class)
-    x, y = to_input(images[keep]), torch.as_tensor(labels[keep])
-    test_images, test_labels = fashion_mnist.load_split("val", source)
-    xt, yt = to_input(test_images), torch.as_tensor(test_labels)
-    gen = torch.Generator().manual_seed(seed + 1)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    steps = epochs * ((len(x) + batch_size - 1) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.25)
-    loss_fn = nn.CrossEntropyLoss()
-    epoch_seconds = []
-    for epoch in range(epochs):
-        t = time.time()
-        model.train()
-        order = torch.randperm(len(x), generator=gen)
-        total = 0.0
-        for i in tqdm(range(0, len(x), batch_size), desc=f"epoch {epoch + 1}/{epochs}", unit="batch",
-                      dynamic_ncols=True, leave=False):
-            idx = order[i:i + batch_size]
-            loss = loss_fn(model(augment(x[idx], gen)), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(idx)
-        epoch_seconds.append(round(time.time() - t, 1))
-        left = (epochs - epoch - 1) * sum(epoch_seconds) / len(epoch_seconds)
-        log(f"epoch {epoch + 1}/{epochs}: loss {total / len(x):.3f} ({epoch_seconds[-1]} s"
-            + (f"; about {left:.0f} s left)" if epoch + 1 < epochs else ")"))
-    model.eval()
-    summary = {"arch": arch, "layer": LAYER, "epochs": epochs, "seed": seed, "batch_size": batch_size, "lr": lr,
-               "weight_decay": weight_decay, "threads": torch.get_num_threads(), "train_images": len(x),
-               "test_images": len(xt), "train_accuracy": accuracy(model, x, y),
-               "test_accuracy": accuracy(model, xt, yt),
-               "epoch_seconds": epoch_seconds, "seconds": round(time.time() - start, 1)}
-    from utils.files import atomic
-    atomic.save_torch(out, model.state_dict())
-    atomic.write_json(os.path.splitext(out)[0] + "_training.json", summary)
-    log(f"trained in {summary['seconds']} s: train accuracy {summary['train_accuracy']:.4f}, "
-        f"test accuracy {summary['test_accuracy']:.4f}; saved {out}")
-    return summary
+    images and the 10,000 test images, seconds per epoch. The caller's thread count and deterministic setting
+    are restored afterwards."""
+    recipe = training.Recipe(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, pct_start=0.25)
+    job = FashionJob(out, arch, recipe, seed, train_per_class, source, log)
+    return training.train(job, recipe, seed, threads)
 
 
 def main(argv=None):

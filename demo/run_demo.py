@@ -21,14 +21,13 @@ residual add, the paper's layout; see demo/model.py)
 import argparse
 import json
 import os
-import shutil
-import subprocess
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL = "demo.model:shapes_cnn"
-MODELS = {"cnn": MODEL, "resnet": "demo.model:shapes_resnet"}  # --arch (the layer: each net's last conv)
+from demo.networks import SHAPES_SPECS as MODELS  # --arch -> --model (the layer: each net's last conv)
+from demo.runner import Runner, Stages, clean, short, strongest_first
+from utils.files import atomic, names as file_names
+
+MODEL = MODELS["cnn"]
 # what the demo writes into OUT (removed at the start of a run, so each run starts clean)
 MADE_HERE = ("data", "store", "plots", "results_disentanglement", "results_quantitative",
              "results_get_cosine_similarities", "logs", "model.pth", "model_training.json", "report.json",
@@ -75,49 +74,12 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def clean(out):
-    for name in MADE_HERE:
-        path = os.path.join(out, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)
-
-
-class Runner:
-    """Runs the stage scripts as subprocesses, logging each one's output to OUT/logs/."""
-
-    def __init__(self, out):
-        self.out = out
-        self.logs = os.path.join(out, "logs")
-        os.makedirs(self.logs, exist_ok=True)
-        self.env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self.commands, self.seconds = {}, {}
-
-    def run(self, key, script, args):
-        cmd = [sys.executable, os.path.join(ROOT, script)] + [str(a) for a in args]
-        shown = " ".join(["python", script] + [str(a) for a in args])
-        self.commands[key] = shown
-        print(f"\n$ {shown}", flush=True)
-        start = time.time()
-        proc = subprocess.run(cmd, cwd=ROOT, env=self.env, capture_output=True, text=True)
-        self.seconds[key] = round(time.time() - start, 1)
-        log = os.path.join(self.logs, f"{key}.log")
-        with open(log, "w") as f:
-            f.write(f"$ {shown}\n{proc.stdout}\n--- stderr ---\n{proc.stderr}")
-        if proc.returncode != 0:
-            print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n", file=sys.stderr)
-            raise SystemExit(f"{script} failed with exit status {proc.returncode} (log: {log})")
-        return proc.stdout
-
-
-def label_free(r, common, store_dir, tag, channel, top_n=100):
+def label_free(stages, channel, top_n=100):
     """Label-free concepts of ``channel`` through stage 2's command line (--label_free); the report's entry:
     k, silhouette, each cluster's size and class counts, and the cluster purity (the fraction of the top-N
     training images that belong to their cluster's most common class)."""
-    print(_short(r.run("stage2_label_free", "get_cosine_similarities.py", common + [
-        "--store_dir", store_dir, "--label_free", "--channels", channel, "--top_n", top_n]), 8))
-    path = os.path.join(store_dir, "results_get_cosine_similarities", f"{tag}_concepts_top{top_n}.json")
+    print(short(stages.label_free(channel, top_n), 8))
+    path = stages.concepts(top_n)
     with open(path) as f:
         rec = json.load(f)["channels"][str(channel)]
     return {"channel": channel, "top_n": len(rec["top_rows"]), "k": rec["k"], "silhouette": rec["silhouette"],
@@ -125,26 +87,26 @@ def label_free(r, common, store_dir, tag, channel, top_n=100):
             "clusters": [{"size": cl["size"], "classes": cl["classes"], "purity": cl["purity"]} for cl in rec["clusters"]]}
 
 
-def atlas_step(r, common, store_dir, out, cand_path, args):
+def atlas_step(stages, cand_path, args):
     """Stages 3 and 4 with ``--candidates`` on the strongest channels (the demo's channel is skipped by stage 3:
     its files are complete), then the atlas of their runs; the report's entry."""
     with open(cand_path) as f:
         top = min(ATLAS_TOP, len({d["channel"] for d in json.load(f)["candidates"]}))
     print(f"[+] the {top} strongest channels in one run of stages 3 and 4, and their atlas", flush=True)
     sel = ["--candidates", cand_path, "--top", top]
-    print(_short(r.run("stage3_candidates", "disentangle_channel.py", common + ["--store_dir", store_dir] + sel), 2))
+    r, common, store_dir, out = stages.runner, stages.common, stages.store_dir, stages.out
+    print(short(r.run("stage3_candidates", "disentangle_channel.py", common + ["--store_dir", store_dir] + sel), 2))
     fv = [] if args.no_feature_vis else ["--get_feature_vis"] + [
         str(v) for flag, most in ATLAS_FV for v in (flag, min(most, getattr(args, flag[2:])))]
     folder, results = os.path.join(out, "atlas"), os.path.join(out, "candidates")
     text = r.run("stage4_candidates", "get_results.py", common + ["--model_dir", store_dir] + sel + [
         "--get_qualitative", "--get_quantitative", "--get_top_images", "--top_k", args.top_k,
         "--proportion_attribution_required", args.quantitative_tau, "--out_dir", results, "--atlas", folder] + fv)
-    print(_short(text, 1))
+    print(short(text, 1))
     from utils.atlas.write import folder_bytes
-    from utils.files import names
-    with open(names.atlas_record(folder)) as f:
+    with open(file_names.atlas_record(folder)) as f:
         record = json.load(f)
-    return {"channels": top, "index": names.atlas_index(folder), "results": results,
+    return {"channels": top, "index": file_names.atlas_index(folder), "results": results,
             "bytes": folder_bytes(folder), "own_bytes": folder_bytes(folder, own=True),
             "runs": len(record["rows"])}
 
@@ -161,19 +123,12 @@ def label_free_lines(rep):
             f"clusters (silhouette {sil}), purity {lf['purity']:.2f} [{clusters}]"]
 
 
-def _short(text, n=8):
-    """The last n lines of a script's output that are not progress bars or the long candidate list."""
-    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("[{")]
-    return "\n".join("  " + ln for ln in lines[-n:])
-
-
 def main(argv=None):
     args = parse_args(argv)
     start = time.time()
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
-    clean(out)
-    sys.path.insert(0, ROOT)
+    clean(out, MADE_HERE)
     from demo import shapes_data, train
 
     data_dir, store_dir = os.path.join(out, "data"), os.path.join(out, "store")
@@ -197,26 +152,22 @@ def main(argv=None):
     common = ["--data_dir", data_dir, "--model", model, "--weights", weights, "--batch_size", args.batch_size]
     if args.num_workers is not None:
         common += ["--num_workers", args.num_workers]
+    stages = Stages(r, common, store_dir, out, model)
     print("[3/6] stage 1: attributions and patch sums of every training image", flush=True)
-    print(_short(r.run("stage1", "get_importances_for_classes.py", common + ["--store_dir", store_dir]), 2))
+    print(short(stages.stage1(), 2))
 
     tau, pp, low, high = (float(args.proportion_attribution_required), float(args.p),
                           float(args.cos_sim_low), float(args.cos_sim_high))
     print("[4/6] stage 2: gamma-polysemantic candidates", flush=True)
-    print(_short(r.run("stage2", "get_cosine_similarities.py", common + [
-        "--store_dir", store_dir, "--proportion_attribution_required", tau, "--p", pp,
-        "--cos_sim_low", low, "--cos_sim_high", high, "--out_dir", out]), 2))
-    from utils.model.loading import model_tag
-    tag = model_tag(model)
-    cand_path = os.path.join(store_dir, "results_get_cosine_similarities",
-                             f"{tag}_required{tau}_p{pp}_cossim{low}to{high}_candidates.json")
+    print(short(stages.stage2(tau, pp, low, high), 2))
+    cand_path = stages.candidates(tau, pp, low, high)
     with open(cand_path) as f:
         cands = json.load(f)["candidates"]
     if not cands:
         raise SystemExit(f"stage 2 found no candidate (tau={tau}, p={pp}, {low} <= cosine < {high}): "
                          f"train longer or loosen the thresholds")
     # the strongest candidate: the lowest cosine between the two classes' relevance vectors
-    ranked = sorted(cands, key=lambda d: (d["cosine_similarity"], d["channel"], d["class1"], d["class2"]))
+    ranked = strongest_first(cands)
     best = ranked[0]
     c, y1, y2 = best["channel"], best["class1"], best["class2"]
     head = [dict(d, class1_name=names[d["class1"]], class2_name=names[d["class2"]],
@@ -225,33 +176,28 @@ def main(argv=None):
           f"cosine {best['cosine_similarity']:.4f}")
 
     print("[5/6] stage 3: disentangling it", flush=True)
-    pair = ["--classes_for_concept1", y1, "--classes_for_concept2", y2]
-    print(_short(r.run("stage3", "disentangle_channel.py", common + [
-        "--store_dir", store_dir, "--channel_disentangle", c] + pair), 4))
+    print(short(stages.stage3("stage3", c, y1, y2), 4))
 
     print("[6/6] stage 4: evaluation on the val images" + ("" if args.no_feature_vis else
                                                             ", and the feature visualizations"), flush=True)
     fv = [] if args.no_feature_vis else [
         "--get_feature_vis", "--fv_size", args.fv_size, "--fv_steps", args.fv_steps, "--fv_crops", args.fv_crops,
         "--fv_spectrum_images", args.fv_spectrum_images]
-    print(_short(r.run("stage4", "get_results.py", common + [
-        "--model_dir", store_dir, "--channel_of_interest", c] + pair + [
-        "--get_qualitative", "--get_quantitative", "--get_top_images", "--top_k", args.top_k,
-        "--proportion_attribution_required", args.quantitative_tau, "--out_dir", out] + fv), 6))
+    print(short(stages.stage4("stage4", c, y1, y2, args.top_k, args.quantitative_tau, fv), 6))
 
-    run_name = f"{tag}_channel{c}_classes1{[y1]}_classes2{[y2]}_f_best_unnormalized"
-    with open(os.path.join(out, "results_disentanglement", run_name + "_summary.json")) as f:
+    files = stages.split_files(c, y1, y2)
+    with open(files.summary) as f:
         summary = json.load(f)
-    info_path = os.path.join(store_dir, "models_disentangled", run_name[:-len("_f_best_unnormalized")] + "_info.json")
+    info_path = files.info
     with open(info_path) as f:
         info = json.load(f)
     print("[+] the same channel's concepts without class labels (stage 2 --label_free)", flush=True)
-    free = label_free(r, common, store_dir, tag, c)
-    atlas = None if args.no_atlas else atlas_step(r, common, store_dir, out, cand_path, args)
+    free = label_free(stages, c)
+    atlas = None if args.no_atlas else atlas_step(stages, cand_path, args)
     seconds.update(r.seconds)
     fv_record = None
     if not args.no_feature_vis:
-        with open(os.path.join(out, "results_disentanglement", run_name + "_feature_vis.json")) as f:
+        with open(files.feature_vis) as f:
             fv_record = json.load(f)
     report = {
         "arch": args.arch, "channel": c, "class1": names[y1], "class2": names[y2], "class1_index": y1, "class2_index": y2,
@@ -267,14 +213,10 @@ def main(argv=None):
         "stage2_thresholds": {"proportion_attribution_required": tau, "p": pp, "cos_sim_low": low, "cos_sim_high": high},
         "training": {k: training[k] for k in ("epochs", "seed", "aux_weight", "threads", "train_images", "val_images",
                                              "train_accuracy", "val_accuracy")},
-        "plots": {"density_concept1": os.path.join(out, "plots", "density_concept1.png"),
-                  "density_concept2": os.path.join(out, "plots", "density_concept2.png"),
-                  "top_images": os.path.join(out, "plots", "top_images.png"),
-                  "rho_scores": info_path[:-len("_info.json")] + "_scores.png"},
+        "plots": dict(files.latest_plots, rho_scores=files.scores),
         "top_images": summary.get("top_images"),
         "feature_vis_png": None if fv_record is None else fv_record["figure"],
-        "feature_vis_json": None if fv_record is None else os.path.join(
-            out, "results_disentanglement", run_name + "_feature_vis.json"),
+        "feature_vis_json": None if fv_record is None else files.feature_vis,
         "feature_vis_targets": None if fv_record is None else fv_record["targets"],
         "activation": None if fv_record is None else fv_record["activation"],
         "val_max": None if fv_record is None else fv_record["val_max"],
@@ -282,12 +224,11 @@ def main(argv=None):
             k: fv_record[k] for k in ("size", "steps", "crops", "seed", "seconds")},
         "label_free": free,
         **({} if atlas is None else {"atlas": atlas}),
-        "summary_json": os.path.join(out, "results_disentanglement", run_name + "_summary.json"),
+        "summary_json": files.summary,
         "info_json": info_path, "commands": r.commands, "stage_seconds": seconds,
         "seconds": round(time.time() - start, 1),
     }
-    with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    atomic.write_text(os.path.join(out, "report.json"), json.dumps(report, indent=1))
     print_report(report, out)
     return report
 

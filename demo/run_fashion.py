@@ -34,17 +34,13 @@ import argparse
 import glob
 import os
 import shutil
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-from demo import fashion_mnist, fashion_model  # noqa: E402
-from demo.run_demo import Runner, _short  # noqa: E402
-from utils.files import atomic  # noqa: E402
-from utils.run import cli  # noqa: E402
-from utils.model.loading import model_tag  # noqa: E402
+from demo import fashion_mnist, fashion_model
+from demo.networks import fashion_spec
+from demo.runner import ROOT, Runner, Stages, clean, short, strongest_first
+from utils.files import atomic, names as file_names
+from utils.run import cli
 
 THRESHOLDS = (0.5, 0.7, 0.9)   # the report counts candidate pairs below each cosine
 SIZE = 28                      # --resize and --crop: the images' own size
@@ -133,7 +129,7 @@ def parse_args(argv=None):
 
 def train_or_reuse(args, weights, log):
     """Train the net into ``weights`` unless its ``_training.json`` records these settings; the summary."""
-    record = os.path.splitext(weights)[0] + "_training.json"
+    record = file_names.training_record(weights)
     want = {"arch": args.arch, "epochs": args.epochs, "seed": args.seed, "threads": args.train_threads}
     if os.path.isfile(weights) and os.path.isfile(record):
         summary = atomic.read_json(record)
@@ -153,7 +149,7 @@ def store_fits(store_dir, data_dir, names, model_reused):
     if not model_reused:
         return False
     counts = [len(os.listdir(os.path.join(data_dir, "train", name))) for name in names]
-    manifests = glob.glob(os.path.join(store_dir, "*", "manifest.json"))
+    manifests = glob.glob(file_names.manifest(os.path.join(store_dir, "*")))
     return all(atomic.read_json(m).get("data_dir") == data_dir and
                atomic.read_json(m).get("images_per_class") == counts for m in manifests)
 
@@ -168,7 +164,7 @@ def strongest(cands, n):
     """The lowest-cosine pair of each channel, for the n channels whose lowest cosine is lowest (ties: channel,
     then classes)."""
     best = {}
-    for d in sorted(cands, key=lambda d: (d["cosine_similarity"], d["channel"], d["class1"], d["class2"])):
+    for d in strongest_first(cands):
         best.setdefault(d["channel"], d)
     return list(best.values())[:n]
 
@@ -188,12 +184,7 @@ def main(argv=None):
     start = time.time()
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
-    for name in MADE_HERE:  # each run starts clean (the data, the model and its store are reused when they match)
-        path = os.path.join(out, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)
+    clean(out, MADE_HERE)  # each run starts clean (the data, the model and its store are reused when they match)
     store_per_class = args.store_per_class
     sizes = "_".join("all" if n is None else str(n) for n in (store_per_class, args.val_per_class))
     data_dir = os.path.abspath(args.data_dir or os.path.join(out, f"data_{sizes}"))
@@ -216,20 +207,17 @@ def main(argv=None):
         shutil.rmtree(store_dir)  # a store of other weights or images: stage 1 would refuse it
 
     r = Runner(out)
-    model = f"demo.fashion_model:{args.arch}"
-    tag = model_tag(model)
+    model = fashion_spec(args.arch)
     common = (["--data_dir", data_dir, "--model", model, "--weights", weights, "--batch_size", args.batch_size,
                "--num_workers", args.num_workers] + transform_flags())
+    stages = Stages(r, common, store_dir, out, model)
     print("[3/7] stage 1: attributions and patch sums of every training image", flush=True)
-    print(_short(r.run("stage1", "get_importances_for_classes.py", common + ["--store_dir", store_dir]), 2))
+    print(short(stages.stage1(), 2))
 
     tau, pp = float(args.proportion_attribution_required), float(args.p)
     print("[4/7] stage 2: gamma-polysemantic candidates (every pair, cosine in [0, 1))", flush=True)
-    print(_short(r.run("stage2", "get_cosine_similarities.py", common + [
-        "--store_dir", store_dir, "--proportion_attribution_required", tau, "--p", pp,
-        "--cos_sim_low", 0.0, "--cos_sim_high", 1.0, "--out_dir", out]), 2))
-    cand_path = os.path.join(store_dir, "results_get_cosine_similarities",
-                             f"{tag}_required{tau}_p{pp}_cossim0.0to1.0_candidates.json")
+    print(short(stages.stage2(tau, pp, 0.0, 1.0), 2))
+    cand_path = stages.candidates(tau, pp, 0.0, 1.0)
     cands = atomic.read_json(cand_path)["candidates"]
     counts = candidate_counts(cands)
     print("  " + ", ".join(f"{v['pairs']} pairs on {v['channels']} channels below cosine {k}"
@@ -244,23 +232,17 @@ def main(argv=None):
         c, y1, y2 = best["channel"], best["class1"], best["class2"]
         print(f"[5/7] stage 3 and 4, candidate {n + 1}/{len(chosen)}: channel {c}, {names[y1]} vs {names[y2]}, "
               f"cosine {best['cosine_similarity']:.4f}", flush=True)
-        pair = ["--classes_for_concept1", y1, "--classes_for_concept2", y2]
-        print(_short(r.run(f"stage3_channel{c}", "disentangle_channel.py", common + [
-            "--store_dir", store_dir, "--channel_disentangle", c] + pair), 3))
+        print(short(stages.stage3(f"stage3_channel{c}", c, y1, y2), 3))
         extra = []
         if n == 0 and not args.no_feature_vis:
             extra += ["--get_feature_vis", "--fv_size", args.fv_size, "--fv_steps", args.fv_steps,
                       "--fv_crops", args.fv_crops, "--fv_spectrum_images", args.fv_spectrum_images]
         if n == 0 and not args.no_sae_view:
             extra += ["--get_sae_view", "--sae_steps", args.sae_steps, "--sae_train_images", args.sae_train_images]
-        print(_short(r.run(f"stage4_channel{c}", "get_results.py", common + [
-            "--model_dir", store_dir, "--channel_of_interest", c] + pair + [
-            "--get_qualitative", "--get_quantitative", "--get_top_images", "--top_k", 8,
-            "--proportion_attribution_required", args.quantitative_tau, "--out_dir", out] + extra), 4))
-        run_name = f"{tag}_channel{c}_classes1{[y1]}_classes2{[y2]}_f_best_unnormalized"
-        summary = atomic.read_json(os.path.join(out, "results_disentanglement", run_name + "_summary.json"))
-        info_path = os.path.join(store_dir, "models_disentangled",
-                                 run_name[:-len("_f_best_unnormalized")] + "_info.json")
+        print(short(stages.stage4(f"stage4_channel{c}", c, y1, y2, 8, args.quantitative_tau, extra), 4))
+        files = stages.split_files(c, y1, y2)
+        summary = atomic.read_json(files.summary)
+        info_path = files.info
         info = atomic.read_json(info_path)
         entry = {"role": "strongest" if n < args.splits else "weakest", "channel": c, "class1": names[y1],
                  "class2": names[y2], "class1_index": y1, "class2_index": y2,
@@ -275,17 +257,15 @@ def main(argv=None):
                  "val_images_concept2": summary["val_images_concept2"],
                  "max_logit_diff": info["max_logit_diff"], "max_abs_logit": info["max_abs_logit"],
                  "logit_check_images": info["logit_check_images"], "logits_unchanged": info["exact"],
-                 "checkpoint": os.path.join(store_dir, "models_disentangled", info["best_checkpoint"]),
+                 "checkpoint": os.path.join(file_names.checkpoints_dir(store_dir), info["best_checkpoint"]),
                  "info_json": info_path, "top_images": summary.get("top_images"),
-                 "plots": {"density_concept1": os.path.join(out, "plots", run_name + "_density_concept1.png"),
-                           "density_concept2": os.path.join(out, "plots", run_name + "_density_concept2.png"),
-                           "top_images": os.path.join(out, "plots", run_name + "_top_images.png")}}
+                 "plots": files.own_plots}
         if "feature_vis" in summary:
-            fv = atomic.read_json(os.path.join(out, "results_disentanglement", run_name + "_feature_vis.json"))
+            fv = atomic.read_json(files.feature_vis)
             entry["feature_vis"] = {"figure": fv["figure"], "activation": fv.get("activation"),
                                     "val_max": fv.get("val_max"), "targets": fv.get("targets")}
         if "sae_view" in summary:
-            sv = atomic.read_json(os.path.join(out, "results_disentanglement", run_name + "_sae_view.json"))
+            sv = atomic.read_json(files.sae_view)
             entry["sae_view"] = {k: sv.get(k) for k in ("figure", "fvu", "dead_features", "dictionary",
                                                         "constant_term_share", "features", "sae")}
         splits.append(entry)
@@ -295,10 +275,8 @@ def main(argv=None):
 
     channels = [s["channel"] for s in splits]
     print(f"[6/7] label-free concepts of channels {channels} (stage 2 --label_free)", flush=True)
-    print(_short(r.run("stage2_label_free", "get_cosine_similarities.py", common + [
-        "--store_dir", store_dir, "--label_free", "--channels", ",".join(map(str, channels)),
-        "--top_n", args.top_n]), 4))
-    concepts_path = os.path.join(store_dir, "results_get_cosine_similarities", f"{tag}_concepts_top{args.top_n}.json")
+    print(short(stages.label_free(",".join(map(str, channels)), args.top_n), 4))
+    concepts_path = stages.concepts(args.top_n)
     concepts = atomic.read_json(concepts_path)["channels"]
     label_free = {str(c): {"k": concepts[str(c)]["k"], "silhouette": concepts[str(c)]["silhouette"],
                            "purity": concepts[str(c)]["purity"], "sign": concepts[str(c)]["sign"],

@@ -4,8 +4,8 @@ The training images are read once through the paper's evaluation transform (the 
 stage scripts will see), passed through the net's parameter-free 4 x 4 average pool, and kept in
 memory; training then runs on those 56 x 56 tensors with random flips and quarter turns (the
 classes do not change under them). Seeds fix the initialisation, the batch order and the
-augmentation, and torch's deterministic algorithms are switched on, so a rerun on the same
-machine gives the same weights. Another CPU (or another number of threads) rounds differently, and
+augmentation, and torch's deterministic algorithms are switched on while it trains (demo/training.py's
+loop, which restores the caller's settings), so a rerun on the same machine gives the same weights. Another CPU (or another number of threads) rounds differently, and
 training amplifies the differences: the weights, and which channel the demo picks, can change.
 
 Training adds an auxiliary linear classifier on the spatially averaged input of the layer of
@@ -29,8 +29,10 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from demo.model import ARCHS, NUM_CLASSES
+from demo import training
+from demo.networks import SHAPES_ARCHS as ARCHS, SHAPES_CLASSES as NUM_CLASSES
 from utils.data import folders as udata
+from utils.files import names
 
 
 def load_split(data_dir, split, model, batch_size=64, num_workers=None):
@@ -67,69 +69,66 @@ AUX_WEIGHT = 2.0
 THREADS = 2
 
 
+class ShapesJob(training.Job):
+    """The shapes demo's training (``training.train``): the pooled images, the auxiliary classifier's loss."""
+
+    def __init__(self, data_dir, out, arch, aux_weight, epochs, seed, log):
+        self.data_dir, self.out, self.arch, self.aux_weight, self.epochs, self.seed, self.log = (
+            data_dir, out, arch, aux_weight, epochs, seed, log)
+        self.loss_fn = nn.CrossEntropyLoss()
+
+    def prepare(self):
+        self.start = time.time()
+        model = ARCHS[self.arch]()
+        # training only: a linear classifier on the spatially averaged input of the layer of interest
+        self.aux = nn.Linear(model.layer_of_interest.in_channels, NUM_CLASSES)
+        x, y, self.classes = load_split(self.data_dir, "train", model)
+        self.xv, self.yv, _ = load_split(self.data_dir, "val", model)
+        if len(self.classes) != NUM_CLASSES:
+            raise SystemExit(f"{self.data_dir} has {len(self.classes)} classes, the demo model expects {NUM_CLASSES}")
+        self.log(f"loaded {len(x)} train and {len(self.xv)} val images in {time.time() - self.start:.1f} s")
+        params = list(model.parameters()) + (list(self.aux.parameters()) if self.aux_weight else [])
+        return model, params, x, y
+
+    def loss(self, net, x, y, gen):
+        logits, feats = net.logits_and_layer_input(augment(x, gen))
+        loss = self.loss_fn(logits, y)
+        if self.aux_weight:
+            loss = loss + self.aux_weight * self.loss_fn(self.aux(feats.mean((2, 3))), y)
+        return loss
+
+    def epoch_done(self, net, epoch, loss, seconds):
+        if epoch == self.epochs - 1 or epoch % 5 == 4:
+            self.log(f"epoch {epoch + 1}/{self.epochs}: loss {loss:.3f}, val accuracy "
+                     f"{accuracy(net, self.xv, self.yv):.3f}")
+
+    def finish(self, net, x, y):
+        summary = {"arch": self.arch, "epochs": self.epochs, "seed": self.seed, "aux_weight": self.aux_weight,
+                   "threads": torch.get_num_threads(), "train_images": len(x), "val_images": len(self.xv),
+                   "train_accuracy": accuracy(net, x, y), "val_accuracy": accuracy(net, self.xv, self.yv),
+                   "seconds": round(time.time() - self.start, 1), "classes": self.classes}
+        out = self.out
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        torch.save(net.state_dict(), out)
+        with open(names.training_record(out), "w") as f:
+            json.dump(summary, f, indent=1)
+        self.log(f"trained in {summary['seconds']} s: train accuracy {summary['train_accuracy']:.3f}, "
+                 f"val accuracy {summary['val_accuracy']:.3f}; saved {out}")
+        return summary
+
+
 def train(data_dir, out, epochs=12, seed=0, batch_size=64, lr=4e-3, weight_decay=1e-4, aux_weight=AUX_WEIGHT,
           threads=None, log=print, arch="cnn"):
-    """Train the demo net ``arch`` (demo.model.ARCHS) on ``data_dir/train``, save its state dict to ``out``;
-    returns a summary dict.
+    """Train the demo net ``arch`` (demo.networks.SHAPES_ARCHS) on ``data_dir/train``, save its state dict to
+    ``out`` (and ``<out>_training.json``); returns a summary dict.
 
     ``aux_weight``: weight of the auxiliary classifier on the layer's input (0: none; see the module doc).
-    ``threads``: torch's intra-op threads while training (None: THREADS, or fewer if torch has fewer).
+    ``threads``: torch's intra-op threads while training (None: THREADS, or fewer if torch has fewer); the
+    caller's thread count and deterministic setting are restored afterwards.
     """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(min(THREADS, previous) if threads is None else threads)
-    try:
-        return _train(data_dir, out, epochs, seed, batch_size, lr, weight_decay, aux_weight, log, arch)
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _train(data_dir, out, epochs, seed, batch_size, lr, weight_decay, aux_weight, log, arch):
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True)
-    start = time.time()
-    model = ARCHS[arch]()
-    # training only: a linear classifier on the spatially averaged input of the layer of interest
-    aux = nn.Linear(model.layer_of_interest.in_channels, NUM_CLASSES)
-    x, y, classes = load_split(data_dir, "train", model)
-    xv, yv, _ = load_split(data_dir, "val", model)
-    if len(classes) != NUM_CLASSES:
-        raise SystemExit(f"{data_dir} has {len(classes)} classes, the demo model expects {NUM_CLASSES}")
-    log(f"loaded {len(x)} train and {len(xv)} val images in {time.time() - start:.1f} s")
-    gen = torch.Generator().manual_seed(seed + 1)
-    params = list(model.parameters()) + (list(aux.parameters()) if aux_weight else [])
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    steps = epochs * ((len(x) + batch_size - 1) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.2)
-    loss_fn = nn.CrossEntropyLoss()
-    for epoch in range(epochs):
-        model.train()
-        order = torch.randperm(len(x), generator=gen)
-        total = 0.0
-        for i in range(0, len(x), batch_size):
-            idx = order[i:i + batch_size]
-            logits, feats = model.logits_and_layer_input(augment(x[idx], gen))
-            loss = loss_fn(logits, y[idx])
-            if aux_weight:
-                loss = loss + aux_weight * loss_fn(aux(feats.mean((2, 3))), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(idx)
-        if epoch == epochs - 1 or epoch % 5 == 4:
-            log(f"epoch {epoch + 1}/{epochs}: loss {total / len(x):.3f}, val accuracy {accuracy(model, xv, yv):.3f}")
-    model.eval()
-    summary = {"arch": arch, "epochs": epochs, "seed": seed, "aux_weight": aux_weight, "threads": torch.get_num_threads(),
-               "train_images": len(x), "val_images": len(xv),
-               "train_accuracy": accuracy(model, x, y), "val_accuracy": accuracy(model, xv, yv),
-               "seconds": round(time.time() - start, 1), "classes": classes}
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    torch.save(model.state_dict(), out)
-    with open(os.path.splitext(out)[0] + "_training.json", "w") as f:
-        json.dump(summary, f, indent=1)
-    log(f"trained in {summary['seconds']} s: train accuracy {summary['train_accuracy']:.3f}, "
-        f"val accuracy {summary['val_accuracy']:.3f}; saved {out}")
-    return summary
+    job = ShapesJob(data_dir, out, arch, aux_weight, epochs, seed, log)
+    recipe = training.Recipe(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, pct_start=0.2)
+    return training.train(job, recipe, seed, min(THREADS, torch.get_num_threads()) if threads is None else threads)
 
 
 def main():

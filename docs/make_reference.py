@@ -3,6 +3,8 @@ hand-written parts below (call scripts, the store, the files each stage writes).
 
   .venv/bin/python docs/make_reference.py          # rewrites docs/reference.md
   .venv/bin/python docs/make_reference.py --check  # exit status 1 if docs/reference.md is not up to date
+(``python -m docs.make_reference`` from the repository root is the same: run as a file, it runs itself so, since
+the stage scripts it reads import from the repository root.)
 
 tests/test_docs.py fails when docs/reference.md differs from what this script writes: after changing a
 flag, its help or a default, run it and commit the page.
@@ -10,6 +12,7 @@ flag, its help or a default, run it and commit the page.
 import argparse
 import importlib
 import os
+import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -246,7 +249,7 @@ verified on every open of a store whose arrays hold at most 256 MiB together (`F
 (rewritten, replaced, or copied without keeping modification times: copy stores with `cp -p` or `rsync -a`).
 A multi-GB store is thus not hashed on every run of stages 2–4; bytes changed in place with the time set
 back are the case left to the header and length check. Measured with
-`python benchmarks/store_check.py --gib 0.25` on a shared 2-core AMD EPYC machine under load: the full
+`python -m benchmarks.store_check --gib 0.25` on a shared 2-core AMD EPYC machine under load: the full
 check of 0.25 GiB 0.93 s, the header and length check 1.2 ms (`--gib 1.0`: 3.6 s and 2.1 ms; sha256 of data
 in memory runs at 0.93 GB/s on one of its cores). A store written before `digests` existed is read with
 the header and length check only.
@@ -317,7 +320,6 @@ def _anchor(script):
 
 
 def stage_section(script, what):
-    sys.path.insert(0, ROOT) if ROOT not in sys.path else None
     module = importlib.import_module(script[:-3])
     parser = module.build_parser()
     out = [f"## {script}", "", what + ".", ""]
@@ -367,4 +369,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    if not __package__:  # run as a file: again as the module docs.make_reference, from the repository root
+        sys.exit(subprocess.call([sys.executable, "-m", "docs.make_reference", *sys.argv[1:]], cwd=ROOT))
     sys.exit(main())

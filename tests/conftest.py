@@ -11,7 +11,7 @@ from PIL import Image
 
 from tests.digests import threads_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # on sys.path: pytest.ini's pythonpath
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # importable: pytest.ini's pythonpath
 
 NUM_CLASSES = 4
 

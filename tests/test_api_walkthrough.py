@@ -30,7 +30,6 @@ with open("results.json", "w") as _f:
 SCRIPTS = """
 import json, os, runpy, sys
 root, calls = sys.argv[1], json.loads(sys.argv[2])
-sys.path.insert(0, root)
 for script, args in calls:
     sys.argv = [os.path.join(root, script)] + args
     try:

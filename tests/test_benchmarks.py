@@ -68,6 +68,30 @@ def test_benchmarks_import_one_way():
     assert cycle(dict(graph, **{"benchmarks.workload": {"benchmarks.bench_stage1"}})) is not None  # the check works
 
 
+def import_path_edits(root=ROOT, folders=("benchmarks", "demo", "docs", "tests")):
+    """[(file, line)] of every use of the module search path (``sys`` + ``.path``) in the Python files below
+    ``folders``: they run as modules from the repository root (pytest: pytest.ini's pythonpath) instead."""
+    found = []
+    for folder in folders:
+        for d, _, files in os.walk(os.path.join(root, folder)):
+            for f in sorted(files):
+                if f.endswith(".py"):
+                    path = os.path.join(d, f)
+                    with open(path, encoding="utf-8") as fh:
+                        tree = ast.parse(fh.read())
+                    found += [(os.path.relpath(path, root), n.lineno) for n in ast.walk(tree)
+                              if isinstance(n, ast.Attribute) and n.attr == "path"
+                              and isinstance(n.value, ast.Name) and n.value.id == "sys"]
+    return found
+
+
+def test_no_module_search_path_edits(tmp_path):
+    assert import_path_edits() == []
+    (tmp_path / "demo").mkdir()  # the check finds one
+    (tmp_path / "demo" / "x.py").write_text("import os, sys\nos.path.join('a')\nsys.path.insert(0, 'y')\n")
+    assert import_path_edits(str(tmp_path)) == [(os.path.join("demo", "x.py"), 3)]
+
+
 @pytest.mark.slow
 def test_stage_benchmarks_on_the_smallest_workload_agree(tmp_path, capsys):
     """run_all on workload.SMALLEST without the triples and fv rows: every stage's three implementations run in

@@ -25,7 +25,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from demo.run_demo import MODELS, Runner
+from demo.networks import SHAPES_SPECS as MODELS
+from demo.runner import Runner
 from utils.files.names import SIGN_SUFFIX as SUFFIX
 from utils.files.atomic import read_json
 from utils.model.loading import model_tag

@@ -306,6 +306,12 @@ def atlas_run(folder, slug, file=ATLAS_INDEX):
 def atlas_shared(folder, file):
     """A file every page may link to (the candidates, the concepts files): ``{atlas}/files/{file}``."""
     return os.path.join(folder, ATLAS_SHARED, file)
+
+
+# ---------------------------------------------------------------- the demos: a trained net
+def training_record(weights):
+    """``{stem}_training.json`` beside a demo's trained weights ``{stem}.pth``: how it was trained, its accuracy."""
+    return os.path.splitext(weights)[0] + "_training.json"
 # ---------------------------------------------------------------- stage 4: where it finds a checkpoint
 def checkpoint_places(model_dir, checkpoint):
     """Where stage 4 looks for a checkpoint file, in order: ``{model_dir}/models_disentangled``, then ``model_dir``."""
