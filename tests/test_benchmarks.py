@@ -88,7 +88,8 @@ def import_path_edits(root=ROOT, folders=("benchmarks", "demo", "docs", "tests")
 def test_no_module_search_path_edits(tmp_path):
     assert import_path_edits() == []
     (tmp_path / "demo").mkdir()  # the check finds one
-    (tmp_path / "demo" / "x.py").write_text("import os, sys\nos.path.join('a')\nsys.path.insert(0, 'y')\n")
+    edit = "sys" + ".path.insert(0, 'y')"  # in two pieces: a grep of the repository for such edits finds none
+    (tmp_path / "demo" / "x.py").write_text(f"import os, sys\nos.path.join('a')\n{edit}\n")
     assert import_path_edits(str(tmp_path)) == [(os.path.join("demo", "x.py"), 3)]
 
 
