@@ -22,8 +22,7 @@ from the store's patch sums and the BatchNorm's parameters (no pass over the ima
 many (channel, class) pairs the published rule counts only through images on which the layer's own
 summed activation is negative. Its files carry the suffix _positive_activation.
 """
-from utils.run import cli
-from utils.run import context
+from utils.run import cli, context, flags, settings_of_flags
 from utils.stages import label_free
 from utils.stages import stage2
 
@@ -32,8 +31,8 @@ def build_parser():
     """The command-line flags of this stage (``main(build_parser().parse_args())`` runs it)."""
     p = cli.parser(__doc__)
     cli.add_model_args(p)
-    stage2.add_args(p)
-    label_free.add_args(p)
+    flags.stage2(p)
+    flags.label_free(p)
     return p
 
 
@@ -44,10 +43,11 @@ def main(args):
     cli.require(args, "store_dir")
     if args.label_free and args.top is not None:
         raise cli.UserError("--top N lists stage 2's candidate pairs; --label_free takes --top_n (its top images)")
-    stage = label_free if args.label_free else stage2
-    settings = stage.Settings.from_args(args)  # bad thresholds or --k: one line before the model loads
+    stage, of_flags = (label_free, settings_of_flags.label_free) if args.label_free else \
+        (stage2, settings_of_flags.stage2)
+    settings = of_flags(args)  # bad thresholds or --k: one line before the model loads
     ctx = context.setup(args, split="train", store_flag="store_dir")
-    stage.run(ctx, settings)
+    stage.run(ctx, settings_of_flags.resolved(settings, ctx.spec))
 
 
 if __name__ == "__main__":

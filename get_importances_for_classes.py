@@ -4,8 +4,7 @@ Example (the paper):
   python get_importances_for_classes.py --data_dir /data/imagenet --store_dir /data/store --model resnet50
 Several GPUs: torchrun --nproc_per_node=8 get_importances_for_classes.py ... (same flags).
 """
-from utils.run import cli
-from utils.run import context
+from utils.run import cli, context, flags, settings_of_flags
 from utils.stages import stage1_settings
 
 
@@ -13,7 +12,7 @@ def build_parser():
     """The command-line flags of this stage (``main(build_parser().parse_args())`` runs it)."""
     p = cli.parser(__doc__)
     cli.add_model_args(p)
-    stage1_settings.add_args(p)
+    flags.stage1(p)
     return p
 
 
@@ -22,7 +21,7 @@ def main(args):
     if args.list_layers:
         return context.list_layers(args)
     cli.require(args, "data_dir", "store_dir")
-    stage1_settings.run(stage1_settings.Settings.from_args(args),
+    stage1_settings.run(settings_of_flags.stage1(args),
                         lambda: context.setup(args, split="train", defer_class_error=True))
 
 

@@ -379,16 +379,26 @@ def other_value(action):
     return str(2 * d + 1 if isinstance(d, int) else d / 2)
 
 
+def spec_of(args):
+    """The context.Spec of stage-4 flags where the store left nothing to resolve (the folders as given)."""
+    from utils.run import context
+    return context.Spec(data_dir=args.data_dir, store_dir=args.model_dir)
+
+
+def fv_settings_of(args):
+    from utils.run import settings_of_flags
+    return settings_of_flags.feature_vis(args, spec_of(args))
+
+
 def test_every_feature_vis_flag_reaches_the_settings():
     """Each --fv_* flag and each loader flag stage 4 shares changes the Settings when it leaves its default: a
     flag added to the group but not to Settings fails here."""
     import get_results
-    from utils.featurevis.settings import Settings
     parser = get_results.build_parser()
-    base = Settings.from_args(parser.parse_args([]))
+    base = fv_settings_of(parser.parse_args([]))
     flags = [a for a in parser._actions if a.dest.startswith("fv_") and a.dest != "fv_preset"]
     assert len(flags) == 7
     runs = [[a.option_strings[0], other_value(a)] for a in flags] + [["--fv_preset", "quick"]]
     runs += [["--batch_size", "11"], ["--num_workers", "2"], ["--skip_unreadable"], ["--data_dir", "D"],
              ["--model_dir", "S"]]
-    assert [r[0] for r in runs if Settings.from_args(parser.parse_args(r)) == base] == []
+    assert [r[0] for r in runs if fv_settings_of(parser.parse_args(r)) == base] == []

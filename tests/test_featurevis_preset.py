@@ -8,14 +8,16 @@ import pytest
 import torch
 
 import get_results
-from tests.test_featurevis import FV_SMALL, TAG, _stage4_args, red_green_checkpoint
-from utils.featurevis.settings import PRESETS, Settings
+from tests.test_featurevis import FV_SMALL, TAG, _stage4_args, red_green_checkpoint, spec_of
+from utils.featurevis.settings import PRESETS
 from utils.files.names import class_checkpoint
+from utils.run import settings_of_flags
 from utils.stages import feature_vis_estimate
 
 
 def settings_of(*flags):
-    return Settings.from_args(get_results.build_parser().parse_args(["--model_dir", "S", *map(str, flags)]))
+    args = get_results.build_parser().parse_args(["--model_dir", "S", *map(str, flags)])
+    return settings_of_flags.feature_vis(args, spec_of(args))
 
 
 def test_presets_and_the_flags_that_win():

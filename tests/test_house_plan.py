@@ -156,6 +156,76 @@ def test_package_map_names_every_sub_package():
                 and "utils.errors" not in line] == []
 
 
+# ---------------------------------------------------------------------------------------------- one flag boundary
+FLAG_READ = re.compile(r"args\.")  # a parsed namespace (args, kwargs, ...) read: what docs/README.md's rule names
+
+
+def flag_reads(source, where="<source>"):
+    """``where:line`` of each line of ``source`` that reads a parsed namespace (``args.``): only the four scripts
+    and utils/run/ may."""
+    return [f"{where}:{n}" for n, line in enumerate(source.splitlines(), start=1) if FLAG_READ.search(line)]
+
+
+def test_only_the_scripts_and_utils_run_read_the_parsed_flags():
+    utils_dir = os.path.join(ROOT, "utils")
+    found, seen = [], 0
+    for d, dirs, files in os.walk(utils_dir):
+        dirs[:] = sorted(x for x in dirs if x != "__pycache__")
+        rel = os.path.relpath(d, ROOT)
+        for f in sorted(files):
+            if f.endswith(".py"):
+                seen += 1
+                if rel != os.path.join("utils", "run"):
+                    found += flag_reads(open(os.path.join(d, f)).read(), os.path.join(rel, f))
+    assert seen > 50 and found == []
+
+
+def test_flag_read_rule_catches_a_planted_read():
+    planted = ("def f(settings, args):\n    n = settings.top\n    return args.top\n"
+               "def g(**kwargs):\n    return [k for k in kwargs.items()]\n# parsed.args: fine\n")
+    assert flag_reads(planted, "planted.py") == ["planted.py:3", "planted.py:5"]
+
+
+def test_stage_settings_are_frozen_and_their_defaults_are_the_flags():
+    """Every stage's Settings is a frozen dataclass built by keyword from its required fields alone, and what
+    those defaults say equals what the command line gives without the flags (utils/run/settings_of_flags.py)."""
+    import dataclasses
+    import get_cosine_similarities
+    import get_importances_for_classes
+    import disentangle_channel
+    import get_results
+    from utils.concepts.source import ConceptSource
+    from utils.featurevis import settings as fv
+    from utils.run import context, settings_of_flags as of
+    from utils.stages import label_free, sae_view, stage1_settings, stage2, stage3, stage4
+    pair = ["--classes_for_concept1", "0", "--classes_for_concept2", "1"]
+    s3 = disentangle_channel.build_parser().parse_args(["--store_dir", "S", "--channel_disentangle", "3", *pair])
+    s4 = get_results.build_parser().parse_args(["--model_dir", "S", "--channel_of_interest", "3", *pair])
+    cases = [  # (Settings class, its required fields, the settings of the flags with only those given)
+        (stage1_settings.Settings, {"store_dir": "S"},
+         of.stage1(get_importances_for_classes.build_parser().parse_args(["--store_dir", "S"]))),
+        (stage2.Settings, {"store_dir": "S"}, of.stage2(get_cosine_similarities.build_parser().parse_args(
+            ["--store_dir", "S"]))),
+        (label_free.Settings, {"store_dir": "S"}, of.label_free(get_cosine_similarities.build_parser().parse_args(
+            ["--store_dir", "S", "--label_free"]))),
+        (stage3.Settings, {"store_dir": "S"},  # the concepts are no flag default; the workers: resolved
+         dataclasses.replace(of.stage3(s3), source=ConceptSource(), num_workers=None)),
+        (stage4.Settings, {"model_dir": "S"}, dataclasses.replace(of.stage4(s4), source=ConceptSource())),
+        (fv.Settings, {}, of.feature_vis(s4, context.Spec())),
+        (sae_view.Settings, {}, of.sae_view(s4, context.Spec())),
+    ]
+    for cls, required, of_flags in cases:
+        assert dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen, cls
+        assert {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING} == set(required), cls
+        built = cls(**required)
+        assert built == of_flags, (cls, built, of_flags)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            built.batch_size = 3
+    assert of.stage3(s3).source.triples[0].concepts == [[0], [1]] and of.stage3(s3).source.channel == 3
+    assert stage4.Settings(model_dir="M", quantitative=True).top_k == 8  # a notebook's: only what it cares about
+
+
 # ---------------------------------------------------------------------------------------------- byte identity
 TINY = "tests.tiny_models:tiny_resnet"
 MODEL = ["--model", TINY, "--batch_size", "4", "--num_workers", "0", "--device", "cpu"]

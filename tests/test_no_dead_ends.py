@@ -6,7 +6,6 @@ stage 1 rerun after a bad image was removed keeps the finished chunks of unchang
 clean run's) or starts afresh; train/ and val/ class folders are checked before any work; stage 4 finds the store
 from STORE/models_disentangled; several stores and no layer named is one line; did-you-mean for names and flags.
 """
-import argparse
 import json
 import os
 import shutil
@@ -223,22 +222,22 @@ def two_stores(tmp_path):
     return store
 
 
-def args_of(**given):
-    base = dict(model=None, weights=None, layer_of_interest=None, data_dir=None)
-    return argparse.Namespace(**dict(base, **given))
+def flags_of(**given):
+    """The flags ``context.store_of_flags`` reads (None: not given)."""
+    return dict(dict(model=None, weights=None, layer=None, data_dir=None), **given)
 
 
 def test_several_stores_and_no_layer_named_is_one_line(tmp_path):
     store = two_stores(tmp_path)
     with pytest.raises(cli.UserError, match="holds 2 stores that fit .*pass --layer_of_interest") as e:
-        context.store_of_args(args_of(), store, "--store_dir")
+        context.store_of_flags(flags_of(), store, "--store_dir")
     assert "--layer_of_interest layer3.1.conv2" in str(e.value) and "--layer_of_interest layer4.1.conv2" in str(e.value)
     for layer in ("layer3.1.conv2", "last_conv"):  # named, or the default layer named as such
-        args = args_of(layer_of_interest=layer)
-        manifest, missing = context.store_of_args(args, store, "--store_dir")
+        given = flags_of(layer=layer)
+        manifest, missing, values = context.store_of_flags(given, store, "--store_dir")
         assert missing is None and manifest["layer"] == ("layer3.1.conv2" if layer != "last_conv" else
                                                           "layer4.1.conv2")
-        assert args.model == "resnet18"
+        assert values["model"] == "resnet18" and given["model"] is None  # the flags given are left as they are
 
 
 def test_did_you_mean():

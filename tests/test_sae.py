@@ -225,15 +225,19 @@ def test_every_sae_flag_reaches_the_record_of_what_made_the_sae():
     missing from the record would let another setting's SAE be reused); the record keeps the file's order; a
     k larger than the dictionary is refused."""
     import get_results
-    from tests.test_featurevis import other_value
+    from tests.test_featurevis import other_value, spec_of
+    from utils.run import settings_of_flags
     from utils.stages import sae_view
+
+    def settings_of(args):
+        return settings_of_flags.sae_view(args, spec_of(args))
     parser = get_results.build_parser()
-    base = sae_view.Settings.from_args(parser.parse_args([])).record()
+    base = settings_of(parser.parse_args([])).record()
     assert list(base) == list(sae_view.DEFAULTS) + ["batch_size"]  # the record's keys, in the file's order
     flags = [a for a in parser._actions if a.dest.startswith("sae_")]
     assert sorted(a.dest for a in flags) == sorted(sae_view.DEFAULTS)
     runs = [[a.option_strings[0], other_value(a)] for a in flags] + [["--batch_size", "11"]]
-    assert [r[0] for r in runs if sae_view.Settings.from_args(parser.parse_args(r)).record() == base] == []
+    assert [r[0] for r in runs if settings_of(parser.parse_args(r)).record() == base] == []
     sae_view.check(sae_view.Settings(sae_expansion=1, sae_k=2), nn.Conv2d(2, 4, 1))  # k = m: fine
     with pytest.raises(Exception, match="--sae_k 3 is larger than the dictionary: m = --sae_expansion 1 x 2"):
         sae_view.check(sae_view.Settings(sae_expansion=1, sae_k=3), nn.Conv2d(2, 4, 1))

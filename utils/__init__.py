@@ -1,6 +1,6 @@
 """Channel disentanglement for CNN interpretability (Hesse et al., CVPRW 2025): the package map.
 
-The four stage scripts only parse flags and call ``stages``; ``method`` holds the math, the other packages
+The four stage scripts only parse flags, turn them into settings (``run/settings_of_flags``) and call ``stages``; ``method`` holds the math, the other packages
 what the math needs around it. The method itself, in words and formulas: docs/method.md.
 
 - ``method/``      the math, pure functions on tensors (no files, loaders, flags or prints; a test enforces it):
@@ -22,11 +22,11 @@ what the math needs around it. The method itself, in words and formulas: docs/me
   helper per format: a damaged file is one line), ``digests`` (sha256 records and when to verify them), ``store``
   (stage 1's arrays and manifest), ``rows`` (reading store rows), ``registry`` (stage 4's quantitative runs),
   ``cache`` (stage 4's caches: the store, or the user's cache folder for a read-only store)
-- ``concepts/``    a split's concepts behind the interfaces of ``base`` (the method's three questions; naming and extras
-  beside them): by classes (``by_classes``: the flags,
-  ``--triples`` files) or by clusters of a concepts file (``by_clusters``); ``candidates`` (the strongest
-  channels of stage 2's candidates or of a concepts file, ``--candidates``); ``from_flags`` (which of these a
-  command line gives)
+- ``concepts/``    a split's concepts behind the interfaces of ``base`` (the method's three questions; naming and
+  extras beside them): by classes (``by_classes``: the class lists, ``--triples`` files) or by clusters of a
+  concepts file (``by_clusters``); ``candidates`` (the strongest channels of stage 2's candidates or of a
+  concepts file, ``--candidates``); ``source`` (``ConceptSource``: which of these a command line gives, and its
+  one ``read``)
 - ``stages/``      what each stage does: ``stage1`` (+ ``stage1_settings``), ``stage2`` (+ ``stage2_advice``: the
   layer at other tau and p when few candidates pass), ``passes`` (stage 2's chunked passes), ``label_free``,
   ``stage3``, ``stage4`` (+ ``stage4_checkpoints``, ``stage4_passes``, ``stage4_results``, ``stage4_extras``,
@@ -37,9 +37,11 @@ what the math needs around it. The method itself, in words and formulas: docs/me
 - ``report/``      what the user sees: ``plots``, ``tables``, ``stage3_text``, ``latex``
 - ``atlas/``       the static site of a layer's split channels: ``collect``, ``html``, ``safe`` (every value and
   link that reaches HTML), ``write``
-- ``run/``         ``cli`` (shared flags, one-line error reporting), ``device`` (the device from the flags and
-  torchrun), ``context`` (what a stage sets up from its flags and the store), ``distributed`` (torchrun), ``call_flags.sh``
-  (the call scripts' shared flags)
+- ``run/``         the only modules (with the four scripts) that read parsed flags: ``cli`` (shared flags,
+  one-line error reporting), ``flags`` (every stage's own flags), ``settings_of_flags`` (the flags into each
+  stage's frozen Settings, by keyword), ``device`` (the device from the flags and torchrun), ``context`` (what a
+  stage sets up from its flags and the store; ``Spec``: what they resolve to), ``distributed`` (torchrun),
+  ``call_flags.sh`` (the call scripts' shared flags)
 - ``errors``       ``UserError``, the one-line error for bad input (the bottom: it imports nothing of ours)
 - ``finite``       NaN or infinity in weights, attributions, scores: refused in one line
 - ``disentangle``  ``load_disentangled_model`` and the rest of ``model/disentangled`` at the path exported model

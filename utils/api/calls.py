@@ -13,10 +13,10 @@ def run(stage, **kwargs):
     module, args, argv = parse(stage, **kwargs)
     script = SCRIPTS[stage][1]
     command = ("python", *script.split(), *argv)
-    folders = [] if getattr(args, "list_layers", False) else written_folders(stage, args)
+    folders = [] if getattr(args, "list_layers", False) else written_folders(stage, vars(args))
     before = snapshot(folders)
     value = module.main(args)
-    files = written(before, snapshot(folders + written_folders(stage, args)))
+    files = written(before, snapshot(folders + written_folders(stage, vars(args))))
     return Result(stage=stage, command=command, files=files, records=read_records(files), value=value)
 
 

@@ -45,13 +45,13 @@ def _text(value):
     return os.fspath(value) if isinstance(value, os.PathLike) else str(value)
 
 
-def argv_of(stage, parser, kwargs):
-    """The command-line words of ``kwargs``; UserError for a keyword that is no flag or a value of the wrong
+def argv_of(stage, parser, given):
+    """The command-line words of the keywords ``given``; UserError for a keyword that is no flag or a value of the wrong
     form. ``None`` leaves a flag out (its default), a switch takes True or False, a flag of several values a
     list (or one value)."""
     known = keywords(parser)
     argv, dests = [], {}
-    for key, value in kwargs.items():
+    for key, value in given.items():
         action = known.get(key)
         if action is None:
             close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)

@@ -16,25 +16,28 @@ def _subfolders(folder, keep):
         return []
 
 
-def written_folders(stage, args):
-    """The folders a stage writes into, named by utils/files/names.py (listed anew before and after a call)."""
+def written_folders(stage, flags):
+    """The folders a stage writes into, named by utils/files/names.py (listed anew before and after a call).
+    flags: {flag: value} of the stage's parsed flags (``vars`` of the namespace)."""
+    store_dir, out_dir = flags.get("store_dir"), flags.get("out_dir")
     if stage == "importances":
-        return _subfolders(args.store_dir, names.is_store_folder_name) if args.store_dir else []
+        return _subfolders(store_dir, names.is_store_folder_name) if store_dir else []
     if stage == "cosine_similarities":
-        return [names.stage2_dir(args.store_dir), names.stage2_dir(args.out_dir)] if args.store_dir else []
+        return [names.stage2_dir(store_dir), names.stage2_dir(out_dir)] if store_dir else []
     if stage == "disentangle":
-        return [names.checkpoints_dir(args.store_dir)] if args.store_dir else []
+        return [names.checkpoints_dir(store_dir)] if store_dir else []
     if stage == "atlas":
-        return [args.atlas]
-    out = [os.path.dirname(names.plot(args.out_dir, "x")), os.path.dirname(names.result(args.out_dir, "x")),
-           names.quantitative_dir(args.out_dir)]
-    if args.model_dir:  # the caches of the feature visualizations and the SAE view
-        stores = [args.model_dir]
-        if os.path.basename(os.path.normpath(args.model_dir)) == names.CHECKPOINTS_DIR:
-            stores.append(os.path.dirname(os.path.normpath(args.model_dir)))
+        return [flags["atlas"]]
+    out = [os.path.dirname(names.plot(out_dir, "x")), os.path.dirname(names.result(out_dir, "x")),
+           names.quantitative_dir(out_dir)]
+    model_dir = flags.get("model_dir")
+    if model_dir:  # the caches of the feature visualizations and the SAE view
+        stores = [model_dir]
+        if os.path.basename(os.path.normpath(model_dir)) == names.CHECKPOINTS_DIR:
+            stores.append(os.path.dirname(os.path.normpath(model_dir)))
         for s in stores:
             out += [os.path.dirname(names.spectrum_cache(s, 0, "x")), os.path.dirname(names.sae_cache(s, "x"))]
-    return out + ([args.atlas] if args.atlas else [])
+    return out + ([flags["atlas"]] if flags.get("atlas") else [])
 
 
 def snapshot(folders):

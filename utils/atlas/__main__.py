@@ -18,9 +18,16 @@ def build_parser():
 
 
 def main(args):
+    """Write the atlas of the parsed flags ``args`` (``build_parser``'s)."""
+    return write(**vars(args))
+
+
+def write(results, store, atlas, runs=None, candidates=None):
+    """The atlas of stage 4's runs under ``results`` (their names ``runs``, default all) into ``atlas``, with the
+    store folder ``store`` and stage 2's ``candidates`` file for the cosine column (None: blank)."""
     from utils.atlas.write import size_text, write_atlas
-    res = write_atlas(args.results, args.store, args.runs, args.atlas, args.candidates,
-                      lambda runs: tqdm(runs, desc="atlas pages", unit="run"))
+    res = write_atlas(results, store, runs, atlas, candidates,
+                      lambda names: tqdm(names, desc="atlas pages", unit="run"))
     print(f"wrote the atlas of {res['runs']} run(s) into {res['folder']} ({size_text(res)}); "
           f"open {res['folder']}/index.html in a browser")
 

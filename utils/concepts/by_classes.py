@@ -172,57 +172,7 @@ def read_triples(path):
 MORE_CONCEPTS = range(3, 7)  # --classes_for_concept3 .. --classes_for_concept6 (stages 3 and 4)
 
 
-def add_args(p, concept3, triples):
-    """--classes_for_concept1 .. 6 and --triples (stages 3 and 4); ``concept3`` ends concept 3's help, ``triples``
-    says what the stage does with a triples file."""
-    for j in (1, 2):
-        p.add_argument(f"--classes_for_concept{j}", nargs="+", default=None,
-                       help=f"class indices of concept {j} (required unless --triples or --concepts_file)")
-    for j in MORE_CONCEPTS:
-        p.add_argument(f"--classes_for_concept{j}", nargs="+", default=None,
-                       help=(f"class indices of concept {j}{concept3}" if j == 3
-                             else f"class indices of concept {j} (see --classes_for_concept3)"))
-    p.add_argument("--triples", default=None,
-                   help=f"file of 'channel classes1 classes2' lines (as paper_triples.txt; several classes as "
-                        f"1,2): {triples}, instead of the three flags above")
-
-
-def more_concepts_given(args):
-    """The raw values of --classes_for_concept3..6 (None where not given) and the numbers of those given."""
-    more = [getattr(args, f"classes_for_concept{j}") for j in MORE_CONCEPTS]
-    return more, [j for j, m in zip(MORE_CONCEPTS, more) if m is not None]
-
-
-def check_no_classes_with_file(args):
-    """--concepts_file gives the concepts: refuse --triples and every --classes_for_concept flag beside it."""
-    _, given_more = more_concepts_given(args)
-    clash = [f for f, v in (("--triples", args.triples), ("--classes_for_concept1", args.classes_for_concept1),
-                            ("--classes_for_concept2", args.classes_for_concept2)) if v is not None]
-    clash += [f"--classes_for_concept{j}" for j in given_more]
-    if clash:
-        raise UserError(f"--concepts_file gives the concepts: drop {', '.join(clash)}")
-
-
-def class_jobs(args, channel, channel_flag, verb):
-    """The Triples of the command line: --triples, or the per-triple flags with --classes_for_concept3..6
-    (numbered without gaps); ``verb`` says what the stage does with a line of --triples ("splits", "evaluates")."""
-    more, given_more = more_concepts_given(args)
-    if given_more and args.triples is not None:
-        raise UserError(f"--triples {verb} two concepts per line: --classes_for_concept{given_more[0]} "
-                        f"needs the per-triple flags")
-    triples = triples_from_args(args.triples, channel, args.classes_for_concept1, args.classes_for_concept2,
-                                channel_flag)
-    if given_more:
-        if given_more != list(MORE_CONCEPTS[:len(given_more)]):
-            missing = next(j for j in MORE_CONCEPTS if j not in given_more)
-            raise UserError(f"--classes_for_concept{given_more[-1]} without --classes_for_concept{missing}: "
-                            f"number the concepts 1, 2, 3, ... without gaps")
-        triples[0].more = [parse_classes(m, f"--classes_for_concept{j}")
-                           for j, m in zip(MORE_CONCEPTS, more) if m is not None]
-    return triples
-
-
-def triples_from_args(path, channel, classes1, classes2, channel_flag):
+def triples_given(path, channel, classes1, classes2, channel_flag):
     """The triples to run: those of the file ``path`` (--triples), or the one given by the per-triple flags.
 
     ``classes1``/``classes2``: the raw flag values (lists of strings) or None (``cli.parse_classes`` reads

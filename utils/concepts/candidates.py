@@ -25,38 +25,6 @@ from utils.errors import UserError
 MAX_K = MORE_CONCEPTS[-1]  # a split takes at most six concepts
 
 
-def add_args(p):
-    """--candidates, --top, --all_classes (stages 3 and 4)."""
-    p.add_argument("--candidates", default=None,
-                   help="stage 2's …_candidates.json (or a concepts file of --label_free): split (stage 3) or "
-                        "evaluate (stage 4) its --top strongest channels in one process, as --triples "
-                        "(see docs/atlas.md)")
-    p.add_argument("--top", type=int, default=None,
-                   help="with --candidates: how many channels (default: every channel of the file); candidates: "
-                        "lowest cosine first, a channel once; concepts file: highest silhouette first")
-    p.add_argument("--all_classes", action="store_true",
-                   help="with a candidates file: split each channel into every class stage 2 lists for it "
-                        "(k-way, at most 6; one class per concept) instead of its lowest-cosine pair")
-
-
-def check_flags(args, channel_flag):
-    """Refuse --top / --all_classes without --candidates, and --candidates beside the flags giving concepts."""
-    if args.candidates is None:
-        for flag, given in (("--all_classes", args.all_classes), ("--top", args.top is not None)):
-            if given:
-                raise UserError(f"{flag} goes with --candidates: give the file too")
-        return
-    values = {"triples": args.triples, "channel": getattr(args, channel_flag[2:]),
-              "classes_for_concept1": args.classes_for_concept1, "classes_for_concept2": args.classes_for_concept2,
-              "concepts_file": args.concepts_file, "clusters": args.clusters}
-    values.update({f"classes_for_concept{j}": getattr(args, f"classes_for_concept{j}") for j in MORE_CONCEPTS})
-    clash = [(channel_flag if k == "channel" else f"--{k}") for k, v in values.items() if v is not None]
-    if clash:
-        raise UserError(f"--candidates gives the channels and concepts: drop {', '.join(clash)}")
-    if args.top is not None and args.top < 1:
-        raise UserError(f"--top {args.top}: give at least 1 channel")
-
-
 def _document(path):
     if not os.path.isfile(path):
         raise UserError(f"--candidates {path}: file not found (get_cosine_similarities.py writes it)")

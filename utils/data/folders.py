@@ -49,6 +49,7 @@ class Transform:
 
 
 DEFAULT_TRANSFORM = Transform()
+DEFAULT_BATCH_SIZE = 64  # images per batch (--batch_size's default)
 TRANSFORM_DESCRIPTION = DEFAULT_TRANSFORM.describe()
 
 

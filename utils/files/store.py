@@ -67,12 +67,6 @@ def find_folder(store_dir, tag, name, layer):
     return folder
 
 
-def open_in(store_dir, ctx):
-    """The complete store of a stage's run in ``store_dir``, checked against its fingerprint (``Store.open``).
-    ``ctx``: what names the run (utils.run.context.Context: tag, name, layer_path, fingerprint)."""
-    return Store.open(find_folder(store_dir, ctx.tag, ctx.name, ctx.layer_path), ctx.fingerprint)
-
-
 def find_stores(store_dir):
     """[(folder, manifest)] of every store (complete or not) directly under ``store_dir``, sorted by folder."""
     if not store_dir or not os.path.isdir(store_dir):

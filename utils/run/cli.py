@@ -6,6 +6,7 @@ import errno
 import os
 import sys
 
+from utils.data import folders
 from utils.errors import UserError  # noqa: F401 (the scripts' one-line errors: cli.UserError)
 
 
@@ -79,7 +80,7 @@ def add_model_args(parser, store=True, data=True, store_aliases=()):
                             help="folder of the store that stage 1 writes and later stages read (required)"
                                  + (f"; also {', '.join(store_aliases)}" if store_aliases else ""))
     r = parser.add_argument_group("runtime")
-    r.add_argument("--batch_size", type=int, default=64, help="images per batch (default 64)")
+    r.add_argument("--batch_size", type=int, default=folders.DEFAULT_BATCH_SIZE, help="images per batch (default 64)")
     r.add_argument("--device", default=None,
                    help="cpu, cuda or cuda:N (default: CUDA if present, else CPU)")
     r.add_argument("--gpu", type=int, default=None,

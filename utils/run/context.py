@@ -6,6 +6,10 @@ and the stage's own flags are needed. A manifest is data: a torchvision model na
 of torchvision's registry), a model factory (``module:function``, code) only from ``--model``, and a
 ``--model`` that names another model than the store's is refused before any weights are loaded. Stage 4's
 published ``--model_dir STORE/models_disentangled`` finds the store in STORE.
+
+``setup`` leaves the parsed flags as they are: what it resolved (model, weights, layer, data folder, transform,
+the store's folder and manifest) is ``ctx.spec``, a frozen ``Spec`` from which ``utils.run.settings_of_flags``
+builds the stages' settings.
 """
 import os
 import shlex
@@ -19,6 +23,22 @@ from utils.run import device as device_choice
 from utils.data import folders
 from utils.model import loading
 from utils.files import names, store
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What a stage runs on once its flags and the store's manifest are read: a flag not given is the store's,
+    else the default. ``store_dir``: --store_dir / --model_dir (STORE/models_disentangled: STORE; stage 1: the
+    flag); ``store_folder``: the store of this model and layer in it and ``manifest`` its manifest (stages 2-4;
+    None for stage 1 and where the folder holds no store of them)."""
+    model: str = None
+    weights: str = None
+    layer: str = None
+    data_dir: str = None
+    transform: folders.Transform = folders.DEFAULT_TRANSFORM
+    store_dir: str = None
+    store_folder: str = None
+    manifest: dict = None
 
 
 @dataclass
@@ -37,6 +57,7 @@ class Context:
     transform: folders.Transform = folders.DEFAULT_TRANSFORM
     class_outputs: list = None       # output index of each class folder, None when it is the folder's own index
     class_error: Exception = None    # setup(defer_class_error=True): why the class folders do not fit the outputs
+    spec: Spec = None                # what setup resolved from the flags and the store (``Spec``)
 
 
 TRANSFORM_FLAGS = ("resize", "crop", "mean", "std")
@@ -106,25 +127,29 @@ def checkpoints_parent(folder):
     return folder
 
 
-def store_of_args(args, store_dir, flag):
-    """(manifest, None) of the one store in ``store_dir`` that fits the model and layer flags given, filling the
-    flags not given (weights, layer, data folder; the model when it is a torchvision name) from it; (None, None)
-    when the folder holds no store and every flag is given (the stage then says the store is missing);
-    (None, message) when it holds stores of the model but none of the given layer (raised once the layer is known
-    to exist). Raises UserError when the choice is ambiguous (several stores and no layer named), when --model
-    names another model than every store's (before any weights are loaded), and when the store's model is a
-    factory that --model does not name (a manifest's code is never imported)."""
+def store_of_flags(given, store_dir, flag):
+    """(manifest, None, values) of the one store in ``store_dir`` that fits the model and layer flags given.
+
+    given: {"model", "weights", "layer", "data_dir"} as the flags give them (None: not given; data_dir "": the
+    stage has no such flag); values: a copy with the flags not given (weights, layer, data folder; the model when
+    it is a torchvision name) filled from the store. (None, None, values) when the folder holds no store and every
+    flag is given (the stage then says the store is missing); (None, message, values) when it holds stores of the
+    model but none of the given layer (raised once the layer is known to exist). Raises UserError when the choice
+    is ambiguous (several stores and no layer named), when --model names another model than every store's
+    (before any weights are loaded), and when the store's model is a factory that --model does not name (a
+    manifest's code is never imported)."""
+    values = dict(given)
+    model, layer = values["model"], values["layer"]
     found = store.find_stores(store_dir)
     where = f"the store in {flag} {store_dir}"
-    if args.model is not None and found and not any(m.get("model") == args.model for _, m in found):
+    if model is not None and found and not any(m.get("model") == model for _, m in found):
         models = sorted({str(m.get("model")) for _, m in found})
         leave = "" if any(is_factory(m) for m in models) else "leave --model out or "
-        raise cli.UserError(f"--model {shown(args.model)}: {flag} {store_dir} holds stores of --model "
+        raise cli.UserError(f"--model {shown(model)}: {flag} {store_dir} holds stores of --model "
                             + " and ".join(shown(m) for m in models)
                             + f" only; {leave}pass the store's (or run stage 1 with this --model into another "
                               "--store_dir)")
-    fits = [(f, m) for f, m in found if args.model is None or m.get("model") == args.model]
-    layer = args.layer_of_interest
+    fits = [(f, m) for f, m in found if model is None or m.get("model") == model]
     if layer not in (None, "last_conv"):
         fits = [(f, m) for f, m in fits if m.get("layer") == layer]
     elif layer == "last_conv" and len(fits) > 1:  # the default layer, named: the store named without a layer
@@ -136,88 +161,99 @@ def store_of_args(args, store_dir, flag):
                             + "; ".join(describe_store(m) for _, m in fits)
                             + "): pass --layer_of_interest (and --model) to choose one")
     if not fits:
-        if found and (args.model is not None or layer is not None):
-            given = " ".join(f"--{k} {shown(v)}" for k, v in (("model", args.model), ("layer_of_interest", layer))
+        if found and (model is not None or layer is not None):
+            named = " ".join(f"--{k} {shown(v)}" for k, v in (("model", model), ("layer_of_interest", layer))
                              if v is not None)
-            missing = (f"{flag} {store_dir} holds no store made with {given} (it holds: "
+            missing = (f"{flag} {store_dir} holds no store made with {named} (it holds: "
                        + "; ".join(describe_store(m) for _, m in found)
                        + "): leave the flags out or run stage 1 with them first")
             # what the stores of the model agree on, so that the model is built and a bad layer named as such
-            mine = [m for _, m in found if args.model is None or m.get("model") == args.model]
-            if len({m.get("model") for m in mine}) == 1 and (args.model is not None
+            mine = [m for _, m in found if model is None or m.get("model") == model]
+            if len({m.get("model") for m in mine}) == 1 and (model is not None
                                                               or not is_factory(mine[0].get("model"))):
-                fill(args, mine, where)
-            if args.model is None:
+                fill(values, mine, where)
+            if model is None:
                 raise cli.UserError(missing)
-            return None, missing
-        if args.model is None or getattr(args, "data_dir", "") is None:
+            return None, missing, values
+        if model is None or values["data_dir"] is None:
             raise cli.UserError(f"no store in {flag} {store_dir}: run get_importances_for_classes.py with this "
                                 f"--store_dir first (or pass --model, --weights, --layer_of_interest and "
                                 f"--data_dir)")
-        return None, None
-    fill(args, [fits[0][1]], where, layer=True)
-    return fits[0][1], None
+        return None, None, values
+    fill(values, [fits[0][1]], where, layer=True)
+    return fits[0][1], None, values
 
 
-def fill(args, manifests, where, layer=False):
-    """Set the flags not given to what every manifest of ``manifests`` says (the layer only with ``layer``). A
-    model factory is never taken from a manifest (``refuse_store_factory``); a torchvision name is (it names an
-    entry of torchvision's registry, not code)."""
+def fill(values, manifests, where, layer=False):
+    """Set the entries of ``values`` (``store_of_flags``'s) not given to what every manifest of ``manifests`` says
+    (the layer only with ``layer``). A model factory is never taken from a manifest (``refuse_store_factory``); a
+    torchvision name is (it names an entry of torchvision's registry, not code)."""
     def agreed(key):
-        values = {str(m.get(key)) for m in manifests}
-        return manifests[0].get(key) if len(values) == 1 else None
-    if args.model is None:
+        found = {str(m.get(key)) for m in manifests}
+        return manifests[0].get(key) if len(found) == 1 else None
+    if values["model"] is None:
         if is_factory(agreed("model")):
             refuse_store_factory(agreed("model"), where)
-        args.model = agreed("model")
-    if args.weights is None and agreed("weights") is not None:
-        args.weights = weights_flag(agreed("weights"))
-    if layer and args.layer_of_interest is None:
-        args.layer_of_interest = agreed("layer")
-    if getattr(args, "data_dir", "") is None:
-        args.data_dir = agreed("data_dir")
+        values["model"] = agreed("model")
+    if values["weights"] is None and agreed("weights") is not None:
+        values["weights"] = weights_flag(agreed("weights"))
+    if layer and values["layer"] is None:
+        values["layer"] = agreed("layer")
+    if values["data_dir"] is None:
+        values["data_dir"] = agreed("data_dir")
+
+
+def given_flags(args):
+    """{"model", "weights", "layer", "data_dir"} as the parsed flags give them (data_dir "": no such flag)."""
+    return {"model": args.model, "weights": args.weights, "layer": args.layer_of_interest,
+            "data_dir": getattr(args, "data_dir", "")}
 
 
 def setup(args, split="train", need_data=True, store_flag=None, defer_class_error=False):
-    """Parse the shared flags into a Context (the dataset of ``split`` when ``need_data``).
+    """The Context of the shared flags (the dataset of ``split`` when ``need_data``); ``args`` is left as it is:
+    what the flags and the store resolve is ``ctx.spec`` (``Spec``).
 
     ``store_flag``: for stages 2-4, the attribute naming the store's folder ('store_dir' or 'model_dir'): flags
     not given are taken from its manifest. Stage 1 (None) uses the defaults: resnet50, last_conv, the paper's
     transform. ``defer_class_error``: class folders that do not fit the model's outputs are left in
     ``ctx.class_error`` (stage 1 first says whether the store folder holds a store of other settings).
     """
+    given = given_flags(args)
     if store_flag:
-        setattr(args, store_flag, checkpoints_parent(getattr(args, store_flag)))
-    elif need_data and getattr(args, "data_dir", None):  # stage 1: both splits' class folders, before any work
-        folders.check_split_classes(args.data_dir)
-    manifest, missing = store_of_args(args, getattr(args, store_flag), "--" + store_flag) if store_flag else (None, None)
-    if args.model is None:
-        args.model = "resnet50"
-    if args.layer_of_interest is None:
-        args.layer_of_interest = "last_conv"
+        store_dir = checkpoints_parent(getattr(args, store_flag))
+        manifest, missing, values = store_of_flags(given, store_dir, "--" + store_flag)
+    else:
+        store_dir, manifest, missing, values = getattr(args, "store_dir", None), None, None, given
+        if need_data and given["data_dir"]:  # stage 1: both splits' class folders, before any work
+            folders.check_split_classes(given["data_dir"])
+    model_spec, layer = values["model"] or "resnet50", values["layer"] or "last_conv"
+    data_dir = None if values["data_dir"] == "" else values["data_dir"]
     recorded = None if manifest is None else folders.Transform.from_record(manifest.get("input_transform"))
     transform = transform_of(args, recorded)
     device = device_choice.select_device(args.device, args.gpu)
     # stage 1 (no store to read) makes sure that a later stage can build the same weights again
-    model, weights_id = loading.load_model(args.model, args.weights, check_repeatable=store_flag is None)
-    loading.check_input_size(model, args.model, transform.crop)
-    layer_path, conv = loading.resolve_layer(model, args.layer_of_interest, transform.crop)
+    model, weights_id = loading.load_model(model_spec, values["weights"], check_repeatable=store_flag is None)
+    loading.check_input_size(model, model_spec, transform.crop)
+    layer_path, conv = loading.resolve_layer(model, layer, transform.crop)
     if missing:  # the layer exists, but the store folder has no store of it
         raise cli.UserError(missing)
     loading.check_nr_channels(conv, args.nr_channels_in_layer_of_interest, layer_path)
-    if need_data:
-        cli.require(args, "data_dir")
+    if need_data and data_dir is None:
+        raise cli.UserError("--data_dir is required (--help lists the flags)")
     if args.batch_size < 1:
         raise cli.UserError("--batch_size must be at least 1")
-    tag = loading.model_tag(args.model)
-    ctx = Context(device=device, model=model, model_spec=args.model, tag=tag,
+    tag = loading.model_tag(model_spec)
+    name = loading.file_tag(model, model_spec, layer_path, transform.crop)
+    ctx = Context(device=device, model=model, model_spec=model_spec, tag=tag,
                   weights_id=weights_id, weights_sha256=loading.weights_sha256(model),
-                  layer_path=layer_path, conv=conv, name=loading.file_tag(model, args.model, layer_path, transform.crop),
-                  transform=transform)
+                  layer_path=layer_path, conv=conv, name=name, transform=transform,
+                  spec=Spec(model=model_spec, weights=values["weights"], layer=layer_path, data_dir=data_dir,
+                            transform=transform, store_dir=store_dir, manifest=manifest,
+                            store_folder=store.find_folder(store_dir, tag, name, layer_path) if store_flag else None))
     if need_data:
-        ctx.dataset = folders.image_folder(args.data_dir, split, transform=folders.eval_transform(transform))
+        ctx.dataset = folders.image_folder(data_dir, split, transform=folders.eval_transform(transform))
         how = fill_class_outputs(ctx, manifest, getattr(args, "class_index_map", None), defer_class_error)
-        ctx.fingerprint = store.fingerprint(args.model, weights_id, ctx.weights_sha256, layer_path,
+        ctx.fingerprint = store.fingerprint(model_spec, weights_id, ctx.weights_sha256, layer_path,
                                             loading.layer_geometry(conv), folders.dataset_summary(ctx.dataset),
                                             transform.describe())
         if ctx.class_outputs is not None:

@@ -155,19 +155,7 @@ def discover(store_rows, layer, channels, clustering=Clustering(), chunk_rows=DE
     return out
 
 
-# ---------------------------------------------------------------------------- the stage: flags, run, concepts file
-
-def add_args(p):
-    """The flags of stage 2's label-free concepts (a group of its parser)."""
-    g = p.add_argument_group("label-free concepts (instead of the candidate list)")
-    g.add_argument("--label_free", action="store_true",
-                   help="cluster each channel's top images by their per-image ARVs instead (no class labels used)")
-    g.add_argument("--channels", nargs="+", default=None,
-                   help="channels to study (space- or comma-separated; default: every channel of the layer)")
-    g.add_argument("--top_n", type=int, default=100, help="top training images per channel (default 100)")
-    g.add_argument("--k", default="auto",
-                   help="concepts per channel: a number >= 2, or auto (by the silhouette over 2..5; default)")
-
+# ---------------------------------------------------------------------------- the stage: settings, run, concepts file
 
 def parse_k(value):
     """--k: None for auto, else an int >= 2."""
@@ -203,18 +191,13 @@ def parse_channels(values, ctx):
 @dataclass(frozen=True)
 class Settings:
     """The label-free run's settings: the store, the channels asked for (as given: checked against the layer
-    by ``parse_channels``), N, k (None: auto) and the rows read at a time."""
+    by ``parse_channels``), N, k (None: auto; the flag's text is read by ``parse_k``) and the rows read at a time
+    (the flags: ``utils/run/flags.py``'s ``label_free``)."""
     store_dir: str
     channels: tuple = None
     top_n: int = 100
     k: int = None
     chunk_rows: int = DEFAULT_CHUNK_ROWS
-
-    @classmethod
-    def from_args(cls, args):
-        """The settings of the parsed flags (--k checked here)."""
-        return cls(store_dir=args.store_dir, channels=None if args.channels is None else tuple(args.channels),
-                   top_n=args.top_n, k=parse_k(args.k), chunk_rows=args.chunk_rows)
 
 
 def check_top_n(top_n, k, labels):
@@ -232,7 +215,7 @@ def run(ctx, s):
     """--label_free: concepts of each channel without class labels, from the store of ``ctx`` only; printed and
     written into the concepts file (merged with an earlier run's other channels)."""
     channels = parse_channels(s.channels, ctx)
-    st = store.open_in(s.store_dir, ctx)
+    st = store.Store.open(ctx.spec.store_folder, ctx.fingerprint)  # the folder context.setup found
     labels = st.labels()
     check_top_n(s.top_n, s.k, labels)
     signs, positions, bn = loading.layer_signs_and_positions(ctx.model, ctx.conv, loading.blank(ctx.transform.crop))

@@ -27,7 +27,7 @@ from utils.featurevis.spectrum import files_sha256, spectrum_images
 from utils.files import atomic, cache, names
 from utils.method import sae as S
 from utils.errors import UserError
-from utils.run.cli import at_least, default_workers
+from utils.run.cli import default_workers
 from utils.method.split import filter_maps, positive_mass
 from utils.method.evaluation import top_k
 
@@ -39,32 +39,12 @@ CONTENT_IMAGES = 64     # training images whose bytes enter the SAE's record
 VERSION = 1
 
 
-def add_args(parser):
-    """The --get_sae_view flags (a bad value: UserError, one line, exit status 2)."""
-    g = parser.add_argument_group("sparse-autoencoder view (--get_sae_view)")
-    g.add_argument("--get_sae_view", action="store_true",
-                   help="train (or reuse) a TopK SAE on the layer's input and list the features that drive the "
-                        "channel: plots/sae_view_{run}.png and results_disentanglement/{run}_sae_view.json")
-    for name, kind, low, text in (
-            ("sae_expansion", int, 1, "dictionary size m = this times C_in"),
-            ("sae_k", int, 1, "features active per position (at most m)"),
-            ("sae_steps", int, 1, "Adam steps"),
-            ("sae_positions_per_image", int, 1, "input positions sampled per training image, where ||x|| is large"),
-            ("sae_seed", int, 0, "seed of the sampling, initialisation and batches"),
-            ("sae_lr", float, 1e-12, "Adam learning rate"),
-            ("sae_batch_size", int, 1, "vectors per step"),
-            ("sae_train_images", int, 0, "training images to sample from, spread over the classes (0: all)")):
-        say = "positive" if low == 1e-12 else None
-        g.add_argument("--" + name, type=at_least("--" + name, low, kind, say), default=DEFAULTS[name],
-                       help=f"{text} (default {DEFAULTS[name]})")
-    return parser
-
-
 @dataclass(frozen=True)
 class Settings:
     """An SAE view: the --sae_* settings (named as the flags); images per batch, loader workers (None: the
     default); the training images' data folder and the store (the SAE cache); what to do with an unreadable val
-    image ("error" or "skip"); images per row of the figure (--top_k); whether to scan every val image."""
+    image ("error" or "skip"); images per row of the figure (--top_k); whether to scan every val image. The flags:
+    ``utils/run/flags.py``'s ``sae_view`` (defaults: ``DEFAULTS``)."""
     sae_expansion: int = DEFAULTS["sae_expansion"]
     sae_k: int = DEFAULTS["sae_k"]
     sae_steps: int = DEFAULTS["sae_steps"]
@@ -73,20 +53,13 @@ class Settings:
     sae_lr: float = DEFAULTS["sae_lr"]
     sae_batch_size: int = DEFAULTS["sae_batch_size"]
     sae_train_images: int = DEFAULTS["sae_train_images"]
-    batch_size: int = 64
+    batch_size: int = folders.DEFAULT_BATCH_SIZE
     num_workers: int = None
     data_dir: str = None
     store_dir: str = None
     unreadable: str = "error"
     top_k: int = 8
     all_val: bool = False
-
-    @classmethod
-    def from_args(cls, args):
-        return cls(**{k: getattr(args, k) for k in DEFAULTS}, batch_size=args.batch_size,
-                   num_workers=args.num_workers, data_dir=args.data_dir, store_dir=args.model_dir,
-                   unreadable="skip" if args.skip_unreadable else "error", top_k=args.top_k,
-                   all_val=args.top_images_all_val)
 
     def record(self):
         """The --sae_* settings and the image batch size (the sampling draws batch by batch): what the SAE's

@@ -1,6 +1,6 @@
-"""Stage 1's own flags, the settings they make, and how a run turns them into a pass over the store.
+"""Stage 1's settings and how a run turns them into a pass over the store.
 
-``add_args`` adds the flags, ``Settings.from_args`` reads them; ``run(settings, setup)`` sets the process up
+The flags are ``utils/run/flags.py``'s ``stage1``, read by ``utils/run/settings_of_flags.py``; ``run(settings, setup)`` sets the process up
 (deterministic cuBLAS, CPU threads or CUDA float32 precision, the JPEG decoding), describes the numerics in the
 store's manifest and fills the store with utils/stages/stage1.py's ``run_stage1``.
 """
@@ -10,77 +10,30 @@ from dataclasses import dataclass
 import torch
 
 from utils.data import folders
-from utils.data.gpu_decode import DECODERS
 from utils.files import store
 from utils.model import loading
 from utils.run import cli, distributed
 from utils.stages import stage1
 
 
-def add_args(p):
-    """Stage 1's own flags."""
-    p.add_argument("--chunk_size", type=int, default=None,
-                   help="rows per resumable chunk (default: an unfinished store's, else a multiple of --batch_size near 2048)")
-    p.add_argument("--autocast_bf16", action="store_true",
-                   help="run the model under bfloat16 autocast (faster on GPU; changes attributions slightly)")
-    p.add_argument("--channels_last", action="store_true", help="channels_last memory format (GPU)")
-    p.add_argument("--gpu_decode", action="store_true",
-                   help="decode JPEGs on the GPU: nvImageCodec (its hardware decoder on A100/H100/H200) when the "
-                        "optional package is installed (requirements-gpu.txt), else torchvision.io.decode_jpeg "
-                        "(nvJPEG); falls back to CPU decoding without CUDA. The store records the decoder")
-    p.add_argument("--gpu_decoder", choices=("auto",) + DECODERS, default="auto",
-                   help="with --gpu_decode: which GPU JPEG decoder (default auto: nvimgcodec if installed, "
-                        "else nvjpeg)")
-    p.add_argument("--fast_resize", action="store_true",
-                   help="CPU decoding: reduced-size JPEG decoding for images at least twice the resize "
-                        "target, and a resize of the center crop's region only (faster; moves a few pixels "
-                        "by a grey level or more, recorded in the store's numerics; see utils/data/cpu_decode.py)")
-    p.add_argument("--deterministic", action="store_true",
-                   help="deterministic algorithms (cuDNN deterministic, no benchmark mode): on one card a "
-                        "resumed or torchrun store equals a single run byte for byte; slower. Recorded in "
-                        "the store's numerics, so a resume needs it too")
-    p.add_argument("--cpu_threads", type=int, default=None,
-                   help="intra-op threads of each process when the model runs on the CPU (default: torch's "
-                        "own count, 1 per process under torchrun; a resumed store keeps the count it "
-                        "recorded). CPU convolutions round differently with 1 thread than with several: a "
-                        "store is byte-identical across launchers and resumes only with the same count; "
-                        "ignored on CUDA")
-    p.add_argument("--tf32", action="store_true",
-                   help="let CUDA run float32 convolutions and matrix products in TF32 (faster on GPUs "
-                        "since Ampere; changes attributions slightly). Default: full float32")
-    p.add_argument("--allow_mixed_numerics", action="store_true",
-                   help="resume a store under other numerics than it was started with (device, GPU model, "
-                        "CPU thread count, TF32); the change is recorded in the manifest")
-    p.add_argument("--skip_unreadable", action="store_true",
-                   help="record images whose files cannot be decoded as invalid rows (prediction -1, file "
-                        "names in the manifest) instead of stopping; later stages leave them out")
-
-
 @dataclass(frozen=True)
 class Settings:
-    """Stage 1's settings, one field per flag (defaults: ``add_args``); ``num_workers`` None: ``cli.default_workers``."""
+    """Stage 1's settings, one field per flag (``utils/run/flags.py``'s ``stage1`` takes its defaults from here);
+    ``num_workers`` None: ``cli.default_workers``."""
     store_dir: str
-    batch_size: int
-    num_workers: int
-    chunk_size: int
-    autocast_bf16: bool
-    channels_last: bool
-    gpu_decode: bool
-    gpu_decoder: str
-    fast_resize: bool
-    deterministic: bool
-    cpu_threads: int
-    tf32: bool
-    allow_mixed_numerics: bool
-    skip_unreadable: bool
-
-    @classmethod
-    def from_args(cls, args):
-        return cls(store_dir=args.store_dir, batch_size=args.batch_size, num_workers=args.num_workers,
-                   chunk_size=args.chunk_size, autocast_bf16=args.autocast_bf16, channels_last=args.channels_last,
-                   gpu_decode=args.gpu_decode, gpu_decoder=args.gpu_decoder, fast_resize=args.fast_resize,
-                   deterministic=args.deterministic, cpu_threads=args.cpu_threads, tf32=args.tf32,
-                   allow_mixed_numerics=args.allow_mixed_numerics, skip_unreadable=args.skip_unreadable)
+    batch_size: int = folders.DEFAULT_BATCH_SIZE
+    num_workers: int = None
+    chunk_size: int = None
+    autocast_bf16: bool = False
+    channels_last: bool = False
+    gpu_decode: bool = False
+    gpu_decoder: str = "auto"
+    fast_resize: bool = False
+    deterministic: bool = False
+    cpu_threads: int = None
+    tf32: bool = False
+    allow_mixed_numerics: bool = False
+    skip_unreadable: bool = False
 
 
 def run(s, setup):

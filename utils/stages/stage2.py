@@ -22,28 +22,6 @@ from utils.run import cli
 from utils.stages import passes, stage2_advice
 
 
-def add_args(p):
-    """Stage 2's own flags (the candidate list)."""
-    p.add_argument("--proportion_attribution_required", type=float, default=0.05,
-                   help="tau: channel c is important for an image if A[c] >= tau * sum of positive A (default 0.05)")
-    p.add_argument("--p", type=float, default=0.75,
-                   help="channel c uses class y if it is important for at least p * N_y images of y (default 0.75)")
-    p.add_argument("--cos_sim_low", type=float, default=0.0,
-                   help="lowest cosine kept (inclusive, default 0; -1 <= low < high)")
-    p.add_argument("--cos_sim_high", type=float, default=1.0, help="cosine upper bound (exclusive, default 1; at most 1)")
-    p.add_argument("--top", type=cli.at_least("--top", 1, int), default=None,
-                   help="list the N candidate pairs of lowest cosine, whatever --cos_sim_low/--cos_sim_high say "
-                        "(default: every pair in the window); the files carry _topN in place of the window")
-    p.add_argument("--out_dir", default=".",
-                   help="folder for results_get_cosine_similarities/ (default: working directory, as published)")
-    p.add_argument("--importance_sign", choices=tuple(names.SIGN_SUFFIX), default="published",
-                   help="published (default): the rule above; positive_activation: an image counts for channel c "
-                        "only where c's summed activation after the BatchNorm that follows the layer is positive "
-                        "(the layer's own summed activation if no BatchNorm follows it; a note says so)")
-    p.add_argument("--chunk_rows", type=int, default=similarities.DEFAULT_CHUNK_ROWS,
-                   help="store rows read at a time (memory use)")
-
-
 def check_bounds(tau, pp, low, high):
     """Refuse thresholds outside their range (UserError, one line each): tau and p in (0, 1], -1 <= low < high <= 1."""
     if not 0 < tau <= 1:
@@ -58,25 +36,21 @@ def check_bounds(tau, pp, low, high):
 
 @dataclass(frozen=True)
 class Settings:
-    """Stage 2's settings: tau, p, the cosine range [low, high), the importance rule, where to write, chunking."""
+    """Stage 2's settings: tau, p, the cosine range [low, high), the importance rule, where to write, chunking
+    (the flags' defaults: ``utils/run/flags.py``'s ``stage2`` takes them from here). The ranges are checked on
+    construction (``check_bounds``: one line each)."""
     store_dir: str
-    out_dir: str
-    tau: float
-    p: float
-    low: float
-    high: float
+    out_dir: str = "."
+    tau: float = 0.05
+    p: float = 0.75
+    low: float = 0.0
+    high: float = 1.0
     sign: str = "published"
     chunk_rows: int = similarities.DEFAULT_CHUNK_ROWS
     top: int = None  # --top N: the N pairs of lowest cosine, the window ignored
 
-    @classmethod
-    def from_args(cls, args):
-        """The settings of the parsed flags, their ranges checked (``check_bounds``)."""
-        s = cls(store_dir=args.store_dir, out_dir=args.out_dir, tau=args.proportion_attribution_required, p=args.p,
-                low=args.cos_sim_low, high=args.cos_sim_high, sign=args.importance_sign, chunk_rows=args.chunk_rows,
-                top=getattr(args, "top", None))
-        check_bounds(s.tau, s.p, s.low, s.high)
-        return s
+    def __post_init__(self):
+        check_bounds(self.tau, self.p, self.low, self.high)
 
 
 @dataclass
@@ -94,7 +68,7 @@ class Result:
 def run(ctx, s):
     """Stage 2 on the store of ``ctx`` (utils.run.context.Context) with Settings ``s``: candidates printed and
     written."""
-    st = store.open_in(s.store_dir, ctx)
+    st = store.Store.open(ctx.spec.store_folder, ctx.fingerprint)  # the folder context.setup found
     A, targets, P = st.array("attributions"), st.labels(), st.array("patch_sums")
     unreadable = st.unreadable_rows()
     if len(unreadable):

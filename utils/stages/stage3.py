@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from utils.model import disentangled as disentangle
-from utils.concepts import by_clusters, candidates, from_flags
-from utils.concepts.by_classes import check_triples, class_batches
+from utils.concepts import candidates
+from utils.concepts.by_classes import class_batches
+from utils.concepts.source import ConceptSource
 from utils.data import folders, scan
 from utils.files import atomic, digests, leftovers, names, store
 from utils.method import rho_scores, similarities
@@ -25,7 +26,7 @@ from utils.method.split import (RHOS, TOLERANCE, checkpoint_state_dict, split_fi
                                 within_tolerance)
 from utils.report import stage3_text
 from utils import finite
-from utils.run import cli, context
+from utils.run import cli
 
 HINT = (": the store read it, so the file changed since stage 1; restore it, or rerun stage 1 with "
         "--skip_unreadable into a new --store_dir")
@@ -33,49 +34,21 @@ HINT = (": the store read it, so the file changed since stage 1; restore it, or 
 
 @dataclass(frozen=True)
 class Settings:
-    """What stage 3 was asked, from its flags. jobs: the Triples of the command line, or None where the
-    concepts come from ``concepts_file`` (read once the store is open)."""
+    """What stage 3 was asked (the flags' defaults: ``utils/run/flags.py``'s ``stage3`` takes them from here).
+    source: where the concepts come from (``ConceptSource``: classes, a concepts file or a candidates file);
+    num_workers None: ``cli.default_workers``."""
     store_dir: str
-    channel: int
-    jobs: tuple
-    concepts_file: str
-    clusters: tuple
-    rho_score: str
-    exactness_images: int
-    channels_last: bool
-    export_model: bool
-    batch_size: int
-    num_workers: int
-    header: bool  # --triples, --candidates: a header line per job
-    candidates: str = None  # --candidates FILE: the jobs are its selection (``utils.concepts.candidates``)
-    top: int = None
-    all_classes: bool = False
+    source: ConceptSource = ConceptSource()
+    rho_score: str = "published"
+    exactness_images: int = 4
+    channels_last: bool = True
+    export_model: bool = False
+    batch_size: int = folders.DEFAULT_BATCH_SIZE
+    num_workers: int = None
 
-    @classmethod
-    def from_args(cls, args):
-        """The settings of the parsed flags; one-line errors for flags that do not fit together."""
-        return cls(args.store_dir, args.channel_disentangle, _jobs_of_args(args), args.concepts_file,
-                   None if args.clusters is None else tuple(args.clusters), args.rho_score,
-                   _exactness_images(args.exactness_images), not args.no_channels_last, args.export_model,
-                   args.batch_size, cli.default_workers(args.num_workers),
-                   args.triples is not None or args.candidates is not None, args.candidates, args.top,
-                   args.all_classes)
-
-
-def _jobs_of_args(args):
-    """Triples (--triples or the per-triple flags plus --classes_for_concept3..6), or None for --concepts_file
-    and --candidates."""
-    def clusters_alone(a):
-        return "--clusters selects clusters of --concepts_file: give the file too" if a.clusters is not None else None
-    jobs = from_flags.class_jobs_of_flags(args, "--channel_disentangle", clusters_alone,
-                                          "the channel whose clusters to use", "splits")
-    return None if jobs is None else tuple(jobs)
-
-
-def _exactness_images(n):
-    if n < 1:
-        raise cli.UserError("--exactness_images must be at least 1")
-    return n
+    def __post_init__(self):
+        if self.exactness_images < 1:
+            raise cli.UserError("--exactness_images must be at least 1")
 
 
 def checkpoint_path(ctx, folder, concepts, rho):
@@ -135,7 +108,8 @@ def score_images(ctx, splits, indices, s, desc=None):
     model = ctx.model.to(ctx.device)
     if s.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    plan = scan.ScanPlan(ds, s.batch_size, ctx.device, s.num_workers, hint=HINT, channels_last=s.channels_last)
+    plan = scan.ScanPlan(ds, s.batch_size, ctx.device, cli.default_workers(s.num_workers), hint=HINT,
+                         channels_last=s.channels_last)
     images = scan.scan(model, ctx.conv, plan, batches, what=scan.INPUT_OUTPUT, desc=desc)
     return rho_scores.score_splits(ctx.conv, splits, images, ctx.device)
 
@@ -245,21 +219,10 @@ def export(ctx, folder, job):
 def read_concepts(ctx, s):
     """The store, its training labels (-1 for unreadable images) and the jobs' concepts, every one checked
     against the layer and the data before any work."""
-    if s.candidates is None and s.jobs is None:
-        context.check_channel(ctx, s.channel, "--channel_disentangle")
-    elif s.candidates is None:
-        check_triples(ctx, s.jobs, "--channel_disentangle")
-    st = store.open_in(s.store_dir, ctx)
+    s.source.check(ctx, "--channel_disentangle")
+    st = store.Store.open(ctx.spec.store_folder, ctx.fingerprint)  # the folder context.setup found
     targets = st.labels()
-    if s.candidates is not None:
-        concepts = candidates.read_selection(s.candidates, ctx, st.manifest["classes"], s.top, s.all_classes,
-                                             num_rows=len(targets))
-    elif s.jobs is not None:
-        concepts = list(s.jobs)
-    else:
-        concepts = [by_clusters.read_concepts_file(s.concepts_file, ctx.fingerprint, s.channel, s.clusters,
-                                                   num_rows=len(targets))]
-    return st, targets, concepts
+    return st, targets, s.source.read(ctx, "--channel_disentangle", st.manifest["classes"], num_rows=len(targets))
 
 
 CHUNK = 8  # --candidates: jobs scored and written together; an interruption loses at most one chunk's work
@@ -293,7 +256,7 @@ def is_complete(ctx, folder, concepts, rho_score):
 
 def jobs_to_run(ctx, s, concepts):
     """--candidates: the jobs without complete files (a line for each one skipped); otherwise every job."""
-    if s.candidates is None:
+    if s.source.candidates is None:
         return concepts
     folder, todo = names.checkpoints_dir(s.store_dir), []
     for t in concepts:
@@ -310,11 +273,11 @@ def run(ctx, s):
     st, targets, concepts = read_concepts(ctx, s)
     todo = jobs_to_run(ctx, s, concepts)
     rows = [t.training_rows(targets) for t in todo]  # every job checked before any work
-    step = CHUNK if s.candidates is not None else max(1, len(todo))
+    step = CHUNK if s.source.candidates is not None else max(1, len(todo))
     shared = Shared(targets)
     for start in range(0, len(todo), step):
         split_and_write(ctx, s, (st, shared), todo[start:start + step], rows[start:start + step])
-    if s.candidates is not None and s.export_model:
+    if s.source.candidates is not None and s.export_model:
         export_whole_layer(ctx, s, shared, concepts)
 
 
@@ -339,9 +302,9 @@ def split_and_write(ctx, s, store_shared, concepts, rows):
     for job in jobs:
         if not failed:
             write_job(ctx, folder, job)
-            if s.export_model and s.candidates is None:
+            if s.export_model and s.source.candidates is None:
                 export(ctx, folder, job)
-        print("\n".join(stage3_text.job_lines(ctx.layer_path, st.manifest["classes"], job, header=s.header)))
+        print("\n".join(stage3_text.job_lines(ctx.layer_path, st.manifest["classes"], job, header=s.source.header)))
         if not failed:
             print(f"wrote 20 checkpoints and {job.concepts.checkpoint(ctx.name, 'best')} to {folder}")
     if failed:
@@ -363,7 +326,7 @@ def export_whole_layer(ctx, s, shared, concepts):
         raise cli.UserError(f"the whole-layer network's logits differ from the original's by {diff:.3g} (max |logit| "
                             f"{zmax:.3g}) on {len(check)} training images; nothing exported")
     paths = whole_layer.export_whole_layer(names.whole_layer_model(s.store_dir, ctx.name,
-                                                                   candidates.selection_label(concepts, s.all_classes)),
+                                                                   candidates.selection_label(concepts, s.source.all_classes)),
                                            net, ctx.model_spec, ctx.weights_id, ctx.layer_path, best)
     print(f"exported the whole-layer network of {len(best)} channels: " + " and ".join(paths))
     print(f"its logits equal the original's on {len(check)} training images: max difference {diff:.3g} "

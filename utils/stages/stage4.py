@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from utils.concepts import by_clusters, candidates, from_flags
-from utils.concepts.by_classes import check_triples
+from utils.concepts import by_clusters, candidates
+from utils.concepts.source import ConceptSource
 from utils.data import folders
 from utils.data.scan import ScanPlan
 from utils.files import leftovers, names
-from utils.run import cli, context, distributed
+from utils.run import cli, distributed
 from utils.errors import UserError
 from utils.report import stage3_text
 from utils.stages import feature_vis_shards, stage4_tau
@@ -31,85 +31,31 @@ HINT = ": replace or remove the file, or pass --skip_unreadable to leave it out"
 
 @dataclass(frozen=True)
 class Settings:
-    """What stage 4 does (from ``get_results.py``'s flags; see its --help)."""
+    """What stage 4 does (the flags' defaults: ``utils/run/flags.py``'s ``stage4`` takes them from here; see
+    get_results.py --help). source: where the concepts come from (``ConceptSource``); num_workers None:
+    ``cli.default_workers``."""
     model_dir: str
-    data_dir: str
-    jobs: list            # the Triples of the command line, or None: --concepts_file gives the concepts
-    channel: int          # --channel_of_interest (the channel of --concepts_file's clusters)
-    concepts_file: str
-    clusters: list
-    val_top_n: int
-    triples_file: str     # --triples (each job's results start with a header line)
-    rho: object           # the checkpoint's rho: a float, or "best"
-    tau: float            # None: stage 2's (``stage4_tau``, decided in ``run``)
-    qualitative: bool
-    quantitative: bool
-    top_images: bool
-    top_k: int
-    top_images_all_val: bool
-    unreadable: str       # "error" or "skip" (--skip_unreadable)
-    out_dir: str
-    batch_size: int
-    num_workers: int
-    candidates: str = None  # --candidates FILE: the jobs are its selection (``utils.concepts.candidates``)
-    top: int = None
-    all_classes: bool = False
+    data_dir: str = None    # the val images' folder (the store's when --data_dir is not given)
+    source: ConceptSource = ConceptSource()
+    val_top_n: int = None   # --concepts_file: top val images assigned to clusters (None: the file's top_n)
+    rho: object = "best"    # the checkpoint's rho: a float, or "best"
+    tau: float = None       # None: stage 2's (``stage4_tau``, decided in ``run``)
+    qualitative: bool = False
+    quantitative: bool = False
+    top_images: bool = False
+    top_k: int = 8
+    top_images_all_val: bool = False
+    unreadable: str = "error"  # "error" or "skip" (--skip_unreadable)
+    out_dir: str = "."
+    batch_size: int = folders.DEFAULT_BATCH_SIZE
+    num_workers: int = None
     atlas: str = None       # --atlas DIR: the static site of this invocation's runs (``utils.atlas``)
-
-    @classmethod
-    def from_args(cls, args):
-        """The settings of parsed flags; UserError (one line) for a missing or bad one, before anything is read."""
-        cli.require(args, "model_dir")
-        if feature_vis_shards.world_size() > 1 and not args.get_feature_vis:
-            raise UserError("under torchrun, stage 4 shares out its feature visualizations (--get_feature_vis) "
-                            "and nothing else: run it as one process without them")
-        jobs = jobs_from_args(args)
-        if args.proportion_attribution_required is not None and not 0 <= args.proportion_attribution_required <= 1:
-            raise UserError(f"--proportion_attribution_required {args.proportion_attribution_required}: tau is "
-                            f"a share of the positive attribution, in [0, 1] (the paper's 0.03; 0 counts every "
-                            f"image)")
-        if args.top_k < 1:
-            raise UserError("--top_k must be at least 1")
-        if args.val_top_n is not None and args.val_top_n < 1:
-            raise UserError("--val_top_n must be at least 1")
-        return cls(args.model_dir, args.data_dir, jobs, args.channel_of_interest, args.concepts_file, args.clusters,
-                   args.val_top_n, args.triples, "best" if args.f is None else args.f,
-                   args.proportion_attribution_required, args.get_qualitative, args.get_quantitative,
-                   args.get_top_images, args.top_k, args.top_images_all_val,
-                   "skip" if args.skip_unreadable else "error", args.out_dir, args.batch_size, args.num_workers,
-                   args.candidates, args.top, args.all_classes, _atlas_dir(args.atlas))
-
-
-def _atlas_dir(folder):
-    """--atlas: refused (one line) before any work where the folder holds anything but a previous atlas."""
-    if folder is not None:
-        from utils.atlas.write import check_atlas_dir
-        check_atlas_dir(folder)
-    return folder
-
-
-def jobs_from_args(args):
-    """Triples (classes; --triples, or the per-triple flags with --classes_for_concept3..6), or None when
-    --concepts_file or --candidates gives the concepts (read once the model is known)."""
-    def file_flag_alone(a):
-        flag = "--clusters" if a.clusters is not None else "--val_top_n" if a.val_top_n is not None else None
-        return flag and f"{flag} goes with --concepts_file: give the file too"
-    return from_flags.class_jobs_of_flags(args, "--channel_of_interest", file_flag_alone,
-                                          "the channel whose clusters were used", "evaluates")
 
 
 def read_jobs(ctx, s):
     """The jobs' concepts, checked against the model and the val split: the command line's Triples, or the
     channel's clusters of --concepts_file, or the selection of --candidates."""
-    if s.candidates is not None:
-        return candidates.read_selection(s.candidates, ctx, ctx.dataset.classes, s.top, s.all_classes,
-                                         keys=by_clusters.MODEL_KEYS)
-    if s.jobs is None:
-        context.check_channel(ctx, s.channel, "--channel_of_interest")
-        return [by_clusters.read_concepts_file(s.concepts_file, ctx.fingerprint, s.channel, s.clusters,
-                                               keys=by_clusters.MODEL_KEYS)]
-    check_triples(ctx, s.jobs, "--channel_of_interest")
-    return s.jobs
+    return s.source.read(ctx, "--channel_of_interest", ctx.dataset.classes, keys=by_clusters.MODEL_KEYS)
 
 
 def run(ctx, s, extras):
@@ -148,7 +94,7 @@ def _run(ctx, s, extras):
         raise
     extras.share({e.run_name: e.job.featurevis_concepts(e.r["index"], e.concept) for e in evaluated})
     for e in evaluated:
-        if s.triples_file is not None or s.candidates is not None:
+        if s.source.header:
             print(stage3_text.header_line(e.job))
         write_job(ctx, s, e, extras)
     if s.atlas is not None:
@@ -211,8 +157,8 @@ def write_atlas(s, runs):
 
 def candidates_file(s):
     """The stage-2 candidates file for the atlas's cosine column, or None."""
-    if s.candidates is not None and candidates.is_candidates_file(s.candidates):
-        return s.candidates
+    if s.source.candidates is not None and candidates.is_candidates_file(s.source.candidates):
+        return s.source.candidates
     found = glob.glob(names.candidates_json(glob.escape(s.model_dir), "*"))
     return found[0] if len(found) == 1 else None
 

@@ -68,9 +68,9 @@ def resolve(ctx, settings, quiet=False):
     """``settings`` (stage4.Settings) with its tau decided as above; prints where it comes from (unless
     ``quiet``: another torchrun process)."""
     from dataclasses import replace
-    records = {} if settings.tau is not None or settings.candidates is not None else \
+    records = {} if settings.tau is not None or settings.source.candidates is not None else \
         stage2_records(settings.model_dir, ctx.model_spec, ctx.layer_path)
-    tau, line = choose(settings.tau, settings.candidates, records)
+    tau, line = choose(settings.tau, settings.source.candidates, records)
     if line and not quiet:
         print(f"stage 4 counts val images with relative attribution >= {line}")
     return replace(settings, tau=tau)
