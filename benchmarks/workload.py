@@ -68,7 +68,7 @@ class Workload:
 
     def workers_ours(self):
         from utils.run import cli
-        return cli.default_workers(self.workers)
+        return folders.default_workers(self.workers)
 
     def workers_published(self, default):
         return default if self.workers is None else self.workers

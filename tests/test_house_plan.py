@@ -186,6 +186,66 @@ def test_flag_read_rule_catches_a_planted_read():
     assert flag_reads(planted, "planted.py") == ["planted.py:3", "planted.py:5"]
 
 
+def package_imports(files):
+    """{(a, b): [where]} for each import of sub-package (or top module) b of utils in a file of a: ``files`` maps a
+    path under utils/ ('run/cli.py', 'errors.py') to its source. ``__main__.py`` files are entry points, front ends
+    like the stage scripts, and are left out."""
+    edges = {}
+    for path, source in files.items():
+        parts = path.split("/")
+        if parts[-1] == "__main__.py":
+            continue
+        src = parts[0] if len(parts) > 1 else parts[0][:-3]
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "utils":
+                mods = [f"utils.{a.name}" for a in node.names] if node.module == "utils" else [node.module]
+            elif isinstance(node, ast.Import):
+                mods = [a.name for a in node.names if a.name.split(".")[0] == "utils"]
+            else:
+                continue
+            for m in mods:
+                dst = m.split(".")[1] if "." in m else None
+                if dst and dst != src:
+                    edges.setdefault((src, dst), []).append(f"{path}:{node.lineno}")
+    return edges
+
+
+def import_cycles(edges):
+    """The pairs (a, b) of an import a -> b where b also reaches a through imports (a cycle), sorted."""
+    out = {}
+    for a, b in edges:
+        out.setdefault(a, set()).add(b)
+
+    def reaches(x, goal, seen):
+        return x == goal or any(y not in seen and not seen.add(y) and reaches(y, goal, seen) for y in out.get(x, ()))
+    return sorted((a, b) for a, b in edges if reaches(b, a, set()))
+
+
+def test_no_import_cycle_between_the_sub_packages():
+    """utils/ is layered: errors and finite at the bottom, run/ at the top (with the scripts); no sub-package
+    imports one that imports it back, directly or through others."""
+    utils_dir = os.path.join(ROOT, "utils")
+    files = {}
+    for d, dirs, fs in os.walk(utils_dir):
+        dirs[:] = [x for x in dirs if x != "__pycache__"]
+        for f in fs:
+            if f.endswith(".py"):
+                files[os.path.relpath(os.path.join(d, f), utils_dir).replace(os.sep, "/")] = open(os.path.join(d, f)).read()
+    edges = package_imports(files)
+    assert len(files) > 80 and ("stages", "method") in edges and ("run", "stages") in edges
+    assert import_cycles(edges) == [], {e: edges[e] for e in import_cycles(edges)}
+    assert not [e for e in edges if e[1] == "run"]  # nothing below imports the top
+    assert not [e for e in edges if e[0] in ("errors", "finite") and e[1] != "errors"]  # the bottom
+
+
+def test_import_cycle_rule_catches_planted_cycles():
+    planted = {"a/x.py": "from utils.b import y\n", "b/y.py": "import utils.c.z\n", "c/z.py": "from utils import a\n",
+               "d/w.py": "from utils.a import x\n", "b/__main__.py": "from utils.d import w\n"}
+    assert import_cycles(package_imports(planted)) == [("a", "b"), ("b", "c"), ("c", "a")]
+    del planted["c/z.py"]
+    assert import_cycles(package_imports(planted)) == []  # b's __main__ is an entry point: d -> a -> b is no cycle
+
+
 def test_stage_settings_are_frozen_and_their_defaults_are_the_flags():
     """Every stage's Settings is a frozen dataclass built by keyword from its required fields alone, and what
     those defaults say equals what the command line gives without the flags (utils/run/settings_of_flags.py)."""

@@ -26,12 +26,13 @@ what the math needs around it. The method itself, in words and formulas: docs/me
   extras beside them): by classes (``by_classes``: the class lists, ``--triples`` files) or by clusters of a
   concepts file (``by_clusters``); ``candidates`` (the strongest channels of stage 2's candidates or of a
   concepts file, ``--candidates``); ``source`` (``ConceptSource``: which of these a command line gives, and its
-  one ``read``)
+  one ``read``); ``checks`` (a channel the layer has, disjoint classes that exist)
 - ``stages/``      what each stage does: ``stage1`` (+ ``stage1_settings``), ``stage2`` (+ ``stage2_advice``: the
   layer at other tau and p when few candidates pass), ``passes`` (stage 2's chunked passes), ``label_free``,
   ``stage3``, ``stage4`` (+ ``stage4_checkpoints``, ``stage4_passes``, ``stage4_results``, ``stage4_extras``,
   ``stage4_tau``: stage 2's tau), ``feature_vis`` (+ ``feature_vis_shards``: over torchrun processes;
-  ``feature_vis_estimate``: the plan and time) and ``sae_view`` (stage 4's extras)
+  ``feature_vis_estimate``: the plan and time) and ``sae_view`` (stage 4's extras); ``distributed`` (the torchrun
+  process group of stages 1 and 4)
 - ``featurevis/``  feature visualizations (MACO) as lucent's optvis: ``param``, ``transform``, ``objectives``,
   ``render``, ``spectrum``, ``settings``
 - ``report/``      what the user sees: ``plots``, ``tables``, ``stage3_text``, ``latex``
@@ -40,8 +41,8 @@ what the math needs around it. The method itself, in words and formulas: docs/me
 - ``run/``         the only modules (with the four scripts) that read parsed flags: ``cli`` (shared flags,
   one-line error reporting), ``flags`` (every stage's own flags), ``settings_of_flags`` (the flags into each
   stage's frozen Settings, by keyword), ``device`` (the device from the flags and torchrun), ``context`` (what a
-  stage sets up from its flags and the store; ``Spec``: what they resolve to), ``distributed`` (torchrun),
-  ``call_flags.sh`` (the call scripts' shared flags)
+  stage sets up from its flags and the store; ``Spec``: what they resolve to), ``call_flags.sh`` (the call
+  scripts' shared flags). The top of the package: nothing below imports it (``__main__`` entry points aside)
 - ``errors``       ``UserError``, the one-line error for bad input (the bottom: it imports nothing of ours)
 - ``finite``       NaN or infinity in weights, attributions, scores: refused in one line
 - ``disentangle``  ``load_disentangled_model`` and the rest of ``model/disentangled`` at the path exported model

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from utils.concepts import checks
 from utils.concepts.base import StageConcepts, ValImages
 from utils.data import folders
 from utils.files import names as file_names
 from utils.errors import UserError
-from utils.run.cli import parse_classes
 
 
 @dataclass
@@ -131,6 +131,22 @@ def _classes(field, what, where):
     return out
 
 
+def parse_classes(values, flag):
+    """Flatten ``['1', '2,3']`` into ``[1, 2, 3]`` (space- or comma-separated class indices)."""
+    out = []
+    for v in values:
+        for part in str(v).replace(",", " ").split():
+            try:
+                out.append(int(part))
+            except ValueError:
+                raise UserError(f"{flag}: '{part}' is not a class index")
+    if not out:
+        raise UserError(f"{flag}: give at least one class index")
+    if len(set(out)) != len(out):
+        raise UserError(f"{flag}: a class is listed twice: {out}")
+    return out
+
+
 def parse_triples(text, source):
     """Triples of a triples file's ``text`` (see the module docstring); ``source`` names the file in errors.
 
@@ -175,7 +191,7 @@ MORE_CONCEPTS = range(3, 7)  # --classes_for_concept3 .. --classes_for_concept6 
 def triples_given(path, channel, classes1, classes2, channel_flag):
     """The triples to run: those of the file ``path`` (--triples), or the one given by the per-triple flags.
 
-    ``classes1``/``classes2``: the raw flag values (lists of strings) or None (``cli.parse_classes`` reads
+    ``classes1``/``classes2``: the raw flag values (lists of strings) or None (``parse_classes`` reads
     them). Exactly one of the two ways must be used.
     """
     flags = (channel_flag, "--classes_for_concept1", "--classes_for_concept2")
@@ -194,18 +210,17 @@ def triples_given(path, channel, classes1, classes2, channel_flag):
 def check_triples(ctx, triples, channel_flag):
     """Refuse any triple whose channel or classes do not exist in the layer and data (one line, naming
     the flag or the file line)."""
-    from utils.run import context
     for t in triples:
         if t.where:
             try:
-                context.check_channel(ctx, t.channel, "channel")
-                context.check_concepts_k(ctx.dataset, t.concepts,
+                checks.check_channel(ctx, t.channel, "channel")
+                checks.check_concepts_k(ctx.dataset, t.concepts,
                                          [f"concept {j}" for j in range(1, len(t.concepts) + 1)])
             except UserError as e:
                 raise UserError(f"{t.where}: {e}")
         else:
-            context.check_channel(ctx, t.channel, channel_flag)
-            context.check_concepts_k(ctx.dataset, t.concepts,
+            checks.check_channel(ctx, t.channel, channel_flag)
+            checks.check_concepts_k(ctx.dataset, t.concepts,
                                      [f"--classes_for_concept{j}" for j in range(1, len(t.concepts) + 1)])
 
 

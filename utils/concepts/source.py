@@ -13,7 +13,7 @@ Three kinds, exactly one of them given (``utils/run/settings_of_flags.py``'s ``c
 """
 from dataclasses import dataclass
 
-from utils.concepts import by_clusters, candidates as candidates_file
+from utils.concepts import by_clusters, candidates as candidates_file, checks
 from utils.concepts.by_classes import check_triples
 from utils.errors import UserError
 from utils.files import store
@@ -48,8 +48,7 @@ class ConceptSource:
             if self.concepts_file is None:
                 raise UserError(f"no concepts: give {channel_flag} and --classes_for_concept1, "
                                 f"--classes_for_concept2, or --triples, --concepts_file or --candidates")
-            from utils.run import context
-            context.check_channel(ctx, self.channel, channel_flag)
+            checks.check_channel(ctx, self.channel, channel_flag)
         else:
             check_triples(ctx, self.triples, channel_flag)
 

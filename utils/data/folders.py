@@ -320,3 +320,14 @@ def normalize_uint8(images, mean=MEAN, std=STD):
     m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).reshape(-1, 1, 1)
     s = torch.as_tensor(std, dtype=torch.float32, device=x.device).reshape(-1, 1, 1)
     return x.sub_(m).div_(s)
+
+
+def default_workers(num_workers):
+    """``--num_workers``, or by default the machine's cores shared among the processes of this node
+    (torchrun's LOCAL_WORLD_SIZE), at most 8 and at least 1 per process."""
+    if num_workers is not None:
+        if num_workers < 0:
+            raise UserError("--num_workers must be >= 0")
+        return num_workers
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return max(1, min(8, (os.cpu_count() or 1) // local))

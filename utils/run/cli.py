@@ -112,33 +112,6 @@ def at_least(flag, low, kind, say=None):
     return parse
 
 
-def default_workers(num_workers):
-    """``--num_workers``, or by default the machine's cores shared among the processes of this node
-    (torchrun's LOCAL_WORLD_SIZE), at most 8 and at least 1 per process."""
-    if num_workers is not None:
-        if num_workers < 0:
-            raise UserError("--num_workers must be >= 0")
-        return num_workers
-    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    return max(1, min(8, (os.cpu_count() or 1) // local))
-
-
-def parse_classes(values, flag):
-    """Flatten ``['1', '2,3']`` into ``[1, 2, 3]`` (space- or comma-separated class indices)."""
-    out = []
-    for v in values:
-        for part in str(v).replace(",", " ").split():
-            try:
-                out.append(int(part))
-            except ValueError:
-                raise UserError(f"{flag}: '{part}' is not a class index")
-    if not out:
-        raise UserError(f"{flag}: give at least one class index")
-    if len(set(out)) != len(out):
-        raise UserError(f"{flag}: a class is listed twice: {out}")
-    return out
-
-
 def run(main):
     """Run ``main()``; turn UserError into one line on stderr and exit status 2."""
     try:

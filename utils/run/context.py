@@ -317,22 +317,3 @@ def list_layers(args):
     return 0
 
 
-def check_channel(ctx, channel, flag):
-    if not 0 <= channel < ctx.conv.out_channels:
-        raise cli.UserError(f"{flag} {channel} is out of range: layer '{ctx.layer_path}' has "
-                            f"{ctx.conv.out_channels} channels (0..{ctx.conv.out_channels - 1})")
-
-
-def check_concepts_k(ds, concepts, names):
-    """Refuse k >= 2 class lists where a class does not exist or is in two concepts; ``names`` name the concepts
-    in errors."""
-    if len(concepts) < 2:
-        raise cli.UserError(f"a split needs at least two concepts (got {len(concepts)})")
-    for classes, name in zip(concepts, names):
-        folders.check_classes(ds, classes, name)
-    for i in range(len(concepts)):
-        for j in range(i + 1, len(concepts)):
-            both = sorted(set(concepts[i]) & set(concepts[j]))
-            if both:
-                raise cli.UserError(f"class {both[0]} is in both concepts: {names[i]} and {names[j]} must be "
-                                    f"disjoint")

@@ -76,7 +76,7 @@ def select_device(device=None, gpu=None, local_rank=None, world_size=None):
     """
     local_world_size = None
     if local_rank is None or world_size is None:
-        from utils.run import distributed
+        from utils.stages import distributed
         _, env_world, env_local = distributed.world()
         local_rank = env_local if local_rank is None else local_rank
         world_size = env_world if world_size is None else world_size

@@ -9,8 +9,10 @@ stage 4 are built from the flags and the spec at once (``feature_vis``, ``sae_vi
 """
 from dataclasses import fields, replace
 
+from utils.concepts import by_classes
 from utils.concepts.by_classes import MORE_CONCEPTS, triples_given
 from utils.concepts.source import ConceptSource
+from utils.data import folders
 from utils.errors import UserError
 from utils.featurevis import settings as fv_settings
 from utils.run import cli
@@ -52,7 +54,7 @@ def stage3(args):
     return stage3_stage.Settings(
         store_dir=args.store_dir, source=source, rho_score=args.rho_score, exactness_images=args.exactness_images,
         channels_last=not args.no_channels_last, export_model=args.export_model, batch_size=args.batch_size,
-        num_workers=cli.default_workers(args.num_workers))
+        num_workers=folders.default_workers(args.num_workers))
 
 
 def stage4(args):
@@ -200,6 +202,6 @@ def class_jobs(args, channel, channel_flag, verb):
             missing = next(j for j in MORE_CONCEPTS if j not in given_more)
             raise UserError(f"--classes_for_concept{given_more[-1]} without --classes_for_concept{missing}: "
                             f"number the concepts 1, 2, 3, ... without gaps")
-        triples[0].more = [cli.parse_classes(m, f"--classes_for_concept{j}")
+        triples[0].more = [by_classes.parse_classes(m, f"--classes_for_concept{j}")
                            for j, m in zip(MORE_CONCEPTS, more) if m is not None]
     return triples

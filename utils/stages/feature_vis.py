@@ -24,7 +24,7 @@ from utils.featurevis.spectrum import load_or_make_spectrum
 from utils.featurevis.transform import CROP_SCALE, NOISE
 from utils.files import atomic, names
 from utils.errors import UserError
-from utils.run.cli import default_workers
+from utils.data.folders import default_workers
 from utils.method.evaluation import top_k
 
 TOP_IMAGES = 12            # val crops around each visualization (the ring of a 4 x 4 grid)

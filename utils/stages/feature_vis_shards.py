@@ -10,7 +10,7 @@ figures' paths for the jobs' summaries, copies the last job's figure to the late
 everything else of the stage (results, SAE view, atlas). The files equal those of one process where the
 devices compute alike (on CPU: with the same number of threads).
 """
-from utils.run import distributed
+from utils.stages import distributed
 from utils.errors import UserError
 from utils.stages import feature_vis
 

@@ -46,7 +46,8 @@ from utils.method.clustering import AUTO_KS, N_INIT, SEED, Clustering, TopImages
 from utils.method.similarities import DEFAULT_CHUNK_ROWS, SummedLayer, arv
 from utils.model import loading
 from utils.report import tables
-from utils.run import cli, context
+from utils.errors import UserError
+from utils.concepts import checks
 
 POOL_FACTOR = 2     # the float32 screen keeps POOL_FACTOR * N rows per channel for the exact float64 ranking
 
@@ -164,9 +165,9 @@ def parse_k(value):
     try:
         k = int(value)
     except ValueError:
-        raise cli.UserError(f"--k {value}: give a number of concepts (2 or more) or auto")
+        raise UserError(f"--k {value}: give a number of concepts (2 or more) or auto")
     if k < 2:
-        raise cli.UserError(f"--k {k}: a channel is split into at least 2 concepts; give 2 or more, or auto")
+        raise UserError(f"--k {k}: a channel is split into at least 2 concepts; give 2 or more, or auto")
     return k
 
 
@@ -180,11 +181,11 @@ def parse_channels(values, ctx):
             try:
                 c = int(part)
             except ValueError:
-                raise cli.UserError(f"--channels: '{part}' is not a channel index")
-            context.check_channel(ctx, c, "--channels")
+                raise UserError(f"--channels: '{part}' is not a channel index")
+            checks.check_channel(ctx, c, "--channels")
             out.add(c)
     if not out:
-        raise cli.UserError("--channels: give at least one channel index")
+        raise UserError("--channels: give at least one channel index")
     return sorted(out)
 
 
@@ -207,7 +208,7 @@ def check_top_n(top_n, k, labels):
         print(f"{len(labels) - usable} unreadable training images recorded by stage 1 are never chosen")
     need = 3 if k is None else k + 1  # the silhouette needs more images than clusters
     if not need <= top_n <= usable:
-        raise cli.UserError(f"--top_n {top_n}: give {need} to {usable} (the store has {usable} usable "
+        raise UserError(f"--top_n {top_n}: give {need} to {usable} (the store has {usable} usable "
                             f"training images; {'--k auto' if k is None else f'--k {k}'} needs at least {need})")
 
 

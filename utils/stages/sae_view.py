@@ -27,7 +27,7 @@ from utils.featurevis.spectrum import files_sha256, spectrum_images
 from utils.files import atomic, cache, names
 from utils.method import sae as S
 from utils.errors import UserError
-from utils.run.cli import default_workers
+from utils.data.folders import default_workers
 from utils.method.split import filter_maps, positive_mass
 from utils.method.evaluation import top_k
 

@@ -26,7 +26,7 @@ from utils.model import tap
 from utils.method import attribution
 from utils.data import folders
 from utils import finite
-from utils.run import distributed
+from utils.stages import distributed
 from utils.data import overlap
 from utils.errors import UserError
 from utils.files.store import COMPLETE_KEYS, RESUME_KEYS, UNREADABLE_PREDICTION, Store, describe_mismatch

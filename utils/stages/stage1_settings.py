@@ -12,8 +12,9 @@ import torch
 from utils.data import folders
 from utils.files import store
 from utils.model import loading
-from utils.run import cli, distributed
+from utils.stages import distributed
 from utils.stages import stage1
+from utils.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def cpu_threads(ctx, s, folder, rank):
         return None
     threads = s.cpu_threads
     if threads is not None and threads < 1:
-        raise cli.UserError("--cpu_threads must be at least 1")
+        raise UserError("--cpu_threads must be at least 1")
     recorded = ((store.Store.peek(folder) or {}).get("numerics") or {}).get("cpu_threads")
     if threads is None and recorded:
         threads = recorded
@@ -112,7 +113,7 @@ def check_class_error(ctx, folder, info):
     old = store.Store.peek(folder)
     diff = old is not None and store.describe_mismatch(old, info, store.MATCH_KEYS)
     if diff:
-        raise cli.UserError(f"{folder} already holds a store made with other settings: {diff}; pass another "
+        raise UserError(f"{folder} already holds a store made with other settings: {diff}; pass another "
                             f"--store_dir (nothing was changed)")
     raise ctx.class_error
 
@@ -120,14 +121,14 @@ def check_class_error(ctx, folder, info):
 def fill_store(ctx, s, rank):
     """Create, resume or finish the store of ``ctx`` in ``s.store_dir`` with the numerics the settings ask for."""
     if s.chunk_size is not None and s.chunk_size < 1:
-        raise cli.UserError("--chunk_size must be at least 1")
+        raise UserError("--chunk_size must be at least 1")
     folder = store.find_folder(s.store_dir, ctx.tag, ctx.name, ctx.layer_path)
     threads = cpu_threads(ctx, s, folder, rank)
     decoder, fast_resize = decoding(ctx, s, print if rank == 0 else (lambda *a: None))
     info = store_info(ctx, s, threads, decoder, fast_resize)
     check_class_error(ctx, folder, info)
     t = ctx.transform
-    ps = stage1.PassSettings(batch_size=s.batch_size, device=ctx.device, num_workers=cli.default_workers(s.num_workers),
+    ps = stage1.PassSettings(batch_size=s.batch_size, device=ctx.device, num_workers=folders.default_workers(s.num_workers),
                              chunk_size=s.chunk_size, autocast_dtype=torch.bfloat16 if s.autocast_bf16 else None,
                              channels_last=s.channels_last, gpu_decoder=decoder, skip_unreadable=s.skip_unreadable,
                              allow_mixed_numerics=s.allow_mixed_numerics, uint8_images=decoder is None,

@@ -18,19 +18,19 @@ from utils.files import atomic, names, store
 from utils.method import similarities
 from utils.model import loading
 from utils.report import tables
-from utils.run import cli
 from utils.stages import passes, stage2_advice
+from utils.errors import UserError
 
 
 def check_bounds(tau, pp, low, high):
     """Refuse thresholds outside their range (UserError, one line each): tau and p in (0, 1], -1 <= low < high <= 1."""
     if not 0 < tau <= 1:
-        raise cli.UserError(f"--proportion_attribution_required {tau}: tau is a share of the positive attribution, "
+        raise UserError(f"--proportion_attribution_required {tau}: tau is a share of the positive attribution, "
                             f"in (0, 1] (the paper's 0.03 or 0.05)")
     if not 0 < pp <= 1:
-        raise cli.UserError(f"--p {pp}: p is a share of a class's images, in (0, 1] (e.g. 0.75, not 75)")
+        raise UserError(f"--p {pp}: p is a share of a class's images, in (0, 1] (e.g. 0.75, not 75)")
     if not -1 <= low < high <= 1:
-        raise cli.UserError(f"--cos_sim_low {low} --cos_sim_high {high}: a cosine lies in [-1, 1] and the range "
+        raise UserError(f"--cos_sim_low {low} --cos_sim_high {high}: a cosine lies in [-1, 1] and the range "
                             f"needs -1 <= low < high <= 1")
 
 

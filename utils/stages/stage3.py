@@ -26,7 +26,7 @@ from utils.method.split import (RHOS, TOLERANCE, checkpoint_state_dict, split_fi
                                 within_tolerance)
 from utils.report import stage3_text
 from utils import finite
-from utils.run import cli
+from utils.errors import UserError
 
 HINT = (": the store read it, so the file changed since stage 1; restore it, or rerun stage 1 with "
         "--skip_unreadable into a new --store_dir")
@@ -48,7 +48,7 @@ class Settings:
 
     def __post_init__(self):
         if self.exactness_images < 1:
-            raise cli.UserError("--exactness_images must be at least 1")
+            raise UserError("--exactness_images must be at least 1")
 
 
 def checkpoint_path(ctx, folder, concepts, rho):
@@ -108,7 +108,7 @@ def score_images(ctx, splits, indices, s, desc=None):
     model = ctx.model.to(ctx.device)
     if s.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    plan = scan.ScanPlan(ds, s.batch_size, ctx.device, cli.default_workers(s.num_workers), hint=HINT,
+    plan = scan.ScanPlan(ds, s.batch_size, ctx.device, folders.default_workers(s.num_workers), hint=HINT,
                          channels_last=s.channels_last)
     images = scan.scan(model, ctx.conv, plan, batches, what=scan.INPUT_OUTPUT, desc=desc)
     return rho_scores.score_splits(ctx.conv, splits, images, ctx.device)
@@ -309,7 +309,7 @@ def split_and_write(ctx, s, store_shared, concepts, rows):
             print(f"wrote 20 checkpoints and {job.concepts.checkpoint(ctx.name, 'best')} to {folder}")
     if failed:
         which = "; ".join(f"channel {j.concepts.channel} {j.concepts.describe()}" for j in failed)
-        raise cli.UserError(f"the split does not reproduce the original layer and logits ({which}); nothing written")
+        raise UserError(f"the split does not reproduce the original layer and logits ({which}); nothing written")
 
 
 def export_whole_layer(ctx, s, shared, concepts):
@@ -323,7 +323,7 @@ def export_whole_layer(ctx, s, shared, concepts):
     check, images, original = shared.exactness(ctx, s.exactness_images)
     diff, zmax = disentangle.logit_difference(original, disentangle.logits(net, images))
     if not within_tolerance(diff, zmax):
-        raise cli.UserError(f"the whole-layer network's logits differ from the original's by {diff:.3g} (max |logit| "
+        raise UserError(f"the whole-layer network's logits differ from the original's by {diff:.3g} (max |logit| "
                             f"{zmax:.3g}) on {len(check)} training images; nothing exported")
     paths = whole_layer.export_whole_layer(names.whole_layer_model(s.store_dir, ctx.name,
                                                                    candidates.selection_label(concepts, s.source.all_classes)),

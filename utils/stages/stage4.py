@@ -18,7 +18,7 @@ from utils.concepts.source import ConceptSource
 from utils.data import folders
 from utils.data.scan import ScanPlan
 from utils.files import leftovers, names
-from utils.run import cli, distributed
+from utils.stages import distributed
 from utils.errors import UserError
 from utils.report import stage3_text
 from utils.stages import feature_vis_shards, stage4_tau
@@ -108,7 +108,7 @@ def evaluate(ctx, s, jobs, checkpoints):
     (``pass_groups``), the scan of the whole val split for --top_images_all_val: [Evaluated] in the jobs'
     order, every job checked."""
     ds = ctx.dataset
-    plan = ScanPlan(ds, s.batch_size, ctx.device, cli.default_workers(s.num_workers), s.unreadable, HINT,
+    plan = ScanPlan(ds, s.batch_size, ctx.device, folders.default_workers(s.num_workers), s.unreadable, HINT,
                     ctx.class_outputs)
 
     def scan_channels(channels, indices):  # the pass that chooses val images by activation (concepts as clusters)
