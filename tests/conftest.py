@@ -1,9 +1,13 @@
 """Shared fixtures: a generated ImageFolder and helpers to run the stage scripts as a user would."""
+import contextlib
+import io
 import json
 import os
+import runpy
 import shutil
 import subprocess
 import sys
+import traceback
 
 import numpy as np
 import pytest
@@ -112,6 +116,58 @@ def run_script(script, *args, cwd=None, check=True):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=cwd or ROOT,
                           env=env, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def run_inproc(script, *args, cwd=None, env=None):
+    """Run ``script`` as ``__main__`` in this process (``runpy``, ``sys.argv`` set, stdout and stderr captured, the
+    ``SystemExit`` code taken, an exception's traceback on stderr): the code path of ``python script.py ...``
+    without a new interpreter's ~3 s of ``import torch``. Returns a CompletedProcess-like object; torch's thread
+    count is left as it was."""
+    import torch
+    out, err = io.StringIO(), io.StringIO()
+    path = os.path.join(ROOT, script)
+    saved_argv, saved_cwd, saved_threads = sys.argv, os.getcwd(), torch.get_num_threads()
+    saved_env = {k: os.environ.get(k) for k in (env or {})}
+    code = 0
+    try:
+        sys.argv = [path, *map(str, args)]
+        os.environ.update(env or {})
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(path, run_name="__main__")
+            except SystemExit as e:
+                if e.code is None or isinstance(e.code, int):
+                    code = e.code or 0
+                else:
+                    print(e.code, file=sys.stderr)
+                    code = 1
+            except Exception:  # what a subprocess would print as a traceback
+                err.write(traceback.format_exc())
+                code = 1
+    finally:
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+        torch.set_num_threads(saved_threads)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return subprocess.CompletedProcess([path, *args], code, out.getvalue(), err.getvalue())
+
+
+def run_stage(script, *args, cwd=None, check=True):
+    """``run_script`` in this process (``run_inproc``): for tests about what a script computes, not about its
+    process (exit status and stderr of a real process, signals, torchrun keep ``run_script``).
+    ``CLI_TESTS_SUBPROCESS=1`` runs these as subprocesses too."""
+    if os.environ.get("CLI_TESTS_SUBPROCESS") == "1":
+        return run_script(script, *args, cwd=cwd, check=check)
+    proc = run_inproc(script, *args, cwd=cwd)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
