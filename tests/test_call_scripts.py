@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, run_script
+from tests.conftest import ROOT, run_stage
 
 pytestmark = pytest.mark.slow  # subprocesses or demo runs: pytest -m "not slow" leaves them out
 
@@ -232,10 +232,10 @@ def test_call_scripts_without_python_or_model_flags(image_root, tmp_path):
     s4 = run("quantitative_evaluation_calls.sh", [image_root, store, *model, *rt], env)
     assert s4.returncode == 0, s4.stdout + s4.stderr
     ref_out = str(tmp_path / "ref_out")
-    # in its own process, as the call script's (in this one, an earlier test may have changed torch's threads)
-    run_script("get_results.py", "--data_dir", image_root, "--model_dir", store, *model, *rt,
-               "--channel_of_interest", 1, "--classes_for_concept1", 0, "--classes_for_concept2", 1,
-               "--get_quantitative", "--proportion_attribution_required", "0.03", "--out_dir", ref_out)
+    # with a fresh process's thread count, as the call script's (an earlier test may have changed this one's)
+    run_stage("get_results.py", "--data_dir", image_root, "--model_dir", store, *model, *rt,
+              "--channel_of_interest", 1, "--classes_for_concept1", 0, "--classes_for_concept2", 1,
+              "--get_quantitative", "--proportion_attribution_required", "0.03", "--out_dir", ref_out)
     for name in ("quantitative_concept1_required0.03.txt", "quantitative_concept2_required0.03.txt",
                  "means_required0.03.txt"):
         with open(os.path.join(out, "results_quantitative", name)) as a, \

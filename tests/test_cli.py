@@ -339,15 +339,15 @@ def tiny(image_root, tmp_path_factory):
     model_flags = ["--model", TINY, "--batch_size", "4", "--gpu", "0"] + RUNTIME
     s1 = run_stage(STAGE1, "--data_dir", image_root, "--store_dir", store, *model_flags)
     s2 = run_stage(STAGE2, "--data_dir", image_root, "--store_dir", store, *model_flags,
-                    "--nr_channels_in_layer_of_interest", 16, "--proportion_attribution_required", TAU2,
-                    "--p", P2, "--cos_sim_low", LOW, "--cos_sim_high", HIGH, cwd=cwd)
+                   "--nr_channels_in_layer_of_interest", 16, "--proportion_attribution_required", TAU2,
+                   "--p", P2, "--cos_sim_low", LOW, "--cos_sim_high", HIGH, cwd=cwd)
     txt = os.path.join(cwd, "results_get_cosine_similarities", f"{TINY_TAG}_required{TAU2}_p{P2}_cossim{LOW}to{HIGH}.txt")
     _, rows = read_candidates(txt)
     assert rows, "stage 2 found no candidate on the tiny model: the test data no longer exercise stage 3"
     c, y1, y2, _ = rows[0]
     s3 = run_stage(STAGE3, "--data_dir", image_root, "--store_dir", store, *model_flags,
-                    "--nr_channels_in_layer_of_interest", 16, "--channel_disentangle", c,
-                    "--classes_for_concept1", y1, "--classes_for_concept2", y2)
+                   "--nr_channels_in_layer_of_interest", 16, "--channel_disentangle", c,
+                   "--classes_for_concept1", y1, "--classes_for_concept2", y2)
     s4_args = [STAGE4, "--data_dir", image_root, "--model_dir", store, *model_flags,
                "--nr_channels_in_layer_of_interest", 16, "--layer_of_interest", "conv3",
                "--channel_of_interest", c, "--classes_for_concept1", y1, "--classes_for_concept2", y2,
@@ -451,9 +451,9 @@ def test_tiny_several_classes_per_concept(tiny, tmp_path):
     best = check_checkpoints(tiny.store, TINY_TAG, c, s1, s2, tiny.conv, v1, v2, tiny.ref_train)
     out = str(tmp_path / "out")
     s4 = run_stage(STAGE4, "--data_dir", tiny.data, "--model_dir", tiny.store, "--model", TINY,
-                    "--batch_size", "3", *RUNTIME, "--layer_of_interest", "conv3", "--channel_of_interest", c,
-                    "--classes_for_concept1", *s1, "--classes_for_concept2", *s2, "--get_qualitative",
-                    "--get_quantitative", "--out_dir", out, cwd=str(tmp_path))
+                   "--batch_size", "3", *RUNTIME, "--layer_of_interest", "conv3", "--channel_of_interest", c,
+                   "--classes_for_concept1", *s1, "--classes_for_concept2", *s2, "--get_qualitative",
+                   "--get_quantitative", "--out_dir", out, cwd=str(tmp_path))
     check_stage4(out, tiny.ref_val, tiny.conv, c, s1, s2, best, TAU4, s4.stdout)
     assert sorted(os.listdir(tmp_path)) == ["out"]  # --out_dir is honoured: nothing in the working directory
 
@@ -478,7 +478,7 @@ def test_resnet18_with_state_dict_file(tmp_path):
             "--batch_size", "8", *RUNTIME]  # one set of flags for all four scripts
     run_stage(STAGE1, "--data_dir", data, "--store_dir", store, *same, cwd=cwd)
     s2 = run_stage(STAGE2, "--data_dir", data, "--store_dir", store, *same,
-                    "--nr_channels_in_layer_of_interest", 512, "--out_dir", out, cwd=cwd)
+                   "--nr_channels_in_layer_of_interest", 512, "--out_dir", out, cwd=cwd)
     model, _ = make_model("resnet18", wfile)
     conv = model.get_submodule(layer)
     train_x, train_y, _ = load_split(data, "train")
@@ -497,16 +497,16 @@ def test_resnet18_with_state_dict_file(tmp_path):
     share = A / np.maximum(A, 0).sum(axis=1, keepdims=True)
     c = int(np.argmax(np.minimum(share[train_y == y1].mean(0), share[train_y == y2].mean(0))))
     s3 = run_stage(STAGE3, "--data_dir", data, "--store_dir", store, *same,
-                    "--nr_channels_in_layer_of_interest", 512, "--channel_disentangle", c,
-                    "--classes_for_concept1", y1, "--classes_for_concept2", y2, cwd=cwd)
+                   "--nr_channels_in_layer_of_interest", 512, "--channel_disentangle", c,
+                   "--classes_for_concept1", y1, "--classes_for_concept2", y2, cwd=cwd)
     assert "OK, same function" in s3.stdout
     w_c = conv.weight[c].detach()
     best = check_checkpoints(store, name, c, [y1], [y2], conv, concept_arv(folder, w_c, [y1]),
                              concept_arv(folder, w_c, [y2]), ref_train)
     s4 = run_stage(STAGE4, "--data_dir", data, "--model_dir", store, *same,
-                    "--nr_channels_in_layer_of_interest", 512, "--channel_of_interest", c,
-                    "--classes_for_concept1", y1, "--classes_for_concept2", y2, "--get_qualitative",
-                    "--get_quantitative", "--proportion_attribution_required", tau, "--out_dir", out, cwd=cwd)
+                   "--nr_channels_in_layer_of_interest", 512, "--channel_of_interest", c,
+                   "--classes_for_concept1", y1, "--classes_for_concept2", y2, "--get_qualitative",
+                   "--get_quantitative", "--proportion_attribution_required", tau, "--out_dir", out, cwd=cwd)
     check_stage4(out, reference_pass(model, conv, val_x, val_y), conv, c, [y1], [y2], best, tau, s4.stdout, name)
     assert os.listdir(cwd) == []  # everything went to --out_dir and --store_dir
 
