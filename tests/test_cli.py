@@ -565,11 +565,11 @@ def test_stage1_resumes_after_sigkill_with_identical_arrays(tmp_path):
            words=("incomplete",))
     assert tree_bytes(store) == before
 
-    resumed = run_script(STAGE1, *args(data, store))
+    resumed = run_stage(STAGE1, *args(data, store))  # the killed run was a process; the rest is computation
     assert "resuming" in resumed.stdout and f"{done} chunks already done" in resumed.stdout
     assert f"done: {n - 2 * done} images" in resumed.stdout
     ref_store = str(tmp_path / "reference")  # an uninterrupted run, in the same kind of process
-    run_script(STAGE1, *args(data, ref_store))
+    run_stage(STAGE1, *args(data, ref_store))
     ref_folder = os.path.join(ref_store, f"{TINY_TAG}_channel_importances")
     for name in ARRAYS:
         with open(os.path.join(folder, name + ".npy"), "rb") as a, open(os.path.join(ref_folder, name + ".npy"), "rb") as b:
