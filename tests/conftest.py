@@ -1,12 +1,17 @@
 """Shared fixtures: a generated ImageFolder and helpers to run the stage scripts as a user would."""
+import contextlib
+import io
 import json
 import os
+import runpy
 import shutil
 import subprocess
 import sys
+import traceback
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tests.digests import threads_env
@@ -14,6 +19,9 @@ from tests.digests import threads_env
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # importable: pytest.ini's pythonpath
 
 NUM_CLASSES = 4
+# torch's intra-op threads of a fresh process (OMP_NUM_THREADS, else the CPU count): what ``run_stage`` gives a
+# script, as ``run_script``'s new process has, whatever an earlier test set
+FRESH_THREADS = torch.get_num_threads()
 
 
 def make_image_folder(root, train_per_class=6, val_per_class=4, num_classes=NUM_CLASSES, seed=0, size=(40, 48)):
@@ -112,6 +120,61 @@ def run_script(script, *args, cwd=None, check=True):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=cwd or ROOT,
                           env=env, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def run_inproc(script, *args, cwd=None, env=None, threads=None):
+    """Run ``script`` as ``__main__`` in this process (``runpy``, ``sys.argv`` set, stdout and stderr captured, the
+    ``SystemExit`` code taken, an exception's traceback on stderr): the code path of ``python script.py ...``
+    without a new interpreter's ~3 s of ``import torch``. ``threads``: torch's thread count for the run, set back
+    afterwards (None: the count is left to the script). Returns a CompletedProcess-like object."""
+    out, err = io.StringIO(), io.StringIO()
+    path = os.path.join(ROOT, script)
+    saved_argv, saved_cwd, saved_threads = sys.argv, os.getcwd(), torch.get_num_threads()
+    saved_env = {k: os.environ.get(k) for k in (env or {})}
+    code = 0
+    try:
+        sys.argv = [path, *map(str, args)]
+        if threads is not None:
+            torch.set_num_threads(threads)
+        os.environ.update(env or {})
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(path, run_name="__main__")
+            except SystemExit as e:
+                if e.code is None or isinstance(e.code, int):
+                    code = e.code or 0
+                else:
+                    print(e.code, file=sys.stderr)
+                    code = 1
+            except Exception:  # what a subprocess would print as a traceback
+                err.write(traceback.format_exc())
+                code = 1
+    finally:
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+        if threads is not None:
+            torch.set_num_threads(saved_threads)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return subprocess.CompletedProcess([path, *args], code, out.getvalue(), err.getvalue())
+
+
+def run_stage(script, *args, cwd=None, check=True):
+    """``run_script`` in this process (``run_inproc``): for tests about what a script computes, not about its
+    process (exit status and stderr of a real process, signals, torchrun keep ``run_script``).
+    The script gets a fresh process's torch thread count (``FRESH_THREADS``), whatever an earlier test set.
+    ``CLI_TESTS_SUBPROCESS=1`` runs these as subprocesses too."""
+    if os.environ.get("CLI_TESTS_SUBPROCESS") == "1":
+        return run_script(script, *args, cwd=cwd, check=check)
+    proc = run_inproc(script, *args, cwd=cwd, threads=FRESH_THREADS)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from tests import tiny_models
-from tests.conftest import run_script, tree_bytes
+from tests.conftest import run_stage, tree_bytes
 from tests.test_cli import run_inproc
 from utils.model import tap
 from utils.method import attribution
@@ -115,8 +115,8 @@ def test_sign_histograms_by_hand():
 @pytest.fixture(scope="module")
 def tiny_store(image_root, tmp_path_factory):
     store = str(tmp_path_factory.mktemp("bn_sign_store"))
-    run_script("get_importances_for_classes.py", "--data_dir", image_root, "--store_dir", store,
-               "--model", TINY, *RUNTIME)
+    run_stage("get_importances_for_classes.py", "--data_dir", image_root, "--store_dir", store,
+              "--model", TINY, *RUNTIME)
     return store
 
 

@@ -1,12 +1,13 @@
 """The two call scripts: the paper's 20 triples, folders from arguments or environment, stop at first failure."""
 import os
 import re
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import ROOT, run_script
+from tests.conftest import ROOT, run_stage
 
 pytestmark = pytest.mark.slow  # subprocesses or demo runs: pytest -m "not slow" leaves them out
 
@@ -141,14 +142,20 @@ def test_call_scripts_need_the_folders_and_the_triples_file(tmp_path):
         assert log.read_text() == ""
 
 
-def test_call_scripts_on_a_generated_model(image_root, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_store(image_root, tmp_path_factory):
+    """Stage 1 of the tiny ResNet on the session's images (batches of 4), once: each test works on a copy."""
+    store = str(tmp_path_factory.mktemp("call_scripts") / "store")
+    run_stage("get_importances_for_classes.py", "--data_dir", image_root, "--store_dir", store, "--model",
+              "tests.tiny_models:tiny_resnet", "--batch_size", "4", "--num_workers", "0", "--device", "cpu")
+    return store
+
+
+def test_call_scripts_on_a_generated_model(image_root, tiny_store, tmp_path):
     """As a new user with their own model: TRIPLES=mine.txt bash disentanglement_calls.sh DATA STORE --model
     pkg.mod:factory, then the quantitative script; the real stage scripts run (one process each)."""
-    from tests.test_cli import run_inproc
-    store, out = str(tmp_path / "store"), str(tmp_path / "out")
+    store, out = shutil.copytree(tiny_store, str(tmp_path / "store")), str(tmp_path / "out")
     model = ["--model", "tests.tiny_models:tiny_resnet", "--batch_size", "4", "--num_workers", "0", "--device", "cpu"]
-    s1 = run_inproc("get_importances_for_classes.py", "--data_dir", image_root, "--store_dir", store, *model)
-    assert s1.returncode == 0, s1.stderr
     triples = tmp_path / "mine.txt"
     triples.write_text("1 0 1\n5 2 3\n7 0,2 1\n")
     env = {"PYTHON": sys.executable, "TRIPLES": str(triples), "OUT_DIR": out,
@@ -206,17 +213,14 @@ def test_call_scripts_choose_the_interpreter(tmp_path, script):
     assert first_word() == "mine"
 
 
-def test_call_scripts_without_python_or_model_flags(image_root, tmp_path):
+def test_call_scripts_without_python_or_model_flags(image_root, tiny_store, tmp_path):
     """From a shell whose 'python' is not the project's interpreter (it fails as a bare system python would), no
     $PYTHON, and no model flags but --model (a factory is code: it comes from the command line, never from the
     store): the scripts find an interpreter with torch and the stages read the rest (weights, layer) from the
     store. The numbers equal those of the stage scripts run with every flag."""
-    from tests.test_cli import run_inproc
-    store, out = str(tmp_path / "store"), str(tmp_path / "out")
+    store, out = shutil.copytree(tiny_store, str(tmp_path / "store")), str(tmp_path / "out")
     model = ["--model", "tests.tiny_models:tiny_resnet"]
     rt = ["--batch_size", "4", "--num_workers", "0", "--device", "cpu"]
-    s1 = run_inproc("get_importances_for_classes.py", "--data_dir", image_root, "--store_dir", store, *model, *rt)
-    assert s1.returncode == 0, s1.stderr
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "python").write_text("#!/usr/bin/env bash\necho \"No module named 'torch'\" >&2\nexit 1\n")
@@ -232,10 +236,10 @@ def test_call_scripts_without_python_or_model_flags(image_root, tmp_path):
     s4 = run("quantitative_evaluation_calls.sh", [image_root, store, *model, *rt], env)
     assert s4.returncode == 0, s4.stdout + s4.stderr
     ref_out = str(tmp_path / "ref_out")
-    # in its own process, as the call script's (in this one, an earlier test may have changed torch's threads)
-    run_script("get_results.py", "--data_dir", image_root, "--model_dir", store, *model, *rt,
-               "--channel_of_interest", 1, "--classes_for_concept1", 0, "--classes_for_concept2", 1,
-               "--get_quantitative", "--proportion_attribution_required", "0.03", "--out_dir", ref_out)
+    # with a fresh process's thread count, as the call script's (an earlier test may have changed this one's)
+    run_stage("get_results.py", "--data_dir", image_root, "--model_dir", store, *model, *rt,
+              "--channel_of_interest", 1, "--classes_for_concept1", 0, "--classes_for_concept2", 1,
+              "--get_quantitative", "--proportion_attribution_required", "0.03", "--out_dir", ref_out)
     for name in ("quantitative_concept1_required0.03.txt", "quantitative_concept2_required0.03.txt",
                  "means_required0.03.txt"):
         with open(os.path.join(out, "results_quantitative", name)) as a, \

@@ -3,24 +3,21 @@
 Every number a script writes is checked against an independent computation in this file (plain
 autograd with forward hooks, numpy, scipy), not against the functions of ``utils/``.
 
-Successful runs go through a real subprocess (``run_script``). The matrix of bad inputs runs each
-script in this process by default (``runpy`` with ``sys.argv`` set, stdout/stderr captured, the
-``SystemExit`` code taken): the same code path as ``python script.py ...`` without paying ~3 s of
-``import torch`` per case. A handful of cases always run as a subprocess, and
-``CLI_TESTS_SUBPROCESS=1`` runs every case as a subprocess.
+Runs go through this process by default (``conftest.run_stage`` and ``run_inproc``: ``runpy`` with
+``sys.argv`` set, stdout/stderr captured, the ``SystemExit`` code taken): the same code path as
+``python script.py ...`` without paying ~3 s of ``import torch`` per run. The tiny pipeline's second stage-4
+run is a real subprocess (``run_script``) whose files and output must equal the in-process run's, a handful of
+bad-input cases and the hard kill always run as subprocesses, and ``CLI_TESTS_SUBPROCESS=1`` runs every case
+as a subprocess.
 """
-import contextlib
-import io
 import json
 import os
 import re
-import runpy
 import shutil
 import signal
 import subprocess
 import sys
 import time
-import traceback
 from types import SimpleNamespace
 
 import numpy as np
@@ -33,7 +30,7 @@ from scipy.stats import gaussian_kde
 from torchvision import transforms as T
 
 from tests import tiny_models
-from tests.conftest import ROOT, make_image_folder, run_script, tree_bytes
+from tests.conftest import ROOT, make_image_folder, run_inproc, run_script, run_stage, tree_bytes
 
 STAGE1 = "get_importances_for_classes.py"
 STAGE2 = "get_cosine_similarities.py"
@@ -61,41 +58,6 @@ ALL_SUBPROCESS = os.environ.get("CLI_TESTS_SUBPROCESS") == "1"
 
 
 # ----------------------------------------------------------------------------- running scripts
-def run_inproc(script, *args, cwd=None, env=None):
-    """Run ``script`` as ``__main__`` in this process; returns a CompletedProcess-like object."""
-    out, err = io.StringIO(), io.StringIO()
-    path = os.path.join(ROOT, script)
-    saved_argv, saved_cwd = sys.argv, os.getcwd()
-    saved_env = {k: os.environ.get(k) for k in (env or {})}
-    code = 0
-    try:
-        sys.argv = [path, *map(str, args)]
-        os.environ.update(env or {})
-        if cwd is not None:
-            os.chdir(cwd)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                runpy.run_path(path, run_name="__main__")
-            except SystemExit as e:
-                if e.code is None or isinstance(e.code, int):
-                    code = e.code or 0
-                else:
-                    print(e.code, file=sys.stderr)
-                    code = 1
-            except Exception:  # what a subprocess would print as a traceback
-                err.write(traceback.format_exc())
-                code = 1
-    finally:
-        sys.argv = saved_argv
-        os.chdir(saved_cwd)
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    return subprocess.CompletedProcess([path, *args], code, out.getvalue(), err.getvalue())
-
-
 def run_sub(script, *args, cwd=None, env=None, timeout=240):
     """``run_script`` with extra environment variables and a time limit (never hangs)."""
     full_env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {}))
@@ -375,24 +337,24 @@ def tiny(image_root, tmp_path_factory):
     store, cwd = os.path.join(root, "store"), os.path.join(root, "cwd")
     os.makedirs(cwd)
     model_flags = ["--model", TINY, "--batch_size", "4", "--gpu", "0"] + RUNTIME
-    s1 = run_script(STAGE1, "--data_dir", image_root, "--store_dir", store, *model_flags)
-    s2 = run_script(STAGE2, "--data_dir", image_root, "--store_dir", store, *model_flags,
-                    "--nr_channels_in_layer_of_interest", 16, "--proportion_attribution_required", TAU2,
-                    "--p", P2, "--cos_sim_low", LOW, "--cos_sim_high", HIGH, cwd=cwd)
+    s1 = run_stage(STAGE1, "--data_dir", image_root, "--store_dir", store, *model_flags)
+    s2 = run_stage(STAGE2, "--data_dir", image_root, "--store_dir", store, *model_flags,
+                   "--nr_channels_in_layer_of_interest", 16, "--proportion_attribution_required", TAU2,
+                   "--p", P2, "--cos_sim_low", LOW, "--cos_sim_high", HIGH, cwd=cwd)
     txt = os.path.join(cwd, "results_get_cosine_similarities", f"{TINY_TAG}_required{TAU2}_p{P2}_cossim{LOW}to{HIGH}.txt")
     _, rows = read_candidates(txt)
     assert rows, "stage 2 found no candidate on the tiny model: the test data no longer exercise stage 3"
     c, y1, y2, _ = rows[0]
-    s3 = run_script(STAGE3, "--data_dir", image_root, "--store_dir", store, *model_flags,
-                    "--nr_channels_in_layer_of_interest", 16, "--channel_disentangle", c,
-                    "--classes_for_concept1", y1, "--classes_for_concept2", y2)
+    s3 = run_stage(STAGE3, "--data_dir", image_root, "--store_dir", store, *model_flags,
+                   "--nr_channels_in_layer_of_interest", 16, "--channel_disentangle", c,
+                   "--classes_for_concept1", y1, "--classes_for_concept2", y2)
     s4_args = [STAGE4, "--data_dir", image_root, "--model_dir", store, *model_flags,
                "--nr_channels_in_layer_of_interest", 16, "--layer_of_interest", "conv3",
                "--channel_of_interest", c, "--classes_for_concept1", y1, "--classes_for_concept2", y2,
                "--get_qualitative", "--get_quantitative", "--proportion_attribution_required", TAU4]
-    s4 = run_script(*s4_args, cwd=cwd)
+    s4 = run_stage(*s4_args, cwd=cwd)
     after_first = tree_bytes(cwd)
-    s4b = run_script(*s4_args, cwd=cwd)
+    s4b = run_script(*s4_args, cwd=cwd)  # a real process: the same files and output as the in-process run
     after_second = tree_bytes(cwd)
     model, layer = make_model("tiny")
     conv = model.get_submodule(layer)
@@ -481,17 +443,17 @@ def test_tiny_several_classes_per_concept(tiny, tmp_path):
     c, s1, s2 = 1, [0, 2], [1]
     flags = ["--model", TINY, "--batch_size", "3", *RUNTIME, "--channel_disentangle", c,
              "--classes_for_concept1", *s1, "--classes_for_concept2", *s2]
-    s3 = run_script(STAGE3, "--data_dir", tiny.data, "--store_dir", tiny.store, *flags)
+    s3 = run_stage(STAGE3, "--data_dir", tiny.data, "--store_dir", tiny.store, *flags)
     assert "OK, same function" in s3.stdout
     assert "12 train images" in s3.stdout and "6 train images" in s3.stdout
     w_c = tiny.conv.weight[c].detach()
     v1, v2 = concept_arv(tiny.folder, w_c, s1), concept_arv(tiny.folder, w_c, s2)
     best = check_checkpoints(tiny.store, TINY_TAG, c, s1, s2, tiny.conv, v1, v2, tiny.ref_train)
     out = str(tmp_path / "out")
-    s4 = run_script(STAGE4, "--data_dir", tiny.data, "--model_dir", tiny.store, "--model", TINY,
-                    "--batch_size", "3", *RUNTIME, "--layer_of_interest", "conv3", "--channel_of_interest", c,
-                    "--classes_for_concept1", *s1, "--classes_for_concept2", *s2, "--get_qualitative",
-                    "--get_quantitative", "--out_dir", out, cwd=str(tmp_path))
+    s4 = run_stage(STAGE4, "--data_dir", tiny.data, "--model_dir", tiny.store, "--model", TINY,
+                   "--batch_size", "3", *RUNTIME, "--layer_of_interest", "conv3", "--channel_of_interest", c,
+                   "--classes_for_concept1", *s1, "--classes_for_concept2", *s2, "--get_qualitative",
+                   "--get_quantitative", "--out_dir", out, cwd=str(tmp_path))
     check_stage4(out, tiny.ref_val, tiny.conv, c, s1, s2, best, TAU4, s4.stdout)
     assert sorted(os.listdir(tmp_path)) == ["out"]  # --out_dir is honoured: nothing in the working directory
 
@@ -514,9 +476,9 @@ def test_resnet18_with_state_dict_file(tmp_path):
     layer = "layer4.0.conv1"  # 3x3, stride 2, padding 1, no bias
     same = ["--model", "resnet18", "--weights", wfile, "--layer_of_interest", layer,
             "--batch_size", "8", *RUNTIME]  # one set of flags for all four scripts
-    run_script(STAGE1, "--data_dir", data, "--store_dir", store, *same, cwd=cwd)
-    s2 = run_script(STAGE2, "--data_dir", data, "--store_dir", store, *same,
-                    "--nr_channels_in_layer_of_interest", 512, "--out_dir", out, cwd=cwd)
+    run_stage(STAGE1, "--data_dir", data, "--store_dir", store, *same, cwd=cwd)
+    s2 = run_stage(STAGE2, "--data_dir", data, "--store_dir", store, *same,
+                   "--nr_channels_in_layer_of_interest", 512, "--out_dir", out, cwd=cwd)
     model, _ = make_model("resnet18", wfile)
     conv = model.get_submodule(layer)
     train_x, train_y, _ = load_split(data, "train")
@@ -534,17 +496,17 @@ def test_resnet18_with_state_dict_file(tmp_path):
     A = np.load(os.path.join(folder, "attributions.npy")).astype(np.float64)
     share = A / np.maximum(A, 0).sum(axis=1, keepdims=True)
     c = int(np.argmax(np.minimum(share[train_y == y1].mean(0), share[train_y == y2].mean(0))))
-    s3 = run_script(STAGE3, "--data_dir", data, "--store_dir", store, *same,
-                    "--nr_channels_in_layer_of_interest", 512, "--channel_disentangle", c,
-                    "--classes_for_concept1", y1, "--classes_for_concept2", y2, cwd=cwd)
+    s3 = run_stage(STAGE3, "--data_dir", data, "--store_dir", store, *same,
+                   "--nr_channels_in_layer_of_interest", 512, "--channel_disentangle", c,
+                   "--classes_for_concept1", y1, "--classes_for_concept2", y2, cwd=cwd)
     assert "OK, same function" in s3.stdout
     w_c = conv.weight[c].detach()
     best = check_checkpoints(store, name, c, [y1], [y2], conv, concept_arv(folder, w_c, [y1]),
                              concept_arv(folder, w_c, [y2]), ref_train)
-    s4 = run_script(STAGE4, "--data_dir", data, "--model_dir", store, *same,
-                    "--nr_channels_in_layer_of_interest", 512, "--channel_of_interest", c,
-                    "--classes_for_concept1", y1, "--classes_for_concept2", y2, "--get_qualitative",
-                    "--get_quantitative", "--proportion_attribution_required", tau, "--out_dir", out, cwd=cwd)
+    s4 = run_stage(STAGE4, "--data_dir", data, "--model_dir", store, *same,
+                   "--nr_channels_in_layer_of_interest", 512, "--channel_of_interest", c,
+                   "--classes_for_concept1", y1, "--classes_for_concept2", y2, "--get_qualitative",
+                   "--get_quantitative", "--proportion_attribution_required", tau, "--out_dir", out, cwd=cwd)
     check_stage4(out, reference_pass(model, conv, val_x, val_y), conv, c, [y1], [y2], best, tau, s4.stdout, name)
     assert os.listdir(cwd) == []  # everything went to --out_dir and --store_dir
 
@@ -603,11 +565,11 @@ def test_stage1_resumes_after_sigkill_with_identical_arrays(tmp_path):
            words=("incomplete",))
     assert tree_bytes(store) == before
 
-    resumed = run_script(STAGE1, *args(data, store))
+    resumed = run_stage(STAGE1, *args(data, store))  # the killed run was a process; the rest is computation
     assert "resuming" in resumed.stdout and f"{done} chunks already done" in resumed.stdout
     assert f"done: {n - 2 * done} images" in resumed.stdout
     ref_store = str(tmp_path / "reference")  # an uninterrupted run, in the same kind of process
-    run_script(STAGE1, *args(data, ref_store))
+    run_stage(STAGE1, *args(data, ref_store))
     ref_folder = os.path.join(ref_store, f"{TINY_TAG}_channel_importances")
     for name in ARRAYS:
         with open(os.path.join(folder, name + ".npy"), "rb") as a, open(os.path.join(ref_folder, name + ".npy"), "rb") as b:

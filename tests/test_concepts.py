@@ -13,7 +13,7 @@ import torch
 from sklearn.metrics import adjusted_rand_score
 
 from tests import tiny_models
-from tests.conftest import run_script, tree_bytes
+from tests.conftest import run_stage, tree_bytes
 from tests.test_cli import load_split, run_inproc
 from utils.method import attribution
 from utils.files.rows import gather_rows
@@ -227,7 +227,7 @@ def negbn_store(image_root, tmp_path_factory):
     root = tmp_path_factory.mktemp("concepts")
     store = str(root / "store")
     flags = ["--data_dir", image_root, "--store_dir", store, "--model", MODEL, *RUNTIME]
-    run_script("get_importances_for_classes.py", *flags, "--batch_size", 8)
+    run_stage("get_importances_for_classes.py", *flags, "--batch_size", 8)
     proc = run_inproc("get_cosine_similarities.py", *flags, "--label_free", "--channels", "4,1", 2,
                       "--top_n", 10, "--chunk_rows", 7)  # in this process: the same code path, no second start-up
     assert proc.returncode == 0, proc.stderr

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
 
-from tests.conftest import run_script
+from tests.conftest import run_stage
 
 SEEDS = (0, 1)
 MIN_SEPARATION = 3.0
@@ -106,7 +106,7 @@ def test_demo_three_concept_split_separates_each_concept(demo_run, tmp_path):
     flags = ["--data_dir", os.path.join(out, "data"), "--model", MODEL, "--weights", os.path.join(out, "model.pth"),
              "--num_workers", 0, "--classes_for_concept1", y1, "--classes_for_concept2", y2,
              "--classes_for_concept3", y3]
-    run_script("disentangle_channel.py", *flags, "--store_dir", os.path.join(out, "store"), "--channel_disentangle", c)
+    run_stage("disentangle_channel.py", *flags, "--store_dir", os.path.join(out, "store"), "--channel_disentangle", c)
     name = f"demo_model_shapes_cnn_channel{c}_classes1[{y1}]_classes2[{y2}]_classes3[{y3}]"
     folder = os.path.join(out, "store", "models_disentangled")
     with open(os.path.join(folder, name + "_info.json")) as f:
@@ -130,8 +130,8 @@ def test_demo_three_concept_split_separates_each_concept(demo_run, tmp_path):
         others = torch.cat([mean_pos[:j], mean_pos[j + 1:]])
         assert mean_pos[j] >= 1.5 * others.max(), (names[y], mean_pos.tolist())
     # stage 4 reads k = 3 from the checkpoint and agrees
-    run_script("get_results.py", *flags, "--model_dir", os.path.join(out, "store"), "--channel_of_interest", c,
-               "--get_qualitative", "--out_dir", str(tmp_path))
+    run_stage("get_results.py", *flags, "--model_dir", os.path.join(out, "store"), "--channel_of_interest", c,
+              "--get_qualitative", "--out_dir", str(tmp_path))
     with open(tmp_path / "results_disentanglement" / (name + "_f_best_unnormalized_summary.json")) as f:
         summary = json.load(f)
     assert all(summary[f"sep_concept{j}"] >= 1.5 for j in (1, 2, 3)), summary
@@ -200,11 +200,11 @@ def test_contact_sheet_is_the_true_top_k(demo_run):
 def test_contact_sheet_whole_val_split(demo_run, tmp_path):
     """--top_images_all_val scans every val class; the picks are still the true top-k."""
     out, rep, _ = demo_run
-    run_script("get_results.py", "--data_dir", os.path.join(out, "data"), "--model", MODEL,
-               "--weights", os.path.join(out, "model.pth"), "--model_dir", os.path.join(out, "store"),
-               "--channel_of_interest", rep["channel"], "--classes_for_concept1", rep["class1_index"],
-               "--classes_for_concept2", rep["class2_index"], "--get_top_images", "--top_k", 5,
-               "--top_images_all_val", "--out_dir", str(tmp_path), "--num_workers", 0)
+    run_stage("get_results.py", "--data_dir", os.path.join(out, "data"), "--model", MODEL,
+              "--weights", os.path.join(out, "model.pth"), "--model_dir", os.path.join(out, "store"),
+              "--channel_of_interest", rep["channel"], "--classes_for_concept1", rep["class1_index"],
+              "--classes_for_concept2", rep["class2_index"], "--get_top_images", "--top_k", 5,
+              "--top_images_all_val", "--out_dir", str(tmp_path), "--num_workers", 0)
     summary = [f for f in os.listdir(tmp_path / "results_disentanglement") if f.endswith("_summary.json")]
     with open(tmp_path / "results_disentanglement" / summary[0]) as f:
         top = json.load(f)["top_images"]

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from tests.conftest import run_script
+from tests.conftest import run_stage
 
 pytestmark = pytest.mark.slow  # subprocesses or demo runs: pytest -m "not slow" leaves them out
 
@@ -45,7 +45,7 @@ def test_resnet_demo_positive_activation_report(resnet_demo):
     flags = ["--store_dir", os.path.join(out, "store"), "--proportion_attribution_required",
              th["proportion_attribution_required"], "--p", th["p"], "--cos_sim_low", th["cos_sim_low"],
              "--cos_sim_high", th["cos_sim_high"], "--out_dir", out]
-    proc = run_script("get_cosine_similarities.py", *common(out), *flags, "--importance_sign", "positive_activation")
+    proc = run_stage("get_cosine_similarities.py", *common(out), *flags, "--importance_sign", "positive_activation")
     assert "block.bn3" in proc.stdout
     res = os.path.join(out, "store", "results_get_cosine_similarities")
     tag, tau = "demo_model_shapes_resnet", th["proportion_attribution_required"]
@@ -69,10 +69,10 @@ def test_resnet_demo_robust_rho_separates(resnet_demo, tmp_path):
     c, y1, y2 = rep["channel"], rep["class1_index"], rep["class2_index"]
     pair = ["--classes_for_concept1", y1, "--classes_for_concept2", y2]
     store = os.path.join(out, "store")
-    run_script("disentangle_channel.py", *common(out), "--store_dir", store, "--channel_disentangle", c, *pair,
-               "--rho_score", "robust")
-    run_script("get_results.py", *common(out), "--model_dir", store, "--channel_of_interest", c, *pair,
-               "--out_dir", str(tmp_path))
+    run_stage("disentangle_channel.py", *common(out), "--store_dir", store, "--channel_disentangle", c, *pair,
+              "--rho_score", "robust")
+    run_stage("get_results.py", *common(out), "--model_dir", store, "--channel_of_interest", c, *pair,
+              "--out_dir", str(tmp_path))
     name = f"demo_model_shapes_resnet_channel{c}_classes1{[y1]}_classes2{[y2]}"
     with open(os.path.join(tmp_path, "results_disentanglement", name + "_f_best_unnormalized_summary.json")) as f:
         summary = json.load(f)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, make_image_folder
+from tests.conftest import ROOT, make_image_folder, run_stage
 
 pytestmark = pytest.mark.slow  # subprocesses or demo runs: pytest -m "not slow" leaves them out
 
@@ -48,6 +48,9 @@ def env():
 
 
 def run(launcher, data_root, store_dir):
+    """A run to its end: under torchrun a real launch; a single process's run in this one (``run_stage``)."""
+    if launcher == "single":
+        return run_stage(SCRIPT, *command(launcher, data_root, store_dir)[2:])
     proc = subprocess.run(command(launcher, data_root, store_dir), cwd=ROOT, env=env(), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, f"{launcher} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms as T
 
-from tests.conftest import ROOT, run_script, tree_bytes
+from tests.conftest import ROOT, run_stage, tree_bytes
 from tests.test_cli import refuse, run_inproc
 from utils.model import tap
 from utils.featurevis import objectives, param, render, spectrum
@@ -207,7 +207,7 @@ def fv_run(image_root, tmp_path_factory):
     os.makedirs(os.path.join(store, "models_disentangled"))
     torch.save(red_green_checkpoint(), os.path.join(store, "models_disentangled",
                                                      class_checkpoint(TAG, 0, [[0], [1]], "best")))
-    proc = run_script("get_results.py", *_stage4_args(image_root, store, out, *FV_SMALL))
+    proc = run_stage("get_results.py", *_stage4_args(image_root, store, out, *FV_SMALL))
     return store, out, proc.stdout
 
 
@@ -312,7 +312,7 @@ def test_checkpoint_of_another_layer_is_refused_and_nothing_is_damaged(fv_run, i
 def test_stage3_export_model_rebuilds_the_disentangled_network(image_root, tmp_path):
     store = str(tmp_path / "store")
     common = ["--data_dir", image_root, "--model", MODEL, "--store_dir", store, *RUNTIME]
-    run_script("get_importances_for_classes.py", *common)
+    run_stage("get_importances_for_classes.py", *common)
     proc = run_inproc("disentangle_channel.py", *common, "--channel_disentangle", 0, "--classes_for_concept1", 0,
                       "--classes_for_concept2", 1, "--export_model")
     assert proc.returncode == 0, proc.stderr

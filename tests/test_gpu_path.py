@@ -11,7 +11,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from tests.conftest import make_image_folder, run_script
+from tests.conftest import make_image_folder, run_stage
 from utils.data import folders
 from utils.data import gpu_decode
 
@@ -279,8 +279,8 @@ def noise_root(tmp_path_factory):
 
 
 def stage1(root, store_dir, *flags):
-    proc = run_script("get_importances_for_classes.py", "--data_dir", root, "--store_dir", store_dir,
-                      "--model", TINY, "--batch_size", "4", "--num_workers", "0", "--device", "cpu", *flags)
+    proc = run_stage("get_importances_for_classes.py", "--data_dir", root, "--store_dir", store_dir,
+                     "--model", TINY, "--batch_size", "4", "--num_workers", "0", "--device", "cpu", *flags)
     folder = os.path.join(store_dir, FOLDER)
     arrays = {name: np.load(os.path.join(folder, name + ".npy")) for name in ARRAYS}
     with open(os.path.join(folder, "manifest.json")) as f:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import make_image_folder, run_script, tree_bytes
+from tests.conftest import make_image_folder, run_stage, tree_bytes
 from tests.test_gpu_path import smooth_image_folder
 from utils.data import cpu_decode
 from utils.data import folders
@@ -247,9 +247,9 @@ def test_numerics_without_the_new_settings_are_unchanged():
 @pytest.mark.slow
 def test_stage_script_records_fast_resize_and_deterministic(tmp_path):
     root = make_image_folder(str(tmp_path / "d"), train_per_class=2, val_per_class=1, size=(300, 520))
-    proc = run_script("get_importances_for_classes.py", "--data_dir", root, "--store_dir", str(tmp_path / "s"),
-                      "--model", "tests.tiny_models:tiny_resnet", "--batch_size", "4", "--num_workers", "0",
-                      "--device", "cpu", "--cpu_threads", "1", "--fast_resize", "--deterministic")
+    proc = run_stage("get_importances_for_classes.py", "--data_dir", root, "--store_dir", str(tmp_path / "s"),
+                     "--model", "tests.tiny_models:tiny_resnet", "--batch_size", "4", "--num_workers", "0",
+                     "--device", "cpu", "--cpu_threads", "1", "--fast_resize", "--deterministic")
     folder = os.path.join(str(tmp_path / "s"), "tests_tiny_models_tiny_resnet_channel_importances")
     manifest = store.Store.peek(folder)
     assert manifest["complete"] and "done: 8 images" in proc.stdout

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, make_image_folder
+from tests.conftest import ROOT, make_image_folder, run_stage
 from utils.files import atomic, leftovers
 
 KILLED = ("import os, signal, sys\nfrom utils.files import atomic\nwith atomic.atomic_path(sys.argv[1]) as tmp:\n"
@@ -103,12 +103,10 @@ def test_stage_1_removes_a_killed_writers_file(tmp_path):
     from tests.conftest import tree_bytes
     data = make_image_folder(str(tmp_path / "data"), train_per_class=2, val_per_class=1)
 
-    def stage1(store):
-        cmd = [sys.executable, os.path.join(ROOT, "get_importances_for_classes.py"), "--data_dir", data,
-               "--store_dir", store, "--model", "tests.test_distributed:slow_tiny_resnet", "--batch_size", "4",
-               "--num_workers", "0", "--device", "cpu", "--cpu_threads", "1"]
-        proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr
+    def stage1(store):  # in this process: the killed writer is another one, and dead
+        run_stage("get_importances_for_classes.py", "--data_dir", data, "--store_dir", store, "--model",
+                  "tests.test_distributed:slow_tiny_resnet", "--batch_size", "4", "--num_workers", "0", "--device",
+                  "cpu", "--cpu_threads", "1")
         return os.path.join(store, "tests_test_distributed_slow_tiny_resnet_channel_importances")
 
     clean = stage1(str(tmp_path / "clean"))

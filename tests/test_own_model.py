@@ -2,7 +2,6 @@
 input transform, class folders against model outputs, stage 2's bounds, --list_layers, flag aliases."""
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -12,7 +11,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from tests import tiny_models
-from tests.conftest import ROOT, make_image_folder, run_script, tree_bytes
+from tests.conftest import make_image_folder, run_script, run_stage, tree_bytes
 from tests.test_cli import check_store, reference_pass, run_inproc
 from utils.data import classmap
 from utils.data import folders
@@ -73,15 +72,17 @@ def comparable(tree, root):
 
 @pytest.fixture(scope="module")
 def newcomer(tmp_path_factory):
-    """Stage 1 with the full flags (its own process), then stages 2-4 with only the store and their own flags
-    (layer conv2); then the same for layer conv1 into the same --store_dir and --out_dir."""
+    """Stage 1 with the full flags (its own process for conv2; in this one for conv1), then stages 2-4 with only
+    the store and their own flags (layer conv2); then the same for layer conv1 into the same --store_dir and
+    --out_dir."""
     base = tmp_path_factory.mktemp("newcomer")
     d = make_image_folder(str(base / "data"), train_per_class=6, val_per_class=3, seed=7)
     store, out = str(base / "store"), str(base / "out")
     full = ["--data_dir", d, "--model", FACTORY, "--weights", "none", "--crop", CROP, "--resize", RESIZE]
     snaps = {}
     for layer in ("conv2", "conv1"):
-        run_script(S1, *full, "--layer_of_interest", layer, "--store_dir", store, *RUN)
+        run = run_script if layer == "conv2" else run_stage  # conv2's rows are checked: a process of its own
+        run(S1, *full, "--layer_of_interest", layer, "--store_dir", store, *RUN)
         pick = [] if layer == "conv2" else ["--layer_of_interest", layer]  # two stores now: say which
         # a factory (code) comes from the command line only, never from the store's manifest
         s2 = ok(S2, "--store_dir", store, "--model", FACTORY, "--out_dir", out, *FLAGS2, *pick, *RUN)
@@ -143,7 +144,7 @@ def test_newcomer_numbers_equal_a_run_with_the_full_flags(newcomer):
     base = newcomer["base"]
     store, out = os.path.join(base, "full_store"), os.path.join(base, "full_out")
     full = newcomer["full"] + ["--layer_of_interest", "conv2"]
-    run_script(S1, *full, "--store_dir", store, *RUN)
+    run_stage(S1, *full, "--store_dir", store, *RUN)  # in this process: the same bytes as the newcomer's own
     ok(S2, *full, "--store_dir", store, "--out_dir", out, *FLAGS2, *RUN)
     ok(S3, *full, "--store_dir", store, "--channel_disentangle", 1, *JOB, *RUN)
     ok(S4, *full, "--model_dir", store, "--channel_of_interest", 1, *JOB, "--get_quantitative", "--get_qualitative",
@@ -319,7 +320,7 @@ def test_stage3_and_4_take_each_others_flag_names_and_refuse_abbreviations():
     b = get_results.build_parser().parse_args(["--store_dir", "/s", "--channel_disentangle", "5"])
     assert (a.store_dir, a.channel_disentangle) == ("/s", 5) and (b.model_dir, b.channel_of_interest) == ("/s", 5)
     for script, flag in ((S3, "--channel_dis"), (S4, "--get_quant"), (S2, "--proportion")):
-        r = subprocess.run([sys.executable, os.path.join(ROOT, script), flag, "1"], capture_output=True, text=True)
+        r = run_inproc(script, flag, "1")  # argparse's exit status and message, as a process gives them
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and flag in r.stderr
 
 

@@ -20,7 +20,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, make_image_folder
+from tests.conftest import ROOT, make_image_folder, run_stage
 from tests.test_unreadable import one_line_error
 
 pytestmark = pytest.mark.slow  # subprocesses or demo runs: pytest -m "not slow" leaves them out
@@ -62,9 +62,7 @@ def data_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def single(data_root, tmp_path_factory):
     store = str(tmp_path_factory.mktemp("single"))
-    proc = subprocess.run([sys.executable, SCRIPT, *args(data_root, store)], cwd=ROOT, env=env(),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    run_stage(SCRIPT, *args(data_root, store))  # in this process: what it computes, not how it runs
     return folder_of(store, SLOW)
 
 
@@ -185,15 +183,12 @@ def test_resume_with_other_thread_count(data_root, single, tmp_path):
     json.dump(manifest, open(os.path.join(folder, "manifest.json"), "w"))
     before = store_bytes(folder)
     base = [a for a in args(data_root, store) if a not in ("--cpu_threads", "1")]
-    proc = subprocess.run([sys.executable, SCRIPT, *base, "--cpu_threads", "2"], cwd=ROOT, env=env(),
-                          capture_output=True, text=True, timeout=300)
-    msg = one_line_error(proc)
+    msg = one_line_error(run_stage(SCRIPT, *base, "--cpu_threads", "2", check=False))
     assert "1 threads" in msg and "2 threads" in msg and "--allow_mixed_numerics" in msg
     assert store_bytes(folder) == before
     # no flag: the recorded count, and the rows equal the uninterrupted store's
-    proc = subprocess.run([sys.executable, SCRIPT, *base], cwd=ROOT, env=env(), capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0 and "recorded --cpu_threads 1" in proc.stdout, proc.stderr
+    proc = run_stage(SCRIPT, *base)
+    assert "recorded --cpu_threads 1" in proc.stdout, proc.stderr
     assert store_bytes(folder) == store_bytes(single)
 
 
@@ -207,9 +202,7 @@ def test_mixed_numerics_allowed_is_recorded(data_root, single, tmp_path):
     manifest["complete"] = False
     json.dump(manifest, open(os.path.join(folder, "manifest.json"), "w"))
     base = [a for a in args(data_root, store) if a not in ("--cpu_threads", "1")]
-    proc = subprocess.run([sys.executable, SCRIPT, *base, "--cpu_threads", "2", "--allow_mixed_numerics"], cwd=ROOT,
-                          env=env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    run_stage(SCRIPT, *base, "--cpu_threads", "2", "--allow_mixed_numerics")
     done = json.load(open(os.path.join(folder, "manifest.json")))
     assert done["complete"] and done["numerics"] == {"device": "cpu", "cpu_threads": 2}
     assert [h["cpu_threads"] for h in done["numerics_history"]] == [1, 2]
@@ -241,10 +234,8 @@ def test_pipeline_store_equals_a_plain_loop(data_root, tmp_path):
     from utils.stages import stage1
     store = str(tmp_path)
     tiny = "tests.tiny_models:tiny_resnet"
-    cmd = [sys.executable, SCRIPT, "--data_dir", data_root, "--store_dir", store, "--model", tiny, "--batch_size",
-           "4", "--chunk_size", "8", "--num_workers", "2", "--device", "cpu", "--cpu_threads", "1"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    run_stage(SCRIPT, "--data_dir", data_root, "--store_dir", store, "--model", tiny, "--batch_size", "4",
+              "--chunk_size", "8", "--num_workers", "2", "--device", "cpu", "--cpu_threads", "1")
     got = {n: np.load(os.path.join(folder_of(store, tiny), n + ".npy")) for n in ARRAYS}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import make_image_folder, run_script
-from tests.test_cli import run_inproc
+from tests.conftest import make_image_folder, run_inproc, run_stage
 
 pytestmark = pytest.mark.slow  # subprocesses or demo runs: pytest -m "not slow" leaves them out
 
@@ -78,8 +77,8 @@ def datasets(tmp_path_factory):
 def stage1(data, store, *extra):
     """Batches of one image: a CPU convolution's rounding may depend on what else is in its batch, and
     a folder without the bad files batches its images differently."""
-    return run_script("get_importances_for_classes.py", "--data_dir", data, "--store_dir", store,
-                      "--batch_size", 1, "--chunk_size", 8, *S1, *extra)
+    return run_stage("get_importances_for_classes.py", "--data_dir", data, "--store_dir", store,
+                     "--batch_size", 1, "--chunk_size", 8, *S1, *extra)
 
 
 def arrays(store):
@@ -125,8 +124,8 @@ def test_each_stage_names_the_unreadable_file(datasets, stores, tmp_path):
                                         str(tmp_path / (kind[:4] + "_s")), "--batch_size", 4, *S1))
         assert rel in msg, (kind, msg)
     # stage 4 on a broken val image
-    run_script("disentangle_channel.py", "--data_dir", bad, "--store_dir", skip, *RUNTIME,
-               "--channel_disentangle", 3, "--classes_for_concept1", 0, "--classes_for_concept2", 1)
+    run_stage("disentangle_channel.py", "--data_dir", bad, "--store_dir", skip, *RUNTIME,
+              "--channel_disentangle", 3, "--classes_for_concept1", 0, "--classes_for_concept2", 1)
     msg = one_line_error(run_inproc("get_results.py", "--data_dir", bad, "--model_dir", skip, *RUNTIME,
                                     "--channel_of_interest", 3, "--classes_for_concept1", 0,
                                     "--classes_for_concept2", 1, "--get_quantitative", "--out_dir",
@@ -160,8 +159,8 @@ def test_later_stages_count_without_unreadable_rows(datasets, stores, tmp_path):
     outs = {}
     for name, data, store in (("skip", bad, skip), ("clean", clean, ref)):
         out = str(tmp_path / name)
-        proc = run_script("get_cosine_similarities.py", "--data_dir", data, "--store_dir", store, *RUNTIME,
-                          *common, "--out_dir", out)
+        proc = run_stage("get_cosine_similarities.py", "--data_dir", data, "--store_dir", store, *RUNTIME,
+                         *common, "--out_dir", out)
         outs[name] = proc.stdout
         res = os.path.join(store, "results_get_cosine_similarities")
         hist = json.load(open(os.path.join(res, "tests_tiny_models_tiny_resnet_required0.05_histograms.json")))
@@ -175,8 +174,8 @@ def test_later_stages_count_without_unreadable_rows(datasets, stores, tmp_path):
     # stage 3: the same ARVs and train-image counts as from the clean store
     infos = {}
     for name, data, store in (("skip", bad, skip), ("clean", clean, ref)):
-        run_script("disentangle_channel.py", "--data_dir", data, "--store_dir", store, *RUNTIME,
-                   "--channel_disentangle", 5, "--classes_for_concept1", 0, 1, "--classes_for_concept2", 2, 3)
+        run_stage("disentangle_channel.py", "--data_dir", data, "--store_dir", store, *RUNTIME,
+                  "--channel_disentangle", 5, "--classes_for_concept1", 0, 1, "--classes_for_concept2", 2, 3)
         infos[name] = json.load(open(os.path.join(
             store, "models_disentangled", "tests_tiny_models_tiny_resnet_channel5_classes1[0, 1]_classes2[2, 3]_info.json")))
     for key in ("train_images_concept1", "train_images_concept2", "arv_concept1", "arv_concept2", "scores", "best_rho"):
@@ -186,9 +185,9 @@ def test_later_stages_count_without_unreadable_rows(datasets, stores, tmp_path):
     sums = {}
     for name, data, store in (("skip", bad, skip), ("clean", clean, ref)):
         out = str(tmp_path / ("s4" + name))
-        proc = run_script("get_results.py", "--data_dir", data, "--model_dir", store, *RUNTIME,
-                          "--channel_of_interest", 5, "--classes_for_concept1", 0, 1, "--classes_for_concept2", 2, 3,
-                          "--get_quantitative", "--out_dir", out, *(["--skip_unreadable"] if name == "skip" else []))
+        proc = run_stage("get_results.py", "--data_dir", data, "--model_dir", store, *RUNTIME,
+                         "--channel_of_interest", 5, "--classes_for_concept1", 0, 1, "--classes_for_concept2", 2, 3,
+                         "--get_quantitative", "--out_dir", out, *(["--skip_unreadable"] if name == "skip" else []))
         s = json.load(open(os.path.join(out, "results_disentanglement",
                                         "tests_tiny_models_tiny_resnet_channel5_classes1[0, 1]_classes2[2, 3]_f_best_unnormalized_summary.json")))
         sums[name] = (s, proc.stdout)

@@ -3,7 +3,11 @@
 One forward pass of a blank image (``crop`` x ``crop``, default 224) with hooks on every Conv2d and Linear
 tells, per layer, whether the forward calls it as a module (nn.MultiheadAttention and Swin's attention use
 their Linear's weights directly: such a layer is never reached) and the shape of its input (a Linear over
-(N, C), (N, T, C) or (N, H, W, C)). The pass is made once per model and input size.
+(N, C), (N, T, C) or (N, H, W, C)). The pass is made once per process for each architecture and input size: a
+model in eval mode is known by its class, its modules' names and classes and its parameters' and buffers'
+shapes (``architecture``), so the same factory built again (each stage, each call of a notebook) is not
+surveyed again; a model in training mode (whose BatchNorm statistics a forward pass would change) is surveyed
+every time, as it always was.
 
 The default layer (``--layer_of_interest last_conv``) is the last layer on the main path that the method
 splits and whose channels are features:
@@ -24,7 +28,18 @@ import torch.nn as nn
 from utils.model.layer_view import KINDS, layer_kind
 
 DEFAULT_CROP = 224
-_SURVEYS = weakref.WeakKeyDictionary()
+_SURVEYS = weakref.WeakKeyDictionary()  # model -> {crop: survey}
+_BY_ARCHITECTURE = {}  # (architecture, crop) -> survey, models in eval mode
+
+
+def architecture(model):
+    """What the survey of a model in eval mode depends on: its class, and each module's path and class with the
+    shapes of its own parameters and buffers (not their values), and the device type of its first parameter."""
+    p = next(model.parameters(), None)
+    return (type(model), None if p is None else p.device.type,
+            tuple((name, type(m), tuple((k, tuple(t.shape)) for k, t in m.named_parameters(recurse=False)),
+                   tuple((k, tuple(t.shape)) for k, t in m.named_buffers(recurse=False) if t is not None))
+                  for name, m in model.named_modules()))
 
 
 def survey(model, crop=None):
@@ -34,6 +49,10 @@ def survey(model, crop=None):
     crop = crop or DEFAULT_CROP
     per_model = _SURVEYS.setdefault(model, {})
     if crop in per_model:
+        return per_model[crop]
+    key = None if model.training else (architecture(model), crop)
+    if key is not None and key in _BY_ARCHITECTURE:
+        per_model[crop] = _BY_ARCHITECTURE[key]
         return per_model[crop]
     calls, hooks = {}, []
     def hook(name):
@@ -55,6 +74,8 @@ def survey(model, crop=None):
         for h in hooks:
             h.remove()
     per_model[crop] = result
+    if key is not None:
+        _BY_ARCHITECTURE[key] = result
     return result
 
 
