@@ -5,7 +5,7 @@ Example (the paper):
 Several GPUs: torchrun --nproc_per_node=8 get_importances_for_classes.py ... (same flags).
 """
 from utils.run import cli, context, flags, settings_of_flags
-from utils.stages import stage1_settings
+from utils.stages import stage1
 
 
 def build_parser():
@@ -21,7 +21,7 @@ def main(args):
     if args.list_layers:
         return context.list_layers(args)
     cli.require(args, "data_dir", "store_dir")
-    stage1_settings.run(settings_of_flags.stage1(args),
+    stage1.run(settings_of_flags.stage1(args),
                         lambda: context.setup(args, split="train", defer_class_error=True))
 
 

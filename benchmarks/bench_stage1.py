@@ -46,7 +46,7 @@ def ours(wl, workdir, timer, keep=True):
     import torch
 
     from utils.data import folders
-    from utils.stages import stage1
+    from utils.stages import stage1_pass
     from utils.model import loading
     model, conv = workload.build_model()
     ds = wl.dataset(workdir, "train")
@@ -57,8 +57,8 @@ def ours(wl, workdir, timer, keep=True):
     for _ in timer.runs():
         shutil.rmtree(folder, ignore_errors=True)
         with timer:
-            stage1.run_stage1(model, conv, ds, folder, info,
-                              stage1.PassSettings(wl.batch_size, torch.device("cpu"), wl.workers_ours()),
+            stage1_pass.run_stage1(model, conv, ds, folder, info,
+                              stage1_pass.PassSettings(wl.batch_size, torch.device("cpu"), wl.workers_ours()),
                               log=lambda *a: None)
     size, files = workload.folder_bytes(folder)
     return {"images": len(ds), "store_bytes": size, "store_files": files}

@@ -23,15 +23,15 @@ MODULE = "benchmarks.bench_stage2"  # run as python -m MODULE (its children too)
 
 def ours(wl, workdir, timer):
     from utils.method import similarities
-    from utils.stages import passes
+    from utils.stages import stage2_passes
     model, conv = workload.build_model()
     w = conv.weight.detach()
     for _ in timer.runs():
         with timer:
             st = bench_stage1.open_store(workdir)
-            hist = passes.class_histogram(st["attributions"], st["targets"], wl.classes, wl.tau)
+            hist = stage2_passes.class_histogram(st["attributions"], st["targets"], wl.classes, wl.tau)
             used = similarities.used_classes(hist, similarities.class_counts(st["targets"], wl.classes), workload.P_USE)
-            means = passes.class_mean_patch_sums(st["patch_sums"], st["targets"], wl.classes)
+            means = stage2_passes.class_mean_patch_sums(st["patch_sums"], st["targets"], wl.classes)
             cands = similarities.candidate_pairs(w, means, used, workload.COS_LOW, workload.COS_HIGH)
     multi = used.sum(dim=0) >= 2
     return {"used_pairs": int(used.sum()), "arv_pairs": int(used[:, multi].sum()), "candidates": cands}

@@ -282,9 +282,9 @@ def pick_concepts(wl, workdir):
     import torch
 
     from utils.method import similarities
-    from utils.stages import passes
+    from utils.stages import stage2_passes
     st = bench_stage1.open_store(workdir)
-    hist = passes.class_histogram(st["attributions"], st["targets"], wl.classes, wl.tau).double()
+    hist = stage2_passes.class_histogram(st["attributions"], st["targets"], wl.classes, wl.tau).double()
     used = similarities.used_classes(hist, similarities.class_counts(st["targets"], wl.classes), workload.P_USE)
     masked = torch.where(used, hist, torch.full_like(hist, -1.0))
     if (used.sum(dim=0) >= 2).any():

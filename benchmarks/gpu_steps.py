@@ -82,7 +82,7 @@ def setup(args):
 def model_step(args):
     import torch
     import torchvision
-    from utils.stages import stage1
+    from utils.stages import stage1_pass
     s = settings(args.work)
     bs = args.batch_size or s["batch_size"]
     rates = {}
@@ -107,12 +107,12 @@ def model_step(args):
             torch.backends.cuda.matmul.fp32_precision = precision
         amp = torch.bfloat16 if name == "bfloat16" else None
         for _ in range(2):  # warm-up (cuDNN picks its algorithms)
-            stage1.stage1_batch(model, conv, x, y, amp)
+            stage1_pass.stage1_batch(model, conv, x, y, amp)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.time()
         for _ in range(args.steps):
-            stage1.stage1_batch(model, conv, x, y, amp)
+            stage1_pass.stage1_batch(model, conv, x, y, amp)
         if device.type == "cuda":
             torch.cuda.synchronize()
         rates[name] = args.steps * bs / (time.time() - t)

@@ -4,7 +4,7 @@ and of the model step alone (attributions + patch sums on batches already on the
   python -m benchmarks.stage1_throughput [--images 4096] [--batch_size 256] [--num_workers 16] [--bf16]
 
 Writes ImageNet-sized JPEGs (500 x 375, benchmarks/make_jpegs.py) into a temporary folder, runs the real
-stage-1 loop (utils.stages.stage1.run_stage1) on ResNet-50 (random weights, layer4.2.conv3) into a
+stage-1 loop (utils.stages.stage1_pass.run_stage1) on ResNet-50 (random weights, layer4.2.conv3) into a
 temporary store, and prints one table. On a machine without CUDA it still runs (small --images), and
 the GPU-decoding row then shows the CPU fallback.
 """
@@ -22,7 +22,7 @@ from utils.run import cli
 from utils.run import device
 from utils.data import folders
 from utils.data import gpu_decode
-from utils.stages import stage1
+from utils.stages import stage1_pass
 from utils.model import loading
 from utils.files import store
 
@@ -36,8 +36,8 @@ def run(model, conv, ds, folder, args, device, decoder=None, amp=None):
     if device.type == "cuda":
         torch.cuda.synchronize()
     t = time.time()
-    stage1.run_stage1(model, conv, ds, folder, info,
-                      stage1.PassSettings(args.batch_size, device, args.num_workers,
+    stage1_pass.run_stage1(model, conv, ds, folder, info,
+                      stage1_pass.PassSettings(args.batch_size, device, args.num_workers,
                                           autocast_dtype=torch.bfloat16 if amp else None, channels_last=True,
                                           gpu_decoder=decoder),
                       log=lambda *a: None)
@@ -50,12 +50,12 @@ def model_only(model, conv, args, device, amp):
     x = torch.randn(args.batch_size, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
     steps = max(3, args.images // args.batch_size)
-    stage1.stage1_batch(model, conv, x, y, amp)  # warm-up
+    stage1_pass.stage1_batch(model, conv, x, y, amp)  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
     t = time.time()
     for _ in range(steps):
-        stage1.stage1_batch(model, conv, x, y, amp)
+        stage1_pass.stage1_batch(model, conv, x, y, amp)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return steps * args.batch_size / (time.time() - t)

@@ -13,7 +13,7 @@ from captum.attr import LayerGradientXActivation
 from tests.tiny_models import tiny_resnet, tiny_vgg
 from utils.model import tap
 from utils.method import attribution
-from utils.stages import stage1
+from utils.stages import stage1_pass
 from utils.method import similarities
 
 
@@ -60,7 +60,7 @@ def test_stage1_attributions_equal_captum_and_predictions_equal_argmax(which):
     conv = model.get_submodule(path)
     labels = _labels_not_predictions(model, images)
 
-    A, pred, P = stage1.stage1_batch(model, conv, images, labels)
+    A, pred, P = stage1_pass.stage1_batch(model, conv, images, labels)
     ref = _captum_per_image(model, conv, images, labels)
 
     assert A.dtype == torch.float16 and A.shape == (len(images), conv.out_channels)
@@ -285,7 +285,7 @@ def test_layer_followed_by_inplace_relu():
 
     import torch.nn as nn
 
-    from utils.stages.stage1 import stage1_batch
+    from utils.stages.stage1_pass import stage1_batch
 
     torch.manual_seed(0)
     inplace = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(6, 5, 3, stride=2),

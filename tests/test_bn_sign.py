@@ -17,7 +17,7 @@ from utils.method import attribution
 from utils.model import loading
 from utils.method import similarities
 from utils.method.similarities import SummedLayer
-from utils.stages import passes
+from utils.stages import stage2_passes
 
 TINY = "tests.tiny_models:tiny_resnet"
 TINY_TAG = "tests_tiny_models_tiny_resnet"
@@ -100,15 +100,15 @@ def test_sign_histograms_by_hand():
     S = np.array([[2.0, -1.0], [-3.0, 4.0], [1.0, 1.0], [-1.0, -2.0], [5.0, 5.0]], dtype=np.float32)
     W = torch.eye(2).view(2, 2, 1, 1)
     scale, shift = torch.tensor([1.0, -1.0]), torch.tensor([0.0, 0.5])  # channel 1: BN(a) = -a + 0.5
-    h = passes.sign_histograms(A, targets, S.reshape(5, 2, 1, 1), 2, 0.1, SummedLayer(W, affine=(scale, shift)),
+    h = stage2_passes.sign_histograms(A, targets, S.reshape(5, 2, 1, 1), 2, 0.1, SummedLayer(W, affine=(scale, shift)),
                                chunk_rows=2)
-    assert torch.equal(h["published"], passes.class_histogram(A, targets, 2, 0.1))
+    assert torch.equal(h["published"], stage2_passes.class_histogram(A, targets, 2, 0.1))
     assert h["published"].tolist() == [[2, 1], [1, 2]]
     # after the BN: channel 0 keeps S, channel 1 is -S + 0.5: rows 0..3 -> [2, 1.5], [-3, -3.5], [1, -0.5], [-1, 2.5]
     assert h["positive_activation"].tolist() == [[1, 1], [1, 1]]
     assert h["negative_layer_activation"].tolist() == [[1, 1], [0, 1]]
     # without a BatchNorm the layer's own sign decides
-    h0 = passes.sign_histograms(A, targets, S.reshape(5, 2, 1, 1), 2, 0.1, SummedLayer(W))
+    h0 = stage2_passes.sign_histograms(A, targets, S.reshape(5, 2, 1, 1), 2, 0.1, SummedLayer(W))
     assert h0["positive_activation"].tolist() == [[1, 0], [1, 1]]
 
 

@@ -6,7 +6,7 @@ import torch
 
 from utils.files.rows import read_rows
 from utils.method import similarities
-from utils.stages import passes
+from utils.stages import stage2_passes
 
 N, C_OUT, C_IN, K = 997, 24, 10, 6
 
@@ -32,9 +32,9 @@ def store(tmp_path_factory):
 
 
 def stage2(A, targets, P, W, chunk_rows, tau=0.05, p=0.6, low=-1.0, high=1.0):
-    hist = passes.class_histogram(A, targets, K, tau, chunk_rows)
+    hist = stage2_passes.class_histogram(A, targets, K, tau, chunk_rows)
     used = similarities.used_classes(hist, similarities.class_counts(targets, K), p)
-    means = passes.class_mean_patch_sums(P, targets, K, chunk_rows)
+    means = stage2_passes.class_mean_patch_sums(P, targets, K, chunk_rows)
     return hist, means, similarities.candidate_pairs(W, means, used, low, high)
 
 

@@ -16,7 +16,7 @@ from tests.test_gpu_path import smooth_image_folder
 from utils.data import cpu_decode
 from utils.data import folders
 from utils.data import gpu_decode
-from utils.stages import stage1
+from utils.stages import stage1_pass
 from utils.data import overlap
 from utils.files import store
 from utils.errors import UserError
@@ -176,9 +176,9 @@ def stage1_store(folder, ds, decoder, model, conv):
     from utils.model import loading
     info = dict(store.fingerprint("tiny", "none", loading.weights_sha256(model), "conv", loading.layer_geometry(conv),
                                   folders.dataset_summary(ds), folders.TRANSFORM_DESCRIPTION),
-                autocast=None, decode="gpu", numerics=stage1.numerics("cpu", 1, decoder.name))
-    stage1.run_stage1(model, conv, gpu_decode.RawImageFolder(ds), folder, info,
-                      stage1.PassSettings(4, torch.device("cpu"), 0, None, gpu_decoder=decoder, skip_unreadable=True),
+                autocast=None, decode="gpu", numerics=stage1_pass.numerics("cpu", 1, decoder.name))
+    stage1_pass.run_stage1(model, conv, gpu_decode.RawImageFolder(ds), folder, info,
+                      stage1_pass.PassSettings(4, torch.device("cpu"), 0, None, gpu_decoder=decoder, skip_unreadable=True),
                       log=lambda *a: None)
     return {n: np.load(os.path.join(folder, n + ".npy")) for n in store.ARRAYS}, store.Store.peek(folder)
 
@@ -221,15 +221,15 @@ SHAPES = {"attributions": ((8, 4), np.float16), "targets": ((8,), np.int64)}
 def test_resume_under_other_decoder_resize_or_determinism_is_refused(tmp_path, old, new, words):
     folder = str(tmp_path / "s")
     base = {"model": "m", "num_images": 8, "chunk_size": 4}
-    store.Store.create_or_resume(folder, dict(base, numerics=stage1.numerics("cpu", 2, **_kw(old))), SHAPES)
+    store.Store.create_or_resume(folder, dict(base, numerics=stage1_pass.numerics("cpu", 2, **_kw(old))), SHAPES)
     before = tree_bytes(folder)
     with pytest.raises(UserError) as e:
-        store.Store.create_or_resume(folder, dict(base, numerics=stage1.numerics("cpu", 2, **_kw(new))), SHAPES)
+        store.Store.create_or_resume(folder, dict(base, numerics=stage1_pass.numerics("cpu", 2, **_kw(new))), SHAPES)
     msg = str(e.value)
     assert "\n" not in msg and "--allow_mixed_numerics" in msg and all(w in msg for w in words), msg
     assert tree_bytes(folder) == before  # nothing written
     # the same settings resume
-    assert store.Store.create_or_resume(folder, dict(base, numerics=stage1.numerics("cpu", 2, **_kw(old))),
+    assert store.Store.create_or_resume(folder, dict(base, numerics=stage1_pass.numerics("cpu", 2, **_kw(old))),
                                         SHAPES)[1] == "resume"
 
 
@@ -239,8 +239,8 @@ def _kw(d):
 
 
 def test_numerics_without_the_new_settings_are_unchanged():
-    assert stage1.numerics("cpu", 3) == {"device": "cpu", "cpu_threads": 3}
-    assert stage1.numerics("cpu", 3, "nvjpeg", True, True) == {
+    assert stage1_pass.numerics("cpu", 3) == {"device": "cpu", "cpu_threads": 3}
+    assert stage1_pass.numerics("cpu", 3, "nvjpeg", True, True) == {
         "device": "cpu", "cpu_threads": 3, "decoder": "nvjpeg", "fast_resize": True, "deterministic": True}
 
 
@@ -259,7 +259,7 @@ def test_stage_script_records_fast_resize_and_deterministic(tmp_path):
 def test_deterministic_context_restores_the_settings():
     before = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
               torch.are_deterministic_algorithms_enabled())
-    with stage1.deterministic_algorithms("cpu", True):
+    with stage1_pass.deterministic_algorithms("cpu", True):
         assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
         assert not torch.backends.cudnn.benchmark and torch.is_deterministic_algorithms_warn_only_enabled()
     assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
@@ -444,9 +444,9 @@ def test_cuda_stage1_pipelined_store_equals_sequential_store(clean_root, tmp_pat
         info = dict(store.fingerprint("tiny", "none", loading.weights_sha256(model), "conv",
                                       loading.layer_geometry(conv), folders.dataset_summary(ds),
                                       folders.TRANSFORM_DESCRIPTION),
-                    autocast=None, decode="gpu", numerics=stage1.numerics(device, None, decoder.name, False, True))
-        stage1.run_stage1(model, conv, gpu_decode.RawImageFolder(ds), folder, info,
-                          stage1.PassSettings(4, device, 2, None, gpu_decoder=decoder, deterministic=True),
+                    autocast=None, decode="gpu", numerics=stage1_pass.numerics(device, None, decoder.name, False, True))
+        stage1_pass.run_stage1(model, conv, gpu_decode.RawImageFolder(ds), folder, info,
+                          stage1_pass.PassSettings(4, device, 2, None, gpu_decoder=decoder, deterministic=True),
                           log=lambda *a: None)
         return {n: np.load(os.path.join(folder, n + ".npy")) for n in store.ARRAYS}
 

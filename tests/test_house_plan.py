@@ -257,12 +257,12 @@ def test_stage_settings_are_frozen_and_their_defaults_are_the_flags():
     from utils.concepts.source import ConceptSource
     from utils.featurevis import settings as fv
     from utils.run import context, settings_of_flags as of
-    from utils.stages import label_free, sae_view, stage1_settings, stage2, stage3, stage4
+    from utils.stages import label_free, sae_view, stage1, stage2, stage3, stage4
     pair = ["--classes_for_concept1", "0", "--classes_for_concept2", "1"]
     s3 = disentangle_channel.build_parser().parse_args(["--store_dir", "S", "--channel_disentangle", "3", *pair])
     s4 = get_results.build_parser().parse_args(["--model_dir", "S", "--channel_of_interest", "3", *pair])
     cases = [  # (Settings class, its required fields, the settings of the flags with only those given)
-        (stage1_settings.Settings, {"store_dir": "S"},
+        (stage1.Settings, {"store_dir": "S"},
          of.stage1(get_importances_for_classes.build_parser().parse_args(["--store_dir", "S"]))),
         (stage2.Settings, {"store_dir": "S"}, of.stage2(get_cosine_similarities.build_parser().parse_args(
             ["--store_dir", "S"]))),

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from utils.method import similarities
-from utils.stages import passes
+from utils.stages import stage2_passes
 
 
 # ---------------------------------------------------------------------------- the reference (loops only)
@@ -79,10 +79,10 @@ def loop_reference(A, targets, P, W, K, tau, p, low, high):
 
 
 def implementation(A, targets, P, W, K, tau, p, low, high, chunk_rows=similarities.DEFAULT_CHUNK_ROWS):
-    hist = passes.class_histogram(A, targets, K, tau, chunk_rows=chunk_rows)
+    hist = stage2_passes.class_histogram(A, targets, K, tau, chunk_rows=chunk_rows)
     counts = similarities.class_counts(targets, K)
     used = similarities.used_classes(hist, counts, p)
-    means = passes.class_mean_patch_sums(P, targets, K, chunk_rows=chunk_rows)
+    means = stage2_passes.class_mean_patch_sums(P, targets, K, chunk_rows=chunk_rows)
     cands = similarities.candidate_pairs(torch.as_tensor(W), means, used, low, high)
     return hist, counts, used, means, cands
 
@@ -224,7 +224,7 @@ def test_rows_mean_patch_sums_and_concept_arv_against_loop(tmp_path):
         got = similarities.arv(torch.from_numpy(W[c]), mean)
         np.testing.assert_allclose(got.numpy(), expect, rtol=1e-10, atol=1e-10)
     # one class: equals that class's mean from class_mean_patch_sums
-    means = passes.class_mean_patch_sums(P, targets, K)
+    means = stage2_passes.class_mean_patch_sums(P, targets, K)
     rows0 = [n for n in range(len(targets)) if targets[n] == 0]
     torch.testing.assert_close(similarities.rows_mean_patch_sums(P, rows0), means[0], rtol=1e-13, atol=1e-13)
 

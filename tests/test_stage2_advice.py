@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from utils.method import similarities
-from utils.stages import passes, stage2_advice
+from utils.stages import stage2_passes, stage2_advice
 
 K, C, C_IN, N = 4, 6, 3, 48
 
@@ -27,19 +27,19 @@ def layer():
                                                                                          dtype=torch.float64)[y.clamp_min(0)]
     W = torch.randn(C, C_IN, 2, 2, generator=g)
     counts = similarities.class_counts(y.numpy(), K)
-    means = passes.class_mean_patch_sums(P.numpy(), y.numpy(), K, chunk_rows=7)
+    means = stage2_passes.class_mean_patch_sums(P.numpy(), y.numpy(), K, chunk_rows=7)
     return A, y, W, counts, means
 
 
 def test_grid_counts_equal_stage2_rule_at_every_cell(layer):
     A, y, W, counts, means = layer
     taus, ps, low, high = (0.01, 0.05, 0.2), (0.25, 0.5, 0.75), 0.0, 0.5
-    hists = passes.class_histograms(A.numpy(), y.numpy(), K, taus, chunk_rows=7)
+    hists = stage2_passes.class_histograms(A.numpy(), y.numpy(), K, taus, chunk_rows=7)
     rows = similarities.threshold_grid(hists, counts, W, means, ps, low, high)
     assert [(r["tau"], r["p"]) for r in rows] == [(t, p) for t in taus for p in ps]
     seen = set()
     for r in rows:
-        hist = passes.class_histogram(A.numpy(), y.numpy(), K, r["tau"], chunk_rows=N)
+        hist = stage2_passes.class_histogram(A.numpy(), y.numpy(), K, r["tau"], chunk_rows=N)
         assert torch.equal(hist, hists[r["tau"]])
         used = similarities.used_classes(hist, counts, r["p"])
         every = similarities.candidate_pairs(W, means, used, -2.0, 2.0)
@@ -56,7 +56,7 @@ def test_grid_counts_equal_stage2_rule_at_every_cell(layer):
 
 def test_top_n_is_the_n_lowest_cosines_by_brute_force(layer):
     A, y, W, counts, means = layer
-    used = similarities.used_classes(passes.class_histogram(A.numpy(), y.numpy(), K, 0.01), counts, 0.25)
+    used = similarities.used_classes(stage2_passes.class_histogram(A.numpy(), y.numpy(), K, 0.01), counts, 0.25)
     brute = []
     for c in range(C):
         for a in range(K):

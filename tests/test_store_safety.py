@@ -231,7 +231,7 @@ def test_pipeline_store_equals_a_plain_loop(data_root, tmp_path):
 
     from tests.tiny_models import tiny_resnet
     from utils.data import folders
-    from utils.stages import stage1
+    from utils.stages import stage1_pass
     store = str(tmp_path)
     tiny = "tests.tiny_models:tiny_resnet"
     run_stage(SCRIPT, "--data_dir", data_root, "--store_dir", store, "--model", tiny, "--batch_size", "4",
@@ -246,7 +246,7 @@ def test_pipeline_store_equals_a_plain_loop(data_root, tmp_path):
         for idx in folders.batches_of(list(range(len(ds))), 4):
             images = torch.stack([ds[i][0] for i in idx])
             labels = torch.tensor([ds.targets[i] for i in idx])
-            A, pred, P = stage1.stage1_batch(model, model.conv3, images, labels)
+            A, pred, P = stage1_pass.stage1_batch(model, model.conv3, images, labels)
             for n, v in zip(ARRAYS, (A, labels, pred, P)):
                 rows[n].append(v.numpy())
     finally:

@@ -287,12 +287,12 @@ def test_data_folder_links_stay_inside_and_loops_are_refused(tmp_path):
 
 def test_stage_2_refuses_a_store_of_nan_attributions():
     """A store written before stage 1 refused them: one line naming the rows, not "0 candidates"."""
-    from utils.stages import passes
+    from utils.stages import stage2_passes
     a = np.ones((6, 3), dtype=np.float16)
     a[4, 1] = np.nan
     with pytest.raises(UserError, match=r"the store's attributions of rows 4\.\.5 hold 1 values that are not finite"):
-        passes.class_histogram(a, np.zeros(6, dtype=np.int64), 1, 0.1, chunk_rows=2)
+        stage2_passes.class_histogram(a, np.zeros(6, dtype=np.int64), 1, 0.1, chunk_rows=2)
     P = np.ones((6, 2, 1, 1), dtype=np.float32)
     P[0, 0] = np.inf
     with pytest.raises(UserError, match=r"patch sums of rows 0\.\.1 hold 1 values"):
-        passes.class_mean_patch_sums(P, np.zeros(6, dtype=np.int64), 1, chunk_rows=2)
+        stage2_passes.class_mean_patch_sums(P, np.zeros(6, dtype=np.int64), 1, chunk_rows=2)

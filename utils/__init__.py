@@ -27,8 +27,9 @@ what the math needs around it. The method itself, in words and formulas: docs/me
   concepts file (``by_clusters``); ``candidates`` (the strongest channels of stage 2's candidates or of a
   concepts file, ``--candidates``); ``source`` (``ConceptSource``: which of these a command line gives, and its
   one ``read``); ``checks`` (a channel the layer has, disjoint classes that exist)
-- ``stages/``      what each stage does: ``stage1`` (+ ``stage1_settings``), ``stage2`` (+ ``stage2_advice``: the
-  layer at other tau and p when few candidates pass), ``passes`` (stage 2's chunked passes), ``label_free``,
+- ``stages/``      what each stage does, one module per stage and its parts named after it: ``stage1`` (+
+  ``stage1_pass``: the pass over the training images), ``stage2`` (+ ``stage2_passes``: the chunked passes over
+  the store; ``stage2_advice``: the layer at other tau and p when few candidates pass), ``label_free``,
   ``stage3``, ``stage4`` (+ ``stage4_checkpoints``, ``stage4_passes``, ``stage4_results``, ``stage4_extras``,
   ``stage4_tau``: stage 2's tau), ``feature_vis`` (+ ``feature_vis_shards``: over torchrun processes;
   ``feature_vis_estimate``: the plan and time) and ``sae_view`` (stage 4's extras); ``distributed`` (the torchrun

@@ -18,7 +18,7 @@ def stage1(wl, workdir, device, name, autocast, channels_last, build=workload.bu
     import torch
 
     from utils.data import folders
-    from utils.stages import stage1
+    from utils.stages import stage1_pass
     from utils.model import loading
     from utils.files import store
     model, conv = build()
@@ -27,8 +27,8 @@ def stage1(wl, workdir, device, name, autocast, channels_last, build=workload.bu
     info = dict(model="bench", weights_sha256=loading.weights_sha256(model), layer=workload.LAYER,
                 layer_geometry=loading.layer_geometry(conv), transform="bench", decode="cpu",
                 autocast="bfloat16" if autocast else None, **folders.dataset_summary(ds))
-    stage1.run_stage1(model, conv, ds, folder, info,
-                      stage1.PassSettings(wl.batch_size, torch.device(device), 0, None,
+    stage1_pass.run_stage1(model, conv, ds, folder, info,
+                      stage1_pass.PassSettings(wl.batch_size, torch.device(device), 0, None,
                                           autocast_dtype=torch.bfloat16 if autocast else None,
                                           channels_last=channels_last),
                       log=lambda *a: None)
@@ -38,10 +38,10 @@ def stage1(wl, workdir, device, name, autocast, channels_last, build=workload.bu
 
 def stage2(arrays, weight, classes, tau, p, low=-1.0, high=1.0):
     from utils.method import similarities
-    from utils.stages import passes
-    hist = passes.class_histogram(arrays["attributions"], arrays["targets"], classes, tau)
+    from utils.stages import stage2_passes
+    hist = stage2_passes.class_histogram(arrays["attributions"], arrays["targets"], classes, tau)
     used = similarities.used_classes(hist, similarities.class_counts(arrays["targets"], classes), p)
-    means = passes.class_mean_patch_sums(arrays["patch_sums"], arrays["targets"], classes)
+    means = stage2_passes.class_mean_patch_sums(arrays["patch_sums"], arrays["targets"], classes)
     cands = similarities.candidate_pairs(weight, means, used, low, high)
     return used, {(d["channel"], d["class1"], d["class2"]): d["cosine_similarity"] for d in cands}
 

@@ -1,6 +1,6 @@
 """How much --fast_resize moves stage 1's attributions (as benchmarks/studies/tf32_effect.py does for TF32).
 
-Stage 1 (utils.stages.stage1.run_stage1) runs twice on the CPU over the same generated JPEGs, ResNet-50 with
+Stage 1 (utils.stages.stage1_pass.run_stage1) runs twice on the CPU over the same generated JPEGs, ResNet-50 with
 random weights (seed 0; layer4.2.conv3): once with the default decoding (PIL decode, Resize(256),
 CenterCrop(224)) and once with --fast_resize (utils/data/cpu_decode.py: half-size JPEG decoding for images at
 least twice the resize target, resize of the crop's region only). Files: ``--images`` of 500 x 375 (no
@@ -24,7 +24,7 @@ from benchmarks import make_jpegs
 from benchmarks.gpu_steps import describe_difference
 from utils.data import cpu_decode
 from utils.data import folders
-from utils.stages import stage1 as stage1_module
+from utils.stages import stage1_pass as stage1_module
 from utils.model import loading
 from utils.files import store
 

@@ -93,7 +93,7 @@ def child(folder, mode, chunk_rows):
     import torch
 
     from utils.method import similarities
-    from utils.stages import passes
+    from utils.stages import stage2_passes
     torch.set_num_threads(1)
     base = status_kb("RssAnon", "RssFile", "VmRSS")
     A = np.load(os.path.join(folder, "attributions.npy"), mmap_mode="r")
@@ -107,12 +107,12 @@ def child(folder, mode, chunk_rows):
     sampler.start()
     times = {}
     t = time.perf_counter()
-    hist = passes.class_histogram(A, targets, k, 0.03, chunk_rows)
+    hist = stage2_passes.class_histogram(A, targets, k, 0.03, chunk_rows)
     times["histogram_s"] = time.perf_counter() - t
     counts = similarities.class_counts(targets, k)
     used = similarities.used_classes(hist, counts, 0.75)
     t = time.perf_counter()
-    means = passes.class_mean_patch_sums(P, targets, k, chunk_rows)
+    means = stage2_passes.class_mean_patch_sums(P, targets, k, chunk_rows)
     times["class_means_s"] = time.perf_counter() - t
     t = time.perf_counter()
     cands = similarities.candidate_pairs(W, means, used, 0.0, 0.5)

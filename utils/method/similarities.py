@@ -1,7 +1,7 @@
 """Stage 2: class histograms, used classes, closed-form activation relevance vectors, cosines.
 
 The functions here take one chunk of rows at a time (``add_*``: a running total plus a chunk), so that the
-passes over the store (utils/stages/passes.py) need a few hundred MB of RAM for a 1.28 M x 2048 store, and no
+passes over the store (utils/stages/stage2_passes.py) need a few hundred MB of RAM for a 1.28 M x 2048 store, and no
 model pass is made: the ARV of channel c for class y is
 R_y^c[k] = sum_{i,j} W[c,k,i,j] * Pbar_y[k,i,j], with Pbar_y the class mean of the patch sums.
 

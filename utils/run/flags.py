@@ -9,13 +9,14 @@ from utils.data.gpu_decode import DECODERS
 from utils.featurevis.settings import DEFAULTS as FV_DEFAULTS, PRESETS, preset_flags
 from utils.files import names
 from utils.run.cli import at_least
-from utils.stages import label_free as label_free_stage, sae_view as sae_view_stage, stage1_settings, stage2 as stage2_stage
+from utils.stages import label_free as label_free_stage, sae_view as sae_view_stage, stage1 as stage1_stage
+from utils.stages import stage2 as stage2_stage
 from utils.stages import stage3 as stage3_stage, stage4 as stage4_stage
 
 
 def stage1(p):
     """Stage 1's own flags."""
-    p.add_argument("--chunk_size", type=int, default=stage1_settings.Settings.chunk_size,
+    p.add_argument("--chunk_size", type=int, default=stage1_stage.Settings.chunk_size,
                    help="rows per resumable chunk (default: an unfinished store's, else a multiple of --batch_size near 2048)")
     p.add_argument("--autocast_bf16", action="store_true",
                    help="run the model under bfloat16 autocast (faster on GPU; changes attributions slightly)")
@@ -24,7 +25,7 @@ def stage1(p):
                    help="decode JPEGs on the GPU: nvImageCodec (its hardware decoder on A100/H100/H200) when the "
                         "optional package is installed (requirements-gpu.txt), else torchvision.io.decode_jpeg "
                         "(nvJPEG); falls back to CPU decoding without CUDA. The store records the decoder")
-    p.add_argument("--gpu_decoder", choices=("auto",) + DECODERS, default=stage1_settings.Settings.gpu_decoder,
+    p.add_argument("--gpu_decoder", choices=("auto",) + DECODERS, default=stage1_stage.Settings.gpu_decoder,
                    help="with --gpu_decode: which GPU JPEG decoder (default auto: nvimgcodec if installed, "
                         "else nvjpeg)")
     p.add_argument("--fast_resize", action="store_true",
@@ -35,7 +36,7 @@ def stage1(p):
                    help="deterministic algorithms (cuDNN deterministic, no benchmark mode): on one card a "
                         "resumed or torchrun store equals a single run byte for byte; slower. Recorded in "
                         "the store's numerics, so a resume needs it too")
-    p.add_argument("--cpu_threads", type=int, default=stage1_settings.Settings.cpu_threads,
+    p.add_argument("--cpu_threads", type=int, default=stage1_stage.Settings.cpu_threads,
                    help="intra-op threads of each process when the model runs on the CPU (default: torch's "
                         "own count, 1 per process under torchrun; a resumed store keeps the count it "
                         "recorded). CPU convolutions round differently with 1 thread than with several: a "

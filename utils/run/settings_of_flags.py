@@ -16,13 +16,13 @@ from utils.data import folders
 from utils.errors import UserError
 from utils.featurevis import settings as fv_settings
 from utils.run import cli
-from utils.stages import label_free as label_free_stage, sae_view as sae_view_stage, stage1_settings
+from utils.stages import label_free as label_free_stage, sae_view as sae_view_stage, stage1 as stage1_stage
 from utils.stages import stage2 as stage2_stage, stage3 as stage3_stage, stage4 as stage4_stage
 
 
 def stage1(args):
-    """stage1_settings.Settings of get_importances_for_classes.py's flags."""
-    return stage1_settings.Settings(
+    """stage1.Settings of get_importances_for_classes.py's flags."""
+    return stage1_stage.Settings(
         store_dir=args.store_dir, batch_size=args.batch_size, num_workers=args.num_workers,
         chunk_size=args.chunk_size, autocast_bf16=args.autocast_bf16, channels_last=args.channels_last,
         gpu_decode=args.gpu_decode, gpu_decoder=args.gpu_decoder, fast_resize=args.fast_resize,

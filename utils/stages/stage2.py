@@ -18,7 +18,7 @@ from utils.files import atomic, names, store
 from utils.method import similarities
 from utils.model import loading
 from utils.report import tables
-from utils.stages import passes, stage2_advice
+from utils.stages import stage2_passes, stage2_advice
 from utils.errors import UserError
 
 
@@ -76,17 +76,17 @@ def run(ctx, s):
     k = len(st.manifest["classes"])
     r = Result(st.manifest["classes"], similarities.class_counts(targets, k))
     if s.sign == "published":
-        r.hist = passes.class_histogram(A, targets, k, s.tau, s.chunk_rows, progress=True)
+        r.hist = stage2_passes.class_histogram(A, targets, k, s.tau, s.chunk_rows, progress=True)
     else:
         r.hist, r.sign_report = positive_activation_histogram(ctx, s, (A, targets, P), r.counts)
     r.used = similarities.used_classes(r.hist, r.counts, s.p)
-    means = passes.class_mean_patch_sums(P, targets, k, s.chunk_rows, progress=True)
+    means = stage2_passes.class_mean_patch_sums(P, targets, k, s.chunk_rows, progress=True)
     if s.top is None:
         r.cands = similarities.candidate_pairs(ctx.conv.weight.detach(), means, r.used, s.low, s.high,
-                                               progress=passes.cosines_shown)
+                                               progress=stage2_passes.cosines_shown)
     else:
         r.cands = similarities.lowest_pairs(ctx.conv.weight.detach(), means, r.used, s.top,
-                                            progress=passes.cosines_shown)
+                                            progress=stage2_passes.cosines_shown)
     report_candidates(ctx, s, r)
     write_candidates(ctx, s, r)
     if len(r.cands) < stage2_advice.FEW and (s.top is None or len(r.cands) < s.top):  # not what --top N asked
@@ -141,7 +141,7 @@ def _pairs(mask):
 
 def sign_report_of(h, counts, pp, bn_name, positions):
     """What --importance_sign positive_activation changes against the published rule: a dict of counts and
-    [channel, class] pairs. h: ``passes.sign_histograms``'s dict; counts: (K,) N_y."""
+    [channel, class] pairs. h: ``stage2_passes.sign_histograms``'s dict; counts: (K,) N_y."""
     used = {key: similarities.used_classes(h[key], counts, pp) for key in ("published", "positive_activation")}
     # pairs the published rule uses only thanks to images on which the layer's summed activation is negative
     without_negative = similarities.used_classes(h["published"] - h["negative_layer_activation"], counts, pp)
@@ -174,7 +174,7 @@ def positive_activation_histogram(ctx, s, arrays, counts):
     # sign_histograms holds about four times class_histogram's memory per row: a quarter of the rows at a time
     A, targets, P = arrays
     layer = similarities.SummedLayer(ctx.conv.weight, ctx.conv.bias, positions, affine)
-    h = passes.sign_histograms(A, targets, P, len(counts), s.tau, layer, max(1, s.chunk_rows // 4), progress=True)
+    h = stage2_passes.sign_histograms(A, targets, P, len(counts), s.tau, layer, max(1, s.chunk_rows // 4), progress=True)
     report = sign_report_of(h, counts, s.p, bn_name, positions)
     print("\n".join(tables.sign_report_lines(report, ctx.layer_path)))
     return h["positive_activation"], report

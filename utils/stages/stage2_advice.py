@@ -16,12 +16,12 @@ to [low, 1) (or [-1, 1) where the lowest cosine lies below low); else the cell w
 
 Cost: the class means of the patch sums and the filter are stage 2's own; the histograms at the grid's tau
 need one more read of the attributions (the store's smaller array; the patch sums are not read again), all
-tau from that one read (``passes.class_histograms``). The grid's histograms use the published importance rule.
+tau from that one read (``stage2_passes.class_histograms``). The grid's histograms use the published importance rule.
 """
 import shlex
 
 from utils.method import similarities
-from utils.stages import passes
+from utils.stages import stage2_passes
 
 FEW = 5                        # fewer candidates than this: the advice is printed
 GRID_TAUS = (0.01, 0.03, 0.05)
@@ -81,9 +81,9 @@ def advise(ctx, s, arrays, counts, means):
     taus, ps = grid_values(s.tau, s.p)
     print(f"fewer than {FEW} candidates: the layer at other thresholds (one more read of the attributions; the "
           f"paper's tau={GRID_TAUS[-1]}, p=0.75, cosine < 0.5 are for ResNet-50's last conv on ImageNet)")
-    hists = passes.class_histograms(A, targets, len(counts), taus, s.chunk_rows, progress=True)
+    hists = stage2_passes.class_histograms(A, targets, len(counts), taus, s.chunk_rows, progress=True)
     rows = similarities.threshold_grid(hists, counts, ctx.conv.weight.detach(), means, ps, s.low, s.high,
-                                       progress=passes.cosines_shown)
+                                       progress=stage2_passes.cosines_shown)
     rule = "" if s.sign == "published" else " (published importance rule)"
     print(f"channels: used by two or more classes; pairs: cosine in [{s.low}, {s.high}); any cos: pairs with any "
           f"cosine; lowest: their lowest cosine{rule}")
