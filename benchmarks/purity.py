@@ -14,7 +14,7 @@ when OUT/seed{s}/report.json exists), then for every channel that stage 2 lists 
              disentangle_channel.py --concepts_file: issue 11);
   PURE       virtual neurons: the channel's map on the val images whose ARV is nearest to cluster j's
              centroid (utils.method.clustering.nearest_centroid), zero elsewhere.
-Every unit is scored on all val images by utils/method/purity.py: activation-weighted purity over classes,
+Every unit is scored on all val images by benchmarks/purity_scores.py: activation-weighted purity over classes,
 colours and textures, top-N purity (N = val images per class) and its share of the channel's positive mass.
 Unit kinds whose code is not there yet print "not available".
 
@@ -45,7 +45,7 @@ from utils.method import attribution
 from utils.run import context
 from utils.data import folders
 from utils.files import atomic
-from utils.method import purity
+from benchmarks import purity_scores as purity
 from utils.method import sae as S
 from utils.stages import sae_view
 from utils.run import cli
@@ -261,7 +261,7 @@ def run_seed(args, seed):
 
 
 def score(args, pos, labels, names, n, pos_channel):
-    """utils.method.purity.score_unit; for Fashion-MNIST the coarse garment groups instead of colour and texture."""
+    """purity_scores.score_unit; for Fashion-MNIST the coarse garment groups instead of colour and texture."""
     if args.data != "fashion_mnist":
         return purity.score_unit(pos, labels, names, n, pos_channel)
     from demo import fashion_mnist

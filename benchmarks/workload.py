@@ -67,7 +67,7 @@ class Workload:
                 f"on both sides, {workers}, stage-2 tau {self.tau}, fastest of {self.repeat} run(s)")
 
     def workers_ours(self):
-        from utils.run import cli
+        from utils.data import folders
         return folders.default_workers(self.workers)
 
     def workers_published(self, default):

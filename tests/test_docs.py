@@ -43,7 +43,8 @@ SCRIPTS = {
     "demo.fashion_pictures": ("argv", "demo.fashion_pictures"),
 }
 for _path in sorted(glob.glob(os.path.join(ROOT, "benchmarks", "**", "*.py"), recursive=True)):
-    if os.path.basename(_path) not in ("__init__.py", "workload.py", "measure.py", "published_code.py"):
+    if os.path.basename(_path) not in ("__init__.py", "workload.py", "measure.py", "published_code.py",
+                                       "purity_scores.py"):  # modules the benchmarks import, no command lines
         _rel = os.path.relpath(_path, ROOT).replace(os.sep, "/")
         SCRIPTS[_rel] = SCRIPTS[_rel[:-3].replace("/", ".")] = ("file", _path)  # path, or python -m name
 

@@ -11,7 +11,7 @@ import torch.nn as nn
 from tests.conftest import tree_bytes
 from tests.test_cli import refuse, run_inproc
 from tests.test_featurevis import TAG, _stage4_args, red_green_checkpoint
-from utils.method import purity
+from benchmarks import purity_scores as purity
 from utils.method import sae as S
 from utils.files.names import class_checkpoint
 

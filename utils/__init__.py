@@ -6,7 +6,7 @@ what the math needs around it. The method itself, in words and formulas: docs/me
 - ``method/``      the math, pure functions on tensors (no files, loaders, flags or prints; a test enforces it):
   ``attribution`` (a x g, patch sums), ``similarities`` (stage 2: histograms, ARVs, cosines), ``split`` (the
   split rule for k concepts, merge weights), ``rho_scores`` (the best-rho scores), ``evaluation`` (stage 4's
-  numbers), ``clustering`` (label-free concepts), ``sae`` (TopK SAE), ``purity``, ``whole_layer`` (every split
+  numbers), ``clustering`` (label-free concepts), ``sae`` (TopK SAE), ``whole_layer`` (every split
   channel of a layer at once)
 - ``model/``       ``loading`` (models, weights, layers), ``layer_view`` (a conv, grouped conv or Linear as one kind of
   layer: a unit is a weighted sum of input channels over positions), ``layer_survey`` (which layers are
