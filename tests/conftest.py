@@ -95,11 +95,12 @@ def resnet_demo(tmp_path_factory):
 
 
 # runs (script, args) calls of a tree one after the other in one process (one import of torch):
-# python -c DRIVER TREE JSON_CALLS; each call's command line goes to stdout, its seconds to stderr
+# python -c DRIVER TREE JSON_CALLS [FOLDER]; each call's command line goes to stdout, its seconds to stderr; the
+# calls run in FOLDER (default: TREE)
 DRIVER = """
 import json, os, runpy, sys
 tree, calls = sys.argv[1], json.loads(sys.argv[2])
-os.chdir(tree)
+os.chdir(sys.argv[3] if len(sys.argv) > 3 else tree)
 import time
 for script, args in calls:
     print(f"$ {script} {' '.join(args)}", flush=True)

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import DRIVER, ROOT
 from tests import digests
 
 PAGE = os.path.join(ROOT, "docs", "python.md")
@@ -24,19 +24,6 @@ from utils.api import Result as _Result
 with open("results.json", "w") as _f:
     _json.dump({k: [list(v.files), list(v.command)] for k, v in dict(globals()).items() if isinstance(v, _Result)},
                _f)
-"""
-
-# the stage scripts through their command lines, one after the other in one process, in the working directory
-SCRIPTS = """
-import json, os, runpy, sys
-root, calls = sys.argv[1], json.loads(sys.argv[2])
-for script, args in calls:
-    sys.argv = [os.path.join(root, script)] + args
-    try:
-        runpy.run_path(sys.argv[0], run_name="__main__")
-    except SystemExit as e:
-        if e.code:
-            raise
 """
 
 
@@ -126,5 +113,5 @@ def test_python_page_writes_what_the_scripts_write(tmp_path):
     cands = [p for p in results["r2"][0] if p.endswith("_candidates.json")]
     assert len(cands) == 1
     calls = script_calls(os.path.relpath(cands[0], work), cands[0].replace(work, api_side, 1))
-    python(["-c", SCRIPTS, ROOT, json.dumps(calls)], work)
+    python(["-c", DRIVER, ROOT, json.dumps(calls), work], work)  # the scripts' command lines, in the session folder
     assert digests.differing_files(nb, digests.folder_digest(os.path.join(api_side, "nb"), work), work) == []
