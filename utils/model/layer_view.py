@@ -170,10 +170,6 @@ def out_units(module):
     return module.out_features if isinstance(module, nn.Linear) else module.out_channels
 
 
-def in_units(module):
-    return module.in_features if isinstance(module, nn.Linear) else module.in_channels
-
-
 def describe(module, geometry):
     """How an exported network's record names a replacement layer: ``Conv2d(in, out, <geometry>)`` or
     ``Linear(in, out, bias=...)``."""
